@@ -477,11 +477,12 @@ fn tuning_database_steers_compile() {
             ("mla_decode kv512 r64 h128 fp8cache", &serde_json::json!(64)),
         ]
     );
-    // The cost model's best two of each: prefill's ring depths; decode's two page buffers in clusters
-    // of 2 (a sequence's two 64-head blocks share each page), then without.
+    // The cost model's best two of each: prefill's ring depths; decode's two page buffers in the
+    // serial loop (a page loaded ahead) in clusters of 2 (a sequence's two 64-head blocks share
+    // each page), then without.
     assert_eq!(attention[0]["default"], "mla_prefill_qk192_v128_s4");
-    assert_eq!(attention[1]["default"], "mla_decode_kv512_r64_p64_s2_cl2");
-    assert_eq!(attention[1]["candidates"][1]["name"], "mla_decode_kv512_r64_p64_s2");
+    assert_eq!(attention[1]["default"], "mla_decode_kv512_r64_p64_s2_cl2_serial");
+    assert_eq!(attention[1]["candidates"][1]["name"], "mla_decode_kv512_r64_p64_s2_serial");
     let kv_b: Vec<&serde_json::Value> =
         problems.iter().filter(|p| p["kernel"].as_str().unwrap().contains("n32768 k512")).collect();
     assert_eq!(kv_b.len(), 1, "{kv_b:?}");
@@ -574,9 +575,9 @@ fn tuning_database_steers_compile() {
     );
     assert!(
         err.contains(
-            "compile: attention_decode_quantize_0 (128 heads) decode -> mla_decode_kv512_r64_p64_s2 [tuning database: \
+            "compile: attention_decode_quantize_0 (128 heads) decode -> mla_decode_kv512_r64_p64_s2_serial [tuning database: \
              0.2500 ms measured on H200"
-        ) && err.contains("mla_decode_kv512_r64_p64_s2 (128 heads, split K, tensor cores)"),
+        ) && err.contains("mla_decode_kv512_r64_p64_s2_serial (128 heads, split K, tensor cores)"),
         "{err}"
     );
     assert!(
@@ -588,14 +589,14 @@ fn tuning_database_steers_compile() {
     );
     assert!(
         err.contains("compile: attention_quantize_0 (128 heads) prefill -> mla_prefill_qk192_v128_s4 [cost model: ")
-            && err.contains("compile: mla_decode_kv512_r64_p64_s2: 256 threads"),
+            && err.contains("compile: mla_decode_kv512_r64_p64_s2_serial: 256 threads"),
         "{err}"
     );
     let report = run_binary("v3c", &["tune", "--model", "deepseek-v3", "--report", "--tuning", db.to_str().unwrap()]);
     let table = text(&report.stdout);
     assert!(table.contains(&format!("    0.0200     0.0150    1.33x  {other}")), "{table}");
     assert!(
-        table.contains("mla_decode kv512 r64 h128") && table.contains("1.20x  mla_decode_kv512_r64_p64_s2"),
+        table.contains("mla_decode kv512 r64 h128") && table.contains("1.20x  mla_decode_kv512_r64_p64_s2_serial"),
         "{table}"
     );
     assert!(table.contains("mla_prefill qk192 v128 h128") && table.contains("no entry"), "{table}");
@@ -1624,7 +1625,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         (
             "attention_decode_quantize_0",
             "5 launches: rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> rows_mlalengths_t32 -> \
-             mla_decode_kv512_r64_p64_s2_cl2 (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t512",
+             mla_decode_kv512_r64_p64_s2_cl2_serial (128 heads, split K, tensor cores) -> rows_mlacombine_d512_t512",
         ),
         (
             "attention_quantize_0",
@@ -1667,7 +1668,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let decode = choice("attention_decode_quantize_0", "decode");
     assert_eq!(
         (&decode["signature"], &decode["config"]),
-        (&"mla_decode kv512 r64 h128".into(), &"mla_decode_kv512_r64_p64_s2_cl2".into())
+        (&"mla_decode kv512 r64 h128".into(), &"mla_decode_kv512_r64_p64_s2_cl2_serial".into())
     );
     assert!(decode["source"].as_str().unwrap().starts_with("cost model: "), "{decode}");
     assert_eq!(choice("attention_quantize_0", "prefill")["config"], "mla_prefill_qk192_v128_s4");
@@ -1696,7 +1697,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains("lowering: 19 fused kernels as 38 launches"), "{stdout}");
     assert!(
         stdout.contains(
-            "\n  decode attention_decode_quantize_0 [mla_decode kv512 r64 h128] -> mla_decode_kv512_r64_p64_s2_cl2 (cost \
+            "\n  decode attention_decode_quantize_0 [mla_decode kv512 r64 h128] -> mla_decode_kv512_r64_p64_s2_cl2_serial (cost \
              model: "
         ),
         "{stdout}"

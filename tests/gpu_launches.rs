@@ -939,7 +939,7 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: boo
             "compile: {fused} -> 5 launches: rows_mlaabsorbmma_h2_n128_r64_v128_kv128_t128{f32_graph} -> \
              rows_mlalengths_t32 -> mla_decode_kv128_r64_p64_s4{} (2 heads, split K, tensor cores) -> \
              rows_mlacombine_d128_t128 -> rows_mlaupvmma_h2_n128_v128_kv128_t128{f32_graph}",
-            if fp8_cache { "_fp8" } else { "" }
+            if fp8_cache { "_fp8" } else { "_serial" }
         );
         assert!(err.contains(&launches), "{err}");
         let writes = if fp8_cache { "_writefp8" } else { "_writebf16" };

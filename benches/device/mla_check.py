@@ -2,9 +2,11 @@
 """Correctness and speed of v3c's tensor-core MLA decode attention (sm_90a) on the device, against torch.
 
 Run by benches/device/check.sh on the GPU machine (python3 + torch, no Rust). benches/device/prepare.sh writes
-the PTX of the attention kernels (`mla_decode_kv<KV>_r<R>_p64_s<S>[_cl2][_fp8]`; `_cl2`: clusters of 2 blocks,
-compiled in — a sequence's two 64-head blocks share each page, each loading half of it by TMA multicast — so
-only cases with heads a multiple of 128 run on it) and of the split combine (`rows_mlacombine_d<KV>_t<T>`) into
+the PTX of the attention kernels (`mla_decode_kv<KV>_r<R>_p64_s<S>[_cl2][_serial][_fp8]`; `_cl2`: clusters of 2
+blocks, compiled in — a sequence's two 64-head blocks share each page, each loading half of it by TMA multicast —
+so only cases with heads a multiple of 128 run on it; `_serial`: the page loop that scores and multiplies a page
+in the same step, the ring loading a page ahead, where the loop without it scores the next page during this one's
+P V and loads none ahead with two buffers: the same ABI) and of the split combine (`rows_mlacombine_d<KV>_t<T>`) into
 .device/mla/.
 
 Kernel ABI (compiler/src/conversion/sm90/mla.rs, `emit`): (q_map*, kv_map*, block_table i32 [B, max_pages] (7
@@ -67,7 +69,7 @@ def dynamic_shared(ptx, fallback):
     return int(declared[1]) if declared else fallback
 
 
-ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_cl2)?(_fp8)?$")
+ATTN = re.compile(r"^mla_decode_kv(\d+)_r(\d+)_p64_s(\d+)(_cl2)?(_serial)?(_fp8)?$")
 E4M3_MAX = 448.0
 PREFILL = re.compile(r"^mla_prefill_qk(\d+)_v(\d+)_s(\d+)$")
 # Training's flash kernels: the forward with log-sum-exps, the three gradients.
@@ -219,7 +221,7 @@ class Mla:
     def __init__(self, drv, ptx_dir, attn, comb):
         self.drv = drv
         m = ATTN.match(attn)
-        self.kv, self.rope, self.stages, self.fp8 = int(m[1]), int(m[2]), int(m[3]), bool(m[5])
+        self.kv, self.rope, self.stages, self.fp8 = int(m[1]), int(m[2]), int(m[3]), bool(m[6])
         # Clusters of 2 (compiled in): a sequence's 64-row blocks paired, so heads a multiple of 128.
         self.cluster = 2 if m[4] else 1
         self.threads_c = int(COMBINE.match(comb)[2])

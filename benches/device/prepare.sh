@@ -61,12 +61,15 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   grep -q "\.entry $k(" ".device/rows/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
 done
 # MLA attention on the tensor cores: decode (paged bf16 or fp8 cache, split K; the 128 heads' two blocks of a
-# sequence apart or in a cluster sharing each page by multicast — the compiler's default) with its split combine, causal
+# sequence apart or in a cluster sharing each page by multicast — the compiler's default; the bf16 cache's page loop
+# serial, loading a page ahead — the default — or scoring the next page during this one's P V, loading none ahead)
+# with its split combine, causal
 # prefill at the ring depths the cost model ranks first (4) and the template's former default (2); `v3r tune`
 # (step 2b) checks every depth against the default; training's flash forward (_lse) and its dQ, dK, dV kernels
 # at the depths the cost model picks (4, 3, 3, 4) and at 2.
 rm -rf .device/mla && mkdir -p .device/mla
 for k in mla_decode_kv512_r64_p64_s2 mla_decode_kv512_r64_p64_s2_fp8 mla_decode_kv512_r64_p64_s2_cl2 \
+  mla_decode_kv512_r64_p64_s2_serial mla_decode_kv512_r64_p64_s2_cl2_serial \
   mla_decode_kv512_r64_p64_s2_cl2_fp8 rows_mlacombine_d512_t512 mla_prefill_qk192_v128_s2 \
   mla_prefill_qk192_v128_s4 mla_prefill_qk192_v128_s2_lse mla_gradq_qk192_v128_s2 mla_gradk_qk192_v128_s2 \
   mla_gradv_qk192_v128_s2 mla_prefill_qk192_v128_s4_lse mla_gradq_qk192_v128_s3 mla_gradk_qk192_v128_s3 \

@@ -982,18 +982,20 @@ mod tests {
     /// DeepSeek-V3's decode attention kernel (512 + 64 columns, 128 heads: two CTAs of 64 query
     /// rows a sequence and split, in clusters sharing the pages or not), bf16 and fp8 caches, its
     /// PTX simulated with the threads run first to last and last to first (and MTP's two tokens a
-    /// sequence in clusters): float64 attention over the rows within bf16's rounding of q and P.
+    /// sequence in clusters; and the bf16 cache's page loop a page ahead, not serial, both ways):
+    /// float64 attention over the rows within bf16's rounding of q and P.
     #[test]
     fn deepseek_v3_decode_attention_simulated_from_its_ptx_computes_attention() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         let context = crate::mlir::new_context();
         let runs = [(false, false), (true, false), (false, true), (true, true)];
-        let mut runs: Vec<(usize, bool, bool, usize)> =
-            [2, 1].into_iter().flat_map(|c| runs.map(|(f, r)| (c, f, r, 1))).collect();
+        let mut runs: Vec<(usize, bool, bool, usize, bool)> =
+            [2, 1].into_iter().flat_map(|c| runs.map(|(f, r)| (c, f, r, 1, !f))).collect();
         // MTP's two tokens a sequence: four 64-row blocks, two clusters, reading the same pages.
-        runs.push((2, false, false, 2));
-        for (cluster, fp8_cache, reversed, tokens) in runs {
-            let config = MlaDecodeConfig { fp8_cache, cluster, ..MlaDecodeConfig::DEEPSEEK_V3 };
+        runs.push((2, false, false, 2, true));
+        runs.extend([(2, false, false, 1, false), (2, false, true, 2, false)]);
+        for (cluster, fp8_cache, reversed, tokens, serial) in runs {
+            let config = MlaDecodeConfig { fp8_cache, cluster, serial, ..MlaDecodeConfig::DEEPSEEK_V3 };
             let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
             let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
             let (rel, _) = decode_case(config.kv, config.rope, 128, tokens, fp8_cache, |l| {

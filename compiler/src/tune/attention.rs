@@ -4,8 +4,9 @@
 //!
 //! At a model's widths the field these templates leave free is the depth of their TMA ring
 //! (`stages`: page buffers for decode, key/value tile buffers for prefill); the space is every depth
-//! that fits shared memory ([`candidates`]), and for decode whose heads pair its blocks (128 heads)
-//! each depth in clusters of 2 and without. Decode's K splits are not a kernel field: the runtime
+//! that fits shared memory ([`candidates`]), for decode whose heads pair its blocks (128 heads)
+//! each depth in clusters of 2 and without, and for decode's bf16 cache two buffers or more with
+//! the page loop a page ahead and serial ([`MlaDecodeConfig::serial`]). Decode's K splits are not a kernel field: the runtime
 //! picks them per run from the batch and the SMs ([`v3c_runtime::lowering::attention_splits`]), and
 //! the cost model uses the same rule.
 //!
@@ -18,9 +19,10 @@
 //! prefill: both warpgroups' 64 query rows, the forward's softmax (dV's P) a tile ahead behind `P V`
 //! (`P^T dout`)) at the SM's share of the dense bf16 peak times the
 //! efficiency of each product's wgmma width ([`super::wgmma_width_efficiency`]), and the online
-//! softmax (and the fp8 cache's conversion) on the CUDA cores. One buffer: the load is exposed every
-//! step; a deeper ring hides it behind the previous steps' work, all but a residue that shrinks
-//! with depth. Blocks per SM come from shared memory, threads and a lower bound on registers (the
+//! softmax (and the fp8 cache's conversion) on the CUDA cores. A ring that loads no step ahead
+//! (one buffer; or two in a loop a step ahead, whose next tile's buffer is busy for two steps:
+//! [`AttentionConfig::loads_ahead`]) waits for every load in full, its latency too; one that loads
+//! ahead hides it behind the previous steps' work, all but a residue that shrinks with the steps. Blocks per SM come from shared memory, threads and a lower bound on registers (the
 //! f32 accumulators and scores each thread holds). Decode: waves of (sequence, 64 heads, split)
 //! blocks against the DRAM time of the cache; prefill: the causal triangle's tiles spread over the
 //! SMs, bounded below by the longest block (the last query tile). The gradients walk the same
@@ -150,7 +152,7 @@ impl AttentionShape {
         match *self {
             AttentionShape::Decode { heads, kv, rope, fp8_cache, .. } => {
                 let cluster = MlaDecodeConfig::cluster_for(heads);
-                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster })
+                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial: false })
             }
             AttentionShape::Prefill { qk, v, mode, .. } => {
                 AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode })
@@ -158,12 +160,22 @@ impl AttentionShape {
         }
     }
 
-    /// Its kernels with a ring of `stages` buffers: [`Self::config`], and (decode in clusters)
-    /// the same without them.
+    /// Its kernels with a ring of `stages` buffers: [`Self::config`], and for decode the same
+    /// without clusters (where it takes them) and with the serial page loop (a ring of two or more
+    /// bf16 page buffers: [`MlaDecodeConfig::serial`]).
     pub fn configs(&self, stages: usize) -> Vec<AttentionConfig> {
         match self.config(stages) {
-            AttentionConfig::Decode(c) if c.cluster > 1 => {
-                vec![AttentionConfig::Decode(MlaDecodeConfig { cluster: 1, ..c }), AttentionConfig::Decode(c)]
+            AttentionConfig::Decode(c) => {
+                let clusters = if c.cluster > 1 { vec![1, c.cluster] } else { vec![1] };
+                let serial = if stages >= 2 && !c.fp8_cache { vec![false, true] } else { vec![false] };
+                serial
+                    .iter()
+                    .flat_map(|&serial| {
+                        clusters
+                            .iter()
+                            .map(move |&cluster| AttentionConfig::Decode(MlaDecodeConfig { cluster, serial, ..c }))
+                    })
+                    .collect()
             }
             config => vec![config],
         }
@@ -189,6 +201,15 @@ impl AttentionConfig {
         match self {
             AttentionConfig::Decode(c) => c.stages,
             AttentionConfig::Prefill(c) => c.stages,
+        }
+    }
+
+    /// Steps its ring loads ahead of the one a block waits for next
+    /// ([`MlaDecodeConfig::loads_ahead`], [`MlaPrefillConfig::loads_ahead`]).
+    pub fn loads_ahead(&self) -> usize {
+        match self {
+            AttentionConfig::Decode(c) => c.loads_ahead(),
+            AttentionConfig::Prefill(c) => c.loads_ahead(),
         }
     }
 
@@ -274,9 +295,13 @@ const SOFTMAX_OPS: f64 = 12.0;
 const FP8_CONVERT_OPS: f64 = 4.0;
 /// L2's bandwidth as a multiple of DRAM's (what prefill's re-read keys and values stream at).
 const L2_PER_DRAM: f64 = 2.5;
-/// The share of a step's load a ring of 2 buffers leaves exposed (deeper rings: divided by
-/// `stages - 1`).
+/// The share of a step's load a ring loading one step ahead leaves exposed (further ahead:
+/// divided by the steps).
 const EXPOSED_AT_TWO: f64 = 0.3;
+/// The latency of a step's load waited for in full (a ring that loads no step ahead), before its
+/// bytes stream: a TMA load's from DRAM (decode's pages) or from L2 (prefill's tiles).
+const DRAM_LATENCY_US: f64 = 0.6;
+const L2_LATENCY_US: f64 = 0.3;
 
 /// The cost model (see the module doc) for `config` on `shape` on `device`.
 pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &DeviceModel) -> AttentionEstimate {
@@ -295,11 +320,13 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
     };
     let ops_us = CUDA_OPS_PER_SM_US / per_sm as f64;
     let dram_us = device.dram_tbps * 1e6;
-    let stages = config.stages();
-    // One step of a block's pipeline: the load exposed (one buffer) or hidden but for a residue.
-    let step = |load: f64, work: f64| match stages {
-        1 => load + work,
-        s => work.max(load) + EXPOSED_AT_TWO / (s - 1) as f64 * load.min(work),
+    // One step of a block's pipeline: the load waited for in full, its latency too (a ring that
+    // loads no step ahead: one buffer, or a loop a step ahead in two), or hidden behind the
+    // steps before it but for a residue.
+    let ahead = config.loads_ahead();
+    let step = |latency: f64, load: f64, work: f64| match ahead {
+        0 => latency + load + work,
+        a => work.max(load) + EXPOSED_AT_TWO / a as f64 * load.min(work),
     };
     match *shape {
         AttentionShape::Decode { heads, kv, rope, fp8_cache, sequences, context } => {
@@ -330,7 +357,7 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
                 AttentionConfig::Prefill(_) => 1,
             };
             let load = (PAGE * row_bytes / cluster) as f64 / (dram_us / sms as f64 / per_sm as f64);
-            let step_us = step(load, work);
+            let step_us = step(DRAM_LATENCY_US, load, work);
             let waves = blocks.div_ceil(slots);
             let compute = waves as f64 * (pages as f64 * step_us + WAVE_US);
             // The cache once (the heads' blocks of a sequence share its pages in L2), the queries,
@@ -379,7 +406,7 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let work = tensor_us(&products) + softmax - hidden;
             let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
             let load = (PAGE * (qk + v) * 2) as f64 / l2_us;
-            let step_us = step(load, work);
+            let step_us = step(L2_LATENCY_US, load, work);
             let blocks = tiles * heads;
             let compute = (all_steps as f64 * step_us / slots as f64).max(longest as f64 * step_us)
                 + blocks.div_ceil(slots) as f64 * WAVE_US;
@@ -462,13 +489,19 @@ mod tests {
             candidates(s, &h200.target).iter().map(AttentionConfig::kernel_name).collect()
         };
         // DeepSeek-V3's decode: the query tile and a page are 72 KiB each: two pages at most; its
-        // 128 heads' blocks of a sequence in clusters of 2 or not.
+        // 128 heads' blocks of a sequence in clusters of 2 or not; two pages a page ahead or in
+        // the serial loop (the fp8 cache's is serial).
         let (s1, s2) = ("mla_decode_kv512_r64_p64_s1", "mla_decode_kv512_r64_p64_s2");
-        assert_eq!(names(&decode(false, 64)), [s1, &format!("{s1}_cl2"), s2, &format!("{s2}_cl2")]);
-        let fp8: Vec<String> = names(&decode(false, 64)).iter().map(|n| format!("{n}_fp8")).collect();
+        let space =
+            [s1, &format!("{s1}_cl2"), s2, &format!("{s2}_cl2"), &format!("{s2}_serial"), &format!("{s2}_cl2_serial")];
+        assert_eq!(names(&decode(false, 64)), space);
+        let fp8: Vec<String> = space[..4].iter().map(|n| format!("{n}_fp8")).collect();
         assert_eq!(names(&decode(true, 64)), fp8);
-        for c in candidates(&decode(true, 64), &h200.target) {
-            assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
+        for shape in [decode(false, 64), decode(true, 64)] {
+            for c in candidates(&shape, &h200.target) {
+                assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
+                assert!(shape.configs(c.stages()).contains(&c), "{}", c.kernel_name());
+            }
         }
         assert_eq!(names(&prefill(4096)).len(), 4);
         assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
@@ -478,7 +511,7 @@ mod tests {
         // A narrow head whose ring fits three deep; 16 heads: one block a sequence, no clusters.
         let small =
             AttentionShape::Decode { heads: 16, kv: 128, rope: 64, fp8_cache: false, sequences: 4, context: 64 };
-        assert_eq!(names(&small).len(), 4);
+        assert_eq!(names(&small).len(), 7);
         assert!(names(&small).iter().all(|n| !n.contains("_cl")), "{:?}", names(&small));
         for c in candidates(&prefill(4096), &h200.target) {
             assert_eq!(AttentionConfig::from_name(&c.kernel_name()), Some(c));
@@ -534,11 +567,15 @@ mod tests {
         let of = |ranked: &[AttentionEstimate], name: &str| {
             ranked.iter().find(|e| e.config.kernel_name() == name).unwrap_or_else(|| panic!("{name}")).clone()
         };
-        let (s1, s2) = (of(&d, "mla_decode_kv512_r64_p64_s1"), of(&d, "mla_decode_kv512_r64_p64_s2"));
-        assert_eq!(d[0].config.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2", "{d:?}");
+        let (s1, s2) = (of(&d, "mla_decode_kv512_r64_p64_s1"), of(&d, "mla_decode_kv512_r64_p64_s2_serial"));
+        let ahead = of(&d, "mla_decode_kv512_r64_p64_s2");
+        assert_eq!(d[0].config.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2_serial", "{d:?}");
         // 64 sequences x 2 blocks of 64 heads, split 3 ways to fill two waves of 132 SMs.
         assert_eq!((d[0].blocks, d[0].splits, d[0].per_sm), (384, 3, 1));
         assert!(s1.micros > s2.micros * 1.2, "one page buffer exposes every load: {d:?}");
+        // Two buffers a page ahead load no page ahead: every load waited for, as with one buffer
+        // (the softmax behind P V the difference).
+        assert!(ahead.micros > s2.micros * 1.2 && ahead.micros < s1.micros, "{d:?}");
         // A cluster's blocks each load half of a page: a step loads in half the time.
         assert!(d[0].step_us < s2.step_us * 0.85, "{d:?}");
         // The fp8 cache moves 43% fewer bytes and converts them on the CUDA cores.

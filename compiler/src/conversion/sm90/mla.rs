@@ -88,13 +88,21 @@ pub struct MlaDecodeConfig {
     /// both — half the L2-to-SM traffic and TMA issue a block. Launches must pair such blocks: an
     /// even number of 64-row blocks a sequence ([`Self::cluster_for`]).
     pub cluster: usize,
+    /// The serial page loop with a ring of two or more bf16 page buffers (`_serial`): warpgroup 0
+    /// scores the page both then multiply, so a buffer is busy for one step and the ring loads
+    /// `stages - 1` pages ahead, where the pipelined loop ([`Self::pipelined`]) holds a page for
+    /// two steps (scored in one, multiplied in the next) and loads `stages - 2` ahead: with
+    /// DeepSeek-V3's two buffers, none — every page's load waited for in full. A ring of one buffer
+    /// and the fp8 cache always run the serial loop (the flag is refused there: it would name the
+    /// same kernel twice).
+    pub serial: bool,
 }
 
 impl MlaDecodeConfig {
     /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers, a bf16 cache, its 128 heads'
     /// two blocks a sequence in a cluster.
     pub const DEEPSEEK_V3: MlaDecodeConfig =
-        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2 };
+        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2, serial: true };
 
     /// The cluster a launch of `heads` query rows per token takes: 2 when a sequence's rows fill
     /// an even number of 64-row blocks whatever its tokens (heads a multiple of 128), else 1.
@@ -106,11 +114,13 @@ impl MlaDecodeConfig {
         }
     }
 
-    /// `mla_decode_kv512_r64_p64_s2_cl2` (`_cl2`: clusters of 2; `_fp8`: the fp8 cache).
+    /// `mla_decode_kv512_r64_p64_s2_cl2_serial` (`_cl2`: clusters of 2; `_serial`: the serial loop
+    /// of a deeper ring, [`Self::serial`]; `_fp8`: the fp8 cache).
     pub fn kernel_name(&self) -> String {
         let fp8 = if self.fp8_cache { "_fp8" } else { "" };
+        let serial = if self.serial { "_serial" } else { "" };
         let cluster = if self.cluster != 1 { format!("_cl{}", self.cluster) } else { String::new() };
-        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{cluster}{fp8}", self.kv, self.rope, self.stages)
+        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{cluster}{serial}{fp8}", self.kv, self.rope, self.stages)
     }
 
     /// The configuration a [`Self::kernel_name`] names.
@@ -122,13 +132,17 @@ impl MlaDecodeConfig {
             Some(rest) => (rest, true),
             None => (rest, false),
         };
+        let (rest, serial) = match rest.strip_suffix("_serial") {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        };
         let number = |s: &str| s.parse::<usize>().ok().filter(|_| s.bytes().all(|b| b.is_ascii_digit()));
         let (stages, cluster) = match rest.split_once("_cl") {
             Some((stages, cluster)) => (stages, number(cluster)?),
             None => (rest, 1),
         };
         let (kv, rope, stages) = (number(kv)?, number(rope)?, number(stages)?);
-        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster };
+        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial };
         (config.kernel_name() == name).then_some(config)
     }
 
@@ -185,9 +199,16 @@ impl MlaDecodeConfig {
     /// Whether the page loop overlaps the next page's `S` with this one's `P V`
     /// ([`Emitter::pipelined_loop`]): a ring of two buffers or more (the next page is in one while
     /// this one is multiplied) of the bf16 cache (the fp8 cache's pages are converted into one
-    /// buffer both products read).
+    /// buffer both products read), unless [`Self::serial`].
     pub fn pipelined(&self) -> bool {
-        self.stages >= 2 && !self.fp8_cache
+        self.stages >= 2 && !self.fp8_cache && !self.serial
+    }
+
+    /// Pages the ring loads ahead of the one the block waits for next: a buffer is refilled when
+    /// its page is multiplied, and waited for `stages - 1` steps later (the serial loop) or, a page
+    /// ahead, `stages - 2` (the pipelined loop's next page is scored in the step before its own).
+    pub fn loads_ahead(&self) -> usize {
+        self.stages - 1 - usize::from(self.pipelined())
     }
 
     /// Dynamic shared memory: the query tile, the page ring, (fp8 cache) the converted latent, `P`,
@@ -223,6 +244,12 @@ impl MlaDecodeConfig {
         }
         if !(1..=2).contains(&self.cluster) {
             return Err(format!("{name}: clusters of {} blocks (1 or 2)", self.cluster));
+        }
+        if self.serial && (self.stages < 2 || self.fp8_cache) {
+            return Err(format!(
+                "{name}: `_serial` with {} (its page loop is the serial one already: name it without)",
+                if self.fp8_cache { "the fp8 cache" } else { "one page buffer" }
+            ));
         }
         let what = format!(
             "query tile, {} page buffers of {} B, {}P, row statistics, barriers",
@@ -1069,6 +1096,12 @@ impl MlaPrefillConfig {
     /// time: the next tile's S and dP beside dS's product do not fit dK's registers.
     pub fn pipelined(&self) -> bool {
         self.stages >= 2 && matches!(self.mode, FlashMode::Forward | FlashMode::Lse | FlashMode::Grad(GradOf::Values))
+    }
+
+    /// Tiles the ring loads ahead of the one the block waits for next: `stages - 1`, or `stages -
+    /// 2` a tile ahead (the next tile is scored in the step before its own, its buffer busy for two).
+    pub fn loads_ahead(&self) -> usize {
+        self.stages - 1 - usize::from(self.pipelined())
     }
 
     pub fn threads(&self) -> usize {
@@ -2825,11 +2858,27 @@ mod tests {
     #[test]
     fn names_round_trip_and_limits_are_named() {
         let c = MlaDecodeConfig::DEEPSEEK_V3;
-        assert_eq!(c.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2");
-        let single = MlaDecodeConfig { cluster: 1, fp8_cache: true, ..c };
+        assert_eq!(c.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2_serial");
+        let single = MlaDecodeConfig { cluster: 1, fp8_cache: true, serial: false, ..c };
         assert_eq!(single.kernel_name(), "mla_decode_kv512_r64_p64_s2_fp8");
-        for config in [c, single, MlaDecodeConfig { fp8_cache: true, ..c }, MlaDecodeConfig { cluster: 1, ..c }] {
+        let ahead = MlaDecodeConfig { serial: false, ..c };
+        assert_eq!(ahead.kernel_name(), "mla_decode_kv512_r64_p64_s2_cl2");
+        let configs =
+            [c, single, ahead, MlaDecodeConfig { fp8_cache: true, ..ahead }, MlaDecodeConfig { cluster: 1, ..c }];
+        for config in configs {
             assert_eq!(MlaDecodeConfig::from_name(&config.kernel_name()), Some(config));
+            assert!(config.validate(&SM90A).is_ok(), "{}", config.kernel_name());
+        }
+        // The serial loop loads a page ahead in two buffers, the loop a page ahead none.
+        assert_eq!((c.loads_ahead(), ahead.loads_ahead(), single.loads_ahead()), (1, 0, 1));
+        assert_eq!((c.pipelined(), ahead.pipelined()), (false, true));
+        // `_serial` names only a loop that would otherwise be pipelined.
+        for (serial, what) in [
+            (MlaDecodeConfig { stages: 1, ..c }, "one page buffer"),
+            (MlaDecodeConfig { fp8_cache: true, ..c }, "the fp8 cache"),
+        ] {
+            let err = serial.validate(&SM90A).unwrap_err();
+            assert!(err.contains(&format!("`_serial` with {what}")), "{err}");
         }
         for bad in [
             "mla_decode_kv512_r64_p32_s2",
@@ -2837,6 +2886,7 @@ mod tests {
             "mla_decode_kv+512_r64_p64_s2",
             "mla_decode_kv512_r64_p64_s2_cl1",
             "mla_decode_kv512_r64_p64_s2_fp8_cl2",
+            "mla_decode_kv512_r64_p64_s2_serial_cl2",
         ] {
             assert_eq!(MlaDecodeConfig::from_name(bad), None, "{bad}");
         }
