@@ -888,7 +888,14 @@ mod tests {
         let (pages, splits) = (6, 2);
         let (b, width, scale) = (3, kv + rope, 0.07f32);
         let rows = b * pages * 64;
-        let rows32 = values(rows * width, 3, 6.0);
+        // Magnitudes that differ by row and 128-column group (powers of two 1/4 to 4), so the fp8
+        // cache's scales do too: a unit converted with another row's or group's scale is wrong.
+        let mut rows32 = values(rows * width, 3, 6.0);
+        for (r, row) in rows32.chunks_exact_mut(width).enumerate() {
+            for (c, x) in row[..kv].iter_mut().enumerate() {
+                *x *= (2f32).powi(((r * 3 + c / 128) % 5) as i32 - 2);
+            }
+        }
         let (cache, decoded, element, cols) = if fp8_cache {
             let row = Fp8LatentRow::of(width).unwrap();
             let mut packed = vec![0u8; rows * row.bytes()];

@@ -511,10 +511,7 @@ nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast}
         let units_per_row = c.kv / 16;
         let mut t = format!(
             "%cv_valid = arith.select %zero_tail, %tail, %c{PAGE} : index
-%cv_page = arith.addi %p0, %j : index
-%cv_blk_i = memref.load %block_table[%seq, %cv_page] : memref<?x?xi32>
-%cv_blk = arith.index_cast %cv_blk_i : i32 to index
-%cv_row0 = arith.muli %cv_blk, %c{PAGE} : index
+%cv_lane = arith.remui %tid, %c32 : index
 %cv_src_off = arith.addi %st_off, %c{q_bytes} : index
 %cv_src_off64 = arith.index_cast %cv_src_off : index to i64
 %cv_src = arith.addi %smem_base, %cv_src_off64 : i64
@@ -546,9 +543,13 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_a1 = arith.addi %cv_dst, %cv_d1_64 : i64
   %cv_p0 = llvm.inttoptr %cv_a0 : i64 to !llvm.ptr<3>
   %cv_p1 = llvm.inttoptr %cv_a1 : i64 to !llvm.ptr<3>
+  %cv_k = arith.divui %u, %c{THREADS} : index
+  %cv_k4 = arith.muli %cv_k, %c4 : index
+  %cv_run = arith.divui %cv_lane, %c8 : index
+  %cv_from = arith.addi %cv_k4, %cv_run : index
+  %cv_from32 = arith.index_cast %cv_from : index to i32
+  %cv_sc, %cv_sc_ok = gpu.shuffle idx %sc_in, %cv_from32, %c32_i32 : f32
   %cv_units:2 = scf.if %cv_in -> (vector<4xi32>, vector<4xi32>) {{
-    %g_row = arith.addi %cv_row0, %cv_r : index
-    %cv_sc = memref.load %kv_scale[%g_row, %cv_grp] : memref<?x?xf32>
     %cv_u8 = arith.remui %cv_uc, %c8 : index
     %cv_sb0 = arith.muli %cv_grp, %c{box_bytes} : index
     %cv_sba = arith.addi %cv_sb0, %cv_rbase : index
@@ -612,6 +613,38 @@ gpu.barrier
         t
     }
 
+    /// `name`: the one fp8-cache scale this lane loads for the split's page `page` (an index value).
+    /// A thread converts units (16 columns of a row) `tid + 256 k`, so at step k a warp's 32 lanes
+    /// convert 4 runs of 8 units, each run one row's 128-column group: one scale a run, `4 k + lane
+    /// / 8` of the warp's `kv / 16` — lane `s` loads scale `s` (lanes past them repeat the last),
+    /// and a unit shuffles its run's from its lane ([`Self::convert_page`]).
+    fn lane_scale(&self, page: &str, name: &str) -> String {
+        let units_per_row = self.c.kv / 16;
+        let n = name.trim_start_matches('%');
+        format!(
+            "%{n}_page = arith.addi %p0, {page} : index
+%{n}_blk_i = memref.load %block_table[%seq, %{n}_page] : memref<?x?xi32>
+%{n}_blk = arith.index_cast %{n}_blk_i : i32 to index
+%{n}_row0 = arith.muli %{n}_blk, %c{PAGE} : index
+%{n}_lane = arith.remui %tid, %c32 : index
+%{n}_s = arith.minui %{n}_lane, %c{last} : index
+%{n}_warp = arith.divui %tid, %c32 : index
+%{n}_k = arith.divui %{n}_s, %c4 : index
+%{n}_run = arith.remui %{n}_s, %c4 : index
+%{n}_uw = arith.muli %{n}_warp, %c32 : index
+%{n}_uk = arith.muli %{n}_k, %c{THREADS} : index
+%{n}_ur = arith.muli %{n}_run, %c8 : index
+%{n}_u0 = arith.addi %{n}_uw, %{n}_uk : index
+%{n}_u = arith.addi %{n}_u0, %{n}_ur : index
+%{n}_r = arith.divui %{n}_u, %c{units_per_row} : index
+%{n}_uc = arith.remui %{n}_u, %c{units_per_row} : index
+%{n}_grp = arith.divui %{n}_uc, %c8 : index
+%{n}_row = arith.addi %{n}_row0, %{n}_r : index
+%{n} = memref.load %kv_scale[%{n}_row, %{n}_grp] : memref<?x?xf32>",
+            last = units_per_row - 1,
+        )
+    }
+
     /// The page loop: [`Self::pipelined_loop`] where a ring of two or more bf16 page buffers lets
     /// warpgroup 0 score the next page while this one's values are multiplied, else
     /// [`Self::serial_loop`].
@@ -660,16 +693,46 @@ gpu.barrier
     /// the next barrier. Carries the output accumulators, and per row half (rows `trow`, `trow + 8`)
     /// the running maximum (log2 domain) and the thread's partial sum. The fp8 cache's (each page
     /// converted into the one bf16 buffer both products read) and a ring of one buffer's.
+    ///
+    /// The fp8 cache's scales come a page ahead: each lane loads its one scale of page `j + 1`
+    /// ([`Self::lane_scale`]) while page `j` is scored and multiplied, carried into the next step
+    /// (page 0's before the loop), where the conversion shuffles each unit's from its lane.
     fn serial_loop(&self) -> String {
         let c = &self.c;
         let accs = c.accumulators();
-        let (iter, types) = loop_carried(accs, NO_KEYS_YET);
-        let mut t = tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes());
+        let (mut iter, mut types) = loop_carried(accs, NO_KEYS_YET);
+        let mut t = String::new();
+        if c.fp8_cache {
+            let _ = writeln!(
+                t,
+                "  %sc_any = arith.cmpi ugt, %np, %c0 : index
+  %sc_first = scf.if %sc_any -> (f32) {{
+{}
+    scf.yield %sc_page0 : f32
+  }} else {{
+    %sc_none = arith.constant 0.0 : f32
+    scf.yield %sc_none : f32
+  }}",
+                indent(&self.lane_scale("%c0", "%sc_page0"), 4)
+            );
+            iter.push("%sc_in = %sc_first".into());
+            types.push("f32".into());
+        }
+        t.push_str(&tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
         t.push_str(&indent(&lane0_broadcast("%page_addr", "%stage_addr"), 4));
         t.push_str(&indent(&self.zero_tail("%j", "%st_off", false), 4));
         if c.fp8_cache {
             t.push_str(&indent(&self.convert_page(), 4));
             let _ = writeln!(t, "\n    %conv_addr = arith.addi %smem_base, %c{}_i64 : i64", c.converted_offset());
+            // The next page's scale (the last page's again on the last step: a page the split has).
+            let _ = writeln!(
+                t,
+                "    %sc_nj = arith.addi %j, %c1 : index
+    %sc_lastj = arith.subi %np, %c1 : index
+    %sc_pj = arith.minui %sc_nj, %sc_lastj : index
+{}",
+                indent(&self.lane_scale("%sc_pj", "%sc_next"), 4)
+            );
         }
         let _ = writeln!(
             t,
@@ -688,6 +751,9 @@ gpu.barrier
         let _ = writeln!(t, "\n    %v_addr = arith.addi {values}, %cw_bytes64 : i64");
         pv_products(&mut t, "%v_addr", 0, &mut o);
         o.extend((0..4).map(|i| format!("%stats#{i}")));
+        if c.fp8_cache {
+            o.push("%sc_next".into());
+        }
         t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
         t
     }
