@@ -335,20 +335,28 @@ pub const MIN_SPLIT_PAGES: usize = 8;
 /// A larger count is taken as this, so that temporaries sized for any device hold every run's.
 pub const MAX_SMS: usize = 144;
 
+/// A split's fixed work in page steps: its query tile's load (as many bytes as a page) and its f32
+/// outputs written for the combine (and read back).
+pub const SPLIT_OVERHEAD_PAGES: usize = 1;
+
 /// Splits of split-K decode attention: `sequences` of `rows` query rows (64 a block) over `keys`
-/// keys on `sms` SMs — enough blocks for two waves (FlashMLA fills the machine likewise: a batch of
-/// one long sequence is spread over every SM), at most [`MAX_SPLITS`] and one per
-/// [`MIN_SPLIT_PAGES`] pages. `sms` 0: what temporaries are sized for — per sequence, the most
+/// keys on `sms` SMs, at most [`MAX_SPLITS`] and one per [`MIN_SPLIT_PAGES`] pages, and at most
+/// enough blocks for two waves (FlashMLA fills the machine likewise: a batch of one long sequence
+/// is spread over every SM). Of those, the fewest whose makespan is the least: waves of blocks (one
+/// an SM) times a block's page steps ([`SPLIT_OVERHEAD_PAGES`] more than its pages) — 64 sequences
+/// of 128 heads over 4096 keys on 132 SMs take 1 split (128 blocks, one wave of 65 steps; two waves'
+/// 3 splits ran 3 waves of 23). `sms` 0: what temporaries are sized for — per sequence, the most
 /// splits x sequences any run of at most `sequences` sequences (and at most `keys` keys) on any
-/// device needs.
+/// device needs (the two waves' bound: it only grows with SMs and keys).
 pub fn attention_splits(sequences: usize, rows: usize, keys: usize, sms: usize) -> usize {
-    let most = MAX_SPLITS.min(keys.div_ceil(64).div_ceil(MIN_SPLIT_PAGES)).max(1);
-    let splits = |sequences: usize, sms: usize| {
-        let blocks = sequences * rows.div_ceil(64);
-        (2 * sms.min(MAX_SMS)).div_ceil(blocks.max(1)).clamp(1, most)
-    };
+    let pages = keys.div_ceil(64).max(1);
+    let most = MAX_SPLITS.min(pages.div_ceil(MIN_SPLIT_PAGES)).max(1);
+    let blocks_of = |sequences: usize| (sequences * rows.div_ceil(64)).max(1);
+    let splits = |sequences: usize, sms: usize| (2 * sms.min(MAX_SMS)).div_ceil(blocks_of(sequences)).clamp(1, most);
     if sms > 0 {
-        return splits(sequences, sms);
+        let (blocks, sms) = (blocks_of(sequences), sms.min(MAX_SMS));
+        let makespan = |s: usize| (blocks * s).div_ceil(sms) * (pages.div_ceil(s) + SPLIT_OVERHEAD_PAGES);
+        return (1..=splits(sequences, sms)).min_by_key(|&s| makespan(s)).unwrap_or(1);
     }
     // Fewer sequences take more splits each: the temporaries' `[splits, sequences x rows, ..]`
     // hold the largest product (splits only grow with SMs and keys).
@@ -560,9 +568,14 @@ mod tests {
         assert_eq!(lse.shape(3, &arg, 132), Ok(vec![1, 384]), "a table of two pages: one split");
         assert_eq!(lse.shape(3, &arg, 0), Ok(vec![1, 384]));
         assert!(t(vec![TempDim::Arg { arg: 1, dim: 0, align: 1, div: 1 }]).shape(3, &arg, 132).is_err());
-        // 64 sequences of 128 heads over 4096 keys: 128 blocks, three splits to cover two waves of 132 SMs;
-        // one sequence: a split per 8 of its 64 pages; sized for the most any run needs.
-        assert_eq!(attention_splits(64, 128, 4096, 132), 3);
+        // 64 sequences of 128 heads over 4096 keys: 128 blocks, one wave of 64 pages and a step (two
+        // splits: two waves of 33, three: three waves of 23; the two waves' bound); MTP's two tokens
+        // a sequence: 256 blocks, two waves either way (130 steps unsplit, 132 in two); one
+        // sequence: a split per 8 of its 64 pages; sized for the most any run needs.
+        assert_eq!(attention_splits(64, 128, 4096, 132), 1);
+        assert_eq!(attention_splits(64, 256, 4096, 132), 1);
+        // 34 blocks: 7 splits run two waves of 11 steps (22), 3 one wave of 23, 8 three of 9.
+        assert_eq!(attention_splits(17, 128, 4096, 132), 7);
         assert_eq!(attention_splits(1, 128, 4096, 132), 8);
         assert_eq!(attention_splits(1, 128, 10, 132), 1);
         // One sequence of 32768 keys: 512 pages over 132 splits (264 blocks: two waves), not 8 as
