@@ -118,6 +118,10 @@ def combine(parts, lses):
 
 
 def self_test():
+    # The runtime's splits, as runtime/src/lowering.rs's tests have them (132 SMs).
+    got = [runtime_splits(b, h, ctx, 132) for b, h, ctx in [(64, 128, 4096), (1, 128, 4096), (1, 128, 32768),
+                                                             (17, 128, 4096), (1, 16, 1 << 20)]]
+    assert got == [1, 8, 64, 7, 128], got
     torch.manual_seed(0)
     q, k = torch.randn(5, 96, dtype=torch.float64), torch.randn(300, 96, dtype=torch.float64)
     full = torch.softmax(q @ k.T * 0.1, dim=-1) @ k[:, :64]
@@ -503,12 +507,22 @@ def check_prefill(drv, ptx_dir, name, result):
           f"torch SDPA {sdpa_ms:.3f} ms ({sdpa_ms / ms:.2f}x)")
 
 
-def runtime_splits(batch, heads, ctx, sms):
-    """The splits the runtime picks (runtime/src/lowering.rs attention_splits): two waves of blocks, at most
-    128 and one per 8 pages."""
+def two_wave_splits(batch, heads, ctx, sms):
+    """Enough splits for two waves of blocks, at most 128 and one per 8 pages: the runtime's bound (and its
+    choice before 2026-12-05)."""
     most = max(1, min(128, math.ceil(math.ceil(ctx / PAGE) / 8)))
-    blocks = batch * math.ceil(heads / PAGE)
+    blocks = max(1, batch * math.ceil(heads / PAGE))
     return max(1, min(most, math.ceil(2 * min(sms, 144) / blocks)))
+
+
+def runtime_splits(batch, heads, ctx, sms):
+    """The splits the runtime picks (runtime/src/lowering.rs attention_splits): of those up to the two waves'
+    bound, the fewest with the least makespan, waves of blocks (one an SM) x (pages a split + 1)."""
+    pages = max(1, math.ceil(ctx / PAGE))
+    blocks = max(1, batch * math.ceil(heads / PAGE))
+    sms = min(sms, 144)
+    span = lambda s: math.ceil(blocks * s / sms) * (math.ceil(pages / s) + 1)  # noqa: E731
+    return min(range(1, two_wave_splits(batch, heads, ctx, sms) + 1), key=lambda s: (span(s), s))
 
 
 def check_decode(mla, result, copy):
@@ -557,6 +571,15 @@ def check_decode(mla, result, copy):
         ms = median_ms(run)
         # The attention kernel alone: what of the time the combine takes.
         attention_ms = median_ms(run.attention)
+        # The former rule's splits (two waves), where they differ: the A/B of the makespan rule.
+        former = {}
+        bound = two_wave_splits(batch, heads, ctx, sms)
+        if bound != splits:
+            if mla.fp8:
+                run_b, _ = mla.prepare(q, fp8_cache, table, lt, heads, bound, scale)
+            else:
+                run_b, _ = mla.prepare(q, cache, table, lt, heads, bound, scale)
+            former = {"two_wave_splits": bound, "two_wave_ms": median_ms(run_b)}
         spin = {}
         if mla.attn_spin is not None:
             # The kernel waiting without the suspend hint: the same bits, then its time.
@@ -583,10 +606,11 @@ def check_decode(mla, result, copy):
         result.setdefault("timing", {})[f"{attn} {batch}x{ctx}"] = {
             "batch": batch, "context": ctx, "heads": heads, "splits": splits, "median_ms": ms,
             "attention_ms": attention_ms, "torch_ms": torch_ms,
-            "GBps": gbs, "fraction_of_copy": gbs / (copy * 1e3) if copy else None, **spin}
+            "GBps": gbs, "fraction_of_copy": gbs / (copy * 1e3) if copy else None, **spin, **former}
         frac = f", {100 * gbs / (copy * 1e3):.0f}% of copy" if copy else ""
         ab = (f"; without the suspend hint {spin['no_suspend_hint_ms']:.3f} ms, same bits "
               f"{spin['no_suspend_hint_same_bits']}" if spin else "")
+        ab += (f"; {former['two_wave_splits']} splits (two waves) {former['two_wave_ms']:.3f} ms" if former else "")
         print(f"{attn} + {comb}: batch {batch} x context {ctx}, {heads} heads, {splits} splits: {ms:.3f} ms "
               f"(attention alone {attention_ms:.3f}) "
               f"({gbs:.0f} GB/s{frac}); torch gather+bmm {torch_ms:.3f} ms ({torch_ms / ms:.2f}x){ab}")
