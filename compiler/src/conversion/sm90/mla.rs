@@ -49,10 +49,13 @@
 //! scaled and rounded to bf16 into one shared buffer the tensor cores read (wgmma reads e4m3 only
 //! K-major, and `P V` needs the values transposed).
 //!
-//! With a ring of two page buffers or more (bf16 cache), warpgroup 0 runs a page ahead: it scores
+//! With a ring of two page buffers or more (bf16 cache), warpgroup 0 may run a page ahead: it scores
 //! page `j + 1` while both multiply page `j`'s P by its values, its online softmax overlapping the
-//! tensor cores' `P V` ([`MlaDecodeConfig::pipelined`]). Not yet: warp specialization (a producer
-//! warp) and a second P buffer (it does not fit beside DeepSeek-V3's two 72 KiB page buffers).
+//! tensor cores' `P V` ([`MlaDecodeConfig::pipelined`]) — but a buffer is then busy for two steps,
+//! and two buffers load no page ahead. DeepSeek-V3's default is the serial loop over two buffers
+//! ([`MlaDecodeConfig::serial`]), which loads a page ahead; the tuner measures both. Not yet: warp
+//! specialization (a producer warp), both warpgroups scoring (FlashMLA's later "seesaw" schedule),
+//! and a second P buffer (it does not fit beside DeepSeek-V3's two 72 KiB page buffers).
 
 use std::fmt::Write;
 
@@ -99,8 +102,8 @@ pub struct MlaDecodeConfig {
 }
 
 impl MlaDecodeConfig {
-    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers, a bf16 cache, its 128 heads'
-    /// two blocks a sequence in a cluster.
+    /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers in the serial loop, a bf16
+    /// cache, its 128 heads' two blocks a sequence in a cluster (the cost model's pick).
     pub const DEEPSEEK_V3: MlaDecodeConfig =
         MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2, serial: true };
 
