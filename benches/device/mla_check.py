@@ -201,9 +201,14 @@ def fp8_row_bytes(kv, rope):
 
 
 def problem(heads, kv, rope, lens, seed, device="cuda", tokens=1):
-    """q [B * H, kv + rope], a cache pool with holes, its block table; unused pages and tails are NaN."""
+    """q [B * H, kv + rope], a cache pool with holes, its block table; unused pages and tails are NaN. The
+    latent's magnitudes differ by row and 128-column group (powers of two 1/4 to 4), so the fp8 cache's scales
+    do too: a unit converted with another row's or group's scale shows."""
     g = torch.Generator(device=device).manual_seed(seed)
     dim = kv + rope
+    rows = torch.arange(PAGE, device=device)[:, None]
+    groups = (torch.arange(dim, device=device) // 128)[None, :]
+    magnitude = torch.where(groups < kv // 128, torch.exp2(((rows * 3 + groups) % 5 - 2).float()), 1.0)
     need = [math.ceil(n / PAGE) for n in lens]
     pool = 2 * sum(need) + 3
     cache = torch.full((pool * PAGE, dim), float("nan"), device=device, dtype=torch.bfloat16)
@@ -216,7 +221,8 @@ def problem(heads, kv, rope, lens, seed, device="cuda", tokens=1):
         table[b, :need[b]] = pages.int()
         for i, p in enumerate(pages.tolist()):
             valid = min(PAGE, n - i * PAGE)
-            cache[p * PAGE:p * PAGE + valid] = torch.randn(valid, dim, generator=g, device=device).bfloat16()
+            values = torch.randn(valid, dim, generator=g, device=device) * magnitude[:valid]
+            cache[p * PAGE:p * PAGE + valid] = values.bfloat16()
     q = torch.randn(len(lens) * tokens * heads, dim, generator=g, device=device).bfloat16()
     return q, cache, table, torch.tensor(lens, dtype=torch.int32, device=device)
 
