@@ -514,7 +514,6 @@ nvgpu.tma.async.load {map}[%c{col}, %lp_row], %bars[%lp_st] to %lp_{name}{mcast}
         let units_per_row = c.kv / 16;
         let mut t = format!(
             "%cv_valid = arith.select %zero_tail, %tail, %c{PAGE} : index
-%cv_lane = arith.remui %tid, %c32 : index
 %cv_src_off = arith.addi %st_off, %c{q_bytes} : index
 %cv_src_off64 = arith.index_cast %cv_src_off : index to i64
 %cv_src = arith.addi %smem_base, %cv_src_off64 : i64
@@ -548,7 +547,7 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_p1 = llvm.inttoptr %cv_a1 : i64 to !llvm.ptr<3>
   %cv_k = arith.divui %u, %c{THREADS} : index
   %cv_k4 = arith.muli %cv_k, %c4 : index
-  %cv_run = arith.divui %cv_lane, %c8 : index
+  %cv_run = arith.divui %sc_lane, %c8 : index
   %cv_from = arith.addi %cv_k4, %cv_run : index
   %cv_from32 = arith.index_cast %cv_from : index to i32
   %cv_sc, %cv_sc_ok = gpu.shuffle idx %sc_in, %cv_from32, %c32_i32 : f32
@@ -616,35 +615,44 @@ gpu.barrier
         t
     }
 
-    /// `name`: the one fp8-cache scale this lane loads for the split's page `page` (an index value).
-    /// A thread converts units (16 columns of a row) `tid + 256 k`, so at step k a warp's 32 lanes
-    /// convert 4 runs of 8 units, each run one row's 128-column group: one scale a run, `4 k + lane
-    /// / 8` of the warp's `kv / 16` — lane `s` loads scale `s` (lanes past them repeat the last),
-    /// and a unit shuffles its run's from its lane ([`Self::convert_page`]).
-    fn lane_scale(&self, page: &str, name: &str) -> String {
+    /// The page-independent part of the fp8-cache scale a lane loads each page ([`Self::lane_scale`]),
+    /// once before the page loop: `%sc_r` and `%sc_grp`, the row within the page and the 128-column
+    /// group of scale `s` = the lane (lanes past the warp's `kv / 16` repeat the last). A thread
+    /// converts units (16 columns of a row) `tid + 256 k`, so at step k a warp's 32 lanes convert 4
+    /// runs of 8 units, each run one row's 128-column group: one scale a run, `4 k + lane / 8` of the
+    /// warp's — lane `s` loads scale `s`, and a unit shuffles its run's from that lane
+    /// ([`Self::convert_page`]).
+    fn lane_scale_place(&self) -> String {
         let units_per_row = self.c.kv / 16;
+        format!(
+            "%sc_lane = arith.remui %tid, %c32 : index
+%sc_s = arith.minui %sc_lane, %c{last} : index
+%sc_warp = arith.divui %tid, %c32 : index
+%sc_k = arith.divui %sc_s, %c4 : index
+%sc_run = arith.remui %sc_s, %c4 : index
+%sc_uw = arith.muli %sc_warp, %c32 : index
+%sc_uk = arith.muli %sc_k, %c{THREADS} : index
+%sc_ur = arith.muli %sc_run, %c8 : index
+%sc_u0 = arith.addi %sc_uw, %sc_uk : index
+%sc_u = arith.addi %sc_u0, %sc_ur : index
+%sc_r = arith.divui %sc_u, %c{units_per_row} : index
+%sc_uc = arith.remui %sc_u, %c{units_per_row} : index
+%sc_grp = arith.divui %sc_uc, %c8 : index",
+            last = units_per_row - 1,
+        )
+    }
+
+    /// `name`: this lane's one fp8-cache scale of the split's page `page` (an index value), at
+    /// [`Self::lane_scale_place`]'s row and group of the page.
+    fn lane_scale(&self, page: &str, name: &str) -> String {
         let n = name.trim_start_matches('%');
         format!(
             "%{n}_page = arith.addi %p0, {page} : index
 %{n}_blk_i = memref.load %block_table[%seq, %{n}_page] : memref<?x?xi32>
 %{n}_blk = arith.index_cast %{n}_blk_i : i32 to index
 %{n}_row0 = arith.muli %{n}_blk, %c{PAGE} : index
-%{n}_lane = arith.remui %tid, %c32 : index
-%{n}_s = arith.minui %{n}_lane, %c{last} : index
-%{n}_warp = arith.divui %tid, %c32 : index
-%{n}_k = arith.divui %{n}_s, %c4 : index
-%{n}_run = arith.remui %{n}_s, %c4 : index
-%{n}_uw = arith.muli %{n}_warp, %c32 : index
-%{n}_uk = arith.muli %{n}_k, %c{THREADS} : index
-%{n}_ur = arith.muli %{n}_run, %c8 : index
-%{n}_u0 = arith.addi %{n}_uw, %{n}_uk : index
-%{n}_u = arith.addi %{n}_u0, %{n}_ur : index
-%{n}_r = arith.divui %{n}_u, %c{units_per_row} : index
-%{n}_uc = arith.remui %{n}_u, %c{units_per_row} : index
-%{n}_grp = arith.divui %{n}_uc, %c8 : index
-%{n}_row = arith.addi %{n}_row0, %{n}_r : index
-%{n} = memref.load %kv_scale[%{n}_row, %{n}_grp] : memref<?x?xf32>",
-            last = units_per_row - 1,
+%{n}_row = arith.addi %{n}_row0, %sc_r : index
+%{n} = memref.load %kv_scale[%{n}_row, %sc_grp] : memref<?x?xf32>"
         )
     }
 
@@ -708,7 +716,8 @@ gpu.barrier
         if c.fp8_cache {
             let _ = writeln!(
                 t,
-                "  %sc_any = arith.cmpi ugt, %np, %c0 : index
+                "{}
+  %sc_any = arith.cmpi ugt, %np, %c0 : index
   %sc_first = scf.if %sc_any -> (f32) {{
 {}
     scf.yield %sc_page0 : f32
@@ -716,6 +725,7 @@ gpu.barrier
     %sc_none = arith.constant 0.0 : f32
     scf.yield %sc_none : f32
   }}",
+                indent(&self.lane_scale_place(), 2),
                 indent(&self.lane_scale("%c0", "%sc_page0"), 4)
             );
             iter.push("%sc_in = %sc_first".into());
