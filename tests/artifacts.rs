@@ -55,6 +55,15 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     let HostData::F32(logits) = &from_artifact["logits"].data else { panic!("logits are f32") };
     assert_eq!(logits.len(), 5 * config.vocab_size);
     assert!(logits.iter().all(|v| v.is_finite()));
+    // A prompt's last chunk reads back its last row of logits alone (and a cache's last row).
+    let last = runtime.run("prefill", &inputs, &["logits[-1]", "mtp_logits", "kv_cache.0[-1]"]).unwrap();
+    assert_eq!(last.len(), 3, "{:?}", last.keys());
+    assert_eq!(last["logits[-1]"].shape, vec![1, config.vocab_size]);
+    assert_eq!(last["logits[-1]"].data, HostData::F32(logits[4 * config.vocab_size..].to_vec()));
+    assert_eq!(last["mtp_logits"], from_artifact["mtp_logits"]);
+    let HostData::F32(cache) = &from_artifact["kv_cache.0"].data else { panic!("caches are f32") };
+    assert_eq!(last["kv_cache.0[-1]"].shape, vec![1, c]);
+    assert_eq!(last["kv_cache.0[-1]"].data, HostData::F32(cache[6 * c..].to_vec()));
 
     // Bad inputs are refused before any kernel runs.
     let mut bad = inputs.clone();

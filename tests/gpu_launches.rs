@@ -1093,6 +1093,14 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     // One sequence: its prefill's caches are the decode's first pages.
     let mut session = ArtifactSession::new(&device, 80).unwrap();
     assert_eq!(generate(&mut session, &third, 50, &mut greedy(), None).unwrap().tokens, alone[2]);
+    // A prompt's prefill reads back its last token's logits alone (the last of its 4 chunks of 8,
+    // its last row): every prompt token's, on the host and on the device, end with them.
+    for program in [&program as &dyn v3c_runtime::session::Program, &device] {
+        let (rows, vocab) = ArtifactSession::new(program, 80).unwrap().prefill_rows(&third).unwrap();
+        assert_eq!(rows.len(), third.len() * vocab);
+        let last = ArtifactSession::new(program, 80).unwrap().prefill(&third).unwrap();
+        assert_eq!(last, rows[rows.len() - vocab..]);
+    }
 }
 
 /// A prompt starting as a served one did (its first 72 of 80 tokens) holds that one's first whole

@@ -223,37 +223,48 @@ impl<'p> BoundPlan<'p> {
         l.args.iter().chain(&l.results).map(|&id| self.raw(id)).collect()
     }
 
-    /// The outputs named in `wanted`, copied out.
+    /// The outputs named in `wanted` (or the rows it names: [`crate::plan::LAST_ROW`]), copied out.
     pub fn outputs(&self, wanted: &[&str]) -> Result<HashMap<String, HostBuffer>, String> {
         let base = self.arena.as_ptr() as *const u8;
         let mut out = HashMap::new();
         for (name, id) in &self.plan.outputs {
-            if !wanted.contains(&name.as_str()) {
-                continue;
-            }
             let b = &self.plan.buffers[*id];
+            let shape = shape_at(&b.dims, self.sizes);
+            let Some((key, first, rows)) = crate::plan::wanted_rows(wanted, name, &shape) else { continue };
             let value = match &b.kind {
-                BufferKind::Input { name: input } => self.owned[input].clone(),
+                BufferKind::Input { name: input } => self.owned[input].rows(first, rows),
                 BufferKind::Arena { offset } => {
-                    let shape = shape_at(&b.dims, self.sizes);
-                    let n: usize = shape.iter().product();
-                    // SAFETY: the buffer's bytes lie inside the arena.
+                    let row: usize = shape.iter().skip(1).product();
+                    let (start, n) = (first * row, rows * row);
+                    let mut shape = shape;
+                    if let Some(r) = shape.first_mut() {
+                        *r = rows;
+                    }
+                    // SAFETY: the buffer's bytes lie inside the arena; the rows lie inside the buffer.
                     let data = unsafe {
                         let p = base.add(*offset as usize);
                         match b.dtype.as_str() {
-                            "f32" => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
-                            "i32" => HostData::I32(std::slice::from_raw_parts(p as *const i32, n).to_vec()),
-                            "i64" => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
-                            "bf16" => HostData::Bf16(std::slice::from_raw_parts(p as *const u16, n).to_vec()),
-                            "f8E4M3FN" => HostData::F8(std::slice::from_raw_parts(p, n).to_vec()),
+                            "f32" => {
+                                HostData::F32(std::slice::from_raw_parts((p as *const f32).add(start), n).to_vec())
+                            }
+                            "i32" => {
+                                HostData::I32(std::slice::from_raw_parts((p as *const i32).add(start), n).to_vec())
+                            }
+                            "i64" => {
+                                HostData::I64(std::slice::from_raw_parts((p as *const i64).add(start), n).to_vec())
+                            }
+                            "bf16" => {
+                                HostData::Bf16(std::slice::from_raw_parts((p as *const u16).add(start), n).to_vec())
+                            }
+                            "f8E4M3FN" => HostData::F8(std::slice::from_raw_parts(p.add(start), n).to_vec()),
                             other => return Err(format!("output {name} of type {other}")),
                         }
                     };
                     HostBuffer { shape, data }
                 }
-                BufferKind::Weight { name: w } => self.weights[w].clone(),
+                BufferKind::Weight { name: w } => self.weights[w].rows(first, rows),
             };
-            out.insert(name.clone(), value);
+            out.insert(key, value);
         }
         Ok(out)
     }

@@ -511,17 +511,19 @@ impl GpuArtifact {
         *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));
         let mut out = HashMap::new();
         for (name, id) in &plan.outputs {
-            if !wanted.contains(&name.as_str()) {
-                continue;
-            }
             let b = &plan.buffers[*id];
-            let shape = shape_at(&b.dims, sizes);
-            let bytes = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
-            let src = self.bindings.address(&b.kind)?;
-            let mut host = vec![0u8; bytes];
-            // SAFETY: the buffer lies in device memory sized for the planned shapes.
+            let mut shape = shape_at(&b.dims, sizes);
+            let Some((key, first, rows)) = crate::plan::wanted_rows(wanted, name, &shape) else { continue };
+            let all = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
+            let row = all / shape.first().copied().unwrap_or(1).max(1);
+            if let Some(r) = shape.first_mut() {
+                *r = rows;
+            }
+            let src = self.bindings.address(&b.kind)? + (first * row) as u64;
+            let mut host = vec![0u8; rows * row];
+            // SAFETY: the rows lie in the buffer, in device memory sized for the planned shapes.
             unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
-            out.insert(name.clone(), crate::gpu::host_buffer(&host, shape, &b.dtype)?);
+            out.insert(key, crate::gpu::host_buffer(&host, shape, &b.dtype)?);
         }
         Ok(out)
     }

@@ -47,6 +47,29 @@ impl HostBuffer {
         }
     }
 
+    /// Rows `first..first + rows` of the buffer (rows of its first dim; a scalar is one row); no
+    /// data where the buffer holds none for them.
+    pub fn rows(&self, first: usize, rows: usize) -> HostBuffer {
+        let all = self.shape.first().copied().unwrap_or(1);
+        if first == 0 && rows == all {
+            return self.clone();
+        }
+        let row: usize = self.shape.iter().skip(1).product();
+        let r = first * row..(first + rows) * row;
+        let data = match &self.data {
+            HostData::F32(v) => HostData::F32(v.get(r.clone()).map(<[_]>::to_vec).unwrap_or_default()),
+            HostData::Bf16(v) => HostData::Bf16(v.get(r.clone()).map(<[_]>::to_vec).unwrap_or_default()),
+            HostData::I64(v) => HostData::I64(v.get(r.clone()).map(<[_]>::to_vec).unwrap_or_default()),
+            HostData::I32(v) => HostData::I32(v.get(r.clone()).map(<[_]>::to_vec).unwrap_or_default()),
+            HostData::F8(v) => HostData::F8(v.get(r.clone()).map(<[_]>::to_vec).unwrap_or_default()),
+        };
+        let mut shape = self.shape.clone();
+        if let Some(d) = shape.first_mut() {
+            *d = rows;
+        }
+        HostBuffer { shape, data }
+    }
+
     /// Zeros of `element` (an MLIR element type name) and `shape`.
     pub fn zeros(shape: Vec<usize>, element: &str) -> Option<HostBuffer> {
         let n = shape.iter().product();

@@ -212,6 +212,24 @@ pub fn shape_at(dims: &[Dim], sizes: Sizes) -> Vec<usize> {
     dims.iter().map(|d| d.eval(sizes)).collect()
 }
 
+/// Appended to an output's name in a run's `wanted` list: that output's last row alone (shape
+/// `[1, ..]`, or `[0, ..]` of an empty output), read back by itself and returned under the name
+/// as asked. A prompt's chunk needs only its last token's logits to sample the next: a 64-row
+/// chunk of DeepSeek-V3's logits is 33 MB to read back, its last row 517 KB.
+pub const LAST_ROW: &str = "[-1]";
+
+/// What a `wanted` list asks of output `name`, of shape `shape`: the key to return it under, the
+/// first row and the rows to read (rows of its first dim; the whole output where both forms are
+/// asked); `None` where it is not wanted.
+pub fn wanted_rows(wanted: &[&str], name: &str, shape: &[usize]) -> Option<(String, usize, usize)> {
+    let rows = shape.first().copied().unwrap_or(1);
+    if wanted.contains(&name) {
+        return Some((name.to_string(), 0, rows));
+    }
+    let last = format!("{name}{LAST_ROW}");
+    wanted.contains(&last.as_str()).then(|| (last, rows.saturating_sub(1), rows.min(1)))
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EntryPlan {
     pub name: String,
@@ -516,6 +534,22 @@ pub fn place(ranges: &[(usize, usize, u64)]) -> (Vec<u64>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wanted_list_names_whole_outputs_or_their_last_row() {
+        let wanted = ["logits[-1]", "kv_cache.0", "hidden[-1]"];
+        assert_eq!(wanted_rows(&wanted, "logits", &[8, 100]), Some(("logits[-1]".into(), 7, 1)));
+        assert_eq!(wanted_rows(&wanted, "kv_cache.0", &[8, 3]), Some(("kv_cache.0".into(), 0, 8)));
+        assert_eq!(wanted_rows(&wanted, "hidden", &[0, 7]), Some(("hidden[-1]".into(), 0, 0)));
+        assert_eq!(wanted_rows(&wanted, "mtp_logits", &[8, 100]), None);
+        assert_eq!(wanted_rows(&["logits", "logits[-1]"], "logits", &[8, 100]), Some(("logits".into(), 0, 8)));
+        let b = crate::host::HostBuffer { shape: vec![3, 2], data: crate::host::HostData::I32(vec![1, 2, 3, 4, 5, 6]) };
+        assert_eq!(
+            b.rows(2, 1),
+            crate::host::HostBuffer { shape: vec![1, 2], data: crate::host::HostData::I32(vec![5, 6]) }
+        );
+        assert_eq!(b.rows(0, 3), b);
+    }
 
     #[test]
     fn fp8_cache_rows_are_flashmla_sized_and_round_trip_exactly() {

@@ -393,7 +393,12 @@ impl<'a> ArtifactBatch<'a> {
                 }
             }
             let at = j.session.position;
-            let (rows, vocab) = j.session.prefill_chunk(&j.prompt[j.reused..], j.next)?;
+            let want = match (j.score.is_some(), j.next + 1 == j.chunks) {
+                (true, _) => ChunkLogits::All,
+                (false, true) => ChunkLogits::Last,
+                (false, false) => ChunkLogits::None,
+            };
+            let (rows, vocab) = j.session.prefill_chunk(&j.prompt[j.reused..], j.next, want)?;
             j.next += 1;
             if let Some(top) = j.score {
                 // Row r (position at + r) predicts the prompt's token at + r + 1.
@@ -403,7 +408,9 @@ impl<'a> ArtifactBatch<'a> {
                     }
                 }
             }
-            last = rows[rows.len() - vocab..].to_vec();
+            if vocab > 0 {
+                last = rows[rows.len() - vocab..].to_vec();
+            }
             if interleave && j.next < j.chunks {
                 return Ok(None);
             }

@@ -4,6 +4,16 @@
 
 use super::*;
 
+/// Which logits a run of a prompt's chunk reads back: a prompt's last chunk needs its last row to
+/// sample the next token, the chunks before it none; scoring a prompt (perplexity, `v3r logits`,
+/// echoed log-probabilities) needs every row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkLogits {
+    All,
+    Last,
+    None,
+}
+
 /// What a session runs its entries on: a `cpu` artifact ([`crate::cpu::CpuArtifact`]) or a GPU
 /// one ([`crate::cuda::GpuArtifact`]).
 pub trait Program {

@@ -84,16 +84,16 @@ impl<'a> ArtifactSession<'a> {
         })
     }
 
-    fn wanted(&self) -> Vec<&str> {
-        let mut w: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        w.push("logits");
-        w
-    }
-
-    /// Feeds the prompt (in chunks the prefill plan holds); returns the logits of its last token.
+    /// Feeds the prompt (in chunks the prefill plan holds); returns the logits of its last token,
+    /// the only ones read back (no chunk's but the last's, and of it the last row).
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String> {
-        let (rows, vocab) = self.prefill_rows(tokens)?;
-        Ok(rows[rows.len() - vocab..].to_vec())
+        let chunks = self.prefill_chunks(tokens)?;
+        let mut last = Vec::new();
+        for k in 0..chunks {
+            let want = if k + 1 == chunks { ChunkLogits::Last } else { ChunkLogits::None };
+            (last, _) = self.prefill_chunk(tokens, k, want)?;
+        }
+        Ok(last)
     }
 
     /// As [`ArtifactSession::prefill`], returning the logits of every prompt token (`[tokens,
@@ -102,7 +102,7 @@ impl<'a> ArtifactSession<'a> {
         let chunks = self.prefill_chunks(tokens)?;
         let (mut logits, mut vocab) = (Vec::new(), 0);
         for k in 0..chunks {
-            let (rows, v) = self.prefill_chunk(tokens, k)?;
+            let (rows, v) = self.prefill_chunk(tokens, k, ChunkLogits::All)?;
             logits.extend_from_slice(&rows);
             vocab = v;
         }
@@ -137,8 +137,14 @@ impl<'a> ArtifactSession<'a> {
     }
 
     /// Feeds chunk `k` of `tokens` (the prompt [`ArtifactSession::prefill_chunks`] counted; the
-    /// chunks in order); returns its tokens' logits and the vocabulary size.
-    pub(super) fn prefill_chunk(&mut self, tokens: &[u32], k: usize) -> Result<(Vec<f32>, usize), String> {
+    /// chunks in order); returns the logits `want` asks for (row-major) and the vocabulary size
+    /// (none and 0 for [`ChunkLogits::None`]).
+    pub(super) fn prefill_chunk(
+        &mut self,
+        tokens: &[u32],
+        k: usize,
+        want: ChunkLogits,
+    ) -> Result<(Vec<f32>, usize), String> {
         let chunk = self.program.entry_plan("prefill")?.sizes.rows;
         let chunks = tokens.len().div_ceil(chunk);
         let piece = tokens.chunks(chunk).nth(k).ok_or_else(|| format!("no chunk {k} of {chunks}"))?;
@@ -156,15 +162,35 @@ impl<'a> ArtifactSession<'a> {
             let next = tokens.iter().skip(k * chunk + 1).map(|&t| t as i64).chain(std::iter::repeat(0));
             inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
         }
-        let (wanted, carried): (Vec<&str>, &[&str]) = match carry {
-            true => (vec!["logits"], &caches),
-            false => (self.wanted(), &[]),
+        let last_row = format!("logits{}", crate::plan::LAST_ROW);
+        let (mut wanted, carried): (Vec<&str>, &[&str]) = match carry {
+            true => (Vec::new(), &caches),
+            false => (caches.clone(), &[]),
         };
+        match want {
+            ChunkLogits::All => wanted.push("logits"),
+            ChunkLogits::Last => wanted.push(&last_row),
+            ChunkLogits::None => {}
+        }
         let ran = self.program.run_carrying("prefill", &inputs, &wanted, resident, carried);
         let mut out = ran.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
-        let rows = out.remove("logits").ok_or("the entry has no logits")?;
-        let (HostData::F32(v), &[_, vocab]) = (rows.data, &rows.shape[..]) else {
-            return Err("logits are not f32 [tokens, vocab]".into());
+        let rows = match want {
+            ChunkLogits::None => None,
+            ChunkLogits::All => Some(out.remove("logits").ok_or("the entry has no logits")?),
+            // A program that reads back whole outputs only gives every row.
+            ChunkLogits::Last => Some(match out.remove(&last_row) {
+                Some(b) => b,
+                None => {
+                    let all = out.remove("logits").ok_or("the entry has no logits")?;
+                    let n = all.shape.first().copied().unwrap_or(0);
+                    all.rows(n.saturating_sub(1), n.min(1))
+                }
+            }),
+        };
+        let (v, vocab) = match rows {
+            None => (Vec::new(), 0),
+            Some(HostBuffer { data: HostData::F32(v), shape }) if shape.len() == 2 => (v, shape[1]),
+            Some(_) => return Err("logits are not f32 [tokens, vocab]".into()),
         };
         for c in &self.caches {
             let grown = match carry {
