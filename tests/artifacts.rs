@@ -64,6 +64,40 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     let HostData::F32(cache) = &from_artifact["kv_cache.0"].data else { panic!("caches are f32") };
     assert_eq!(last["kv_cache.0[-1]"].shape, vec![1, c]);
     assert_eq!(last["kv_cache.0[-1]"].data, HostData::F32(cache[6 * c..].to_vec()));
+    // A run that asks for only what it wants leaves out the launches nothing wanted needs. A
+    // prompt's chunk needs its caches (and the logits of its last, to sample from): not the MTP
+    // module's attention and experts (its cache row is written before them) and head, nor, but
+    // for the logits, the model's head.
+    let plan = runtime.entry_plan("prefill").unwrap();
+    let dropped = |kept: &[&str]| -> Vec<String> {
+        let short = plan.needing(kept).unwrap();
+        let mut rest = short.launches.iter().peekable();
+        let out: Vec<String> = plan
+            .launches
+            .iter()
+            .filter(|l| if rest.peek() == Some(l) { rest.next().is_none() } else { true })
+            .map(|l| l.kernel.clone())
+            .collect();
+        assert_eq!(out.len() + short.launches.len(), plan.launches.len(), "{kept:?}");
+        out
+    };
+    let names: Vec<&str> = caches.iter().map(String::as_str).collect();
+    let with_logits: Vec<&str> = names.iter().copied().chain(["logits"]).collect();
+    let mtp_tail = dropped(&with_logits);
+    eprintln!("left out for the caches and logits: {mtp_tail:?} of {} launches", plan.launches.len());
+    assert!(mtp_tail.len() > 4 && mtp_tail.iter().any(|k| k.starts_with("moe_")), "{mtp_tail:?}");
+    assert_eq!(mtp_tail.iter().filter(|k| k.starts_with("lm_head")).count(), 1, "the MTP module's head");
+    let heads = dropped(&names);
+    assert_eq!(heads.len(), mtp_tail.len() + 1, "{heads:?}");
+    assert!(plan.needing(&wanted).is_none(), "every launch feeds an output");
+    for kept in [&names, &with_logits] {
+        let only: Vec<&str> = kept.iter().copied().chain([v3c_runtime::plan::ONLY_WANTED]).collect();
+        let cached = runtime.run("prefill", &inputs, &only).unwrap();
+        assert_eq!(cached.len(), kept.len());
+        for name in kept {
+            assert_eq!(cached[*name], from_artifact[*name], "{name} of a run that left out launches");
+        }
+    }
 
     // Bad inputs are refused before any kernel runs.
     let mut bad = inputs.clone();

@@ -707,7 +707,12 @@ impl CpuArtifact {
         resident: &[&str],
         keep: bool,
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        let plan = self.entry(entry)?;
+        let full = self.entry(entry)?;
+        let pruned = match wanted.contains(&crate::plan::ONLY_WANTED) {
+            true => full.needing(&crate::plan::kept_outputs(wanted, &[])),
+            false => None,
+        };
+        let plan = pruned.as_ref().unwrap_or(full);
         check_id_inputs(inputs, self.vocab)?;
         let mut kept = self.kept.lock().map_err(|_| "a previous run panicked".to_string())?;
         let mut shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();

@@ -446,12 +446,17 @@ impl GpuArtifact {
         resident: &[&str],
         carry: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        let plan = self.entry_plan(entry)?;
+        let full = self.entry_plan(entry)?;
+        let pruned = match wanted.contains(&crate::plan::ONLY_WANTED) {
+            true => full.needing(&crate::plan::kept_outputs(wanted, carry)),
+            false => None,
+        };
+        let plan = pruned.as_ref().unwrap_or(full);
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
         held.check_resident(entry, plan, inputs, resident)?;
         *self.last_inputs.borrow_mut() = None;
-        let staged = self.stage(plan, inputs, resident)?;
+        let staged = self.stage(plan, pruned.is_some(), inputs, resident)?;
         let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
         let graphs = self.graphs(entry);
         if let Some(dir) = std::env::var_os("V3R_DUMP_DIR") {
@@ -508,7 +513,10 @@ impl GpuArtifact {
             }
         }
         *self.held.borrow_mut() = held;
-        *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));
+        // A run that left outputs out has no logits to take the argmax of.
+        if pruned.is_none() {
+            *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));
+        }
         let mut out = HashMap::new();
         for (name, id) in &plan.outputs {
             let b = &plan.buffers[*id];
@@ -536,13 +544,16 @@ impl GpuArtifact {
     fn stage(
         &self,
         plan: &EntryPlan,
+        pruned: bool,
         inputs: &HashMap<String, HostBuffer>,
         resident: &[&str],
     ) -> Result<std::rc::Rc<Staged>, String> {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
+        // A plan left short is staged apart from the whole one.
+        let key = if pruned { format!("{} (only wanted)", plan.name) } else { plan.name.clone() };
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         // Taken out until the inputs are uploaded: a failed run stages anew.
-        let (again, replaced) = match self.staged.borrow_mut().take(&plan.name, &shapes) {
+        let (again, replaced) = match self.staged.borrow_mut().take(&key, &shapes) {
             Ok(run) => (Some(run), None),
             Err(replaced) => (None, replaced),
         };
@@ -565,7 +576,7 @@ impl GpuArtifact {
             unsafe { result::memcpy_htod_sync(dst, &bytes) }.map_err(cuda(&format!("uploading input {name}")))?;
         }
         if let Some(staged) = again {
-            self.staged.borrow_mut().keep(&plan.name, shapes, staged.clone());
+            self.staged.borrow_mut().keep(&key, shapes, staged.clone());
             return Ok(staged);
         }
         // Tensor maps: all of the run's in one upload.
@@ -591,7 +602,7 @@ impl GpuArtifact {
             unsafe { result::memcpy_htod_sync(maps.ptr, &encoded) }.map_err(cuda("uploading tensor maps"))?;
         }
         let staged = std::rc::Rc::new(Staged { actions, maps_base: maps.ptr, first_map, maps });
-        self.staged.borrow_mut().keep(&plan.name, shapes, staged.clone());
+        self.staged.borrow_mut().keep(&key, shapes, staged.clone());
         Ok(staged)
     }
 
@@ -760,7 +771,7 @@ impl GpuArtifact {
         *self.last_inputs.borrow_mut() = None;
         self.held.borrow_mut().clear();
         let plan = self.entry_plan(entry)?;
-        let staged = self.stage(plan, inputs, &[])?;
+        let staged = self.stage(plan, false, inputs, &[])?;
         let graphs = self.graphs(entry);
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);
@@ -809,7 +820,7 @@ impl GpuArtifact {
         self.run(entry, &inputs, &[])?;
         *self.last_inputs.borrow_mut() = None;
         self.held.borrow_mut().clear();
-        let staged = self.stage(plan, &inputs, &[])?;
+        let staged = self.stage(plan, false, &inputs, &[])?;
         let flush = DeviceBuffer::new(256 << 20, "the L2 flush buffer")?;
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);

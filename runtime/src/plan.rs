@@ -218,6 +218,17 @@ pub fn shape_at(dims: &[Dim], sizes: Sizes) -> Vec<usize> {
 /// chunk of DeepSeek-V3's logits is 33 MB to read back, its last row 517 KB.
 pub const LAST_ROW: &str = "[-1]";
 
+/// In a run's `wanted` list: leave out the launches that feed only outputs neither wanted nor
+/// carried ([`EntryPlan::needing`]). A prompt's chunk whose logits nobody reads skips the final
+/// norm's and the heads' launches (DeepSeek-V3's head alone reads 1.85 GB of weights a chunk);
+/// the outputs left out are not written (a device argmax of the run's logits is refused).
+pub const ONLY_WANTED: &str = "[only wanted]";
+
+/// The outputs a run keeps: those `wanted` names (whole or by [`LAST_ROW`]) and those it carries.
+pub fn kept_outputs<'a>(wanted: &[&'a str], carry: &[&'a str]) -> Vec<&'a str> {
+    wanted.iter().chain(carry).filter(|w| **w != ONLY_WANTED).map(|w| w.strip_suffix(LAST_ROW).unwrap_or(w)).collect()
+}
+
 /// What a `wanted` list asks of output `name`, of shape `shape`: the key to return it under, the
 /// first row and the rows to read (rows of its first dim; the whole output where both forms are
 /// asked); `None` where it is not wanted.
@@ -284,6 +295,42 @@ pub struct Launch {
 }
 
 impl EntryPlan {
+    /// The plan with only the launches the outputs named in `kept` need, `None` where that is
+    /// every launch. Walking back from the last launch, one is needed where it writes a buffer a
+    /// needed launch reads or a kept output, writes anything but the arena (a decode's cache rows,
+    /// in place), or writes nothing; then its arguments are needed. The other outputs are left
+    /// unwritten.
+    pub fn needing(&self, kept: &[&str]) -> Option<EntryPlan> {
+        let mut needed = vec![false; self.buffers.len()];
+        for (name, id) in &self.outputs {
+            if kept.contains(&name.as_str()) {
+                if let Some(n) = needed.get_mut(*id) {
+                    *n = true;
+                }
+            }
+        }
+        let mut keep = vec![false; self.launches.len()];
+        for (i, l) in self.launches.iter().enumerate().rev() {
+            let side_effect = l.results.is_empty()
+                || l.results
+                    .iter()
+                    .any(|&r| !matches!(self.buffers.get(r).map(|b| &b.kind), Some(BufferKind::Arena { .. })));
+            if side_effect || l.results.iter().any(|&r| needed[r]) {
+                keep[i] = true;
+                for &a in &l.args {
+                    if let Some(n) = needed.get_mut(a) {
+                        *n = true;
+                    }
+                }
+            }
+        }
+        if keep.iter().all(|&k| k) {
+            return None;
+        }
+        let launches = self.launches.iter().zip(&keep).filter(|(_, &k)| k).map(|(l, _)| l.clone()).collect();
+        Some(EntryPlan { launches, ..self.clone() })
+    }
+
     /// The input buffer named `name`.
     pub fn input(&self, name: &str) -> Option<&Buffer> {
         self.buffers.iter().find(|b| matches!(&b.kind, BufferKind::Input { name: n } if n == name))
@@ -534,6 +581,50 @@ pub fn place(ranges: &[(usize, usize, u64)]) -> (Vec<u64>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_for_some_outputs_leaves_out_the_launches_only_others_need() {
+        let buffer = |id: usize, kind: BufferKind| Buffer {
+            id,
+            kind,
+            dims: vec![Dim::fixed(4)],
+            shape: vec![4],
+            dtype: "f32".into(),
+            bytes: 16,
+        };
+        let arena = |id| buffer(id, BufferKind::Arena { offset: 16 * id as u64 });
+        let cache = buffer(1, BufferKind::Input { name: "cache".into() });
+        let x = buffer(0, BufferKind::Input { name: "x".into() });
+        let launch =
+            |kernel: &str, args: Vec<usize>, results: Vec<usize>| Launch { kernel: kernel.into(), args, results };
+        let plan = EntryPlan {
+            name: "prefill".into(),
+            sizes: Sizes { rows: 4, context: 0, pages: 0 },
+            bounds: BTreeMap::new(),
+            buffers: vec![x, cache, arena(2), arena(3), arena(4), arena(5), arena(6)],
+            launches: vec![
+                launch("norm", vec![0], vec![2]),
+                launch("cache_write", vec![2], vec![1]),
+                launch("proj", vec![2], vec![3]),
+                // Writes 3 in place (an argument and a result): needed where 3 is.
+                launch("residual", vec![3, 2], vec![3]),
+                launch("head", vec![3], vec![4]),
+                launch("mtp", vec![3], vec![5]),
+                launch("mtp_head", vec![5], vec![6]),
+                launch("barrier", vec![], vec![]),
+            ],
+            outputs: vec![("logits".into(), 4), ("cache".into(), 1), ("mtp_logits".into(), 6)],
+            arena_bytes: 112,
+        };
+        let kernels = |kept: &[&str]| -> Vec<String> {
+            plan.needing(kept).map_or(vec!["all".into()], |p| p.launches.into_iter().map(|l| l.kernel).collect())
+        };
+        assert_eq!(kernels(&["logits"]), ["norm", "cache_write", "proj", "residual", "head", "barrier"]);
+        assert_eq!(kernels(&[]), ["norm", "cache_write", "barrier"]);
+        assert_eq!(kernels(&["mtp_logits"]), ["norm", "cache_write", "proj", "residual", "mtp", "mtp_head", "barrier"]);
+        assert_eq!(kernels(&["logits", "mtp_logits"]), ["all"]);
+        assert_eq!(kept_outputs(&["logits[-1]", ONLY_WANTED], &["cache"]), ["logits", "cache"]);
+    }
 
     #[test]
     fn a_wanted_list_names_whole_outputs_or_their_last_row() {

@@ -163,9 +163,11 @@ impl<'a> ArtifactSession<'a> {
             inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
         }
         let last_row = format!("logits{}", crate::plan::LAST_ROW);
+        // Only the launches these need: not the MTP module's past its cache row, whose logits a
+        // prompt's chunk never reads, nor without logits the model's head.
         let (mut wanted, carried): (Vec<&str>, &[&str]) = match carry {
-            true => (Vec::new(), &caches),
-            false => (caches.clone(), &[]),
+            true => (vec![crate::plan::ONLY_WANTED], &caches),
+            false => (caches.iter().copied().chain([crate::plan::ONLY_WANTED]).collect(), &[]),
         };
         match want {
             ChunkLogits::All => wanted.push("logits"),
