@@ -578,10 +578,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
         dump: Option<&Path>,
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.expander.entry(entry)?;
-        let pruned = match wanted.contains(&v3c_runtime::plan::ONLY_WANTED) {
-            true => full.needing(&v3c_runtime::plan::kept_outputs(wanted, carry)),
-            false => None,
-        };
+        let pruned = full.for_run(wanted, carry);
         let plan = pruned.as_ref().unwrap_or(full);
         held.check_resident(entry, plan, inputs, resident)?;
         let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();

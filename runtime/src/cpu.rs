@@ -660,7 +660,9 @@ impl CpuArtifact {
         inputs: &mut HashMap<String, HostBuffer>,
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
-        let plan = self.entry(entry)?;
+        let full = self.entry(entry)?;
+        let pruned = full.for_run(wanted, &[]);
+        let plan = pruned.as_ref().unwrap_or(full);
         check_id_inputs(inputs, self.vocab)?;
         if let Some((name, b)) = inputs.iter().find(|(_, b)| values(b) != b.shape.iter().product::<usize>()) {
             return Err(format!("{entry}: input {name} has {} values for shape {:?}", values(b), b.shape));
@@ -708,10 +710,7 @@ impl CpuArtifact {
         keep: bool,
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.entry(entry)?;
-        let pruned = match wanted.contains(&crate::plan::ONLY_WANTED) {
-            true => full.needing(&crate::plan::kept_outputs(wanted, &[])),
-            false => None,
-        };
+        let pruned = full.for_run(wanted, &[]);
         let plan = pruned.as_ref().unwrap_or(full);
         check_id_inputs(inputs, self.vocab)?;
         let mut kept = self.kept.lock().map_err(|_| "a previous run panicked".to_string())?;

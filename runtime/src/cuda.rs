@@ -447,10 +447,7 @@ impl GpuArtifact {
         carry: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.entry_plan(entry)?;
-        let pruned = match wanted.contains(&crate::plan::ONLY_WANTED) {
-            true => full.needing(&crate::plan::kept_outputs(wanted, carry)),
-            false => None,
-        };
+        let pruned = full.for_run(wanted, carry);
         let plan = pruned.as_ref().unwrap_or(full);
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
@@ -513,8 +510,8 @@ impl GpuArtifact {
             }
         }
         *self.held.borrow_mut() = held;
-        // A run that left outputs out has no logits to take the argmax of.
-        if pruned.is_none() {
+        // A run that left its logits out has none to take the argmax of.
+        if pruned.is_none() || crate::plan::kept_outputs(wanted, carry).contains(&"logits") {
             *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));
         }
         let mut out = HashMap::new();
@@ -529,8 +526,10 @@ impl GpuArtifact {
             }
             let src = self.bindings.address(&b.kind)? + (first * row) as u64;
             let mut host = vec![0u8; rows * row];
-            // SAFETY: the rows lie in the buffer, in device memory sized for the planned shapes.
-            unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
+            if !host.is_empty() {
+                // SAFETY: the rows lie in the buffer, in device memory sized for the planned shapes.
+                unsafe { result::memcpy_dtoh_sync(&mut host, src) }.map_err(cuda(&format!("reading output {name}")))?;
+            }
             out.insert(key, crate::gpu::host_buffer(&host, shape, &b.dtype)?);
         }
         Ok(out)
@@ -761,17 +760,20 @@ impl GpuArtifact {
 
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` (uploaded once) after one
     /// warm-up: a run (its CUDA graph for decode and training, see [`GpuArtifact::graphs`]) between two CUDA
-    /// events.
+    /// events; the launches of a run wanting `wanted` ([`crate::plan::ONLY_WANTED`] leaves some out).
     pub fn time_entry(
         &self,
         entry: &str,
         inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
         reps: usize,
     ) -> Result<Vec<f64>, String> {
         *self.last_inputs.borrow_mut() = None;
         self.held.borrow_mut().clear();
-        let plan = self.entry_plan(entry)?;
-        let staged = self.stage(plan, false, inputs, &[])?;
+        let full = self.entry_plan(entry)?;
+        let pruned = full.for_run(wanted, &[]);
+        let plan = pruned.as_ref().unwrap_or(full);
+        let staged = self.stage(plan, pruned.is_some(), inputs, &[])?;
         let graphs = self.graphs(entry);
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);

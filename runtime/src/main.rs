@@ -67,7 +67,7 @@ enum Command {
     /// Logits of every token of a prompt (the prefill entry, from position 0) written as safetensors
     /// (`logits` F32 [tokens, vocab]): how an artifact is checked against `v3c logits`.
     Logits(LogitsArgs),
-    /// Time whole decode steps (every launch of the decode entry) at batch sizes and a context length,
+    /// Time whole decode steps (the launches a generation's step runs) at batch sizes and a context length,
     /// as tokens/s; with a checkpoint or with made-up weights (`--random-weights`, for full-width
     /// slices no checkpoint is at hand for).
     BenchDecode(BenchDecodeArgs),
@@ -311,6 +311,11 @@ struct BenchDecodeArgs {
     /// Write the figures as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Time every launch of the decode entry, the MTP module's attention, experts and head too
+    /// (a speculative session's draft logits; how steps were timed before 2026-12-05). By default
+    /// a step runs what generation runs: the launches the logits and caches need.
+    #[arg(long)]
+    all_launches: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -2262,7 +2267,9 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
             };
             inputs.insert(name.clone(), buffer);
         }
-        let mut times = program.time_entry("decode", &inputs, args.reps.max(1)).map_err(Failure::Other)?;
+        let logits = format!("logits{}", v3c_runtime::plan::NO_ROWS);
+        let wanted: &[&str] = if args.all_launches { &[] } else { &[&logits, v3c_runtime::plan::ONLY_WANTED] };
+        let mut times = program.time_entry("decode", &inputs, wanted, args.reps.max(1)).map_err(Failure::Other)?;
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let tokens_per_s = b as f64 / (median * 1e-3);

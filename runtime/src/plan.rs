@@ -218,6 +218,11 @@ pub fn shape_at(dims: &[Dim], sizes: Sizes) -> Vec<usize> {
 /// chunk of DeepSeek-V3's logits is 33 MB to read back, its last row 517 KB.
 pub const LAST_ROW: &str = "[-1]";
 
+/// Appended to an output's name in a run's `wanted` list: none of its rows read back (returned
+/// empty, `[0, ..]`), but the output computed where the run leaves out launches ([`ONLY_WANTED`]):
+/// a decode step's logits that the device's argmax reads.
+pub const NO_ROWS: &str = "[:0]";
+
 /// In a run's `wanted` list: leave out the launches that feed only outputs neither wanted nor
 /// carried ([`EntryPlan::needing`]). A prompt's chunk whose logits nobody reads skips the final
 /// norm's and the heads' launches (DeepSeek-V3's head alone reads 1.85 GB of weights a chunk);
@@ -226,7 +231,8 @@ pub const ONLY_WANTED: &str = "[only wanted]";
 
 /// The outputs a run keeps: those `wanted` names (whole or by [`LAST_ROW`]) and those it carries.
 pub fn kept_outputs<'a>(wanted: &[&'a str], carry: &[&'a str]) -> Vec<&'a str> {
-    wanted.iter().chain(carry).filter(|w| **w != ONLY_WANTED).map(|w| w.strip_suffix(LAST_ROW).unwrap_or(w)).collect()
+    let name = |w: &&'a str| w.strip_suffix(LAST_ROW).or_else(|| w.strip_suffix(NO_ROWS)).unwrap_or(w);
+    wanted.iter().chain(carry).filter(|w| **w != ONLY_WANTED).map(name).collect()
 }
 
 /// What a `wanted` list asks of output `name`, of shape `shape`: the key to return it under, the
@@ -238,7 +244,11 @@ pub fn wanted_rows(wanted: &[&str], name: &str, shape: &[usize]) -> Option<(Stri
         return Some((name.to_string(), 0, rows));
     }
     let last = format!("{name}{LAST_ROW}");
-    wanted.contains(&last.as_str()).then(|| (last, rows.saturating_sub(1), rows.min(1)))
+    if wanted.contains(&last.as_str()) {
+        return Some((last, rows.saturating_sub(1), rows.min(1)));
+    }
+    let none = format!("{name}{NO_ROWS}");
+    wanted.contains(&none.as_str()).then_some((none, 0, 0))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -329,6 +339,12 @@ impl EntryPlan {
         }
         let launches = self.launches.iter().zip(&keep).filter(|(_, &k)| k).map(|(l, _)| l.clone()).collect();
         Some(EntryPlan { launches, ..self.clone() })
+    }
+
+    /// What a run wanting `wanted` and carrying `carry` runs where it leaves launches out
+    /// ([`ONLY_WANTED`]; `None`: every launch).
+    pub fn for_run(&self, wanted: &[&str], carry: &[&str]) -> Option<EntryPlan> {
+        wanted.contains(&ONLY_WANTED).then(|| self.needing(&kept_outputs(wanted, carry))).flatten()
     }
 
     /// The input buffer named `name`.
@@ -624,6 +640,7 @@ mod tests {
         assert_eq!(kernels(&["mtp_logits"]), ["norm", "cache_write", "proj", "residual", "mtp", "mtp_head", "barrier"]);
         assert_eq!(kernels(&["logits", "mtp_logits"]), ["all"]);
         assert_eq!(kept_outputs(&["logits[-1]", ONLY_WANTED], &["cache"]), ["logits", "cache"]);
+        assert_eq!(kept_outputs(&["logits[:0]", "mtp_logits"], &[]), ["logits", "mtp_logits"]);
     }
 
     #[test]
@@ -633,6 +650,7 @@ mod tests {
         assert_eq!(wanted_rows(&wanted, "kv_cache.0", &[8, 3]), Some(("kv_cache.0".into(), 0, 8)));
         assert_eq!(wanted_rows(&wanted, "hidden", &[0, 7]), Some(("hidden[-1]".into(), 0, 0)));
         assert_eq!(wanted_rows(&wanted, "mtp_logits", &[8, 100]), None);
+        assert_eq!(wanted_rows(&["logits[:0]"], "logits", &[8, 100]), Some(("logits[:0]".into(), 0, 0)));
         assert_eq!(wanted_rows(&["logits", "logits[-1]"], "logits", &[8, 100]), Some(("logits".into(), 0, 8)));
         let b = crate::host::HostBuffer { shape: vec![3, 2], data: crate::host::HostData::I32(vec![1, 2, 3, 4, 5, 6]) };
         assert_eq!(

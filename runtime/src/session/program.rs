@@ -116,9 +116,17 @@ pub trait Program {
         Err(format!("{entry}: this program picks no tokens itself"))
     }
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
-    /// where they are (the GPU times its launches with CUDA events, inputs uploaded once).
-    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
-        time_runs(reps, || self.run(entry, inputs, &[]).map(drop))
+    /// where they are (the GPU times its launches with CUDA events, inputs uploaded once); the
+    /// launches those of a run wanting `wanted` (outputs named with [`crate::plan::NO_ROWS`],
+    /// [`crate::plan::ONLY_WANTED`]: what a generation's step runs).
+    fn time_entry(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        reps: usize,
+    ) -> Result<Vec<f64>, String> {
+        time_runs(reps, || self.run(entry, inputs, wanted).map(drop))
     }
 }
 
@@ -168,11 +176,17 @@ impl Program for crate::cpu::CpuArtifact {
     }
     /// Steps as a session runs them: the first with the given caches, the others on the caches the
     /// previous step left in place (no copies of them).
-    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
-        crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &[])?;
+    fn time_entry(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        reps: usize,
+    ) -> Result<Vec<f64>, String> {
+        crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, wanted, &[])?;
         let kept = self.kept_inputs();
         let kept: Vec<&str> = kept.iter().map(String::as_str).collect();
-        time_runs(reps, || crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, &[], &kept).map(drop))
+        time_runs(reps, || crate::cpu::CpuArtifact::run_keeping(self, entry, inputs, wanted, &kept).map(drop))
     }
 }
 
@@ -194,8 +208,14 @@ impl Program for crate::cuda::GpuArtifact {
     ) -> Result<HashMap<String, HostBuffer>, String> {
         crate::cuda::GpuArtifact::run(self, entry, inputs, wanted).map(f32_caches)
     }
-    fn time_entry(&self, entry: &str, inputs: &HashMap<String, HostBuffer>, reps: usize) -> Result<Vec<f64>, String> {
-        crate::cuda::GpuArtifact::time_entry(self, entry, inputs, reps)
+    fn time_entry(
+        &self,
+        entry: &str,
+        inputs: &HashMap<String, HostBuffer>,
+        wanted: &[&str],
+        reps: usize,
+    ) -> Result<Vec<f64>, String> {
+        crate::cuda::GpuArtifact::time_entry(self, entry, inputs, wanted, reps)
     }
     fn keeps_inputs(&self) -> bool {
         true
@@ -264,8 +284,10 @@ pub(super) fn step_keeping(
     greedy: bool,
     keep: bool,
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
+    // Only the launches the logits and caches need: not the MTP module's past its cache row (its
+    // logits are a speculative session's, which runs its own entries).
     if !program.keeps_inputs() || !keep {
-        let wanted: Vec<&str> = caches.iter().copied().chain(["logits"]).collect();
+        let wanted: Vec<&str> = caches.iter().copied().chain(["logits", crate::plan::ONLY_WANTED]).collect();
         let out = f32_caches(program.run_in_place("decode", inputs, &wanted)?);
         for c in caches {
             if let Some(b) = inputs.remove(*c) {
@@ -280,8 +302,9 @@ pub(super) fn step_keeping(
     *resident = false;
     // Greedy on a program that picks tokens itself: the logits stay where they are.
     let on_device = greedy && program.device_argmax();
-    let wanted: &[&str] = if on_device { &[] } else { &["logits"] };
-    let out = program.run_keeping("decode", &*inputs, wanted, kept)?;
+    let logits = if on_device { format!("logits{}", crate::plan::NO_ROWS) } else { "logits".to_string() };
+    let wanted = [logits.as_str(), crate::plan::ONLY_WANTED];
+    let out = program.run_keeping("decode", &*inputs, &wanted, kept)?;
     *resident = true;
     let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&out)? };
     Ok((out, next))
