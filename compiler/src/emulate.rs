@@ -393,6 +393,8 @@ pub struct Emulator<'a, 'c> {
     checks: v3c_ptxsim::Checks,
     /// What the simulated launches executed, by kernel: launches and their stats.
     simulated: std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>,
+    /// The plans of runs that leave launches out.
+    run_plans: v3c_runtime::plan::RunPlans,
 }
 
 impl<'a, 'c> Emulator<'a, 'c> {
@@ -416,6 +418,7 @@ impl<'a, 'c> Emulator<'a, 'c> {
             ptx: None,
             checks: v3c_ptxsim::Checks::default(),
             simulated: Default::default(),
+            run_plans: Default::default(),
         })
     }
 
@@ -578,8 +581,8 @@ impl<'a, 'c> Emulator<'a, 'c> {
         dump: Option<&Path>,
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.expander.entry(entry)?;
-        let pruned = full.for_run(wanted, carry);
-        let plan = pruned.as_ref().unwrap_or(full);
+        let pruned = self.run_plans.get(full, wanted, carry);
+        let plan = pruned.as_deref().unwrap_or(full);
         held.check_resident(entry, plan, inputs, resident)?;
         let shapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let sizes = plan.bind(&shapes)?;

@@ -478,6 +478,8 @@ pub struct CpuArtifact {
     weights: HashMap<String, HostBuffer>,
     vocab: usize,
     kept: std::sync::Mutex<Kept>,
+    /// The plans of runs that leave launches out.
+    run_plans: crate::plan::RunPlans,
 }
 
 /// What a cpu artifact keeps between runs: the inputs the last run updated in place (decode's
@@ -553,7 +555,14 @@ impl CpuArtifact {
             .as_u64()
             .ok_or_else(|| format!("{dir}/manifest.json: model.config has no vocab_size"))?
             as usize;
-        Ok(CpuArtifact { artifact, kernels, weights: loaded, vocab, kept: Default::default() })
+        Ok(CpuArtifact {
+            artifact,
+            kernels,
+            weights: loaded,
+            vocab,
+            kept: Default::default(),
+            run_plans: Default::default(),
+        })
     }
 
     /// Times every kernel of `entry`: the entry runs once on planned-shape inputs (token 0,
@@ -661,8 +670,8 @@ impl CpuArtifact {
         wanted: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.entry(entry)?;
-        let pruned = full.for_run(wanted, &[]);
-        let plan = pruned.as_ref().unwrap_or(full);
+        let pruned = self.run_plans.get(full, wanted, &[]);
+        let plan = pruned.as_deref().unwrap_or(full);
         check_id_inputs(inputs, self.vocab)?;
         if let Some((name, b)) = inputs.iter().find(|(_, b)| values(b) != b.shape.iter().product::<usize>()) {
             return Err(format!("{entry}: input {name} has {} values for shape {:?}", values(b), b.shape));
@@ -710,8 +719,8 @@ impl CpuArtifact {
         keep: bool,
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.entry(entry)?;
-        let pruned = full.for_run(wanted, &[]);
-        let plan = pruned.as_ref().unwrap_or(full);
+        let pruned = self.run_plans.get(full, wanted, &[]);
+        let plan = pruned.as_deref().unwrap_or(full);
         check_id_inputs(inputs, self.vocab)?;
         let mut kept = self.kept.lock().map_err(|_| "a previous run panicked".to_string())?;
         let mut shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();

@@ -200,6 +200,8 @@ pub struct GpuArtifact {
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
     /// Runs dumped per entry (`V3R_DUMP_DIR`).
     dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
+    /// The plans of runs that leave launches out.
+    run_plans: crate::plan::RunPlans,
 }
 
 impl GpuArtifact {
@@ -366,6 +368,7 @@ impl GpuArtifact {
             staged: std::cell::RefCell::new(crate::gpu::StagedRuns::default()),
             argmax_out: std::cell::RefCell::new(None),
             dumped_runs: std::cell::RefCell::new(HashMap::new()),
+            run_plans: Default::default(),
         })
     }
 
@@ -447,8 +450,8 @@ impl GpuArtifact {
         carry: &[&str],
     ) -> Result<HashMap<String, HostBuffer>, String> {
         let full = self.entry_plan(entry)?;
-        let pruned = full.for_run(wanted, carry);
-        let plan = pruned.as_ref().unwrap_or(full);
+        let pruned = self.run_plans.get(full, wanted, carry);
+        let plan = pruned.as_deref().unwrap_or(full);
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
         held.check_resident(entry, plan, inputs, resident)?;
@@ -771,8 +774,8 @@ impl GpuArtifact {
         *self.last_inputs.borrow_mut() = None;
         self.held.borrow_mut().clear();
         let full = self.entry_plan(entry)?;
-        let pruned = full.for_run(wanted, &[]);
-        let plan = pruned.as_ref().unwrap_or(full);
+        let pruned = self.run_plans.get(full, wanted, &[]);
+        let plan = pruned.as_deref().unwrap_or(full);
         let staged = self.stage(plan, pruned.is_some(), inputs, &[])?;
         let graphs = self.graphs(entry);
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
