@@ -1481,6 +1481,7 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
         r#"{"id": "b", "prompt": [12, 30], "max_new_tokens": 10, "logprobs": true}"#,
         r#"{"id": "c", "prompt": [5], "max_new_tokens": 12, "repetition_penalty": 1.2}"#,
         r#"{"id": "d", "prompt": [5], "max_new_tokens": 63}"#,
+        r#"{"id": "e", "prompt": [5, 9, 12, 30, 7, 44, 5, 9], "max_new_tokens": 30, "echo": true, "logprobs": true}"#,
     ];
     let speculative = ["--speculative", "--draft-tokens", "2", "--ignore-eos"];
     let served = serve_stdin(&art, &trained, &cache, &speculative, &(lines.join("\n") + "\n"));
@@ -1498,6 +1499,11 @@ fn speculative_decoding_with_the_mtp_module_gives_the_greedy_tokens() {
     let logprobs = replies["b"]["logprobs"].as_array().unwrap();
     assert!(logprobs.len() == 10 && logprobs.iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)), "{logprobs:?}");
     assert!(replies["d"]["error"].as_str().unwrap().contains("1 + 63 tokens"), "{}", replies["d"]);
+    // Echoed, the prompt's tokens scored (every row of its logits read back; other prompts read
+    // their last row alone): the tokens of the same prompt unscored.
+    assert_eq!(tokens("e"), tokens("a"));
+    let scored = replies["e"]["prompt_logprobs"].as_array().unwrap_or_else(|| panic!("{}", replies["e"]));
+    assert!(scored.len() == 7 && scored.iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)), "{scored:?}");
     assert!(text(&served.stderr).contains("MTP drafts accepted"), "{}", text(&served.stderr));
     let batched = serve_stdin(&art, &trained, &cache, &["--speculative", "--batch", "2"], "");
     assert!(text(&batched.stderr).contains("--batch 2 with --speculative"), "{}", text(&batched.stderr));

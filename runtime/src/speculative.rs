@@ -156,13 +156,16 @@ impl<'a> Caches<'a> {
     }
 
     /// Prefills `tokens` at `start..` (main caches hold `start` rows) in chunks the plan holds;
-    /// returns each token's logits and hidden state.
-    fn prefill(&mut self, tokens: &[u32], start: usize) -> Result<(Rows, Rows), String> {
+    /// returns each token's logits (`every_row`; else the last token's alone, the only ones read
+    /// back, and no chunk but the last runs the head) and hidden state.
+    fn prefill(&mut self, tokens: &[u32], start: usize, every_row: bool) -> Result<(Rows, Rows), String> {
         let plan = self.program.entry_plan("prefill")?;
         let (chunk, cached) = (plan.sizes.rows.max(1), plan.sizes.context);
         let (mut logits, mut hidden) = (Vec::new(), Vec::new());
         let names: Vec<String> = self.main.keys().cloned().collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let chunks = tokens.len().div_ceil(chunk);
+        let last_row = format!("logits{}", crate::plan::LAST_ROW);
         for (k, piece) in tokens.chunks(chunk).enumerate() {
             let at = start + k * chunk;
             if at > cached {
@@ -173,11 +176,24 @@ impl<'a> Caches<'a> {
             let mut inputs: HashMap<String, HostBuffer> = std::mem::take(&mut self.main);
             inputs.insert("tokens".into(), ids(&piece.iter().map(|&t| i64::from(t)).collect::<Vec<_>>()));
             inputs.insert("positions".into(), ids(&(at as i64..(at + piece.len()) as i64).collect::<Vec<_>>()));
-            let (out, grown) =
-                self.run("prefill", &inputs, &["logits", "hidden"], &names, (self.main_held, at + piece.len()))?;
+            let read = match (every_row, k + 1 == chunks) {
+                (true, _) => Some("logits"),
+                (false, true) => Some(last_row.as_str()),
+                (false, false) => None,
+            };
+            let outputs: Vec<&str> = read.into_iter().chain(["hidden", crate::plan::ONLY_WANTED]).collect();
+            let (out, grown) = self.run("prefill", &inputs, &outputs, &names, (self.main_held, at + piece.len()))?;
             self.main = names.iter().map(|n| n.to_string()).zip(grown).collect();
             self.main_held = self.on_device;
-            logits.extend(rows(out.get("logits").ok_or("prefill gave no logits")?, "logits")?);
+            if let Some(name) = read {
+                // A program that reads back whole outputs only gives every row.
+                let b = out.get(name).or_else(|| out.get("logits")).ok_or("prefill gave no logits")?;
+                let mut r = rows(b, "logits")?;
+                if name != "logits" {
+                    r.drain(..r.len().saturating_sub(1));
+                }
+                logits.extend(r);
+            }
             hidden.extend(rows(
                 out.get("hidden").ok_or("prefill gave no hidden state (compile with --speculative)")?,
                 "hidden",
@@ -326,7 +342,8 @@ pub struct Speculator<'a> {
 pub struct Started<'a> {
     /// What goes on with the generation (None: it ended at its first token).
     pub speculator: Option<Speculator<'a>>,
-    /// The prompt's logits, a row a position, and the prefill's seconds.
+    /// The prompt's logits, a row a position (its last token's alone unless the start scored the
+    /// prompt), and the prefill's seconds.
     pub prompt_logits: Rows,
     pub prefill_s: f64,
 }
@@ -334,11 +351,13 @@ pub struct Started<'a> {
 impl<'a> Speculator<'a> {
     /// Prefills `prompt` on `program`, picks the first token from its last logits with `sampler`
     /// (started on the prompt) and tells `emit`; unless that ends the generation, writes the prompt's MTP cache rows and
-    /// drafts `drafts` tokens ahead (see the module doc).
+    /// drafts `drafts` tokens ahead (see the module doc). `score_prompt`: every prompt token's
+    /// logits come back ([`Started::prompt_logits`]; else the last token's alone).
     pub fn start(
         program: &'a dyn Program,
         prompt: &[u32],
         drafts: usize,
+        score_prompt: bool,
         sampler: &mut Sampler,
         emit: &mut Emit,
     ) -> Result<Started<'a>, String> {
@@ -353,7 +372,7 @@ impl<'a> Speculator<'a> {
         let mut caches = Caches::new(program, names, width);
         caches.chain = drafts > 1;
         let start = std::time::Instant::now();
-        let (prompt_logits, hidden) = caches.prefill(prompt, 0)?;
+        let (prompt_logits, hidden) = caches.prefill(prompt, 0, score_prompt)?;
         let prefill_s = start.elapsed().as_secs_f64();
         let last = prompt_logits.last().ok_or("prefill gave no logits")?;
         let x = sampler.sample(last);
@@ -375,7 +394,7 @@ impl<'a> Speculator<'a> {
     pub fn pass(&mut self, sampler: &mut Sampler, emit: &mut Emit) -> Result<bool, String> {
         let (caches, pos) = (&mut self.caches, self.pos);
         let fed: Vec<u32> = std::iter::once(self.x).chain(self.proposed.iter().map(|d| d.0)).collect();
-        let (logits, hidden) = caches.prefill(&fed, pos)?;
+        let (logits, hidden) = caches.prefill(&fed, pos, true)?;
         self.counts.passes += 1;
         let mut kept = 0;
         let mut new = None;
@@ -437,7 +456,7 @@ pub fn generate_speculative(
             stopped_at_eos |= Some(t) == eos;
             Ok(stopped_at_eos || tokens.len() >= max_new)
         };
-        let started = Speculator::start(program, prompt, drafts, sampler, &mut emit)?;
+        let started = Speculator::start(program, prompt, drafts, false, sampler, &mut emit)?;
         prefill_s = started.prefill_s;
         if let Some(mut s) = started.speculator {
             while !s.pass(sampler, &mut emit)? {}

@@ -466,11 +466,12 @@ fn serve_speculative(
         let mut r = Running::new(id, r, joined_s, joined_s - arrived_s, 0);
         r.joining = false;
         let prompt = r.request.prompt.clone();
+        let score = r.request.echo && r.request.logprobs;
         let (started, ending) = speculate(&mut r, o.eos, report, |sampler, emit| {
-            Speculator::start(program, &prompt, drafts, sampler, emit)
+            Speculator::start(program, &prompt, drafts, score, sampler, emit)
         })?;
         (r.prefill_s, prefill_s) = (started.prefill_s, prefill_s + started.prefill_s);
-        if r.request.echo && r.request.logprobs {
+        if score {
             // Row i predicts the prompt's token i + 1.
             let k = r.request.top_logprobs;
             r.prompt_scores = (started.prompt_logits.iter().zip(&prompt[1..]))
