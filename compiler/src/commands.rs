@@ -2330,7 +2330,9 @@ pub fn emulate(
     }
     let start = Instant::now();
     let mut wanted: Vec<&str> = plan.bounds.keys().filter(|n| n.starts_with("kv_cache.")).map(String::as_str).collect();
-    wanted.push("logits");
+    // The launches `v3r run` runs (and dumps, launch by launch): not the MTP module's past its
+    // cache row.
+    wanted.extend(["logits", v3c_runtime::plan::ONLY_WANTED]);
     let outs = emulator.run("prefill", &inputs, &wanted, dump)?;
     let logits = outs.get("logits").ok_or("the prefill entry has no logits")?;
     let HostData::F32(values) = &logits.data else { return Err("logits are not f32".into()) };
@@ -2374,7 +2376,7 @@ pub fn emulate(
                 inputs.insert("mtp_tokens".into(), ids(vec![0]));
             }
             let mut want: Vec<&str> = state.keys().map(String::as_str).collect();
-            want.push("logits");
+            want.extend(["logits", v3c_runtime::plan::ONLY_WANTED]);
             let mut step_out = emulator.run("decode", &inputs, &want, dump)?;
             let HostData::F32(l) = &step_out["logits"].data else { return Err("decode logits are not f32".into()) };
             last = l.clone();
