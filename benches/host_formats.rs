@@ -2,7 +2,11 @@
 //! GPU artifact's fp8 caches (`v3c compile --kv-cache fp8`): `host_fp8_rows` packs 4096 rows of
 //! DeepSeek-V3's 576 columns into fp8 cache rows (`Fp8LatentRow::pack`: |max| per 128 columns,
 //! power-of-two scales, e4m3 encoding, the bf16 rope key) and unpacks them, throughput in f32
-//! values.
+//! values. `logits_readback`: a decode step's logits of 64 sequences over DeepSeek-V3's 129280
+//! tokens (33 MB of f32) from the read-back bytes (a host copy stands in for the device's) to the
+//! rows the samplers take — converted from a byte buffer and copied row by row (as before), and
+//! read straight into the values and kept in the one buffer (`gpu::read_host_buffer`,
+//! `session::LogitRows`).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use v3c_runtime::plan::Fp8LatentRow;
@@ -34,5 +38,37 @@ fn host_fp8_rows(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, host_fp8_rows);
+fn logits_readback(c: &mut Criterion) {
+    use v3c_runtime::{gpu, host::HostData, session::LogitRows};
+    const BATCH: usize = 64;
+    const VOCAB: usize = 129_280;
+    let device: Vec<u8> = (0..BATCH * VOCAB).flat_map(|i| ((i % 977) as f32 / 97.0).to_le_bytes()).collect();
+    let shape = vec![BATCH, VOCAB];
+    let mut g = c.benchmark_group("logits_readback_64x129280");
+    g.sample_size(20);
+    g.throughput(Throughput::Bytes(device.len() as u64));
+    g.bench_function("converted_rows_copied", |b| {
+        b.iter(|| {
+            let mut host = vec![0u8; device.len()];
+            host.copy_from_slice(&device);
+            let buffer = gpu::host_buffer(&host, shape.clone(), "f32").expect("f32");
+            let HostData::F32(v) = &buffer.data else { unreachable!() };
+            v.chunks(VOCAB).map(<[f32]>::to_vec).collect::<Vec<_>>()
+        })
+    });
+    g.bench_function("read_in_place", |b| {
+        b.iter(|| {
+            let read = |host: &mut [u8]| {
+                host.copy_from_slice(&device);
+                Ok(())
+            };
+            let buffer = gpu::read_host_buffer(shape.clone(), "f32", device.len(), read).expect("f32");
+            let HostData::F32(v) = buffer.data else { unreachable!() };
+            LogitRows::new(v, VOCAB)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, host_fp8_rows, logits_readback);
 criterion_main!(benches);

@@ -46,7 +46,7 @@ fn sampling(c: &mut Criterion) {
     }
     g.finish();
     let rows: Vec<Vec<f32>> = (0..64).map(|r| row.iter().map(|l| l + (r % 5) as f32 * 0.01).collect()).collect();
-    let logits = v3c_runtime::session::Next::Logits(rows);
+    let logits = v3c_runtime::session::Next::Logits(v3c_runtime::session::LogitRows::of(rows));
     let mut samplers: Vec<Sampler> = (0..64).map(|i| Sampler::new(0.7, 0.9, i)).collect();
     let mut g = c.benchmark_group("sample_batch64");
     g.sample_size(20);

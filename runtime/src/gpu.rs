@@ -892,17 +892,84 @@ pub fn plan_bytes(b: &HostBuffer, element: &str) -> Result<Vec<u8>, String> {
             }
             out
         }
-        (HostData::F32(v), "f32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::F32(v), "f32") => le_bytes(v, f32::to_le_bytes),
         (HostData::F32(v), "bf16") => v.iter().flat_map(|&x| v3c_models::dtype::f32_to_bf16(x).to_le_bytes()).collect(),
-        (HostData::Bf16(v), "bf16") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (HostData::I64(v), "i64") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        (HostData::I32(v), "i32") => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        (HostData::Bf16(v), "bf16") => le_bytes(v, u16::to_le_bytes),
+        (HostData::I64(v), "i64") => le_bytes(v, i64::to_le_bytes),
+        (HostData::I32(v), "i32") => le_bytes(v, i32::to_le_bytes),
         (HostData::F8(v), "f8E4M3FN") => v.clone(),
         (_, other) => return Err(format!("a {} buffer where the plan has {other}", b.element())),
     })
 }
 
+/// `values`' little-endian bytes: their memory as it is on a little-endian host (one copy; value
+/// by value through `bytes` otherwise).
+fn le_bytes<T: Plain, const N: usize>(values: &[T], bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: the values' own memory, read as bytes (`Plain`: no padding) while borrowed.
+        unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }.to_vec()
+    } else {
+        values.iter().flat_map(|&x| bytes(x)).collect()
+    }
+}
+
+/// Values with no padding whose every bit pattern is one (what a buffer's bytes may be read
+/// straight into, and its memory read as bytes).
+trait Plain: Copy + Default {}
+impl Plain for f32 {}
+impl Plain for i32 {}
+impl Plain for i64 {}
+impl Plain for u16 {}
+impl Plain for u8 {}
+
+/// `bytes` bytes into values of `T`, `read` filling them in place.
+fn read_plain<T: Plain>(bytes: usize, read: impl FnOnce(&mut [u8]) -> Result<(), String>) -> Result<Vec<T>, String> {
+    let size = std::mem::size_of::<T>();
+    if bytes % size != 0 {
+        return Err(format!("{bytes} bytes are not a whole number of {size}-byte values"));
+    }
+    let mut v = vec![T::default(); bytes / size];
+    // SAFETY: the slice covers exactly the vector's initialized values, as bytes; any bytes `read`
+    // leaves there are a valid `T` (`Plain`), and `v` is not touched while the slice lives.
+    read(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), bytes) })?;
+    Ok(v)
+}
+
+/// As [`host_buffer`] of the `bytes` bytes `read` fills, read straight into the buffer's values
+/// (little-endian, as the device's) where the plan's bytes are theirs: no byte copy to convert, which
+/// a decode step's logits would cost every step (33 MB for 64 rows of DeepSeek-V3's).
+pub fn read_host_buffer(
+    shape: Vec<usize>,
+    element: &str,
+    bytes: usize,
+    read: impl FnOnce(&mut [u8]) -> Result<(), String>,
+) -> Result<HostBuffer, String> {
+    let plain = cfg!(target_endian = "little");
+    let data = match element {
+        "f32" if plain => HostData::F32(read_plain(bytes, read)?),
+        "i32" if plain => HostData::I32(read_plain(bytes, read)?),
+        "i64" if plain => HostData::I64(read_plain(bytes, read)?),
+        "bf16" if plain => HostData::Bf16(read_plain(bytes, read)?),
+        "f8E4M3FN" => HostData::F8(read_plain(bytes, read)?),
+        _ => {
+            let mut host = vec![0u8; bytes];
+            read(&mut host)?;
+            return converted_buffer(&host, shape, element);
+        }
+    };
+    Ok(HostBuffer { shape, data })
+}
+
+/// The buffer of the plan's `bytes` (of `element`) at `shape`.
 pub fn host_buffer(bytes: &[u8], shape: Vec<usize>, element: &str) -> Result<HostBuffer, String> {
+    read_host_buffer(shape, element, bytes.len(), |host| {
+        host.copy_from_slice(bytes);
+        Ok(())
+    })
+}
+
+/// As [`host_buffer`], value by value (an fp8 cache's rows unpacked; any host's byte order).
+fn converted_buffer(bytes: &[u8], shape: Vec<usize>, element: &str) -> Result<HostBuffer, String> {
     let w4 = |c: &[u8]| [c[0], c[1], c[2], c[3]];
     let data = match element {
         "f32" => HostData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(w4(c))).collect()),
@@ -1343,6 +1410,45 @@ impl<S> StagedRuns<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reading a buffer's bytes straight into its values gives what converting them does, for
+    /// every element type (the fp8 cache's packed rows through the bytes); a read's error and a
+    /// byte count no whole number of values are errors; no bytes, an empty buffer.
+    #[test]
+    fn buffers_read_in_place_are_those_converted() {
+        let bytes: Vec<u8> = (0..96u32).map(|i| (i.wrapping_mul(37) % 251) as u8).collect();
+        for element in ["f32", "i32", "i64", "bf16", "f8E4M3FN"] {
+            let shape = vec![2, 96 / 2 / crate::plan::tensor_bytes(&[1], element).unwrap() as usize];
+            let read = read_host_buffer(shape.clone(), element, 96, |b| {
+                b.copy_from_slice(&bytes);
+                Ok(())
+            })
+            .unwrap();
+            let converted = converted_buffer(&bytes, shape.clone(), element).unwrap();
+            assert_eq!(read.shape, converted.shape, "{element}");
+            assert_eq!(plan_bytes(&read, element).unwrap(), bytes, "{element}");
+            assert_eq!(plan_bytes(&converted, element).unwrap(), bytes, "{element}");
+            let empty = read_host_buffer(vec![0, shape[1]], element, 0, |b| match b.is_empty() {
+                true => Ok(()),
+                false => Err(format!("{} bytes", b.len())),
+            });
+            assert!(plan_bytes(&empty.unwrap(), element).unwrap().is_empty(), "{element}");
+        }
+        let row = crate::plan::Fp8LatentRow::of(576).unwrap();
+        let values: Vec<f32> = (0..576).map(|i| (i as f32 - 300.0) / 7.0).collect();
+        let mut packed = vec![0u8; row.bytes()];
+        row.pack(&values, &mut packed);
+        let cache = read_host_buffer(vec![1, 576], crate::plan::LATENT_FP8, packed.len(), |b| {
+            b.copy_from_slice(&packed);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(plan_bytes(&cache, crate::plan::LATENT_FP8).unwrap(), packed);
+        let err = read_host_buffer(vec![1], "f32", 4, |_| Err("reading output logits: gone".into())).unwrap_err();
+        assert_eq!(err, "reading output logits: gone");
+        let err = read_host_buffer(vec![1], "i64", 12, |_| Ok(())).unwrap_err();
+        assert!(err.contains("12 bytes are not a whole number of 8-byte values"), "{err}");
+    }
 
     fn shapes(rows: usize) -> InputShapes {
         [("tokens".to_string(), vec![rows])].into_iter().collect()

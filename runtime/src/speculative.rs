@@ -49,17 +49,11 @@ fn ids(v: &[i64]) -> HostBuffer {
     HostBuffer { shape: vec![v.len()], data: HostData::I64(v.to_vec()) }
 }
 
-fn f32s(b: &HostBuffer, what: &str) -> Result<Vec<f32>, String> {
-    match &b.data {
-        HostData::F32(v) => Ok(v.clone()),
-        _ => Err(format!("{what} is not f32")),
-    }
-}
-
-/// The rows of a `[n, width]` buffer, as vectors.
+/// The rows of a `[n, width]` buffer, as vectors (one copy of each).
 fn rows(b: &HostBuffer, what: &str) -> Result<Vec<Vec<f32>>, String> {
     let width = *b.shape.last().ok_or_else(|| format!("{what} has no shape"))?;
-    Ok(f32s(b, what)?.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+    let HostData::F32(v) = &b.data else { return Err(format!("{what} is not f32")) };
+    Ok(v.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
 }
 
 /// Speculative sampling's verdict on a draft `d` drawn from `q`, the draft's distribution, with

@@ -654,7 +654,7 @@ pub fn generate_batch(
     let start = std::time::Instant::now();
     let limits: Vec<usize> = prompts.iter().map(|p| p.len() + max_new).collect();
     let (mut batch, logits) = ArtifactBatch::prefill_within(program, prompts, &limits)?;
-    let mut logits = Next::Logits(logits);
+    let mut logits = Next::Logits(LogitRows::of(logits));
     // Every sequence greedy: a program that picks tokens itself does (the logits stay there).
     let greedy = samplers.iter().all(|s| s.plain_greedy());
     for (s, p) in samplers.iter_mut().zip(prompts) {

@@ -41,7 +41,7 @@ pub trait Generator {
     /// As `decode`; with `greedy`, a session whose program picks tokens itself may give the token.
     fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
         let _ = greedy;
-        Ok(Next::Logits(vec![self.decode(token)?]))
+        Ok(Next::Logits(LogitRows::of(vec![self.decode(token)?])))
     }
 }
 
@@ -190,7 +190,7 @@ pub fn generate_each(
     picked: &mut dyn FnMut(u32),
 ) -> Result<Generation, String> {
     let start = std::time::Instant::now();
-    let mut next = Next::Logits(vec![session.prefill(prompt)?]);
+    let mut next = Next::Logits(LogitRows::of(vec![session.prefill(prompt)?]));
     let prefill_s = start.elapsed().as_secs_f64();
     let greedy = sampler.plain_greedy();
     sampler.start(prompt);
@@ -1267,6 +1267,25 @@ mod tests {
         }
     }
 
+    /// Logits kept in one buffer give each row as the rows given one by one: rows of one width,
+    /// the last (moved when alone), none past the end; no rows, none.
+    #[test]
+    fn logit_rows_are_the_rows_given() {
+        let rows: Vec<Vec<f32>> = (0..3).map(|r| (0..5).map(|j| (r * 10 + j) as f32).collect()).collect();
+        let all = LogitRows::of(rows.clone());
+        assert_eq!(all, LogitRows::new(rows.concat(), 5));
+        assert_eq!((all.len(), all.get(3)), (3, None));
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!((all.get(i), &all[i]), (Some(&r[..]), &r[..]));
+        }
+        assert_eq!(all.into_last(), Some(rows[2].clone()));
+        assert_eq!(LogitRows::of(vec![rows[1].clone()]).into_last(), Some(rows[1].clone()));
+        for none in [LogitRows::of(Vec::new()), LogitRows::new(Vec::new(), 5), LogitRows::new(vec![1.0], 0)] {
+            assert!(none.is_empty());
+            assert_eq!(none.into_last(), None);
+        }
+    }
+
     /// Picking the batch's tokens together (spread over the cores) gives each sequence the token
     /// its own sampler picks alone, greedy or not, from logits or from the device's tokens.
     #[test]
@@ -1274,7 +1293,7 @@ mod tests {
         use v3c_models::reference::Sampler;
         let rows: Vec<Vec<f32>> =
             (0..9).map(|r| (0..5000).map(|j| ((r * 7919 + j * 104_729) % 1000) as f32 / 150.0).collect()).collect();
-        let logits = Next::Logits(rows);
+        let logits = Next::Logits(LogitRows::of(rows));
         let samplers = |k: u64| -> Vec<Sampler> {
             (0..9).map(|i| if i % 4 == 0 { Sampler::new(0.0, 1.0, 0) } else { Sampler::new(0.8, 0.9, k + i) }).collect()
         };

@@ -288,13 +288,13 @@ pub(super) fn step_keeping(
     // logits are a speculative session's, which runs its own entries).
     if !program.keeps_inputs() || !keep {
         let wanted: Vec<&str> = caches.iter().copied().chain(["logits", crate::plan::ONLY_WANTED]).collect();
-        let out = f32_caches(program.run_in_place("decode", inputs, &wanted)?);
+        let mut out = f32_caches(program.run_in_place("decode", inputs, &wanted)?);
         for c in caches {
             if let Some(b) = inputs.remove(*c) {
                 inputs.insert(c.to_string(), b.into_f32());
             }
         }
-        let next = Next::logits_of(&out)?;
+        let next = Next::logits_of(&mut out)?;
         return Ok((out, next));
     }
     let kept: &[&str] = if *resident { caches } else { &[] };
@@ -304,25 +304,79 @@ pub(super) fn step_keeping(
     let on_device = greedy && program.device_argmax();
     let logits = if on_device { format!("logits{}", crate::plan::NO_ROWS) } else { "logits".to_string() };
     let wanted = [logits.as_str(), crate::plan::ONLY_WANTED];
-    let out = program.run_keeping("decode", &*inputs, &wanted, kept)?;
+    let mut out = program.run_keeping("decode", &*inputs, &wanted, kept)?;
     *resident = true;
-    let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&out)? };
+    let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&mut out)? };
     Ok((out, next))
 }
 
 /// What a decode step gives per sequence: its logits, or (greedy, picked on the device) its token.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Next {
-    Logits(Vec<Vec<f32>>),
+    Logits(LogitRows),
     Tokens(Vec<u32>),
 }
 
+/// Rows of logits, one sequence's each, in the one buffer they were read back in: a decode step
+/// of 64 sequences over DeepSeek-V3's vocabulary is 33 MB, not copied row by row.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LogitRows {
+    data: Vec<f32>,
+    width: usize,
+}
+
+impl LogitRows {
+    /// The rows of `width` values each that `data` holds one after another.
+    pub fn new(data: Vec<f32>, width: usize) -> LogitRows {
+        LogitRows { data, width }
+    }
+
+    /// `rows` (of one width) in one buffer; a single row is moved, not copied.
+    pub fn of(mut rows: Vec<Vec<f32>>) -> LogitRows {
+        let width = rows.first().map_or(0, Vec::len);
+        if rows.len() == 1 {
+            return LogitRows { data: rows.pop().unwrap_or_default(), width };
+        }
+        LogitRows { data: rows.concat(), width }
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.width).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Row `i`, if there is one.
+    pub fn get(&self, i: usize) -> Option<&[f32]> {
+        (i < self.len()).then(|| &self.data[i * self.width..(i + 1) * self.width])
+    }
+
+    /// The last row (moved when it is the only one).
+    pub fn into_last(mut self) -> Option<Vec<f32>> {
+        match self.len() {
+            0 => None,
+            1 => Some(std::mem::take(&mut self.data)),
+            n => Some(self.data[(n - 1) * self.width..].to_vec()),
+        }
+    }
+}
+
+impl std::ops::Index<usize> for LogitRows {
+    type Output = [f32];
+    fn index(&self, i: usize) -> &[f32] {
+        self.get(i).unwrap_or_else(|| panic!("row {i} of {} rows of logits", self.len()))
+    }
+}
+
 impl Next {
-    fn logits_of(out: &HashMap<String, HostBuffer>) -> Result<Next, String> {
-        let logits = out.get("logits").ok_or("the entry has no logits")?;
-        let HostData::F32(v) = &logits.data else { return Err("logits are not f32".into()) };
-        let vocab = logits.shape[logits.shape.len() - 1];
-        Ok(Next::Logits(v.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect()))
+    /// The logits taken out of a run's outputs (moved, not copied).
+    fn logits_of(out: &mut HashMap<String, HostBuffer>) -> Result<Next, String> {
+        let logits = out.remove("logits").ok_or("the entry has no logits")?;
+        let vocab = logits.shape.last().copied().unwrap_or(0);
+        let HostData::F32(v) = logits.data else { return Err("logits are not f32".into()) };
+        Ok(Next::Logits(LogitRows::new(v, vocab)))
     }
 
     /// Sequence `i`'s next token: picked on the device, or by `sampler` from its logits.

@@ -212,7 +212,7 @@ impl<'a> ArtifactSession<'a> {
     /// Feeds one token at the next position; returns its logits.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
         match self.decode_next(token, false)? {
-            Next::Logits(mut l) => l.pop().ok_or_else(|| "decode gave no logits".into()),
+            Next::Logits(l) => l.into_last().ok_or_else(|| "decode gave no logits".into()),
             Next::Tokens(_) => Err("decode gave a token for logits".into()),
         }
     }

@@ -326,7 +326,7 @@ pub fn serve(
                 };
                 let row = match (&prefilled, &logits) {
                     (Some(l), _) => Some(l.as_slice()),
-                    (None, Next::Logits(rows)) => rows.get(s).map(Vec::as_slice),
+                    (None, Next::Logits(rows)) => rows.get(s),
                     // Picked on the device: no step runs so while a request asks for log-probabilities.
                     (None, Next::Tokens(_)) => None,
                 };
