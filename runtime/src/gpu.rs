@@ -925,7 +925,7 @@ impl Plain for u8 {}
 /// `bytes` bytes into values of `T`, `read` filling them in place.
 fn read_plain<T: Plain>(bytes: usize, read: impl FnOnce(&mut [u8]) -> Result<(), String>) -> Result<Vec<T>, String> {
     let size = std::mem::size_of::<T>();
-    if bytes % size != 0 {
+    if !bytes.is_multiple_of(size) {
         return Err(format!("{bytes} bytes are not a whole number of {size}-byte values"));
     }
     let mut v = vec![T::default(); bytes / size];
