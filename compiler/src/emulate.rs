@@ -661,16 +661,13 @@ impl<'a, 'c> Emulator<'a, 'c> {
         let mut outs = HashMap::new();
         for (name, id) in &plan.outputs {
             let b = &plan.buffers[*id];
-            let mut shape = shape_at(&b.dims, sizes);
-            let Some((key, first, rows)) = v3c_runtime::plan::wanted_rows(wanted, name, &shape) else { continue };
-            let all = v3c_runtime::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
-            let row = all / shape.first().copied().unwrap_or(1).max(1);
-            if let Some(r) = shape.first_mut() {
-                *r = rows;
-            }
-            let addr = self.bindings.address(&b.kind)? as usize + first * row;
+            let shape = shape_at(&b.dims, sizes);
+            let Some((key, shape, bytes)) = v3c_runtime::plan::wanted_bytes(wanted, name, shape, &b.dtype) else {
+                continue;
+            };
+            let addr = self.bindings.address(&b.kind)? as usize + bytes.start;
             // SAFETY: the rows lie in the output, in memory the plan sized.
-            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, rows * row) };
+            let host = unsafe { std::slice::from_raw_parts(addr as *const u8, bytes.len()) };
             outs.insert(key, host_buffer(host, shape, &b.dtype)?);
         }
         Ok(outs)

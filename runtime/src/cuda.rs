@@ -520,14 +520,9 @@ impl GpuArtifact {
         let mut out = HashMap::new();
         for (name, id) in &plan.outputs {
             let b = &plan.buffers[*id];
-            let mut shape = shape_at(&b.dims, sizes);
-            let Some((key, first, rows)) = crate::plan::wanted_rows(wanted, name, &shape) else { continue };
-            let all = crate::plan::tensor_bytes(&shape, &b.dtype).unwrap_or(0) as usize;
-            let row = all / shape.first().copied().unwrap_or(1).max(1);
-            if let Some(r) = shape.first_mut() {
-                *r = rows;
-            }
-            let src = self.bindings.address(&b.kind)? + (first * row) as u64;
+            let shape = shape_at(&b.dims, sizes);
+            let Some((key, shape, bytes)) = crate::plan::wanted_bytes(wanted, name, shape, &b.dtype) else { continue };
+            let src = self.bindings.address(&b.kind)? + bytes.start as u64;
             let read = |host: &mut [u8]| match host.is_empty() {
                 true => Ok(()),
                 false => {
@@ -535,7 +530,7 @@ impl GpuArtifact {
                     unsafe { result::memcpy_dtoh_sync(host, src) }.map_err(cuda(&format!("reading output {name}")))
                 }
             };
-            out.insert(key, crate::gpu::read_host_buffer(shape, &b.dtype, rows * row, read)?);
+            out.insert(key, crate::gpu::read_host_buffer(shape, &b.dtype, bytes.len(), read)?);
         }
         Ok(out)
     }

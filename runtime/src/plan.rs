@@ -283,6 +283,24 @@ pub fn wanted_rows(wanted: &[&str], name: &str, shape: &[usize]) -> Option<(Stri
     wanted.contains(&none.as_str()).then_some((none, 0, 0))
 }
 
+/// As [`wanted_rows`], for reading the rows out of the output's memory (`shape` and `dtype` the
+/// plan's, at the run's sizes): the key, the shape of the rows read, and their bytes' range within
+/// the output.
+pub fn wanted_bytes(
+    wanted: &[&str],
+    name: &str,
+    mut shape: Vec<usize>,
+    dtype: &str,
+) -> Option<(String, Vec<usize>, std::ops::Range<usize>)> {
+    let (key, first, rows) = wanted_rows(wanted, name, &shape)?;
+    let all = tensor_bytes(&shape, dtype).unwrap_or(0) as usize;
+    let row = all / shape.first().copied().unwrap_or(1).max(1);
+    if let Some(r) = shape.first_mut() {
+        *r = rows;
+    }
+    Some((key, shape, first * row..(first + rows) * row))
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EntryPlan {
     pub name: String,
@@ -686,6 +704,15 @@ mod tests {
         assert_eq!(wanted_rows(&wanted, "mtp_logits", &[8, 100]), None);
         assert_eq!(wanted_rows(&["logits[:0]"], "logits", &[8, 100]), Some(("logits[:0]".into(), 0, 0)));
         assert_eq!(wanted_rows(&["logits", "logits[-1]"], "logits", &[8, 100]), Some(("logits".into(), 0, 8)));
+        // The rows' bytes within the output.
+        let last = wanted_bytes(&wanted, "logits", vec![8, 100], "f32");
+        assert_eq!(last, Some(("logits[-1]".into(), vec![1, 100], 2800..3200)));
+        let none = wanted_bytes(&["logits[:0]"], "logits", vec![8, 100], "bf16");
+        assert_eq!(none, Some(("logits[:0]".into(), vec![0, 100], 0..0)));
+        assert_eq!(
+            wanted_bytes(&wanted, "kv_cache.0", vec![8, 3], "i64"),
+            Some(("kv_cache.0".into(), vec![8, 3], 0..192))
+        );
         let b = crate::host::HostBuffer { shape: vec![3, 2], data: crate::host::HostData::I32(vec![1, 2, 3, 4, 5, 6]) };
         assert_eq!(
             b.rows(2, 1),
