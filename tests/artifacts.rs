@@ -714,6 +714,11 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     assert!(text(&bench.stdout).contains("served 9 requests (prompts of 2..10 tokens, 5 new each, 3 at a time"));
     let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
     assert_eq!((f["generated_tokens"].as_u64(), f["joined"].as_u64()), (Some(45), Some(6)), "{f}");
+    // Each request fed its first 4 tokens to decode steps (its first came from its prefill); the
+    // cpu artifact's caches per sequence run every slot's row each step.
+    let (steps, run) = (f["decode_steps"].as_u64().unwrap(), f["decode_rows_run"].as_u64().unwrap());
+    assert_eq!((f["decode_rows_fed"].as_u64(), run), (Some(9 * 4), 3 * steps), "{f}");
+    assert!(text(&bench.stdout).contains(&format!("decode rows           {run} run in {steps} steps (100.0% of 3")));
     // The default budget: one prefill chunk (the plan's rows) between decode steps.
     assert!(f["prefill_budget_tokens"].as_u64().is_some_and(|b| b > 0), "{f}");
     let per = f["per_request"].as_array().unwrap();

@@ -174,6 +174,16 @@ struct CapturedGraph {
     exec: sys::CUgraphExec,
 }
 
+impl CapturedGraph {
+    fn destroy(self) {
+        // SAFETY: made by instantiate/end_capture, used by nothing else.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
 /// A GPU artifact loaded on a device, ready to run its entries.
 pub struct GpuArtifact {
     pub artifact: Artifact,
@@ -193,7 +203,9 @@ pub struct GpuArtifact {
     /// What each input's device buffer holds (shape, element) after the last completed run: what
     /// a later run may take as resident. Emptied when a run fails.
     held: std::cell::RefCell<crate::gpu::HeldInputs>,
-    graph: std::cell::RefCell<Option<CapturedGraph>>,
+    /// The steps captured most recently (the least recently used first), up to
+    /// [`crate::gpu::STAGED_PER_ENTRY`]: a batch's decode steps at each of its row counts.
+    graphs: std::cell::RefCell<Vec<CapturedGraph>>,
     /// Each entry's last run staged (for its input shapes): its actions and tensor maps serve the
     /// entry's next run of the same shapes, whatever ran between.
     staged: std::cell::RefCell<crate::gpu::StagedRuns<Staged>>,
@@ -234,12 +246,8 @@ impl GpuArtifact {
 
 impl Drop for GpuArtifact {
     fn drop(&mut self) {
-        if let Some(g) = self.graph.get_mut().take() {
-            // SAFETY: made by instantiate/end_capture, used by nothing else.
-            unsafe {
-                let _ = result::graph::exec_destroy(g.exec);
-                let _ = result::graph::destroy(g.graph);
-            }
+        for g in self.graphs.get_mut().drain(..) {
+            g.destroy();
         }
     }
 }
@@ -364,7 +372,7 @@ impl GpuArtifact {
             scratch: std::cell::RefCell::new(None),
             last_inputs: std::cell::RefCell::new(None),
             held: std::cell::RefCell::new(crate::gpu::HeldInputs::default()),
-            graph: std::cell::RefCell::new(None),
+            graphs: std::cell::RefCell::new(Vec::new()),
             staged: std::cell::RefCell::new(crate::gpu::StagedRuns::default()),
             argmax_out: std::cell::RefCell::new(None),
             dumped_runs: std::cell::RefCell::new(HashMap::new()),
@@ -606,20 +614,20 @@ impl GpuArtifact {
     }
 
     /// Enqueues a staged run as one CUDA graph: replayed when the run's actions and tensor maps are
-    /// the ones captured last (a decode step of the same shapes: only the inputs' contents differ),
-    /// else captured first.
+    /// those of one captured (a decode step of the same shapes: only the inputs' contents differ),
+    /// else captured first — in place of the least recently used where
+    /// [`crate::gpu::STAGED_PER_ENTRY`] are held.
     fn launch_graph(&self, entry: &str, staged: &Staged) -> Result<(), String> {
-        let mut held = self.graph.borrow_mut();
-        let reusable = held
-            .as_ref()
-            .is_some_and(|g| g.entry == entry && g.actions == staged.actions && g.maps_base == staged.maps_base);
-        if !reusable {
-            if let Some(old) = held.take() {
-                // SAFETY: made by instantiate/end_capture below, used by nothing else.
-                unsafe {
-                    let _ = result::graph::exec_destroy(old.exec);
-                    let _ = result::graph::destroy(old.graph);
-                }
+        let mut held = self.graphs.borrow_mut();
+        let same =
+            |g: &CapturedGraph| g.maps_base == staged.maps_base && g.entry == entry && g.actions == staged.actions;
+        if let Some(i) = held.iter().position(same) {
+            // The most recently used last.
+            let g = held.remove(i);
+            held.push(g);
+        } else {
+            while held.len() >= crate::gpu::STAGED_PER_ENTRY {
+                held.remove(0).destroy();
             }
             // SAFETY: our stream; every call between begin and end only enqueues work on it.
             let graph = unsafe {
@@ -634,7 +642,7 @@ impl GpuArtifact {
             // SAFETY: a graph just captured.
             let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
                 .map_err(cuda(&format!("{entry}: cuGraphInstantiate")))?;
-            *held = Some(CapturedGraph {
+            held.push(CapturedGraph {
                 entry: entry.to_string(),
                 actions: staged.actions.clone(),
                 maps_base: staged.maps_base,
@@ -642,7 +650,7 @@ impl GpuArtifact {
                 exec,
             });
         }
-        let exec = held.as_ref().map(|g| g.exec).ok_or("no graph")?;
+        let exec = held.last().map(|g| g.exec).ok_or("no graph")?;
         // SAFETY: an instantiated graph of launches on buffers this artifact holds.
         unsafe { result::graph::launch(exec, self.stream) }.map_err(cuda(&format!("{entry}: cuGraphLaunch")))
     }

@@ -1362,13 +1362,20 @@ impl HeldInputs {
 pub type InputShapes = BTreeMap<String, Vec<usize>>;
 
 /// Runs staged on a device ([`crate::cuda::GpuArtifact`]: expanded actions and their uploaded
-/// tensor maps), one per entry — the shapes it last ran at — so that one entry's runs between
-/// another's (a serving batch's decode steps between a joining prompt's prefill chunks, a training
-/// run's windows between evaluations) are not expanded and uploaded anew each time.
+/// tensor maps), up to [`STAGED_PER_ENTRY`] per entry — for the input shapes each ran at, the least
+/// recently used given up first — so that one entry's runs between another's (a serving batch's
+/// decode steps between a joining prompt's prefill chunks, a training run's windows between
+/// evaluations), and a batch's decode steps at each of its row counts
+/// ([`crate::session`]'s steps run the active sequences' rows), are not expanded and uploaded anew
+/// each time.
 #[derive(Debug)]
 pub struct StagedRuns<S> {
+    /// The least recently kept first.
     runs: Vec<(String, InputShapes, std::rc::Rc<S>)>,
 }
+
+/// Staged runs kept per entry: a 64-slot batch's decode steps run at 7 row counts (powers of two).
+pub const STAGED_PER_ENTRY: usize = 8;
 
 impl<S> Default for StagedRuns<S> {
     fn default() -> Self {
@@ -1377,22 +1384,29 @@ impl<S> Default for StagedRuns<S> {
 }
 
 impl<S> StagedRuns<S> {
-    /// Takes out entry `entry`'s run: `Ok` when it was staged for `shapes` (the caller keeps it
-    /// again once the run's inputs are uploaded: a failed upload stages anew); `Err` with the run
-    /// staged for other shapes, which the run being staged replaces (its buffers to reuse), or none.
+    /// Takes out entry `entry`'s run: `Ok` when one was staged for `shapes` (the caller keeps it
+    /// again once the run's inputs are uploaded: a failed upload stages anew); `Err` with the
+    /// entry's least recently used run where it has [`STAGED_PER_ENTRY`], which the run being
+    /// staged replaces (its buffers to reuse), else none.
     pub fn take(&mut self, entry: &str, shapes: &InputShapes) -> Result<std::rc::Rc<S>, Option<std::rc::Rc<S>>> {
-        let i = self.runs.iter().position(|(e, _, _)| e == entry).ok_or(None)?;
-        let (_, staged_for, run) = self.runs.swap_remove(i);
-        if staged_for == *shapes {
-            Ok(run)
-        } else {
-            Err(Some(run))
+        if let Some(i) = self.runs.iter().position(|(e, s, _)| e == entry && s == shapes) {
+            return Ok(self.runs.remove(i).2);
+        }
+        let of_entry: Vec<usize> = (0..self.runs.len()).filter(|&i| self.runs[i].0 == entry).collect();
+        match of_entry[..] {
+            [oldest, ..] if of_entry.len() >= STAGED_PER_ENTRY => Err(Some(self.runs.remove(oldest).2)),
+            _ => Err(None),
         }
     }
 
-    /// Keeps `run` as entry `entry`'s, staged for `shapes`.
+    /// Keeps `run` as entry `entry`'s, staged for `shapes` (the most recently used), replacing one
+    /// staged for them and giving up the entry's least recently used beyond [`STAGED_PER_ENTRY`].
     pub fn keep(&mut self, entry: &str, shapes: InputShapes, run: std::rc::Rc<S>) {
-        self.runs.retain(|(e, _, _)| e != entry);
+        self.runs.retain(|(e, s, _)| !(e == entry && *s == shapes));
+        while self.runs.iter().filter(|(e, _, _)| e == entry).count() >= STAGED_PER_ENTRY {
+            let oldest = self.runs.iter().position(|(e, _, _)| e == entry).expect("counted");
+            self.runs.remove(oldest);
+        }
         self.runs.push((entry.to_string(), shapes, run));
     }
 
@@ -1403,7 +1417,10 @@ impl<S> StagedRuns<S> {
 
     /// The entries with a run kept.
     pub fn entries(&self) -> Vec<&str> {
-        self.runs.iter().map(|(e, _, _)| e.as_str()).collect()
+        let mut entries: Vec<&str> = self.runs.iter().map(|(e, _, _)| e.as_str()).collect();
+        entries.sort_unstable();
+        entries.dedup();
+        entries
     }
 }
 
@@ -1454,36 +1471,38 @@ mod tests {
         [("tokens".to_string(), vec![rows])].into_iter().collect()
     }
 
-    /// Decode's run survives prefill chunks staged between its steps; a run of other shapes
-    /// replaces its entry's; a taken run not kept again is staged anew.
+    /// Decode's runs survive prefill chunks staged between its steps; each entry keeps a run per
+    /// shapes up to [`STAGED_PER_ENTRY`], giving up the least recently used (whose buffers the new
+    /// run takes); a taken run not kept again is staged anew.
     #[test]
-    fn each_entry_keeps_its_last_staged_run() {
+    fn each_entry_keeps_its_recent_staged_runs() {
         let mut runs = StagedRuns::default();
-        runs.keep("decode", shapes(4), std::rc::Rc::new(1));
-        // The chunks' runs: the second 8-row chunk's is the first's; the 3-row one is staged,
-        // handed the 8-row one it replaces.
-        for (chunk, kept, replaced) in [(8, None, None), (8, Some(8), None), (3, None, Some(8))] {
+        runs.keep("decode", shapes(4), std::rc::Rc::new(4));
+        // The chunks' runs: the second 8-row chunk's is the first's; the 3-row one is staged
+        // afresh beside it.
+        for (chunk, kept) in [(8, None), (8, Some(8)), (3, None), (8, Some(8)), (3, Some(3))] {
             let prefill = runs.take("prefill", &shapes(chunk));
-            let (got, old) = match &prefill {
-                Ok(run) => (Some(**run), None),
-                Err(old) => (None, old.as_deref().copied()),
-            };
-            assert_eq!((got, old), (kept, replaced), "a {chunk}-row chunk");
+            let got = prefill.as_ref().ok().map(|r| **r);
+            assert_eq!(got, kept, "a {chunk}-row chunk");
+            assert!(prefill.as_ref().err().is_none_or(Option::is_none), "nothing to give up");
             runs.keep("prefill", shapes(chunk), prefill.unwrap_or_else(|_| std::rc::Rc::new(chunk)));
             let decode = runs.take("decode", &shapes(4)).expect("decode's run, kept through the prefill");
-            assert_eq!(*decode, 1);
             runs.keep("decode", shapes(4), decode);
         }
-        assert_eq!(
-            runs.take("prefill", &shapes(8)),
-            Err(Some(std::rc::Rc::new(3))),
-            "the 3-row chunk replaced the 8-row one"
-        );
-        assert_eq!(runs.entries(), vec!["decode"]);
-        assert_eq!(runs.take("decode", &shapes(2)), Err(Some(std::rc::Rc::new(1))), "other shapes");
-        assert_eq!(runs.take("decode", &shapes(4)), Err(None), "taken out by the take for other shapes");
-        runs.keep("decode", shapes(4), std::rc::Rc::new(2));
-        runs.keep("train", shapes(4), std::rc::Rc::new(3));
+        assert_eq!(runs.entries(), vec!["decode", "prefill"]);
+        // Decode at 1, 2, 8, 16, ... rows: the 4-row run (the least recently used) is given up for
+        // the run past the limit, which takes its buffers.
+        for (k, rows) in [1, 2, 8, 16, 32, 64, 128, 256].into_iter().enumerate() {
+            let taken = runs.take("decode", &shapes(rows));
+            let full = k + 1 == STAGED_PER_ENTRY;
+            assert_eq!(taken, Err(full.then(|| std::rc::Rc::new(4))), "{rows} rows");
+            runs.keep("decode", shapes(rows), std::rc::Rc::new(rows));
+        }
+        assert_eq!(runs.take("decode", &shapes(4)).err(), Some(Some(std::rc::Rc::new(1))), "1 row, now the oldest");
+        runs.keep("decode", shapes(4), std::rc::Rc::new(40));
+        assert_eq!(runs.take("decode", &shapes(2)), Ok(std::rc::Rc::new(2)));
+        assert_eq!(runs.take("decode", &shapes(2)), Err(None), "taken out, not kept again");
+        assert_eq!(runs.take("prefill", &shapes(3)), Ok(std::rc::Rc::new(3)), "other entries keep theirs");
         runs.clear();
         assert!(runs.entries().is_empty());
     }

@@ -527,7 +527,8 @@ pub fn serve_http(
     };
     let load = |l: crate::session::Load| metrics(&mut |m| m.load = l);
     let o = crate::session::Serving { load: Some(&load), ..*o };
-    let (joined, prefill_s) = crate::session::serve(program, &o, &mut next, &mut report)?;
+    let crate::session::ServeRun { joined, prefill_s, .. } =
+        crate::session::serve(program, &o, &mut next, &mut report)?;
     // No more taken: a request now is refused at once (503).
     drop(rx);
     // Stopped: the replies of the requests that ended written before the process ends (at most

@@ -1344,7 +1344,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         }
         Ok(())
     };
-    let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
+    let v3c_runtime::session::ServeRun { joined, prefill_s, .. } =
+        v3c_runtime::session::serve(program, &serving, &mut next, &mut done).map_err(at)?;
     let refused = refused + ids.borrow().len() - served - cancelled;
     let total_s = start.elapsed().as_secs_f64();
     let speculation = match drafts {
@@ -1552,7 +1553,8 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         speculative: drafts,
         ..v3c_runtime::session::Serving::new(slots, &limits, hi, None)
     };
-    let (joined, prefill_s) = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
+    let run = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
+    let (joined, prefill_s) = (run.joined, run.prefill_s);
     let total_s = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let (first, end): (Vec<f64>, Vec<f64>) =
@@ -1599,6 +1601,16 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         "  prefills              {prefill_s:.3} s of the run; {reused_total} of {prompt_total} prompt tokens' cache rows \
          reused"
     );
+    if run.decode_steps > 0 {
+        println!(
+            "  decode rows           {} run in {} steps ({:.1}% of {slots} a step), {} of them decoding ({:.1}% of those run)",
+            run.rows_run,
+            run.decode_steps,
+            100.0 * run.rows_run as f64 / (run.decode_steps * slots) as f64,
+            run.rows_fed,
+            100.0 * run.rows_fed as f64 / run.rows_run.max(1) as f64
+        );
+    }
     let speculated = drafts.map(|_| drafted.json(generated.saturating_sub(n)));
     if let Some(d) = &speculated {
         println!(
@@ -1623,6 +1635,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "prefill_budget_tokens": budget, "shared_prefix_tokens": shared.len(),
             "prompts_file": args.prompts.as_ref().map(|p| p.display().to_string()), "skipped_requests": skipped,
             "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
+            "decode_steps": run.decode_steps, "decode_rows_run": run.rows_run, "decode_rows_fed": run.rows_fed,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
             "speculation": speculated, "per_request": per,

@@ -249,16 +249,23 @@ impl PagePool {
 
     /// The block table `[sequences, width]` (i32): each sequence's pages, -1 past them.
     pub fn table(&self, width: usize) -> Result<HostBuffer, String> {
-        let mut t = vec![-1i32; self.held.len() * width];
-        for (s, held) in self.held.iter().enumerate() {
+        self.table_of(&(0..self.held.len()).collect::<Vec<_>>(), width)
+    }
+
+    /// The block table of sequences `sequences` only, a row each in their order: a step that
+    /// runs some of the batch's rows.
+    pub fn table_of(&self, sequences: &[usize], width: usize) -> Result<HostBuffer, String> {
+        let mut t = vec![-1i32; sequences.len() * width];
+        for (row, &s) in sequences.iter().enumerate() {
+            let held = self.held.get(s).ok_or_else(|| format!("sequence {s} of {}", self.held.len()))?;
             if held.len() > width {
                 return Err(format!("sequence {s} holds {} pages, the table has {width} columns", held.len()));
             }
             for (i, &p) in held.iter().enumerate() {
-                t[s * width + i] = p as i32;
+                t[row * width + i] = p as i32;
             }
         }
-        Ok(HostBuffer { shape: vec![self.held.len(), width], data: HostData::I32(t) })
+        Ok(HostBuffer { shape: vec![sequences.len(), width], data: HostData::I32(t) })
     }
 }
 
@@ -367,15 +374,16 @@ impl DecodeCaches {
     }
 
     /// Before a step writing row `positions[i]` of each sequence where `active[i]`: the pages for
-    /// it; the block table to give the step (None: not paged).
-    pub fn step(&mut self, positions: &[usize], active: &[bool]) -> Result<Option<HostBuffer>, String> {
+    /// it; the block table to give the step, of the sequences `rows` (the step's rows, in order;
+    /// None: not paged).
+    pub fn step(&mut self, positions: &[usize], active: &[bool], rows: &[usize]) -> Result<Option<HostBuffer>, String> {
         let Some(pool) = &mut self.pool else { return Ok(None) };
         for (i, (&p, &a)) in positions.iter().zip(active).enumerate() {
             if a {
                 pool.reserve(i, p + 1)?;
             }
         }
-        pool.table(self.rows / PAGE_ROWS).map(Some)
+        pool.table_of(rows, self.rows / PAGE_ROWS).map(Some)
     }
 
     /// The pages sequence `i` holds and the pool's (None: caches per sequence, no pool).
@@ -422,6 +430,10 @@ mod tests {
         assert_eq!(pool.free(), 0);
         let HostData::I32(t) = pool.table(3).unwrap().data else { panic!() };
         assert_eq!(t, vec![0, 2, -1, 1, -1, -1, 3, 4, -1]);
+        // Some sequences' rows, in the order asked.
+        let HostData::I32(t) = pool.table_of(&[2, 0], 3).unwrap().data else { panic!() };
+        assert_eq!(t, vec![3, 4, -1, 0, 2, -1]);
+        assert!(pool.table_of(&[3], 3).unwrap_err().contains("sequence 3 of 3"));
         assert_eq!(pool.row(0, 64), Some(2 * 64));
         assert_eq!(pool.row(2, 99), Some(4 * 64 + 35));
         assert_eq!(pool.row(1, 64), None);
@@ -447,7 +459,7 @@ mod tests {
             assert_eq!(all.shape, if paged { vec![3 + 2, 64, w] } else { vec![2, 192, w] });
             assert_eq!(caches.rows_of(v, 0, 70).unwrap(), a);
             assert_eq!(caches.rows_of(v, 1, 5).unwrap(), b);
-            let table = caches.step(&[70, 64], &[true, true]).unwrap();
+            let table = caches.step(&[70, 64], &[true, true], &[0, 1]).unwrap();
             match table {
                 None => assert!(!paged),
                 Some(t) => {

@@ -43,6 +43,9 @@ pub struct ArtifactBatch<'a> {
     /// The prompt scores of the join that ended last, where it asked for them
     /// ([`ArtifactBatch::start_join_scoring`]), until taken.
     pub(super) scored: Vec<(f32, Vec<(u32, f32)>)>,
+    /// Rows the decode steps ran, and of those, active sequences' ([`ArtifactBatch::rows_decoded`]).
+    pub(super) rows_run: usize,
+    pub(super) rows_active: usize,
 }
 
 /// Whole pages of rows a sequence whose prompt is `prompt` may copy from one whose prompt was
@@ -162,6 +165,8 @@ impl<'a> ArtifactBatch<'a> {
             kept: Vec::new(),
             reuse: false,
             scored: Vec::new(),
+            rows_run: 0,
+            rows_active: 0,
         })
     }
 
@@ -557,6 +562,8 @@ impl<'a> ArtifactBatch<'a> {
                 kept: Vec::new(),
                 reuse: false,
                 scored: Vec::new(),
+                rows_run: 0,
+                rows_active: 0,
             },
             logits,
         ))
@@ -605,18 +612,17 @@ impl<'a> ArtifactBatch<'a> {
         if let Some(i) = (0..n).find(|&i| active[i] && self.positions[i] >= self.limits[i]) {
             return Err(format!("sequence {i} is full ({} tokens)", self.limits[i]));
         }
-        let at: Vec<i64> = (0..n)
-            .map(|i| if active[i] { self.positions[i] } else { self.positions[i].saturating_sub(1) } as i64)
-            .collect();
-        let table = self.layout.step(&self.positions, active)?;
+        let rows = step_rows(active, self.layout.pool.is_some());
+        let at = |i: usize| if active[i] { self.positions[i] } else { self.positions[i].saturating_sub(1) } as i64;
+        let table = self.layout.step(&self.positions, active, &rows)?;
         let mut inputs = std::mem::take(&mut self.state);
         if let Some(t) = table {
             inputs.insert(PAGE_POOL.into(), t);
         }
-        inputs.insert("tokens".into(), ids(tokens.iter().map(|&t| t as i64).collect()));
-        inputs.insert("positions".into(), ids(at));
+        inputs.insert("tokens".into(), ids(rows.iter().map(|&i| tokens[i] as i64).collect()));
+        inputs.insert("positions".into(), ids(rows.iter().map(|&i| at(i)).collect()));
         if self.has_mtp {
-            inputs.insert("mtp_tokens".into(), ids(vec![0; n]));
+            inputs.insert("mtp_tokens".into(), ids(vec![0; rows.len()]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
         // The steps may leave the caches on the device unless joining sequences' rows are laid
@@ -637,8 +643,39 @@ impl<'a> ArtifactBatch<'a> {
                 }
             }
         }
-        Ok(next)
+        self.rows_run += rows.len();
+        self.rows_active += active.iter().filter(|&&a| a).count();
+        Ok(if rows.len() == n { next } else { next.spread(&rows, n) })
     }
+
+    /// Rows the decode steps ran so far, and of those the rows of sequences fed a token (the
+    /// others computed and ignored: [`step_rows`]).
+    pub fn rows_decoded(&self) -> (usize, usize) {
+        (self.rows_run, self.rows_active)
+    }
+}
+
+/// The sequences (slots) of a batch a decode step runs, as its rows in order, given which are fed
+/// a token (`active`). Caches per sequence: all of them (row i reads and writes sequence i's
+/// caches). A pool of pages: the active ones — each row finds its pages through its row of the
+/// block table — and as few others (fed again at their last position, ignored, as a full batch's
+/// would be) as bring their count up to a power of two: a device stages a step (its launches and
+/// tensor maps, its CUDA graph) per row count, so a batch of 64 slots runs at most 7 of them
+/// however its sequences come and go. What the step skips is the rows' attention over their
+/// context and the experts only their tokens route to.
+pub(super) fn step_rows(active: &[bool], paged: bool) -> Vec<usize> {
+    let n = active.len();
+    let fed = active.iter().filter(|&&a| a).count();
+    let run = if paged { fed.max(1).next_power_of_two().min(n) } else { n };
+    let mut others = run - fed;
+    let mut rows = Vec::with_capacity(run);
+    for (i, &a) in active.iter().enumerate() {
+        if a || others > 0 {
+            others -= usize::from(!a);
+            rows.push(i);
+        }
+    }
+    rows
 }
 
 /// Generates up to `max_new` tokens after each of `prompts` in one batch, each sequence with its own
@@ -808,7 +845,7 @@ pub fn generate_queue(
         Ok(())
     };
     let serving = Serving { prefill_budget, reuse_prefixes, ..Serving::new(slots, &limits, longest, eos) };
-    let (joined, prefill_s) = serve(program, &serving, &mut next, &mut finished)?;
+    let ServeRun { joined, prefill_s, .. } = serve(program, &serving, &mut next, &mut finished)?;
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();
     Ok(Served { generations, slots, joined, prefill_s, total_s })

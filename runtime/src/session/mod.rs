@@ -271,6 +271,8 @@ mod tests {
         last_entry: RefCell<String>,
         /// Tokens the prefill entry ran.
         prefilled: RefCell<usize>,
+        /// Rows of each decode step.
+        decode_rows: RefCell<Vec<usize>>,
     }
 
     impl Toy {
@@ -295,6 +297,7 @@ mod tests {
                 interleaved: RefCell::new(0),
                 last_entry: RefCell::new(String::new()),
                 prefilled: RefCell::new(0),
+                decode_rows: RefCell::new(Vec::new()),
             }
         }
 
@@ -473,6 +476,7 @@ mod tests {
                 *self.uploads.borrow_mut() += 1;
                 given.clone()
             };
+            self.decode_rows.borrow_mut().push(tokens.len());
             let mut logits = Vec::new();
             if self.paged {
                 // Row p of sequence b: row p mod 64 of page table[b, p / 64] (-1: no page).
@@ -759,6 +763,15 @@ mod tests {
             let served = serve(&toy, 2, None);
             assert_eq!(tokens(&served), alone, "{name}");
             assert_eq!((served.slots, served.joined), (2, 3), "{name}");
+            // A step runs the sequences decoding alone where it can: one row while the other slot
+            // waits for its prompt's chunks (and in the end).
+            let rows = toy.decode_rows.take();
+            let alone_steps = rows.iter().filter(|&&r| r == 1).count();
+            assert_eq!(rows.iter().filter(|&&r| r != 1 && r != 2).count(), 0, "{name}: {rows:?}");
+            match toy.paged {
+                true => assert!(alone_steps >= 10, "{name}: {rows:?}"),
+                false => assert_eq!(alone_steps, 0, "{name}: a row per slot, its caches"),
+            }
             // Sequences ending at an eos leave early: the tokens up to it.
             let eos = alone[1][3];
             let cut: Vec<Vec<u32>> = alone
@@ -1283,6 +1296,37 @@ mod tests {
         for none in [LogitRows::of(Vec::new()), LogitRows::new(Vec::new(), 5), LogitRows::new(vec![1.0], 0)] {
             assert!(none.is_empty());
             assert_eq!(none.into_last(), None);
+        }
+        // A step that ran sequences 4, 1 and 2 of 6: their rows by sequence, the others none.
+        let spread = LogitRows::of(rows.clone()).spread(&[4, 1, 2], 6);
+        assert_eq!(spread.len(), 6);
+        let by_sequence: Vec<Option<&[f32]>> = (0..7).map(|i| spread.get(i)).collect();
+        let want = [None, Some(&rows[1][..]), Some(&rows[2][..]), None, Some(&rows[0][..]), None, None];
+        assert_eq!(by_sequence, want);
+        assert_eq!(spread.into_last(), None, "the last sequence did not run");
+        let last = LogitRows::of(vec![rows[1].clone()]).spread(&[2], 3);
+        assert_eq!(last.into_last(), Some(rows[1].clone()));
+        let Next::Tokens(t) = Next::Tokens(vec![7, 8]).spread(&[3, 0], 4) else { panic!() };
+        assert_eq!(t, vec![8, 0, 0, 7]);
+    }
+
+    /// A step over a pool of pages runs the active slots and the fewest others (the first ones)
+    /// that make a power of two, in slot order; over caches per sequence, every slot.
+    #[test]
+    fn decode_steps_run_the_active_rows_up_to_a_power_of_two() {
+        let rows = |fed: &str, paged: bool| batch::step_rows(&fed.chars().map(|c| c == '1').collect::<Vec<_>>(), paged);
+        for (fed, run) in [
+            ("0100", vec![1]),
+            ("0101", vec![1, 3]),
+            ("0111", vec![0, 1, 2, 3]),
+            ("010101", vec![0, 1, 3, 5]),
+            ("00000011111", vec![0, 1, 2, 6, 7, 8, 9, 10]),
+            ("111", vec![0, 1, 2]),
+            ("110", vec![0, 1]),
+            ("000", vec![0]),
+        ] {
+            assert_eq!(rows(fed, true), run, "{fed}");
+            assert_eq!(rows(fed, false), (0..fed.len()).collect::<Vec<_>>(), "{fed}, caches per sequence");
         }
     }
 

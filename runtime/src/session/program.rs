@@ -323,43 +323,68 @@ pub enum Next {
 pub struct LogitRows {
     data: Vec<f32>,
     width: usize,
+    /// Per sequence, the row of `data` holding its logits (None: the step did not run it), where
+    /// a step ran some of a batch's sequences ([`LogitRows::spread`]); else row i is sequence i's.
+    rows_of: Option<Vec<Option<usize>>>,
 }
 
 impl LogitRows {
     /// The rows of `width` values each that `data` holds one after another.
     pub fn new(data: Vec<f32>, width: usize) -> LogitRows {
-        LogitRows { data, width }
+        LogitRows { data, width, rows_of: None }
     }
 
     /// `rows` (of one width) in one buffer; a single row is moved, not copied.
     pub fn of(mut rows: Vec<Vec<f32>>) -> LogitRows {
         let width = rows.first().map_or(0, Vec::len);
         if rows.len() == 1 {
-            return LogitRows { data: rows.pop().unwrap_or_default(), width };
+            return LogitRows::new(rows.pop().unwrap_or_default(), width);
         }
-        LogitRows { data: rows.concat(), width }
+        LogitRows::new(rows.concat(), width)
     }
 
-    pub fn len(&self) -> usize {
+    /// The rows of a step that ran sequences `ran` (row r: sequence `ran[r]`) as the rows of
+    /// `sequences` sequences, those not run without logits (not copied).
+    pub fn spread(self, ran: &[usize], sequences: usize) -> LogitRows {
+        let mut rows_of = vec![None; sequences];
+        for (r, &s) in ran.iter().enumerate().filter(|&(r, _)| r < self.stored()) {
+            if let Some(at) = rows_of.get_mut(s) {
+                *at = Some(r);
+            }
+        }
+        LogitRows { rows_of: Some(rows_of), ..self }
+    }
+
+    /// Rows held in the buffer.
+    fn stored(&self) -> usize {
         self.data.len().checked_div(self.width).unwrap_or(0)
+    }
+
+    /// Sequences: those of the step (with or without logits, [`LogitRows::spread`]).
+    pub fn len(&self) -> usize {
+        self.rows_of.as_ref().map_or_else(|| self.stored(), Vec::len)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Row `i`, if there is one.
+    /// Sequence `i`'s row, if it has one.
     pub fn get(&self, i: usize) -> Option<&[f32]> {
-        (i < self.len()).then(|| &self.data[i * self.width..(i + 1) * self.width])
+        let r = match &self.rows_of {
+            None => i,
+            Some(rows_of) => (*rows_of.get(i)?)?,
+        };
+        (r < self.stored()).then(|| &self.data[r * self.width..(r + 1) * self.width])
     }
 
-    /// The last row (moved when it is the only one).
+    /// The last sequence's row (moved when it is the only one stored).
     pub fn into_last(mut self) -> Option<Vec<f32>> {
-        match self.len() {
-            0 => None,
-            1 => Some(std::mem::take(&mut self.data)),
-            n => Some(self.data[(n - 1) * self.width..].to_vec()),
+        let last = self.len().checked_sub(1)?;
+        if self.stored() == 1 && self.get(last).is_some() {
+            return Some(std::mem::take(&mut self.data));
         }
+        self.get(last).map(<[f32]>::to_vec)
     }
 }
 
@@ -371,6 +396,23 @@ impl std::ops::Index<usize> for LogitRows {
 }
 
 impl Next {
+    /// A step's picks that ran sequences `ran` (row r: sequence `ran[r]`) as those of `sequences`
+    /// sequences, indexed by sequence (those not run: token 0, no logits).
+    pub fn spread(self, ran: &[usize], sequences: usize) -> Next {
+        match self {
+            Next::Logits(rows) => Next::Logits(rows.spread(ran, sequences)),
+            Next::Tokens(t) => {
+                let mut all = vec![0; sequences];
+                for (&s, t) in ran.iter().zip(t) {
+                    if let Some(at) = all.get_mut(s) {
+                        *at = t;
+                    }
+                }
+                Next::Tokens(all)
+            }
+        }
+    }
+
     /// The logits taken out of a run's outputs (moved, not copied).
     fn logits_of(out: &mut HashMap<String, HostBuffer>) -> Result<Next, String> {
         let logits = out.remove("logits").ok_or("the entry has no logits")?;

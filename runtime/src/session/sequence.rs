@@ -241,7 +241,7 @@ impl<'a> ArtifactSession<'a> {
             self.layout = Some(layout);
             self.resident = std::mem::take(&mut self.carried);
         }
-        let table = self.layout.as_mut().map(|l| l.step(&[self.position], &[true])).transpose()?.flatten();
+        let table = self.layout.as_mut().map(|l| l.step(&[self.position], &[true], &[0])).transpose()?.flatten();
         let mut inputs = std::mem::take(&mut self.state);
         if let Some(t) = table {
             inputs.insert(PAGE_POOL.into(), t);

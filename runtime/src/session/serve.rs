@@ -184,7 +184,7 @@ pub fn serve(
     o: &Serving,
     next: &mut dyn FnMut(bool) -> Arrival,
     report: &mut Report,
-) -> Result<(usize, f64), String> {
+) -> Result<ServeRun, String> {
     if let Some(drafts) = o.speculative {
         return serve_speculative(program, o, drafts, next, report);
     }
@@ -198,6 +198,7 @@ pub fn serve(
     let vocab = vocabulary(program);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut fed = vec![0u32; slots];
+    let mut decode_steps = 0;
     // The requests waiting to join: their numbers and when they arrived.
     let mut waiting: std::collections::VecDeque<(usize, Request, f64)> = Default::default();
     let (mut arrived, mut closed) = (0, false);
@@ -347,11 +348,28 @@ pub fn serve(
             // The device picks greedy tokens itself unless a request asks for log-probabilities.
             let greedy = running.iter().flatten().all(|r| r.request.sampler.plain_greedy() && !r.request.logprobs);
             logits = batch.decode(&fed, &active, greedy)?;
+            decode_steps += 1;
             started = true;
         } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
-            return Ok((joined, prefill_s));
+            let (rows_run, rows_fed) = batch.rows_decoded();
+            return Ok(ServeRun { joined, prefill_s, decode_steps, rows_run, rows_fed });
         }
     }
+}
+
+/// What a [`serve`] run did, beside its requests' generations.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServeRun {
+    /// Requests that joined a running batch (as others ended).
+    pub joined: usize,
+    /// Seconds in prefills.
+    pub prefill_s: f64,
+    /// Decode steps of the batch (none: speculative serving's passes).
+    pub decode_steps: usize,
+    /// Rows those steps ran ([`ArtifactBatch::rows_decoded`]: at most `slots` a step), and of them
+    /// the rows of sequences fed a token.
+    pub rows_run: usize,
+    pub rows_fed: usize,
 }
 
 /// Requests waiting to be served: each one's number, the request and when it arrived (seconds
@@ -395,7 +413,7 @@ fn serve_speculative(
     drafts: usize,
     next: &mut dyn FnMut(bool) -> Arrival,
     report: &mut Report,
-) -> Result<(usize, f64), String> {
+) -> Result<ServeRun, String> {
     use crate::speculative::{sequence_limit, Speculator};
     let start = std::time::Instant::now();
     // What the artifact cannot do is said before any request is taken.
@@ -449,7 +467,7 @@ fn serve_speculative(
         }
         let Some((id, r, arrived_s)) = waiting.pop_front() else {
             match closed {
-                true => return Ok((0, prefill_s)),
+                true => return Ok(ServeRun { prefill_s, ..ServeRun::default() }),
                 false => continue,
             }
         };
