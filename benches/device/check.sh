@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -29,7 +29,8 @@
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, its decode
 #    kernels one by one (`v3r bench-kernels`), a serving
-#    load on it (`v3r bench-serve`: requests joining a running batch; and prompts sharing a system
+#    load on it (`v3r bench-serve`: requests joining a running batch, then with `--every-slot` — idle
+#    slots' rows run too, the former steps; and prompts sharing a system
 #    prompt, its rows reused or not), and transformers'
 #    on the same device (hf_decode.py); 5b. training steps of a 2-layer full-width slice (`v3r
 #    bench-train`, FP8 recipe and f32 with AdamW on the device, FP8 with it on the host); 2b. tuning
@@ -563,6 +564,12 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
     if timeout 60 "$v3r" bench-serve "$slice/sm90" --random-weights 1 --requests 64 --batch 32 --prompt-tokens 128..1024 \
         --new-tokens 64 --out "$out/serve_slice.json" 2>&1 | tee -a "$log"; then
       row "5. serving (v3r)" "ok" "$(grep -o '[0-9.]* tokens/s, [0-9.]* requests/s' "$log" | tail -1) (serve_slice.json)"
+      # The A/B of leaving idle slots out of the decode steps (the default): every slot's row run.
+      if [ $((570 - SECONDS)) -ge 300 ] && timeout 60 "$v3r" bench-serve "$slice/sm90" --random-weights 1 --requests 64 \
+          --batch 32 --prompt-tokens 128..1024 --new-tokens 64 --every-slot --out "$out/serve_slice_every.json" 2>&1 \
+          | tee -a "$log"; then
+        row "5. serving, every slot (v3r)" "ok" "$(grep -o '[0-9.]* tokens/s, [0-9.]* requests/s' "$log" | tail -1) (serve_slice_every.json; decode_rows_run against serve_slice.json's)"
+      fi
     else
       row "5. serving (v3r)" "FAILED" "see check.log"
     fi

@@ -369,6 +369,12 @@ struct BenchServeArgs {
     /// Write the figures (and every request's) as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Decode steps run every slot's row, idle ones too (computed, ignored). By default a step
+    /// over a pool of pages runs the decoding sequences' rows, and as few idle ones as make a power
+    /// of two (a step staged per row count): this times what idle rows cost. Caches per sequence
+    /// (cpu artifacts, `--decode-attention rows`) always run every slot.
+    #[arg(long, conflicts_with = "speculative")]
+    every_slot: bool,
     #[command(flatten)]
     speculating: Speculating,
     /// CUDA device ordinal (GPU artifacts).
@@ -1551,6 +1557,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         prefill_budget: args.scheduling.prefill_budget,
         reuse_prefixes: !args.scheduling.no_prefix_reuse,
         speculative: drafts,
+        every_slot: args.every_slot,
         ..v3c_runtime::session::Serving::new(slots, &limits, hi, None)
     };
     let run = v3c_runtime::session::serve(program, &serving, &mut next, &mut report).map_err(at)?;
@@ -1635,7 +1642,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "prefill_budget_tokens": budget, "shared_prefix_tokens": shared.len(),
             "prompts_file": args.prompts.as_ref().map(|p| p.display().to_string()), "skipped_requests": skipped,
             "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
-            "decode_steps": run.decode_steps, "decode_rows_run": run.rows_run, "decode_rows_fed": run.rows_fed,
+            "decode_steps": run.decode_steps, "decode_rows_run": run.rows_run, "decode_rows_fed": run.rows_fed, "every_slot": args.every_slot,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
             "speculation": speculated, "per_request": per,

@@ -46,6 +46,9 @@ pub struct ArtifactBatch<'a> {
     /// Rows the decode steps ran, and of those, active sequences' ([`ArtifactBatch::rows_decoded`]).
     pub(super) rows_run: usize,
     pub(super) rows_active: usize,
+    /// Decode steps run every slot's row, as over caches per sequence, instead of the active
+    /// ones' ([`step_rows`]): the A/B of what idle rows cost (`v3r bench-serve --every-slot`).
+    pub every_slot: bool,
 }
 
 /// Whole pages of rows a sequence whose prompt is `prompt` may copy from one whose prompt was
@@ -167,6 +170,7 @@ impl<'a> ArtifactBatch<'a> {
             scored: Vec::new(),
             rows_run: 0,
             rows_active: 0,
+            every_slot: false,
         })
     }
 
@@ -564,6 +568,7 @@ impl<'a> ArtifactBatch<'a> {
                 scored: Vec::new(),
                 rows_run: 0,
                 rows_active: 0,
+                every_slot: false,
             },
             logits,
         ))
@@ -612,7 +617,7 @@ impl<'a> ArtifactBatch<'a> {
         if let Some(i) = (0..n).find(|&i| active[i] && self.positions[i] >= self.limits[i]) {
             return Err(format!("sequence {i} is full ({} tokens)", self.limits[i]));
         }
-        let rows = step_rows(active, self.layout.pool.is_some());
+        let rows = step_rows(active, self.layout.pool.is_some() && !self.every_slot);
         let at = |i: usize| if active[i] { self.positions[i] } else { self.positions[i].saturating_sub(1) } as i64;
         let table = self.layout.step(&self.positions, active, &rows)?;
         let mut inputs = std::mem::take(&mut self.state);

@@ -1310,6 +1310,38 @@ mod tests {
         assert_eq!(t, vec![8, 0, 0, 7]);
     }
 
+    /// Serving over a pool of pages, a decode step runs the decoding sequences' rows (and as few
+    /// idle ones as make a power of two): requests of 3, 12 and 6 new tokens in 3 slots run 3, then
+    /// 2, then 1 row a step; `every_slot` runs all 3 every step. The same tokens either way, each
+    /// request's alone (one sampled).
+    #[test]
+    fn decode_steps_leave_out_idle_slots_unless_every_slot_runs() {
+        let requests: Vec<ToyRequest> =
+            vec![(vec![8, 8, 2], 3, 0, None), (vec![5, 1, 9, 9, 4, 6, 2], 12, 0, Some(1)), (vec![1], 6, 0, None)];
+        let alone = toy_alone(&requests, None);
+        let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
+        for every_slot in [false, true] {
+            let toy = Toy::paged();
+            let mut queue = requests.iter().map(|(p, n, _, seed)| Request::new(p.clone(), *n, toy_sampler(*seed)));
+            let mut next = |_: bool| queue.next().map_or(Arrival::Closed, Arrival::Request);
+            let mut got = vec![Vec::new(); 3];
+            let mut report = |id: usize, p: Progress| {
+                if let Progress::Ended(g) = p {
+                    got[id] = g.tokens;
+                }
+                Ok(())
+            };
+            let serving = Serving { every_slot, ..Serving::new(3, &limits, 7, None) };
+            let run = serve(&toy, &serving, &mut next, &mut report).unwrap();
+            assert_eq!(got, alone, "every slot: {every_slot}");
+            let rows = toy.decode_rows.take();
+            let want = if every_slot { vec![3; 11] } else { [vec![3; 2], vec![2; 3], vec![1; 6]].concat() };
+            assert_eq!(rows, want, "every slot: {every_slot}");
+            let (steps, run_rows, fed) = (run.decode_steps, run.rows_run, run.rows_fed);
+            assert_eq!((steps, run_rows, fed), (11, want.iter().sum(), 2 + 11 + 5), "every slot: {every_slot}");
+        }
+    }
+
     /// A step over a pool of pages runs the active slots and the fewest others (the first ones)
     /// that make a power of two, in slot order; over caches per sequence, every slot.
     #[test]

@@ -148,14 +148,16 @@ pub struct Serving<'l> {
     /// compiled with `v3c compile --speculative`): requests are generated one at a time
     /// ([`crate::speculative::Speculator`]; `slots`, `limits` and the prefill budget do not apply).
     pub speculative: Option<usize>,
+    /// Decode steps run every slot's row, idle ones too ([`ArtifactBatch::every_slot`]).
+    pub every_slot: bool,
 }
 
 impl<'l> Serving<'l> {
     /// `slots` sequences at most, of `limits` and prompts of `max_prompt` tokens, ending at `eos`:
-    /// no prefill budget, no prefix reuse, no load told, not speculative.
+    /// no prefill budget, no prefix reuse, no load told, not speculative, the active rows run.
     pub fn new(slots: usize, limits: &'l [usize], max_prompt: usize, eos: Option<u32>) -> Serving<'l> {
         let (prefill_budget, reuse_prefixes, load, speculative) = (None, false, None, None);
-        Serving { slots, limits, max_prompt, eos, prefill_budget, reuse_prefixes, load, speculative }
+        Serving { slots, limits, max_prompt, eos, prefill_budget, reuse_prefixes, load, speculative, every_slot: false }
     }
 }
 
@@ -178,7 +180,7 @@ pub struct Load {
 /// decodes, without a budget); each ends at `eos` or its `max_new` tokens. `report(id, ...)` gets
 /// each token as it is picked, then the generation (its times from when it joined) — or why the
 /// batch cannot hold the request. Returns how many requests joined after the first decode step,
-/// and the seconds in prefills.
+/// the seconds in prefills and the rows the decode steps ran ([`ServeRun`]).
 pub fn serve(
     program: &dyn Program,
     o: &Serving,
@@ -194,6 +196,7 @@ pub fn serve(
     let budget = o.prefill_budget.unwrap_or(chunk);
     let mut batch = ArtifactBatch::open(program, slots, limits, max_prompt)?;
     batch.reuse_prefixes(o.reuse_prefixes);
+    batch.every_slot = o.every_slot;
     let (room, rows) = (batch.room(), batch.layout.rows);
     let vocab = vocabulary(program);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
