@@ -357,8 +357,15 @@ impl Metrics {
             ("v3r_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
             ("v3r_requests_running", "gauge", "Requests in the batch (joining or decoding).", self.load.running as u64),
             ("v3r_requests_waiting", "gauge", "Requests waiting to join the batch.", self.load.waiting as u64),
+            ("v3r_decode_steps_total", "counter", "Decode steps of the batch.", self.load.decode_steps as u64),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        let rows = "Rows the decode steps ran: every slot's, or (over a pool of pages) the decoding sequences' \
+                    and as few idle ones as make a power of two; `fed`, those of sequences fed a token.";
+        out.push_str(&format!("# HELP v3r_decode_rows_total {rows}\n# TYPE v3r_decode_rows_total counter\n"));
+        for (which, n) in [("run", self.load.rows_run), ("fed", self.load.rows_fed)] {
+            out.push_str(&format!("v3r_decode_rows_total{{rows=\"{which}\"}} {n}\n"));
         }
         if let Some(d) = self.speculated {
             for (name, help, value) in [
@@ -984,9 +991,20 @@ mod tests {
             m.ended(1, 0.0, Some(&s));
         }
         m.ended(3, 0.0, None);
-        m.load = crate::session::Load { running: 2, waiting: 5, cache_usage: 0.25 };
+        m.load = crate::session::Load {
+            running: 2,
+            waiting: 5,
+            cache_usage: 0.25,
+            decode_steps: 7,
+            rows_run: 12,
+            rows_fed: 9,
+        };
         let text = m.render();
         for line in [
+            "v3r_decode_steps_total 7",
+            "v3r_decode_rows_total{rows=\"run\"} 12",
+            "v3r_decode_rows_total{rows=\"fed\"} 9",
+            "# TYPE v3r_decode_rows_total counter",
             "v3r_requests_running 2",
             "v3r_requests_waiting 5",
             "v3r_kv_cache_usage_ratio 0.25",

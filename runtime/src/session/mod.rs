@@ -1173,9 +1173,13 @@ mod tests {
         let serving = Serving { load: Some(&record), ..Serving::new(3, &[80, 80, 80], 5, None) };
         serve(&toy, &serving, &mut next, &mut report).unwrap();
         let loads = loads.into_inner();
-        let load = |running, waiting, pages: f64| Load { running, waiting, cache_usage: pages / 6.0 };
+        let load = |running, waiting, pages: f64| Load { running, waiting, cache_usage: pages / 6.0, ..Load::default() };
+        let usage = |l: &Load| Load { decode_steps: 0, rows_run: 0, rows_fed: 0, ..*l };
         assert_eq!(loads[0], load(3, 1, 3.0));
-        assert!(loads.contains(&load(3, 1, 6.0)), "{loads:?}");
+        assert!(loads.iter().map(usage).any(|l| l == load(3, 1, 6.0)), "{loads:?}");
+        // The decode counts grow step by step: 3 rows a step while 3 decode.
+        assert_eq!((loads[1].decode_steps, loads[1].rows_run, loads[1].rows_fed), (1, 3, 3));
+        assert!(loads.windows(2).all(|w| w[1].decode_steps >= w[0].decode_steps && w[1].rows_run >= w[0].rows_run));
         let last = loads.last().unwrap();
         assert_eq!((last.running, last.waiting, (last.cache_usage * 6.0).round()), (1, 0, 2.0));
         assert!(loads.iter().all(|l| (l.cache_usage * 6.0 - (l.cache_usage * 6.0).round()).abs() < 1e-9));

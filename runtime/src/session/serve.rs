@@ -170,6 +170,11 @@ pub struct Load {
     /// Of the cache pages sequences may take, the share held (pages only kept prefixes hold
     /// count as free: they are given back when needed); without a pool, the share of slots taken.
     pub cache_usage: f64,
+    /// Decode steps so far, the rows they ran and of those the rows fed a token
+    /// ([`ServeRun`]'s).
+    pub decode_steps: usize,
+    pub rows_run: usize,
+    pub rows_fed: usize,
 }
 
 /// Serves requests as they arrive with at most `o.slots` sequences decoding together: `next(idle)`
@@ -302,7 +307,8 @@ pub fn serve(
         if let Some(load) = o.load {
             let running = running.iter().flatten().count();
             let cache_usage = batch.pool_usage().unwrap_or(running as f64 / slots.max(1) as f64);
-            load(Load { running, waiting: waiting.len(), cache_usage });
+            let (rows_run, rows_fed) = batch.rows_decoded();
+            load(Load { running, waiting: waiting.len(), cache_usage, decode_steps, rows_run, rows_fed });
         }
         // Each sequence's next token (those decoded: picked together); those that end leave their
         // slot.
@@ -455,7 +461,7 @@ fn serve_speculative(
         }
         if let Some(load) = o.load {
             let running = usize::from(current.is_some());
-            load(Load { running, waiting: waiting.len(), cache_usage: running as f64 });
+            load(Load { running, waiting: waiting.len(), cache_usage: running as f64, ..Load::default() });
         }
         // A pass for the running request, or the next request's start.
         let now = || start.elapsed().as_secs_f64();
