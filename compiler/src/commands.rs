@@ -2367,7 +2367,7 @@ pub fn emulate(
             let token = greedy.sample(&last);
             let mut inputs = state.clone();
             let position = tokens.len() + step;
-            if let Some(table) = layout.as_mut().map(|l| l.step(&[position], &[true])).transpose()?.flatten() {
+            if let Some(table) = layout.as_mut().map(|l| l.step(&[position], &[true], &[0])).transpose()?.flatten() {
                 inputs.insert(v3c_runtime::plan::PAGE_POOL.into(), table);
             }
             inputs.insert("tokens".into(), ids(vec![i64::from(token)]));

@@ -1173,7 +1173,8 @@ mod tests {
         let serving = Serving { load: Some(&record), ..Serving::new(3, &[80, 80, 80], 5, None) };
         serve(&toy, &serving, &mut next, &mut report).unwrap();
         let loads = loads.into_inner();
-        let load = |running, waiting, pages: f64| Load { running, waiting, cache_usage: pages / 6.0, ..Load::default() };
+        let load =
+            |running, waiting, pages: f64| Load { running, waiting, cache_usage: pages / 6.0, ..Load::default() };
         let usage = |l: &Load| Load { decode_steps: 0, rows_run: 0, rows_fed: 0, ..*l };
         assert_eq!(loads[0], load(3, 1, 3.0));
         assert!(loads.iter().map(usage).any(|l| l == load(3, 1, 6.0)), "{loads:?}");
