@@ -165,7 +165,7 @@ impl MlaDecodeAbi {
             m.check().map_err(fail)?;
         }
         for (buf, rank) in [(table, 2), (seqlens, 1), (o_part, 3), (lse, 2)] {
-            params.extend(memref(buf, rank).map_err(fail)?);
+            memref_into(&mut params, buf, rank).map_err(fail)?;
         }
         params.extend([
             Param::Value(rows as u64),
@@ -305,13 +305,13 @@ impl MlaPrefillAbi {
         }
         let mut params: Vec<Param> = (0..maps.len()).map(Param::TensorMap).collect();
         if !grad {
-            params.extend(memref(out, 2).map_err(fail)?);
+            memref_into(&mut params, out, 2).map_err(fail)?;
         }
         for b in stats {
-            params.extend(memref(b, 1).map_err(fail)?);
+            memref_into(&mut params, b, 1).map_err(fail)?;
         }
         if grad {
-            params.extend(memref(out, 2).map_err(fail)?);
+            memref_into(&mut params, out, 2).map_err(fail)?;
         }
         params.extend([Param::Value(t as u64), Param::Value(s as u64), Param::Value(u64::from(scale.to_bits()))]);
         let rows = if self.kind.per_key() { s } else { t };
@@ -391,13 +391,20 @@ impl Buf {
 
     /// Its shape seen at `rank`: leading dims collapsed (a `[T, 9, 2048]` result as `[T * 9, 2048]`).
     pub fn shape_at_rank(&self, rank: usize) -> Result<Vec<usize>, String> {
+        let (leading, rest) = self.split_at_rank(rank)?;
+        let mut shape = Vec::with_capacity(rank);
+        shape.push(leading);
+        shape.extend_from_slice(rest);
+        Ok(shape)
+    }
+
+    /// [`Buf::shape_at_rank`] without a copy: the collapsed leading dim, and the dims after it.
+    fn split_at_rank(&self, rank: usize) -> Result<(usize, &[usize]), String> {
         if rank == 0 || self.shape.len() < rank {
             return Err(format!("a buffer of shape {:?} cannot be seen as rank {rank}", self.shape));
         }
         let cut = self.shape.len() - rank;
-        let mut shape = vec![self.shape[..=cut].iter().product()];
-        shape.extend_from_slice(&self.shape[cut + 1..]);
-        Ok(shape)
+        Ok((self.shape[..=cut].iter().product(), &self.shape[cut + 1..]))
     }
 }
 
@@ -411,17 +418,22 @@ pub enum Param {
 
 /// The descriptor scalars of a memref of `rank` over `buf`.
 pub fn memref(buf: &Buf, rank: usize) -> Result<Vec<Param>, String> {
-    let shape = buf.shape_at_rank(rank)?;
-    let mut p = vec![Param::Value(buf.addr), Param::Value(buf.addr), Param::Value(0)];
-    p.extend(shape.iter().map(|&d| Param::Value(d as u64)));
-    let mut strides = vec![0u64; rank];
-    let mut s = 1u64;
-    for k in (0..rank).rev() {
-        strides[k] = s;
-        s *= shape[k] as u64;
-    }
-    p.extend(strides.into_iter().map(Param::Value));
+    let mut p = Vec::with_capacity(3 + 2 * rank);
+    memref_into(&mut p, buf, rank)?;
     Ok(p)
+}
+
+/// [`memref`]'s scalars appended to `params` (staging a run appends thousands: no vector of
+/// their own each).
+pub fn memref_into(params: &mut Vec<Param>, buf: &Buf, rank: usize) -> Result<(), String> {
+    let (leading, rest) = buf.split_at_rank(rank)?;
+    let dim = |k: usize| if k == 0 { leading } else { rest[k - 1] } as u64;
+    params.reserve(3 + 2 * rank);
+    params.extend([Param::Value(buf.addr), Param::Value(buf.addr), Param::Value(0)]);
+    params.extend((0..rank).map(|k| Param::Value(dim(k))));
+    // Row-major strides: the product of the dims after each.
+    params.extend((0..rank).map(|k| Param::Value((k + 1..rank).map(dim).product())));
+    Ok(())
 }
 
 /// A 2-D tiled TMA descriptor over a row-major `[rows, cols]` tensor whose rows are `pitch` bytes
@@ -661,15 +673,15 @@ impl GemmAbi {
             t.check().map_err(fail)?;
         }
         let mut params: Vec<Param> = (0..maps.len()).map(Param::TensorMap).collect();
-        params.extend(memref(ops.out, 2).map_err(fail)?);
+        memref_into(&mut params, ops.out, 2).map_err(fail)?;
         if self.output == "fp8" {
             return Err(fail("fp8 outputs (with their scales) are not launched by the runtime yet".into()));
         }
         if self.input == "fp8" {
             let a_scale = ops.a_scale.ok_or_else(|| fail("an fp8 GEMM without A's scales".into()))?;
             let b_scale = ops.b_scale.ok_or_else(|| fail("an fp8 GEMM without B's scales".into()))?;
-            params.extend(memref(a_scale, 2).map_err(fail)?);
-            params.extend(memref(b_scale, 2).map_err(fail)?);
+            memref_into(&mut params, a_scale, 2).map_err(fail)?;
+            memref_into(&mut params, b_scale, 2).map_err(fail)?;
         }
         fn need<'b>(b: Option<&'b Buf>, kernel: &str, what: &str) -> Result<&'b Buf, String> {
             b.ok_or_else(|| format!("{kernel}: no {what} operand"))
@@ -677,14 +689,14 @@ impl GemmAbi {
         match self.grouping.as_str() {
             "dense" => {}
             "contiguous" => {
-                params.extend(memref(need(ops.offsets, kernel, "offsets")?, 1).map_err(fail)?);
+                memref_into(&mut params, need(ops.offsets, kernel, "offsets")?, 1).map_err(fail)?;
                 if self.scatter {
-                    params.extend(memref(need(ops.perm, kernel, "permutation")?, 1).map_err(fail)?);
+                    memref_into(&mut params, need(ops.perm, kernel, "permutation")?, 1).map_err(fail)?;
                 }
             }
             "gather" => {
-                params.extend(memref(need(ops.offsets, kernel, "offsets")?, 1).map_err(fail)?);
-                params.extend(memref(need(ops.perm, kernel, "permutation")?, 1).map_err(fail)?);
+                memref_into(&mut params, need(ops.offsets, kernel, "offsets")?, 1).map_err(fail)?;
+                memref_into(&mut params, need(ops.perm, kernel, "permutation")?, 1).map_err(fail)?;
             }
             other => return Err(fail(format!("{other} grouping is not launched by the runtime yet"))),
         }
@@ -693,13 +705,13 @@ impl GemmAbi {
             if range.elements() != 2 || range.element != "i32" {
                 return Err(fail(format!("a K range of {:?} {} (two i32 wanted)", range.shape, range.element)));
             }
-            params.extend(memref(range, 1).map_err(fail)?);
+            memref_into(&mut params, range, 1).map_err(fail)?;
         }
         if self.row_scale {
-            params.extend(memref(need(ops.row_scale, kernel, "row scale")?, 1).map_err(fail)?);
+            memref_into(&mut params, need(ops.row_scale, kernel, "row scale")?, 1).map_err(fail)?;
         }
         if self.residual {
-            params.extend(memref(need(ops.residual, kernel, "residual")?, 2).map_err(fail)?);
+            memref_into(&mut params, need(ops.residual, kernel, "residual")?, 2).map_err(fail)?;
         }
         if self.split_k {
             let splits = self.splits(p, sms);
@@ -714,8 +726,8 @@ impl GemmAbi {
                 shape: vec![s.counters],
                 element: "i32".into(),
             };
-            params.extend(memref(&ws, 3).map_err(fail)?);
-            params.extend(memref(&counters, 1).map_err(fail)?);
+            memref_into(&mut params, &ws, 3).map_err(fail)?;
+            memref_into(&mut params, &counters, 1).map_err(fail)?;
             params.push(Param::Value(splits as u64));
         }
         params.push(Param::Value(k as u64));

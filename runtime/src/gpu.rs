@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::abi::{memref, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
+use crate::abi::{memref, memref_into, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
 use crate::artifact::Artifact;
 use crate::host::{HostBuffer, HostData};
 use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, RopeTableSpec};
@@ -122,6 +122,9 @@ pub struct Expander<'a> {
     pub artifact: &'a Artifact,
     abis: HashMap<&'a str, &'a KernelAbi>,
     fused: HashMap<&'a str, &'a FusedLowering>,
+    /// Per fused kernel with a RoPE table, the key its table is bound under ([`rope_key`]: made
+    /// once, not per launch).
+    rope_keys: HashMap<&'a str, String>,
 }
 
 impl<'a> Expander<'a> {
@@ -139,7 +142,14 @@ impl<'a> Expander<'a> {
             abis.insert(k.name.as_str(), abi);
         }
         let fused = lowering.kernels.iter().map(|f| (f.fused.as_str(), f)).collect();
-        Ok(Expander { artifact, abis, fused })
+        let rope_keys =
+            lowering.kernels.iter().filter_map(|f| Some((f.fused.as_str(), rope_key(f.rope_table.as_ref()?)))).collect();
+        Ok(Expander { artifact, abis, fused, rope_keys })
+    }
+
+    /// Rows of every RoPE table: a position for each the plans reach.
+    fn rope_rows(&self) -> usize {
+        self.artifact.plan.entries.iter().map(|e| e.sizes.context + e.sizes.rows).max().unwrap_or(0).max(1)
     }
 
     pub fn entry(&self, name: &str) -> Result<&'a EntryPlan, String> {
@@ -235,8 +245,7 @@ impl<'a> Expander<'a> {
     /// Every RoPE table the entries read (spec, rows: every position the plans reach).
     pub fn rope_tables(&self) -> Vec<(RopeTableSpec, usize)> {
         let mut out: Vec<(RopeTableSpec, usize)> = Vec::new();
-        let positions =
-            self.artifact.plan.entries.iter().map(|e| e.sizes.context + e.sizes.rows).max().unwrap_or(0).max(1);
+        let positions = self.rope_rows();
         for f in self.fused.values() {
             if let Some(t) = &f.rope_table {
                 if !out.iter().any(|(o, _)| rope_key(o) == rope_key(t)) {
@@ -295,7 +304,7 @@ impl<'a> Expander<'a> {
         let mut scratch = SplitScratch::default();
         let decode = entry.name == "decode";
         // Every RoPE table has the rows of every position the plans reach (see `rope_tables`).
-        let rope_rows = self.rope_tables().first().map_or(0, |(_, rows)| *rows);
+        let rope_rows = self.rope_rows();
         for (li, l) in entry.launches.iter().enumerate() {
             let f = self.lowering_of(&l.kernel)?;
             let at = |what: String| format!("{} launch {li} ({}): {what}", entry.name, l.kernel);
@@ -371,10 +380,9 @@ impl<'a> Expander<'a> {
                         }
                         OperandSpec::RopeTable => {
                             let t = f.rope_table.as_ref().ok_or_else(|| at("no RoPE table".into()))?;
-                            let addr = *bindings
-                                .rope
-                                .get(&rope_key(t))
-                                .ok_or_else(|| at("the RoPE table is not bound".into()))?;
+                            let key = self.rope_keys.get(l.kernel.as_str()).ok_or_else(|| at("no RoPE table".into()))?;
+                            let addr =
+                                *bindings.rope.get(key).ok_or_else(|| at("the RoPE table is not bound".into()))?;
                             Buf { addr, shape: vec![rope_rows, t.dim], element: "f32".into() }
                         }
                     });
@@ -399,9 +407,9 @@ impl<'a> Expander<'a> {
                                 ops.len()
                             )));
                         }
-                        let mut params = Vec::new();
+                        let mut params = Vec::with_capacity(ranks.iter().map(|r| 3 + 2 * r).sum());
                         for (b, &r) in ops.iter().zip(ranks) {
-                            params.extend(memref(b, r).map_err(|e| at(format!("{kernel}: {e}")))?);
+                            memref_into(&mut params, b, r).map_err(|e| at(format!("{kernel}: {e}")))?;
                         }
                         let grid = match spec.blocks {
                             Blocks::One => 1,
