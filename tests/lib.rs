@@ -91,7 +91,7 @@ pub fn candidates_launch_as_their_ptx_declares(cands: &std::path::Path) {
             // The launch `v3r tune` makes for the problem, over made-up addresses.
             use v3c_runtime::abi::{Buf, GemmOperands};
             let el = if abi.input == "fp8" { "f8E4M3FN" } else { "bf16" };
-            let buf = |shape: Vec<usize>, element: &str| Buf { addr: 1 << 40, shape, element: element.into() };
+            let buf = |shape: Vec<usize>, element: &'static str| Buf { addr: 1 << 40, shape, element };
             let (offsets, perm) = match p.grouped {
                 Some(r) => v3c_runtime::tuning::route(p.m, r, 1),
                 None => (vec![0, p.m as i32], Vec::new()),

@@ -241,7 +241,7 @@ fn mapped(l: &KernelLaunch, i: usize) -> Result<RawBuffer, String> {
     if m.pitch != m.cols * m.element_bytes() {
         return Err(format!("{}: tensor map {i} has rows {} bytes apart (read as contiguous)", l.kernel, m.pitch));
     }
-    Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.clone() })
+    Ok(RawBuffer { ptr: m.addr as *mut (), shape: vec![m.rows, m.cols], element: m.element.to_string() })
 }
 
 /// What a GEMM template launch computes, read from its parameters as the kernel reads them (tensor
@@ -926,10 +926,10 @@ mod tests {
         let lens: Vec<i32> = vec![tokens as i32, 3 * 64, 5 * 64 + 1];
         let mut o_part = vec![f32::NAN; splits * b * per * kv];
         let mut lse = vec![f32::NAN; splits * b * per];
-        let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
+        let buf = |addr: *const u8, shape: &[usize], element: &'static str| Buf {
             addr: addr as u64,
             shape: shape.to_vec(),
-            element: element.into(),
+            element,
         };
         let ops = [
             buf(q.as_ptr() as *const u8, &[b * per, width], "bf16"),
@@ -1118,10 +1118,10 @@ mod tests {
                 bf16(heads * s * v, 3, 2.0),
                 bf16(heads * t * v, 4, 1.0),
             );
-            let buf = |addr: *const u8, shape: &[usize], element: &str| Buf {
+            let buf = |addr: *const u8, shape: &[usize], element: &'static str| Buf {
                 addr: addr as u64,
                 shape: shape.to_vec(),
-                element: element.into(),
+                element,
             };
             let (bq, bk, bv, bd) = (
                 buf(q.as_ptr() as *const u8, &[heads * t, qk], "bf16"),

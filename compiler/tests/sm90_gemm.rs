@@ -784,10 +784,10 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 struct Host(v3c_compiler::emulate::HostMemory);
 
 impl Host {
-    fn buf(&mut self, bytes: &[u8], shape: &[usize], element: &str) -> v3c_runtime::abi::Buf {
+    fn buf(&mut self, bytes: &[u8], shape: &[usize], element: &'static str) -> v3c_runtime::abi::Buf {
         use v3c_runtime::gpu::Memory;
         let addr = self.0.upload(bytes, element).unwrap();
-        v3c_runtime::abi::Buf { addr, shape: shape.to_vec(), element: element.into() }
+        v3c_runtime::abi::Buf { addr, shape: shape.to_vec(), element }
     }
 
     fn f32s(&mut self, v: &[f32], shape: &[usize]) -> v3c_runtime::abi::Buf {

@@ -380,8 +380,24 @@ impl GemmAbi {
 pub struct Buf {
     pub addr: u64,
     pub shape: Vec<usize>,
-    /// MLIR element type name (`f32`, `bf16`, `f8E4M3FN`, `i32`, `i64`).
-    pub element: String,
+    /// MLIR element type name (`f32`, `bf16`, `f8E4M3FN`, `i32`, `i64`; [`element_name`]).
+    pub element: &'static str,
+}
+
+/// The element type names buffers and tensor maps take, as the one `&'static str` each (staging a
+/// run copies thousands of buffers: no string of their own each); None for a name of none.
+pub fn element_name(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "f32" => "f32",
+        "i32" => "i32",
+        "bf16" => "bf16",
+        "f16" => "f16",
+        "f8E4M3FN" => "f8E4M3FN",
+        "i8" => "i8",
+        "i64" => "i64",
+        "u8" => "u8",
+        _ => return None,
+    })
 }
 
 impl Buf {
@@ -445,7 +461,7 @@ pub struct TensorMapSpec {
     pub rows: usize,
     pub cols: usize,
     /// `bf16` or `f8E4M3FN` / `i8` (encoded as 8-bit unsigned: TMA copies bytes).
-    pub element: String,
+    pub element: &'static str,
     pub box_rows: usize,
     pub box_cols: usize,
     /// Bytes from one row to the next (`cols` elements where the rows are contiguous).
@@ -456,9 +472,13 @@ pub struct TensorMapSpec {
 
 impl TensorMapSpec {
     /// A map over contiguous rows, boxes 128-byte swizzled.
-    pub fn new(addr: u64, [rows, cols]: [usize; 2], element: &str, [box_rows, box_cols]: [usize; 2]) -> TensorMapSpec {
-        let mut t =
-            TensorMapSpec { addr, rows, cols, element: element.into(), box_rows, box_cols, pitch: 0, swizzle: true };
+    pub fn new(
+        addr: u64,
+        [rows, cols]: [usize; 2],
+        element: &'static str,
+        [box_rows, box_cols]: [usize; 2],
+    ) -> TensorMapSpec {
+        let mut t = TensorMapSpec { addr, rows, cols, element, box_rows, box_cols, pitch: 0, swizzle: true };
         t.pitch = cols * t.element_bytes();
         t
     }
@@ -780,8 +800,8 @@ pub fn ptx_entry_params(ptx: &str, kernel: &str) -> Result<usize, String> {
 mod tests {
     use super::*;
 
-    fn buf(addr: u64, shape: &[usize], element: &str) -> Buf {
-        Buf { addr, shape: shape.to_vec(), element: element.into() }
+    fn buf(addr: u64, shape: &[usize], element: &'static str) -> Buf {
+        Buf { addr, shape: shape.to_vec(), element }
     }
 
     #[test]
@@ -1017,7 +1037,7 @@ mod tests {
         let rows = b * pages * 64;
         let m = &l.tensor_maps;
         assert_eq!((m[1].addr, m[1].rows, m[1].cols, m[1].pitch, m[1].swizzle), (0x20000, rows, 512, 656, false));
-        assert_eq!((m[1].box_rows, m[1].box_cols, m[1].element.as_str()), (64, 128, "i8"));
+        assert_eq!((m[1].box_rows, m[1].box_cols, m[1].element), (64, 128, "i8"));
         assert_eq!((m[2].addr, m[2].rows, m[2].cols, m[2].pitch, m[2].swizzle), (0x20000 + 528, rows, 64, 656, true));
         let scales: Vec<Param> = [0x20000, 0x20000 + 512, 0, rows, 4, 164, 1].map(|v| Param::Value(v as u64)).to_vec();
         assert_eq!(&l.params[..4], &[Param::TensorMap(0), Param::TensorMap(1), Param::TensorMap(2), scales[0]]);

@@ -698,7 +698,7 @@ impl GpuArtifact {
         let logits = crate::abi::Buf {
             addr: self.bindings.arena + offset,
             shape: shape_at(&b.dims, sizes),
-            element: b.dtype.clone(),
+            element: crate::abi::element_name(&b.dtype).ok_or_else(|| format!("logits of {}", b.dtype))?,
         };
         let rows = logits.shape.first().copied().unwrap_or(0);
         let mut idx = self.argmax_out.borrow_mut();

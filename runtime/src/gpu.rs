@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::abi::{memref, memref_into, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
+use crate::abi::{element_name, memref, memref_into, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
 use crate::artifact::Artifact;
 use crate::host::{HostBuffer, HostData};
 use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, RopeTableSpec};
@@ -142,8 +142,11 @@ impl<'a> Expander<'a> {
             abis.insert(k.name.as_str(), abi);
         }
         let fused = lowering.kernels.iter().map(|f| (f.fused.as_str(), f)).collect();
-        let rope_keys =
-            lowering.kernels.iter().filter_map(|f| Some((f.fused.as_str(), rope_key(f.rope_table.as_ref()?)))).collect();
+        let rope_keys = lowering
+            .kernels
+            .iter()
+            .filter_map(|f| Some((f.fused.as_str(), rope_key(f.rope_table.as_ref()?))))
+            .collect();
         Ok(Expander { artifact, abis, fused, rope_keys })
     }
 
@@ -319,7 +322,7 @@ impl<'a> Expander<'a> {
                     BufferKind::Weight { name } => bindings.weights.get(name).copied().unwrap_or(0),
                     BufferKind::Arena { offset } => bindings.arena + offset,
                 };
-                let (shape, element) = crate::plan::physical(shape_at(&b.dims, sizes), &b.dtype);
+                let (shape, element) = crate::plan::physical(shape_at(&b.dims, sizes), &b.dtype).map_err(at)?;
                 Ok(Buf { addr, shape, element })
             };
             // The fused kernel's temporaries, laid out in the shared region as at the planned sizes
@@ -344,7 +347,8 @@ impl<'a> Expander<'a> {
                         room[i]
                     )));
                 }
-                temps.push(Buf { addr: bindings.temps + offsets[i] as u64, shape, element: t.dtype.clone() });
+                let element = element_name(&t.dtype).ok_or_else(|| at(format!("temporary {i} of {}", t.dtype)))?;
+                temps.push(Buf { addr: bindings.temps + offsets[i] as u64, shape, element });
             }
             for (si, spec) in f.launches.iter().enumerate() {
                 let at = |what: String| at(format!("step {si}: {what}"));
@@ -367,7 +371,7 @@ impl<'a> Expander<'a> {
                                 return Err(at(format!("rows {first}..{} of a temporary of {all}", first + rows)));
                             }
                             let offset = (first * cols * element_bytes(&t.element)?) as u64;
-                            Buf { addr: t.addr + offset, shape: vec![rows, cols], element: t.element.clone() }
+                            Buf { addr: t.addr + offset, shape: vec![rows, cols], element: t.element }
                         }
                         OperandSpec::TempRowsOf { temp, arg } => {
                             let t: &Buf = temps.get(temp).ok_or_else(|| at(format!("temporary {temp} missing")))?;
@@ -376,11 +380,12 @@ impl<'a> Expander<'a> {
                             if rows > t.shape[0] {
                                 return Err(at(format!("{rows} rows of a temporary of {}", t.shape[0])));
                             }
-                            Buf { addr: t.addr, shape: vec![rows, t.shape[1]], element: t.element.clone() }
+                            Buf { addr: t.addr, shape: vec![rows, t.shape[1]], element: t.element }
                         }
                         OperandSpec::RopeTable => {
                             let t = f.rope_table.as_ref().ok_or_else(|| at("no RoPE table".into()))?;
-                            let key = self.rope_keys.get(l.kernel.as_str()).ok_or_else(|| at("no RoPE table".into()))?;
+                            let key =
+                                self.rope_keys.get(l.kernel.as_str()).ok_or_else(|| at("no RoPE table".into()))?;
                             let addr =
                                 *bindings.rope.get(key).ok_or_else(|| at("the RoPE table is not bound".into()))?;
                             Buf { addr, shape: vec![rope_rows, t.dim], element: "f32".into() }
@@ -488,7 +493,9 @@ impl<'a> Expander<'a> {
                                     .prepared
                                     .get(&p.key)
                                     .ok_or_else(|| at(format!("prepared weight {} is not bound", p.key)))?;
-                                let b = Buf { addr, shape: vec![p.rows, p.k], element: p.element.clone() };
+                                let element = element_name(&p.element)
+                                    .ok_or_else(|| at(format!("prepared weight {} of {}", p.key, p.element)))?;
+                                let b = Buf { addr, shape: vec![p.rows, p.k], element };
                                 let s = match (p.scaled, scale) {
                                     (true, Some(addr)) => Some(Buf {
                                         addr,

@@ -502,7 +502,7 @@ impl GemmBench {
         };
         let in_el = if fp8 { "f8E4M3FN" } else { "bf16" };
         let mut held = Vec::new();
-        let buf = |addr: u64, shape: Vec<usize>, element: &str| Buf { addr, shape, element: element.into() };
+        let buf = |addr: u64, shape: Vec<usize>, element: &'static str| Buf { addr, shape, element };
         let a = buf(upload(&ops.a, "A", &mut held)?, vec![a_rows, k], in_el);
         let a2 = match &ops.a2 {
             Some(a2) => Some(buf(upload(a2, "the second A", &mut held)?, vec![a_rows, k], in_el)),
@@ -591,7 +591,7 @@ impl Bench for GemmBench {
     }
 
     fn output(&self) -> Result<Vec<f32>, String> {
-        match self.out_buf.element.as_str() {
+        match self.out_buf.element {
             "bf16" => download_bf16(self.out.ptr, self.out_rows * self.n_out, "reading the output"),
             _ => download(self.out.ptr, self.out_rows * self.n_out, "reading the output"),
         }
@@ -1225,6 +1225,11 @@ fn check_argmax(
     Ok(())
 }
 
+/// A row kernel operand's element type, as buffers name it.
+fn operand_element(element: &str) -> Result<&'static str, String> {
+    crate::abi::element_name(element).ok_or_else(|| format!("a row kernel operand of {element}"))
+}
+
 /// Bytes of one element of a row kernel operand.
 fn row_element_bytes(element: &str) -> Result<usize, String> {
     match element {
@@ -1249,7 +1254,7 @@ impl RowBench {
                     let d = DeviceBuffer::new(size.max(1), &o.name)?;
                     let addr = d.ptr;
                     held.push(d);
-                    outputs.push(Buf { addr, shape: o.shape.clone(), element: o.element.clone() });
+                    outputs.push(Buf { addr, shape: o.shape.clone(), element: operand_element(&o.element)? });
                     addr
                 }
                 (false, element) => {
@@ -1280,8 +1285,8 @@ pub fn row_launch(problem: &crate::tuning::RowProblem, name: &str, addrs: &[u64]
         .operands
         .iter()
         .zip(addrs)
-        .map(|(o, &addr)| Buf { addr, shape: o.shape.clone(), element: o.element.clone() })
-        .collect();
+        .map(|(o, &addr)| Ok(Buf { addr, shape: o.shape.clone(), element: operand_element(&o.element)? }))
+        .collect::<Result<_, String>>()?;
     let mut params = Vec::new();
     for b in &bufs {
         params.extend(crate::abi::memref(b, b.shape.len()).map_err(|e| format!("{name}: {e}"))?);
@@ -1312,7 +1317,7 @@ impl Bench for RowBench {
             let mut bytes = vec![0u8; n * row_element_bytes(&o.element)?];
             // SAFETY: the buffer holds these bytes (allocated for them).
             unsafe { result::memcpy_dtoh_sync(&mut bytes, o.addr) }.map_err(cuda("reading the output"))?;
-            match o.element.as_str() {
+            match o.element {
                 "i8" => all.extend(bytes.iter().map(|&b| v3c_models::dtype::f8e4m3_to_f32(b))),
                 "i32" => all.extend(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)),
                 _ => all.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),

@@ -109,8 +109,8 @@ impl OptimizerKernels {
     }
 }
 
-fn flat(addr: u64, n: usize, element: &str) -> Buf {
-    Buf { addr, shape: vec![n], element: element.into() }
+fn flat(addr: u64, n: usize, element: &'static str) -> Buf {
+    Buf { addr, shape: vec![n], element }
 }
 
 /// One trained parameter on the device.

@@ -598,14 +598,14 @@ pub fn tensor_bytes(shape: &[usize], dtype: &str) -> Option<u64> {
 
 /// A tensor as kernels see it: a [`LATENT_FP8`] cache `[.., C]` as its bytes `[.., row bytes]` of
 /// `i8`; others as they are.
-pub fn physical(mut shape: Vec<usize>, dtype: &str) -> (Vec<usize>, String) {
+pub fn physical(mut shape: Vec<usize>, dtype: &str) -> Result<(Vec<usize>, &'static str), String> {
     match shape.last().copied().and_then(Fp8LatentRow::of) {
         Some(row) if dtype == LATENT_FP8 => {
             let last = shape.len() - 1;
             shape[last] = row.bytes();
-            (shape, "i8".into())
+            Ok((shape, "i8"))
         }
-        _ => (shape, dtype.to_string()),
+        _ => Ok((shape, crate::abi::element_name(dtype).ok_or_else(|| format!("a buffer of {dtype}"))?)),
     }
 }
 
@@ -728,7 +728,7 @@ mod tests {
         assert_eq!(Fp8LatentRow::of(128 + 64).unwrap().bytes(), 128 + 16 + 128);
         assert!(Fp8LatentRow::of(96).is_none() && Fp8LatentRow::of(32).is_none());
         assert_eq!(tensor_bytes(&[2, 64, 576], LATENT_FP8), Some(2 * 64 * 656));
-        assert_eq!(physical(vec![2, 64, 576], LATENT_FP8), (vec![2, 64, 656], "i8".to_string()));
+        assert_eq!(physical(vec![2, 64, 576], LATENT_FP8), Ok((vec![2, 64, 656], "i8")));
         // Groups of very different magnitudes, a zero group, the RoPE key.
         let values: Vec<f32> = (0..576)
             .map(|i| match i / 128 {

@@ -152,7 +152,7 @@ impl<'c> HostRows<'c> {
                     Operand::TempRowsOf { temp, arg } => {
                         let t = temps[temp].raw();
                         let x = ins.get(arg).ok_or_else(|| format!("argument {arg} missing"))?;
-                        let seen = v3c_runtime::abi::Buf { addr: 0, shape: x.shape.clone(), element: String::new() };
+                        let seen = v3c_runtime::abi::Buf { addr: 0, shape: x.shape.clone(), element: "" };
                         let rows = seen.shape_at_rank(2)?[0];
                         if rows > t.shape[0] {
                             return Err(format!("{rows} rows of a temporary of {}", t.shape[0]));
@@ -162,7 +162,7 @@ impl<'c> HostRows<'c> {
                     Operand::RopeTable => table.as_mut().ok_or("a RoPE operand without a table")?.raw(),
                 };
                 // Seen at the argument's rank as the runtime sees it (its own rule).
-                let seen = v3c_runtime::abi::Buf { addr: 0, shape: buffer.shape.clone(), element: String::new() }
+                let seen = v3c_runtime::abi::Buf { addr: 0, shape: buffer.shape.clone(), element: "" }
                     .shape_at_rank(rank)
                     .map_err(|e| format!("step {:?}: {e}", step.operands))?;
                 raw.push(RawBuffer { shape: seen, ..buffer });

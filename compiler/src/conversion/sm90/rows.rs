@@ -4109,7 +4109,8 @@ mod tests {
         let module = v3c_ptxsim::Module::parse(&gpu.ptx).unwrap();
         let (mut params, mut regions) = (Vec::new(), Vec::new());
         for b in buffers {
-            let buf = v3c_runtime::abi::Buf { addr: b.ptr as u64, shape: b.shape.clone(), element: b.element.clone() };
+            let element = v3c_runtime::abi::element_name(&b.element).unwrap();
+            let buf = v3c_runtime::abi::Buf { addr: b.ptr as u64, shape: b.shape.clone(), element };
             for p in v3c_runtime::abi::memref(&buf, b.shape.len()).unwrap() {
                 let v3c_runtime::abi::Param::Value(v) = p else { unreachable!("a memref is values") };
                 params.push(v);
