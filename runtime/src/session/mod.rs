@@ -1318,15 +1318,24 @@ mod tests {
     /// Serving over a pool of pages, a decode step runs the decoding sequences' rows (and as few
     /// idle ones as make a power of two): requests of 3, 12 and 6 new tokens in 3 slots run 3, then
     /// 2, then 1 row a step; `every_slot` runs all 3 every step. The same tokens either way, each
-    /// request's alone (one sampled).
+    /// request's alone (one sampled; all greedy where the device picks them, its picks spread back
+    /// to the slots).
     #[test]
     fn decode_steps_leave_out_idle_slots_unless_every_slot_runs() {
-        let requests: Vec<ToyRequest> =
-            vec![(vec![8, 8, 2], 3, 0, None), (vec![5, 1, 9, 9, 4, 6, 2], 12, 0, Some(1)), (vec![1], 6, 0, None)];
-        let alone = toy_alone(&requests, None);
-        let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
-        for every_slot in [false, true] {
-            let toy = Toy::paged();
+        for (every_slot, on_device) in [(false, false), (true, false), (false, true)] {
+            let seed = (!on_device).then_some(1);
+            let requests: Vec<ToyRequest> =
+                vec![(vec![8, 8, 2], 3, 0, None), (vec![5, 1, 9, 9, 4, 6, 2], 12, 0, seed), (vec![1], 6, 0, None)];
+            let alone = toy_alone(&requests, None);
+            let limits: Vec<usize> = requests.iter().map(|(p, n, _, _)| p.len() + n).collect();
+            let toy = match on_device {
+                false => Toy::paged(),
+                true => {
+                    let mut t = Toy::paged();
+                    (t.keeps, t.argmax) = (true, true);
+                    one_element(t)
+                }
+            };
             let mut queue = requests.iter().map(|(p, n, _, seed)| Request::new(p.clone(), *n, toy_sampler(*seed)));
             let mut next = |_: bool| queue.next().map_or(Arrival::Closed, Arrival::Request);
             let mut got = vec![Vec::new(); 3];
@@ -1338,12 +1347,15 @@ mod tests {
             };
             let serving = Serving { every_slot, ..Serving::new(3, &limits, 7, None) };
             let run = serve(&toy, &serving, &mut next, &mut report).unwrap();
-            assert_eq!(got, alone, "every slot: {every_slot}");
+            assert_eq!(got, alone, "every slot: {every_slot}, on the device: {on_device}");
             let rows = toy.decode_rows.take();
             let want = if every_slot { vec![3; 11] } else { [vec![3; 2], vec![2; 3], vec![1; 6]].concat() };
             assert_eq!(rows, want, "every slot: {every_slot}");
             let (steps, run_rows, fed) = (run.decode_steps, run.rows_run, run.rows_fed);
             assert_eq!((steps, run_rows, fed), (11, want.iter().sum(), 2 + 11 + 5), "every slot: {every_slot}");
+            if on_device {
+                assert_eq!(*toy.logits_read.borrow(), 0, "the device picked every token");
+            }
         }
     }
 
