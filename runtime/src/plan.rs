@@ -729,6 +729,12 @@ mod tests {
         assert!(Fp8LatentRow::of(96).is_none() && Fp8LatentRow::of(32).is_none());
         assert_eq!(tensor_bytes(&[2, 64, 576], LATENT_FP8), Some(2 * 64 * 656));
         assert_eq!(physical(vec![2, 64, 576], LATENT_FP8), Ok((vec![2, 64, 656], "i8")));
+        // Every element type a plan's buffers may have is a buffer's; others are named.
+        for dtype in ["f32", "i32", "bf16", "f16", "f8E4M3FN", "i8", "i64"] {
+            assert!(element_bytes(dtype).is_some(), "{dtype}");
+            assert_eq!(physical(vec![3], dtype), Ok((vec![3], dtype)));
+        }
+        assert_eq!(physical(vec![3], "f4E2M1FN"), Err("a buffer of f4E2M1FN".to_string()));
         // Groups of very different magnitudes, a zero group, the RoPE key.
         let values: Vec<f32> = (0..576)
             .map(|i| match i / 128 {
