@@ -270,9 +270,9 @@ impl Sampler {
     /// and no min-p, every token in id order, weighted exp((logit - max) / T); else the most
     /// probable tokens (ties: the lower id first), in that order: the top k (when given), then of
     /// those the nucleus, the first whose weights reach top-p of theirs, then of those the ones
-    /// with at least min-p of the largest weight. The nucleus is found by sorting only the most
-    /// probable (64, then 8 times as many while they fall short), not the whole vocabulary (129280
-    /// tokens for DeepSeek-V3).
+    /// with at least min-p of the largest weight. The nucleus is found by binning the weights and
+    /// sorting only the tokens of the top bins that reach top-p ([`nucleus`]), not the whole
+    /// vocabulary (129280 tokens for DeepSeek-V3).
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let logits = self.shape(logits);
         if self.greedy() {
@@ -326,8 +326,20 @@ impl Sampler {
 
 /// Cuts `weights` to the most probable tokens, sorted by `by`, whose weights first reach `top_p`
 /// of all of theirs.
+///
+/// The weights (in (0, 1]: the largest is exp(0)) are binned by their top bits ([`weight_bin`]:
+/// exponent and 3 bits of mantissa, so binning keeps their order) with each bin's mass: the bins
+/// from the top down to the first that brings the mass to `top_p` hold every token of the nucleus,
+/// and every token outside them weighs less than every token in them — so those tokens, sorted,
+/// are a prefix of the full sort. One pass to bin, one to keep the candidates, a sort of a few of
+/// them (where rounding leaves the candidates' own sum short, or a weight is NaN, the tokens are
+/// sorted in growing rounds of the most probable instead: 64, then 8 times as many).
 fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32, by: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering) {
     let want = f64::from(top_p) * weights.iter().map(|w| f64::from(w.1)).sum::<f64>();
+    if let Some(kept) = nucleus_by_bins(weights, want, &by) {
+        *weights = kept;
+        return;
+    }
     let n = weights.len();
     let mut k = n.min(64);
     loop {
@@ -350,6 +362,42 @@ fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32, by: impl Fn(&(u32, f32), &
     }
 }
 
+/// A weight's bin: its sign, exponent and 3 mantissa bits (non-negative floats order as their bits).
+fn weight_bin(w: f32) -> usize {
+    (w.to_bits() >> 20) as usize
+}
+
+/// [`nucleus`] by bins: the nucleus when the candidates reach `want` in sorted order, else None.
+fn nucleus_by_bins(
+    weights: &[(u32, f32)],
+    want: f64,
+    by: &impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering,
+) -> Option<Vec<(u32, f32)>> {
+    const BINS: usize = 1 << 12;
+    let mut mass = vec![0.0f64; BINS];
+    for w in weights {
+        // Negative and NaN weights (no exp gives them) go to the fallback's care.
+        if !(w.1 >= 0.0) {
+            return None;
+        }
+        mass[weight_bin(w.1)] += f64::from(w.1);
+    }
+    let mut reached = 0.0f64;
+    let cut = (0..BINS).rev().find(|&b| {
+        reached += mass[b];
+        reached >= want
+    })?;
+    let mut kept: Vec<(u32, f32)> = weights.iter().filter(|w| weight_bin(w.1) >= cut).copied().collect();
+    kept.sort_unstable_by(by);
+    let mut sum = 0.0f64;
+    let end = kept.iter().position(|w| {
+        sum += f64::from(w.1);
+        sum >= want
+    })?;
+    kept.truncate(end + 1);
+    Some(kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -367,10 +415,11 @@ mod tests {
         assert!(draw(6).iter().all(|&t| t != 2));
     }
 
-    /// The nucleus found by sorting only the most probable tokens is a full sort's: the same
-    /// tokens in the same order (ties to the lower id), cut where their weights first reach top-p
-    /// of all — over a vocabulary of DeepSeek-V3's size with a peaked row, a flat one, and ties;
-    /// top-p 1 gives every token in id order; draws follow the weights.
+    /// The nucleus found by binning the weights and sorting only the most probable tokens is a
+    /// full sort's: the same tokens in the same order (ties to the lower id), cut where their
+    /// weights first reach top-p of all — over a vocabulary of DeepSeek-V3's size with a peaked
+    /// row, a flat one, ties and a NaN; top-p 1 gives every token in id order; draws follow the
+    /// weights.
     #[test]
     fn the_nucleus_is_a_full_sorts_prefix() {
         let vocab = 129_280;
@@ -379,7 +428,10 @@ mod tests {
             (0..vocab).map(|i| if hash(i) % 300 == 0 { 6.0 + (hash(i) % 97) as f32 / 30.0 } else { -3.0 }).collect();
         let flat: Vec<f32> = (0..vocab).map(|i| (hash(i) % 1000) as f32 / 1000.0).collect();
         let ties: Vec<f32> = (0..vocab).map(|i| (i % 3) as f32).collect();
-        for (name, logits) in [("peaked", &peaked), ("flat", &flat), ("ties", &ties)] {
+        // A NaN logit: binning gives up, the rounds of sorts answer.
+        let mut nan = peaked.clone();
+        nan[77] = f32::NAN;
+        for (name, logits) in [("peaked", &peaked), ("flat", &flat), ("ties", &ties), ("nan", &nan)] {
             for top_p in [0.05f32, 0.5, 0.9, 0.999, 1.0] {
                 let sampler = Sampler::new(0.8, top_p, 0);
                 let got = sampler.distribution(logits);
@@ -396,7 +448,9 @@ mod tests {
                     });
                     all.truncate(cut.map_or(vocab, |c| c + 1));
                 }
-                assert_eq!(got, all, "{name}, top-p {top_p}");
+                // As bits: a NaN weight equals itself.
+                let bits = |d: &[(u32, f32)]| d.iter().map(|w| (w.0, w.1.to_bits())).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&all), "{name}, top-p {top_p}");
             }
         }
         // Draws in proportion: three tokens of weights 1, 2, 1 (others far below).
