@@ -377,7 +377,7 @@ fn nucleus_by_bins(
     let mut mass = vec![0.0f64; BINS];
     for w in weights {
         // Negative and NaN weights (no exp gives them) go to the fallback's care.
-        if !(w.1 >= 0.0) {
+        if w.1.is_nan() || w.1 < 0.0 {
             return None;
         }
         mass[weight_bin(w.1)] += f64::from(w.1);
