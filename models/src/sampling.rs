@@ -276,8 +276,7 @@ impl Sampler {
     pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f32)> {
         let logits = self.shape(logits);
         if self.greedy() {
-            let argmax = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)));
-            return vec![(argmax.map_or(0, |(i, _)| i as u32), 1.0)];
+            return vec![(argmax(&logits).map_or(0, |i| i as u32), 1.0)];
         }
         let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut weights: Vec<(u32, f32)> =
@@ -322,6 +321,19 @@ impl Sampler {
         self.note(token);
         token
     }
+}
+
+/// The index of the largest value of `row` in f32's total order ([`f32::total_cmp`]: NaN above
+/// infinity, -0 below 0), the lowest such index on ties; None for no values. Two passes the
+/// compiler vectorizes — the largest value's key, then its first place — not a comparison chain.
+pub fn argmax(row: &[f32]) -> Option<usize> {
+    // `total_cmp`'s key: a float's bits as an i32, the magnitude bits flipped where it is negative.
+    let key = |x: f32| {
+        let bits = x.to_bits() as i32;
+        bits ^ (((bits >> 31) as u32) >> 1) as i32
+    };
+    let best = row.iter().fold(None, |m: Option<i32>, &x| Some(m.map_or(key(x), |m| m.max(key(x)))))?;
+    row.iter().position(|&x| key(x) == best)
 }
 
 /// Cuts `weights` to the most probable tokens, sorted by `by`, whose weights first reach `top_p`
@@ -468,6 +480,34 @@ mod tests {
         }
         let f: Vec<f64> = seen.iter().map(|&c| c as f64 / 40_000.0).collect();
         assert!((f[0] - 0.25).abs() < 0.012 && (f[1] - 0.5).abs() < 0.012 && (f[2] - 0.25).abs() < 0.012, "{f:?}");
+    }
+
+    /// The vectorized argmax is `max_by(total_cmp)` with ties to the lower index, whatever the
+    /// row holds: NaNs of both signs, infinities, zeros of both signs, ties, one value, none.
+    #[test]
+    fn argmax_is_the_total_orders_first_largest() {
+        let reference =
+            |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i);
+        let specials = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0, -1.0, f32::MIN_POSITIVE];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state >> 33
+        };
+        for len in [0usize, 1, 2, 7, 64, 1000] {
+            for _ in 0..200 {
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match next() % 4 {
+                        0 => specials[(next() % specials.len() as u64) as usize],
+                        1 => (next() % 5) as f32,
+                        _ => (next() % 20_000) as f32 / 100.0 - 100.0,
+                    })
+                    .collect();
+                assert_eq!(argmax(&row), reference(&row), "{row:?}");
+            }
+        }
+        assert_eq!(argmax(&[-0.0, 0.0, 0.0]), Some(1));
+        assert_eq!(argmax(&[3.0, f32::NAN, 3.0]), Some(1));
     }
 
     /// Transformers' processors and warpers (`tests/fixtures/gen_sampling.py`): the same tokens
