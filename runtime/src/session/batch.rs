@@ -43,9 +43,10 @@ pub struct ArtifactBatch<'a> {
     /// The prompt scores of the join that ended last, where it asked for them
     /// ([`ArtifactBatch::start_join_scoring`]), until taken.
     pub(super) scored: Vec<(f32, Vec<(u32, f32)>)>,
-    /// Rows the decode steps ran, and of those, active sequences' ([`ArtifactBatch::rows_decoded`]).
+    /// Decode steps run, their rows, and of those the active sequences' ([`ArtifactBatch::rows_decoded`]).
+    pub(super) steps: usize,
     pub(super) rows_run: usize,
-    pub(super) rows_active: usize,
+    pub(super) rows_fed: usize,
     /// Decode steps run every slot's row, as over caches per sequence, instead of the active
     /// ones' ([`step_rows`]): the A/B of what idle rows cost (`v3r bench-serve --every-slot`).
     pub every_slot: bool,
@@ -168,8 +169,9 @@ impl<'a> ArtifactBatch<'a> {
             kept: Vec::new(),
             reuse: false,
             scored: Vec::new(),
+            steps: 0,
             rows_run: 0,
-            rows_active: 0,
+            rows_fed: 0,
             every_slot: false,
         })
     }
@@ -566,8 +568,9 @@ impl<'a> ArtifactBatch<'a> {
                 kept: Vec::new(),
                 reuse: false,
                 scored: Vec::new(),
+                steps: 0,
                 rows_run: 0,
-                rows_active: 0,
+                rows_fed: 0,
                 every_slot: false,
             },
             logits,
@@ -648,15 +651,16 @@ impl<'a> ArtifactBatch<'a> {
                 }
             }
         }
+        self.steps += 1;
         self.rows_run += rows.len();
-        self.rows_active += active.iter().filter(|&&a| a).count();
+        self.rows_fed += active.iter().filter(|&&a| a).count();
         Ok(if rows.len() == n { next } else { next.spread(&rows, n) })
     }
 
-    /// Rows the decode steps ran so far, and of those the rows of sequences fed a token (the
-    /// others computed and ignored: [`step_rows`]).
-    pub fn rows_decoded(&self) -> (usize, usize) {
-        (self.rows_run, self.rows_active)
+    /// Decode steps so far, the rows they ran, and of those the rows of sequences fed a token
+    /// (the others computed and ignored: [`step_rows`]).
+    pub fn rows_decoded(&self) -> (usize, usize, usize) {
+        (self.steps, self.rows_run, self.rows_fed)
     }
 }
 

@@ -206,7 +206,6 @@ pub fn serve(
     let vocab = vocabulary(program);
     let mut running: Vec<Option<Running>> = (0..slots).map(|_| None).collect();
     let mut fed = vec![0u32; slots];
-    let mut decode_steps = 0;
     // The requests waiting to join: their numbers and when they arrived.
     let mut waiting: std::collections::VecDeque<(usize, Request, f64)> = Default::default();
     let (mut arrived, mut closed) = (0, false);
@@ -307,7 +306,7 @@ pub fn serve(
         if let Some(load) = o.load {
             let running = running.iter().flatten().count();
             let cache_usage = batch.pool_usage().unwrap_or(running as f64 / slots.max(1) as f64);
-            let (rows_run, rows_fed) = batch.rows_decoded();
+            let (decode_steps, rows_run, rows_fed) = batch.rows_decoded();
             load(Load { running, waiting: waiting.len(), cache_usage, decode_steps, rows_run, rows_fed });
         }
         // Each sequence's next token (those decoded: picked together); those that end leave their
@@ -357,10 +356,9 @@ pub fn serve(
             // The device picks greedy tokens itself unless a request asks for log-probabilities.
             let greedy = running.iter().flatten().all(|r| r.request.sampler.plain_greedy() && !r.request.logprobs);
             logits = batch.decode(&fed, &active, greedy)?;
-            decode_steps += 1;
             started = true;
         } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
-            let (rows_run, rows_fed) = batch.rows_decoded();
+            let (decode_steps, rows_run, rows_fed) = batch.rows_decoded();
             return Ok(ServeRun { joined, prefill_s, decode_steps, rows_run, rows_fed });
         }
     }
