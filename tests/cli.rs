@@ -445,15 +445,20 @@ fn tuning_database_steers_compile() {
     // Every GEMM signature x the regimes its entries run it in: the fused GEMM kernels (3) and the
     // GEMM steps of multi-launch kernels (the MLA query up-projection, the dense SwiGLU, the head's
     // one GEMM over hi + lo, the MTP projection's, the two grouped MoE GEMMs) at decode and prefill,
-    // prefill attention's kv_b up-projection at prefill only; and the attention kernels' ring depths:
+    // prefill attention's kv_b up-projection and the router gate's GEMM at prefill only; and the attention kernels' ring depths:
     // decode's (bf16 pages and the fp8 cache's rows) at 64 sequences, prefill's at 4096 tokens.
     // And the norms' block widths: 4 RMSNorm kernels (the d7168 norms, two quantized, and the
     // query's d1536 one) at decode and prefill; greedy sampling's argmax at decode.
     assert_eq!(
         problems.len(),
-        31,
-        "9 GEMM signatures x decode and prefill, kv_b's at prefill, 3 attention, 8 norms, the argmax"
+        32,
+        "9 GEMM signatures x decode and prefill, kv_b's and the router gate's at prefill, 3 attention, 8 norms, the \
+         argmax"
     );
+    // The gate's GEMM is prefill's only (decode routes on the CUDA cores).
+    let gate: Vec<&serde_json::Value> =
+        problems.iter().filter(|p| p["kernel"] == "gemm bf16->f32 n256 k7168 +a2").map(|p| &p["m"]).collect();
+    assert_eq!(gate, [&serde_json::Value::from(4096)]);
     let head = problems.iter().find(|p| p["kernel"] == "gemm bf16->f32 n129280 k7168 +a2" && p["m"] == 64).unwrap();
     assert!(head["candidates"].as_array().unwrap().iter().all(|c| c["name"].as_str().unwrap().ends_with("_a2")));
     let argmax = problems.iter().find(|p| p["kernel"] == "rows_argmax_d129280").unwrap();
@@ -1637,11 +1642,13 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         ),
         ("mla_latent_1", "rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16 [row kernel"),
         ("lm_head_0", "2 launches: rows_splitbf16_d7168_t256 -> GEMM N 129280 K 7168"),
+        // Routing: decode's logits in the reference's split order on the CUDA cores; prefill's on the
+        // tensor cores (x as bf16 hi + lo through one dual-A GEMM), the selection over whole logits.
         (
             "moe_dispatch_0",
-            "3 launches: decode rows_routelogits_bf16_d7168_e256_t256_b4, prefill \
-             rows_routelogits_bf16_d7168_e256_t256_b8 -> decode rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256, \
-             prefill rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8 -> rows_dispatch",
+            "6 launches: decode only rows_routelogits_bf16_d7168_e256_t256_b4 -> decode only \
+             rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256 -> prefill only rows_splitbf16_d7168_t256 -> GEMM N 256 \
+             K 7168 (prefill only gemm_bf16_f32_",
         ),
         ("moe_down_0", "2 launches: rows_copy_d7168_t256 -> grouped GEMM over 257 experts"),
         // The tokens' rows copied into expert order, then a contiguous grouped GEMM (not one gathering
@@ -1655,7 +1662,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     ] {
         assert!(err.contains(&format!("compile: {fused} -> {kernel}")), "{fused}: {err}");
     }
+    assert!(err.contains("_a2) -> prefill only rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1 -> rows_dispatch"));
     assert!(err.contains("compile: decode: 1300 sm_90a launches per run (627 fused kernels)"), "{err}");
+    assert!(err.contains("compile: prefill: 1421 sm_90a launches per run (627 fused kernels)"), "{err}");
     // The manifest records each tunable kernel's configuration per regime and where it came from.
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap()).unwrap();
@@ -1694,7 +1703,12 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let stdout = text(&info.stdout);
     assert!(info.status.success(), "{}", text(&info.stderr));
     assert!(stdout.contains("target: sm_90a (compute capability 9.0)"), "{stdout}");
-    assert!(stdout.contains("lowering: 19 fused kernels as 38 launches"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "lowering: 19 fused kernels as 41 launches (9 with temporaries, 3 reading a RoPE table, 5 in one regime only)"
+        ),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(
             "\n  decode attention_decode_quantize_0 [mla_decode kv512 r64 h128] -> mla_decode_kv512_r64_p64_s2_cl2_serial (cost \
@@ -1714,7 +1728,8 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains(", temporaries 587.1 MiB"), "{stdout}");
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(report["launch_check"]["launches"], 2663, "{report}");
+    // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the argmax.
+    assert_eq!(report["launch_check"]["launches"], 2722, "{report}");
     assert_eq!(report["entries"][1]["name"], "decode");
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and

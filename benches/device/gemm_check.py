@@ -560,6 +560,9 @@ def main():
     # read once) and for the plain dense bf16 -> f32 ones, the head's former form, one GEMM a half (two
     # launches: about twice a plain kernel's time) — the A/B of the second A.
     head = [(64, 129280, 7168)]
+    # The router's gate at prefill (f32 activations as hi + lo, N = 256 experts): checked and timed for the
+    # dual-A kernels; rows_check times the CUDA-core pieces it replaces (`rows_routelogits_*_b8`) at 8192 rows.
+    gate = [(8192, 256, 7168)]
     for path in sorted(os.listdir(args.ptx_dir)):
         if not path.endswith(".ptx") or (args.kernel and path != args.kernel + ".ptx"):
             continue
@@ -574,7 +577,7 @@ def main():
             results += recs
             results.append(time_grouped(drv, func, cfg, sms))
             continue
-        for m, n, k in shapes:
+        for m, n, k in shapes + (gate if cfg["dual_a"] else []):
             inputs, ref, tol = make_inputs(cfg, m, n, k)
             ref, tol = expected(cfg, ref, tol)
             out = Output(cfg, m, n)
@@ -600,7 +603,7 @@ def main():
                             "fully_written": written, "ok": ok, "splits": launch["splits"]})
             print(f"{cfg['name']:44s} {m:5d}x{n:5d}x{k:5d}  rel err {rel:.2e} (<= {tol:g}){extra}  {'ok' if ok else 'FAIL'}")
         plain_bf16 = cfg["input"] == "bf16" and cfg["output"] == "f32" and not cfg["residual"]
-        for m, n, k in timed + (head if cfg["dual_a"] or plain_bf16 else []):
+        for m, n, k in timed + (head if cfg["dual_a"] or plain_bf16 else []) + (gate if cfg["dual_a"] else []):
             inputs, _, _ = make_inputs(cfg, m, n, k)
             out = Output(cfg, m, n)
             launch = prepare(drv, cfg, m, n, k, inputs, out, sms)

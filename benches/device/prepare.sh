@@ -17,7 +17,8 @@ cp target/release/v3r .device/
 # kernel; with routing weights), masked;
 # then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast), then the
 # head's dual-A kernels (f32 activations as bf16 hi + lo, the weights read once) the compile picks for decode
-# and prefill, and the decode one's plain twin (the head's former form ran one a half).
+# and prefill, and the decode one's plain twin (the head's former form ran one a half), then the router gate's
+# prefill GEMM (dual-A, N = 256; before, CUDA-core pieces: rows_routelogits).
 for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4 \
   gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
   gemm_fp8_f32_64x64x128_s5_splitk gemm_fp8_f32_256x64x128_s5_wg2_ws \
@@ -29,7 +30,7 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter \
   gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_cl2 gemm_bf16_f32_64x256x64_s2_a2 \
-  gemm_bf16_f32_128x192x64_s4_wg2_ws_a2 gemm_bf16_f32_64x256x64_s2; do
+  gemm_bf16_f32_128x192x64_s4_wg2_ws_a2 gemm_bf16_f32_64x256x64_s2 gemm_bf16_f32_128x64x64_s5_wg2_ws_a2; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
   grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
@@ -52,6 +53,7 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_copy_d7168_t256 rows_splitbf16_d7168_t256 rows_concat_d7168_b7168_t256 rows_argmax_d129280_t256 rows_argmax_d129280_t1024 \
   rows_routelogits_bf16_d7168_e256_t256_b4 rows_routelogits_bf16_d7168_e256_t256_b8 \
   rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8 \
+  rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1 \
   rows_dispatch_e256_s1_t256 rows_gatherfp8_d7168_t256 \
   rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
   rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \

@@ -70,7 +70,7 @@ SPLITROPE = re.compile(r"^rows_splitrope_h(\d+)_n(\d+)_r(\d+)_t(\d+)(_il)?$")
 SILUMUL = re.compile(r"^rows_silumul_d(\d+)_t(\d+)_(q|y)$")
 COPY = re.compile(r"^rows_copy_d(\d+)_t(\d+)$")
 GATHERFP8 = re.compile(r"^rows_gatherfp8_d(\d+)_t(\d+)$")
-ROUTE = re.compile(r"^rows_route_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)(?:_b(\d+))?$")
+ROUTE = re.compile(r"^rows_route_e(\d+)_k(\d+)_g(\d+)_kg(\d+)_s([0-9a-z]+?)(_norm)?_t(\d+)(?:_b(\d+))?(?:_p(\d+))?$")
 ROUTELOGITS = re.compile(r"^rows_routelogits_(bf16|f32)_d(\d+)_e(\d+)_t(\d+)(?:_b(\d+))?$")
 SPLITS = 16  # the router's column ranges (models/src/interp/kernels.rs, ROUTER_SPLITS)
 EXPERT_TILE = 64  # experts a routelogits block sums
@@ -99,10 +99,11 @@ def parse(name):
                 "tokens": int(b or 1), "keep": False, "quantize": False}
     m = ROUTE.match(name)
     if m:
-        e, k, g, kg, sc, norm, t, b = m.groups()
+        e, k, g, kg, sc, norm, t, b, p = m.groups()
         return {"name": name, "op": "route", "weight": "f32", "d": int(e), "experts": int(e), "top_k": int(k),
                 "n_group": int(g), "topk_group": int(kg), "scale": float(sc.replace("m", "-").replace("p", ".")),
-                "norm": bool(norm), "threads": int(t), "tokens": int(b or 1), "keep": False, "quantize": False}
+                "norm": bool(norm), "threads": int(t), "tokens": int(b or 1), "pieces": int(p or SPLITS),
+                "keep": False, "quantize": False}
     m = DISPATCH.match(name)
     if m:
         e, sh, t = map(int, m.groups())
@@ -281,10 +282,10 @@ def route_parts_reference(cfg, x, gate):
 
 
 def route_reference(cfg, parts, bias):
-    """DeepSeek-V3's routing in float64 from the logits' pieces (stable sorts: ties to the lower index):
-    (experts, weights)."""
+    """DeepSeek-V3's routing in float64 from the logits' pieces (`cfg["pieces"]` a logit; 1: whole logits,
+    prefill's gate GEMM's; stable sorts: ties to the lower index): (experts, weights)."""
     e, g, per = cfg["experts"], cfg["n_group"], cfg["experts"] // cfg["n_group"]
-    s = torch.sigmoid(parts.double().view(parts.shape[0], SPLITS, e).sum(dim=1))
+    s = torch.sigmoid(parts.double().view(parts.shape[0], cfg["pieces"], e).sum(dim=1))
     sb = s + bias.double()[None, :]
     top2 = sb.view(-1, g, per).sort(dim=2, descending=True, stable=True).values[:, :, :2].sum(dim=2)
     groups = top2.sort(dim=1, descending=True, stable=True).indices[:, :cfg["topk_group"]]
@@ -356,8 +357,9 @@ def problem(cfg, rows, device, seed=0):
         return {"x": torch.randn(rows, d, generator=gen).to(device),
                 "gate": (torch.randn(cfg["experts"], d, generator=gen) * 0.02).to(dtype(cfg["weight"])).to(device)}
     if cfg["op"] == "route":
-        # Pieces of logits of about a full-width router's spread (the sum of 16 of them).
-        return {"parts": (torch.randn(rows, SPLITS * cfg["experts"], generator=gen) * 0.3).to(device),
+        # Pieces of logits of about a full-width router's spread (the sum of 16 of them; whole logits 4x).
+        spread = 0.3 * (SPLITS / cfg["pieces"]) ** 0.5
+        return {"parts": (torch.randn(rows, cfg["pieces"] * cfg["experts"], generator=gen) * spread).to(device),
                 "bias": (torch.randn(cfg["experts"], generator=gen) * 0.01).to(device)}
     if cfg["op"] == "dispatch":
         k = cfg["top_k"]
@@ -674,7 +676,7 @@ def bytes_moved(cfg, rows):
     if cfg["op"] == "routelogits":
         return rows * d * 4 + cfg["experts"] * d * wb + rows * SPLITS * cfg["experts"] * 4
     if cfg["op"] == "route":
-        return rows * SPLITS * cfg["experts"] * 4 + rows * cfg["top_k"] * 8
+        return rows * cfg["pieces"] * cfg["experts"] * 4 + rows * cfg["top_k"] * 8
     if cfg["op"] == "dispatch":
         return rows * cfg["top_k"] * 8 + rows * (cfg["top_k"] + cfg["shared"]) * 8
     if cfg["op"] == "copy":
@@ -870,6 +872,14 @@ def self_test():
     assert rt["scale"] == 2.5 and rt["norm"] and rt["top_k"] == 8 and rt["tokens"] == 1
     rt8 = parse("rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8")
     assert rt8["tokens"] == 8 and rt8["norm"] and grid(rt8, 17) == 3 and grid(rt, 17) == 17
+    whole = parse("rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1")
+    assert whole["pieces"] == 1 and rt8["pieces"] == SPLITS and whole["tokens"] == 8
+    small_whole = dict(whole, d=16, experts=16, n_group=4, topk_group=2, top_k=4)
+    inputs = problem(small_whole, 5, "cpu")
+    assert inputs["parts"].shape == (5, 16)
+    idx, w = route_reference(small_whole, inputs["parts"], inputs["bias"])
+    assert check(small_whole, inputs, {"idx": idx.int(), "w_out": w.float()}) == []
+    assert check(small_whole, inputs, {"idx": idx.flip(1).int(), "w_out": w.float()}), "other experts are caught"
     small = dict(rt, d=16, experts=16, n_group=4, topk_group=2, top_k=4)
     inputs = problem(small, 5, "cpu")
     idx, w = route_reference(small, inputs["parts"], inputs["bias"])

@@ -11,6 +11,7 @@ use v3c_models::config::ModelConfig;
 use v3c_models::init::{with_fp8, write_random_checkpoint};
 use v3c_models::reference::{Model, Sampler};
 use v3c_models::Precision;
+use v3c_runtime::lowering::Regime;
 
 /// Which backend a command was asked to use: `reference` (interpreter), `cpu` (JIT kernels) or
 /// `cuda` (the model compiled for sm_90a and run on this machine's GPU).
@@ -815,6 +816,10 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         let kernel = lowered.row_regimes.get(fused).map_or_else(|| row.kernel.kernel_name(), |k| regimes(fused, k));
         eprintln!("compile: {fused} -> {kernel} [row kernel, {blocks}{table}]");
     }
+    let regime_word = |r: Regime| match r {
+        Regime::Decode => "decode",
+        Regime::Prefill => "prefill",
+    };
     for (fused, steps, picked) in &lowered.compound {
         use v3c_compiler::conversion::sm90::lower::StepKernel;
         let launches: Vec<String> = steps
@@ -822,21 +827,31 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .iter()
             .zip(picked)
             .enumerate()
-            .map(|(i, (step, gemm))| match (&step.kernel, gemm) {
-                (StepKernel::Row(k), None) => k.kernel_name(),
-                (StepKernel::Row(_), Some(kernels)) => regimes(&format!("{fused}.{i}"), kernels),
-                (StepKernel::Gemm(g), Some(kernels)) => {
-                    let regimes = regimes(&g.kernel, kernels);
+            .map(|(i, (step, gemm))| match (&step.kernel, gemm, step.only) {
+                // A step of one regime: its kernel there.
+                (StepKernel::Row(_), Some([decode, _]), Some(Regime::Decode)) => format!("decode only {decode}"),
+                (StepKernel::Row(_), Some([_, prefill]), Some(Regime::Prefill)) => {
+                    format!("prefill only {prefill}")
+                }
+                (StepKernel::Row(k), None, Some(only)) => format!("{} only {}", regime_word(only), k.kernel_name()),
+                (StepKernel::Row(k), None, None) => k.kernel_name(),
+                (StepKernel::Row(_), Some(kernels), None) => regimes(&format!("{fused}.{i}"), kernels),
+                (StepKernel::Gemm(g), Some(kernels), only) => {
+                    let regimes = match only {
+                        Some(Regime::Decode) => format!("decode only {}", kernels[0]),
+                        Some(Regime::Prefill) => format!("prefill only {}", kernels[1]),
+                        None => regimes(&g.kernel, kernels),
+                    };
                     match &g.grouped {
                         Some(gr) => format!("grouped GEMM over {} experts, {} ({regimes})", gr.groups, g.dims()),
                         None => format!("GEMM {} ({regimes})", g.dims()),
                     }
                 }
-                (StepKernel::Gemm(g), None) => format!("GEMM {}", g.dims()),
-                (StepKernel::MlaPrefill(a), _) => {
+                (StepKernel::Gemm(g), None, _) => format!("GEMM {}", g.dims()),
+                (StepKernel::MlaPrefill(a), _, _) => {
                     format!("{} ({} heads, tensor cores)", a.config.kernel_name(), a.heads)
                 }
-                (StepKernel::MlaDecode(a), _) => {
+                (StepKernel::MlaDecode(a), _, _) => {
                     format!("{} ({} heads, split K, tensor cores)", a.config.kernel_name(), a.heads)
                 }
             })
@@ -868,9 +883,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         use melior::ir::block::BlockLike;
         use melior::ir::operation::OperationLike;
         use melior::ir::RegionLike;
-        let launches_of = |fused: &str| {
-            lowered.compound.iter().find(|(k, _, _)| k == fused).map_or(1, |(_, steps, _)| steps.steps.len())
-        };
+        // A fused kernel's launches in an entry's regime (steps of the other regime left out).
+        let launches_of =
+            |fused: &str, regime: Regime| {
+                lowered.compound.iter().find(|(k, _, _)| k == fused).map_or(1, |(_, steps, _)| {
+                    steps.steps.iter().filter(|s| s.only.is_none_or(|r| r == regime)).count()
+                })
+            };
         let mut op = module.body().first_operation();
         while let Some(f) = op {
             op = f.next_in_block();
@@ -880,12 +899,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
             let entry = f.attribute("sym_name").map(v3c_compiler::mlir::attribute_text).unwrap_or_default();
             let (mut calls, mut launches) = (0, 0);
+            let regime = Regime::of_entry(&entry);
             let mut c = block.first_operation();
             while let Some(call) = c {
                 c = call.next_in_block();
                 if let Ok(callee) = call.attribute("callee") {
                     calls += 1;
-                    launches += launches_of(callee.to_string().trim_start_matches('@'));
+                    launches += launches_of(callee.to_string().trim_start_matches('@'), regime);
                 }
             }
             eprintln!("compile: {entry}: {launches} sm_90a launches per run ({calls} fused kernels)");
@@ -1116,6 +1136,7 @@ fn write_gpu_artifact(
                 blocks: Blocks::GemmUnits,
                 gemm: Some(gemm_spec(g, weights, 0, a_scale, residual)),
                 attention: None,
+                only: None,
             }],
             temps,
             rope_table: None,
@@ -1137,6 +1158,7 @@ fn write_gpu_artifact(
                 blocks,
                 gemm: None,
                 attention: None,
+                only: None,
             }],
             temps: Vec::new(),
             rope_table: launch.rope_table.as_ref().map(table),
@@ -1153,6 +1175,7 @@ fn write_gpu_artifact(
                     blocks: row_blocks(k, pick.as_ref()),
                     gemm: None,
                     attention: None,
+                    only: step.only,
                 },
                 (StepKernel::Gemm(g), Some([decode, prefill])) => LaunchSpec {
                     kernel: KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
@@ -1160,6 +1183,7 @@ fn write_gpu_artifact(
                     blocks: Blocks::GemmUnits,
                     gemm: Some(gemm_spec(g, g.weights.clone(), g.a, g.a_scale, g.residual)),
                     attention: None,
+                    only: step.only,
                 },
                 (k @ (StepKernel::MlaPrefill(_) | StepKernel::MlaDecode(_)), _) => {
                     let (kernel, heads, scale) = k.attention().ok_or_else(|| format!("{name}: not attention"))?;
@@ -1169,6 +1193,7 @@ fn write_gpu_artifact(
                         blocks: Blocks::AttentionTiles,
                         gemm: None,
                         attention: Some(lw::AttentionSpec { heads, scale }),
+                        only: step.only,
                     }
                 }
                 (StepKernel::Gemm(g), None) => return Err(format!("{name}: GEMM {} without kernels", g.kernel)),
@@ -1644,24 +1669,35 @@ fn model_problems(
                 [false, true] => vec![v3c_compiler::tune::PREFILL_M],
                 _ => vec![v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M],
             };
+            // A step of one regime runs at that regime's M only (if its kernel runs there at all).
+            let step_runs = |only: Option<Regime>| -> Vec<usize> {
+                let m = match only {
+                    None => return runs.clone(),
+                    Some(Regime::Decode) => v3c_compiler::tune::DECODE_M,
+                    Some(Regime::Prefill) => v3c_compiler::tune::PREFILL_M,
+                };
+                runs.iter().copied().filter(|&r| r == m).collect()
+            };
             // The reductions: a whole row kernel, or steps of a compound one.
-            let row_kernels: Vec<(String, v3c_compiler::conversion::sm90::rows::RowKernel)> =
+            let row_kernels: Vec<(String, v3c_compiler::conversion::sm90::rows::RowKernel, Vec<usize>)> =
                 match v3c_compiler::conversion::sm90::row_launch(&f, caches) {
-                    Ok(launch) if steps.is_none() => vec![(fused.clone(), launch.kernel)],
+                    Ok(launch) if steps.is_none() => vec![(fused.clone(), launch.kernel, runs.clone())],
                     _ => lower::steps_of_kernel(&f)
                         .map(|s| {
                             s.steps
                                 .into_iter()
                                 .enumerate()
                                 .filter_map(|(i, step)| match step.kernel {
-                                    lower::StepKernel::Row(k) => Some((format!("{fused}.{i}"), k)),
+                                    lower::StepKernel::Row(k) => {
+                                        Some((format!("{fused}.{i}"), k, step_runs(step.only)))
+                                    }
                                     _ => None,
                                 })
                                 .collect()
                         })
                         .unwrap_or_default(),
                 };
-            for (name, k) in row_kernels {
+            for (name, k, runs) in row_kernels {
                 for &m in &runs {
                     let Some(shape) = v3c_compiler::tune::rows::RowShape::of(&k, m) else { continue };
                     let key = (shape.signature(), shape.bucket());
@@ -1677,7 +1713,7 @@ fn model_problems(
             {
                 // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
-                    lower::StepKernel::Gemm(g) => Some((g, runs.clone())),
+                    lower::StepKernel::Gemm(g) => Some((g, step_runs(s.only))).filter(|(_, runs)| !runs.is_empty()),
                     lower::StepKernel::Row(_) | lower::StepKernel::MlaPrefill(_) | lower::StepKernel::MlaDecode(_) => {
                         None
                     }

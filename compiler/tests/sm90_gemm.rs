@@ -8,6 +8,7 @@ use std::process::Command;
 use v3c_compiler::conversion::sm90::gemm::{GemmConfig, GemmGrouping, GemmInput, GemmOutput};
 use v3c_compiler::conversion::sm90::{self};
 use v3c_compiler::{target, toolchain};
+use v3c_runtime::lowering::Regime;
 
 fn configs() -> Vec<GemmConfig> {
     let mut v = Vec::new();
@@ -711,9 +712,34 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let StepKernel::Gemm(g) = &head.steps[1].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.a, g.a2), (129280, 7168, 0, Some(1)));
     assert!(picks[1].as_ref().unwrap().iter().all(|k| k.ends_with("_a2")), "{:?}", picks[1]);
-    let (dispatch, _) = compound("moe_dispatch_0").expect("routing lowers to launches");
-    // The logits' pieces, the selection, the counting sort.
-    assert_eq!(dispatch.steps.len(), 3);
+    let (dispatch, picks) = compound("moe_dispatch_0").expect("routing lowers to launches");
+    // Decode: the logits' pieces on the CUDA cores, the selection summing them. Prefill: the
+    // activations split into bf16 hi + lo, the gate's dual-A GEMM into whole logits, the selection
+    // on them. Then the counting sort, in both.
+    let only: Vec<Option<Regime>> = dispatch.steps.iter().map(|s| s.only).collect();
+    let (decode, prefill) = (Some(Regime::Decode), Some(Regime::Prefill));
+    assert_eq!(only, [decode, decode, prefill, prefill, prefill, None]);
+    let StepKernel::Gemm(g) = &dispatch.steps[3].kernel else { panic!("the gate's GEMM") };
+    assert_eq!((g.n, g.k, g.a, g.a2, &g.weights[..]), (256, 7168, 0, Some(1), &[(2, None)][..]));
+    assert!(picks[3].as_ref().unwrap()[1].ends_with("_a2"), "{:?}", picks[3]);
+    let names: Vec<String> = [0, 1, 2, 4]
+        .map(|i| match &dispatch.steps[i].kernel {
+            StepKernel::Row(k) => k.kernel_name(),
+            other => panic!("{other:?}"),
+        })
+        .into();
+    assert_eq!(
+        names,
+        [
+            "rows_routelogits_bf16_d7168_e256_t256_b8",
+            "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8",
+            "rows_splitbf16_d7168_t256",
+            "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1",
+        ]
+    );
+    // The decode-only rows launch decode's forms (a token a block), the prefill-only selection prefill's.
+    assert_eq!(picks[1].as_ref().unwrap()[0], "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256");
+    assert_eq!(picks[4].as_ref().unwrap()[1], "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1");
     // The MoE grouped GEMMs: the tokens' rows copied into expert order, the contiguous gate|up over
     // 257 groups (256 routed + 1 shared), then the down projection scattering into the residual.
     let (gate_up, picks) = compound("moe_gate_up_quantize_0").expect("the gate/up grouped GEMM");

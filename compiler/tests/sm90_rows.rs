@@ -4,6 +4,7 @@
 
 use v3c_compiler::conversion::sm90::{self, rows::CacheRows, rows::Mla, rows::RowKernel, rows::RowOp, rows::TrainRow};
 use v3c_compiler::{target, toolchain};
+use v3c_models::interp::kernels::ROUTER_SPLITS;
 
 fn kernels() -> Vec<RowKernel> {
     let norm = |keep, quantize, d, w| RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep, quantize }, d, w);
@@ -44,12 +45,30 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 4 }, 7168, "bf16"),
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 8 }, 7168, "bf16"),
         RowKernel::new(
-            RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5, tokens: 1 },
+            RowOp::Route {
+                experts: 256,
+                top_k: 8,
+                n_group: 8,
+                topk_group: 4,
+                norm: true,
+                scale: 2.5,
+                tokens: 1,
+                pieces: ROUTER_SPLITS,
+            },
             256,
             "f32",
         ),
         RowKernel::new(
-            RowOp::Route { experts: 256, top_k: 8, n_group: 8, topk_group: 4, norm: true, scale: 2.5, tokens: 8 },
+            RowOp::Route {
+                experts: 256,
+                top_k: 8,
+                n_group: 8,
+                topk_group: 4,
+                norm: true,
+                scale: 2.5,
+                tokens: 8,
+                pieces: ROUTER_SPLITS,
+            },
             256,
             "f32",
         ),

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::abi::{element_name, memref, memref_into, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
 use crate::artifact::Artifact;
 use crate::host::{HostBuffer, HostData};
-use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, RopeTableSpec};
+use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, Regime, RopeTableSpec};
 use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes, ARENA_ALIGN};
 
 fn align(bytes: usize) -> usize {
@@ -285,9 +285,11 @@ impl<'a> Expander<'a> {
             Ok(shape_at(&b.dims, entry.sizes))
         };
         let mut bytes = Vec::new();
-        for t in &f.temps {
+        // Temporaries only the other regime's launches name take no bytes here.
+        let used = f.temps_used_in(Regime::of_entry(&entry.name));
+        for (t, used) in f.temps.iter().zip(used) {
             let shape = t.shape(entry.sizes.rows, &arg, 0)?;
-            bytes.push(align(shape.iter().product::<usize>() * element_bytes(&t.dtype)?));
+            bytes.push(if used { align(shape.iter().product::<usize>() * element_bytes(&t.dtype)?) } else { 0 });
         }
         let (offsets, total) = f.temp_layout(&bytes);
         Ok((bytes, offsets, total))
@@ -305,7 +307,8 @@ impl<'a> Expander<'a> {
         entry.check_sizes(sizes)?;
         let mut actions = Vec::new();
         let mut scratch = SplitScratch::default();
-        let decode = entry.name == "decode";
+        let regime = Regime::of_entry(&entry.name);
+        let decode = regime == Regime::Decode;
         // Every RoPE table has the rows of every position the plans reach (see `rope_tables`).
         let rope_rows = self.rope_rows();
         for (li, l) in entry.launches.iter().enumerate() {
@@ -338,7 +341,14 @@ impl<'a> Expander<'a> {
             let arg = |i: usize| -> Result<Vec<usize>, String> {
                 Ok(buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?.shape)
             };
+            let used = f.temps_used_in(regime);
             for (i, t) in f.temps.iter().enumerate() {
+                let element = element_name(&t.dtype).ok_or_else(|| at(format!("temporary {i} of {}", t.dtype)))?;
+                if !used[i] {
+                    // Only the other regime's launches name it: no memory, no launch here.
+                    temps.push(Buf { addr: bindings.temps, shape: vec![0], element });
+                    continue;
+                }
                 let shape = t.shape(sizes.rows, &arg, sms)?;
                 let bytes = shape.iter().product::<usize>() * element_bytes(&t.dtype)?;
                 if bytes > room[i] {
@@ -347,10 +357,9 @@ impl<'a> Expander<'a> {
                         room[i]
                     )));
                 }
-                let element = element_name(&t.dtype).ok_or_else(|| at(format!("temporary {i} of {}", t.dtype)))?;
                 temps.push(Buf { addr: bindings.temps + offsets[i] as u64, shape, element });
             }
-            for (si, spec) in f.launches.iter().enumerate() {
+            for (si, spec) in f.launches.iter().enumerate().filter(|(_, spec)| spec.runs_in(regime)) {
                 let at = |what: String| at(format!("step {si}: {what}"));
                 let mut ops = Vec::new();
                 for o in &spec.operands {
@@ -606,6 +615,8 @@ pub struct ExpansionCheck {
     pub input_bytes: usize,
     /// The fused kernels' temporaries (the most any lays out; sized for the most attention splits).
     pub temp_bytes: usize,
+    /// The kernels each entry launched (a launch of one regime only in that regime's entries).
+    pub launched: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Expander<'_> {
@@ -695,6 +706,7 @@ impl Expander<'_> {
                     ));
                 }
                 report.launches += 1;
+                report.launched.entry(entry.to_string()).or_default().insert(k.kernel.clone());
                 kernels.insert(k.kernel);
             }
         }

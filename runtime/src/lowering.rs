@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 /// Bumped whenever the format changes incompatibly (2: a row launch's grid may differ per regime,
 /// [`Blocks::Rows`]'s `decode_rows_per_block`, which a reader of 1 would ignore; 3: a grouped
 /// weight's shared experts may lie side by side along K, [`GroupedWeightSpec::shared_columns`]; 4:
-/// a GEMM may read a second A, [`GemmSpec::a2`], which a reader of 3 would not pass).
-pub const LOWERING_FORMAT_VERSION: u32 = 4;
+/// a GEMM may read a second A, [`GemmSpec::a2`], which a reader of 3 would not pass; 5: a launch
+/// may run in one regime only, [`LaunchSpec::only`], which a reader of 4 would run in both).
+pub const LOWERING_FORMAT_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lowering {
@@ -77,6 +78,27 @@ pub struct FusedLowering {
 }
 
 impl FusedLowering {
+    /// Per temporary, whether it needs memory in `regime`: a launch running there names it, or no
+    /// launch names it at all. One only the other regime's launches name needs none.
+    pub fn temps_used_in(&self, regime: Regime) -> Vec<bool> {
+        let (mut here, mut anywhere) = (vec![false; self.temps.len()], vec![false; self.temps.len()]);
+        for l in &self.launches {
+            for o in &l.operands {
+                let t = match *o {
+                    OperandSpec::Temp(t)
+                    | OperandSpec::TempRows { temp: t, .. }
+                    | OperandSpec::TempRowsOf { temp: t, .. } => t,
+                    OperandSpec::Arg(_) | OperandSpec::Result(_) | OperandSpec::RopeTable => continue,
+                };
+                if t < self.temps.len() {
+                    anywhere[t] = true;
+                    here[t] |= l.runs_in(regime);
+                }
+            }
+        }
+        here.iter().zip(&anywhere).map(|(&h, &a)| h || !a).collect()
+    }
+
     /// The launches (first, last) that name each temporary; one no launch names spans them all.
     fn temp_lives(&self) -> Vec<(usize, usize)> {
         let mut lives = vec![None::<(usize, usize)>; self.temps.len()];
@@ -212,6 +234,38 @@ pub struct LaunchSpec {
     /// For prefill attention (operands q, k, v, out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<AttentionSpec>,
+    /// The one regime the launch runs in (absent: both). A fused kernel may take another path per
+    /// regime: routing's logits on the tensor cores for prefill's many rows, in the reference's
+    /// split order on the CUDA cores for decode's few.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Regime>,
+}
+
+/// Which entries a launch runs in: the decode entry's steps, or every other entry's runs (prefill,
+/// the MTP draft, a training step), as [`KernelChoice::PerRegime`] picks kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Regime {
+    Decode,
+    Prefill,
+}
+
+impl Regime {
+    /// The regime of entry `entry` (by name: `decode`, or any other).
+    pub fn of_entry(entry: &str) -> Regime {
+        if entry == "decode" {
+            Regime::Decode
+        } else {
+            Regime::Prefill
+        }
+    }
+}
+
+impl LaunchSpec {
+    /// Whether the launch runs in `regime`.
+    pub fn runs_in(&self, regime: Regime) -> bool {
+        self.only.is_none_or(|only| only == regime)
+    }
 }
 
 /// A prefill attention launch's parameters: the heads its head-major operands stack (the query
@@ -500,6 +554,7 @@ mod tests {
             blocks: Blocks::One,
             gemm: None,
             attention: None,
+            only: None,
         };
         let temp = TempSpec {
             rows_factor: 1,
@@ -531,6 +586,47 @@ mod tests {
                 assert!(!overlap || disjoint, "temporaries {j} and {i}: {offsets:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_temporary_only_the_other_regimes_launches_name_needs_no_memory() {
+        use super::*;
+        let launch = |temps: &[usize], only| LaunchSpec {
+            kernel: KernelChoice::One("k".into()),
+            operands: temps.iter().map(|&t| OperandSpec::Temp(t)).collect(),
+            blocks: Blocks::One,
+            gemm: None,
+            attention: None,
+            only,
+        };
+        let temp = TempSpec {
+            rows_factor: 1,
+            cols: 1,
+            dtype: "f32".into(),
+            fixed_rows: None,
+            run_cols: None,
+            rows_of: None,
+            dims: None,
+        };
+        // 0: decode's; 1: prefill's; 2: both regimes'; 3: no launch's.
+        let f = FusedLowering {
+            fused: "f".into(),
+            launches: vec![
+                launch(&[0, 2], Some(Regime::Decode)),
+                launch(&[1, 2], Some(Regime::Prefill)),
+                launch(&[2], None),
+            ],
+            temps: vec![temp; 4],
+            rope_table: None,
+        };
+        assert_eq!(f.temps_used_in(Regime::Decode), [true, false, true, true]);
+        assert_eq!(f.temps_used_in(Regime::Prefill), [false, true, true, true]);
+        assert!(f.launches[0].runs_in(Regime::Decode) && !f.launches[0].runs_in(Regime::Prefill));
+        assert!(f.launches[2].runs_in(Regime::Decode) && f.launches[2].runs_in(Regime::Prefill));
+        assert_eq!((Regime::of_entry("decode"), Regime::of_entry("draft")), (Regime::Decode, Regime::Prefill));
+        let json = serde_json::to_string(&f.launches[1]).unwrap();
+        assert!(json.contains(r#""only":"prefill""#), "{json}");
+        assert!(!serde_json::to_string(&f.launches[2]).unwrap().contains("only"));
     }
 
     use super::*;
@@ -617,6 +713,7 @@ mod tests {
             blocks: Blocks::GemmUnits,
             gemm: None,
             attention: None,
+            only: None,
         };
         let lowering = |l: LaunchSpec| Lowering {
             format_version: LOWERING_FORMAT_VERSION,

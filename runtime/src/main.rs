@@ -876,8 +876,14 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     if let Some(l) = &a.lowering {
         let launches: usize = l.kernels.iter().map(|k| k.launches.len()).sum();
         let tables = l.kernels.iter().filter(|k| k.rope_table.is_some()).count();
+        let one_regime: usize = l.kernels.iter().map(|k| k.launches.iter().filter(|s| s.only.is_some()).count()).sum();
+        let one_regime = match one_regime {
+            0 => String::new(),
+            n => format!(", {n} in one regime only"),
+        };
         line(format!(
-            "lowering: {} fused kernels as {launches} launches ({} with temporaries, {tables} reading a RoPE table)",
+            "lowering: {} fused kernels as {launches} launches ({} with temporaries, {tables} reading a RoPE \
+             table{one_regime})",
             l.kernels.len(),
             l.kernels.iter().filter(|k| !k.temps.is_empty()).count()
         ));

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use melior::ir::operation::OperationRef;
 use melior::{Context, ExecutionEngine};
 use v3c_runtime::host::{call_packed, HostBuffer, HostData, RawBuffer};
+use v3c_runtime::lowering::Regime;
 
 use super::gemm::GemmInput;
 use super::lower::{self, Operand, RopeTable, StepKernel, Steps};
@@ -26,11 +27,14 @@ pub struct HostRows<'c> {
     /// compiles it) rather than the CUDA-core rows, and its f32 matmuls on the tensor cores in
     /// either recipe ([`super::lower_train::bf16_matmul_steps`]).
     pub flash_attention: bool,
+    /// The regime whose launches run ([`lower::Step::only`]): a training step's, prefill's, unless
+    /// told decode's.
+    pub regime: Regime,
 }
 
 impl<'c> HostRows<'c> {
     pub fn new(context: &'c Context) -> HostRows<'c> {
-        HostRows { context, engines: HashMap::new(), flash_attention: false }
+        HostRows { context, engines: HashMap::new(), flash_attention: false, regime: Regime::Prefill }
     }
 
     /// Runs `fused` (a `fused`-stage kernel) through its sm_90a lowering on `ins`, writing `outs`
@@ -56,7 +60,7 @@ impl<'c> HostRows<'c> {
         }
         let steps = match (lower::row_of_kernel(fused), lower::steps_of_kernel(fused)) {
             (Ok(row), _) => Steps {
-                steps: vec![lower::Step { kernel: StepKernel::Row(row.kernel), operands: row.operands }],
+                steps: vec![lower::Step { only: None, kernel: StepKernel::Row(row.kernel), operands: row.operands }],
                 temps: Vec::new(),
                 rope_table: row.rope_table,
             },
@@ -104,7 +108,8 @@ impl<'c> HostRows<'c> {
             })
             .collect::<Result<_, String>>()?;
         let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
-        for step in &steps.steps {
+        let regime = self.regime;
+        for step in steps.steps.iter().filter(|s| s.only.is_none_or(|r| r == regime)) {
             let ranks = match &step.kernel {
                 StepKernel::Row(kernel) => kernel.argument_ranks(),
                 // A, its scales, B, its scales, (the residual,) the output: matrices; grouped, the

@@ -21,6 +21,7 @@ use super::gemm::{GemmInput, GemmOutput};
 use super::rows::{CacheRows, RowKernel, RowOp};
 use crate::verify::Shape;
 use v3c_models::interp::kernels::ROUTER_SPLITS;
+use v3c_runtime::lowering::Regime;
 pub use v3c_runtime::lowering::{RunCols, TempDim};
 
 /// A fused kernel as one GEMM launch: `out[M, N] = A[M, K] . W[N, K]^T (+ residual)`.
@@ -655,6 +656,8 @@ pub struct MlaPrefillLaunch {
 /// `[T, 9, 2048]` as `[T * 9, 2048]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
+    /// The one regime the launch runs in (None: both), [`v3c_runtime::lowering::LaunchSpec::only`].
+    pub only: Option<Regime>,
     pub kernel: StepKernel,
     pub operands: Vec<Operand>,
 }
@@ -665,6 +668,42 @@ pub struct Steps {
     pub steps: Vec<Step>,
     pub temps: Vec<Temp>,
     pub rope_table: Option<RopeTable>,
+}
+
+impl Steps {
+    /// Keeps the steps `keep` takes, and of the temporaries only those a kept step names or no
+    /// step named before (the operands renumbered): a regime's path left out takes its buffers.
+    pub fn retain(&mut self, keep: impl Fn(&Step) -> bool) {
+        let named = |steps: &[Step]| {
+            let mut named = vec![false; self.temps.len()];
+            for o in steps.iter().flat_map(|s| &s.operands) {
+                if let Operand::Temp(t) | Operand::TempRows { temp: t, .. } | Operand::TempRowsOf { temp: t, .. } = *o {
+                    named[t] = true;
+                }
+            }
+            named
+        };
+        let before = named(&self.steps);
+        self.steps.retain(|s| keep(s));
+        let after = named(&self.steps);
+        let kept: Vec<bool> = before.iter().zip(&after).map(|(&b, &a)| a || !b).collect();
+        let mut number = Vec::with_capacity(kept.len());
+        let mut next = 0;
+        for &k in &kept {
+            number.push(next);
+            next += usize::from(k);
+        }
+        let mut i = 0;
+        self.temps.retain(|_| {
+            i += 1;
+            kept[i - 1]
+        });
+        for o in self.steps.iter_mut().flat_map(|s| &mut s.operands) {
+            if let Operand::Temp(t) | Operand::TempRows { temp: t, .. } | Operand::TempRowsOf { temp: t, .. } = o {
+                *t = number[*t];
+            }
+        }
+    }
 }
 
 /// The launches of a fused kernel that no single template covers but a few do in sequence:
@@ -794,6 +833,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 StepKernel::Row(RowKernel::new(RowOp::RmsNorm { eps, keep: !quantize, quantize }, d, &w.element))
             };
             let rope_step = |rows: Operand| Step {
+                only: None,
                 kernel: StepKernel::Row(RowKernel::new(
                     RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
                     n,
@@ -810,6 +850,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             if !fp8 {
                 let g = bf16_gemm(format!("{fused}.gemm"), n, d, vec![(2, None)]);
                 let normed = Step {
+                    only: None,
                     kernel: norm_row(false),
                     operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(2)],
                 };
@@ -829,10 +870,12 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 ],
                 steps: vec![
                     Step {
+                        only: None,
                         kernel: norm_row(true),
                         operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0), Operand::Temp(1)],
                     },
                     Step {
+                        only: None,
                         kernel: StepKernel::Gemm(fp8_gemm(format!("{fused}.gemm"), n, d, vec![(2, Some(3))])),
                         operands: vec![
                             Operand::Temp(0),
@@ -871,6 +914,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             Ok(Steps {
                 temps: Vec::new(),
                 steps: vec![Step {
+                    only: None,
                     kernel: StepKernel::Row(RowKernel::new(
                         RowOp::SplitRope { heads, nope, rope: rope_dim, interleave },
                         n,
@@ -912,6 +956,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let mut steps = split_bf16_steps(&g, &fused, Vec::new(), Some(Operand::Temp(2)));
             steps.temps.push(Temp::per_row(1, 2 * inter, "f32"));
             steps.steps.push(Step {
+                only: None,
                 kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: false }, inter, "f32")),
                 operands: vec![Operand::Temp(2), Operand::Result(0)],
             });
@@ -949,6 +994,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 temps: vec![Temp::per_row(1, 2 * inter, "f32")],
                 steps: vec![
                     Step {
+                        only: None,
                         kernel: StepKernel::Gemm(fp8_gemm(
                             format!("{fused}.gemm"),
                             2 * inter,
@@ -958,6 +1004,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                         operands: (0..6).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
                     },
                     Step {
+                        only: None,
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
                         operands: vec![Operand::Temp(0), Operand::Result(0), Operand::Result(1)],
                     },
@@ -997,20 +1044,16 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
             let (experts, d) = (fixed(&gate, 0)?, fixed(&gate, 1)?);
             let top_k = int_attr("top_k").ok_or("moe_dispatch without top_k")?;
             let shared = int_attr("num_shared").unwrap_or(0);
-            let (mut steps, parts) = route_steps(
+            let (mut steps, route_temps) = route_steps(
                 dispatch,
+                &fused,
                 experts,
                 (d, &gate.element),
-                [
-                    Operand::Arg(0),
-                    Operand::Arg(1),
-                    Operand::Arg(2),
-                    Operand::Temp(0),
-                    Operand::Temp(1),
-                    Operand::Temp(2),
-                ],
+                [Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Temp(0), Operand::Temp(1)],
+                2,
             )?;
             steps.push(Step {
+                only: None,
                 kernel: StepKernel::Row(RowKernel::new(RowOp::Dispatch { experts, shared }, experts + shared, "f32")),
                 operands: vec![
                     Operand::Temp(0),
@@ -1020,11 +1063,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     Operand::Result(2),
                 ],
             });
-            Ok(Steps {
-                temps: vec![Temp::per_row(1, top_k, "i32"), Temp::per_row(1, top_k, "f32"), parts],
-                steps,
-                rope_table: None,
-            })
+            let mut temps = vec![Temp::per_row(1, top_k, "i32"), Temp::per_row(1, top_k, "f32")];
+            temps.extend(route_temps);
+            Ok(Steps { temps, steps, rope_table: None })
         }
         [kind @ ("moe_gate_up" | "moe_down"), "func.return"] if ops[0].operand_count() == 7 => {
             // The f32 graph's routed + shared experts (bf16 weights): the activations split into
@@ -1096,10 +1137,12 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 let both = || vec![weight(3, 5), weight(4, 6)];
                 let steps = vec![
                     Step {
+                        only: None,
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
                         operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
                     },
                     Step {
+                        only: None,
                         kernel: StepKernel::Gemm(grouped_gemm(7, GemmGrouping::Gather, both(), None, false)),
                         operands: [Operand::Temp(0)]
                             .into_iter()
@@ -1108,6 +1151,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                             .collect(),
                     },
                     Step {
+                        only: None,
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: false }, rows, "f32")),
                         operands: vec![Operand::Temp(2), Operand::Result(0)],
                     },
@@ -1127,14 +1171,17 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 let steps = vec![
                     // The residual first; the experts' rows are added onto it.
                     Step {
+                        only: None,
                         kernel: StepKernel::Row(RowKernel::new(RowOp::Copy, rows, "f32")),
                         operands: vec![Operand::Arg(6), Operand::Result(0)],
                     },
                     Step {
+                        only: None,
                         kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
                         operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
                     },
                     Step {
+                        only: None,
                         kernel: StepKernel::Gemm(g),
                         operands: [Operand::Temp(0)]
                             .into_iter()
@@ -1255,6 +1302,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     ],
                     steps: vec![
                         Step {
+                            only: None,
                             kernel: StepKernel::Row(RowKernel::new(RowOp::GatherFp8, k, "f32")),
                             operands: vec![
                                 Operand::Arg(0),
@@ -1265,6 +1313,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                             ],
                         },
                         Step {
+                            only: None,
                             kernel: StepKernel::Gemm(gemm(
                                 2 * inter,
                                 k,
@@ -1277,6 +1326,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                                 .collect(),
                         },
                         Step {
+                            only: None,
                             kernel: StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize: true }, inter, "f32")),
                             operands: vec![Operand::Temp(2), Operand::Result(0), Operand::Result(1)],
                         },
@@ -1292,10 +1342,12 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                     steps: vec![
                         // The residual first; the experts' rows are added onto it.
                         Step {
+                            only: None,
                             kernel: StepKernel::Row(RowKernel::new(RowOp::Copy, d, "f32")),
                             operands: vec![Operand::Arg(n_args - 1), Operand::Result(0)],
                         },
                         Step {
+                            only: None,
                             kernel: StepKernel::Gemm(gemm(
                                 d,
                                 k,
@@ -1344,6 +1396,7 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
         }
     });
     steps.push(Step {
+        only: None,
         kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, k, "f32")),
         operands: vec![source, Operand::Temp(0), Operand::Temp(1)],
     });
@@ -1379,12 +1432,12 @@ fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into
         k_range: None,
         a2: Some(1),
     };
-    steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
+    steps.push(Step { only: None, kernel: StepKernel::Gemm(kernel), operands });
     if !single && into.is_none() {
         for (i, &(start, end)) in g.results.iter().enumerate() {
             let copy =
                 RowKernel::new(RowOp::Train(super::rows::TrainRow::Columns { start, stride: n }), end - start, "f32");
-            steps.push(Step { kernel: StepKernel::Row(copy), operands: vec![out, Operand::Result(i)] });
+            steps.push(Step { only: None, kernel: StepKernel::Row(copy), operands: vec![out, Operand::Result(i)] });
         }
     }
     Steps { steps, temps, rope_table: None }
@@ -1407,33 +1460,95 @@ pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String
         norm: o.attribute("norm_topk_prob").ok().and_then(crate::mlir::bool_value).unwrap_or(false),
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
         tokens: super::rows::route_tokens(experts, n_group, top_k),
+        pieces: ROUTER_SPLITS,
     })
 }
 
 /// The routing of `o` ([`route_op`]) over `experts` experts, rows of `d` columns and a gate of
-/// `element`, as launches: the logits' pieces ([`RowOp::RouteLogits`], decode's spread over many
-/// blocks) into a temporary, then the selection. `[x, gate, bias, idx, w, parts]`: the operands,
-/// `parts` the returned temporary's.
+/// `element`, as launches of fused kernel `name`; `[x, gate, bias, idx, w]` their operands, their
+/// temporaries (returned) numbered from `first_temp`.
+///
+/// Decode's few rows: the logits' pieces in the reference's split order on the CUDA cores
+/// ([`RowOp::RouteLogits`], spread over many blocks), then the selection summing them — the
+/// reference's bits, so the same experts. Every other regime's many rows (prefill, the MTP draft,
+/// a training step), with a bf16 gate whose rows TMA can stride (`d` a multiple of 8): the
+/// activations split into bf16 hi + lo and one dual-A GEMM on the tensor cores `(hi + lo) gate^T`
+/// into whole f32 logits (x to ~2^-16: the sums differ from the reference's in their last bits, so
+/// experts whose biased scores tie to that precision may swap), then the selection on them. A gate
+/// of any other element routes on the CUDA cores in both regimes.
 pub(super) fn route_steps(
     o: &OperationRef,
+    name: &str,
     experts: usize,
     (d, element): (usize, &str),
-    operands: [Operand; 6],
-) -> Result<(Vec<Step>, Temp), String> {
+    operands: [Operand; 5],
+    first_temp: usize,
+) -> Result<(Vec<Step>, Vec<Temp>), String> {
     let op = route_op(o, experts)?;
-    let [x, gate, bias, idx, w, parts] = operands;
-    let logits = RowOp::RouteLogits { experts, tokens: super::rows::ROUTE_TOKENS };
-    let steps = vec![
-        Step { kernel: StepKernel::Row(RowKernel::new(logits, d, element)), operands: vec![x, gate, parts] },
-        Step { kernel: StepKernel::Row(RowKernel::new(op, experts, "f32")), operands: vec![parts, bias, idx, w] },
-    ];
-    // As many rows as x (the MTP module's fewer than the run's: the selection walks the pieces'
+    let [x, gate, bias, idx, w] = operands;
+    // As many rows as x (the MTP module's fewer than the run's: the selection walks its operand's
     // rows).
-    let parts_temp = match x {
-        Operand::Arg(i) => Temp::per_row_of(i, 1, ROUTER_SPLITS * experts, "f32"),
-        _ => Temp::per_row(1, ROUTER_SPLITS * experts, "f32"),
+    let per_row = |cols: usize, element: &str| match x {
+        Operand::Arg(i) => Temp::per_row_of(i, 1, cols, element),
+        _ => Temp::per_row(1, cols, element),
     };
-    Ok((steps, parts_temp))
+    let tensor_cores = element == "bf16" && d.is_multiple_of(8);
+    let decode = tensor_cores.then_some(Regime::Decode);
+    let parts = Operand::Temp(first_temp);
+    let logits = RowOp::RouteLogits { experts, tokens: super::rows::ROUTE_TOKENS };
+    let mut steps = vec![
+        Step {
+            only: decode,
+            kernel: StepKernel::Row(RowKernel::new(logits, d, element)),
+            operands: vec![x, gate, parts],
+        },
+        Step {
+            only: decode,
+            kernel: StepKernel::Row(RowKernel::new(op, experts, "f32")),
+            operands: vec![parts, bias, idx, w],
+        },
+    ];
+    let mut temps = vec![per_row(ROUTER_SPLITS * experts, "f32")];
+    if tensor_cores {
+        let prefill = Some(Regime::Prefill);
+        let [hi, lo, whole] = [1, 2, 3].map(|i| Operand::Temp(first_temp + i));
+        temps.extend([per_row(d, "bf16"), per_row(d, "bf16"), per_row(experts, "f32")]);
+        let gemm = GemmKernel {
+            kernel: format!("{name}.gate"),
+            input: GemmInput::Bf16,
+            output: GemmOutput::F32,
+            n: experts,
+            k: d,
+            a: 0,
+            a_scale: None,
+            weights: vec![(2, None)],
+            residual: None,
+            results: vec![(0, experts)],
+            grouped: None,
+            fixed_m: None,
+            k_range: None,
+            a2: Some(1),
+        };
+        // The selection over whole logits.
+        let mut whole_op = op;
+        if let RowOp::Route { pieces, .. } = &mut whole_op {
+            *pieces = 1;
+        }
+        steps.extend([
+            Step {
+                only: prefill,
+                kernel: StepKernel::Row(RowKernel::new(RowOp::SplitBf16, d, "f32")),
+                operands: vec![x, hi, lo],
+            },
+            Step { only: prefill, kernel: StepKernel::Gemm(gemm), operands: vec![hi, lo, gate, whole] },
+            Step {
+                only: prefill,
+                kernel: StepKernel::Row(RowKernel::new(whole_op, experts, "f32")),
+                operands: vec![whole, bias, idx, w],
+            },
+        ]);
+    }
+    Ok((steps, temps))
 }
 
 /// The table and pair layout of a `v3.rope` op.
@@ -1519,7 +1634,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
         a2: None,
     };
     let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
-    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
     use Operand::{Arg, Result as Out, Temp as T};
     // kv_b's up-projection of the cache's latent rows into temporary 2 ([S, n]), from temporaries 0
     // and 1 (fp8: the e4m3 latent and its scales; f32 graph: its bf16 hi and lo).
@@ -1624,7 +1739,7 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
     use super::rows::{HEAD_TOKENS, PAGE_ROWS as page};
     let splits = TempDim::Splits { heads, table };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
-    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
     // kv_b's products on the tensor cores where the head's widths fit the blocks' operands, else
     // on the CUDA cores.
     let tensor_cores = |op: RowOp, else_op: RowOp| {

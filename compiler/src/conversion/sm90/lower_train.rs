@@ -265,10 +265,9 @@ fn moe_route(body: &Body) -> Result<Steps, String> {
         return Err(format!("routing of {} activations", x.element));
     }
     let experts = gate.dims.first().copied().flatten().ok_or("a dynamic expert count")?;
-    let operands =
-        [Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Result(0), Operand::Result(1), Operand::Temp(0)];
-    let (steps, parts) = route_steps(o, experts, (width(&x)?, &gate.element), operands)?;
-    Ok(Steps { steps, temps: vec![parts], rope_table: None })
+    let operands = [Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Result(0), Operand::Result(1)];
+    let (steps, temps) = route_steps(o, &body.name, experts, (width(&x)?, &gate.element), operands, 0)?;
+    Ok(Steps { steps, temps, rope_table: None })
 }
 
 /// A one-op kernel whose result is returned reshaped: the op's launch writes a temporary in its
@@ -296,8 +295,8 @@ fn reshaped(body: &Body, launch: RowLaunch) -> Result<Steps, String> {
     let copy = train_kernel(TrainRow::Columns { start: 0, stride: w }, w, "f32");
     Ok(Steps {
         steps: vec![
-            Step { kernel: StepKernel::Row(launch.kernel), operands },
-            Step { kernel: StepKernel::Row(copy), operands: vec![Operand::Temp(0), Operand::Result(0)] },
+            Step { only: None, kernel: StepKernel::Row(launch.kernel), operands },
+            Step { only: None, kernel: StepKernel::Row(copy), operands: vec![Operand::Temp(0), Operand::Result(0)] },
         ],
         temps: vec![temp],
         rope_table: launch.rope_table,
@@ -363,6 +362,7 @@ fn attention_front(body: &Body, tensor_cores: bool, key_rows: bool) -> Result<At
         hp,
         scale,
         steps: vec![Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(TrainRow::Slice { start: 0 }, kv, "f32")),
             operands: vec![Operand::Arg(2), Operand::Temp(0)],
         }],
@@ -409,7 +409,7 @@ impl AttentionFront {
             // Output columns: kv_b's rows (hp), or kv.
             let d = if b == Operand::Arg(3) && tb { hp } else { kv };
             let kernel = train_kernel(TrainRow::Matmul { transpose_a: ta, transpose_b: tb }, d, "f32");
-            vec![Step { kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }]
+            vec![Step { only: None, kernel: StepKernel::Row(kernel), operands: vec![a, b, out] }]
         };
         self.steps.extend(steps);
         Ok(())
@@ -423,6 +423,7 @@ impl AttentionFront {
         let dckv = self.temp(Temp::per_row(1, kv, "f32"));
         self.matmul(body, tensor_cores, "dckv", (dkvb, false, hp), (Operand::Arg(3), false), dckv)?;
         self.steps.push(Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(TrainRow::Join { second: rope }, kv, "f32")),
             operands: vec![dckv, dpe, Operand::Result(2)],
         });
@@ -438,7 +439,11 @@ impl AttentionFront {
     /// temporary `[cols, run rows]`.
     fn transposed(&mut self, source: Operand, op: TrainRow, cols: usize) -> Operand {
         let t = self.temp(Temp::transposed(cols, RunCols::new(1, 1), "f32"));
-        self.steps.push(Step { kernel: StepKernel::Row(train_kernel(op, cols, "f32")), operands: vec![source, t] });
+        self.steps.push(Step {
+            only: None,
+            kernel: StepKernel::Row(train_kernel(op, cols, "f32")),
+            operands: vec![source, t],
+        });
         t
     }
 }
@@ -479,6 +484,7 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let kvb = Operand::Temp(1);
     let Some([stats, dkvb, part, dpe]) = grad else {
         f.steps.push(Step {
+            only: None,
             kernel: row(TrainRow::MlaForward(mla(1))),
             operands: vec![Arg(0), Arg(1), Arg(2), kvb, kvbt, latt, Res(0)],
         });
@@ -490,14 +496,17 @@ fn attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let doutt = f.transposed(Arg(4), by_heads, heads * v);
     f.steps.extend([
         Step {
+            only: None,
             kernel: row(TrainRow::MlaGradQ(mla(2))),
             operands: vec![Arg(0), Arg(1), Arg(2), kvb, kvbt, latt, Arg(4), Res(0), Res(1), stats],
         },
         Step {
+            only: None,
             kernel: row(TrainRow::MlaGradKv(mla(2))),
             operands: vec![Arg(0), Arg(1), Arg(2), kvb, qnt, qpt, doutt, Arg(4), stats, dkvb, part],
         },
         Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(TrainRow::SumHeads { heads }, rope, "f32")),
             operands: vec![part, dpe],
         },
@@ -539,7 +548,7 @@ fn flash_attention(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let config = |mode| MlaPrefillConfig { qk, v, stages: 2, mode };
     config(FlashMode::Forward).validate(&crate::target::SM90A)?;
     let flash = |mode| StepKernel::MlaPrefill(super::lower::MlaPrefillLaunch { config: config(mode), heads, scale });
-    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { kernel, operands };
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
     let row = |op: RowOp, d: usize| StepKernel::Row(RowKernel::new(op, d, "f32"));
     let train_row = |op: TrainRow, d: usize| StepKernel::Row(train_kernel(op, d, "f32"));
     use Operand::{Arg, Result as Res};
@@ -602,10 +611,15 @@ fn moe_experts(body: &Body) -> Result<Steps, String> {
     Ok(Steps {
         steps: vec![
             Step {
+                only: None,
                 kernel: row(TrainRow::MoeHidden { k, keep: false }, inter),
                 operands: vec![Arg(0), Arg(1), Arg(3), Arg(4), Tmp(0)],
             },
-            Step { kernel: row(TrainRow::MoeCombine { k }, d), operands: vec![Tmp(0), Arg(1), Arg(2), Arg(5), Res(0)] },
+            Step {
+                only: None,
+                kernel: row(TrainRow::MoeCombine { k }, d),
+                operands: vec![Tmp(0), Arg(1), Arg(2), Arg(5), Res(0)],
+            },
         ],
         temps: vec![Temp::per_row(k, inter, "f32")],
         rope_table: None,
@@ -700,7 +714,7 @@ impl Experts {
     }
 
     fn row(&mut self, op: TrainRow, d: usize, operands: Vec<Operand>) {
-        self.steps.push(Step { kernel: StepKernel::Row(train_kernel(op, d, "f32")), operands });
+        self.steps.push(Step { only: None, kernel: StepKernel::Row(train_kernel(op, d, "f32")), operands });
     }
 
     /// `x`'s rows (`cols` wide) quantized 1x128 into new temporaries.
@@ -758,7 +772,7 @@ impl Experts {
         let mut operands = vec![a, a_scale, b.q, b.row_scale, offsets, tok];
         operands.extend(row_scale);
         operands.push(out);
-        self.steps.push(Step { kernel: StepKernel::Gemm(gemm), operands });
+        self.steps.push(Step { only: None, kernel: StepKernel::Gemm(gemm), operands });
     }
 
     /// The experts' forward from the kernel's `[x, idx, w, gate, up, down]`: x quantized 1x128, each
@@ -782,6 +796,7 @@ impl Experts {
         // speed on the H200 (92 against 430-473 TFLOP/s).
         let (xq_sorted, xs_sorted) = (self.per_pair(d, "f8E4M3FN"), self.per_pair(d.div_ceil(GROUP), "f32"));
         self.steps.push(Step {
+            only: None,
             kernel: StepKernel::Row(RowKernel::new(RowOp::GatherFp8, d, "f32")),
             operands: vec![xq, xs, tok, xq_sorted, xs_sorted],
         });
@@ -794,10 +809,10 @@ impl Experts {
         self.row(TrainRow::Join { second: inter }, inter, vec![g, u, gu]);
         let (hq, hs) = (self.per_pair(inter, "f8E4M3FN"), self.per_pair(inter.div_ceil(GROUP), "f32"));
         let silu = |quantize| StepKernel::Row(RowKernel::new(RowOp::SiluMul { quantize }, inter, "f32"));
-        self.steps.push(Step { kernel: silu(true), operands: vec![gu, hq, hs] });
+        self.steps.push(Step { only: None, kernel: silu(true), operands: vec![gu, hq, hs] });
         let h = keep.then(|| self.per_pair(inter, "f32"));
         if let Some(h) = h {
-            self.steps.push(Step { kernel: silu(false), operands: vec![gu, h] });
+            self.steps.push(Step { only: None, kernel: silu(false), operands: vec![gu, h] });
         }
         let down = self.blocks(down, d, inter, false);
         Forward { down, offsets, pairs, tok, wt, pos, g, u, hq, hs, h }
@@ -879,27 +894,32 @@ fn moe_experts_grad(body: &Body) -> Result<Steps, String> {
     let row = |op, d| StepKernel::Row(train_kernel(op, d, "f32"));
     let mut steps = vec![
         Step {
+            only: None,
             kernel: row(TrainRow::MoeHidden { k, keep: true }, inter),
             operands: vec![Arg(0), Arg(1), Arg(4), Arg(5), Tmp(2), Tmp(0), Tmp(1)],
         },
         Step {
+            only: None,
             kernel: row(TrainRow::MoeGradToken { k }, inter),
             operands: vec![Arg(3), Arg(1), Arg(2), Arg(6), Tmp(0), Tmp(1), Tmp(2), Tmp(3), Tmp(4), Tmp(5), Res(1)],
         },
         Step {
+            only: None,
             kernel: row(TrainRow::MoeGradX { k }, d),
             operands: vec![Tmp(4), Tmp(5), Arg(1), Arg(4), Arg(5), Res(0)],
         },
-        Step { kernel: row(TrainRow::PairSort, experts), operands: vec![Arg(1), Tmp(6), Tmp(7)] },
+        Step { only: None, kernel: row(TrainRow::PairSort, experts), operands: vec![Arg(1), Tmp(6), Tmp(7)] },
     ];
     for &(i, which, e) in &pieces {
         let offsets = Operand::TempRows { temp: 6, first: e, rows: 2 };
         steps.push(match which {
             2 => Step {
+                only: None,
                 kernel: row(TrainRow::MoeGradW { down: true }, inter),
                 operands: vec![offsets, Tmp(7), Arg(2), Tmp(2), Arg(3), Res(i)],
             },
             _ => Step {
+                only: None,
                 kernel: row(TrainRow::MoeGradW { down: false }, d),
                 operands: vec![offsets, Tmp(7), Arg(2), Tmp(4 + which), Arg(0), Res(i)],
             },
@@ -956,14 +976,16 @@ fn fp8_projection(body: &Body) -> Result<Steps, String> {
     let gemm = GemmKernel::fp8(format!("{}.gemm", body.name), n, k);
     let mut steps = vec![
         Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(TrainRow::Quantize, k, "f32")),
             operands: vec![Arg(0), Tmp(1), Tmp(2)],
         },
         Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(quantize_blocks, group, "f32")),
             operands: vec![Arg(1), Tmp(3), Tmp(4)],
         },
-        Step { kernel: StepKernel::Gemm(gemm), operands: vec![Tmp(1), Tmp(2), Tmp(3), Tmp(4), Tmp(0)] },
+        Step { only: None, kernel: StepKernel::Gemm(gemm), operands: vec![Tmp(1), Tmp(2), Tmp(3), Tmp(4), Tmp(0)] },
     ];
     steps.extend(copies_from(body, 0, n)?);
     Ok(Steps { steps, temps, rope_table: None })
@@ -1001,7 +1023,11 @@ fn copies_from(body: &Body, temp: usize, n: usize) -> Result<Vec<Step>, String> 
         .map(|(i, v)| {
             let &(stride, start, cols) = traced.get(&raw(*v)).ok_or("a result that is not a view of the output")?;
             let kernel = train_kernel(TrainRow::Columns { start, stride }, cols, "f32");
-            Ok(Step { kernel: StepKernel::Row(kernel), operands: vec![Operand::Temp(temp), Operand::Result(i)] })
+            Ok(Step {
+                only: None,
+                kernel: StepKernel::Row(kernel),
+                operands: vec![Operand::Temp(temp), Operand::Result(i)],
+            })
         })
         .collect()
 }
@@ -1025,9 +1051,9 @@ fn fp8_wgrad(body: &Body) -> Result<Steps, String> {
         GemmKernel { results: Vec::new(), fixed_m: Some(n), ..GemmKernel::fp8(format!("{}.gemm", body.name), k, 0) };
     Ok(Steps {
         steps: vec![
-            Step { kernel: cols(n), operands: vec![Arg(0), Tmp(0), Tmp(1)] },
-            Step { kernel: cols(k), operands: vec![Arg(1), Tmp(2), Tmp(3)] },
-            Step { kernel: StepKernel::Gemm(gemm), operands: vec![Tmp(0), Tmp(1), Tmp(2), Tmp(3), Res(0)] },
+            Step { only: None, kernel: cols(n), operands: vec![Arg(0), Tmp(0), Tmp(1)] },
+            Step { only: None, kernel: cols(k), operands: vec![Arg(1), Tmp(2), Tmp(3)] },
+            Step { only: None, kernel: StepKernel::Gemm(gemm), operands: vec![Tmp(0), Tmp(1), Tmp(2), Tmp(3), Res(0)] },
         ],
         temps: vec![
             Temp::transposed(n, tokens, "f8E4M3FN"),
@@ -1116,7 +1142,11 @@ fn moe_experts_grad_fp8(
             a2: None,
             ..GemmKernel::fp8(format!("{kernel}.wgrad_{}", names[which]), n, 0)
         };
-        ex.steps.push(Step { kernel: StepKernel::Gemm(gemm), operands: vec![a.0, a.1, b.0, b.1, range, Res(i)] });
+        ex.steps.push(Step {
+            only: None,
+            kernel: StepKernel::Gemm(gemm),
+            operands: vec![a.0, a.1, b.0, b.1, range, Res(i)],
+        });
     }
     Ok(ex.into_steps())
 }
@@ -1141,10 +1171,12 @@ fn cross_entropy(body: &Body) -> Result<Steps, String> {
     Ok(Steps {
         steps: vec![
             Step {
+                only: None,
                 kernel: StepKernel::Row(per_row),
                 operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0)],
             },
             Step {
+                only: None,
                 kernel: StepKernel::Row(train_kernel(TrainRow::LossMean { weight }, 1, "f32")),
                 operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
             },
@@ -1170,20 +1202,24 @@ fn balance_loss(body: &Body) -> Result<Steps, String> {
     let experts = width(&logits)?;
     let grad = body.names[0] == "balance_loss_grad";
     let row = |op| StepKernel::Row(train_kernel(op, experts, "f32"));
-    let mut steps = vec![Step { kernel: row(TrainRow::ExpertFreq), operands: vec![Operand::Arg(1), Operand::Temp(0)] }];
+    let mut steps =
+        vec![Step { only: None, kernel: row(TrainRow::ExpertFreq), operands: vec![Operand::Arg(1), Operand::Temp(0)] }];
     let mut temps = vec![Temp::per_row(1, experts, "f32")];
     if grad {
         steps.push(Step {
+            only: None,
             kernel: row(TrainRow::BalanceRows { grad: true, alpha }),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
         });
     } else {
         temps.push(Temp::per_row(1, 1, "f32"));
         steps.push(Step {
+            only: None,
             kernel: row(TrainRow::BalanceRows { grad: false, alpha }),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
         });
         steps.push(Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(TrainRow::LossMean { weight: alpha }, 1, "f32")),
             operands: vec![Operand::Arg(0), Operand::Temp(1), Operand::Result(0)],
         });
@@ -1203,8 +1239,12 @@ fn concat_rows(body: &Body) -> Result<Steps, String> {
     let copy = |shifted: bool| StepKernel::Row(train_kernel(TrainRow::RowRange { into: true, shifted }, d, "f32"));
     Ok(Steps {
         steps: vec![
-            Step { kernel: copy(false), operands: vec![Operand::Arg(0), Operand::Result(0)] },
-            Step { kernel: copy(true), operands: vec![Operand::Arg(1), Operand::Arg(0), Operand::Result(0)] },
+            Step { only: None, kernel: copy(false), operands: vec![Operand::Arg(0), Operand::Result(0)] },
+            Step {
+                only: None,
+                kernel: copy(true),
+                operands: vec![Operand::Arg(1), Operand::Arg(0), Operand::Result(0)],
+            },
         ],
         temps: Vec::new(),
         rope_table: None,
@@ -1227,8 +1267,9 @@ fn embed_grad(body: &Body) -> Result<Steps, String> {
     let rank = train_kernel(TrainRow::IdRank, ID_RANK_TOKENS, "f32");
     let grad = train_kernel(TrainRow::EmbedGrad, width(&dy)?, "f32");
     let steps = vec![
-        Step { kernel: StepKernel::Row(rank), operands: vec![Operand::Arg(0), Operand::Temp(0)] },
+        Step { only: None, kernel: StepKernel::Row(rank), operands: vec![Operand::Arg(0), Operand::Temp(0)] },
         Step {
+            only: None,
             kernel: StepKernel::Row(grad),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Arg(1), Operand::Result(0)],
         },
@@ -1269,11 +1310,13 @@ fn rms_norm_grad(body: &Body) -> Result<Steps, String> {
         }
     };
     let mut steps = vec![Step {
+        only: None,
         kernel: StepKernel::Row(train_kernel(TrainRow::RmsNormGrad { eps }, d, &w.element)),
         operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), dx_operand, Operand::Temp(0)],
     }];
     if let Some(i) = dw {
         steps.push(Step {
+            only: None,
             kernel: StepKernel::Row(train_kernel(TrainRow::RmsNormDw, d, "f32")),
             operands: vec![Operand::Arg(0), Operand::Arg(2), Operand::Temp(0), Operand::Result(i)],
         });
@@ -1301,7 +1344,7 @@ fn concat_grad(body: &Body) -> Result<Steps, String> {
                     operands.push(Operand::Arg(1));
                 }
                 operands.push(Operand::Result(i));
-                steps.push(Step { kernel: StepKernel::Row(kernel), operands });
+                steps.push(Step { only: None, kernel: StepKernel::Row(kernel), operands });
             }
         }
         if steps.len() != body.returned.len() {
@@ -1318,7 +1361,11 @@ fn concat_grad(body: &Body) -> Result<Steps, String> {
         let r = o.result(piece).map_err(|e| e.to_string())?;
         if let Some(i) = returned_as(body, r.into()) {
             let kernel = train_kernel(TrainRow::Columns { start, stride }, width(&result_shape(o, piece)?)?, "f32");
-            steps.push(Step { kernel: StepKernel::Row(kernel), operands: vec![Operand::Arg(0), Operand::Result(i)] });
+            steps.push(Step {
+                only: None,
+                kernel: StepKernel::Row(kernel),
+                operands: vec![Operand::Arg(0), Operand::Result(i)],
+            });
         }
     }
     if steps.len() != body.returned.len() {
@@ -1453,7 +1500,11 @@ fn matmul_steps(
         };
         let (hi, lo) = (temp(temps), temp(temps));
         let op = if transposed { RowOp::SplitBf16T } else { RowOp::SplitBf16 };
-        steps.push(Step { kernel: StepKernel::Row(RowKernel::new(op, cols, "f32")), operands: vec![x, hi, lo] });
+        steps.push(Step {
+            only: None,
+            kernel: StepKernel::Row(RowKernel::new(op, cols, "f32")),
+            operands: vec![x, hi, lo],
+        });
         // Rows that follow the run's: as many as x has (the MTP module's are one fewer).
         match (transposed, rows, x, hi, lo) {
             (false, None, Operand::Arg(arg), Operand::Temp(h), Operand::Temp(l)) => {
@@ -1486,7 +1537,7 @@ fn matmul_steps(
             k_range: None,
             a2: (i == 0).then_some(2),
         };
-        steps.push(Step { kernel: StepKernel::Gemm(kernel), operands });
+        steps.push(Step { only: None, kernel: StepKernel::Gemm(kernel), operands });
     }
     Ok(steps)
 }
@@ -1526,10 +1577,11 @@ fn linear_pieces(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
         _ => {
             let op = TrainRow::Matmul { transpose_a: false, transpose_b: true };
             let matmul = StepKernel::Row(train_kernel(op, n, "f32"));
-            steps.push(Step { kernel: matmul, operands: vec![Operand::Arg(0), Operand::Arg(1), target] });
+            steps.push(Step { only: None, kernel: matmul, operands: vec![Operand::Arg(0), Operand::Arg(1), target] });
         }
     }
     let copy = |start: usize, w: usize, to: usize| Step {
+        only: None,
         kernel: StepKernel::Row(train_kernel(TrainRow::Columns { start, stride }, w, "f32")),
         operands: vec![target, Operand::Result(to)],
     };

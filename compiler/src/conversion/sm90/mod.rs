@@ -25,6 +25,7 @@ use crate::target::{self, GpuTarget, KernelResources};
 use crate::toolchain::FoundTool;
 use crate::tune::attention::{AttentionConfig, AttentionShape};
 use crate::tune::rows::RowShape;
+use v3c_runtime::lowering::Regime;
 
 /// The passes that lower a `gpu.module` (gpu, nvgpu, nvvm, scf, arith, memref) to LLVM + NVVM.
 pub const LOWER_GPU_MODULE: &str = "builtin.module(gpu.module(convert-nvgpu-to-nvvm, lower-affine, \
@@ -742,8 +743,18 @@ pub fn compile_model(
             continue;
         }
         if let Some(mut steps) = tensor_core_attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
+            // Steps of one regime: left out where no entry of theirs calls the kernel; otherwise
+            // chosen for their regime alone.
+            let both = if runs == [false, false] { [true, true] } else { runs };
+            let step_runs = |only: Option<Regime>| match only {
+                None => runs,
+                Some(Regime::Decode) => [true, false],
+                Some(Regime::Prefill) => [false, true],
+            };
+            steps.retain(|s| s.only.is_none_or(|r| both[usize::from(r == Regime::Prefill)]));
             let mut picked = Vec::new();
             for (i, step) in steps.steps.iter_mut().enumerate() {
+                let runs = step_runs(step.only);
                 match &step.kernel {
                     lower::StepKernel::Row(k) => {
                         let name = format!("{fused}.{i}");

@@ -132,7 +132,19 @@ pub enum RowOp {
     /// top two, the best `topk_group` groups kept, then the best `top_k` experts in them; ties to
     /// the lower index), weights `s` of the chosen, normalized (`norm`) and scaled. Writes the
     /// experts `idx [rows, top_k]` (i32) and weights `w [rows, top_k]`.
-    Route { experts: usize, top_k: usize, n_group: usize, topk_group: usize, norm: bool, scale: f32, tokens: usize },
+    ///
+    /// `pieces`: the pieces per logit in `parts [rows, pieces * experts]` — [`ROUTER_SPLITS`] from
+    /// [`RowOp::RouteLogits`], or 1: whole logits (prefill's gate GEMM on the tensor cores).
+    Route {
+        experts: usize,
+        top_k: usize,
+        n_group: usize,
+        topk_group: usize,
+        norm: bool,
+        scale: f32,
+        tokens: usize,
+        pieces: usize,
+    },
     /// The counting sort of the routed (token, expert) pairs by expert (one block; the pairs cut
     /// into chunks a thread each counts, then places in order): `offsets [experts + shared + 1]`, per sorted row its token
     /// `sorted [tokens, top_k + shared]` and weight `rw`; tokens in order within an expert, the shared
@@ -331,11 +343,12 @@ impl RowKernel {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
                 format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}{f32_graph}")
             }
-            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } => {
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens, pieces } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let norm = if norm { "_norm" } else { "" };
                 let tokens = if tokens == 1 { String::new() } else { format!("_b{tokens}") };
-                format!("rows_route_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}{tokens}")
+                let pieces = if pieces == ROUTER_SPLITS { String::new() } else { format!("_p{pieces}") };
+                format!("rows_route_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}{tokens}{pieces}")
             }
             RowOp::RouteLogits { experts, tokens } => {
                 let tokens = if tokens == 1 { String::new() } else { format!("_b{tokens}") };
@@ -412,6 +425,10 @@ impl RowKernel {
                 Some(RowKernel { op, d: number(d, 'd')?, weight: w.to_string(), threads: number(t, 't')? })
             }
             ("route", [e, k, g, kg, sc, rest @ ..]) => {
+                let (rest, pieces) = match rest {
+                    [rest @ .., p] if p.starts_with('p') => (rest, number(p, 'p')?),
+                    rest => (rest, ROUTER_SPLITS),
+                };
                 let (rest, tokens) = match rest {
                     [rest @ .., b] if b.starts_with('b') => (rest, number(b, 'b')?),
                     rest => (rest, 1),
@@ -429,6 +446,7 @@ impl RowKernel {
                     norm,
                     scale: sc.strip_prefix('s')?.replace('m', "-").replace('p', ".").parse().ok()?,
                     tokens,
+                    pieces,
                 };
                 Some(RowKernel { op, d: number(e, 'e')?, weight: "f32".into(), threads: number(t, 't')? })
             }
@@ -983,7 +1001,10 @@ impl RowKernel {
                 return Err(format!("{name}: {tokens} tokens a block of {} threads", self.threads));
             }
         }
-        if let RowOp::Route { experts, top_k, n_group, topk_group, .. } = self.op {
+        if let RowOp::Route { experts, top_k, n_group, topk_group, pieces, .. } = self.op {
+            if pieces != 1 && pieces != ROUTER_SPLITS {
+                return Err(format!("{name}: logits in {pieces} pieces (1, or the router's {ROUTER_SPLITS} splits)"));
+            }
             let per = experts / n_group.max(1);
             if self.d != experts {
                 return Err(format!("{name}: rows of {} logits for {experts} experts", self.d));
@@ -1674,7 +1695,7 @@ scf.for %q = %tid to %cWork step %cT {{
                 phases.push(store);
                 phases
             }
-            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens } => {
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens, pieces } => {
                 let per = experts / n_group;
                 let (acc, flag, gflag) = (sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
                 let (sb, gscore, w_ty) = (sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
@@ -1697,7 +1718,7 @@ scf.for %q = %tid to %cGG step %cT {{
                 // threads read consecutive experts' pieces), its score and biased score.
                 let logits = format!(
                     "%cE = arith.constant {experts} : index
-%cS = arith.constant {ROUTER_SPLITS} : index
+%cS = arith.constant {pieces} : index
 %all = arith.muli %ntok, %cE : index
 scf.for %q = %tid to %all step %cT {{
   %t = arith.divui %q, %cE : index
@@ -4798,9 +4819,16 @@ mod tests {
             // Decode's logits take 4 tokens a block where its selection takes one.
             let logits_tokens = if tokens == 1 { ROUTE_DECODE_TOKENS } else { tokens };
             let logits_kernel = RowKernel::new(RowOp::RouteLogits { experts, tokens: logits_tokens }, d, "bf16");
-            let op = RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens };
+            let op =
+                RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens, pieces: ROUTER_SPLITS };
             let kernel = RowKernel::new(op, experts, "f32");
-            for k in [&logits_kernel, &kernel] {
+            // Prefill's selection over whole logits (its gate GEMM's).
+            let whole = RowKernel::new(
+                RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens, pieces: 1 },
+                experts,
+                "f32",
+            );
+            for k in [&logits_kernel, &kernel, &whole] {
                 assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()));
                 assert!(k.shared_memory_bytes() <= STATIC_SHARED_LIMIT, "{}", k.kernel_name());
             }
@@ -4865,6 +4893,26 @@ mod tests {
             assert_eq!(gpu_idx, idx, "{}: experts", kernel.kernel_name());
             for (i, (g, c)) in gpu_w.iter().zip(&w).enumerate() {
                 assert!((g - c).abs() <= 1e-5 * c.abs(), "{}: weight {i} {g}, CPU {c}", kernel.kernel_name());
+            }
+            // Over whole logits (the reference's here): the same experts and weights, CPU and PTX.
+            for (lowering, simulated) in [("CPU", false), ("PTX", true)] {
+                let (mut l, mut b) = (logits.clone(), bias.clone());
+                let (mut wi, mut ww) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
+                let bufs = [
+                    raw(&mut l, &[rows, experts], "f32"),
+                    raw(&mut b, &[experts], "f32"),
+                    raw(&mut wi, &[rows, top_k], "i32"),
+                    raw(&mut ww, &[rows, top_k], "f32"),
+                ];
+                if simulated {
+                    run_simulated(&whole, &bufs, rows.div_ceil(tokens));
+                } else {
+                    run_cpu(&whole, &bufs);
+                }
+                assert_eq!(wi, idx, "{lowering} {}: experts", whole.kernel_name());
+                for (i, (g, c)) in ww.iter().zip(&w).enumerate() {
+                    assert!((g - c).abs() <= 1e-5 * c.abs(), "{lowering} {}: weight {i} {g}, {c}", whole.kernel_name());
+                }
             }
             // The counting sort, with one shared expert.
             let shared = 1;
