@@ -278,9 +278,8 @@ impl Sampler {
         if self.greedy() {
             return vec![(argmax(&logits).map_or(0, |i| i as u32), 1.0)];
         }
-        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let mut weights: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / self.temperature).exp())).collect();
+        let max = largest(&logits);
+        let mut weights: Vec<(u32, f32)> = exp_weights(&logits, max, self.temperature);
         let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.shaping.top_k;
         if k > 0 && k < weights.len() {
@@ -300,17 +299,12 @@ impl Sampler {
 
     /// Draws a token from `(token, weight)` pairs in their order, in proportion to the weights
     /// (one uniform draw; sums in f64); the last token when rounding leaves the draw past the end.
+    /// The weights are summed a block of [`DRAW_BLOCK`] at a time (8 running sums each, which
+    /// vectorize; one sum in order is a chain of dependent adds), the draw walks the blocks' sums,
+    /// then the tokens of the block it falls in.
     pub fn draw(&mut self, weighted: &[(u32, f32)]) -> u32 {
-        let total: f64 = weighted.iter().map(|p| f64::from(p.1)).sum();
-        let mut r = self.uniform() * total;
-        for &(i, p) in weighted {
-            let p = f64::from(p);
-            if r < p {
-                return i;
-            }
-            r -= p;
-        }
-        weighted.last().map_or(0, |p| p.0)
+        let u = self.uniform();
+        draw_at(weighted, u)
     }
 
     /// Picks the next token from `logits`: greedy without a draw, else one draw from
@@ -320,6 +314,115 @@ impl Sampler {
         let token = if self.greedy() { weighted[0].0 } else { self.draw(&weighted) };
         self.note(token);
         token
+    }
+}
+
+/// [`Sampler::draw`] for the uniform draw `u` in `[0, 1)`.
+fn draw_at(weighted: &[(u32, f32)], u: f64) -> u32 {
+    let sums: Vec<f64> = weighted.chunks(DRAW_BLOCK).map(block_sum).collect();
+    let total: f64 = sums.iter().sum();
+    let mut r = u * total;
+    for (block, &sum) in weighted.chunks(DRAW_BLOCK).zip(&sums) {
+        if r >= sum {
+            r -= sum;
+            continue;
+        }
+        for &(i, p) in block {
+            let p = f64::from(p);
+            if r < p {
+                return i;
+            }
+            r -= p;
+        }
+        // Rounding left the draw past this block's last token: on to the next.
+    }
+    weighted.last().map_or(0, |p| p.0)
+}
+
+/// Weights [`Sampler::draw`] sums a block at a time.
+const DRAW_BLOCK: usize = 256;
+
+/// The weights' sum in f64, in 8 running sums.
+fn block_sum(block: &[(u32, f32)]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = block.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, p) in lanes.iter_mut().zip(c) {
+            *l += f64::from(p.1);
+        }
+    }
+    chunks.remainder().iter().fold(lanes.iter().sum(), |s, p| s + f64::from(p.1))
+}
+
+/// The largest of `row` (NaNs passed over, as [`f32::max`] does; -inf for none), in 8 running
+/// maxima the compiler vectorizes.
+fn largest(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `(token, exp((logit - max) / t))` of every logit in id order: the exponentials [`exp`] computes,
+/// 8 at a time in a loop the compiler vectorizes (libm's `expf` is a call per logit: 129280 of
+/// them a row of DeepSeek-V3's).
+fn exp_weights(logits: &[f32], max: f32, t: f32) -> Vec<(u32, f32)> {
+    let mut out = Vec::with_capacity(logits.len());
+    let mut block = [0f32; 8];
+    let mut chunks = logits.chunks_exact(8);
+    let mut id = 0u32;
+    for c in &mut chunks {
+        for (b, &l) in block.iter_mut().zip(c) {
+            *b = exp((l - max) / t);
+        }
+        out.extend(block.iter().enumerate().map(|(k, &w)| (id + k as u32, w)));
+        id += 8;
+    }
+    out.extend(chunks.remainder().iter().enumerate().map(|(k, &l)| (id + k as u32, exp((l - max) / t))));
+    out
+}
+
+/// e^x in f32 without a libm call, so that a loop of them vectorizes: within 2 ulp of the
+/// correctly rounded value where that is a normal float (ties of the subnormal range within one
+/// subnormal step), 0 below -104 (where e^x rounds to 0 anyway), infinity above 89, NaN for NaN.
+/// The classic reduction: `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 in two parts, so `r` is
+/// exact), e^r by its degree-6 polynomial, then times 2^n as two powers of two (each a normal
+/// float: results down to the subnormals come out right).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 = LN2_HI + LN2_LO; LN2_HI has few mantissa bits, so n * LN2_HI is exact for |n| < 2^12.
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by adding 1.5 * 2^23 (the sum's last bit is the integer's).
+    const ROUND: f32 = 12_582_912.0;
+    // (Comparisons, not `clamp`, and the integer from the rounded sum's bits, not a cast: kept to
+    // what vectorizes.) NaN passes the comparisons through.
+    let c = if x < -104.0 { -104.0 } else { x };
+    let c = if c > 89.0 { 89.0 } else { c };
+    let t = c * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    let p = 1.987_569_2e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let er = (p * r) * r + r + 1.0;
+    // 2^n as 2^a 2^b, a = floor(n / 2) and b = n - a: both within -75..=64, normal floats.
+    let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let a = n >> 1;
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let y = er * pow2(a) * pow2(n - a);
+    if x.is_nan() {
+        x
+    } else {
+        y
     }
 }
 
@@ -414,6 +517,95 @@ fn nucleus_by_bins(
 mod tests {
     use super::*;
 
+    /// The largest value, 8 lanes at a time, is the in-order fold of `f32::max` (NaNs passed over,
+    /// -inf for no values or all NaN); a draw walking blocks' sums picks the token the in-order
+    /// walk does (never a zero weight; the last token when the draw runs past the end).
+    #[test]
+    fn blocked_max_and_draw_follow_the_in_order_ones() {
+        for n in [0usize, 1, 7, 8, 9, 31, 100] {
+            for nan_at in [None, Some(0), Some(n / 2), Some(n.saturating_sub(1))] {
+                let mut row: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+                if let Some(k) = nan_at.filter(|&k| k < n) {
+                    row[k] = f32::NAN;
+                }
+                let want = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                assert_eq!(largest(&row).to_bits(), want.to_bits(), "{n} values, NaN at {nan_at:?}");
+            }
+        }
+        assert_eq!(largest(&[f32::NAN; 9]), f32::NEG_INFINITY);
+        let in_order = |weighted: &[(u32, f32)], u: f64| {
+            let total: f64 = weighted.iter().map(|p| f64::from(p.1)).sum();
+            let mut r = u * total;
+            for &(i, p) in weighted {
+                if r < f64::from(p) {
+                    return i;
+                }
+                r -= f64::from(p);
+            }
+            weighted.last().map_or(0, |p| p.0)
+        };
+        // Over 5 blocks and a part: weights of several magnitudes, every seventh zero.
+        let weighted: Vec<(u32, f32)> = (0..1300u32)
+            .map(|i| (i, if i % 7 == 0 { 0.0 } else { ((i * 7919 % 1000) as f32 / 100.0).exp() * 1e-3 }))
+            .collect();
+        let mut differ = 0;
+        for k in 0..20_000 {
+            let u = (f64::from(k) + 0.5) / 20_000.0;
+            let (got, want) = (draw_at(&weighted, u), in_order(&weighted, u));
+            assert_ne!(got % 7, 0, "a zero weight drawn at {u}");
+            differ += usize::from(got != want);
+        }
+        assert_eq!(differ, 0, "draws parted from the in-order walk");
+        // Past the end (u at 1 in rounding's way) and no weights.
+        assert_eq!(draw_at(&weighted, 1.0), 1299);
+        assert_eq!(draw_at(&[], 0.5), 0);
+        assert_eq!(draw_at(&[(4, 0.0), (9, 2.0)], 0.0), 9);
+    }
+
+    /// The vectorizable [`exp`] against e^x in f64 rounded to f32 (the correctly rounded value but
+    /// for double rounding's rare ties): within 2 ulp of normal results, 2 subnormal steps of
+    /// subnormal ones, over every 61st float from -110 to 90 and the edges; 0, infinity and NaN
+    /// where libm gives them. And the weights of a row are `exp((l - max) / t)` of each logit.
+    #[test]
+    fn the_vectorized_exp_is_within_two_ulp() {
+        let check = |x: f32| {
+            let want = (f64::from(x)).exp() as f32;
+            let got = exp(x);
+            if want.is_nan() || want.is_infinite() || want == 0.0 {
+                assert!(
+                    got.to_bits() == want.to_bits() || (want == 0.0 && got < 3e-45),
+                    "exp({x:e}) = {got:e}, not {want:e}"
+                );
+                return 0;
+            }
+            let ulps = (i64::from(got.to_bits()) - i64::from(want.to_bits())).unsigned_abs();
+            assert!(ulps <= 2, "exp({x:e}) = {got:e}, {ulps} ulp from {want:e}");
+            ulps
+        };
+        let (lo, hi) = (-110f32, 90f32);
+        let mut worst = 0;
+        // Negative floats from -0 down to -110 (bits ascend as they fall), then 0 up to 90.
+        for b in (0x8000_0000u32..=lo.to_bits()).step_by(61).chain((0..=hi.to_bits()).step_by(61)) {
+            worst = worst.max(check(f32::from_bits(b)));
+        }
+        for x in [0.0, -0.0, -87.336_55, -103.278_93, -103.972_08, -104.0, -104.5, 88.722_83, 88.8, 89.0, -1e-30, 1e-30]
+        {
+            worst = worst.max(check(x));
+        }
+        assert!(worst >= 1, "a sweep that never saw a rounding difference checked nothing");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+        // The weights, 8 at a time and the rest one by one.
+        let logits: Vec<f32> = (0..21).map(|i| (i as f32 * 0.77).sin() * 9.0).collect();
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let weights = exp_weights(&logits, max, 0.7);
+        assert_eq!(weights.len(), 21);
+        for (i, (&l, &(t, w))) in logits.iter().zip(&weights).enumerate() {
+            assert_eq!((t as usize, w.to_bits()), (i, exp((l - max) / 0.7).to_bits()));
+        }
+    }
+
     #[test]
     fn greedy_sampling_is_argmax_and_seeded_sampling_repeats() {
         let logits = [0.1f32, 3.0, -1.0, 2.9];
@@ -448,8 +640,7 @@ mod tests {
                 let sampler = Sampler::new(0.8, top_p, 0);
                 let got = sampler.distribution(logits);
                 let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut all: Vec<(u32, f32)> =
-                    logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / 0.8).exp())).collect();
+                let mut all: Vec<(u32, f32)> = exp_weights(logits, max, 0.8);
                 if top_p < 1.0 {
                     let total: f64 = all.iter().map(|w| f64::from(w.1)).sum();
                     all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
