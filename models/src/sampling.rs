@@ -395,8 +395,9 @@ fn exp_weights(logits: &[f32], max: f32, t: f32) -> Vec<(u32, f32)> {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 = LN2_HI + LN2_LO; LN2_HI has few mantissa bits, so n * LN2_HI is exact for |n| < 2^12.
-    const LN2_HI: f32 = 0.693_359_375;
+    // ln 2 = LN2_HI + LN2_LO; LN2_HI (355 / 512 exactly) has few mantissa bits, so n * LN2_HI is
+    // exact for |n| < 2^15.
+    const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Round to nearest by adding 1.5 * 2^23 (the sum's last bit is the integer's).
     const ROUND: f32 = 12_582_912.0;
@@ -412,7 +413,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let er = (p * r) * r + r + 1.0;
     // 2^n as 2^a 2^b, a = floor(n / 2) and b = n - a: both within -75..=64, normal floats.
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
