@@ -8,6 +8,12 @@ use v3c_models::interp::kernels::ROUTER_SPLITS;
 
 fn kernels() -> Vec<RowKernel> {
     let norm = |keep, quantize, d, w| RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep, quantize }, d, w);
+    // DeepSeek-V3's routing selection, `tokens` a block, over the logits' 16 pieces.
+    let route = |tokens| {
+        let (top_k, n_group, topk_group, pieces) = (8, 8, 4, ROUTER_SPLITS);
+        let op = RowOp::Route { experts: 256, top_k, n_group, topk_group, norm: true, scale: 2.5, tokens, pieces };
+        RowKernel::new(op, 256, "f32")
+    };
     vec![
         RowKernel::new(RowOp::Embed, 7168, "bf16"),
         norm(false, true, 7168, "bf16"),
@@ -44,34 +50,8 @@ fn kernels() -> Vec<RowKernel> {
         // Routing: decode's logits 4 tokens a block and its selection one, prefill's 8.
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 4 }, 7168, "bf16"),
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 8 }, 7168, "bf16"),
-        RowKernel::new(
-            RowOp::Route {
-                experts: 256,
-                top_k: 8,
-                n_group: 8,
-                topk_group: 4,
-                norm: true,
-                scale: 2.5,
-                tokens: 1,
-                pieces: ROUTER_SPLITS,
-            },
-            256,
-            "f32",
-        ),
-        RowKernel::new(
-            RowOp::Route {
-                experts: 256,
-                top_k: 8,
-                n_group: 8,
-                topk_group: 4,
-                norm: true,
-                scale: 2.5,
-                tokens: 8,
-                pieces: ROUTER_SPLITS,
-            },
-            256,
-            "f32",
-        ),
+        route(1),
+        route(8),
         RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
         RowKernel::new(RowOp::SplitBf16T, 7168, "f32"),

@@ -83,17 +83,9 @@ impl FusedLowering {
     pub fn temps_used_in(&self, regime: Regime) -> Vec<bool> {
         let (mut here, mut anywhere) = (vec![false; self.temps.len()], vec![false; self.temps.len()]);
         for l in &self.launches {
-            for o in &l.operands {
-                let t = match *o {
-                    OperandSpec::Temp(t)
-                    | OperandSpec::TempRows { temp: t, .. }
-                    | OperandSpec::TempRowsOf { temp: t, .. } => t,
-                    OperandSpec::Arg(_) | OperandSpec::Result(_) | OperandSpec::RopeTable => continue,
-                };
-                if t < self.temps.len() {
-                    anywhere[t] = true;
-                    here[t] |= l.runs_in(regime);
-                }
+            for t in l.operands.iter().filter_map(OperandSpec::temp).filter(|&t| t < self.temps.len()) {
+                anywhere[t] = true;
+                here[t] |= l.runs_in(regime);
             }
         }
         here.iter().zip(&anywhere).map(|(&h, &a)| h || !a).collect()
@@ -103,13 +95,7 @@ impl FusedLowering {
     fn temp_lives(&self) -> Vec<(usize, usize)> {
         let mut lives = vec![None::<(usize, usize)>; self.temps.len()];
         for (li, l) in self.launches.iter().enumerate() {
-            for o in &l.operands {
-                let t = match *o {
-                    OperandSpec::Temp(t)
-                    | OperandSpec::TempRows { temp: t, .. }
-                    | OperandSpec::TempRowsOf { temp: t, .. } => t,
-                    OperandSpec::Arg(_) | OperandSpec::Result(_) | OperandSpec::RopeTable => continue,
-                };
+            for t in l.operands.iter().filter_map(OperandSpec::temp) {
                 if let Some(live) = lives.get_mut(t) {
                     *live = Some(live.map_or((li, li), |(a, b)| (a.min(li), b.max(li))));
                 }
@@ -188,6 +174,18 @@ pub enum OperandSpec {
     /// A temporary's first rows, as many as argument `arg` has (seen as a matrix): a copy of that
     /// argument whose rows are not the run's (e.g. the MTP module's `T - 1`).
     TempRowsOf { temp: usize, arg: usize },
+}
+
+impl OperandSpec {
+    /// The temporary it names (whole or rows of it), if it names one.
+    pub fn temp(&self) -> Option<usize> {
+        match *self {
+            OperandSpec::Temp(t) | OperandSpec::TempRows { temp: t, .. } | OperandSpec::TempRowsOf { temp: t, .. } => {
+                Some(t)
+            }
+            OperandSpec::Arg(_) | OperandSpec::Result(_) | OperandSpec::RopeTable => None,
+        }
+    }
 }
 
 fn one() -> usize {
@@ -545,18 +543,22 @@ impl Lowering {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn temporaries_share_bytes_only_when_their_launches_do_not_overlap() {
+    /// A row launch of kernel `k` over temporaries `temps`, in regime `only` (None: both).
+    fn temps_launch(temps: &[usize], only: Option<super::Regime>) -> super::LaunchSpec {
         use super::*;
-        let launch = |temps: &[usize]| LaunchSpec {
+        LaunchSpec {
             kernel: KernelChoice::One("k".into()),
             operands: temps.iter().map(|&t| OperandSpec::Temp(t)).collect(),
             blocks: Blocks::One,
             gemm: None,
             attention: None,
-            only: None,
-        };
-        let temp = TempSpec {
+            only,
+        }
+    }
+
+    /// A temporary of one f32 a row.
+    fn one_f32_a_row() -> super::TempSpec {
+        super::TempSpec {
             rows_factor: 1,
             cols: 1,
             dtype: "f32".into(),
@@ -564,7 +566,14 @@ mod tests {
             run_cols: None,
             rows_of: None,
             dims: None,
-        };
+        }
+    }
+
+    #[test]
+    fn temporaries_share_bytes_only_when_their_launches_do_not_overlap() {
+        use super::*;
+        let launch = |temps: &[usize]| temps_launch(temps, None);
+        let temp = one_f32_a_row();
         // 0 -> 1 (launch 0), 1 -> 2 (launch 1), 2 + 3 -> 4 (launch 2); 5 named by none.
         let f = FusedLowering {
             fused: "f".into(),
@@ -591,23 +600,8 @@ mod tests {
     #[test]
     fn a_temporary_only_the_other_regimes_launches_name_needs_no_memory() {
         use super::*;
-        let launch = |temps: &[usize], only| LaunchSpec {
-            kernel: KernelChoice::One("k".into()),
-            operands: temps.iter().map(|&t| OperandSpec::Temp(t)).collect(),
-            blocks: Blocks::One,
-            gemm: None,
-            attention: None,
-            only,
-        };
-        let temp = TempSpec {
-            rows_factor: 1,
-            cols: 1,
-            dtype: "f32".into(),
-            fixed_rows: None,
-            run_cols: None,
-            rows_of: None,
-            dims: None,
-        };
+        let launch = temps_launch;
+        let temp = one_f32_a_row();
         // 0: decode's; 1: prefill's; 2: both regimes'; 3: no launch's.
         let f = FusedLowering {
             fused: "f".into(),
