@@ -816,10 +816,6 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         let kernel = lowered.row_regimes.get(fused).map_or_else(|| row.kernel.kernel_name(), |k| regimes(fused, k));
         eprintln!("compile: {fused} -> {kernel} [row kernel, {blocks}{table}]");
     }
-    let regime_word = |r: Regime| match r {
-        Regime::Decode => "decode",
-        Regime::Prefill => "prefill",
-    };
     for (fused, steps, picked) in &lowered.compound {
         use v3c_compiler::conversion::sm90::lower::StepKernel;
         let launches: Vec<String> = steps
@@ -827,32 +823,32 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .iter()
             .zip(picked)
             .enumerate()
-            .map(|(i, (step, gemm))| match (&step.kernel, gemm, step.only) {
+            .map(|(i, (step, gemm))| {
                 // A step of one regime: its kernel there.
-                (StepKernel::Row(_), Some([decode, _]), Some(Regime::Decode)) => format!("decode only {decode}"),
-                (StepKernel::Row(_), Some([_, prefill]), Some(Regime::Prefill)) => {
-                    format!("prefill only {prefill}")
-                }
-                (StepKernel::Row(k), None, Some(only)) => format!("{} only {}", regime_word(only), k.kernel_name()),
-                (StepKernel::Row(k), None, None) => k.kernel_name(),
-                (StepKernel::Row(_), Some(kernels), None) => regimes(&format!("{fused}.{i}"), kernels),
-                (StepKernel::Gemm(g), Some(kernels), only) => {
-                    let regimes = match only {
-                        Some(Regime::Decode) => format!("decode only {}", kernels[0]),
-                        Some(Regime::Prefill) => format!("prefill only {}", kernels[1]),
-                        None => regimes(&g.kernel, kernels),
-                    };
-                    match &g.grouped {
-                        Some(gr) => format!("grouped GEMM over {} experts, {} ({regimes})", gr.groups, g.dims()),
-                        None => format!("GEMM {} ({regimes})", g.dims()),
+                let per_regime = |name: &str, kernels: &[String; 2]| match step.only {
+                    Some(r) => format!("{} only {}", r.name(), kernels[r.index()]),
+                    None => regimes(name, kernels),
+                };
+                match (&step.kernel, gemm) {
+                    (StepKernel::Row(k), None) => match step.only {
+                        Some(r) => format!("{} only {}", r.name(), k.kernel_name()),
+                        None => k.kernel_name(),
+                    },
+                    (StepKernel::Row(_), Some(kernels)) => per_regime(&format!("{fused}.{i}"), kernels),
+                    (StepKernel::Gemm(g), Some(kernels)) => {
+                        let regimes = per_regime(&g.kernel, kernels);
+                        match &g.grouped {
+                            Some(gr) => format!("grouped GEMM over {} experts, {} ({regimes})", gr.groups, g.dims()),
+                            None => format!("GEMM {} ({regimes})", g.dims()),
+                        }
                     }
-                }
-                (StepKernel::Gemm(g), None, _) => format!("GEMM {}", g.dims()),
-                (StepKernel::MlaPrefill(a), _, _) => {
-                    format!("{} ({} heads, tensor cores)", a.config.kernel_name(), a.heads)
-                }
-                (StepKernel::MlaDecode(a), _, _) => {
-                    format!("{} ({} heads, split K, tensor cores)", a.config.kernel_name(), a.heads)
+                    (StepKernel::Gemm(g), None) => format!("GEMM {}", g.dims()),
+                    (StepKernel::MlaPrefill(a), _) => {
+                        format!("{} ({} heads, tensor cores)", a.config.kernel_name(), a.heads)
+                    }
+                    (StepKernel::MlaDecode(a), _) => {
+                        format!("{} ({} heads, split K, tensor cores)", a.config.kernel_name(), a.heads)
+                    }
                 }
             })
             .collect();
@@ -884,12 +880,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         use melior::ir::operation::OperationLike;
         use melior::ir::RegionLike;
         // A fused kernel's launches in an entry's regime (steps of the other regime left out).
-        let launches_of =
-            |fused: &str, regime: Regime| {
-                lowered.compound.iter().find(|(k, _, _)| k == fused).map_or(1, |(_, steps, _)| {
-                    steps.steps.iter().filter(|s| s.only.is_none_or(|r| r == regime)).count()
-                })
-            };
+        let launches_of = |fused: &str, regime: Regime| {
+            lowered
+                .compound
+                .iter()
+                .find(|(k, _, _)| k == fused)
+                .map_or(1, |(_, steps, _)| steps.steps.iter().filter(|s| s.runs_in(regime)).count())
+        };
         let mut op = module.body().first_operation();
         while let Some(f) = op {
             op = f.next_in_block();
@@ -1671,12 +1668,9 @@ fn model_problems(
             };
             // A step of one regime runs at that regime's M only (if its kernel runs there at all).
             let step_runs = |only: Option<Regime>| -> Vec<usize> {
-                let m = match only {
-                    None => return runs.clone(),
-                    Some(Regime::Decode) => v3c_compiler::tune::DECODE_M,
-                    Some(Regime::Prefill) => v3c_compiler::tune::PREFILL_M,
-                };
-                runs.iter().copied().filter(|&r| r == m).collect()
+                let Some(r) = only else { return runs.clone() };
+                let m = [v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M][r.index()];
+                runs.iter().copied().filter(|&at| at == m).collect()
             };
             // The reductions: a whole row kernel, or steps of a compound one.
             let row_kernels: Vec<(String, v3c_compiler::conversion::sm90::rows::RowKernel, Vec<usize>)> =

@@ -249,6 +249,19 @@ pub enum Regime {
 }
 
 impl Regime {
+    /// Its place in the `[decode, prefill]` pairs the lowering keeps per regime.
+    pub fn index(self) -> usize {
+        match self {
+            Regime::Decode => 0,
+            Regime::Prefill => 1,
+        }
+    }
+
+    /// How `lowering.json` and the compiler's reports name it.
+    pub fn name(self) -> &'static str {
+        ["decode", "prefill"][self.index()]
+    }
+
     /// The regime of entry `entry` (by name: `decode`, or any other).
     pub fn of_entry(entry: &str) -> Regime {
         if entry == "decode" {

@@ -109,7 +109,7 @@ impl<'c> HostRows<'c> {
             .collect::<Result<_, String>>()?;
         let mut table = steps.rope_table.as_ref().map(|t| rope_table(t, rows));
         let regime = self.regime;
-        for step in steps.steps.iter().filter(|s| s.only.is_none_or(|r| r == regime)) {
+        for step in steps.steps.iter().filter(|s| s.runs_in(regime)) {
             let ranks = match &step.kernel {
                 StepKernel::Row(kernel) => kernel.argument_ranks(),
                 // A, its scales, B, its scales, (the residual,) the output: matrices; grouped, the

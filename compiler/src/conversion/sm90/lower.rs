@@ -662,6 +662,13 @@ pub struct Step {
     pub operands: Vec<Operand>,
 }
 
+impl Step {
+    /// Whether the launch runs in `regime`.
+    pub fn runs_in(&self, regime: Regime) -> bool {
+        self.only.is_none_or(|only| only == regime)
+    }
+}
+
 /// A fused kernel as several launches through temporaries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Steps {

@@ -748,10 +748,13 @@ pub fn compile_model(
             let both = if runs == [false, false] { [true, true] } else { runs };
             let step_runs = |only: Option<Regime>| match only {
                 None => runs,
-                Some(Regime::Decode) => [true, false],
-                Some(Regime::Prefill) => [false, true],
+                Some(r) => {
+                    let mut one = [false; 2];
+                    one[r.index()] = true;
+                    one
+                }
             };
-            steps.retain(|s| s.only.is_none_or(|r| both[usize::from(r == Regime::Prefill)]));
+            steps.retain(|s| s.only.is_none_or(|r| both[r.index()]));
             let mut picked = Vec::new();
             for (i, step) in steps.steps.iter_mut().enumerate() {
                 let runs = step_runs(step.only);
