@@ -125,6 +125,9 @@ pub struct Expander<'a> {
     /// Per fused kernel with a RoPE table, the key its table is bound under ([`rope_key`]: made
     /// once, not per launch).
     rope_keys: HashMap<&'a str, String>,
+    /// Per fused kernel, which temporaries need memory in each regime
+    /// ([`FusedLowering::temps_used_in`], by [`Regime::index`]: made once, not per launch).
+    temps_used: HashMap<&'a str, [Vec<bool>; 2]>,
 }
 
 impl<'a> Expander<'a> {
@@ -147,7 +150,12 @@ impl<'a> Expander<'a> {
             .iter()
             .filter_map(|f| Some((f.fused.as_str(), rope_key(f.rope_table.as_ref()?))))
             .collect();
-        Ok(Expander { artifact, abis, fused, rope_keys })
+        let temps_used = lowering
+            .kernels
+            .iter()
+            .map(|f| (f.fused.as_str(), [Regime::Decode, Regime::Prefill].map(|r| f.temps_used_in(r))))
+            .collect();
+        Ok(Expander { artifact, abis, fused, rope_keys, temps_used })
     }
 
     /// Rows of every RoPE table: a position for each the plans reach.
@@ -161,6 +169,12 @@ impl<'a> Expander<'a> {
 
     fn lowering_of(&self, fused: &str) -> Result<&'a FusedLowering, String> {
         self.fused.get(fused).copied().ok_or_else(|| format!("fused kernel {fused} has no lowering"))
+    }
+
+    /// Which temporaries of fused kernel `fused` need memory in `regime`.
+    fn temps_used(&self, fused: &str, regime: Regime) -> Result<&[bool], String> {
+        let used = self.temps_used.get(fused).ok_or_else(|| format!("fused kernel {fused} has no lowering"))?;
+        Ok(&used[regime.index()])
     }
 
     /// The launch of the artifact's argmax kernel over `logits` (`[rows, vocab]` f32) into `idx`
@@ -286,8 +300,8 @@ impl<'a> Expander<'a> {
         };
         let mut bytes = Vec::new();
         // Temporaries only the other regime's launches name take no bytes here.
-        let used = f.temps_used_in(Regime::of_entry(&entry.name));
-        for (t, used) in f.temps.iter().zip(used) {
+        let used = self.temps_used(&l.kernel, Regime::of_entry(&entry.name))?;
+        for (t, &used) in f.temps.iter().zip(used) {
             let shape = t.shape(entry.sizes.rows, &arg, 0)?;
             bytes.push(if used { align(shape.iter().product::<usize>() * element_bytes(&t.dtype)?) } else { 0 });
         }
@@ -341,7 +355,7 @@ impl<'a> Expander<'a> {
             let arg = |i: usize| -> Result<Vec<usize>, String> {
                 Ok(buffer(*l.args.get(i).ok_or_else(|| at(format!("argument {i} missing")))?)?.shape)
             };
-            let used = f.temps_used_in(regime);
+            let used = self.temps_used(&l.kernel, regime).map_err(at)?;
             for (i, t) in f.temps.iter().enumerate() {
                 let element = element_name(&t.dtype).ok_or_else(|| at(format!("temporary {i} of {}", t.dtype)))?;
                 if !used[i] {
