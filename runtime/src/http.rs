@@ -206,11 +206,12 @@ pub(crate) fn respond(conn: &mut Conn, status: &str, body: &serde_json::Value) -
 /// Writes a whole response of `content_type`, the connection kept open or closed as `conn` says.
 fn respond_text(conn: &mut Conn, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
     let connection = if conn.keep { "keep-alive" } else { "close" };
-    write!(
-        conn.stream,
+    // One write: the reply's pieces need not go out as segments of their own.
+    let reply = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n{CORS}\r\n{body}",
         body.len()
-    )?;
+    );
+    conn.stream.write_all(reply.as_bytes())?;
     conn.stream.flush()
 }
 
@@ -405,6 +406,7 @@ fn accept(listener: TcpListener, cap: usize, tx: ToLoop, site: Arc<Site>) {
             let mut conn = Conn { stream, keep: false };
             let busy = format!("{cap} connections are open: try again later");
             let _ = respond_error(&mut conn, "503 Service Unavailable", &busy);
+            std::thread::spawn(move || linger(conn.stream));
             continue;
         }
         open.fetch_add(1, SeqCst);
@@ -413,6 +415,22 @@ fn accept(listener: TcpListener, cap: usize, tx: ToLoop, site: Arc<Site>) {
             let _held = held;
             connection(stream, tx, &site);
         });
+    }
+}
+
+/// Closes a connection answered before its request was read: the request is read (and dropped)
+/// first, for a while. Closing with bytes unread sends a reset, which can reach the client before
+/// it has read the reply, and take the reply with it.
+fn linger(mut stream: TcpStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+    let (mut sink, mut read) = ([0u8; 4096], 0);
+    while let Ok(n @ 1..) = stream.read(&mut sink) {
+        read += n;
+        if read > 1 << 16 {
+            break;
+        }
     }
 }
 
