@@ -5,10 +5,13 @@
 //! OpenAI's presence and frequency penalties and a repetition penalty after a 2000-token prompt
 //! (the row copied and changed before it is drawn from). Logits: a peaked, made-up row (a few hundred plausible tokens over
 //! a long flat tail), as a trained model's are. `sample_batch64`: a decode step's 64 sequences
-//! sampled one by one, and together (`Next::pick_each`: spread over the cores).
+//! sampled one by one, and together (`Next::pick_each`: spread over the cores). `logprobs_129280`:
+//! what a request for log-probabilities adds to each of its tokens — the chosen token's, and the
+//! top 5 and 20 alternatives' (OpenAI's `logprobs` and `top_logprobs`).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_models::reference::{Sampler, Shaping};
+use v3c_runtime::session::{log_probability, top_log_probabilities};
 
 const VOCAB: usize = 129_280;
 
@@ -43,6 +46,12 @@ fn sampling(c: &mut Criterion) {
         let mut sampler = Sampler::new(0.7, top_p, 1).shaped(shaping);
         sampler.start(&(0..2000).map(|i| (i * 61) % VOCAB as u32).collect::<Vec<_>>());
         g.bench_function(name, |b| b.iter(|| sampler.sample(std::hint::black_box(&row))));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("logprobs_129280");
+    g.bench_function("token", |b| b.iter(|| log_probability(std::hint::black_box(&row), 7)));
+    for k in [5, 20] {
+        g.bench_function(format!("top{k}"), |b| b.iter(|| top_log_probabilities(std::hint::black_box(&row), k)));
     }
     g.finish();
     let rows: Vec<Vec<f32>> = (0..64).map(|r| row.iter().map(|l| l + (r % 5) as f32 * 0.01).collect()).collect();

@@ -279,16 +279,14 @@ impl Sampler {
             return vec![(argmax(&logits).map_or(0, |i| i as u32), 1.0)];
         }
         let max = largest(&logits);
-        let mut weights: Vec<(u32, f32)> = exp_weights(&logits, max, self.temperature);
-        let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.shaping.top_k;
-        if k > 0 && k < weights.len() {
-            weights.select_nth_unstable_by(k - 1, by);
-            weights.truncate(k);
-            weights.sort_unstable_by(by);
-        }
+        let mut weights = if k > 0 && k < logits.len() {
+            top_k(&exp_row(&logits, max, self.temperature), k)
+        } else {
+            exp_weights(&logits, max, self.temperature)
+        };
         if self.top_p < 1.0 {
-            nucleus(&mut weights, self.top_p, by);
+            nucleus(&mut weights, self.top_p, most_probable_first);
         }
         if self.shaping.min_p > 0.0 {
             // The most probable token's weight is exp(0) = 1.
@@ -356,6 +354,7 @@ fn block_sum(block: &[(u32, f32)]) -> f64 {
 
 /// The largest of `row` (NaNs passed over, as [`f32::max`] does; -inf for none), in 8 running
 /// maxima the compiler vectorizes.
+#[inline(always)]
 fn largest(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
@@ -367,23 +366,209 @@ fn largest(row: &[f32]) -> f32 {
     chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// `(token, exp((logit - max) / t))` of every logit in id order: the exponentials [`exp`] computes,
-/// 8 at a time in a loop the compiler vectorizes (libm's `expf` is a call per logit: 129280 of
-/// them a row of DeepSeek-V3's).
+/// Defines `fn` so that its body runs compiled for the widest vectors this CPU has — AVX-512F,
+/// else AVX2, else x86-64's baseline SSE2 (the body inlined into a copy built for each; the
+/// loops of [`exp`] and [`exp64`] vectorize 4 and 2 times wider than SSE2 allows). No fused
+/// multiply-adds: every width gives the same bits.
+macro_rules! widest {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn any($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) -> $ret {
+                    any($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                fn avx2($($arg: $ty),*) -> $ret {
+                    any($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: this CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: this CPU has AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            any($($arg),*)
+        }
+    };
+}
+
+widest! {
+/// `(token, exp((logit - max) / t))` of every logit in id order ([`exp_blocks`]).
 fn exp_weights(logits: &[f32], max: f32, t: f32) -> Vec<(u32, f32)> {
     let mut out = Vec::with_capacity(logits.len());
+    exp_blocks(logits, max, t, |block| {
+        let id = out.len() as u32;
+        out.extend(block.iter().enumerate().map(|(k, &w)| (id + k as u32, w)));
+    });
+    out
+}
+}
+
+widest! {
+/// `exp((logit - max) / t)` of every logit in id order ([`exp_blocks`]).
+fn exp_row(logits: &[f32], max: f32, t: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    exp_blocks(logits, max, t, |block| out.extend_from_slice(block));
+    out
+}
+}
+
+/// `exp((logit - max) / t)` of every logit, handed to `emit` in order 8 at a time (the rest at the
+/// end): the exponentials [`exp`] computes, in a loop the compiler vectorizes (libm's `expf` is a
+/// call per logit: 129280 of them a row of DeepSeek-V3's).
+#[inline(always)]
+fn exp_blocks(logits: &[f32], max: f32, t: f32, mut emit: impl FnMut(&[f32])) {
     let mut block = [0f32; 8];
     let mut chunks = logits.chunks_exact(8);
-    let mut id = 0u32;
     for c in &mut chunks {
         for (b, &l) in block.iter_mut().zip(c) {
             *b = exp((l - max) / t);
         }
-        out.extend(block.iter().enumerate().map(|(k, &w)| (id + k as u32, w)));
-        id += 8;
+        emit(&block);
     }
-    out.extend(chunks.remainder().iter().enumerate().map(|(k, &l)| (id + k as u32, exp((l - max) / t))));
-    out
+    let rest = chunks.remainder();
+    for (b, &l) in block.iter_mut().zip(rest) {
+        *b = exp((l - max) / t);
+    }
+    emit(&block[..rest.len()]);
+}
+
+widest! {
+/// The largest of `row` ([`f32::max`]'s: NaNs passed over, -inf for none) and
+/// ln(sum(e^(l - largest))) over every `l` of `row`, the exponentials and their sum in f64 — the
+/// log of softmax's denominator. The exponentials are [`exp64`]'s, summed in 8 running sums: a
+/// loop the compiler vectorizes (`widest!`), where libm's `exp` is a call per logit.
+pub fn log_sum_exp(row: &[f32]) -> (f32, f64) {
+    let max = largest(row);
+    let mut lanes = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (s, &l) in lanes.iter_mut().zip(c) {
+            *s += exp64(f64::from(l - max));
+        }
+    }
+    let rest = chunks.remainder().iter().fold(0.0, |s, &l| s + exp64(f64::from(l - max)));
+    (max, (lanes.iter().sum::<f64>() + rest).ln())
+}
+}
+
+/// The `k` largest of `values` in f32's total order ([`f32::total_cmp`]: NaN above infinity) as
+/// `(index, value)`, largest first, the lower index first among equals — what sorting every
+/// `(index, value)` that way and keeping the first `k` gives. A small `k` (at most
+/// [`TOP_K_SCAN`]) in one pass that keeps the best `k` so far in order and passes over each block
+/// of 8 values none of which beats the k-th (one comparison of the block's largest: nearly every
+/// block of a row of logits); a larger one by a partial sort of them all.
+pub fn top_k(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k > TOP_K_SCAN {
+        let mut all: Vec<(u32, f32)> = values.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        if k < all.len() {
+            all.select_nth_unstable_by(k - 1, most_probable_first);
+            all.truncate(k);
+        }
+        all.sort_unstable_by(most_probable_first);
+        return all;
+    }
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    // What a value must beat once there are k: the k-th's key (an equal value comes later, so
+    // loses).
+    let floor = |best: &[(u32, f32)]| if best.len() == k { total_key(best[k - 1].1) } else { i32::MIN };
+    let offer = |best: &mut Vec<(u32, f32)>, i: usize, v: f32| {
+        let kv = total_key(v);
+        if best.len() == k && kv <= floor(best) {
+            return;
+        }
+        let at = best.partition_point(|b| total_key(b.1) >= kv);
+        best.insert(at, (i as u32, v));
+        best.truncate(k);
+    };
+    let mut chunks = values.chunks_exact(8);
+    let mut i = 0;
+    for c in &mut chunks {
+        let top = c.iter().fold(i32::MIN, |m, &v| m.max(total_key(v)));
+        if best.len() < k || top > floor(&best) {
+            for (j, &v) in c.iter().enumerate() {
+                offer(&mut best, i + j, v);
+            }
+        }
+        i += 8;
+    }
+    for (j, &v) in chunks.remainder().iter().enumerate() {
+        offer(&mut best, i + j, v);
+    }
+    best
+}
+
+/// `(token, weight)` pairs' order, most probable first: the larger weight in f32's total order,
+/// then the lower token.
+fn most_probable_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The largest `k` [`top_k`] takes in one pass.
+pub const TOP_K_SCAN: usize = 64;
+
+/// [`f32::total_cmp`]'s key: a float's bits as an i32, the magnitude bits flipped where it is
+/// negative, so that the keys' order is the floats' total order.
+#[inline(always)]
+fn total_key(x: f32) -> i32 {
+    let bits = x.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
+/// e^x in f64 without a libm call, so that a loop of them vectorizes: within 1 ulp of libm's
+/// where that is a normal double, 0 below -746 (where e^x rounds to 0),
+/// infinity above 710, NaN for NaN. [`exp`]'s reduction in f64: `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2` (ln 2 in two parts, the first with 32 trailing zero bits, so `r` is exact),
+/// e^r by its Taylor polynomial of degree 13 (the next term is under 2^-57), then times 2^n as two
+/// powers of two, each a normal double. The integers stay in f64 until their bits are taken (an
+/// i64 shift does not vectorize before AVX-512).
+#[inline(always)]
+pub fn exp64(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = 0.693_147_180_369_123_8;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // Round to nearest by adding 1.5 * 2^52 (the sum's last bit is the integer's).
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    let c = if x < -746.0 { -746.0 } else { x };
+    let c = if c > 710.0 { 710.0 } else { c };
+    let n = (c * LOG2E + ROUND) - ROUND;
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    // 1/13!, 1/12!, ..., 1/2!
+    let p = 1.605_904_383_682_161_3e-10;
+    let p = p * r + 2.087_675_698_786_81e-9;
+    let p = p * r + 2.505_210_838_544_172e-8;
+    let p = p * r + 2.755_731_922_398_589e-7;
+    let p = p * r + 2.755_731_922_398_589_3e-6;
+    let p = p * r + 2.480_158_730_158_73e-5;
+    let p = p * r + 1.984_126_984_126_984e-4;
+    let p = p * r + 1.388_888_888_888_889e-3;
+    let p = p * r + 8.333_333_333_333_333e-3;
+    let p = p * r + 4.166_666_666_666_666_4e-2;
+    let p = p * r + 1.666_666_666_666_666_6e-1;
+    let p = p * r + 0.5;
+    let er = (p * r) * r + r + 1.0;
+    // 2^n as 2^a 2^b, a = floor(n / 2) (n / 2 - 1/4 rounded to nearest) and b = n - a: both
+    // within -538..=512, normal doubles.
+    let a = ((n * 0.5 - 0.25) + ROUND) - ROUND;
+    let pow2 = |k: f64| f64::from_bits((k + ROUND).to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(1023) << 52);
+    let y = er * pow2(a) * pow2(n - a);
+    if x.is_nan() {
+        x
+    } else {
+        y
+    }
 }
 
 /// e^x in f32 without a libm call, so that a loop of them vectorizes: within 2 ulp of the
@@ -431,13 +616,8 @@ pub fn exp(x: f32) -> f32 {
 /// infinity, -0 below 0), the lowest such index on ties; None for no values. Two passes the
 /// compiler vectorizes — the largest value's key, then its first place — not a comparison chain.
 pub fn argmax(row: &[f32]) -> Option<usize> {
-    // `total_cmp`'s key: a float's bits as an i32, the magnitude bits flipped where it is negative.
-    let key = |x: f32| {
-        let bits = x.to_bits() as i32;
-        bits ^ (((bits >> 31) as u32) >> 1) as i32
-    };
-    let best = row.iter().fold(None, |m: Option<i32>, &x| Some(m.map_or(key(x), |m| m.max(key(x)))))?;
-    row.iter().position(|&x| key(x) == best)
+    let best = row.iter().fold(None, |m: Option<i32>, &x| Some(m.map_or(total_key(x), |m| m.max(total_key(x)))))?;
+    row.iter().position(|&x| total_key(x) == best)
 }
 
 /// Cuts `weights` to the most probable tokens, sorted by `by`, whose weights first reach `top_p`
@@ -605,6 +785,11 @@ mod tests {
         for (i, (&l, &(t, w))) in logits.iter().zip(&weights).enumerate() {
             assert_eq!((t as usize, w.to_bits()), (i, exp((l - max) / 0.7).to_bits()));
         }
+        let row = exp_row(&logits, max, 0.7);
+        assert_eq!(
+            row.iter().map(|w| w.to_bits()).collect::<Vec<_>>(),
+            weights.iter().map(|w| w.1.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -680,26 +865,120 @@ mod tests {
     fn argmax_is_the_total_orders_first_largest() {
         let reference =
             |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i);
+        for row in odd_rows(&[0, 1, 2, 7, 64, 1000], 200) {
+            assert_eq!(argmax(&row), reference(&row), "{row:?}");
+        }
+        assert_eq!(argmax(&[-0.0, 0.0, 0.0]), Some(1));
+        assert_eq!(argmax(&[3.0, f32::NAN, 3.0]), Some(1));
+    }
+
+    /// `count` rows of each length in `lens` (a fixed sequence): NaNs of both signs, infinities,
+    /// zeros of both signs and the smallest normal, ties among a few small integers, values spread
+    /// over -100..100.
+    fn odd_rows(lens: &[usize], count: usize) -> Vec<Vec<f32>> {
         let specials = [f32::NAN, -f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0, -1.0, f32::MIN_POSITIVE];
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             state >> 33
         };
-        for len in [0usize, 1, 2, 7, 64, 1000] {
-            for _ in 0..200 {
-                let row: Vec<f32> = (0..len)
-                    .map(|_| match next() % 4 {
-                        0 => specials[(next() % specials.len() as u64) as usize],
-                        1 => (next() % 5) as f32,
-                        _ => (next() % 20_000) as f32 / 100.0 - 100.0,
-                    })
-                    .collect();
-                assert_eq!(argmax(&row), reference(&row), "{row:?}");
+        let mut rows = Vec::new();
+        for &len in lens {
+            for _ in 0..count {
+                rows.push(
+                    (0..len)
+                        .map(|_| match next() % 4 {
+                            0 => specials[(next() % specials.len() as u64) as usize],
+                            1 => (next() % 5) as f32,
+                            _ => (next() % 20_000) as f32 / 100.0 - 100.0,
+                        })
+                        .collect(),
+                );
             }
         }
-        assert_eq!(argmax(&[-0.0, 0.0, 0.0]), Some(1));
-        assert_eq!(argmax(&[3.0, f32::NAN, 3.0]), Some(1));
+        rows
+    }
+
+    /// [`top_k`] is the first `k` of every `(index, value)` sorted most probable first (total
+    /// order, ties to the lower index), as bits: over odd rows, `k` from 0 past the row's length,
+    /// through both the one-pass scan and the partial sort past [`TOP_K_SCAN`]; and a sampler's
+    /// top-k keeps those tokens of its weights.
+    #[test]
+    fn top_k_is_a_full_sorts_first_k() {
+        let bits = |d: &[(u32, f32)]| d.iter().map(|w| (w.0, w.1.to_bits())).collect::<Vec<_>>();
+        for row in odd_rows(&[0, 1, 2, 7, 8, 9, 64, 1000, 3000], 30) {
+            let mut all: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+            all.sort_by(most_probable_first);
+            for k in [0, 1, 2, 5, 8, 20, TOP_K_SCAN, TOP_K_SCAN + 1, 200, row.len(), row.len() + 3] {
+                let want = &all[..k.min(all.len())];
+                assert_eq!(bits(&top_k(&row, k)), bits(want), "k {k} of {row:?}");
+            }
+        }
+        // Every value equal: the lowest indices.
+        assert_eq!(top_k(&[2.0; 20], 3), [(0, 2.0), (1, 2.0), (2, 2.0)]);
+        // A sampler's top 3 of 10: the three largest logits' weights, most probable first.
+        let logits = [0.5f32, 3.0, -1.0, 3.0, 2.0, 0.0, 1.0, 2.5, -2.0, 0.1];
+        let got = Sampler::new(1.0, 1.0, 0).shaped(Shaping { top_k: 3, ..Shaping::default() }).distribution(&logits);
+        assert_eq!(got.iter().map(|w| w.0).collect::<Vec<_>>(), [1, 3, 7]);
+        assert_eq!(got[2].1, exp(2.5 - 3.0));
+    }
+
+    /// The vectorizable [`exp64`] against libm's e^x: within 1 ulp of normal results (a
+    /// polynomial of degree 12 is 2 ulp off in places) over a sweep
+    /// of 600,000 doubles from -750 to 720 and the edges (where the result turns subnormal, 0 and
+    /// infinite), and 0, infinity and NaN where libm gives them.
+    #[test]
+    fn the_vectorized_exp64_is_within_one_ulp() {
+        let mut worst = 0;
+        let mut check = |x: f64| {
+            let (want, got) = (x.exp(), exp64(x));
+            if !want.is_normal() {
+                let close = (got - want).abs() <= 2.0 * 5e-324 || got.to_bits() == want.to_bits();
+                assert!(close || (want.is_nan() && got.is_nan()), "exp64({x:e}) = {got:e}, not {want:e}");
+                return;
+            }
+            let ulps = (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs();
+            assert!(ulps <= 1, "exp64({x:e}) = {got:e}, {ulps} ulp from {want:e}");
+            worst = worst.max(ulps);
+        };
+        for i in 0..600_000 {
+            check(-750.0 + 1470.0 * f64::from(i) / 600_000.0 + 1e-7 * f64::from(i % 13));
+        }
+        for x in [0.0, -0.0, 1e-300, -1e-300, -708.39, -708.4, -745.13, -745.14, -746.0, -800.0, 709.78, 709.79, 710.0]
+        {
+            check(x);
+        }
+        assert!(worst >= 1, "a sweep that never saw a rounding difference checked nothing");
+        assert_eq!(exp64(f64::NEG_INFINITY), 0.0);
+        assert_eq!(exp64(f64::INFINITY), f64::INFINITY);
+        assert!(exp64(f64::NAN).is_nan());
+    }
+
+    /// [`log_sum_exp`] is ln(sum(e^(l - max))) in f64 with libm's exponentials summed in order, to
+    /// 1e-14, over odd rows: NaN where a NaN or only infinities make it one, -inf for no logits.
+    /// And it gives the bits of its sums done one by one here (scalar code): the vector widths
+    /// this CPU picks change nothing.
+    #[test]
+    fn log_sum_exp_is_the_f64_sums() {
+        for row in odd_rows(&[0, 1, 2, 7, 9, 64, 1000], 50) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let want = row.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln();
+            let (got_max, got) = log_sum_exp(&row);
+            assert_eq!(got_max.to_bits(), max.to_bits());
+            assert!(
+                (got - want).abs() <= 1e-14 || (got.is_nan() && want.is_nan()) || got == want,
+                "{got} against {want} of {row:?}"
+            );
+            let mut lanes = [0f64; 8];
+            let whole = row.len() / 8 * 8;
+            for (i, &l) in row[..whole].iter().enumerate() {
+                lanes[i % 8] += std::hint::black_box(exp64(f64::from(l - max)));
+            }
+            let rest = row[whole..].iter().fold(0.0, |s, &l| s + exp64(f64::from(l - max)));
+            assert_eq!(got.to_bits(), (lanes.iter().sum::<f64>() + rest).ln().to_bits());
+        }
+        let (_, one) = log_sum_exp(&[3.0, 3.0]);
+        assert!((one - 2f64.ln()).abs() < 1e-15);
     }
 
     /// Transformers' processors and warpers (`tests/fixtures/gen_sampling.py`): the same tokens

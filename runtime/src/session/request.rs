@@ -1,6 +1,8 @@
 //! What a served request asks for ([`Request`]: its prompt, budget, sampling, stops and tools)
 //! and how it ended ([`Ending`]); the text of what it generated, and its tokens' log-probabilities.
 
+use v3c_models::sampling::{log_sum_exp, top_k};
+
 /// A request to [`serve`](super::serve): a prompt, how many tokens to generate at most, how to pick them.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -202,32 +204,20 @@ impl Ending {
 }
 
 /// The log-probability of `token` under softmax(`logits`) (the model's own distribution: no
-/// temperature, no nucleus), summed in f64.
+/// temperature, no nucleus), its denominator summed in f64 ([`log_sum_exp`]).
 pub fn log_probability(logits: &[f32], token: u32) -> f32 {
     let (max, log_sum) = log_sum_exp(logits);
     logits.get(token as usize).map_or(f32::NAN, |&l| (f64::from(l - max) - log_sum) as f32)
 }
 
-/// The largest logit and ln(sum(exp(logit - largest))), in f64.
-pub(super) fn log_sum_exp(logits: &[f32]) -> (f32, f64) {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    (max, logits.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln())
-}
-
 /// The `k` most probable tokens under softmax(`logits`) (ties: the lower id first), most probable
-/// first, with their log-probabilities as [`log_probability`] gives them (a partial sort).
+/// first ([`top_k`]: one pass for OpenAI's up to 20), with their log-probabilities as
+/// [`log_probability`] gives them.
 pub fn top_log_probabilities(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let top = top_k(logits, k);
+    if top.is_empty() {
+        return top;
+    }
     let (max, log_sum) = log_sum_exp(logits);
-    let mut order: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let k = k.min(order.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    if k < order.len() {
-        order.select_nth_unstable_by(k - 1, by);
-    }
-    order.truncate(k);
-    order.sort_unstable_by(by);
-    order.into_iter().map(|(t, l)| (t, (f64::from(l - max) - log_sum) as f32)).collect()
+    top.into_iter().map(|(t, l)| (t, (f64::from(l - max) - log_sum) as f32)).collect()
 }
