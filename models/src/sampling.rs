@@ -401,44 +401,27 @@ macro_rules! widest {
 }
 
 widest! {
-/// `(token, exp((logit - max) / t))` of every logit in id order ([`exp_blocks`]).
+/// `(token, exp((logit - max) / t))` of every logit in id order: the exponentials [`exp`]
+/// computes, in a loop the compiler vectorizes (libm's `expf` is a call per logit: 129280 of them
+/// a row of DeepSeek-V3's).
 fn exp_weights(logits: &[f32], max: f32, t: f32) -> Vec<(u32, f32)> {
-    let mut out = Vec::with_capacity(logits.len());
-    exp_blocks(logits, max, t, |block| {
-        let id = out.len() as u32;
-        out.extend(block.iter().enumerate().map(|(k, &w)| (id + k as u32, w)));
-    });
+    let mut out = vec![(0u32, 0f32); logits.len()];
+    for (i, (o, &l)) in out.iter_mut().zip(logits).enumerate() {
+        *o = (i as u32, exp((l - max) / t));
+    }
     out
 }
 }
 
 widest! {
-/// `exp((logit - max) / t)` of every logit in id order ([`exp_blocks`]).
+/// `exp((logit - max) / t)` of every logit in id order, as [`exp_weights`] has them.
 fn exp_row(logits: &[f32], max: f32, t: f32) -> Vec<f32> {
-    let mut out = Vec::with_capacity(logits.len());
-    exp_blocks(logits, max, t, |block| out.extend_from_slice(block));
+    let mut out = vec![0f32; logits.len()];
+    for (o, &l) in out.iter_mut().zip(logits) {
+        *o = exp((l - max) / t);
+    }
     out
 }
-}
-
-/// `exp((logit - max) / t)` of every logit, handed to `emit` in order 8 at a time (the rest at the
-/// end): the exponentials [`exp`] computes, in a loop the compiler vectorizes (libm's `expf` is a
-/// call per logit: 129280 of them a row of DeepSeek-V3's).
-#[inline(always)]
-fn exp_blocks(logits: &[f32], max: f32, t: f32, mut emit: impl FnMut(&[f32])) {
-    let mut block = [0f32; 8];
-    let mut chunks = logits.chunks_exact(8);
-    for c in &mut chunks {
-        for (b, &l) in block.iter_mut().zip(c) {
-            *b = exp((l - max) / t);
-        }
-        emit(&block);
-    }
-    let rest = chunks.remainder();
-    for (b, &l) in block.iter_mut().zip(rest) {
-        *b = exp((l - max) / t);
-    }
-    emit(&block[..rest.len()]);
 }
 
 widest! {
@@ -621,7 +604,7 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 }
 
 /// Cuts `weights` to the most probable tokens, sorted by `by`, whose weights first reach `top_p`
-/// of all of theirs.
+/// of all of theirs (their sum as [`block_sum`] takes it, as the draw does).
 ///
 /// The weights (in (0, 1]: the largest is exp(0)) are binned by their top bits ([`weight_bin`]:
 /// exponent and 3 bits of mantissa, so binning keeps their order) with each bin's mass: the bins
@@ -631,7 +614,7 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 /// them (where rounding leaves the candidates' own sum short, or a weight is NaN, the tokens are
 /// sorted in growing rounds of the most probable instead: 64, then 8 times as many).
 fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32, by: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering) {
-    let want = f64::from(top_p) * weights.iter().map(|w| f64::from(w.1)).sum::<f64>();
+    let want = f64::from(top_p) * block_sum(weights);
     if let Some(kept) = nucleus_by_bins(weights, want, &by) {
         *weights = kept;
         return;
@@ -670,17 +653,27 @@ fn nucleus_by_bins(
     by: &impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering,
 ) -> Option<Vec<(u32, f32)>> {
     const BINS: usize = 1 << 12;
-    let mut mass = vec![0.0f64; BINS];
-    for w in weights {
-        // Negative and NaN weights (no exp gives them) go to the fallback's care.
-        if w.1.is_nan() || w.1 < 0.0 {
-            return None;
+    const PARTS: usize = 8;
+    // Negative and NaN weights (no exp gives them) go to the fallback's care (a fold with no early
+    // exit: it vectorizes).
+    if weights.iter().fold(false, |bad, w| bad | !(w.1 >= 0.0)) {
+        return None;
+    }
+    // Each bin's mass in PARTS parts, weight i adding to part i % PARTS: a row's long flat tail
+    // falls in one bin, and one sum would be a chain of dependent adds.
+    let mut mass = vec![[0.0f64; PARTS]; BINS];
+    let mut chunks = weights.chunks_exact(PARTS);
+    for c in &mut chunks {
+        for (part, w) in c.iter().enumerate() {
+            mass[weight_bin(w.1)][part] += f64::from(w.1);
         }
-        mass[weight_bin(w.1)] += f64::from(w.1);
+    }
+    for w in chunks.remainder() {
+        mass[weight_bin(w.1)][0] += f64::from(w.1);
     }
     let mut reached = 0.0f64;
     let cut = (0..BINS).rev().find(|&b| {
-        reached += mass[b];
+        reached += mass[b].iter().sum::<f64>();
         reached >= want
     })?;
     let mut kept: Vec<(u32, f32)> = weights.iter().filter(|w| weight_bin(w.1) >= cut).copied().collect();
@@ -828,7 +821,7 @@ mod tests {
                 let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let mut all: Vec<(u32, f32)> = exp_weights(logits, max, 0.8);
                 if top_p < 1.0 {
-                    let total: f64 = all.iter().map(|w| f64::from(w.1)).sum();
+                    let total = block_sum(&all);
                     all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                     let mut kept = 0.0;
                     let cut = all.iter().position(|w| {
