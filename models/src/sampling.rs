@@ -656,7 +656,7 @@ fn nucleus_by_bins(
     const PARTS: usize = 8;
     // Negative and NaN weights (no exp gives them) go to the fallback's care (a fold with no early
     // exit: it vectorizes).
-    if weights.iter().fold(false, |bad, w| bad | !(w.1 >= 0.0)) {
+    if weights.iter().fold(false, |bad, w| bad | w.1.is_nan() | (w.1 < 0.0)) {
         return None;
     }
     // Each bin's mass in PARTS parts, weight i adding to part i % PARTS: a row's long flat tail
