@@ -6,12 +6,13 @@
 //! (the row copied and changed before it is drawn from). Logits: a peaked, made-up row (a few hundred plausible tokens over
 //! a long flat tail), as a trained model's are. `sample_batch64`: a decode step's 64 sequences
 //! sampled one by one, and together (`Next::pick_each`: spread over the cores). `logprobs_129280`:
-//! what a request for log-probabilities adds to each of its tokens — the chosen token's, and the
-//! top 5 and 20 alternatives' (OpenAI's `logprobs` and `top_logprobs`).
+//! what a request for log-probabilities adds to each of its tokens — the chosen token's, the top 5
+//! and 20 alternatives' (OpenAI's `logprobs` and `top_logprobs`), and both at once as serving takes
+//! them.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use v3c_models::reference::{Sampler, Shaping};
-use v3c_runtime::session::{log_probability, top_log_probabilities};
+use v3c_runtime::session::{log_probability, scores, top_log_probabilities};
 
 const VOCAB: usize = 129_280;
 
@@ -53,6 +54,7 @@ fn sampling(c: &mut Criterion) {
     for k in [5, 20] {
         g.bench_function(format!("top{k}"), |b| b.iter(|| top_log_probabilities(std::hint::black_box(&row), k)));
     }
+    g.bench_function("token_and_top5", |b| b.iter(|| scores(std::hint::black_box(&row), 7, 5)));
     g.finish();
     let rows: Vec<Vec<f32>> = (0..64).map(|r| row.iter().map(|l| l + (r % 5) as f32 * 0.01).collect()).collect();
     let logits = v3c_runtime::session::Next::Logits(v3c_runtime::session::LogitRows::of(rows));

@@ -413,11 +413,10 @@ impl<'a> ArtifactBatch<'a> {
             j.next += 1;
             if let Some(top) = j.score {
                 // Row r (position at + r) predicts the prompt's token at + r + 1.
-                for (r, row) in rows.chunks(vocab.max(1)).enumerate() {
-                    if let Some(&t) = j.prompt.get(at + r + 1) {
-                        j.scores.push((log_probability(row, t), top_log_probabilities(row, top)));
-                    }
-                }
+                let prompt = &j.prompt;
+                let scored =
+                    rows.chunks(vocab.max(1)).enumerate().filter_map(|(r, row)| Some((row, *prompt.get(at + r + 1)?)));
+                j.scores.extend(scores_of(scored, top));
             }
             if vocab > 0 {
                 last = rows[rows.len() - vocab..].to_vec();

@@ -1266,7 +1266,7 @@ mod tests {
     }
 
     /// The most probable tokens from a partial sort are a full sort's first ones (ties to the lower
-    /// id), with [`log_probability`]'s values.
+    /// id), with [`log_probability`]'s values; [`scores_of`] many rows gives each row's.
     #[test]
     fn top_log_probabilities_are_a_full_sorts_first() {
         let rows: [Vec<f32>; 3] = [
@@ -1283,6 +1283,17 @@ mod tests {
                 assert_eq!(top_log_probabilities(row, k), all, "k {k}");
             }
         }
+        // Many rows at once, spread over the cores, in order: each row's own scores, bits and all.
+        let many: Vec<(Vec<f32>, u32)> = (0..100)
+            .map(|r| ((0..700).map(|j| ((j * 7919 + r * 31) % 1013) as f32 / 97.0).collect(), (r * 13 % 700) as u32))
+            .collect();
+        let got = scores_of(many.iter().map(|(row, t)| (row.as_slice(), *t)), 3);
+        assert_eq!(got.len(), 100);
+        for ((row, t), (lp, top)) in many.iter().zip(&got) {
+            assert_eq!((lp.to_bits(), top), (log_probability(row, *t).to_bits(), &top_log_probabilities(row, 3)));
+        }
+        assert!(scores_of(std::iter::empty(), 5).is_empty());
+        assert!(scores(&[1.0, 2.0], 9, 0).0.is_nan());
     }
 
     /// Logits kept in one buffer give each row as the rows given one by one: rows of one width,

@@ -74,16 +74,12 @@ impl Running {
     /// under `row`, the logits it was picked from (None: not read back; NaN).
     fn take(&mut self, t: u32, row: Option<&[f32]>, report: &mut Report) -> Result<(), String> {
         if self.request.logprobs {
-            let lp = row.map_or(f32::NAN, |l| log_probability(l, t));
+            let k = self.request.top_logprobs;
+            let (lp, top) = row.map_or((f32::NAN, Vec::new()), |l| scores(l, t, k));
             self.logprobs.push(lp);
-            let top = match self.request.top_logprobs {
-                0 => Vec::new(),
-                k => {
-                    let top = row.map_or(Vec::new(), |l| top_log_probabilities(l, k));
-                    self.top.push(top.clone());
-                    top
-                }
-            };
+            if k > 0 {
+                self.top.push(top.clone());
+            }
             report(self.id, Progress::Scored(lp, top))?;
         }
         self.tokens.push(t);
@@ -499,9 +495,8 @@ fn serve_speculative(
         if score {
             // Row i predicts the prompt's token i + 1.
             let k = r.request.top_logprobs;
-            r.prompt_scores = (started.prompt_logits.iter().zip(&prompt[1..]))
-                .map(|(row, &t)| (log_probability(row, t), top_log_probabilities(row, k)))
-                .collect();
+            r.prompt_scores =
+                scores_of(started.prompt_logits.iter().map(Vec::as_slice).zip(prompt[1..].iter().copied()), k);
         }
         match (ending, started.speculator) {
             (Some(ending), _) => {
