@@ -21,7 +21,7 @@ fn logits() -> Vec<f32> {
         .map(|i| {
             let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
             let noise = (h % 1000) as f32 / 1000.0;
-            if h % 500 == 0 {
+            if h.is_multiple_of(500) {
                 8.0 + 4.0 * noise
             } else {
                 2.0 * noise - 4.0
