@@ -3,14 +3,15 @@
 //! 129280 logits — greedy, with a temperature over the whole vocabulary (top-p 1, the default)
 //! and within a 0.9 nucleus; within the top 50, and a 0.9 nucleus cut again by min-p 0.05; with
 //! OpenAI's presence and frequency penalties and a repetition penalty after a 2000-token prompt
-//! (the row copied and changed before it is drawn from). Logits: a peaked, made-up row (a few hundred plausible tokens over
+//! (the row copied and changed before it is drawn from; 500 tokens generated, each sample from a
+//! copy of that sampler). Logits: a peaked, made-up row (a few hundred plausible tokens over
 //! a long flat tail), as a trained model's are. `sample_batch64`: a decode step's 64 sequences
 //! sampled one by one, and together (`Next::pick_each`: spread over the cores). `logprobs_129280`:
 //! what a request for log-probabilities adds to each of its tokens — the chosen token's, the top 5
 //! and 20 alternatives' (OpenAI's `logprobs` and `top_logprobs`), and both at once as serving takes
 //! them.
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use v3c_models::reference::{Sampler, Shaping};
 use v3c_runtime::session::{log_probability, scores, top_log_probabilities};
 
@@ -46,7 +47,14 @@ fn sampling(c: &mut Criterion) {
     {
         let mut sampler = Sampler::new(0.7, top_p, 1).shaped(shaping);
         sampler.start(&(0..2000).map(|i| (i * 61) % VOCAB as u32).collect::<Vec<_>>());
-        g.bench_function(name, |b| b.iter(|| sampler.sample(std::hint::black_box(&row))));
+        // 500 tokens generated so far. Each sample starts from a copy: the penalties count every
+        // token picked, and a sampler drawing on over the run would count ever more.
+        for i in 0..500 {
+            sampler.note((i * 257) % VOCAB as u32);
+        }
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(|| sampler.clone(), |s| s.sample(std::hint::black_box(&row)), BatchSize::SmallInput)
+        });
     }
     g.finish();
     let mut g = c.benchmark_group("logprobs_129280");
