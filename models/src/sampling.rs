@@ -378,12 +378,13 @@ macro_rules! widest {
             fn any($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
+                // (`unsafe fn`s: a safe `fn` with a target feature needs Rust 1.86.)
                 #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) -> $ret {
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
                     any($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
-                fn avx2($($arg: $ty),*) -> $ret {
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
                     any($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
