@@ -530,18 +530,23 @@ pub fn exp64(x: f64) -> f64 {
     let n = (c * LOG2E + ROUND) - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
     // 1/13!, 1/12!, ..., 1/2!
-    let p = 1.605_904_383_682_161_3e-10;
-    let p = p * r + 2.087_675_698_786_81e-9;
-    let p = p * r + 2.505_210_838_544_172e-8;
-    let p = p * r + 2.755_731_922_398_589e-7;
-    let p = p * r + 2.755_731_922_398_589_3e-6;
-    let p = p * r + 2.480_158_730_158_73e-5;
-    let p = p * r + 1.984_126_984_126_984e-4;
-    let p = p * r + 1.388_888_888_888_889e-3;
-    let p = p * r + 8.333_333_333_333_333e-3;
-    let p = p * r + 4.166_666_666_666_666_4e-2;
-    let p = p * r + 1.666_666_666_666_666_6e-1;
-    let p = p * r + 0.5;
+    let p = horner(
+        r,
+        &[
+            1.605_904_383_682_161_3e-10,
+            2.087_675_698_786_81e-9,
+            2.505_210_838_544_172e-8,
+            2.755_731_922_398_589e-7,
+            2.755_731_922_398_589_3e-6,
+            2.480_158_730_158_73e-5,
+            1.984_126_984_126_984e-4,
+            1.388_888_888_888_889e-3,
+            8.333_333_333_333_333e-3,
+            4.166_666_666_666_666_4e-2,
+            1.666_666_666_666_666_6e-1,
+            0.5,
+        ],
+    );
     let er = (p * r) * r + r + 1.0;
     // 2^n as 2^a 2^b, a = floor(n / 2) (n / 2 - 1/4 rounded to nearest) and b = n - a: both
     // within -538..=512, normal doubles.
@@ -577,12 +582,7 @@ pub fn exp(x: f32) -> f32 {
     let t = c * LOG2E + ROUND;
     let n = t - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
-    let p = 1.987_569_2e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
+    let p = horner(r, &[1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5]);
     let er = (p * r) * r + r + 1.0;
     // 2^n as 2^a 2^b, a = floor(n / 2) and b = n - a: both within -75..=64, normal floats.
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
@@ -594,6 +594,13 @@ pub fn exp(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// `cs[0] r^(n-1) + cs[1] r^(n-2) + ... + cs[n-1]` by Horner's rule (a multiply and an add a
+/// coefficient, in that order: no fused multiply-adds). `cs` not empty.
+#[inline(always)]
+fn horner<T: Copy + std::ops::Mul<Output = T> + std::ops::Add<Output = T>>(r: T, cs: &[T]) -> T {
+    cs[1..].iter().fold(cs[0], |p, &c| p * r + c)
 }
 
 /// The index of the largest value of `row` in f32's total order ([`f32::total_cmp`]: NaN above
