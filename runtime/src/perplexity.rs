@@ -56,7 +56,8 @@ pub fn windows(len: usize, window: usize, stride: usize) -> Result<Vec<(usize, u
     }
 }
 
-/// Negative log-likelihood of `token` under softmax(`logits`), in f64 ([`log_sum_exp`](v3c_models::sampling::log_sum_exp)).
+/// Negative log-likelihood of `token` under softmax(`logits`), in f64
+/// ([`log_sum_exp`](v3c_models::sampling::log_sum_exp)).
 fn nll(logits: &[f32], token: u32) -> f64 {
     let (max, log_sum) = v3c_models::sampling::log_sum_exp(logits);
     log_sum - logits.get(token as usize).map_or(f64::NAN, |&l| f64::from(l - max))
