@@ -9,11 +9,12 @@
 //! sampled one by one, and together (`Next::pick_each`: spread over the cores). `logprobs_129280`:
 //! what a request for log-probabilities adds to each of its tokens — the chosen token's, the top 5
 //! and 20 alternatives' (OpenAI's `logprobs` and `top_logprobs`), and both at once as serving takes
-//! them.
+//! them. `speculative_129280`: speculative decoding's verdict on a draft token the main model keeps.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use v3c_models::reference::{Sampler, Shaping};
 use v3c_runtime::session::{log_probability, scores, top_log_probabilities};
+use v3c_runtime::speculative::verify;
 
 const VOCAB: usize = 129_280;
 
@@ -63,6 +64,18 @@ fn sampling(c: &mut Criterion) {
         g.bench_function(format!("top{k}"), |b| b.iter(|| top_log_probabilities(std::hint::black_box(&row), k)));
     }
     g.bench_function("token_and_top5", |b| b.iter(|| scores(std::hint::black_box(&row), 7, 5)));
+    g.finish();
+    // Speculative decoding's verdict on a draft token (MTP), which the main model's row keeps: p the
+    // main model's distribution at T 0.7, q the draft's (the same row, shifted a little).
+    let mut g = c.benchmark_group("speculative_129280");
+    let sampler = Sampler::new(0.7, 1.0, 3);
+    let p = sampler.distribution(&row);
+    let q = sampler.distribution(&row.iter().map(|l| l * 0.98).collect::<Vec<_>>());
+    let kept = (0..VOCAB as u32).max_by(|&a, &b| row[a as usize].total_cmp(&row[b as usize])).unwrap_or(0);
+    g.bench_function("verify_kept", |b| {
+        let mut s = sampler.clone();
+        b.iter(|| verify(std::hint::black_box(&p), &q, kept, &mut s))
+    });
     g.finish();
     let rows: Vec<Vec<f32>> = (0..64).map(|r| row.iter().map(|l| l + (r % 5) as f32 * 0.01).collect()).collect();
     let logits = v3c_runtime::session::Next::Logits(v3c_runtime::session::LogitRows::of(rows));

@@ -63,21 +63,29 @@ fn rows(b: &HostBuffer, what: &str) -> Result<Vec<Vec<f32>>, String> {
 /// token is then distributed as p: P(x) = min(q(x), p(x)) + (1 - sum_y min(q(y), p(y))) r(x), and
 /// (1 - sum min(q, p)) r(x) = max(0, p(x) - q(x)). Greedy distributions (one token, weight 1): d
 /// is kept when it is p's token, else p's token replaces it.
+///
+/// The verdict on d needs p(d) and q(d) alone; only a rejected draft lays both distributions out
+/// over the vocabulary for the residual (the same sums either way, so the same bits).
 pub fn verify(p: &[(u32, f32)], q: &[(u32, f32)], d: u32, sampler: &mut Sampler) -> (u32, bool) {
+    let mass = |dist: &[(u32, f32)]| dist.iter().map(|t| f64::from(t.1)).sum::<f64>();
+    let (p_mass, q_mass) = (mass(p), mass(q));
+    // A token's probability: its weights over their mass, summed in order.
+    let of = |dist: &[(u32, f32)], mass: f64, x: u32| {
+        dist.iter().filter(|t| t.0 == x).fold(0.0f64, |s, t| s + f64::from(t.1) / mass)
+    };
+    if sampler.uniform() * of(q, q_mass, d) < of(p, p_mass, d) {
+        return (d, true);
+    }
     // Both as probabilities over the tokens either names (dense: a vocabulary's worth at top-p 1).
     let tokens = p.iter().chain(q).map(|t| t.0 as usize + 1).max().unwrap_or(0).max(d as usize + 1);
-    let dense = |dist: &[(u32, f32)]| {
-        let mass: f64 = dist.iter().map(|t| f64::from(t.1)).sum();
+    let dense = |dist: &[(u32, f32)], mass: f64| {
         let mut v = vec![0.0f64; tokens];
         for &(x, w) in dist {
             v[x as usize] += f64::from(w) / mass;
         }
         v
     };
-    let (pp, qq) = (dense(p), dense(q));
-    if sampler.uniform() * qq[d as usize] < pp[d as usize] {
-        return (d, true);
-    }
+    let (pp, qq) = (dense(p, p_mass), dense(q, q_mass));
     let residual: Vec<(u32, f32)> =
         p.iter().map(|&(x, _)| (x, (pp[x as usize] - qq[x as usize]).max(0.0) as f32)).filter(|t| t.1 > 0.0).collect();
     // Rounding can leave nothing above q where p(d) < q(d): then p itself.
@@ -1056,6 +1064,60 @@ mod tests {
             assert!((f - p).abs() <= 5.0 * sigma + 1e-3, "{k} drafts: {path:?}: {f} seen, {p} expected");
         }
         assert!(accepted > drafted / 10 && accepted < drafted * 9 / 10, "{accepted} of {drafted} drafts accepted");
+    }
+
+    /// [`verify`] gives what laying both distributions out over the vocabulary first gave (its form
+    /// before it read p(d) and q(d) alone): the same token and verdict, and the sampler's stream
+    /// where it was — over drafts kept and rejected, tokens named twice and drafts neither names.
+    #[test]
+    fn verify_is_the_dense_verdict() {
+        fn dense_verify(p: &[(u32, f32)], q: &[(u32, f32)], d: u32, sampler: &mut Sampler) -> (u32, bool) {
+            let tokens = p.iter().chain(q).map(|t| t.0 as usize + 1).max().unwrap_or(0).max(d as usize + 1);
+            let dense = |dist: &[(u32, f32)]| {
+                let mass: f64 = dist.iter().map(|t| f64::from(t.1)).sum();
+                let mut v = vec![0.0f64; tokens];
+                for &(x, w) in dist {
+                    v[x as usize] += f64::from(w) / mass;
+                }
+                v
+            };
+            let (pp, qq) = (dense(p), dense(q));
+            if sampler.uniform() * qq[d as usize] < pp[d as usize] {
+                return (d, true);
+            }
+            let residual: Vec<(u32, f32)> = p
+                .iter()
+                .map(|&(x, _)| (x, (pp[x as usize] - qq[x as usize]).max(0.0) as f32))
+                .filter(|t| t.1 > 0.0)
+                .collect();
+            (sampler.draw(if residual.is_empty() { p } else { &residual }), false)
+        }
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let (mut kept, mut rejected) = (0, 0);
+        for _ in 0..400 {
+            let dist = |next: &mut dyn FnMut(u64) -> u64| -> Vec<(u32, f32)> {
+                (0..1 + next(12)).map(|_| (next(10) as u32, (1 + next(100)) as f32 / 7.0)).collect()
+            };
+            let (p, q) = (dist(&mut next), dist(&mut next));
+            let d = next(12) as u32;
+            let seed = next(1 << 40);
+            let (mut a, mut b) = (Sampler::new(1.0, 1.0, seed), Sampler::new(1.0, 1.0, seed));
+            let got = verify(&p, &q, d, &mut a);
+            assert_eq!(got, dense_verify(&p, &q, d, &mut b), "{p:?} {q:?} draft {d}");
+            assert_eq!(a.uniform().to_bits(), b.uniform().to_bits());
+            if got.1 {
+                kept += 1;
+            } else {
+                rejected += 1;
+            }
+        }
+        assert!(kept > 40 && rejected > 40, "{kept} kept, {rejected} rejected: both paths seen");
     }
 
     /// [`verify`] alone: over draws of the draft from q, the token's frequencies are p's and the
