@@ -512,12 +512,12 @@ fn total_key(x: f32) -> i32 {
 }
 
 /// e^x in f64 without a libm call, so that a loop of them vectorizes: within 1 ulp of libm's
-/// where that is a normal double, 0 below -746 (where e^x rounds to 0),
-/// infinity above 710, NaN for NaN. [`exp`]'s reduction in f64: `x = n ln 2 + r` with
-/// `|r| <= ln 2 / 2` (ln 2 in two parts, the first with 32 trailing zero bits, so `r` is exact),
-/// e^r by its Taylor polynomial of degree 13 (the next term is under 2^-57), then times 2^n as two
-/// powers of two, each a normal double. The integers stay in f64 until their bits are taken (an
-/// i64 shift does not vectorize before AVX-512).
+/// where that is a normal double, 0 below -746 (where e^x rounds to 0), infinity above 710, NaN
+/// for NaN. [`exp`]'s reduction in f64: `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 in two
+/// parts, the first with 32 trailing zero bits, so `r` is exact), e^r by its Taylor polynomial of
+/// degree 13 (the next term is under 2^-57), then times 2^n as two powers of two, each a normal
+/// double. The integers stay in f64 until their bits are taken (an i64 shift does not vectorize
+/// before AVX-512).
 #[inline(always)]
 pub fn exp64(x: f64) -> f64 {
     const LOG2E: f64 = std::f64::consts::LOG2_E;
