@@ -286,7 +286,7 @@ impl Sampler {
             exp_weights(&logits, max, self.temperature)
         };
         if self.top_p < 1.0 {
-            nucleus(&mut weights, self.top_p, most_probable_first);
+            nucleus(&mut weights, self.top_p);
         }
         if self.shaping.min_p > 0.0 {
             // The most probable token's weight is exp(0) = 1.
@@ -611,8 +611,9 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
     row.iter().position(|&x| total_key(x) == best)
 }
 
-/// Cuts `weights` to the most probable tokens, sorted by `by`, whose weights first reach `top_p`
-/// of all of theirs (their sum as [`block_sum`] takes it, as the draw does).
+/// Cuts `weights` to the most probable tokens, sorted most probable first
+/// ([`most_probable_first`]), whose weights first reach `top_p` of all of theirs (their sum as
+/// [`block_sum`] takes it, as the draw does).
 ///
 /// The weights (in (0, 1]: the largest is exp(0)) are binned by their top bits ([`weight_bin`]:
 /// exponent and 3 bits of mantissa, so binning keeps their order) with each bin's mass: the bins
@@ -621,9 +622,9 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 /// are a prefix of the full sort. One pass to bin, one to keep the candidates, a sort of a few of
 /// them (where rounding leaves the candidates' own sum short, or a weight is NaN, the tokens are
 /// sorted in growing rounds of the most probable instead: 64, then 8 times as many).
-fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32, by: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering) {
+fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32) {
     let want = f64::from(top_p) * block_sum(weights);
-    if let Some(kept) = nucleus_by_bins(weights, want, &by) {
+    if let Some(kept) = nucleus_by_bins(weights, want) {
         *weights = kept;
         return;
     }
@@ -631,9 +632,9 @@ fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32, by: impl Fn(&(u32, f32), &
     let mut k = n.min(64);
     loop {
         if k < n {
-            weights.select_nth_unstable_by(k - 1, &by);
+            weights.select_nth_unstable_by(k - 1, most_probable_first);
         }
-        weights[..k].sort_unstable_by(&by);
+        weights[..k].sort_unstable_by(most_probable_first);
         let mut kept = 0.0f64;
         for i in 0..k {
             kept += f64::from(weights[i].1);
@@ -655,11 +656,7 @@ fn weight_bin(w: f32) -> usize {
 }
 
 /// [`nucleus`] by bins: the nucleus when the candidates reach `want` in sorted order, else None.
-fn nucleus_by_bins(
-    weights: &[(u32, f32)],
-    want: f64,
-    by: &impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering,
-) -> Option<Vec<(u32, f32)>> {
+fn nucleus_by_bins(weights: &[(u32, f32)], want: f64) -> Option<Vec<(u32, f32)>> {
     const BINS: usize = 1 << 12;
     const PARTS: usize = 8;
     // Negative and NaN weights (no exp gives them) go to the fallback's care (a fold with no early
@@ -685,7 +682,7 @@ fn nucleus_by_bins(
         reached >= want
     })?;
     let mut kept: Vec<(u32, f32)> = weights.iter().filter(|w| weight_bin(w.1) >= cut).copied().collect();
-    kept.sort_unstable_by(by);
+    kept.sort_unstable_by(most_probable_first);
     let mut sum = 0.0f64;
     let end = kept.iter().position(|w| {
         sum += f64::from(w.1);
