@@ -614,7 +614,10 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         // The kernel the artifact ships, its PTX simulated on a small ragged problem.
         let config = GemmConfig::from_name(&k.name).unwrap_or_else(|| panic!("{}: not a GEMM name", k.name));
         assert!(launched(&config), "{}", k.name);
-        simulate_gemm(&config, k, false);
+        simulate_gemm(&config, k, false, false);
+        if config.input == GemmInput::Fp8 {
+            simulate_gemm(&config, k, false, true);
+        }
     }
     // The embedding, the norms and their quantization are row kernels.
     let row = |name: &str| lowered.rows.iter().find(|(k, _)| k == name).map(|(_, r)| r.kernel.kernel_name());
@@ -858,10 +861,28 @@ fn every_launched_gemm_configuration_simulated_from_its_ptx_computes_its_semanti
         let kernel = sm90::compile_gemm(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         // Every other configuration with an odd N: its rows' column pairs are not 8-byte aligned,
         // so the epilogue stores each column on its own (the others store pairs).
-        simulate_gemm(&config, &kernel, checked % 2 == 1);
+        simulate_gemm(&config, &kernel, checked % 2 == 1, false);
         checked += 1;
     }
     assert!(checked >= 15, "{checked} configurations simulated");
+}
+
+/// fp8 consumers load each K tile's scales a few tiles ahead of its promotion, a queue carried
+/// through the main loop: over 8 K tiles (split K in two ranges of 4) every tile must still be
+/// promoted with its own scales, the queue's last loads past the unit's range never read.
+#[test]
+fn fp8_gemms_over_many_k_tiles_promote_each_with_its_own_scales() {
+    let context = v3c_compiler::mlir::new_context();
+    let mut checked = 0;
+    for config in configs() {
+        if !launched(&config) || config.input != GemmInput::Fp8 {
+            continue;
+        }
+        let kernel = sm90::compile_gemm(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        simulate_gemm(&config, &kernel, false, true);
+        checked += 1;
+    }
+    assert!(checked >= 8, "{checked} configurations simulated");
 }
 
 /// The GEMM forms the runtime launches (not the masked grouping, the SwiGLU epilogue or fp8
@@ -871,16 +892,19 @@ fn launched(config: &GemmConfig) -> bool {
 }
 
 /// Simulates `kernel` (the PTX of `config`) on a problem with ragged edges (`odd_n`: an odd N, but
-/// for grouped fp8 weights) and holds its output to what the launch's semantics give.
-fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
+/// for grouped fp8 weights) and holds its output to what the launch's semantics give. `long_k`: 8 K
+/// tiles instead of 3, on 8 SMs (a split-K launch's units take 4 K tiles each).
+fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool, long_k: bool) {
     use v3c_runtime::abi::GemmOperands;
     let abi = config.host_abi();
     let mut host = Host::default();
     let fp8 = config.input == GemmInput::Fp8;
     let grouped = config.grouping != GemmGrouping::Dense;
-    // K: two whole 128-blocks and a 16-wide tail; N: a partial tile past whole ones (an fp8
-    // expert's N in whole 128-row scale blocks, as the runtime requires of grouped weights).
-    let (k, n) = (272, if grouped && fp8 { 384 } else { config.block_n + 40 + usize::from(odd_n) });
+    // K: two whole 128-blocks (`long_k`: seven) and a 16-wide tail; N: a partial tile past whole
+    // ones (an fp8 expert's N in whole 128-row scale blocks, as the runtime requires of grouped
+    // weights).
+    let k = if long_k { 912 } else { 272 };
+    let n = if grouped && fp8 { 384 } else { config.block_n + 40 + usize::from(odd_n) };
     // Grouped: 40 groups (two chunks of the warps' scan), 37 sorted rows in group 1 and 64 in
     // group 34, the others empty (gathered from 90 tokens, scattered back).
     let (groups, offsets) = if grouped {
@@ -926,7 +950,7 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
     let perm =
         grouped.then(|| host.i32s(&(0..rows as i32).map(|p| (7 * p) % tokens as i32).collect::<Vec<_>>(), &[rows]));
     let row_scale = config.row_scale.then(|| host.f32s(&values(rows, 6), &[rows]));
-    let k_range = config.k_range.then(|| host.i32s(&[128, 272], &[2]));
+    let k_range = config.k_range.then(|| host.i32s(&[128, k as i32], &[2]));
     let problem = v3c_runtime::abi::GemmProblem { m: rows, n, k, groups };
     let scratch = abi.scratch(problem, 132);
     let workspace =
@@ -948,7 +972,12 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool) {
         counters,
     };
     // A grouped GEMM on 4 SMs: each block walks several units, resuming its scan of the groups.
-    let sm_count = if grouped { 4 } else { 132 };
+    // `long_k` on 8: split K cuts 8 K tiles in two.
+    let sm_count = match (grouped, long_k) {
+        (true, _) => 4,
+        (false, true) => 8,
+        (false, false) => 132,
+    };
     let launch = abi.launch(&kernel.name, &ops, sm_count).unwrap_or_else(|e| panic!("{e}"));
     // SAFETY: the launch's buffers are `host`'s.
     unsafe { v3c_compiler::emulate::emulate_gemm(&abi, &launch) }.unwrap();

@@ -137,6 +137,12 @@ pub struct GemmConfig {
 const ROW_BYTES: usize = 128;
 /// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue).
 const REGISTER_HEADROOM: usize = 64;
+/// fp8: K tiles ahead of its promotion a consumer loads a tile's scales (A's rows' and B's block's,
+/// from global memory). Loaded during the tile's own wgmma chain, as before, every K tile waited
+/// out an L2 load's latency after the chain: a 64x64x128 tile's four m64n64k32 take ~256 clocks,
+/// an L2 hit about as long, a first touch from DRAM more; DeepGEMM reads its scales from shared
+/// memory, staged with the operands. Each tile ahead costs a thread `2 row_tiles + 1` registers.
+const SCALE_AHEAD: usize = 2;
 /// Registers per thread left to a producer warpgroup (`setmaxnreg.dec`).
 const PRODUCER_REGISTERS: usize = 40;
 /// Pairs of output columns the split-K reduction sums at a time (their 8-byte loads in flight
@@ -1284,8 +1290,18 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 }
             }
         }
+        // fp8: the scales of the unit's first `SCALE_AHEAD` K tiles, the queue the main loop
+        // carries (`%q{d}_*`: K tile j + d's on step j).
+        let scales = if self.fp8() { self.scale_names() } else { Vec::new() };
         if self.fp8() {
             t.push_str(&self.scale_rows());
+            for d in 0..SCALE_AHEAD {
+                let _ = writeln!(
+                    t,
+                    "    %pf{d}_live = arith.cmpi ult, %c{d}, %nkt : index\n    %pf{d}_kt = arith.addi %kt0, %c{d} : index\n{}",
+                    indent(&self.scale_loads(&format!("pf{d}_"), &format!("%pf{d}_kt"), &format!("%pf{d}_live")), 4)
+                );
+            }
         }
         let _ = writeln!(t, "    %frag0 = llvm.mlir.poison : {frag}");
         for e in 0..frag_n {
@@ -1296,6 +1312,25 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         iter_args.push("%i = %it".into());
         let mut types = vec![frag.clone(); m_tiles];
         types.push("index".into());
+        for d in 0..SCALE_AHEAD {
+            for name in &scales {
+                iter_args.push(format!("%q{d}_{name} = %pf{d}_{name}"));
+                types.push("f32".into());
+            }
+        }
+        // Step j loads K tile j + SCALE_AHEAD's scales, ahead of the stage's wait: their latency
+        // (L2, or DRAM on a first touch) overlaps the steps between, not this step's chain alone.
+        let prefetch = if scales.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "%nx_j = arith.addi %j, %c{SCALE_AHEAD} : index
+%nx_live = arith.cmpi ult, %nx_j, %nkt : index
+%nx_kt = arith.addi %kt0, %nx_j : index
+{}",
+                self.scale_loads("nx_", "%nx_kt", "%nx_live")
+            )
+        };
         // The stage's operand addresses broadcast from lane 0 (`shfl.sync.idx`): ptxas then keeps
         // their wgmma descriptors in uniform registers; from the loop-carried stage counter (and
         // the consumer's `%tid / 128`) it built them in vector registers and moved each to uniform
@@ -1308,6 +1343,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %par = arith.remui %round, %c2 : index
       %parity = arith.index_cast %par : index to i1
       %kt = arith.addi %kt0, %j : index
+{}
       nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
       %a_off = arith.muli %st, %c{tx} : index
       %a_off64 = arith.index_cast %a_off : index to i64
@@ -1315,9 +1351,10 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
       %b_addr_t = arith.addi %stage_addr, %c{b_at}_i64 : i64
 {}",
-            m_tiles + 1,
+            types.len(),
             iter_args.join(", "),
             types.join(", "),
+            indent(&prefetch, 6),
             indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
         );
         if c.dual_a {
@@ -1351,12 +1388,19 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 indent(&self.load("%rkt", "%st"), 8)
             );
         }
+        // The queue moves up one: K tile j + 1's scales first, the ones just loaded last.
+        let queue: Vec<String> = (1..SCALE_AHEAD)
+            .flat_map(|d| scales.iter().map(move |name| format!("%q{d}_{name}")))
+            .chain(scales.iter().map(|name| format!("%nx_{name}")))
+            .collect();
         let _ = writeln!(
             t,
             "      %i_next = arith.addi %i, %c1 : index
-      scf.yield {}, %i_next : {}
+      scf.yield {}, %i_next{}{} : {}
     }}",
             results.join(", "),
+            if queue.is_empty() { "" } else { ", " },
+            queue.join(", "),
             types.join(", ")
         );
         t.push_str(&indent(&self.epilogue(), 4));
@@ -1399,30 +1443,49 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         t
     }
 
-    /// fp8: K tile `%kt`'s scales (A's, and B's one per tile), loaded once the tile's wgmma chain
-    /// is issued, before its wait, so that their latency overlaps the chain; rows past A (not
-    /// loaded) scale by zero. (Loaded before the stage's wait instead, ptxas scheduled the scales'
-    /// product ahead of the chain's first wgmma, which then waited for the loads.)
-    fn scale_loads(&self) -> String {
+    /// fp8: K tile `kt`'s scales (A's, and B's one per tile) as `%{p}sa{i}_{h}` and `%{p}sb`, loaded
+    /// where `live` holds (else zero: a tile past the unit's K range is never promoted); rows past A
+    /// (not loaded) scale by zero. The main loop loads them [`SCALE_AHEAD`] K tiles before their
+    /// promotion.
+    fn scale_loads(&self, p: &str, kt: &str, live: &str) -> String {
         let c = &self.c;
         let mut t = String::new();
         for i in 0..c.row_tiles() {
             for h in 0..2 {
                 let _ = writeln!(
                     t,
-                    "      %sa{i}_{h} = scf.if %sr{i}_{h}_in -> (f32) {{
-        %v = memref.load %a_scale[%sr{i}_{h}, %kt] : memref<?x?xf32>
-        scf.yield %v : f32
-      }} else {{
-        scf.yield %zero : f32
-      }}"
+                    "%{p}in{i}_{h} = arith.andi %sr{i}_{h}_in, {live} : i1
+%{p}sa{i}_{h} = scf.if %{p}in{i}_{h} -> (f32) {{
+  %v = memref.load %a_scale[%sr{i}_{h}, {kt}] : memref<?x?xf32>
+  scf.yield %v : f32
+}} else {{
+  scf.yield %zero : f32
+}}"
                 );
             }
         }
         if !c.b_row_scales {
-            t.push_str("      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>\n");
+            let _ = writeln!(
+                t,
+                "%{p}sb = scf.if {live} -> (f32) {{
+  %v = memref.load %b_scale[%nb, {kt}] : memref<?x?xf32>
+  scf.yield %v : f32
+}} else {{
+  scf.yield %zero : f32
+}}"
+            );
         }
         t
+    }
+
+    /// The names (without `%` and prefix) of the scales [`Self::scale_loads`] defines, in order.
+    fn scale_names(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            (0..self.c.row_tiles()).flat_map(|i| (0..2).map(move |h| format!("sa{i}_{h}"))).collect();
+        if !self.c.b_row_scales {
+            names.push("sb".into());
+        }
+        names
     }
 
     /// fp8 with per-row B scales: the thread's block_n / 4 of K tile `%kt`, loaded after the
@@ -1500,15 +1563,12 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             }
         }
         let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned");
-        if fp8 {
-            t.push_str(&self.scale_loads());
-        }
         let _ = writeln!(t, "      nvvm.wgmma.wait.group.sync.aligned 0");
         if !fp8 {
             return cur;
         }
         // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
-        // b_scale[col, kt]), with the scales `scale_loads` fetched during the chain.
+        // b_scale[col, kt]), with the scales loaded `SCALE_AHEAD` K tiles ago (`%q0_*`).
         if c.b_row_scales {
             t.push_str(&self.b_row_scale_loads());
         }
@@ -1516,7 +1576,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         for (i, acc) in accs.iter().enumerate() {
             if !c.b_row_scales {
                 for h in 0..2 {
-                    let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32");
+                    let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %q0_sa{i}_{h}, %q0_sb : f32");
                 }
             }
             let acc_in = format!("{acc}_in");
@@ -1526,7 +1586,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 if c.b_row_scales {
                     // The element's column: 8 (e / 4) + e % 2 past the thread's first.
                     let (j, p) = (e / 4, e % 2);
-                    let _ = writeln!(t, "      %s{i}_{h}_{e} = arith.mulf %sa{i}_{h}, %sb{j}_{p} : f32");
+                    let _ = writeln!(t, "      %s{i}_{h}_{e} = arith.mulf %q0_sa{i}_{h}, %sb{j}_{p} : f32");
                 }
                 let scale = if c.b_row_scales { format!("%s{i}_{h}_{e}") } else { format!("%s{i}_{h}") };
                 let _ = writeln!(
