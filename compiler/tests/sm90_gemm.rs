@@ -867,9 +867,9 @@ fn every_launched_gemm_configuration_simulated_from_its_ptx_computes_its_semanti
     assert!(checked >= 15, "{checked} configurations simulated");
 }
 
-/// fp8 consumers load each K tile's scales a few tiles ahead of its promotion, a queue carried
-/// through the main loop: over 8 K tiles (split K in two ranges of 4) every tile must still be
-/// promoted with its own scales, the queue's last loads past the unit's range never read.
+/// Over 8 K tiles (split K: two ranges of 4, each summed by the last unit two splits a step) every
+/// K tile of an fp8 GEMM is promoted with its own scales, and a unit reads no scale outside its
+/// range. The 3 K tiles of the other simulations leave a main loop of at most 3 steps.
 #[test]
 fn fp8_gemms_over_many_k_tiles_promote_each_with_its_own_scales() {
     let context = v3c_compiler::mlir::new_context();

@@ -25,7 +25,7 @@
 //! before their stores) when the buffers allow (aligned, even N). Split K: each
 //! unit writes its partial tile to a workspace (a pair of columns in one 8-byte store); the last of a
 //! tile's units (an atomic counter, after a GPU-scope fence) sums the partials in split order — a pair
-//! in one 8-byte load a split, each split's loads of up to 16 pairs issued together; deterministic
+//! in one 8-byte load a split, two splits' loads of up to 16 pairs issued together; deterministic
 //! whatever order the units finish in — applies the epilogue and resets the counter for the next
 //! launch. Scattered rows (the MoE down projection) load each of a thread's rows' scale and target
 //! once, before the atomic adds.
@@ -137,12 +137,6 @@ pub struct GemmConfig {
 const ROW_BYTES: usize = 128;
 /// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue).
 const REGISTER_HEADROOM: usize = 64;
-/// fp8: K tiles ahead of its promotion a consumer loads a tile's scales (A's rows' and B's block's,
-/// from global memory). Loaded during the tile's own wgmma chain, as before, every K tile waited
-/// out an L2 load's latency after the chain: a 64x64x128 tile's four m64n64k32 take ~256 clocks,
-/// an L2 hit about as long, a first touch from DRAM more; DeepGEMM reads its scales from shared
-/// memory, staged with the operands. Each tile ahead costs a thread `2 row_tiles + 1` registers.
-const SCALE_AHEAD: usize = 2;
 /// Registers per thread left to a producer warpgroup (`setmaxnreg.dec`).
 const PRODUCER_REGISTERS: usize = 40;
 /// Pairs of output columns the split-K reduction sums at a time (their 8-byte loads in flight
@@ -1290,18 +1284,8 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 }
             }
         }
-        // fp8: the scales of the unit's first `SCALE_AHEAD` K tiles, the queue the main loop
-        // carries (`%q{d}_*`: K tile j + d's on step j).
-        let scales = if self.fp8() { self.scale_names() } else { Vec::new() };
         if self.fp8() {
             t.push_str(&self.scale_rows());
-            for d in 0..SCALE_AHEAD {
-                let _ = writeln!(
-                    t,
-                    "    %pf{d}_live = arith.cmpi ult, %c{d}, %nkt : index\n    %pf{d}_kt = arith.addi %kt0, %c{d} : index\n{}",
-                    indent(&self.scale_loads(&format!("pf{d}_"), &format!("%pf{d}_kt"), &format!("%pf{d}_live")), 4)
-                );
-            }
         }
         let _ = writeln!(t, "    %frag0 = llvm.mlir.poison : {frag}");
         for e in 0..frag_n {
@@ -1312,25 +1296,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         iter_args.push("%i = %it".into());
         let mut types = vec![frag.clone(); m_tiles];
         types.push("index".into());
-        for d in 0..SCALE_AHEAD {
-            for name in &scales {
-                iter_args.push(format!("%q{d}_{name} = %pf{d}_{name}"));
-                types.push("f32".into());
-            }
-        }
-        // Step j loads K tile j + SCALE_AHEAD's scales, ahead of the stage's wait: their latency
-        // (L2, or DRAM on a first touch) overlaps the steps between, not this step's chain alone.
-        let prefetch = if scales.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "%nx_j = arith.addi %j, %c{SCALE_AHEAD} : index
-%nx_live = arith.cmpi ult, %nx_j, %nkt : index
-%nx_kt = arith.addi %kt0, %nx_j : index
-{}",
-                self.scale_loads("nx_", "%nx_kt", "%nx_live")
-            )
-        };
         // The stage's operand addresses broadcast from lane 0 (`shfl.sync.idx`): ptxas then keeps
         // their wgmma descriptors in uniform registers; from the loop-carried stage counter (and
         // the consumer's `%tid / 128`) it built them in vector registers and moved each to uniform
@@ -1343,7 +1308,6 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %par = arith.remui %round, %c2 : index
       %parity = arith.index_cast %par : index to i1
       %kt = arith.addi %kt0, %j : index
-{}
       nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
       %a_off = arith.muli %st, %c{tx} : index
       %a_off64 = arith.index_cast %a_off : index to i64
@@ -1351,10 +1315,9 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
       %b_addr_t = arith.addi %stage_addr, %c{b_at}_i64 : i64
 {}",
-            types.len(),
+            m_tiles + 1,
             iter_args.join(", "),
             types.join(", "),
-            indent(&prefetch, 6),
             indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
         );
         if c.dual_a {
@@ -1388,19 +1351,12 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 indent(&self.load("%rkt", "%st"), 8)
             );
         }
-        // The queue moves up one: K tile j + 1's scales first, the ones just loaded last.
-        let queue: Vec<String> = (1..SCALE_AHEAD)
-            .flat_map(|d| scales.iter().map(move |name| format!("%q{d}_{name}")))
-            .chain(scales.iter().map(|name| format!("%nx_{name}")))
-            .collect();
         let _ = writeln!(
             t,
             "      %i_next = arith.addi %i, %c1 : index
-      scf.yield {}, %i_next{}{} : {}
+      scf.yield {}, %i_next : {}
     }}",
             results.join(", "),
-            if queue.is_empty() { "" } else { ", " },
-            queue.join(", "),
             types.join(", ")
         );
         t.push_str(&indent(&self.epilogue(), 4));
@@ -1443,49 +1399,30 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         t
     }
 
-    /// fp8: K tile `kt`'s scales (A's, and B's one per tile) as `%{p}sa{i}_{h}` and `%{p}sb`, loaded
-    /// where `live` holds (else zero: a tile past the unit's K range is never promoted); rows past A
-    /// (not loaded) scale by zero. The main loop loads them [`SCALE_AHEAD`] K tiles before their
-    /// promotion.
-    fn scale_loads(&self, p: &str, kt: &str, live: &str) -> String {
+    /// fp8: K tile `%kt`'s scales (A's, and B's one per tile), loaded once the tile's wgmma chain
+    /// is issued, before its wait, so that their latency overlaps the chain; rows past A (not
+    /// loaded) scale by zero. (Loaded before the stage's wait instead, ptxas scheduled the scales'
+    /// product ahead of the chain's first wgmma, which then waited for the loads.)
+    fn scale_loads(&self) -> String {
         let c = &self.c;
         let mut t = String::new();
         for i in 0..c.row_tiles() {
             for h in 0..2 {
                 let _ = writeln!(
                     t,
-                    "%{p}in{i}_{h} = arith.andi %sr{i}_{h}_in, {live} : i1
-%{p}sa{i}_{h} = scf.if %{p}in{i}_{h} -> (f32) {{
-  %v = memref.load %a_scale[%sr{i}_{h}, {kt}] : memref<?x?xf32>
-  scf.yield %v : f32
-}} else {{
-  scf.yield %zero : f32
-}}"
+                    "      %sa{i}_{h} = scf.if %sr{i}_{h}_in -> (f32) {{
+        %v = memref.load %a_scale[%sr{i}_{h}, %kt] : memref<?x?xf32>
+        scf.yield %v : f32
+      }} else {{
+        scf.yield %zero : f32
+      }}"
                 );
             }
         }
         if !c.b_row_scales {
-            let _ = writeln!(
-                t,
-                "%{p}sb = scf.if {live} -> (f32) {{
-  %v = memref.load %b_scale[%nb, {kt}] : memref<?x?xf32>
-  scf.yield %v : f32
-}} else {{
-  scf.yield %zero : f32
-}}"
-            );
+            t.push_str("      %sb = memref.load %b_scale[%nb, %kt] : memref<?x?xf32>\n");
         }
         t
-    }
-
-    /// The names (without `%` and prefix) of the scales [`Self::scale_loads`] defines, in order.
-    fn scale_names(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            (0..self.c.row_tiles()).flat_map(|i| (0..2).map(move |h| format!("sa{i}_{h}"))).collect();
-        if !self.c.b_row_scales {
-            names.push("sb".into());
-        }
-        names
     }
 
     /// fp8 with per-row B scales: the thread's block_n / 4 of K tile `%kt`, loaded after the
@@ -1563,12 +1500,15 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             }
         }
         let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned");
+        if fp8 {
+            t.push_str(&self.scale_loads());
+        }
         let _ = writeln!(t, "      nvvm.wgmma.wait.group.sync.aligned 0");
         if !fp8 {
             return cur;
         }
         // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
-        // b_scale[col, kt]), with the scales loaded `SCALE_AHEAD` K tiles ago (`%q0_*`).
+        // b_scale[col, kt]), with the scales `scale_loads` fetched during the chain.
         if c.b_row_scales {
             t.push_str(&self.b_row_scale_loads());
         }
@@ -1576,7 +1516,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         for (i, acc) in accs.iter().enumerate() {
             if !c.b_row_scales {
                 for h in 0..2 {
-                    let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %q0_sa{i}_{h}, %q0_sb : f32");
+                    let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32");
                 }
             }
             let acc_in = format!("{acc}_in");
@@ -1586,7 +1526,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
                 if c.b_row_scales {
                     // The element's column: 8 (e / 4) + e % 2 past the thread's first.
                     let (j, p) = (e / 4, e % 2);
-                    let _ = writeln!(t, "      %s{i}_{h}_{e} = arith.mulf %q0_sa{i}_{h}, %sb{j}_{p} : f32");
+                    let _ = writeln!(t, "      %s{i}_{h}_{e} = arith.mulf %sa{i}_{h}, %sb{j}_{p} : f32");
                 }
                 let scale = if c.b_row_scales { format!("%s{i}_{h}_{e}") } else { format!("%s{i}_{h}") };
                 let _ = writeln!(
@@ -1950,47 +1890,60 @@ llvm.inline_asm has_side_effects {asm} %pa64_{x0}, %pw_{x0} : (i64, i32) -> ()"
             guarded(x, &sum)
         };
         // The last unit's sums: with pairs (`%reduce_ok`), up to REDUCE_PAIRS pairs at a time,
-        // the splits one after the other, each split's loads of all of them (8 bytes a pair: both
-        // inside) issued before any is added — a pair's partials still summed in split order, so
-        // the same bits as a loop over each pair's splits, which waited for every load in turn;
+        // two splits a step, both splits' loads of all of them (8 bytes a pair: both inside)
+        // issued before any is added — a pair's partials still summed in split order, so the
+        // same bits as a loop over each pair's splits, which waited for every load in turn;
         // a pair whose second column is past the output sums its first alone. Without pairs,
         // element by element.
         let reduce = {
             let pairs: Vec<(&str, &str)> = elements.chunks(2).map(|p| (p[0].as_str(), p[1].as_str())).collect();
             let mut paired = String::from("%rz2 = arith.constant dense<0.0> : vector<2xf32>\n");
             for (g, group) in pairs.chunks(REDUCE_PAIRS).enumerate() {
-                let mut body = String::new();
+                // Two splits a step (`%zz`, and `%zz1` while there is one): both splits' loads of
+                // the group issued before either is added, in split order.
+                let mut body = String::from(
+                    "  %zz1 = arith.addi %zz, %c1 : index\n  %zz1_in = arith.cmpi ult, %zz1, %splits : index\n",
+                );
                 let mut iter = Vec::new();
                 let mut next = Vec::new();
                 for (x0, x1) in group {
                     let _ = writeln!(paired, "%rin_{x0} = arith.andi %ir{x0}, %ic{x1} : i1");
                     iter.push(format!("%ra0_{x0} = %zero, %ra1_{x0} = %zero"));
-                    let _ = writeln!(
-                        body,
-                        "  %rl_{x0} = scf.if %rin_{x0} -> (vector<2xf32>) {{
-{}    %wl_{x0}_p = llvm.inttoptr %wl_{x0}_a64 : i64 to !llvm.ptr<1>
-    %wl_{x0} = llvm.load %wl_{x0}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
-    scf.yield %wl_{x0} : vector<2xf32>
+                    let _ = writeln!(body, "  %rin1_{x0} = arith.andi %rin_{x0}, %zz1_in : i1");
+                    for (h, (z, guard)) in
+                        [("%zz", format!("%rin_{x0}")), ("%zz1", format!("%rin1_{x0}"))].iter().enumerate()
+                    {
+                        let l = format!("wl{h}_{x0}");
+                        let _ = writeln!(
+                            body,
+                            "  %rl{h}_{x0} = scf.if {guard} -> (vector<2xf32>) {{
+{}    %{l}_p = llvm.inttoptr %{l}_a64 : i64 to !llvm.ptr<1>
+    %{l} = llvm.load %{l}_p {{alignment = 8 : i64}} : !llvm.ptr<1> -> vector<2xf32>
+    scf.yield %{l} : vector<2xf32>
   }} else {{
     scf.yield %rz2 : vector<2xf32>
   }}",
-                        indent(&ws_at(x0, "%zz", &format!("wl_{x0}")), 4) + "\n"
-                    );
+                            indent(&ws_at(x0, z, &l), 4) + "\n"
+                        );
+                    }
                 }
                 for (x0, _) in group {
-                    let _ = writeln!(
-                        body,
-                        "  %rp0_{x0} = llvm.extractelement %rl_{x0}[%c0_i32 : i32] : vector<2xf32>
-  %rp1_{x0} = llvm.extractelement %rl_{x0}[%c1_i32 : i32] : vector<2xf32>
-  %rn0_{x0} = arith.addf %ra0_{x0}, %rp0_{x0} : f32
-  %rn1_{x0} = arith.addf %ra1_{x0}, %rp1_{x0} : f32"
-                    );
+                    for e in 0..2 {
+                        let _ = writeln!(
+                            body,
+                            "  %rp{e}_{x0} = llvm.extractelement %rl0_{x0}[%c{e}_i32 : i32] : vector<2xf32>
+  %rq{e}_{x0} = llvm.extractelement %rl1_{x0}[%c{e}_i32 : i32] : vector<2xf32>
+  %rm{e}_{x0} = arith.addf %ra{e}_{x0}, %rp{e}_{x0} : f32
+  %rmq{e}_{x0} = arith.addf %rm{e}_{x0}, %rq{e}_{x0} : f32
+  %rn{e}_{x0} = arith.select %zz1_in, %rmq{e}_{x0}, %rm{e}_{x0} : f32"
+                        );
+                    }
                     next.push(format!("%rn0_{x0}, %rn1_{x0}"));
                 }
                 let types = vec!["f32"; 2 * group.len()].join(", ");
                 let _ = writeln!(
                     paired,
-                    "%rs{g}:{n} = scf.for %zz = %c0 to %splits step %c1 iter_args({iter}) -> ({types}) {{
+                    "%rs{g}:{n} = scf.for %zz = %c0 to %splits step %c2 iter_args({iter}) -> ({types}) {{
 {body}  scf.yield {next} : {types}
 }}",
                     n = 2 * group.len(),
