@@ -308,11 +308,60 @@ impl Sampler {
     /// Picks the next token from `logits`: greedy without a draw, else one draw from
     /// [`Sampler::distribution`]; the token is counted for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let weighted = self.distribution(logits);
-        let token = if self.greedy() { weighted[0].0 } else { self.draw(&weighted) };
+        let token = if self.weighs_every_token(logits.len()) {
+            // The same draw over the same weights as `draw(&distribution(..))`, without laying
+            // the weights out (1 MiB of pairs for DeepSeek-V3's vocabulary).
+            let logits = self.shape(logits);
+            let max = largest(&logits);
+            let u = self.uniform();
+            draw_exp(&logits, max, self.temperature, u)
+        } else {
+            let weighted = self.distribution(logits);
+            if self.greedy() {
+                weighted[0].0
+            } else {
+                self.draw(&weighted)
+            }
+        };
         self.note(token);
         token
     }
+
+    /// Whether [`Sampler::distribution`] of a row of `n` logits weighs every token in id order:
+    /// sampled, with no top-k below `n`, top-p 1 and no min-p.
+    fn weighs_every_token(&self, n: usize) -> bool {
+        let top_k = self.shaping.top_k > 0 && self.shaping.top_k < n;
+        !self.greedy() && !top_k && self.top_p >= 1.0 && self.shaping.min_p <= 0.0
+    }
+}
+
+/// [`draw_at`] over [`exp_weights`]'s pairs for `(logits, max, t)`, the same sums and the same
+/// token, without the pairs: each block's weights are summed as they are computed, and only the
+/// block the draw falls in is computed again to walk it.
+fn draw_exp(logits: &[f32], max: f32, t: f32, u: f64) -> u32 {
+    let sums = exp_block_sums(logits, max, t);
+    let total: f64 = sums.iter().sum();
+    let mut r = u * total;
+    let mut weights = [0f32; DRAW_BLOCK];
+    for (b, (block, &sum)) in logits.chunks(DRAW_BLOCK).zip(&sums).enumerate() {
+        if r >= sum {
+            r -= sum;
+            continue;
+        }
+        let weights = &mut weights[..block.len()];
+        for (w, &l) in weights.iter_mut().zip(block) {
+            *w = exp((l - max) / t);
+        }
+        for (i, &p) in weights.iter().enumerate() {
+            let p = f64::from(p);
+            if r < p {
+                return (b * DRAW_BLOCK + i) as u32;
+            }
+            r -= p;
+        }
+        // Rounding left the draw past this block's last token: on to the next.
+    }
+    logits.len().saturating_sub(1) as u32
 }
 
 /// [`Sampler::draw`] for the uniform draw `u` in `[0, 1)`.
@@ -350,6 +399,19 @@ fn block_sum(block: &[(u32, f32)]) -> f64 {
         }
     }
     chunks.remainder().iter().fold(lanes.iter().sum(), |s, p| s + f64::from(p.1))
+}
+
+/// [`block_sum`] of bare weights: the same running sums in the same order.
+#[inline(always)]
+fn weight_sum(weights: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = weights.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &w) in lanes.iter_mut().zip(c) {
+            *l += f64::from(w);
+        }
+    }
+    chunks.remainder().iter().fold(lanes.iter().sum(), |s, &w| s + f64::from(w))
 }
 
 /// The largest of `row` (NaNs passed over, as [`f32::max`] does; -inf for none), in 8 running
@@ -411,6 +473,24 @@ fn exp_weights(logits: &[f32], max: f32, t: f32) -> Vec<(u32, f32)> {
         *o = (i as u32, exp((l - max) / t));
     }
     out
+}
+}
+
+widest! {
+/// Per block of [`DRAW_BLOCK`] logits, the sum of its weights `exp((l - max) / t)` as
+/// [`block_sum`] sums [`exp_weights`]'s pairs of the block: the same bits.
+fn exp_block_sums(logits: &[f32], max: f32, t: f32) -> Vec<f64> {
+    // (Loops, not a closure: a closure is compiled without the copy's target feature.)
+    let mut sums = Vec::with_capacity(logits.len().div_ceil(DRAW_BLOCK));
+    let mut weights = [0f32; DRAW_BLOCK];
+    for block in logits.chunks(DRAW_BLOCK) {
+        let weights = &mut weights[..block.len()];
+        for (w, &l) in weights.iter_mut().zip(block) {
+            *w = exp((l - max) / t);
+        }
+        sums.push(weight_sum(weights));
+    }
+    sums
 }
 }
 
@@ -895,6 +975,45 @@ mod tests {
             }
         }
         rows
+    }
+
+    /// With every token weighed, a draw needs no pairs ([`draw_exp`]): it picks the token
+    /// [`draw_at`] picks from [`exp_weights`]'s pairs, over odd rows (NaNs, infinities, ties,
+    /// lengths about a block's) and logit-like rows of DeepSeek-V3's vocabulary, at several
+    /// temperatures and draws (0 and 1 among them); and a sampler's tokens are those of
+    /// `draw(&distribution(..))`, its stream left at the same place.
+    #[test]
+    fn drawing_from_every_tokens_weight_lays_no_pairs_out() {
+        let mut rows = odd_rows(&[0, 1, 7, 255, 256, 257, 1300], 4);
+        rows.extend((0..3u32).map(|s| {
+            (0..129_280u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(s) % 4000) as f32 / 200.0 - 10.0)
+                .collect()
+        }));
+        for row in &rows {
+            let max = largest(row);
+            for t in [0.3f32, 0.7, 1.0, 1.7] {
+                let pairs = exp_weights(row, max, t);
+                let sums: Vec<u64> = pairs.chunks(DRAW_BLOCK).map(|b| block_sum(b).to_bits()).collect();
+                let fused: Vec<u64> = exp_block_sums(row, max, t).iter().map(|x| x.to_bits()).collect();
+                assert_eq!(fused, sums, "{} logits, T {t}", row.len());
+                for u in (0..20).map(|k| (f64::from(k) + 0.37) / 20.0).chain([0.0, 1.0 - f64::EPSILON, 1.0]) {
+                    assert_eq!(draw_exp(row, max, t, u), draw_at(&pairs, u), "{} logits, T {t}, u {u}", row.len());
+                }
+            }
+        }
+        for (seed, row) in rows.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+            let mut fast = Sampler::new(0.8, 1.0, seed as u64);
+            let mut pairs = fast.clone();
+            assert!(fast.weighs_every_token(row.len()));
+            for _ in 0..4 {
+                let weighted = pairs.distribution(row);
+                let want = pairs.draw(&weighted);
+                pairs.note(want);
+                assert_eq!(fast.sample(row), want, "{} logits, seed {seed}", row.len());
+            }
+            assert_eq!(fast.uniform().to_bits(), pairs.uniform().to_bits());
+        }
     }
 
     /// [`top_k`] is the first `k` of every `(index, value)` sorted most probable first (total
