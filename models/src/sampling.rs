@@ -281,13 +281,17 @@ impl Sampler {
         let max = largest(&logits);
         let k = self.shaping.top_k;
         let mut weights = if k > 0 && k < logits.len() {
-            top_k(&exp_row(&logits, max, self.temperature), k)
+            let mut weights = top_k(&exp_row(&logits, max, self.temperature), k);
+            if self.top_p < 1.0 {
+                nucleus(&mut weights, self.top_p);
+            }
+            weights
+        } else if self.top_p < 1.0 {
+            // The row's nucleus from its bare weights: pairs only for the tokens it keeps.
+            row_nucleus(&exp_row(&logits, max, self.temperature), self.top_p)
         } else {
             exp_weights(&logits, max, self.temperature)
         };
-        if self.top_p < 1.0 {
-            nucleus(&mut weights, self.top_p);
-        }
         if self.shaping.min_p > 0.0 {
             // The most probable token's weight is exp(0) = 1.
             weights.retain(|w| w.1 >= self.shaping.min_p);
@@ -468,10 +472,13 @@ widest! {
 /// computes, in a loop the compiler vectorizes (libm's `expf` is a call per logit: 129280 of them
 /// a row of DeepSeek-V3's).
 fn exp_weights(logits: &[f32], max: f32, t: f32) -> Vec<(u32, f32)> {
-    let mut out = vec![(0u32, 0f32); logits.len()];
-    for (i, (o, &l)) in out.iter_mut().zip(logits).enumerate() {
-        *o = (i as u32, exp((l - max) / t));
+    // Written into the spare capacity: a zeroed vector first cost a memset of the whole row.
+    let mut out = Vec::with_capacity(logits.len());
+    for (i, (o, &l)) in out.spare_capacity_mut().iter_mut().zip(logits).enumerate() {
+        o.write((i as u32, exp((l - max) / t)));
     }
+    // SAFETY: the loop wrote every one of the `logits.len()` elements.
+    unsafe { out.set_len(logits.len()) };
     out
 }
 }
@@ -497,10 +504,13 @@ fn exp_block_sums(logits: &[f32], max: f32, t: f32) -> Vec<f64> {
 widest! {
 /// `exp((logit - max) / t)` of every logit in id order, as [`exp_weights`] has them.
 fn exp_row(logits: &[f32], max: f32, t: f32) -> Vec<f32> {
-    let mut out = vec![0f32; logits.len()];
-    for (o, &l) in out.iter_mut().zip(logits) {
-        *o = exp((l - max) / t);
+    // (Into the spare capacity, as [`exp_weights`].)
+    let mut out = Vec::with_capacity(logits.len());
+    for (o, &l) in out.spare_capacity_mut().iter_mut().zip(logits) {
+        o.write(exp((l - max) / t));
     }
+    // SAFETY: the loop wrote every one of the `logits.len()` elements.
+    unsafe { out.set_len(logits.len()) };
     out
 }
 }
@@ -703,11 +713,32 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 /// them (where rounding leaves the candidates' own sum short, or a weight is NaN, the tokens are
 /// sorted in growing rounds of the most probable instead: 64, then 8 times as many).
 fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32) {
-    let want = f64::from(top_p) * block_sum(weights);
-    if let Some(kept) = nucleus_by_bins(weights, want) {
-        *weights = kept;
+    // Binned by their positions (top-k's order: ties already lower id first, so a position's
+    // order is its token's), then the positions named by their tokens.
+    let values: Vec<f32> = weights.iter().map(|w| w.1).collect();
+    let want = f64::from(top_p) * weight_sum(&values);
+    if let Some(kept) = nucleus_by_bins(&values, want) {
+        *weights = kept.into_iter().map(|(i, w)| (weights[i as usize].0, w)).collect();
         return;
     }
+    nucleus_by_rounds(weights, want);
+}
+
+/// [`nucleus`] of every token of a row in id order, from its bare weights `row` (token i's at
+/// i): the same tokens in the same order as `nucleus` of [`exp_weights`]'s pairs.
+fn row_nucleus(row: &[f32], top_p: f32) -> Vec<(u32, f32)> {
+    let want = f64::from(top_p) * weight_sum(row);
+    if let Some(kept) = nucleus_by_bins(row, want) {
+        return kept;
+    }
+    let mut weights: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect();
+    nucleus_by_rounds(&mut weights, want);
+    weights
+}
+
+/// [`nucleus`]'s fallback: sorts of growing rounds of the most probable, to the first that
+/// reaches `want`.
+fn nucleus_by_rounds(weights: &mut Vec<(u32, f32)>, want: f64) {
     let n = weights.len();
     let mut k = n.min(64);
     loop {
@@ -736,12 +767,12 @@ fn weight_bin(w: f32) -> usize {
 }
 
 /// [`nucleus`] by bins: the nucleus when the candidates reach `want` in sorted order, else None.
-fn nucleus_by_bins(weights: &[(u32, f32)], want: f64) -> Option<Vec<(u32, f32)>> {
+fn nucleus_by_bins(weights: &[f32], want: f64) -> Option<Vec<(u32, f32)>> {
     const BINS: usize = 1 << 12;
     const PARTS: usize = 8;
     // Negative and NaN weights (no exp gives them) go to the fallback's care (a fold with no early
     // exit: it vectorizes).
-    if weights.iter().fold(false, |bad, w| bad | w.1.is_nan() | (w.1 < 0.0)) {
+    if weights.iter().fold(false, |bad, &w| bad | w.is_nan() | (w < 0.0)) {
         return None;
     }
     // Each bin's mass in PARTS parts, weight i adding to part i % PARTS: a row's long flat tail
@@ -749,19 +780,31 @@ fn nucleus_by_bins(weights: &[(u32, f32)], want: f64) -> Option<Vec<(u32, f32)>>
     let mut mass = vec![[0.0f64; PARTS]; BINS];
     let mut chunks = weights.chunks_exact(PARTS);
     for c in &mut chunks {
-        for (part, w) in c.iter().enumerate() {
-            mass[weight_bin(w.1)][part] += f64::from(w.1);
+        for (part, &w) in c.iter().enumerate() {
+            mass[weight_bin(w)][part] += f64::from(w);
         }
     }
-    for w in chunks.remainder() {
-        mass[weight_bin(w.1)][0] += f64::from(w.1);
+    for &w in chunks.remainder() {
+        mass[weight_bin(w)][0] += f64::from(w);
     }
     let mut reached = 0.0f64;
     let cut = (0..BINS).rev().find(|&b| {
         reached += mass[b].iter().sum::<f64>();
         reached >= want
     })?;
-    let mut kept: Vec<(u32, f32)> = weights.iter().filter(|w| weight_bin(w.1) >= cut).copied().collect();
+    // The top bins' weights with their positions, in order: a block of 16 with none of them is
+    // passed over after one vectorized test (`weight_bin(w) >= cut` is `bits >= cut << 20`).
+    let floor = (cut as u32) << 20;
+    let mut kept: Vec<(u32, f32)> = Vec::new();
+    for (b, block) in weights.chunks(16).enumerate() {
+        if block.iter().fold(false, |any, w| any | (w.to_bits() >= floor)) {
+            for (i, &w) in block.iter().enumerate() {
+                if w.to_bits() >= floor {
+                    kept.push(((b * 16 + i) as u32, w));
+                }
+            }
+        }
+    }
     kept.sort_unstable_by(most_probable_first);
     let mut sum = 0.0f64;
     let end = kept.iter().position(|w| {
@@ -918,6 +961,21 @@ mod tests {
                 // As bits: a NaN weight equals itself.
                 let bits = |d: &[(u32, f32)]| d.iter().map(|w| (w.0, w.1.to_bits())).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&all), "{name}, top-p {top_p}");
+                // After a top-k (the nucleus of the k most probable, binned by their positions).
+                let shaped = Sampler::new(0.8, top_p, 0).shaped(Shaping { top_k: 1000, ..Shaping::default() });
+                let mut top: Vec<(u32, f32)> = exp_weights(logits, max, 0.8);
+                top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                top.truncate(1000);
+                if top_p < 1.0 {
+                    let want = f64::from(top_p) * block_sum(&top);
+                    let mut kept = 0.0;
+                    let cut = top.iter().position(|w| {
+                        kept += f64::from(w.1);
+                        kept >= want
+                    });
+                    top.truncate(cut.map_or(1000, |c| c + 1));
+                }
+                assert_eq!(bits(&shaped.distribution(logits)), bits(&top), "{name}, top-k 1000, top-p {top_p}");
             }
         }
         // Draws in proportion: three tokens of weights 1, 2, 1 (others far below).
