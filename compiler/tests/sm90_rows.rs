@@ -291,6 +291,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), fp8, "{name}");
+                assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: the latent row 16 bytes a load");
             }
             RowOp::Train(op) => {
                 let tree = k.threads.trailing_zeros() as usize;
@@ -347,12 +348,19 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     assert!(!kernel.ptx.contains("fma.rn.f32"), "{name}: contracted");
                 }
             }
-            RowOp::RmsNorm { quantize, .. } => {
+            RowOp::RmsNorm { keep, quantize, .. } => {
                 // One barrier between consecutive phases: 1 + log2(threads) (+ 2 for quantization).
                 let phases = 2 + k.threads.trailing_zeros() as usize + if quantize { 3 } else { 0 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
                 assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
+                // Whole chunks of 4 columns: the row in and its outputs out 16 bytes at a time (a
+                // row's bytes 4 a store), through 16-byte aligned shared memory.
+                let vectors = k.d.is_multiple_of(4);
+                for op in ["ld.global.v4.b32", "st.shared.v4.b32", "ld.shared.v4.b32", ".shared .align 16"] {
+                    assert_eq!(kernel.ptx.contains(op), vectors, "{name}: {op}");
+                }
+                assert_eq!(kernel.ptx.contains("st.global.v4.b32"), vectors && keep, "{name}: y in 16 bytes a store");
             }
         }
         let Some(ptxas) = &ptxas else {

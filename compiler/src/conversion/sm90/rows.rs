@@ -1144,6 +1144,12 @@ impl RowKernel {
                 s.push_str(&quant_constants(self.groups()));
             }
         }
+        if let RowOp::RmsNorm { .. } | RowOp::Latent { .. } = self.op {
+            // The norm's chunks of columns (`norm_phases`).
+            let chunk = self.norm_chunk();
+            let _ = writeln!(s, "%cVec = arith.constant {chunk} : index");
+            let _ = writeln!(s, "%cVecs = arith.constant {} : index", self.d / chunk);
+        }
         if let RowOp::RmsNorm { eps, quantize, .. } = self.op {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
             // Hexadecimal bit patterns: exactly the f32 values, whatever their decimal spelling.
@@ -1448,37 +1454,19 @@ scf.if %mine {{
             return bytewise("");
         }
         format!(
-            "%gx_base = memref.extract_aligned_pointer_as_index %x : memref<?x?xi8> -> index
-%gq_base = memref.extract_aligned_pointer_as_index %q : memref<?x?xi8> -> index
-%gx_cols = memref.dim %x, %c1g : memref<?x?xi8>
-%gq_cols = memref.dim %q, %c1g : memref<?x?xi8>
-%c16g = arith.constant 16 : index
-%gx_or = arith.ori %gx_base, %gq_base : index
-%gx_or2 = arith.ori %gx_or, %gx_cols : index
-%gx_or3 = arith.ori %gx_or2, %gq_cols : index
-%gx_mis = arith.remui %gx_or3, %c16g : index
-%g_vec = arith.cmpi eq, %gx_mis, %c0 : index
-scf.if %g_vec {{
-  %gx_row = arith.muli %tok, %gx_cols : index
-  %gx_src = arith.addi %gx_base, %gx_row : index
-  %gq_row = arith.muli %row, %gq_cols : index
-  %gq_dst = arith.addi %gq_base, %gq_row : index
+            "{flag}scf.if %g_vec {{
+  %c16g = arith.constant 16 : index
   %cChunks = arith.constant {chunks} : index
   scf.for %ch = %tid to %cChunks step %cT {{
-    %ch_off = arith.muli %ch, %c16g : index
-    %ch_src = arith.addi %gx_src, %ch_off : index
-    %ch_dst = arith.addi %gq_dst, %ch_off : index
-    %ch_src64 = arith.index_cast %ch_src : index to i64
-    %ch_dst64 = arith.index_cast %ch_dst : index to i64
-    %ch_sp = llvm.inttoptr %ch_src64 : i64 to !llvm.ptr<1>
-    %ch_dp = llvm.inttoptr %ch_dst64 : i64 to !llvm.ptr<1>
-    %ch_v = llvm.load %ch_sp {{alignment = 16 : i64}} : !llvm.ptr<1> -> vector<4xi32>
-    llvm.store %ch_v, %ch_dp {{alignment = 16 : i64}} : vector<4xi32>, !llvm.ptr<1>
+    %ch_col = arith.muli %ch, %c16g : index
+    %ch_v = vector.load %x[%tok, %ch_col] {{alignment = 16 : i64}} : memref<?x?xi8>, vector<16xi8>
+    vector.store %ch_v, %q[%row, %ch_col] {{alignment = 16 : i64}} : memref<?x?xi8>, vector<16xi8>
   }}
 }} else {{
 {}}}
 ",
             bytewise("  "),
+            flag = aligned_16("g_vec", &[("%x", "memref<?x?xi8>", 1), ("%q", "memref<?x?xi8>", 1)]),
             chunks = self.d / 16,
         )
     }
@@ -1518,18 +1506,52 @@ memref.store %v, %out[%row, %i] : memref<?x?xf32>
             }
             RowOp::RmsNorm { keep, quantize, .. } => {
                 // y = w * (x * inv): kept, and/or into shared memory for the quantization.
-                let mut store = String::new();
+                let row = sh("sh_row");
+                let (mut scalar, mut vector, mut buffers) =
+                    (String::new(), String::new(), vec![("%x", "memref<?x?xf32>", 4)]);
                 if keep {
-                    store.push_str("  memref.store %y_v, %y[%row, %i] : memref<?x?xf32>\n");
+                    scalar.push_str("  memref.store %y_v, %y[%row, %i] : memref<?x?xf32>\n");
+                    vector.push_str(
+                        "    vector.store %y4, %y[%row, %i0] {alignment = 16 : i64} : memref<?x?xf32>, vector<4xf32>\n",
+                    );
+                    buffers.push(("%y", "memref<?x?xf32>", 4));
                 }
                 if quantize {
-                    let _ = writeln!(store, "  memref.store %y_v, %sh_row[%i] : {}", sh("sh_row"));
+                    let _ = writeln!(scalar, "  memref.store %y_v, %sh_row[%i] : {row}");
+                    let _ = writeln!(
+                        vector,
+                        "    vector.store %y4, %sh_row[%i0] {{alignment = 16 : i64}} : {row}, vector<4xf32>"
+                    );
                 }
-                let mut phases = self.norm_phases(lowering, "%x[%row, %i]", None, &store, "");
+                let store = NormStore { scalar, vector: Some((vector, buffers)) };
+                let mut phases = self.norm_phases(lowering, ("%x", "%row"), None, &store, "");
                 if quantize {
-                    let row = sh("sh_row");
-                    phases
-                        .extend(self.quant_phases(lowering, &|c| format!("  %v = memref.load %sh_row[{c}] : {row}\n")));
+                    let value = |c: &str| format!("  %v = memref.load %sh_row[{c}] : {row}\n");
+                    let mut quant = self.quant_phases(lowering, &value);
+                    if lowering == Lowering::Gpu && self.norm_chunk() == VEC {
+                        // The bytes four a thread (one 4-byte store) from the row's chunks.
+                        let bytes = quant.pop().expect("the quantization's byte phase");
+                        quant.push(format!(
+                            "{flag}scf.if %vec {{
+  scf.for %ch = %tid to %cVecs step %cT {{
+    %i0 = arith.muli %ch, %cVec : index
+    %g = arith.divui %i0, %cGroup : index
+    %s = memref.load %sh_scale[%g] : {scale}
+    %v4 = vector.load %sh_row[%i0] {{alignment = 16 : i64}} : {row}, vector<4xf32>
+    %s4 = vector.broadcast %s : f32 to vector<4xf32>
+    %qv4 = arith.divf %v4, %s4 : vector<4xf32>
+{encode}    vector.store %b4, %q[%row, %i0] {{alignment = 4 : i64}} : memref<?x?xi8>, vector<4xi8>
+  }}
+}} else {{
+{bytes}}}
+",
+                            flag = aligned_16("vec", &[("%q", "memref<?x?xi8>", 1)]),
+                            scale = sh("sh_scale"),
+                            encode = encode_e4m3x4("%qv4", "%b4"),
+                            bytes = indent2(&bytes),
+                        ));
+                    }
+                    phases.extend(quant);
                 }
                 phases
             }
@@ -2722,9 +2744,9 @@ scf.for %i = %tid to %cHalf step %cT {{
                 };
                 let mut phases = self.norm_phases(
                     lowering,
-                    "%latent[%t, %i]",
+                    ("%latent", "%t"),
                     Some(("%ok", otherwise.as_str())),
-                    &format!("  {}", dest("%y_v", "%i")),
+                    &NormStore { scalar: format!("  {}", dest("%y_v", "%i")), vector: None },
                     &rope_loop,
                 );
                 if cache == CacheRows::Fp8 {
@@ -2890,20 +2912,29 @@ scf.for %i = %tid to %cHalf step %cT {{
         phases
     }
 
-    /// RMSNorm's phases over the row `x` (a load index expression with `%i` the column): the row
-    /// into shared memory with per-thread sums of squares, the tree over threads, then
-    /// `%y_v = w * (x * inv)` per column followed by `store` (which may use `%i`, `%y_v`), then
-    /// `after` in the same phase. With `guard = (cond, otherwise)`, rows where `cond` is false
-    /// run `otherwise` in the first phase and nothing in the last.
+    /// RMSNorm's phases over row `x.1` of `x.0` (a `memref<?x?xf32>`): the row into shared memory
+    /// with per-thread sums of squares, the tree over threads, then `%y_v = w * (x * inv)` per
+    /// column followed by `store.scalar` (which may use `%i`, `%y_v`), then `after` in the same
+    /// phase. With `guard = (cond, otherwise)`, rows where `cond` is false run `otherwise` in the
+    /// first phase and nothing in the last.
+    ///
+    /// A thread takes chunks of [`Self::norm_chunk`] adjacent columns (chunk `c` by thread `c mod T`), so that on
+    /// sm_90a, where the buffers allow it ([`aligned_16`]), the row comes in 16 bytes a load
+    /// (`ld.global.v4.f32`: a quarter of the loads, each moving a warp's 512 bytes) and, with
+    /// `store.vector` (which may use `%i0`, the chunk's first column, and `%y4`, its four values;
+    /// over the buffers `store.buffers`), the normalization goes a chunk at a time too. Every path
+    /// (vector or not, either lowering) sums a thread's squares in the same order.
     fn norm_phases(
         &self,
         lowering: Lowering,
-        x: &str,
+        (x, x_row): (&str, &str),
         guard: Option<(&str, &str)>,
-        store: &str,
+        store: &NormStore,
         after: &str,
     ) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
+        let row = sh("sh_row");
+        let vector = lowering == Lowering::Gpu && self.norm_chunk() == VEC;
         let guarded = |body: String, otherwise: Option<&str>| match guard {
             None => body,
             Some((cond, other)) => match otherwise.map(|_| other) {
@@ -2913,22 +2944,69 @@ scf.for %i = %tid to %cHalf step %cT {{
         };
         let mut phases = Vec::new();
         // 1: the row into shared memory, a strided share of the sum of squares per thread.
-        phases.push(guarded(
-            format!(
-                "%ss = scf.for %i = %tid to %cD step %cT iter_args(%a = %zero) -> (f32) {{
-  %v = memref.load {x} : memref<?x?xf32>
-  memref.store %v, %sh_row[%i] : {row}
-  %sq = arith.mulf %v, %v : f32
-  %a2 = arith.addf %a, %sq : f32
-  scf.yield %a2 : f32
+        let scalar = format!(
+            "%s = scf.for %ch = %tid to %cVecs step %cT iter_args(%a = %zero) -> (f32) {{
+  %i0 = arith.muli %ch, %cVec : index
+  %i1 = arith.addi %i0, %cVec : index
+  %b = scf.for %i = %i0 to %i1 step %c1 iter_args(%a1 = %a) -> (f32) {{
+    %v = memref.load {x}[{x_row}, %i] : memref<?x?xf32>
+    memref.store %v, %sh_row[%i] : {row}
+    %sq = arith.mulf %v, %v : f32
+    %a2 = arith.addf %a1, %sq : f32
+    scf.yield %a2 : f32
+  }}
+  scf.yield %b : f32
 }}
-memref.store %ss, %sh_sum[%tid] : {sum}
+"
+        );
+        let load = if vector {
+            let unroll = self.norm_unroll();
+            let (head, ids) = chunk_unroll(unroll, self.threads);
+            let mut body = ids.clone();
+            for u in 0..unroll {
+                let _ = writeln!(
+                    body,
+                    "    %x4_{u} = vector.load {x}[{x_row}, %i{u}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>"
+                );
+            }
+            let mut acc = "%a".to_string();
+            for u in 0..unroll {
+                // A repeated chunk adds +0 (exact: the sum is never -0), and stores nothing.
+                let _ = write!(
+                    body,
+                    "    %xz{u} = arith.select %in{u}, %x4_{u}, %zero4 : vector<4xf32>
+    scf.if %in{u} {{
+      vector.store %x4_{u}, %sh_row[%i{u}] {{alignment = 16 : i64}} : {row}, vector<4xf32>
+    }}
+    %sqv{u} = arith.mulf %xz{u}, %xz{u} : vector<4xf32>
+"
+                );
+                for k in 0..VEC {
+                    let _ = writeln!(
+                        body,
+                        "    %sq{u}_{k} = vector.extract %sqv{u}[{k}] : f32 from vector<4xf32>\n    %a{u}_{k} = arith.addf {acc}, %sq{u}_{k} : f32"
+                    );
+                    acc = format!("%a{u}_{k}");
+                }
+            }
+            format!(
+                "{flag}%ss = scf.if %vec -> (f32) {{
+  %zero4 = vector.broadcast %zero : f32 to vector<4xf32>
+{head}  %s = scf.for %c0u = %tid to %cVecs step %cTU iter_args(%a = %zero) -> (f32) {{
+{body}    scf.yield {acc} : f32
+  }}
+  scf.yield %s : f32
+}} else {{
+{scalar}  scf.yield %s : f32
+}}
 ",
-                row = sh("sh_row"),
-                sum = sh("sh_sum")
-            ),
-            Some(""),
-        ));
+                flag = aligned_16("vec", &[(x, "memref<?x?xf32>", 4)]),
+                scalar = indent2(&scalar),
+            )
+        } else {
+            scalar.replacen("%s = ", "%ss = ", 1)
+        };
+        phases.push(guarded(format!("{load}memref.store %ss, %sh_sum[%tid] : {sum}\n", sum = sh("sh_sum")), Some("")));
         // 2..: a tree over the threads' sums.
         phases.extend(tree_phases(
             self.threads,
@@ -2941,26 +3019,103 @@ memref.store %s, %sh_sum[%tid] : {sum}",
             ),
         ));
         // y = w * (x * inv), inv = 1 / sqrt(sum / d + eps).
+        let scalar = format!(
+            "scf.for %i = %tid to %cD step %cT {{
+  %x_v = memref.load %sh_row[%i] : {row}
+{load}  %xn = arith.mulf %x_v, %inv : f32
+  %y_v = arith.mulf %w_v, %xn : f32
+{store}}}
+",
+            load = self.load_weight("w_v", "%w", "%i"),
+            store = store.scalar,
+        );
+        let normalize = match &store.vector {
+            Some((vector_store, buffers)) if vector => {
+                let w = &self.weight;
+                // f32 weights load as they are, bf16 ones widened.
+                let (w_align, w_load) = if w == "f32" { (16, "%w4") } else { (8, "%w4_raw") };
+                let widen = |u: usize| match w.as_str() {
+                    "f32" => String::new(),
+                    _ => format!("    %w4_{u} = arith.extf %w4_raw_{u} : vector<4x{w}> to vector<4xf32>\n"),
+                };
+                let mut all = vec![("%w", format!("memref<?x{w}>"), if w == "f32" { 4 } else { 2 })];
+                all.extend(buffers.iter().map(|(b, ty, e)| (*b, ty.to_string(), *e)));
+                let all: Vec<(&str, &str, usize)> = all.iter().map(|(b, ty, e)| (*b, ty.as_str(), *e)).collect();
+                let unroll = self.norm_unroll();
+                let (head, ids) = chunk_unroll(unroll, self.threads);
+                let mut body = ids.clone();
+                for u in 0..unroll {
+                    let _ = write!(
+                        body,
+                        "    %x4_{u} = vector.load %sh_row[%i{u}] {{alignment = 16 : i64}} : {row}, vector<4xf32>
+    {w_load}_{u} = vector.load %w[%i{u}] {{alignment = {w_align} : i64}} : memref<?x{w}>, vector<4x{w}>
+"
+                    );
+                }
+                for u in 0..unroll {
+                    let _ = write!(
+                        body,
+                        "{widen}    %xn4_{u} = arith.mulf %x4_{u}, %inv4 : vector<4xf32>
+    %y4_{u} = arith.mulf %w4_{u}, %xn4_{u} : vector<4xf32>
+    scf.if %in{u} {{
+{store}    }}
+",
+                        widen = widen(u),
+                        store = indent2(
+                            &vector_store.replace("%y4", &format!("%y4_{u}")).replace("%i0", &format!("%i{u}"))
+                        ),
+                    );
+                }
+                format!(
+                    "{flag}scf.if %vec {{
+  %inv4 = vector.broadcast %inv : f32 to vector<4xf32>
+{head}  scf.for %c0u = %tid to %cVecs step %cTU {{
+{body}  }}
+}} else {{
+{scalar}}}
+",
+                    flag = aligned_16("vec", &all),
+                    scalar = indent2(&scalar),
+                )
+            }
+            _ => scalar,
+        };
         phases.push(guarded(
             format!(
                 "%total = memref.load %sh_sum[%c0] : {sum}
 %mean = arith.divf %total, %fD : f32
 %mean_eps = arith.addf %mean, %eps : f32
 {sqrt}%inv = arith.divf %one, %root : f32
-scf.for %i = %tid to %cD step %cT {{
-  %x_v = memref.load %sh_row[%i] : {row}
-{load}  %xn = arith.mulf %x_v, %inv : f32
-  %y_v = arith.mulf %w_v, %xn : f32
-{store}}}
-{after}",
+{normalize}{after}",
                 sum = sh("sh_sum"),
-                row = sh("sh_row"),
-                load = self.load_weight("w_v", "%w", "%i"),
                 sqrt = sqrt(lowering, "%mean_eps", "%root"),
             ),
             None,
         ));
         phases
+    }
+
+    /// Chunks a thread's loop over the row takes a step in RMSNorm's vectorized phases, at most
+    /// [`NORM_UNROLL`]: the step's loads all issued before their first use (one latency for the
+    /// step), the steps as even as the thread's chunks allow. The latent's norm (a 512-column row,
+    /// 64 threads) takes one: ptxas holds its blocks to 32 registers a thread (32 blocks an SM),
+    /// and at two it spills.
+    fn norm_unroll(&self) -> usize {
+        if let RowOp::Latent { .. } = self.op {
+            return 1;
+        }
+        let per_thread = (self.d / VEC).div_ceil(self.threads).max(1);
+        per_thread.div_ceil(per_thread.div_ceil(NORM_UNROLL))
+    }
+
+    /// Adjacent columns a thread takes together in RMSNorm's phases ([`Self::norm_phases`]):
+    /// [`VEC`] where the row is whole chunks of it, else one (the columns strided over the threads).
+    pub(crate) fn norm_chunk(&self) -> usize {
+        if self.d.is_multiple_of(VEC) {
+            VEC
+        } else {
+            1
+        }
     }
 
     /// Values every phase of a row uses, computed once per row (after `%row`).
@@ -3155,8 +3310,15 @@ scf.for %i = %tid to %cD step %cT {{
     pub fn emit_gpu(&self) -> Result<String, String> {
         self.check()?;
         let args: Vec<String> = self.arguments().iter().map(|(n, t)| format!("%{n}: {t}")).collect();
-        let shared: Vec<String> =
-            self.shared().iter().map(|(n, _)| format!("%{n}: {}", self.shared_type(n, Lowering::Gpu))).collect();
+        let shared: Vec<String> = self
+            .shared()
+            .iter()
+            .map(|(n, _)| {
+                // RMSNorm's vectorized phases access the row 16 bytes at a time.
+                let align = if *n == "sh_row" { " {llvm.align = 16 : i64}" } else { "" };
+                format!("%{n}: {}{align}", self.shared_type(n, Lowering::Gpu))
+            })
+            .collect();
         let attribution = if shared.is_empty() { String::new() } else { format!(" workgroup({})", shared.join(", ")) };
         let mut s = String::from("module attributes {gpu.container_module} {\ngpu.module @kernels {\n");
         let _ = writeln!(
@@ -3913,6 +4075,81 @@ fn with_c2(phases: Vec<String>) -> Vec<String> {
 /// Where [`RowKernel::quant_phases_to`] puts a row's quantization: lines storing group `%g`'s
 /// scale `%s`, lines storing column `%i`'s byte `%byte`; `pow2`: the scales are powers of two
 /// ([`POW2_SCALE`]) rather than `amax / 448`.
+/// What RMSNorm's normalization stores per column ([`RowKernel::norm_phases`]): `scalar` of `%y_v`
+/// at column `%i`; where given, `vector` of `%y4` (`vector<4xf32>`) at columns `%i0..%i0 + 4` (on
+/// sm_90a, when every buffer it names, as [`aligned_16`] takes them, allows 16-byte accesses).
+struct NormStore<'a> {
+    scalar: String,
+    vector: Option<(String, Vec<Buffer<'a>>)>,
+}
+
+/// A buffer as [`aligned_16`] takes it: its SSA name, memref type and bytes an element.
+type Buffer<'a> = (&'a str, &'a str, usize);
+
+/// The head of a loop over a thread's chunks (`%cVecs` of them, chunk `c` by thread `c mod T`)
+/// `unroll` at a time, `scf.for %c0u = %tid to %cVecs step %cTU`: its constants, and the body's
+/// start, which names for each `u < unroll` the chunk's first column `%i{u}` and whether the chunk
+/// is one of the row's `%in{u}`. A chunk past the row is the step's first (`%c0u`, always one), so
+/// that every access stays in the thread's own columns.
+fn chunk_unroll(unroll: usize, threads: usize) -> (String, String) {
+    let mut head = format!("  %cTU = arith.constant {} : index\n", threads * unroll);
+    let mut ids = String::new();
+    for u in 0..unroll {
+        if u == 0 {
+            ids.push_str("    %in0 = arith.constant true\n    %cs0 = arith.addi %c0u, %c0 : index\n");
+        } else {
+            let _ = writeln!(head, "  %cTu{u} = arith.constant {} : index", threads * u);
+            let _ = write!(
+                ids,
+                "    %ch{u} = arith.addi %c0u, %cTu{u} : index
+    %in{u} = arith.cmpi ult, %ch{u}, %cVecs : index
+    %cs{u} = arith.select %in{u}, %ch{u}, %c0u : index
+"
+            );
+        }
+        let _ = writeln!(ids, "    %i{u} = arith.muli %cs{u}, %cVec : index");
+    }
+    (head, ids)
+}
+
+/// Columns a thread takes together in the vectorized row phases: 16 bytes of f32.
+const VEC: usize = 4;
+
+/// Most chunks a step of RMSNorm's vectorized loops loads before using them. More do not buy
+/// fewer waits: at 8 (a 256-thread block's 7 chunks of a 7168-column row in one step) ptxas
+/// schedules the first chunk's use after the fifth load (its SASS), so the row still waits twice,
+/// as at 4 (4 + 3), and the block needs 48 registers a thread instead of 40 (64 instead of 53
+/// with both outputs): a block less per SM.
+const NORM_UNROLL: usize = 4;
+
+/// `%{flag}` (i1): every buffer of `buffers` starts on 16 bytes and, beyond one dimension, has rows
+/// a multiple of 16 bytes long: then an access of 16 bytes at a column that is a multiple of 16
+/// bytes is aligned. (The runtime passes every memref at offset 0 with contiguous rows:
+/// `v3c_runtime::abi::memref`.)
+fn aligned_16(flag: &str, buffers: &[Buffer]) -> String {
+    let mut s = format!("%{flag}_c1 = arith.constant 1 : index\n%{flag}_c16 = arith.constant 16 : index\n");
+    let mut terms = Vec::new();
+    for (k, (name, ty, element)) in buffers.iter().enumerate() {
+        let _ = writeln!(s, "%{flag}_b{k} = memref.extract_aligned_pointer_as_index {name} : {ty} -> index");
+        terms.push(format!("%{flag}_b{k}"));
+        if ty.matches('x').count() > 2 {
+            let _ = writeln!(s, "%{flag}_n{k} = memref.dim {name}, %{flag}_c1 : {ty}");
+            let _ = writeln!(s, "%{flag}_e{k} = arith.constant {element} : index");
+            let _ = writeln!(s, "%{flag}_r{k} = arith.muli %{flag}_n{k}, %{flag}_e{k} : index");
+            terms.push(format!("%{flag}_r{k}"));
+        }
+    }
+    let mut acc = terms[0].clone();
+    for (k, t) in terms.iter().enumerate().skip(1) {
+        let _ = writeln!(s, "%{flag}_or{k} = arith.ori {acc}, {t} : index");
+        acc = format!("%{flag}_or{k}");
+    }
+    let _ = writeln!(s, "%{flag}_mis = arith.remui {acc}, %{flag}_c16 : index");
+    let _ = writeln!(s, "%{flag}_c0 = arith.constant 0 : index");
+    let _ = writeln!(s, "%{flag} = arith.cmpi eq, %{flag}_mis, %{flag}_c0 : index");
+    s
+}
+
 struct QuantOut {
     scale: String,
     byte: String,
@@ -4099,6 +4336,32 @@ fn encode_e4m3(lowering: Lowering, value: &str, byte: &str) -> String {
     }
 }
 
+/// `{out}` (`vector<4xi8>`): the four values of `{value}` (`vector<4xf32>`) as e4m3 bytes on sm_90a,
+/// each as [`encode_e4m3`] gives it, in two conversions of a pair.
+fn encode_e4m3x4(value: &str, out: &str) -> String {
+    let mut s = String::new();
+    for k in 0..4 {
+        let _ = writeln!(s, "    {out}_v{k} = vector.extract {value}[{k}] : f32 from vector<4xf32>");
+    }
+    for (pair, lo, hi) in [("01", 0, 1), ("23", 2, 3)] {
+        // The second operand is the low byte (as in `encode_e4m3`).
+        let _ = writeln!(
+            s,
+            "    {out}_p{pair} = nvvm.convert.f32x2.to.f8x2 {out}_v{hi}, {out}_v{lo} {{rnd = #nvvm.fp_rnd_mode<rn>, sat = \
+             #nvvm.sat_mode<satfinite>}} : i16 (f8E4M3FN)\n    {out}_w{pair} = arith.extui {out}_p{pair} : i16 to i32"
+        );
+    }
+    let _ = write!(
+        s,
+        "    {out}_c16 = arith.constant 16 : i32
+    {out}_hi = arith.shli {out}_w23, {out}_c16 : i32
+    {out}_word = arith.ori {out}_w01, {out}_hi : i32
+    {out} = llvm.bitcast {out}_word : i32 to vector<4xi8>
+"
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -4188,52 +4451,87 @@ mod tests {
             x[GROUP..2 * GROUP.min(d / 2)].iter_mut().for_each(|v| *v = 0.0);
         }
         let w32: Vec<f32> = values(d, 2, 1.0).iter().map(|v| v + 1.0).collect();
-        let mut w_bf16: Vec<u16> = w32.iter().map(|&v| f32_to_bf16(v)).collect();
+        let w_bf16: Vec<u16> = w32.iter().map(|&v| f32_to_bf16(v)).collect();
         let w_ref: Vec<f32> =
             if weight == "bf16" { w_bf16.iter().map(|&b| bf16_to_f32(b)).collect() } else { w32.clone() };
-        let mut w_f32 = w_ref.clone();
+        let w_f32 = w_ref.clone();
         let want = kernels::rms_norm(&x, &w_ref, eps);
         let (want_q, want_s) = kernels::quantize_fp8(&want, d, GROUP);
         let groups = d.div_ceil(GROUP);
-        // Through the CPU lowering, then the PTX simulated: each against the reference.
-        for simulated in [false, true] {
-            let mut y = vec![f32::NAN; rows * d];
-            let mut q = vec![0u8; rows * d];
-            let mut s = vec![f32::NAN; rows * groups];
+        // Through the CPU lowering, then the PTX simulated with every buffer on 128 bytes (its
+        // 16-byte chunks) and with every buffer an element off (the columns one at a time): each
+        // against the reference.
+        for (simulated, shift) in [(false, 0), (true, 0), (true, 1)] {
+            let mut y = placed(&vec![f32::NAN; rows * d], shift);
+            let mut q = placed(&vec![0u8; rows * d], shift);
+            let mut s = placed(&vec![f32::NAN; rows * groups], shift);
+            let mut xp = placed(&x, shift);
+            let (mut w16, mut w32) = (placed(&w_bf16, shift), placed(&w_f32, shift));
             let mut buffers = vec![
-                raw(&mut x, &[rows, d], "f32"),
-                if weight == "bf16" { raw(&mut w_bf16, &[d], "bf16") } else { raw(&mut w_f32, &[d], "f32") },
+                raw(xp.slice(), &[rows, d], "f32"),
+                if weight == "bf16" { raw(w16.slice(), &[d], "bf16") } else { raw(w32.slice(), &[d], "f32") },
             ];
             if keep {
-                buffers.push(raw(&mut y, &[rows, d], "f32"));
+                buffers.push(raw(y.slice(), &[rows, d], "f32"));
             }
             if quantize {
-                buffers.push(raw(&mut q, &[rows, d], "i8"));
-                buffers.push(raw(&mut s, &[rows, groups], "f32"));
+                buffers.push(raw(q.slice(), &[rows, d], "i8"));
+                buffers.push(raw(s.slice(), &[rows, groups], "f32"));
             }
             let name = kernel.kernel_name() + if simulated { " (PTX simulated)" } else { "" };
+            let name = if shift == 0 { name } else { name + ", buffers an element off 16 bytes" };
             if simulated {
                 let stats = run_simulated(&kernel, &buffers, rows);
                 eprintln!(
-                    "{name}: {} instructions, {:.0}% of global sectors' bytes used, {:.2} shared wavefronts a request",
+                    "{name}: {} instructions, {} longest thread, {} load rounds, {:.0}% of global sectors' bytes used, {:.2} shared wavefronts a request",
                     stats.instructions,
+                    stats.longest_thread,
+                    stats.load_rounds,
                     100.0 * stats.global_efficiency(),
                     stats.shared_wavefronts_per_request()
                 );
+                // The row (and the weight) come 4 columns a load where the buffers allow it, and
+                // only there.
+                let v4: u64 =
+                    stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
+                assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of ld.global.v4");
             } else {
                 run_cpu(&kernel, &buffers);
             }
             if keep {
                 // The sum of squares is a tree over threads, the reference's is sequential.
-                for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                for (i, (a, b)) in y.slice().iter().zip(&want).enumerate() {
                     assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-30, "{name}: y[{i}] = {a}, reference {b}");
                 }
             }
             if quantize {
                 // The tree sum's rounding apart.
-                assert_fp8_rows_near(&name, (&q, &s), (&want_q, &want_s));
+                assert_fp8_rows_near(&name, (q.slice(), s.slice()), (&want_q, &want_s));
             }
         }
+    }
+
+    /// A copy of some elements placed `shift` elements past a 128-byte boundary.
+    struct Placed<T> {
+        data: Vec<T>,
+        start: usize,
+        len: usize,
+    }
+
+    impl<T> Placed<T> {
+        fn slice(&mut self) -> &mut [T] {
+            &mut self.data[self.start..self.start + self.len]
+        }
+    }
+
+    fn placed<T: Copy + Default>(values: &[T], shift: usize) -> Placed<T> {
+        let size = std::mem::size_of::<T>();
+        let mut data = vec![T::default(); values.len() + 128 / size + shift];
+        let lead = (128 - data.as_ptr() as usize % 128) % 128;
+        assert_eq!(lead % size, 0, "elements on their own alignment");
+        let start = lead / size + shift;
+        data[start..start + values.len()].copy_from_slice(values);
+        Placed { data, start, len: values.len() }
     }
 
     /// Quantized rows `(bytes, scales)` against the reference's: scales within 1e-5, and a value
