@@ -2145,8 +2145,8 @@ pub struct Simulation {
 /// and the busiest thread's summed over the launches), the global-load latencies the thread that
 /// waited most waited out (summed over the launches; in PTX order: a kernel whose launch these
 /// dominate is latency-bound), global requests and the share of their
-/// sectors' bytes used (coalescing), shared requests and their wavefronts each (1: no bank
-/// conflicts); with the race check, that it found none (a race fails
+/// sectors' bytes used (coalescing), shared requests, their wavefronts each (1 for 4-byte lanes, 4
+/// for 16-byte lanes) and those per the fewest they could take (1: no bank conflicts); with the race check, that it found none (a race fails
 /// the run before); then each kernel's most wasteful accesses ([`worst_accesses`]).
 fn simulated_profile(
     by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>,
@@ -2156,7 +2156,7 @@ fn simulated_profile(
     rows.sort_by(|a, b| b.1 .1.instructions.cmp(&a.1 .1.instructions).then(a.0.cmp(b.0)));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(6).max(6);
     let mut out = format!(
-        "simulated PTX, per kernel:\n  {:width$}  {:>8}  {:>14}  {:>14}  {:>11}  {:>10}  {:>6}  {:>10}  {:>10}\n",
+        "simulated PTX, per kernel:\n  {:width$}  {:>8}  {:>14}  {:>14}  {:>11}  {:>10}  {:>6}  {:>10}  {:>10}  {:>9}\n",
         "kernel",
         "launches",
         "instructions",
@@ -2165,15 +2165,18 @@ fn simulated_profile(
         "global req",
         "used",
         "shared req",
-        "wavefronts"
+        "wavefronts",
+        "conflicts"
     );
     for (kernel, (launches, s)) in rows {
         let used =
             if s.global_requests == 0 { "-".to_string() } else { format!("{:.0}%", 100.0 * s.global_efficiency()) };
         let waves =
             if s.shared_requests == 0 { "-".to_string() } else { format!("{:.2}", s.shared_wavefronts_per_request()) };
+        let conflicts =
+            if s.shared_requests == 0 { "-".to_string() } else { format!("{:.2}", s.shared_conflict_factor()) };
         out.push_str(&format!(
-            "  {kernel:width$}  {launches:>8}  {:>14}  {:>14}  {:>11}  {:>10}  {used:>6}  {:>10}  {waves:>10}\n",
+            "  {kernel:width$}  {launches:>8}  {:>14}  {:>14}  {:>11}  {:>10}  {used:>6}  {:>10}  {waves:>10}  {conflicts:>9}\n",
             s.instructions, s.longest_thread, s.load_rounds, s.global_requests, s.shared_requests
         ));
     }
@@ -2191,10 +2194,11 @@ fn simulated_profile(
 
 /// Each kernel's `n` memory instructions that waste the most (most first; those that waste
 /// nothing left out), kernels in the order of what they waste in all: global sector bytes moved
-/// but not asked for, shared wavefronts past one a request, with the instruction's PTX line.
+/// but not asked for, shared wavefronts past the fewest the requests could take (bank conflicts),
+/// with the instruction's PTX line.
 fn worst_accesses(by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptxsim::Stats)>, n: usize) -> String {
     let wasted = |s: &v3c_ptxsim::Stats| -> (u64, u64) {
-        (32 * s.global_sectors - s.global_bytes, s.shared_wavefronts - s.shared_requests)
+        (32 * s.global_sectors - s.global_bytes, s.shared_wavefronts - s.shared_least_wavefronts)
     };
     let mut kernels: Vec<_> = by_kernel.iter().filter(|(_, (_, s))| wasted(s) != (0, 0)).collect();
     kernels.sort_by(|a, b| wasted(&b.1 .1).cmp(&wasted(&a.1 .1)).then(a.0.cmp(b.0)));
@@ -2205,8 +2209,8 @@ fn worst_accesses(by_kernel: &std::collections::BTreeMap<String, (usize, v3c_ptx
     for (kernel, (_, s)) in kernels {
         let (global, shared) = wasted(s);
         out.push_str(&format!(
-            "  {kernel}: {global} global bytes moved unasked ({:.0}% used), {shared} shared wavefronts past one a \
-             request\n",
+            "  {kernel}: {global} global bytes moved unasked ({:.0}% used), {shared} shared wavefronts past the fewest \
+             the requests could take\n",
             100.0 * s.global_efficiency()
         ));
         let mut lines: Vec<_> = s.accesses.iter().filter(|(_, a)| a.waste() > 0).collect();

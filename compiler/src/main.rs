@@ -97,7 +97,7 @@ struct EmulateArgs {
     races: bool,
     /// With --ptx: under the profile, each kernel's N loads and stores that waste the most, by
     /// line of its PTX (kernels/NAME.ptx): global sector bytes moved but not asked for
-    /// (uncoalesced), shared wavefronts past one a request (bank conflicts).
+    /// (uncoalesced), shared wavefronts past the fewest the requests could take (bank conflicts).
     #[arg(long, value_name = "N", requires = "ptx")]
     worst_accesses: Option<usize>,
 }

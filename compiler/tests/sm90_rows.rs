@@ -96,7 +96,22 @@ fn kernels() -> Vec<RowKernel> {
     ]
     .into_iter()
     .chain(training_kernels())
+    .chain(tuned_norms())
     .collect()
+}
+
+/// DeepSeek-V3's norms at every block width the tuner may pick besides the template's own (at 1024
+/// threads ptxas holds a block to 32 registers a thread).
+fn tuned_norms() -> Vec<RowKernel> {
+    let norms = [(7168, true, true), (7168, true, false), (7168, false, true), (1536, false, true)];
+    let mut all = Vec::new();
+    for (d, keep, quantize) in norms {
+        let own = RowKernel::new(RowOp::RmsNorm { eps: 1e-6, keep, quantize }, d, "bf16");
+        for threads in [32, 64, 128, 256, 512, 1024].into_iter().filter(|&t| t != own.threads) {
+            all.push(RowKernel { threads, ..own.clone() });
+        }
+    }
+    all
 }
 
 /// The training step's row kernels at DeepSeek-V3's widths.

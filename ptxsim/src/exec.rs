@@ -461,13 +461,18 @@ impl Cta<'_> {
             match space {
                 Space::Shared => {
                     let mut banks = [0u64; 32];
-                    for w in words(4) {
+                    let words = words(4);
+                    for w in &words {
                         banks[(w % 32) as usize] += 1;
                     }
                     let wavefronts = banks.iter().copied().max().unwrap_or(1).max(1);
+                    // 32 banks of a word each: the fewest wavefronts the request's words could take.
+                    let least = (words.len() as u64).div_ceil(32).max(1);
                     stats.shared_requests += 1;
                     stats.shared_wavefronts += wavefronts;
+                    stats.shared_least_wavefronts += least;
                     access.wavefronts += wavefronts;
+                    access.least_wavefronts += least;
                 }
                 _ => {
                     let sectors = words(32).len() as u64;

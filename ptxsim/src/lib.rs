@@ -116,6 +116,9 @@ pub struct Stats {
     pub global_bytes: u64,
     pub shared_requests: u64,
     pub shared_wavefronts: u64,
+    /// The fewest wavefronts the shared requests could take, their words spread over the 32
+    /// banks: one a request of 4-byte lanes, four of 16-byte lanes (`ld.shared.v4`).
+    pub shared_least_wavefronts: u64,
     /// The most instructions one thread executed (in a launch: the busiest thread of any CTA;
     /// summed over launches): a floor under the launch's time in dependent issues, where
     /// `instructions` counts the work of all threads.
@@ -142,14 +145,15 @@ pub struct MemoryAccess {
     pub sectors: u64,
     pub bytes: u64,
     pub wavefronts: u64,
+    pub least_wavefronts: u64,
 }
 
 impl MemoryAccess {
-    /// Sector bytes moved but not asked for (global), or wavefronts past one per request
-    /// (shared, in wavefronts): what the access wastes.
+    /// Sector bytes moved but not asked for (global), or wavefronts past the fewest its requests
+    /// could take (shared, in wavefronts: bank conflicts): what the access wastes.
     pub fn waste(&self) -> u64 {
         if self.shared {
-            self.wavefronts - self.requests
+            self.wavefronts - self.least_wavefronts
         } else {
             32 * self.sectors - self.bytes
         }
@@ -165,6 +169,7 @@ impl Stats {
         self.global_bytes += o.global_bytes;
         self.shared_requests += o.shared_requests;
         self.shared_wavefronts += o.shared_wavefronts;
+        self.shared_least_wavefronts += o.shared_least_wavefronts;
         self.longest_thread += o.longest_thread;
         self.load_rounds += o.load_rounds;
         for (line, a) in &o.accesses {
@@ -177,6 +182,7 @@ impl Stats {
             mine.sectors += a.sectors;
             mine.bytes += a.bytes;
             mine.wavefronts += a.wavefronts;
+            mine.least_wavefronts += a.least_wavefronts;
         }
     }
 
@@ -185,9 +191,16 @@ impl Stats {
         self.global_bytes as f64 / (32 * self.global_sectors).max(1) as f64
     }
 
-    /// Wavefronts per shared request (1: no bank conflicts).
+    /// Wavefronts per shared request (1 for 4-byte lanes without bank conflicts; 4 for 16-byte
+    /// lanes).
     pub fn shared_wavefronts_per_request(&self) -> f64 {
         self.shared_wavefronts as f64 / self.shared_requests.max(1) as f64
+    }
+
+    /// Wavefronts per the fewest the shared requests could take (1: no bank conflicts, whatever
+    /// the width of the lanes' accesses).
+    pub fn shared_conflict_factor(&self) -> f64 {
+        self.shared_wavefronts as f64 / self.shared_least_wavefronts.max(1) as f64
     }
 }
 
@@ -323,6 +336,36 @@ $L__end:
         assert_eq!(wavefronts(128), (1, 32));
         assert_eq!(wavefronts(4), (1, 1));
         assert_eq!(wavefronts(8), (1, 2));
+    }
+
+    /// 32 lanes storing 16 bytes each: adjacent, 512 bytes in 4 wavefronts, the fewest they could
+    /// take (no conflict); 32 bytes apart, 8 wavefronts of which 4 are conflicts.
+    #[test]
+    fn wide_shared_accesses_take_the_wavefronts_their_words_need() {
+        let stats = |stride: u32| {
+            let text = format!(
+                ".visible .entry k()\n{{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\t.shared .align 16 .b8 buf[2048];\n\
+                 \tmov.u32 %r1, %tid.x;\n\tmul.wide.u32 %rd1, %r1, {stride};\n\tmov.b64 %rd2, buf;\n\
+                 \tadd.s64 %rd3, %rd2, %rd1;\n\tst.shared.v4.b32 [%rd3], {{%r1, %r1, %r1, %r1}};\n\tret;\n}}"
+            );
+            let module = Module::parse(&text).unwrap();
+            let launch = Launch {
+                grid: [1, 1],
+                threads: 32,
+                dynamic_shared: 0,
+                params: &[],
+                tensor_maps: &[],
+                regions: Some(&[]),
+                max_instructions: 1000,
+                checks: Checks::default(),
+            };
+            // SAFETY: no global memory.
+            let s = unsafe { run(&module.kernels[0], &launch) }.unwrap();
+            let access = s.accesses.values().next().unwrap().clone();
+            (s.shared_wavefronts, s.shared_least_wavefronts, s.shared_conflict_factor(), access.waste())
+        };
+        assert_eq!(stats(16), (4, 4, 1.0, 0));
+        assert_eq!(stats(32), (8, 4, 2.0, 4));
     }
 
     /// A vector access must sit at a multiple of its whole size, as on the GPU (which faults with

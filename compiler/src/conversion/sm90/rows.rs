@@ -1528,8 +1528,9 @@ memref.store %v, %out[%row, %i] : memref<?x?xf32>
                 if quantize {
                     let value = |c: &str| format!("  %v = memref.load %sh_row[{c}] : {row}\n");
                     let mut quant = self.quant_phases(lowering, &value);
-                    if lowering == Lowering::Gpu && self.norm_chunk() == VEC {
-                        // The bytes four a thread (one 4-byte store) from the row's chunks.
+                    if lowering == Lowering::Gpu && self.norm_chunk() == VEC && !self.tight_registers() {
+                        // The bytes four a thread (one 4-byte store) from the row's chunks. (Not
+                        // in 32 registers: four divisions' slow-path calls at once spill there.)
                         let bytes = quant.pop().expect("the quantization's byte phase");
                         quant.push(format!(
                             "{flag}scf.if %vec {{
@@ -2804,7 +2805,8 @@ scf.for %i = %tid to %cHalf step %cT {{
     fn quant_phases_to(&self, lowering: Lowering, value: &dyn Fn(&str) -> String, out: &QuantOut) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         let mut phases = Vec::new();
-        // Each (group, part)'s |max| into `sh_amax`. The |max| does not depend on the order, and
+        // Each (group, part)'s |max| into `sh_amax`, part-major (part p of group g at `p G + g`: the
+        // scale phase's lanes, a group each, read adjacent words). The |max| does not depend on the order, and
         // select-if-greater skips NaNs in any order, so both lowerings give the same bits.
         let abs_max = "    %vb = arith.bitcast %v : f32 to i32
     %ab = arith.andi %vb, %abs_mask : i32
@@ -2846,9 +2848,9 @@ scf.for %i = %tid to %cHalf step %cT {{
 {value_c}{abs_max}
 {butterfly}  %part_lane = arith.cmpi ult, %lane, %cP : index
   scf.if %part_lane {{
-    %gp = arith.muli %g, %cP : index
-    %at = arith.addi %gp, %lane : index
-    memref.store {m}, %sh_amax[%at] : {amax}
+    %amax_lg = arith.muli %lane, %cG : index
+    %amax_at = arith.addi %amax_lg, %g : index
+    memref.store {m}, %sh_amax[%amax_at] : {amax}
   }}
 }}
 ",
@@ -2869,7 +2871,9 @@ scf.for %i = %tid to %cHalf step %cT {{
   %hi = arith.minui %hi0, %cD : index
   %m = scf.for %c = %lo to %hi step %c1 iter_args(%mx = %zero) -> (f32) {{
 {value_c}{abs_max}
-  memref.store %m, %sh_amax[%j] : {amax}
+  %amax_pg = arith.muli %part, %cG : index
+  %amax_at = arith.addi %amax_pg, %g : index
+  memref.store %m, %sh_amax[%amax_at] : {amax}
 }}
 ",
                 value_c = value("%c"),
@@ -2879,9 +2883,9 @@ scf.for %i = %tid to %cHalf step %cT {{
         phases.push(scan);
         phases.push(format!(
             "scf.for %g = %tid to %cG step %cT {{
-  %base = arith.muli %g, %cP : index
   %m = scf.for %pi = %c0 to %cP step %c1 iter_args(%mx = %zero) -> (f32) {{
-    %k = arith.addi %base, %pi : index
+    %amax_pi = arith.muli %pi, %cG : index
+    %k = arith.addi %amax_pi, %g : index
     %v = memref.load %sh_amax[%k] : {amax}
     %gt = arith.cmpf ogt, %v, %mx : f32
     %mx2 = arith.select %gt, %v, %mx : f32
@@ -3097,15 +3101,22 @@ memref.store %s, %sh_sum[%tid] : {sum}",
 
     /// Chunks a thread's loop over the row takes a step in RMSNorm's vectorized phases, at most
     /// [`NORM_UNROLL`]: the step's loads all issued before their first use (one latency for the
-    /// step), the steps as even as the thread's chunks allow. The latent's norm (a 512-column row,
-    /// 64 threads) takes one: ptxas holds its blocks to 32 registers a thread (32 blocks an SM),
-    /// and at two it spills.
+    /// step), the steps as even as the thread's chunks allow; one where [`Self::tight_registers`]
+    /// (at two, `_d7168_t1024_y_q` and the latent's row spill).
     fn norm_unroll(&self) -> usize {
-        if let RowOp::Latent { .. } = self.op {
+        if self.tight_registers() {
             return 1;
         }
         let per_thread = (self.d / VEC).div_ceil(self.threads).max(1);
         per_thread.div_ceil(per_thread.div_ceil(NORM_UNROLL))
+    }
+
+    /// Whether ptxas holds the kernel to 32 registers a thread (the most that lets the SM hold its
+    /// 2048 threads): it does at 1024 threads (two blocks an SM) and for the latent's norm (a
+    /// 512-column row at 64 threads: 32 blocks an SM), where it spills what does not fit rather
+    /// than give up a block.
+    fn tight_registers(&self) -> bool {
+        self.threads >= 1024 || matches!(self.op, RowOp::Latent { .. })
     }
 
     /// Adjacent columns a thread takes together in RMSNorm's phases ([`Self::norm_phases`]):
@@ -4483,13 +4494,17 @@ mod tests {
             if simulated {
                 let stats = run_simulated(&kernel, &buffers, rows);
                 eprintln!(
-                    "{name}: {} instructions, {} longest thread, {} load rounds, {:.0}% of global sectors' bytes used, {:.2} shared wavefronts a request",
+                    "{name}: {} instructions, {} longest thread, {} load rounds, {:.0}% of global sectors' bytes used, {:.2} shared wavefronts a request ({:.2} the fewest)",
                     stats.instructions,
                     stats.longest_thread,
                     stats.load_rounds,
                     100.0 * stats.global_efficiency(),
-                    stats.shared_wavefronts_per_request()
+                    stats.shared_wavefronts_per_request(),
+                    stats.shared_conflict_factor()
                 );
+                if shift == 0 {
+                    assert_eq!(stats.shared_conflict_factor(), 1.0, "{name}: shared bank conflicts");
+                }
                 // The row (and the weight) come 4 columns a load where the buffers allow it, and
                 // only there.
                 let v4: u64 =
