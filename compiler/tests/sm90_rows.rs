@@ -16,6 +16,7 @@ fn kernels() -> Vec<RowKernel> {
     };
     vec![
         RowKernel::new(RowOp::Embed, 7168, "bf16"),
+        RowKernel::new(RowOp::SiluMul { quantize: true }, 2048, "f32"),
         norm(false, true, 7168, "bf16"),
         norm(true, true, 7168, "bf16"),
         norm(true, false, 7168, "bf16"),
@@ -297,6 +298,12 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), if quantize { 2 } else { 0 }, "{name}: barriers");
                 assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
+                // Quantized, the gate and up halves 16 bytes a load and the bytes 4 a store (with
+                // the scales' stores: two `st.global.b32`).
+                assert_eq!(kernel.ptx.contains("ld.global.v4.b32"), quantize, "{name}: 16-byte loads");
+                if quantize {
+                    assert_eq!(kernel.ptx.matches("st.global.b32").count(), 2, "{name}: 4 bytes a store");
+                }
             }
             RowOp::Latent { cache, .. } => {
                 // The norm's phases; the fp8 row's quantization adds three (|max| parts, scales,

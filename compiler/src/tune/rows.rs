@@ -136,7 +136,7 @@ pub fn estimate(shape: &RowShape, kernel: &RowKernel, device: &DeviceModel) -> R
     let waves = shape.rows.div_ceil(slots).max(1);
     // A thread's loads of the row: RMSNorm's take chunks of 4 columns (16 bytes), the argmax's one.
     let chunk = match kernel.op {
-        RowOp::RmsNorm { .. } => kernel.norm_chunk(),
+        RowOp::RmsNorm { .. } => kernel.vec_chunk(),
         _ => 1,
     };
     let per_thread = (d / chunk).div_ceil(t) as f64;

@@ -1144,9 +1144,10 @@ impl RowKernel {
                 s.push_str(&quant_constants(self.groups()));
             }
         }
-        if let RowOp::RmsNorm { .. } | RowOp::Latent { .. } = self.op {
-            // The norm's chunks of columns (`norm_phases`).
-            let chunk = self.norm_chunk();
+        if let RowOp::RmsNorm { .. } | RowOp::Latent { .. } | RowOp::SiluMul { quantize: true } = self.op {
+            // The chunks of columns of the norm (`norm_phases`) and the quantization
+            // (`quant_phases_wide`).
+            let chunk = self.vec_chunk();
             let _ = writeln!(s, "%cVec = arith.constant {chunk} : index");
             let _ = writeln!(s, "%cVecs = arith.constant {} : index", self.d / chunk);
         }
@@ -1527,31 +1528,13 @@ memref.store %v, %out[%row, %i] : memref<?x?xf32>
                 let mut phases = self.norm_phases(lowering, ("%x", "%row"), None, &store, "");
                 if quantize {
                     let value = |c: &str| format!("  %v = memref.load %sh_row[{c}] : {row}\n");
-                    let mut quant = self.quant_phases(lowering, &value);
-                    if lowering == Lowering::Gpu && self.norm_chunk() == VEC && !self.tight_registers() {
-                        // The bytes four a thread (one 4-byte store) from the row's chunks. (Not
-                        // in 32 registers: four divisions' slow-path calls at once spill there.)
-                        let bytes = quant.pop().expect("the quantization's byte phase");
-                        quant.push(format!(
-                            "{flag}scf.if %vec {{
-  scf.for %ch = %tid to %cVecs step %cT {{
-    %i0 = arith.muli %ch, %cVec : index
-    %g = arith.divui %i0, %cGroup : index
-    %s = memref.load %sh_scale[%g] : {scale}
-    %v4 = vector.load %sh_row[%i0] {{alignment = 16 : i64}} : {row}, vector<4xf32>
-    %s4 = vector.broadcast %s : f32 to vector<4xf32>
-    %qv4 = arith.divf %v4, %s4 : vector<4xf32>
-{encode}    vector.store %b4, %q[%row, %i0] {{alignment = 4 : i64}} : memref<?x?xi8>, vector<4xi8>
-  }}
-}} else {{
-{bytes}}}
-",
-                            flag = aligned_16("vec", &[("%q", "memref<?x?xi8>", 1)]),
-                            scale = sh("sh_scale"),
-                            encode = encode_e4m3x4("%qv4", "%b4"),
-                            bytes = indent2(&bytes),
-                        ));
-                    }
+                    let value4 = |c: &str| {
+                        format!(
+                            "    %v4 = vector.load %sh_row[{c}] {{alignment = 16 : i64}} : {row}, vector<4xf32>\n{}",
+                            extract4("%v4", "%v")
+                        )
+                    };
+                    let quant = self.quant_phases_wide(lowering, &value, &Wide { value: &value4, buffers: vec![] });
                     phases.extend(quant);
                 }
                 phases
@@ -2646,16 +2629,28 @@ scf.for %i = %tid to %cD step %cT {{
                         "  %sw_up_col = arith.addi {c}, %cD : index
   %sw_g = memref.load %x[%row, {c}] : memref<?x?xf32>
   %sw_u = memref.load %x[%row, %sw_up_col] : memref<?x?xf32>
-  %sw_neg = arith.negf %sw_g : f32
-{exp}  %sw_den = arith.addf %one, %sw_e : f32
-  %sw_silu = arith.divf %sw_g, %sw_den : f32
-  %v = arith.mulf %sw_silu, %sw_u : f32
-",
-                        exp = exp(lowering, "%sw_neg", "%sw_e")
+{}",
+                        silu_of(lowering, ("%sw_g", "%sw_u"), "")
                     )
                 };
+                // Four columns: 16 bytes of the gate and of the up half a load each.
+                let silu4 = |c: &str| {
+                    let mut text = format!(
+                        "    %sw_up_col = arith.addi {c}, %cD : index
+    %sw_g4 = vector.load %x[%row, {c}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>
+    %sw_u4 = vector.load %x[%row, %sw_up_col] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>
+{}{}",
+                        extract4("%sw_g4", "%sw_g"),
+                        extract4("%sw_u4", "%sw_u")
+                    );
+                    for k in 0..VEC {
+                        text.push_str(&silu_of(lowering, (&format!("%sw_g{k}"), &format!("%sw_u{k}")), &k.to_string()));
+                    }
+                    text
+                };
                 if quantize {
-                    self.quant_phases(lowering, &silu)
+                    let wide = Wide { value: &silu4, buffers: vec![("%x", "memref<?x?xf32>", 4)] };
+                    self.quant_phases_wide(lowering, &silu, &wide)
                 } else {
                     vec![format!(
                         "scf.for %i = %tid to %cD step %cT {{
@@ -2801,6 +2796,98 @@ scf.for %i = %tid to %cHalf step %cT {{
         self.quant_phases_to(lowering, value, &out)
     }
 
+    /// The GPU scan's end: the first [`AMAX_PARTS`] lanes store the group's |max| `m` as its parts
+    /// (part-major: part `p` of group `g` at `p G + g`).
+    fn amax_parts(&self, lowering: Lowering, m: &str) -> String {
+        format!(
+            "  %part_lane = arith.cmpi ult, %lane, %cP : index
+  scf.if %part_lane {{
+    %amax_lg = arith.muli %lane, %cG : index
+    %amax_at = arith.addi %amax_lg, %g : index
+    memref.store {m}, %sh_amax[%amax_at] : {amax}
+  }}
+",
+            amax = self.shared_type("sh_amax", lowering)
+        )
+    }
+
+    /// [`RowKernel::quant_phases`], where on sm_90a the buffers allow ([`aligned_16`] over `%q`
+    /// and `wide.buffers`) a lane of the |max| scan and a thread of the bytes take chunks of 4
+    /// columns: `wide.value(c)` defines `%v0..%v3` at columns `c..c + 4` (the same values as
+    /// `value`'s). A warp's lanes scan a group's 128 columns in one step (a load of 16 bytes
+    /// each), and a thread stores 4 bytes at once. The |max| does not depend on the order and each
+    /// byte is its own value's: the same bits either way. Not where ptxas holds the block to 32
+    /// registers ([`Self::tight_registers`]: four divisions' slow-path calls at once spill there),
+    /// nor where the row is not whole chunks.
+    fn quant_phases_wide(&self, lowering: Lowering, value: &dyn Fn(&str) -> String, wide: &Wide) -> Vec<String> {
+        let mut phases = self.quant_phases(lowering, value);
+        if lowering != Lowering::Gpu || self.vec_chunk() != VEC || self.tight_registers() {
+            return phases;
+        }
+        let mut buffers = vec![("%q", "memref<?x?xi8>", 1)];
+        buffers.extend(wide.buffers.iter().copied());
+        let flag = aligned_16("vec", &buffers);
+        let mut abs_max = String::new();
+        let mut mx = "%zero".to_string();
+        for k in 0..VEC {
+            let _ = write!(
+                abs_max,
+                "    %abits{k} = arith.bitcast %v{k} : f32 to i32
+    %aabs{k} = arith.andi %abits{k}, %abs_mask : i32
+    %aval{k} = arith.bitcast %aabs{k} : i32 to f32
+    %agt{k} = arith.cmpf ogt, %aval{k}, {mx} : f32
+    %amx{k} = arith.select %agt{k}, %aval{k}, {mx} : f32
+"
+            );
+            mx = format!("%amx{k}");
+        }
+        let (butterfly, m) = amax_butterfly("%m0");
+        let scan = format!(
+            "{flag}scf.if %vec {{
+  scf.for %j = %tid to %cGW step %cT {{
+    %lanes = arith.constant 32 : index
+    %width = arith.constant 32 : i32
+    %g = arith.divui %j, %lanes : index
+    %lane = arith.remui %j, %lanes : index
+    %g0 = arith.muli %g, %cGroup : index
+    %lane_col = arith.muli %lane, %cVec : index
+    %c_at = arith.addi %g0, %lane_col : index
+    %c_in = arith.cmpi ult, %c_at, %cD : index
+    %c = arith.select %c_in, %c_at, %g0 : index
+{value_c}{abs_max}    %m0 = arith.select %c_in, {mx}, %zero : f32
+{butterfly}{parts}  }}
+}} else {{
+{scalar}}}
+",
+            value_c = (wide.value)("%c"),
+            butterfly = indent2(&butterfly),
+            parts = indent2(&self.amax_parts(lowering, &m)),
+            scalar = indent2(&phases[0]),
+        );
+        let quotients: String = (0..VEC).map(|k| format!("    %qv{k} = arith.divf %v{k}, %s : f32\n")).collect();
+        let bytes = format!(
+            "{flag}scf.if %vec {{
+  scf.for %ch = %tid to %cVecs step %cT {{
+    %i0 = arith.muli %ch, %cVec : index
+    %g = arith.divui %i0, %cGroup : index
+    %s = memref.load %sh_scale[%g] : {scale}
+{value_i}{quotients}    %qv4 = vector.from_elements %qv0, %qv1, %qv2, %qv3 : vector<4xf32>
+{encode}    vector.store %b4, %q[%row, %i0] {{alignment = 4 : i64}} : memref<?x?xi8>, vector<4xi8>
+  }}
+}} else {{
+{scalar}}}
+",
+            scale = self.shared_type("sh_scale", lowering),
+            value_i = (wide.value)("%i0"),
+            encode = encode_e4m3x4("%qv4", "%b4"),
+            scalar = indent2(phases.last().expect("the quantization's byte phase")),
+        );
+        let last = phases.len() - 1;
+        phases[0] = scan;
+        phases[last] = bytes;
+        phases
+    }
+
     /// [`RowKernel::quant_phases`] storing where `out` says, its scales as `out` computes them.
     fn quant_phases_to(&self, lowering: Lowering, value: &dyn Fn(&str) -> String, out: &QuantOut) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
@@ -2822,18 +2909,7 @@ scf.for %i = %tid to %cHalf step %cT {{
             // group's |max|, which the first `AMAX_PARTS` lanes store as the group's parts. (`T`
             // and the loop's bound are multiples of 32, so a warp's lanes loop together.)
             Lowering::Gpu => {
-                let mut butterfly = String::new();
-                let mut m = "%m0".to_string();
-                for o in [16, 8, 4, 2, 1] {
-                    let _ = writeln!(
-                        butterfly,
-                        "  %o{o} = arith.constant {o} : i32
-  %s{o}, %ok{o} = gpu.shuffle xor {m}, %o{o}, %width : f32
-  %gt{o} = arith.cmpf ogt, %s{o}, {m} : f32
-  %m{o} = arith.select %gt{o}, %s{o}, {m} : f32"
-                    );
-                    m = format!("%m{o}");
-                }
+                let (butterfly, m) = amax_butterfly("%m0");
                 format!(
                     "scf.for %j = %tid to %cGW step %cT {{
   %lanes = arith.constant 32 : index
@@ -2846,16 +2922,10 @@ scf.for %i = %tid to %cHalf step %cT {{
   %end = arith.minui %end0, %cD : index
   %m0 = scf.for %c = %start to %end step %lanes iter_args(%mx = %zero) -> (f32) {{
 {value_c}{abs_max}
-{butterfly}  %part_lane = arith.cmpi ult, %lane, %cP : index
-  scf.if %part_lane {{
-    %amax_lg = arith.muli %lane, %cG : index
-    %amax_at = arith.addi %amax_lg, %g : index
-    memref.store {m}, %sh_amax[%amax_at] : {amax}
-  }}
-}}
+{butterfly}{parts}}}
 ",
                     value_c = value("%c"),
-                    amax = sh("sh_amax")
+                    parts = self.amax_parts(lowering, &m),
                 )
             }
             // On the CPU a thread (an iteration) per part of `GROUP / AMAX_PARTS` adjacent columns.
@@ -2922,7 +2992,7 @@ scf.for %i = %tid to %cHalf step %cT {{
     /// phase. With `guard = (cond, otherwise)`, rows where `cond` is false run `otherwise` in the
     /// first phase and nothing in the last.
     ///
-    /// A thread takes chunks of [`Self::norm_chunk`] adjacent columns (chunk `c` by thread `c mod T`), so that on
+    /// A thread takes chunks of [`Self::vec_chunk`] adjacent columns (chunk `c` by thread `c mod T`), so that on
     /// sm_90a, where the buffers allow it ([`aligned_16`]), the row comes in 16 bytes a load
     /// (`ld.global.v4.f32`: a quarter of the loads, each moving a warp's 512 bytes) and, with
     /// `store.vector` (which may use `%i0`, the chunk's first column, and `%y4`, its four values;
@@ -2938,7 +3008,7 @@ scf.for %i = %tid to %cHalf step %cT {{
     ) -> Vec<String> {
         let sh = |name: &str| self.shared_type(name, lowering);
         let row = sh("sh_row");
-        let vector = lowering == Lowering::Gpu && self.norm_chunk() == VEC;
+        let vector = lowering == Lowering::Gpu && self.vec_chunk() == VEC;
         let guarded = |body: String, otherwise: Option<&str>| match guard {
             None => body,
             Some((cond, other)) => match otherwise.map(|_| other) {
@@ -3121,7 +3191,7 @@ memref.store %s, %sh_sum[%tid] : {sum}",
 
     /// Adjacent columns a thread takes together in RMSNorm's phases ([`Self::norm_phases`]):
     /// [`VEC`] where the row is whole chunks of it, else one (the columns strided over the threads).
-    pub(crate) fn norm_chunk(&self) -> usize {
+    pub(crate) fn vec_chunk(&self) -> usize {
         if self.d.is_multiple_of(VEC) {
             VEC
         } else {
@@ -4347,6 +4417,48 @@ fn encode_e4m3(lowering: Lowering, value: &str, byte: &str) -> String {
     }
 }
 
+/// A butterfly of shuffles over a warp's lanes (`%width`: 32) giving every lane the greatest of
+/// their `m0` (select-if-greater: NaNs skipped); the lines, and the result's name.
+fn amax_butterfly(m0: &str) -> (String, String) {
+    let mut butterfly = String::new();
+    let mut m = m0.to_string();
+    for o in [16, 8, 4, 2, 1] {
+        let _ = writeln!(
+            butterfly,
+            "  %o{o} = arith.constant {o} : i32
+  %s{o}, %ok{o} = gpu.shuffle xor {m}, %o{o}, %width : f32
+  %gt{o} = arith.cmpf ogt, %s{o}, {m} : f32
+  %m{o} = arith.select %gt{o}, %s{o}, {m} : f32"
+        );
+        m = format!("%m{o}");
+    }
+    (butterfly, m)
+}
+
+/// `{out}0..{out}3` = the elements of `{vector}` (`vector<4xf32>`).
+fn extract4(vector: &str, out: &str) -> String {
+    (0..VEC).map(|k| format!("    {out}{k} = vector.extract {vector}[{k}] : f32 from vector<4xf32>\n")).collect()
+}
+
+/// `%v{suffix}` = silu(g) * u = g / (1 + exp(-g)) * u, in the reference's order.
+fn silu_of(lowering: Lowering, (g, u): (&str, &str), suffix: &str) -> String {
+    format!(
+        "  %sw_neg{suffix} = arith.negf {g} : f32
+{exp}  %sw_den{suffix} = arith.addf %one, %sw_e{suffix} : f32
+  %sw_silu{suffix} = arith.divf {g}, %sw_den{suffix} : f32
+  %v{suffix} = arith.mulf %sw_silu{suffix}, {u} : f32
+",
+        exp = exp(lowering, &format!("%sw_neg{suffix}"), &format!("%sw_e{suffix}"))
+    )
+}
+
+/// The quantization's values four columns at a time ([`RowKernel::quant_phases_wide`]): `value(c)`
+/// defines `%v0..%v3`, reading `buffers` (beside `%q`) 16 bytes at a time.
+struct Wide<'a> {
+    value: &'a dyn Fn(&str) -> String,
+    buffers: Vec<Buffer<'a>>,
+}
+
 /// `{out}` (`vector<4xi8>`): the four values of `{value}` (`vector<4xf32>`) as e4m3 bytes on sm_90a,
 /// each as [`encode_e4m3`] gives it, in two conversions of a pair.
 fn encode_e4m3x4(value: &str, out: &str) -> String {
@@ -5069,21 +5181,30 @@ mod tests {
             );
             assert_eq!(scale, want_s, "d {d}: scales");
             assert_eq!(q, want_q, "d {d}: e4m3 bytes");
-            // The PTX simulated: SiLU's exp by ex2 of x log2(e), a rounding apart.
-            let (mut q, mut scale) = (vec![0u8; rows * d], vec![f32::NAN; rows * groups]);
-            let buffers = [
-                raw(&mut input, &[rows, 2 * d], "f32"),
-                raw(&mut q, &[rows, d], "i8"),
-                raw(&mut scale, &[rows, groups], "f32"),
-            ];
-            let stats = run_simulated(&kernel, &buffers, rows);
-            let name = format!("{} (PTX simulated)", kernel.kernel_name());
-            eprintln!(
-                "{name}: {} instructions, {:.0}% of global sectors' bytes used",
-                stats.instructions,
-                100.0 * stats.global_efficiency()
-            );
-            assert_fp8_rows_near(&name, (&q, &scale), (&want_q, &want_s));
+            // The PTX simulated (SiLU's exp by ex2 of x log2(e), a rounding apart), with the
+            // buffers on 128 bytes (16-byte chunks where the row is whole ones) and an element off.
+            for shift in [0, 1] {
+                let mut xp = placed(&x, shift);
+                let (mut q, mut scale) = (placed(&vec![0u8; rows * d], shift), placed(&vec![0f32; rows * groups], 0));
+                let buffers = [
+                    raw(xp.slice(), &[rows, 2 * d], "f32"),
+                    raw(q.slice(), &[rows, d], "i8"),
+                    raw(scale.slice(), &[rows, groups], "f32"),
+                ];
+                let stats = run_simulated(&kernel, &buffers, rows);
+                let name = format!("{} (PTX simulated, buffers {shift} elements off 128 bytes)", kernel.kernel_name());
+                eprintln!(
+                    "{name}: {} instructions, {} longest thread, {} load rounds, {:.0}% of global sectors' bytes used",
+                    stats.instructions,
+                    stats.longest_thread,
+                    stats.load_rounds,
+                    100.0 * stats.global_efficiency()
+                );
+                let v4: u64 =
+                    stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
+                assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of ld.global.v4");
+                assert_fp8_rows_near(&name, (q.slice(), scale.slice()), (&want_q, &want_s));
+            }
         }
     }
 
