@@ -234,7 +234,12 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::Fp8Latent
             | RowOp::GatherFp8
             | RowOp::MlaQueries { .. } => {
-                assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase")
+                assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase");
+                if let RowOp::SplitRope { .. } = k.op {
+                    // DeepSeek-V3's query: 16 bytes a load and a store.
+                    assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: 16-byte loads");
+                    assert!(kernel.ptx.contains("st.global.v4.b32"), "{name}: 16-byte stores");
+                }
             }
             RowOp::Argmax => {
                 let phases = 2 + k.threads.trailing_zeros() as usize;
