@@ -286,6 +286,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 let barriers = if quantize { 2 } else { 0 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: |max| parts, scales, bytes");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
+                // Quantized, a head's 4 columns a load.
+                assert_eq!(kernel.ptx.contains("ld.global.v4.b32"), quantize, "{name}: 16-byte loads");
             }
             RowOp::RouteLogits { .. } => {
                 // Cleared; per gate tile (a loop): the tile loaded, the sums; the pieces stored.

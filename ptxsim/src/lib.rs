@@ -309,28 +309,34 @@ $L__end:
         assert_eq!((s.shared_requests, s.shared_wavefronts), (4, 4));
     }
 
+    /// A warp's one shared store, `store` (of `[%rd3]`, lane l's address l `stride` bytes into a
+    /// 16-byte aligned buffer), run: its stats.
+    fn one_shared_store(store: &str, stride: u32) -> Stats {
+        let text = format!(
+            ".visible .entry k()\n{{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\t.shared .align 16 .b8 buf[4096];\n\
+             \tmov.u32 %r1, %tid.x;\n\tmul.wide.u32 %rd1, %r1, {stride};\n\tmov.b64 %rd2, buf;\n\
+             \tadd.s64 %rd3, %rd2, %rd1;\n\t{store};\n\tret;\n}}"
+        );
+        let module = Module::parse(&text).unwrap();
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 32,
+            dynamic_shared: 0,
+            params: &[],
+            tensor_maps: &[],
+            regions: Some(&[]),
+            max_instructions: 1000,
+            checks: Checks::default(),
+        };
+        // SAFETY: no global memory.
+        unsafe { run(&module.kernels[0], &launch) }.unwrap()
+    }
+
     /// 32 lanes storing 128 bytes apart hit one bank: 32 wavefronts; 4 bytes apart: one.
     #[test]
     fn shared_stores_in_one_bank_take_a_wavefront_each() {
         let wavefronts = |stride: u32| {
-            let text = format!(
-                ".visible .entry k()\n{{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\t.shared .align 4 .b8 buf[4096];\n\
-                 \tmov.u32 %r1, %tid.x;\n\tmul.wide.u32 %rd1, %r1, {stride};\n\tmov.b64 %rd2, buf;\n\
-                 \tadd.s64 %rd3, %rd2, %rd1;\n\tst.shared.b32 [%rd3], %r1;\n\tret;\n}}"
-            );
-            let module = Module::parse(&text).unwrap();
-            let launch = Launch {
-                grid: [1, 1],
-                threads: 32,
-                dynamic_shared: 0,
-                params: &[],
-                tensor_maps: &[],
-                regions: Some(&[]),
-                max_instructions: 1000,
-                checks: Checks::default(),
-            };
-            // SAFETY: no global memory.
-            let s = unsafe { run(&module.kernels[0], &launch) }.unwrap();
+            let s = one_shared_store("st.shared.b32 [%rd3], %r1", stride);
             (s.shared_requests, s.shared_wavefronts)
         };
         assert_eq!(wavefronts(128), (1, 32));
@@ -343,24 +349,7 @@ $L__end:
     #[test]
     fn wide_shared_accesses_take_the_wavefronts_their_words_need() {
         let stats = |stride: u32| {
-            let text = format!(
-                ".visible .entry k()\n{{\n\t.reg .b32 %r<2>;\n\t.reg .b64 %rd<4>;\n\t.shared .align 16 .b8 buf[2048];\n\
-                 \tmov.u32 %r1, %tid.x;\n\tmul.wide.u32 %rd1, %r1, {stride};\n\tmov.b64 %rd2, buf;\n\
-                 \tadd.s64 %rd3, %rd2, %rd1;\n\tst.shared.v4.b32 [%rd3], {{%r1, %r1, %r1, %r1}};\n\tret;\n}}"
-            );
-            let module = Module::parse(&text).unwrap();
-            let launch = Launch {
-                grid: [1, 1],
-                threads: 32,
-                dynamic_shared: 0,
-                params: &[],
-                tensor_maps: &[],
-                regions: Some(&[]),
-                max_instructions: 1000,
-                checks: Checks::default(),
-            };
-            // SAFETY: no global memory.
-            let s = unsafe { run(&module.kernels[0], &launch) }.unwrap();
+            let s = one_shared_store("st.shared.v4.b32 [%rd3], {%r1, %r1, %r1, %r1}", stride);
             let access = s.accesses.values().next().unwrap().clone();
             (s.shared_wavefronts, s.shared_least_wavefronts, s.shared_conflict_factor(), access.waste())
         };

@@ -1145,7 +1145,11 @@ impl RowKernel {
                 s.push_str(&quant_constants(self.groups()));
             }
         }
-        if let RowOp::RmsNorm { .. } | RowOp::Latent { .. } | RowOp::SiluMul { quantize: true } = self.op {
+        if let RowOp::RmsNorm { .. }
+        | RowOp::Latent { .. }
+        | RowOp::SiluMul { quantize: true }
+        | RowOp::MlaHeadsOut { quantize: true, .. } = self.op
+        {
             // The chunks of columns of the norm (`norm_phases`) and the quantization
             // (`quant_phases_wide`).
             let chunk = self.vec_chunk();
@@ -2218,8 +2222,22 @@ scf.for %h = %c0 to %cH step %c1 {{
 "
                     )
                 };
+                // Four columns of a head (`v` is whole chunks: `vec_chunk`), 16 bytes a load.
+                let value4 = |c: &str| {
+                    format!(
+                        "    %ho_T = memref.dim %q, %c0 : memref<?x?xi8>
+    %ho_h = arith.divui {c}, %cV : index
+    %ho_c = arith.remui {c}, %cV : index
+    %ho_r0 = arith.muli %ho_h, %ho_T : index
+    %ho_r = arith.addi %ho_r0, %row : index
+    %ho_v4 = vector.load %o[%ho_r, %ho_c] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>
+{}",
+                        extract4("%ho_v4", "%v")
+                    )
+                };
                 if quantize {
-                    self.quant_phases(lowering, &value)
+                    let wide = Wide { value: &value4, buffers: vec![("%o", "memref<?x?xf32>", 4)] };
+                    self.quant_phases_wide(lowering, &value, &wide)
                 } else {
                     vec![format!(
                         "scf.for %i = %tid to %cD step %cT {{
@@ -2986,12 +3004,7 @@ scf.for %i = %tid to %cHalf step %cT {{
         let scan = format!(
             "{flag}scf.if %vec {{
   scf.for %j = %tid to %cGW step %cT {{
-    %lanes = arith.constant 32 : index
-    %width = arith.constant 32 : i32
-    %g = arith.divui %j, %lanes : index
-    %lane = arith.remui %j, %lanes : index
-    %g0 = arith.muli %g, %cGroup : index
-    %lane_col = arith.muli %lane, %cVec : index
+{SCAN_LANE}    %lane_col = arith.muli %lane, %cVec : index
     %c_at = arith.addi %g0, %lane_col : index
     %c_in = arith.cmpi ult, %c_at, %cD : index
     %c = arith.select %c_in, %c_at, %g0 : index
@@ -3053,12 +3066,7 @@ scf.for %i = %tid to %cHalf step %cT {{
                 let (butterfly, m) = amax_butterfly("%m0");
                 format!(
                     "scf.for %j = %tid to %cGW step %cT {{
-  %lanes = arith.constant 32 : index
-  %width = arith.constant 32 : i32
-  %g = arith.divui %j, %lanes : index
-  %lane = arith.remui %j, %lanes : index
-  %g0 = arith.muli %g, %cGroup : index
-  %start = arith.addi %g0, %lane : index
+{SCAN_LANE}  %start = arith.addi %g0, %lane : index
   %end0 = arith.addi %g0, %cGroup : index
   %end = arith.minui %end0, %cD : index
   %m0 = scf.for %c = %start to %end step %lanes iter_args(%mx = %zero) -> (f32) {{
@@ -3333,7 +3341,12 @@ memref.store %s, %sh_sum[%tid] : {sum}",
     /// Adjacent columns a thread takes together in RMSNorm's phases ([`Self::norm_phases`]):
     /// [`VEC`] where the row is whole chunks of it, else one (the columns strided over the threads).
     pub(crate) fn vec_chunk(&self) -> usize {
-        if self.d.is_multiple_of(VEC) {
+        // The heads' output: a chunk within a head.
+        let whole = match self.op {
+            RowOp::MlaHeadsOut { heads, .. } => (self.d / heads).is_multiple_of(VEC),
+            _ => true,
+        };
+        if whole && self.d.is_multiple_of(VEC) {
             VEC
         } else {
             1
@@ -4564,6 +4577,15 @@ fn encode_e4m3(lowering: Lowering, value: &str, byte: &str) -> String {
         Lowering::Cpu => format!("  {byte} = func.call @rows_f8_encode({value}) : (f32) -> i8\n"),
     }
 }
+
+/// The GPU |max| scan's step `%j` (a warp a group): its group `%g`, lane `%lane`, and the group's
+/// first column `%g0`.
+const SCAN_LANE: &str = "  %lanes = arith.constant 32 : index
+  %width = arith.constant 32 : i32
+  %g = arith.divui %j, %lanes : index
+  %lane = arith.remui %j, %lanes : index
+  %g0 = arith.muli %g, %cGroup : index
+";
 
 /// A butterfly of shuffles over a warp's lanes (`%width`: 32) giving every lane the greatest of
 /// their `m0` (select-if-greater: NaNs skipped); the lines, and the result's name.
@@ -5807,6 +5829,24 @@ mod tests {
             );
             assert_eq!(got_s, want_s, "{}", out.kernel_name());
             assert_eq!(got_q, want_q, "{}", out.kernel_name());
+            // The PTX simulated, over buffers on 128 bytes (a head's 4 columns a load) and an
+            // element off (a column at a time): the same bytes and scales.
+            for shift in [0, 1] {
+                let mut op = placed(&o, shift);
+                let (mut q, mut s) = (placed(&vec![0u8; t_len * d], shift), placed(&vec![0f32; want_s.len()], 0));
+                let buffers = [
+                    raw(op.slice(), &[heads * t_len, v], "f32"),
+                    raw(q.slice(), &[t_len, d], "i8"),
+                    raw(s.slice(), &[t_len, d.div_ceil(GROUP)], "f32"),
+                ];
+                let stats = run_simulated(&out, &buffers, t_len);
+                let name = format!("{} (PTX simulated, shift {shift})", out.kernel_name());
+                let v4: u64 =
+                    stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
+                assert_eq!(v4 > 0, shift == 0, "{name}: {v4} warp requests of ld.global.v4");
+                assert_eq!(s.slice(), &want_s[..], "{name}");
+                assert_eq!(q.slice(), &want_q[..], "{name}");
+            }
             assert_eq!(RowKernel::from_name(&out.kernel_name()), Some(out));
             // The f32 graph's: the same rows, unquantized.
             let mut y = vec![f32::NAN; t_len * d];
