@@ -39,7 +39,8 @@ done
 # widths the cost model picks for decode and prefill too), then ragged forms (a width that is no multiple of 128 or of the block, f32 weights, a small block), then
 # MLA's latent-cache rows (decode write, prefill append; interleaved and half-split rope; f32, bf16 and fp8
 # caches), then the row steps of the multi-launch lowerings (MLA's query split + RoPE; SwiGLU, quantized and
-# f32), greedy sampling's argmax over the vocabulary, the fp8 MoE's rows copied into expert order; MLA attention (decode, prefill), and decode with a 16-key capacity
+# f32), greedy sampling's argmax over the vocabulary, the fp8 MoE's rows copied into expert order, MLA prefill's head-major
+# keys, values (bf16 and fp8 caches) and queries; MLA attention (decode, prefill), and decode with a 16-key capacity
 # (the 64-row caches go through shared memory in up to 4 chunks).
 rm -rf .device/rows && mkdir -p .device/rows
 for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_rmsnorm_bf16_d7168_t256_eps1em6_y_q \
@@ -55,7 +56,8 @@ for k in rows_embed_bf16_d7168_t256 rows_rmsnorm_bf16_d7168_t256_eps1em6_q rows_
   rows_routelogits_bf16_d7168_e256_t256_b4 rows_routelogits_bf16_d7168_e256_t256_b8 \
   rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256 rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8 \
   rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1 \
-  rows_dispatch_e256_s1_t256 rows_gatherfp8_d7168_t256 \
+  rows_dispatch_e256_s1_t256 rows_gatherfp8_d7168_t256 rows_mlaqueries_h128_n128_r64_t256 \
+  rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16_c16 rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16_c8 \
   rows_mladecode_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
   rows_mlaprefill_h128_n128_r64_v128_kv512_c8192_s1p3523377em1_t128 \
   rows_mladecode_h16_n128_r64_v128_kv512_c16_s1p3523377em1_t128; do

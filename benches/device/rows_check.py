@@ -26,6 +26,10 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_copy_d<D>_t<T>: x [rows, D], y [rows, D]
   rows_splitbf16_d<D>_t<T>: x [rows, D] (f32), hi [rows, D], lo [rows, D] (bf16)
   rows_concat_d<D>_b<B>_t<T>: x1 [rows, D], x2 [rows, B], y [rows, D + B]
+  rows_mlakeys_h<H>_n<N>_r<R>_v<V>_kv<D>_t<T>[_bf16][_c16|_c8]: kv [rows, H (N + V)] (f32, `_bf16`: bf16), cache
+      [rows, D + R] (f32; `_c16`: bf16; `_c8`: fp8 rows, u8), then k [H rows, N + R], vv [H rows, V] (bf16):
+      head h's row h rows + s is [kv[s, h, :N] | the cache row's rope key], vv its values (MLA prefill)
+  rows_mlaqueries_h<H>_n<N>_r<R>_t<T>: q_nope [rows, H, N], q_pe [rows, H, R], q [H rows, N + R] (bf16)
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
   rows_routelogits_<w>_d<D>_e<E>_t<T>[_b<B>]: x [rows, D], gate [E, D], then parts [rows, 16 E]: per split s of
       the 16 ranges of ceil(D / 16) columns, expert e's sum at column s E + e; grid ceil(rows / B) x 16 x
@@ -79,6 +83,8 @@ MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_k
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
+MLAKEYS = re.compile(r"^rows_mlakeys_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_t(\d+)(_bf16)?(?:_c(16|8))?$")
+MLAQUERIES = re.compile(r"^rows_mlaqueries_h(\d+)_n(\d+)_r(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16|fp8)?$")
 GROUP = 128
 SLOTS = 64  # cache rows per sequence of the decode (write) problems
@@ -92,6 +98,17 @@ def parse(name):
         return {"name": name, "op": "mladecode", "prefill": kind == "prefill", "heads": int(h), "nope": int(n), "rope": int(r), "v": int(v),
                 "d": int(kv), "context": int(c), "scale": float(sc.replace("m", "-").replace("p", ".")),
                 "threads": int(t), "weight": "f8E4M3FN", "keep": False, "quantize": True}
+    m = MLAKEYS.match(name)
+    if m:
+        h, n, r, v, kv, t, bf16, c = m.groups()
+        return {"name": name, "op": "mlakeys", "heads": int(h), "nope": int(n), "rope": int(r), "v": int(v),
+                "d": int(kv), "threads": int(t), "weight": "bf16" if bf16 else "f32",
+                "cache": {None: "f32", "16": "bf16", "8": "fp8"}[c], "keep": False, "quantize": False}
+    m = MLAQUERIES.match(name)
+    if m:
+        h, n, r, t = map(int, m.groups())
+        return {"name": name, "op": "mlaqueries", "heads": h, "nope": n, "rope": r, "d": h * (n + r), "threads": t,
+                "weight": "f32", "keep": False, "quantize": False}
     m = ROUTELOGITS.match(name)
     if m:
         w, d, e, t, b = m.groups()
@@ -372,6 +389,18 @@ def problem(cfg, rows, device, seed=0):
         return {"x": (torch.randn(rows, 2 * d, generator=gen) * 4).to(device)}
     if cfg["op"] in ("copy", "splitbf16"):
         return {"x": (torch.randn(rows, d, generator=gen) * 30).to(device)}
+    if cfg["op"] == "mlakeys":
+        h, n, r, v = cfg["heads"], cfg["nope"], cfg["rope"], cfg["v"]
+        kv = (torch.randn(rows, h * (n + v), generator=gen) * 9).to(dtype(cfg["weight"]))
+        cache = torch.randn(rows, d + r, generator=gen) * 2
+        cache = {"f32": cache, "bf16": cache.to(torch.bfloat16)}.get(cfg["cache"])
+        if cache is None:
+            cache = fp8_pack_reference(d, r, torch.randn(rows, d + r, generator=gen) * 2)
+        return {"kv": kv.to(device), "cache": cache.to(device)}
+    if cfg["op"] == "mlaqueries":
+        h = cfg["heads"]
+        return {"q_nope": (torch.randn(rows, h, cfg["nope"], generator=gen) * 9).to(device),
+                "q_pe": (torch.randn(rows, h, cfg["rope"], generator=gen) * 9).to(device)}
     if cfg["op"] == "gatherfp8":
         # `rows` tokens, each in GATHER_WIDTH experts: the sorted rows name tokens out of order, repeated.
         sorted_rows = torch.stack([torch.randperm(rows, generator=gen) for _ in range(GATHER_WIDTH)], dim=1)
@@ -442,6 +471,10 @@ def outputs(cfg, rows, device):
                 "rw": torch.full((rows, width), float("nan"), device=device)}
     if cfg["op"] == "copy":
         return {"y": torch.full((rows, d), float("nan"), device=device)}
+    if cfg["op"] in ("mlakeys", "mlaqueries"):
+        h, n, r = cfg["heads"], cfg["nope"], cfg["rope"]
+        nan = lambda cols: torch.full((h * rows, cols), float("nan"), dtype=torch.bfloat16, device=device)
+        return {"k": nan(n + r), "vv": nan(cfg["v"])} if cfg["op"] == "mlakeys" else {"q": nan(n + r)}
     if cfg["op"] == "gatherfp8":
         return {"q": torch.full((rows * GATHER_WIDTH, d), 0x7F, dtype=torch.uint8, device=device),
                 "scale": torch.full((rows * GATHER_WIDTH, d // GROUP), float("nan"), device=device)}
@@ -482,7 +515,8 @@ def arguments(cfg, inputs, outs):
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
-             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"]}.get(
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"],
+             "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
     for name in order:
@@ -531,6 +565,11 @@ def check(cfg, inputs, outs):
         return errors
     if cfg["op"] == "copy":
         return [] if torch.equal(outs["y"], inputs["x"]) else ["copy: rows differ"]
+    if cfg["op"] in ("mlakeys", "mlaqueries"):
+        for name, want in mla_heads_reference(cfg, inputs).items():
+            if not torch.equal(outs[name], want):
+                errors.append(f"{name}: {(outs[name] != want).sum().item()} of {want.numel()} values differ")
+        return errors
     if cfg["op"] == "gatherfp8":
         tok = inputs["sorted"].flatten().long()
         errors = [] if torch.equal(outs["q"], inputs["x"][tok]) else ["gatherfp8: bytes differ"]
@@ -660,6 +699,26 @@ def e4m3_steps_apart(a, b):
     return torch.where(x.isnan() | y.isnan(), torch.full_like(steps, math.inf), steps)
 
 
+def mla_heads_reference(cfg, inputs):
+    """MLA prefill's head-major bf16 rows (row h rows + s of head h), rounded to nearest even as the
+    kernels round: keys [kv nope | the cache row's rope key] and values (mlakeys), or queries [q_nope |
+    q_pe] (mlaqueries)."""
+    h, n, r = cfg["heads"], cfg["nope"], cfg["rope"]
+    heads_major = lambda t: t.to(torch.bfloat16).permute(1, 0, 2).reshape(-1, t.shape[2])
+    if cfg["op"] == "mlaqueries":
+        return {"q": heads_major(torch.cat([inputs["q_nope"], inputs["q_pe"]], dim=2))}
+    rows = inputs["kv"].shape[0]
+    kv = inputs["kv"].view(rows, h, n + cfg["v"])
+    cache = inputs["cache"]
+    if cfg["cache"] == "fp8":
+        rope_at = fp8_row_bytes(cfg["d"], r)[1]
+        rope = cache[:, rope_at:rope_at + 2 * r].contiguous().view(torch.bfloat16)
+    else:
+        rope = cache[:, cfg["d"]:cfg["d"] + r].to(torch.bfloat16)
+    keys = torch.cat([kv[:, :, :n].to(torch.bfloat16), rope[:, None, :].expand(rows, h, r)], dim=2)
+    return {"k": heads_major(keys), "vv": heads_major(kv[:, :, n:])}
+
+
 def argmax_reference(x):
     """Per row, the index of the largest value in f32's total order (Rust's total_cmp: NaN above +inf,
     -0 below +0), the first one on ties (torch.argmax over the integer keys returns the first maximum)."""
@@ -681,6 +740,13 @@ def bytes_moved(cfg, rows):
         return rows * cfg["top_k"] * 8 + rows * (cfg["top_k"] + cfg["shared"]) * 8
     if cfg["op"] == "copy":
         return 2 * rows * d * 4
+    if cfg["op"] == "mlakeys":
+        h, n, r, v = cfg["heads"], cfg["nope"], cfg["rope"], cfg["v"]
+        kv_bytes = rows * h * (n + v) * wb
+        rope_bytes = rows * r * {"f32": 4, "bf16": 2, "fp8": 2}[cfg["cache"]]
+        return kv_bytes + rope_bytes + rows * h * (n + r + v) * 2
+    if cfg["op"] == "mlaqueries":
+        return rows * d * (4 + 2)
     if cfg["op"] == "gatherfp8":
         return 2 * rows * GATHER_WIDTH * (d + d // GROUP * 4) + rows * GATHER_WIDTH * 4
     if cfg["op"] == "argmax":
@@ -855,6 +921,26 @@ def self_test():
     x = inputs["x"].double()
     q, s = quantize_reference((torch.nn.functional.silu(x[:, :300]) * x[:, 300:]).float())
     assert check(sw, inputs, {"q": q, "scale": s}) == []
+    # MLA prefill's head-major rows: the references' layout, and a wrong value caught.
+    for name in ("rows_mlakeys_h3_n8_r64_v12_kv128_t32_bf16_c8", "rows_mlakeys_h3_n8_r64_v12_kv128_t32_c16",
+                 "rows_mlakeys_h3_n8_r64_v12_kv128_t32", "rows_mlaqueries_h3_n8_r64_t32"):
+        mk = parse(name)
+        inputs = problem(mk, 5, "cpu")
+        want = mla_heads_reference(mk, inputs)
+        if mk["op"] == "mlakeys":
+            assert mk["weight"] == ("bf16" if "_bf16" in name else "f32") and want["vv"].shape == (15, 12)
+            kv = inputs["kv"].view(5, 3, 20)
+            assert torch.equal(want["k"][2 * 5 + 4, :8], kv[4, 2, :8].to(torch.bfloat16)), "head 2, row 4"
+            assert torch.equal(want["vv"][5 + 1], kv[1, 1, 8:].to(torch.bfloat16))
+            rope = mla_heads_reference(dict(mk, cache="f32"), {**inputs, "cache": torch.randn(5, 128 + 64)})["k"]
+            assert not torch.equal(rope, want["k"]), "the rope key comes from the cache"
+        else:
+            assert torch.equal(want["q"][5 + 2, 8:], inputs["q_pe"][2, 1].to(torch.bfloat16)), "head 1, row 2"
+        assert check(mk, inputs, {k: v.clone() for k, v in want.items()}) == []
+        bad = {k: v.clone() for k, v in want.items()}
+        first = next(iter(bad))
+        bad[first][4, 3] += 1.0
+        assert check(mk, inputs, bad), f"{name}: a wrong value is caught"
     cp = parse("rows_copy_d7168_t256")
     inputs = problem(cp, 2, "cpu")
     assert check(cp, inputs, {"y": inputs["x"].clone()}) == [] and check(cp, inputs, {"y": inputs["x"] + 1})

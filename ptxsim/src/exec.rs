@@ -699,6 +699,22 @@ impl Cta<'_> {
                 };
                 self.set(t, arg(0)?, mask(r, ty.bits))?;
             }
+            Op::Prmt => {
+                let (a, b) = (mask(self.value(t, arg(1)?)?, 32), mask(self.value(t, arg(2)?)?, 32));
+                let c = self.value(t, arg(3)?)?;
+                let bytes = (b << 32) | a;
+                let mut r = 0u64;
+                for i in 0..4 {
+                    let select = (c >> (4 * i)) & 0xf;
+                    let byte = (bytes >> (8 * (select & 7))) & 0xff;
+                    let byte = match (select & 8 != 0, byte & 0x80 != 0) {
+                        (false, _) => byte,
+                        (true, sign) => 0xff * u64::from(sign),
+                    };
+                    r |= byte << (8 * i);
+                }
+                self.set(t, arg(0)?, r)?;
+            }
             Op::Shf { left, wrap } => {
                 let (lo, hi) = (mask(self.value(t, arg(1)?)?, 32), mask(self.value(t, arg(2)?)?, 32));
                 let n = mask(self.value(t, arg(3)?)?, 32);

@@ -386,8 +386,8 @@ $L__end:
         assert!(e.contains("misaligned address: a 8-byte access"), "{e}");
     }
 
-    /// Funnel shifts of `hi:lo` (wrap: the count mod 32; clamp: at most 32) and the pair rounding
-    /// to bf16 (the first operand in the high half, to nearest even), one thread each.
+    /// Funnel shifts of `hi:lo` (wrap: the count mod 32; clamp: at most 32), byte permutes, and the
+    /// pair rounding to bf16 (the first operand in the high half, to nearest even), one thread each.
     #[test]
     fn funnel_shifts_and_bf16_pairs() {
         let run_one = |ins: &str, a: u32, b: u32, c: u32| -> u32 {
@@ -420,6 +420,13 @@ $L__end:
         assert_eq!(shf("l.clamp", 0x1234_5678, 0x9abc_def0, 40), 0x1234_5678);
         assert_eq!(shf("r.wrap", 0x1234_5678, 0x9abc_def0, 8), 0xf012_3456);
         assert_eq!(shf("r.clamp", 0x1234_5678, 0x9abc_def0, 33), 0x9abc_def0);
+        // Byte permutes of b:a: the high halves of a and b (bf16 pairs packed), bytes reversed,
+        // and a byte's sign replicated (selector 8 + 0: a's byte 0, 0x78, to 0; 8 + 3: 0x92, to 0xff).
+        let prmt = |a: u32, b: u32, c: u32| run_one("prmt.b32 %r4, %r1, %r2, %r3", a, b, c);
+        assert_eq!(prmt(0x1234_5678, 0x9abc_def0, 0x7632), 0x9abc_1234);
+        assert_eq!(prmt(0x1234_5678, 0x9abc_def0, 0x0123), 0x7856_3412);
+        assert_eq!(prmt(0x1234_5678, 0x9abc_def0, 0x4567), 0xf0de_bc9a);
+        assert_eq!(prmt(0x9234_5678, 0x9abc_def0, 0x00b8), 0x7878_ff00);
         // Ties both: 1 + 2^-8 to the even 1.0 (high half), 1 + 3 * 2^-8 to the even 1 + 2^-6 (low).
         let pair = run_one("cvt.rn.bf16x2.f32 %r4, %f1, %f2", 0x3f80_8000, 0x3f81_8000, 0);
         assert_eq!(pair, 0x3f80_3f82);

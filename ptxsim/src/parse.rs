@@ -203,6 +203,10 @@ pub enum Op {
         left: bool,
         wrap: bool,
     },
+    /// `prmt.b32 d, a, b, c` (the default mode): byte `i` of `d` is the byte of the 8 bytes `b:a`
+    /// (a low) that nibble `i` of `c` selects by its low 3 bits; with its high bit set, that
+    /// byte's sign replicated.
+    Prmt,
     Setp(Cmp, Ty),
     Selp(Ty),
     /// `round`: the rounding of a float to an integer.
@@ -621,6 +625,7 @@ fn decode(opcode: &str) -> Result<Op, String> {
         "shf" if ty()?.bits == 32 && (has("l") || has("r")) && (has("wrap") || has("clamp")) => {
             Ok(Op::Shf { left: has("l"), wrap: has("wrap") })
         }
+        "prmt" if parts.len() == 2 && ty()?.bits == 32 => Ok(Op::Prmt),
         "setp" => {
             let c = parts.get(1).and_then(|c| cmp(c)).ok_or_else(|| format!("comparison in '{opcode}'"))?;
             if parts.len() > 3 {

@@ -1500,15 +1500,54 @@ scf.if %mine {{
 %id_hi = arith.cmpi slt, %id, %vocab : index
 %id_ok = arith.andi %id_lo, %id_hi : i1
 %id_safe = arith.select %id_ok, %id, %c0 : index
-scf.for %i = %tid to %cD step %cT {{
+",
+                    w = self.weight,
+                );
+                let scalar = format!(
+                    "scf.for %i = %tid to %cD step %cT {{
 {load}%v = arith.select %id_ok, %t, %zero : f32
 memref.store %v, %out[%row, %i] : memref<?x?xf32>
 }}
 ",
-                    w = self.weight,
                     load = self.load_weight("t", "%table", "%id_safe, %i"),
                 );
-                vec![p]
+                // 4 columns of the table's row a load (widened), of the output's a store.
+                let w = self.weight.as_str();
+                let bytes = match w {
+                    "f32" => 4,
+                    "bf16" | "f16" => 2,
+                    _ => return vec![p + &scalar],
+                };
+                let load = |u: usize| {
+                    let raw = format!(
+                        "%t4r_{u} = vector.load %table[%id_safe, %i{u}] {{alignment = {} : i64}} : memref<?x?x{w}>, vector<4x{w}>\n",
+                        VEC * bytes
+                    );
+                    match w {
+                        "f32" => raw.replace("%t4r_", "%t4_"),
+                        _ => format!("{raw}%t4_{u} = arith.extf %t4r_{u} : vector<4x{w}> to vector<4xf32>\n"),
+                    }
+                };
+                let store = |u: usize| {
+                    format!(
+                        "%v4_{u} = arith.select %id_ok, %t4_{u}, %zero4 : vector<4xf32>
+vector.store %v4_{u}, %out[%row, %i{u}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>
+"
+                    )
+                };
+                let table_ty = format!("memref<?x?x{w}>");
+                let map = WideMap {
+                    columns: self.d,
+                    load: &load,
+                    store: &store,
+                    checks: vec![
+                        (VEC * bytes, vec![("%table", table_ty.as_str(), bytes)]),
+                        (16, vec![("%out", "memref<?x?xf32>", 4)]),
+                    ],
+                    setup: "%zero4 = vector.broadcast %zero : f32 to vector<4xf32>\n".to_string(),
+                    scalar,
+                };
+                vec![p + &self.wide_map(lowering, "vec", &map)]
             }
             RowOp::RmsNorm { keep, quantize, .. } => {
                 // y = w * (x * inv): kept, and/or into shared memory for the quantization.
@@ -2105,109 +2144,165 @@ scf.if %last {
                 } else {
                     ""
                 };
-                vec![format!(
-                    "{BF16_CONSTANTS}scf.for %i = %tid to %cD step %cT {{
+                let scalar = format!(
+                    "scf.for %i = %tid to %cD step %cT {{
   %v = memref.load %x[%row, %i] : memref<?x?xf32>
 {}  %rest = arith.subf %v, %h_f : f32
 {}  memref.store %h, %hi[{at}] : memref<?x?xbf16>
   memref.store %l, %lo[{at}] : memref<?x?xbf16>
 }}
-{pad}",
+",
                     round("%v", "%h"),
                     round("%rest", "%l")
-                )]
+                );
+                let split = if transposed {
+                    scalar
+                } else {
+                    // 4 columns a load of x, a store of hi and of lo.
+                    let load = |u: usize| {
+                        format!(
+                            "%x4_{u} = vector.load %x[%row, %i{u}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>\n"
+                        )
+                    };
+                    let store = |u: usize| {
+                        format!(
+                            "{}%rest4_{u} = arith.subf %x4_{u}, %h4_{u}_f : vector<4xf32>
+{}vector.store %h4_{u}, %hi[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16>, vector<4xbf16>
+vector.store %l4_{u}, %lo[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16>, vector<4xbf16>
+",
+                            unindent(&round_bf16_lanes(&format!("%x4_{u}"), &format!("%h4_{u}"), VEC)),
+                            unindent(&round_bf16_lanes(&format!("%rest4_{u}"), &format!("%l4_{u}"), VEC)),
+                        )
+                    };
+                    self.wide_map(
+                        lowering,
+                        "vec",
+                        &WideMap {
+                            columns: self.d,
+                            load: &load,
+                            store: &store,
+                            checks: vec![
+                                (16, vec![("%x", "memref<?x?xf32>", 4)]),
+                                (8, vec![("%hi", "memref<?x?xbf16>", 2), ("%lo", "memref<?x?xbf16>", 2)]),
+                            ],
+                            setup: BF16_CONSTANTS_VEC.to_string(),
+                            scalar,
+                        },
+                    )
+                };
+                vec![format!("{BF16_CONSTANTS}{split}{pad}")]
             }
             RowOp::MlaKeys { heads, nope, rope, v, cache } => {
                 // Per head: its nope key columns and value columns of the row (bf16 as they come,
                 // f32 rounded), the shared rope key (an fp8 row's: its two bytes).
-                let w = &self.weight;
-                let fp8_rope = v3c_runtime::plan::Fp8LatentRow { latent: self.d }.rope_offset();
-                let copy = |what: &str, from: &str, col: &str, to: &str| {
-                    let as_is = if from == "%kv" { w == "bf16" } else { cache == CacheRows::Bf16 };
-                    let load = if from == "%cache" && cache == CacheRows::Fp8 {
-                        format!(
-                            "    %i2 = arith.muli %i, %cTwo : index
-    %lo_at = arith.addi %i2, %cRopeAt : index
-    %hi_at = arith.addi %lo_at, %c1 : index
-    %lo8 = memref.load %cache[%row, %lo_at] : memref<?x?xi8>
-    %hi8 = memref.load %cache[%row, %hi_at] : memref<?x?xi8>
-    %lo16 = arith.extui %lo8 : i8 to i16
-    %hi16a = arith.extui %hi8 : i8 to i16
-    %c8_i16 = arith.constant 8 : i16
-    %hi16 = arith.shli %hi16a, %c8_i16 : i16
-    %bits = arith.ori %lo16, %hi16 : i16
-    %b = arith.bitcast %bits : i16 to bf16
+                let w = self.weight.as_str();
+                let kv_ty = format!("memref<?x?x{w}>");
+                let kv_bytes = if w == "f32" { 4 } else { 2 };
+                // kv's columns: head h's nope, then its value columns.
+                let kv_read = |first: &'static str| {
+                    let kv_ty = kv_ty.clone();
+                    move |h: &str, c: &str| {
+                        let n = h.trim_start_matches('%');
+                        HeadRead {
+                            index: format!(
+                                "%{n}_base = arith.muli {h}, %cPerHead : index
+%{n}_first = arith.addi %{n}_base, {first} : index
+%{n}_kv = arith.addi %{n}_first, {c} : index
 "
-                        )
-                    } else if as_is {
-                        format!("    %b = memref.load {from}[%row, %col] : memref<?x?xbf16>\n")
-                    } else {
-                        format!(
-                            "    %x = memref.load {from}[%row, %col] : memref<?x?xf32>\n{}",
-                            indent2(&round_bf16("%x", "%b"))
-                        )
-                    };
-                    format!(
-                        "  %c{what} = arith.constant {to} : index
-  scf.for %i = %tid to %c{what} step %cT {{
-    %col = arith.addi %i, {col} : index
-{load}    %to = arith.addi %i, %{what}_at : index
-    memref.store %b, %{what}_dst[%hrow, %to] : memref<?x?xbf16>
-  }}
-"
-                    )
+                            ),
+                            memref: "%kv".into(),
+                            ty: kv_ty.clone(),
+                            lead: "%row, ".into(),
+                            column: format!("%{n}_kv"),
+                            element: if w == "f32" { "f32" } else { "bf16" },
+                        }
+                    }
                 };
-                let body = [
-                    copy("nope", "%kv", "%base", &nope.to_string()),
-                    copy("rope", "%cache", "%cD", &rope.to_string()),
-                    copy("val", "%kv", "%vbase", &v.to_string()),
-                ]
-                .concat()
-                .replace("%nope_dst", "%k")
-                .replace("%rope_dst", "%k")
-                .replace("%val_dst", "%vv");
+                let (nope_read, val_read) = (kv_read("%c0"), kv_read("%cNope"));
+                // The rope key every head shares: at column d of a cache row (an fp8 row's: its
+                // bytes at the row's rope offset).
+                let cache_ty = format!("memref<?x?x{}>", cache.element());
+                let (rope_at, rope_element, cache_bytes) = match cache {
+                    CacheRows::Fp8 => {
+                        (v3c_runtime::plan::Fp8LatentRow { latent: self.d }.rope_offset(), "bf16bytes", 1)
+                    }
+                    CacheRows::Bf16 => (self.d, "bf16", 2),
+                    CacheRows::F32 => (self.d, "f32", 4),
+                };
+                let rope_read = |_h: &str, c: &str| {
+                    let n = c.trim_start_matches('%');
+                    let bytes = if cache == CacheRows::Fp8 {
+                        format!("%{n}_b = arith.muli {c}, %cTwo : index\n")
+                    } else {
+                        format!("%{n}_b = arith.addi {c}, %c0 : index\n")
+                    };
+                    HeadRead {
+                        index: format!("{bytes}%{n}_at = arith.addi %{n}_b, %cRopeAt : index\n"),
+                        memref: "%cache".into(),
+                        ty: cache_ty.clone(),
+                        lead: "%row, ".into(),
+                        column: format!("%{n}_at"),
+                        element: rope_element,
+                    }
+                };
+                // A chunk of the rope key: 16 bytes of f32, else 8.
+                let rope_align = if cache == CacheRows::F32 { 16 } else { 8 };
+                let kv_check = || vec![(VEC * kv_bytes, vec![("%kv", kv_ty.as_str(), kv_bytes)])];
+                let part = |flag: &str, width: usize, read: &dyn Fn(&str, &str) -> HeadRead, to, checks, wide| {
+                    let map = HeadMajor { heads, width, read, rows: "%S", to, checks, wide };
+                    self.head_major(lowering, flag, &map)
+                };
                 vec![format!(
-                    "{BF16_CONSTANTS}%S = memref.dim %kv, %c0 : memref<?x?x{w}>
+                    "{BF16_CONSTANTS}%S = memref.dim %kv, %c0 : {kv_ty}
 %cTwo = arith.constant 2 : index
-%cRopeAt = arith.constant {fp8_rope} : index
-%cH = arith.constant {heads} : index
 %cPerHead = arith.constant {per_head} : index
-%nope_at = arith.constant 0 : index
-%rope_at = arith.constant {nope} : index
-%val_at = arith.constant 0 : index
-%nope_cols = arith.constant {nope} : index
-scf.for %h = %c0 to %cH step %c1 {{
-  %hrow0 = arith.muli %h, %S : index
-  %hrow = arith.addi %hrow0, %row : index
-  %base = arith.muli %h, %cPerHead : index
-  %vbase = arith.addi %base, %nope_cols : index
-{body}}}
-",
+%cNope = arith.constant {nope} : index
+%cRopeAt = arith.constant {rope_at} : index
+{}{}{}",
+                    part("vec_n", nope, &nope_read, ("%k", None), kv_check(), true),
+                    part(
+                        "vec_r",
+                        rope,
+                        &rope_read,
+                        ("%k", Some("%cNope")),
+                        vec![(rope_align, vec![("%cache", cache_ty.as_str(), cache_bytes)])],
+                        (rope_at * cache_bytes).is_multiple_of(rope_align),
+                    ),
+                    part("vec_v", v, &val_read, ("%vv", None), kv_check(), true),
                     per_head = nope + v,
                 )]
             }
-            RowOp::MlaQueries { heads, nope, rope } => vec![format!(
-                "{BF16_CONSTANTS}%T = memref.dim %q_nope, %c0 : memref<?x?x?xf32>
-%cH = arith.constant {heads} : index
+            RowOp::MlaQueries { heads, nope, rope } => {
+                let ty3 = "memref<?x?x?xf32>";
+                // A token's nope (then rope) columns of every head, head after head.
+                let part = |flag: &str, from: &str, width: usize, at: Option<&str>| {
+                    let read = |h: &str, c: &str| HeadRead {
+                        index: String::new(),
+                        memref: from.to_string(),
+                        ty: ty3.to_string(),
+                        lead: format!("%row, {h}, "),
+                        column: c.to_string(),
+                        element: "f32",
+                    };
+                    let map = HeadMajor {
+                        heads,
+                        width,
+                        read: &read,
+                        rows: "%T",
+                        to: ("%q", at),
+                        checks: vec![(16, vec![(from, ty3, 4)])],
+                        wide: true,
+                    };
+                    self.head_major(lowering, flag, &map)
+                };
+                vec![format!(
+                    "{BF16_CONSTANTS}%T = memref.dim %q_nope, %c0 : {ty3}
 %cNope = arith.constant {nope} : index
-%cRope = arith.constant {rope} : index
-scf.for %h = %c0 to %cH step %c1 {{
-  %hrow0 = arith.muli %h, %T : index
-  %hrow = arith.addi %hrow0, %row : index
-  scf.for %i = %tid to %cNope step %cT {{
-    %x = memref.load %q_nope[%row, %h, %i] : memref<?x?x?xf32>
-{round_nope}    memref.store %b, %q[%hrow, %i] : memref<?x?xbf16>
-  }}
-  scf.for %i = %tid to %cRope step %cT {{
-    %x = memref.load %q_pe[%row, %h, %i] : memref<?x?x?xf32>
-{round_pe}    %col = arith.addi %i, %cNope : index
-    memref.store %b, %q[%hrow, %col] : memref<?x?xbf16>
-  }}
-}}
-",
-                round_nope = indent2(&round_bf16("%x", "%b")),
-                round_pe = indent2(&round_bf16("%x", "%b")),
-            )],
+{}{}",
+                    part("vec_n", "%q_nope", nope, None),
+                    part("vec_r", "%q_pe", rope, Some("%cNope")),
+                )]
+            }
             RowOp::MlaHeadsOut { quantize, .. } => {
                 // Column c of row t: head c / v's output row h * T + t, its column c mod v.
                 let (rows_of, ty) = if quantize { ("%q", "i8") } else { ("%y", "f32") };
@@ -2248,19 +2343,21 @@ scf.for %h = %c0 to %cH step %c1 {{
                     )]
                 }
             }
-            RowOp::Concat { second } => vec![format!(
-                "scf.for %i = %tid to %cD step %cT {{
-  %v = memref.load %x1[%row, %i] : memref<?x?xf32>
-  memref.store %v, %y[%row, %i] : memref<?x?xf32>
-}}
-%cB = arith.constant {second} : index
-scf.for %i = %tid to %cB step %cT {{
-  %v = memref.load %x2[%row, %i] : memref<?x?xf32>
-  %col = arith.addi %i, %cD : index
-  memref.store %v, %y[%row, %col] : memref<?x?xf32>
-}}
-"
-            )],
+            RowOp::Concat { second } => {
+                // The second row's columns start at d: its chunks on 16 bytes where d is whole ones.
+                vec![format!(
+                    "{}%cB = arith.constant {second} : index
+{}",
+                    self.copy_columns(lowering, "vec_a", ("%x1", "%y", None), ("%cD", self.d), true),
+                    self.copy_columns(
+                        lowering,
+                        "vec_b",
+                        ("%x2", "%y", Some("%cD")),
+                        ("%cB", second),
+                        self.d.is_multiple_of(VEC)
+                    ),
+                )]
+            }
             RowOp::MlaDecode { prefill, .. } => {
                 let t = |n: &str| sh(n);
                 // A latent row's element: [b, j, col] of the decode caches, [j, col] of the prefill latent.
@@ -2766,12 +2863,7 @@ scf.for %i = %tid to %cD step %cT {{
                 groups = self.groups(),
                 bytes = self.gather_bytes(lowering),
             )],
-            RowOp::Copy => vec!["scf.for %i = %tid to %cD step %cT {
-  %v = memref.load %x[%row, %i] : memref<?x?xf32>
-  memref.store %v, %y[%row, %i] : memref<?x?xf32>
-}
-"
-            .to_string()],
+            RowOp::Copy => vec![self.copy_columns(lowering, "vec", ("%x", "%y", None), ("%cD", self.d), true)],
             RowOp::SiluMul { quantize } => {
                 // silu(g) * u = g / (1 + exp(-g)) * u, the reference's order; quantized, it is
                 // computed where each phase reads it (no row buffer: rows of 18432 would not fit).
@@ -3316,6 +3408,212 @@ memref.store %s, %sh_sum[%tid] : {sum}",
             None,
         ));
         phases
+    }
+
+    /// A row's columns `0..map.columns` taken [`VEC`] at a time (one load of 16 bytes of f32) where
+    /// the GPU lowering takes it, every buffer of `map.checks` is aligned at run time, and the columns
+    /// are whole chunks; `map.scalar` (the same map a column at a time) otherwise. A step issues
+    /// [`Self::wide_unroll`] chunks' loads before their first use. The chunks' names: `%i{u}` is
+    /// chunk `u`'s first column, and `%in{u}` whether it is one of the row's (the stores of a
+    /// repeated chunk are skipped). `flag` names the alignment check (unique within the kernel).
+    fn wide_map(&self, lowering: Lowering, flag: &str, map: &WideMap) -> String {
+        if lowering != Lowering::Gpu || !map.columns.is_multiple_of(VEC) || map.columns == 0 {
+            return map.scalar.clone();
+        }
+        let chunks = map.columns / VEC;
+        let unroll = self.wide_unroll(chunks);
+        let (head, ids) = chunk_unroll(unroll, self.threads);
+        let mut checks = String::new();
+        let mut all = Vec::new();
+        for (k, (bytes, buffers)) in map.checks.iter().enumerate() {
+            checks.push_str(&aligned(&format!("{flag}{k}"), *bytes, buffers));
+            all.push(format!("%{flag}{k}"));
+        }
+        let mut both = all[0].clone();
+        for (k, next) in all.iter().enumerate().skip(1) {
+            let _ = writeln!(checks, "%{flag}_and{k} = arith.andi {both}, {next} : i1");
+            both = format!("%{flag}_and{k}");
+        }
+        let mut body = ids;
+        (0..unroll).for_each(|u| body.push_str(&indent4(&(map.load)(u))));
+        for u in 0..unroll {
+            let _ = write!(
+                body,
+                "    scf.if %in{u} {{
+{}    }}
+",
+                indent6(&(map.store)(u))
+            );
+        }
+        format!(
+            "{checks}scf.if {both} {{
+  %cVec = arith.constant {VEC} : index
+  %cVecs = arith.constant {chunks} : index
+{setup}{head}  scf.for %c0u = %tid to %cVecs step %cTU {{
+{body}  }}
+}} else {{
+{scalar}}}
+",
+            setup = indent2(&map.setup),
+            scalar = indent2(&map.scalar),
+        )
+    }
+
+    /// `to[%row, at + c] = from[%row, c]` (f32) for the columns `c < columns` (`count`: their
+    /// index constant), 16 bytes a load and a store where [`Self::wide_map`] takes them and `wide`
+    /// (`at` keeps the chunks on 16 bytes).
+    fn copy_columns(
+        &self,
+        lowering: Lowering,
+        flag: &str,
+        (from, to, at): (&str, &str, Option<&str>),
+        (count, columns): (&str, usize),
+        wide: bool,
+    ) -> String {
+        let ty = "memref<?x?xf32>";
+        let column = |i: &str, col: &str| match at {
+            Some(at) => (format!("{col} = arith.addi {i}, {at} : index\n"), col.to_string()),
+            None => (String::new(), i.to_string()),
+        };
+        let (offset, col) = column("%i", "%col");
+        let scalar = format!(
+            "scf.for %i = %tid to {count} step %cT {{
+  %v = memref.load {from}[%row, %i] : {ty}
+{}  memref.store %v, {to}[%row, {col}] : {ty}
+}}
+",
+            indent2(&offset)
+        );
+        if !wide {
+            return scalar;
+        }
+        let load = |u: usize| {
+            format!("%v4_{u} = vector.load {from}[%row, %i{u}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>\n")
+        };
+        let store = |u: usize| {
+            let (offset, col) = column(&format!("%i{u}"), &format!("%col{u}"));
+            format!("{offset}vector.store %v4_{u}, {to}[%row, {col}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>\n")
+        };
+        let map = WideMap {
+            columns,
+            load: &load,
+            store: &store,
+            checks: vec![(16, vec![(from, ty, 4), (to, ty, 4)])],
+            setup: String::new(),
+            scalar,
+        };
+        self.wide_map(lowering, flag, &map)
+    }
+
+    /// `map`'s head-major copy: for each column `n < heads * width` of a row's part, head
+    /// `h = n / width`'s column `c = n mod width` as bf16 into row `h * rows + %row` of `to`, at
+    /// column `c` (plus `to`'s offset). [`Self::wide_map`] takes the columns 4 at a time where
+    /// each head's part is whole chunks and `map.wide`.
+    fn head_major(&self, lowering: Lowering, flag: &str, map: &HeadMajor) -> String {
+        let (to, at) = map.to;
+        let to_ty = "memref<?x?xbf16>";
+        let rows = map.rows;
+        let (all, width) = (format!("%{flag}_all"), format!("%{flag}_w"));
+        // The output row and column of head `h`'s column `c`; names from `o`.
+        let place = |h: &str, c: &str, o: &str| {
+            let col = match at {
+                Some(at) => format!("{o}_col = arith.addi {c}, {at} : index\n"),
+                None => format!("{o}_col = arith.addi {c}, %c0 : index\n"),
+            };
+            format!("{o}_r0 = arith.muli {h}, {rows} : index\n{o}_r = arith.addi {o}_r0, %row : index\n{col}")
+        };
+        let one = (map.read)("%hh", "%cc");
+        let load = |r: &HeadRead, col: &str| format!("{}[{}{col}] : {}", r.memref, r.lead, r.ty);
+        let value = match one.element {
+            "f32" => format!("%x = memref.load {}\n{}", load(&one, &one.column), unindent(&round_bf16("%x", "%b"))),
+            "bf16" => format!("%b = memref.load {}\n", load(&one, &one.column)),
+            _ => format!(
+                "%lo8 = memref.load {}
+%hi_at = arith.addi {col}, %c1 : index
+%hi8 = memref.load {}
+%lo16 = arith.extui %lo8 : i8 to i16
+%hi16a = arith.extui %hi8 : i8 to i16
+%c8_i16 = arith.constant 8 : i16
+%hi16 = arith.shli %hi16a, %c8_i16 : i16
+%bits = arith.ori %lo16, %hi16 : i16
+%b = arith.bitcast %bits : i16 to bf16
+",
+                load(&one, &one.column),
+                load(&one, "%hi_at"),
+                col = one.column,
+            ),
+        };
+        let scalar = format!(
+            "scf.for %n = %tid to {all} step %cT {{
+  %hh = arith.divui %n, {width} : index
+  %cc = arith.remui %n, {width} : index
+{index}{value}{place}  memref.store %b, {to}[%o_r, %o_col] : {to_ty}
+}}
+",
+            index = indent2(&one.index),
+            value = indent2(&value),
+            place = indent2(&place("%hh", "%cc", "%o")),
+        );
+        let head = format!(
+            "{all} = arith.constant {} : index\n{width} = arith.constant {} : index\n",
+            map.heads * map.width,
+            map.width
+        );
+        if !map.wide || !map.width.is_multiple_of(VEC) {
+            return head + &scalar;
+        }
+        let reads: Vec<HeadRead> =
+            (0..NORM_UNROLL).map(|u| (map.read)(&format!("%hd{u}"), &format!("%cl{u}"))).collect();
+        let loads = |u: usize| {
+            let r = &reads[u];
+            let at = format!(
+                "%hd{u} = arith.divui %i{u}, {width} : index\n%cl{u} = arith.remui %i{u}, {width} : index\n{}",
+                r.index
+            );
+            let vload = |ty: &str, align: usize| {
+                format!(
+                    "vector.load {}[{}{}] {{alignment = {align} : i64}} : {}, {ty}",
+                    r.memref, r.lead, r.column, r.ty
+                )
+            };
+            match r.element {
+                "f32" => format!("{at}%x4_{u} = {}\n", vload("vector<4xf32>", 16)),
+                "bf16" => format!("{at}%b4_{u} = {}\n", vload("vector<4xbf16>", 8)),
+                _ => format!(
+                    "{at}%y8_{u} = {}\n%b4_{u} = vector.bitcast %y8_{u} : vector<8xi8> to vector<4xbf16>\n",
+                    vload("vector<8xi8>", 8)
+                ),
+            }
+        };
+        let stores = |u: usize| {
+            let round = if reads[u].element == "f32" {
+                unindent(&round_bf16_lanes(&format!("%x4_{u}"), &format!("%b4_{u}"), VEC))
+            } else {
+                String::new()
+            };
+            format!(
+                "{round}{}vector.store %b4_{u}, {to}[%o{u}_r, %o{u}_col] {{alignment = 8 : i64}} : {to_ty}, vector<4xbf16>\n",
+                place(&format!("%hd{u}"), &format!("%cl{u}"), &format!("%o{u}"))
+            )
+        };
+        let mut checks = map.checks.clone();
+        checks.push((8, vec![(to, to_ty, 2)]));
+        let wide = WideMap {
+            columns: map.heads * map.width,
+            load: &loads,
+            store: &stores,
+            checks,
+            setup: BF16_CONSTANTS_VEC.to_string(),
+            scalar,
+        };
+        head + &self.wide_map(lowering, flag, &wide)
+    }
+
+    /// Chunks a step of [`Self::wide_map`]'s loop loads before using them: a thread's chunks in
+    /// as few steps of at most [`NORM_UNROLL`] as they allow, the steps as even as they can be.
+    fn wide_unroll(&self, chunks: usize) -> usize {
+        let per_thread = chunks.div_ceil(self.threads).max(1);
+        per_thread.div_ceil(per_thread.div_ceil(NORM_UNROLL))
     }
 
     /// Chunks a thread's loop over the row takes a step in RMSNorm's vectorized phases, at most
@@ -4357,6 +4655,55 @@ const VEC: usize = 4;
 /// with both outputs): a block less per SM.
 const NORM_UNROLL: usize = 4;
 
+/// Columns of a row mapped one by one ([`RowKernel::wide_map`]).
+struct WideMap<'a> {
+    /// How many (from column 0).
+    columns: usize,
+    /// Chunk `u`'s loads at its first column `%i{u}` (the names ending `_{u}`).
+    load: &'a dyn Fn(usize) -> String,
+    /// Chunk `u`'s arithmetic and stores (run where `%in{u}`).
+    store: &'a dyn Fn(usize) -> String,
+    /// The buffers the chunks access, each set with the alignment its accesses need in bytes.
+    checks: Vec<(usize, Vec<Buffer<'a>>)>,
+    /// Values the chunks use, computed before the loop.
+    setup: String,
+    /// The same map a column at a time.
+    scalar: String,
+}
+
+/// A head-major copy of a row's part ([`RowKernel::head_major`]).
+struct HeadMajor<'a> {
+    heads: usize,
+    /// Columns of a head's part.
+    width: usize,
+    /// Where head `h`'s column `c` is read from (given their names).
+    read: &'a dyn Fn(&str, &str) -> HeadRead,
+    /// Rows of the output a head has (`%T`: the tokens).
+    rows: &'a str,
+    /// The output (bf16 rows), and the column a head's part starts at.
+    to: (&'a str, Option<&'a str>),
+    /// The buffers read, with the alignment in bytes a chunk's load needs.
+    checks: Vec<(usize, Vec<Buffer<'a>>)>,
+    /// Whether a head's chunk is a load (the part's offset keeps it aligned).
+    wide: bool,
+}
+
+/// A column's load ([`HeadMajor::read`]).
+struct HeadRead {
+    /// Index arithmetic before the load.
+    index: String,
+    memref: String,
+    /// Its memref type.
+    ty: String,
+    /// The indices before the last (each followed by ", ").
+    lead: String,
+    /// The last index (the column; an fp8 row's first byte).
+    column: String,
+    /// What is there: `f32` (rounded to bf16), `bf16`, or `bf16bytes` (an i8 row's bytes, two a
+    /// bf16, low first).
+    element: &'static str,
+}
+
 /// `%{flag}` (i1): every buffer of `buffers` starts on `bytes` bytes and, beyond one dimension, has
 /// rows (every dimension past the first) a multiple of `bytes` long: then an access of `bytes`
 /// bytes at an offset in the row that is a multiple of `bytes` is aligned. (The runtime passes
@@ -4451,17 +4798,36 @@ fn group_scale(amax: &str, s: &str) -> String {
 /// `{out}` (bf16) = `{x}` (f32) rounded to nearest even by its bits — the same integer arithmetic
 /// in both lowerings — and `{out}_f`, that value as f32 (needs [`BF16_CONSTANTS`]).
 fn round_bf16(x: &str, out: &str) -> String {
+    round_bf16_lanes(x, out, 1)
+}
+
+/// The constants [`round_bf16_lanes`] uses at [`VEC`] lanes.
+const BF16_CONSTANTS_VEC: &str = "%c16_i32_v = arith.constant dense<16> : vector<4xi32>
+%c1_i32_v = arith.constant dense<1> : vector<4xi32>
+%c7fff_i32_v = arith.constant dense<32767> : vector<4xi32>
+";
+
+/// [`round_bf16`] of 1 value, or of [`VEC`] (`vector<4xf32>` to `vector<4xbf16>`, needs
+/// [`BF16_CONSTANTS_VEC`]): the same arithmetic on each lane.
+fn round_bf16_lanes(x: &str, out: &str, lanes: usize) -> String {
+    let (f, i, h, b, c) = if lanes == 1 {
+        ("f32".to_string(), "i32".to_string(), "i16".to_string(), "bf16".to_string(), "")
+    } else {
+        assert_eq!(lanes, VEC, "bf16 rounding takes 1 or {VEC} lanes");
+        let v = |t: &str| format!("vector<{VEC}x{t}>");
+        (v("f32"), v("i32"), v("i16"), v("bf16"), "_v")
+    };
     format!(
-        "  {out}_bits = arith.bitcast {x} : f32 to i32
-  {out}_lsb0 = arith.shrui {out}_bits, %c16_i32 : i32
-  {out}_lsb = arith.andi {out}_lsb0, %c1_i32 : i32
-  {out}_bias = arith.addi {out}_lsb, %c7fff_i32 : i32
-  {out}_sum = arith.addi {out}_bits, {out}_bias : i32
-  {out}_top = arith.shrui {out}_sum, %c16_i32 : i32
-  {out}_i16 = arith.trunci {out}_top : i32 to i16
-  {out} = arith.bitcast {out}_i16 : i16 to bf16
-  {out}_back = arith.shli {out}_top, %c16_i32 : i32
-  {out}_f = arith.bitcast {out}_back : i32 to f32
+        "  {out}_bits = arith.bitcast {x} : {f} to {i}
+  {out}_lsb0 = arith.shrui {out}_bits, %c16_i32{c} : {i}
+  {out}_lsb = arith.andi {out}_lsb0, %c1_i32{c} : {i}
+  {out}_bias = arith.addi {out}_lsb, %c7fff_i32{c} : {i}
+  {out}_sum = arith.addi {out}_bits, {out}_bias : {i}
+  {out}_top = arith.shrui {out}_sum, %c16_i32{c} : {i}
+  {out}_i16 = arith.trunci {out}_top : {i} to {h}
+  {out} = arith.bitcast {out}_i16 : {h} to {b}
+  {out}_back = arith.shli {out}_top, %c16_i32{c} : {i}
+  {out}_f = arith.bitcast {out}_back : {i} to {f}
 "
     )
 }
@@ -4505,6 +4871,19 @@ scf.if %in {{
 /// `text` indented by two more spaces.
 fn indent2(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// `text` with each line's leading spaces dropped.
+fn unindent(text: &str) -> String {
+    text.lines().map(|l| format!("{}\n", l.trim_start())).collect()
+}
+
+fn indent4(text: &str) -> String {
+    indent2(&indent2(text))
+}
+
+fn indent6(text: &str) -> String {
+    indent2(&indent4(text))
 }
 
 fn exp(lowering: Lowering, value: &str, out: &str) -> String {
@@ -6288,6 +6667,197 @@ mod tests {
         for r in 0..rows {
             assert_eq!(&y[r * (d + second)..r * (d + second) + d], &a[r * d..(r + 1) * d]);
             assert_eq!(&y[r * (d + second) + d..(r + 1) * (d + second)], &b[r * second..(r + 1) * second]);
+        }
+    }
+
+    /// The copies and the bf16 split through the PTX simulated, against the CPU lowering's bits:
+    /// with every buffer on 128 bytes (16 bytes a load where the widths are whole chunks of 4
+    /// columns, and only there) and every buffer an element off (a column at a time).
+    #[test]
+    fn split_copy_concat_and_embed_rows_simulated_move_16_bytes_a_load_where_aligned() {
+        let rows = 3;
+        // d 300: 75 chunks, some threads two (a repeated chunk in a step); 302 is no whole chunks.
+        for (d, threads) in [(300, 64), (302, 64), (7168, 256)] {
+            let x = {
+                let mut x = values(rows * d, 40, 50.0);
+                x[5] = 1.0 + f32::EPSILON;
+                x
+            };
+            // Concatenated rows are whole chunks where both parts are.
+            let second = if d == 300 { 100 } else { d.min(128) };
+            let x2 = values(rows * second, 41, 3.0);
+            let vocab = 5;
+            let table32 = values(vocab * d, 42, 2.0);
+            let table: Vec<u16> = table32.iter().map(|&v| f32_to_bf16(v)).collect();
+            let ids: Vec<i64> = vec![4, -1, 0];
+            let with = |op: RowOp, weight: &str| {
+                let mut k = RowKernel::new(op, d, weight);
+                k.threads = threads;
+                k
+            };
+            // Each kernel's outputs, by shift (None: the CPU lowering), as bytes.
+            let run = |kernel: &RowKernel, shift: Option<usize>| -> Vec<Vec<u8>> {
+                let at = shift.unwrap_or(0);
+                let (mut xp, mut x2p) = (placed(&x, at), placed(&x2, at));
+                let (mut tp, mut idp) = (placed(&table, at), placed(&ids, at));
+                let mut hi = placed(&vec![0u16; rows * d], at);
+                let mut lo = placed(&vec![0u16; rows * d], at);
+                let mut y = placed(&vec![f32::NAN; rows * (d + second)], at);
+                let buffers = match kernel.op {
+                    RowOp::SplitBf16 => vec![
+                        raw(xp.slice(), &[rows, d], "f32"),
+                        raw(hi.slice(), &[rows, d], "bf16"),
+                        raw(lo.slice(), &[rows, d], "bf16"),
+                    ],
+                    RowOp::Copy => {
+                        vec![raw(xp.slice(), &[rows, d], "f32"), raw(&mut y.slice()[..rows * d], &[rows, d], "f32")]
+                    }
+                    RowOp::Concat { .. } => vec![
+                        raw(xp.slice(), &[rows, d], "f32"),
+                        raw(x2p.slice(), &[rows, second], "f32"),
+                        raw(y.slice(), &[rows, d + second], "f32"),
+                    ],
+                    RowOp::Embed => vec![
+                        raw(tp.slice(), &[vocab, d], "bf16"),
+                        raw(idp.slice(), &[rows], "i64"),
+                        raw(&mut y.slice()[..rows * d], &[rows, d], "f32"),
+                    ],
+                    _ => unreachable!(),
+                };
+                let name = format!("{} at shift {shift:?}", kernel.kernel_name());
+                match shift {
+                    None => run_cpu(kernel, &buffers),
+                    Some(shift) => {
+                        let stats = run_simulated(kernel, &buffers, rows);
+                        let wide = |op: &str| -> u64 {
+                            stats.accesses.values().filter(|a| a.text.starts_with(op)).map(|a| a.requests).sum()
+                        };
+                        let (v4_loads, v4_stores) = (wide("ld.global.v4"), wide("st.global.v4") + wide("st.global.v2"));
+                        eprintln!(
+                            "{name}: {} instructions, {} load rounds, {:.0}% of global sectors' bytes used, {v4_loads} / {v4_stores} wide loads / stores",
+                            stats.instructions,
+                            stats.load_rounds,
+                            100.0 * stats.global_efficiency()
+                        );
+                        // The embedding's bf16 table comes 8 bytes a load.
+                        let loads = if kernel.op == RowOp::Embed {
+                            wide("ld.global.v4.b16") + wide("ld.global.v2")
+                        } else {
+                            v4_loads
+                        };
+                        let aligned = shift == 0 && d.is_multiple_of(4) && (d + second).is_multiple_of(4);
+                        assert_eq!(loads > 0, aligned, "{name}: {loads} wide loads");
+                        assert_eq!(v4_stores > 0, aligned, "{name}: {v4_stores} wide stores");
+                    }
+                }
+                // The outputs as bits (NaN where nothing was written).
+                let bits32 = |v: &[f32]| v.iter().flat_map(|f| f.to_bits().to_le_bytes()).collect::<Vec<u8>>();
+                let bits16 = |v: &[u16]| v.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>();
+                vec![bits16(hi.slice()), bits16(lo.slice()), bits32(y.slice())]
+            };
+            for op in [RowOp::SplitBf16, RowOp::Copy, RowOp::Concat { second }, RowOp::Embed] {
+                let kernel = with(op, if op == RowOp::Embed { "bf16" } else { "f32" });
+                let cpu = run(&kernel, None);
+                for shift in [0, 1] {
+                    assert!(
+                        run(&kernel, Some(shift)) == cpu,
+                        "{}: shift {shift} differs from the CPU lowering",
+                        kernel.kernel_name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// MLA prefill's keys, values and queries (head-major bf16 rows) through the PTX simulated,
+    /// against the CPU lowering's bits: over buffers on 128 bytes (a head's 4 columns a load and a
+    /// store where its parts are whole chunks of 4, and only there) and an element off (a column
+    /// at a time). kv f32 or bf16; caches of f32, bf16 and fp8 rows.
+    #[test]
+    fn mla_prefill_keys_and_queries_simulated_move_a_heads_chunk_a_load_where_aligned() {
+        let (s_len, heads, rope, d) = (3, 3, v3c_runtime::plan::Fp8LatentRow::ROPE, 128);
+        let row = v3c_runtime::plan::Fp8LatentRow { latent: d };
+        // nope 6: no whole chunks (a column at a time); 8 with values of 12.
+        for (nope, v) in [(8, 12), (6, 8)] {
+            let per = nope + v;
+            let kv32 = values(s_len * heads * per, 90, 9.0);
+            let kv16: Vec<u16> = kv32.iter().map(|&x| f32_to_bf16(x)).collect();
+            let latent = values(s_len * (d + rope), 91, 2.0);
+            let mut packed = vec![0u8; s_len * row.bytes()];
+            for (r, out) in latent.chunks_exact(d + rope).zip(packed.chunks_exact_mut(row.bytes())) {
+                row.pack(r, out);
+            }
+            let cache16: Vec<u16> = latent.iter().map(|&x| f32_to_bf16(x)).collect();
+            let (qn, qp) = (values(s_len * heads * nope, 92, 9.0), values(s_len * heads * rope, 93, 9.0));
+            let mut kernels: Vec<RowKernel> = Vec::new();
+            for (w, cache) in
+                [("bf16", CacheRows::Bf16), ("f32", CacheRows::Fp8), ("bf16", CacheRows::Fp8), ("f32", CacheRows::F32)]
+            {
+                kernels.push(RowKernel::new(RowOp::MlaKeys { heads, nope, rope, v, cache }, d, w));
+            }
+            kernels.push(RowKernel::new(RowOp::MlaQueries { heads, nope, rope }, heads * (nope + rope), "f32"));
+            for kernel in &mut kernels {
+                kernel.threads = 32;
+                let run = |shift: Option<usize>| -> (Vec<u16>, Vec<u16>) {
+                    let at = shift.unwrap_or(0);
+                    let (mut kvp, mut kv16p) = (placed(&kv32, at), placed(&kv16, at));
+                    let (mut c32, mut c16, mut c8) = (placed(&latent, at), placed(&cache16, at), placed(&packed, at));
+                    let (mut qnp, mut qpp) = (placed(&qn, at), placed(&qp, at));
+                    let mut k = placed(&vec![0xAAAAu16; heads * s_len * (nope + rope)], at);
+                    let mut vv = placed(&vec![0xAAAAu16; heads * s_len * v], at);
+                    let buffers = match kernel.op {
+                        RowOp::MlaKeys { cache, .. } => vec![
+                            if kernel.weight == "f32" {
+                                raw(kvp.slice(), &[s_len, heads * per], "f32")
+                            } else {
+                                raw(kv16p.slice(), &[s_len, heads * per], "bf16")
+                            },
+                            match cache {
+                                CacheRows::Fp8 => raw(c8.slice(), &[s_len, row.bytes()], "i8"),
+                                CacheRows::Bf16 => raw(c16.slice(), &[s_len, d + rope], "bf16"),
+                                CacheRows::F32 => raw(c32.slice(), &[s_len, d + rope], "f32"),
+                            },
+                            raw(k.slice(), &[heads * s_len, nope + rope], "bf16"),
+                            raw(vv.slice(), &[heads * s_len, v], "bf16"),
+                        ],
+                        _ => vec![
+                            raw(qnp.slice(), &[s_len, heads, nope], "f32"),
+                            raw(qpp.slice(), &[s_len, heads, rope], "f32"),
+                            raw(k.slice(), &[heads * s_len, nope + rope], "bf16"),
+                        ],
+                    };
+                    let name = format!("{} ({} kv) at shift {shift:?}", kernel.kernel_name(), kernel.weight);
+                    match shift {
+                        None => run_cpu(kernel, &buffers),
+                        Some(shift) => {
+                            let stats = run_simulated(kernel, &buffers, s_len);
+                            let wide: u64 = stats
+                                .accesses
+                                .values()
+                                .filter(|a| a.text.starts_with("st.global.v2") || a.text.starts_with("st.global.v4"))
+                                .map(|a| a.requests)
+                                .sum();
+                            eprintln!(
+                                "{name}: {} instructions, {} load rounds, {:.0}% of global sectors' bytes used, {wide} wide stores",
+                                stats.instructions,
+                                stats.load_rounds,
+                                100.0 * stats.global_efficiency()
+                            );
+                            assert_eq!(wide > 0, shift == 0 && nope % 4 == 0, "{name}: {wide} wide stores");
+                        }
+                    }
+                    (k.slice().to_vec(), vv.slice().to_vec())
+                };
+                let cpu = run(None);
+                assert!(!cpu.0.contains(&0xAAAA), "{}: every key column written", kernel.kernel_name());
+                for shift in [0, 1] {
+                    assert!(
+                        run(Some(shift)) == cpu,
+                        "{}: shift {shift} differs from the CPU lowering",
+                        kernel.kernel_name()
+                    );
+                }
+            }
         }
     }
 
