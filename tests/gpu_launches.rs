@@ -676,7 +676,7 @@ fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
     let launches =
         "compile: attention_quantize_0 -> 6 launches: rows_quantize_bf16_d128_t32 -> GEMM N 512 K 128 (prefill ";
     let rest =
-        "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s4 \
+        "rows_mlakeys_h2_n128_r64_v128_kv128_t64_bf16_c16 -> rows_mlaqueries_h2_n128_r64_t64 -> mla_prefill_qk192_v128_s4 \
                 (2 heads, tensor cores) -> rows_mlaheadsout_h2_d256_t32_q";
     assert!(err.contains(launches) && err.contains(rest), "{err}");
 }
@@ -689,7 +689,7 @@ fn tensor_core_prefill_attention_emulated_follows_the_cpu_backend() {
 fn fp8_cache_prefill_emulated_follows_the_cpu_backend() {
     let err = check_tensor_core_prefill(true, true, 5e-2, false);
     let launches = "compile: attention_quantize_0 -> 6 launches: rows_fp8latent_d128_t32 -> GEMM N 512 K 128 (prefill ";
-    let rest = "rows_mlakeys_h2_n128_r64_v128_kv128_t32_bf16_c8 -> rows_mlaqueries_h2_n128_r64_t64";
+    let rest = "rows_mlakeys_h2_n128_r64_v128_kv128_t64_bf16_c8 -> rows_mlaqueries_h2_n128_r64_t64";
     assert!(err.contains(launches) && err.contains(rest) && err.contains("_appendfp8"), "{err}");
 }
 

@@ -663,7 +663,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         [
             "rows_quantize_bf16_d512_t64",
             "GEMM N 32768 K 512",
-            "rows_mlakeys_h128_n128_r64_v128_kv512_t64_bf16_c16",
+            "rows_mlakeys_h128_n128_r64_v128_kv512_t256_bf16_c16",
             "rows_mlaqueries_h128_n128_r64_t256",
             "mla_prefill_qk192_v128_s4",
             "rows_mlaheadsout_h128_d16384_t256_q",

@@ -268,6 +268,8 @@ impl RowKernel {
             // A thread per column: batch-1 decode's few rows (128 a sequence) over many splits
             // keep the SMs' loads in flight only with wide blocks.
             RowOp::MlaCombine => d.next_power_of_two().clamp(32, 512),
+            // A latent row's keys and values: every head's nope and value columns.
+            RowOp::MlaKeys { heads, nope, v, .. } => (heads * (nope + v) / 8).next_power_of_two().clamp(32, 256),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
         };
         RowKernel { op, d, weight: weight.to_string(), threads }
@@ -2334,13 +2336,42 @@ vector.store %l4_{u}, %lo[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16
                     let wide = Wide { value: &value4, buffers: vec![("%o", "memref<?x?xf32>", 4)] };
                     self.quant_phases_wide(lowering, &value, &wide)
                 } else {
-                    vec![format!(
+                    let scalar = format!(
                         "scf.for %i = %tid to %cD step %cT {{
 {}  memref.store %v, %y[%row, %i] : memref<?x?xf32>
 }}
 ",
                         value("%i")
-                    )]
+                    );
+                    if self.vec_chunk() != VEC {
+                        return vec![scalar];
+                    }
+                    // A head's 4 columns a load, y's a store.
+                    let ty = "memref<?x?xf32>";
+                    let load = |u: usize| {
+                        format!(
+                            "%ho_h{u} = arith.divui %i{u}, %cV : index
+%ho_c{u} = arith.remui %i{u}, %cV : index
+%ho_r0_{u} = arith.muli %ho_h{u}, %ho_T : index
+%ho_r{u} = arith.addi %ho_r0_{u}, %row : index
+%ho_v4_{u} = vector.load %o[%ho_r{u}, %ho_c{u}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>
+"
+                        )
+                    };
+                    let store = |u: usize| {
+                        format!(
+                            "vector.store %ho_v4_{u}, %y[%row, %i{u}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>\n"
+                        )
+                    };
+                    let map = WideMap {
+                        columns: self.d,
+                        load: &load,
+                        store: &store,
+                        checks: vec![(16, vec![("%o", ty, 4), ("%y", ty, 4)])],
+                        setup: format!("%ho_T = memref.dim %y, %c0 : {ty}\n"),
+                        scalar,
+                    };
+                    vec![self.wide_map(lowering, "vec", &map)]
                 }
             }
             RowOp::Concat { second } => {
@@ -2895,13 +2926,53 @@ scf.for %i = %tid to %cD step %cT {{
                     let wide = Wide { value: &silu4, buffers: vec![("%x", "memref<?x?xf32>", 4)] };
                     self.quant_phases_wide(lowering, &silu, &wide)
                 } else {
-                    vec![format!(
+                    let scalar = format!(
                         "scf.for %i = %tid to %cD step %cT {{
 {}  memref.store %v, %y[%row, %i] : memref<?x?xf32>
 }}
 ",
                         silu("%i")
-                    )]
+                    );
+                    // 4 columns of the gate and of the up half a load each, of y a store.
+                    let ty = "memref<?x?xf32>";
+                    let load = |u: usize| {
+                        format!(
+                            "%sw_up{u} = arith.addi %i{u}, %cD : index
+%sw_g4_{u} = vector.load %x[%row, %i{u}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>
+%sw_u4_{u} = vector.load %x[%row, %sw_up{u}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>
+"
+                        )
+                    };
+                    let store = |u: usize| {
+                        let (g, up) = (format!("%sw_g{u}_"), format!("%sw_u{u}_"));
+                        let mut text = unindent(&extract4(&format!("%sw_g4_{u}"), &g));
+                        text.push_str(&unindent(&extract4(&format!("%sw_u4_{u}"), &up)));
+                        for k in 0..VEC {
+                            text.push_str(&unindent(&silu_of(
+                                lowering,
+                                (&format!("{g}{k}"), &format!("{up}{k}")),
+                                &format!("{u}_{k}"),
+                            )));
+                        }
+                        let lanes: Vec<String> = (0..VEC).map(|k| format!("%v{u}_{k}")).collect();
+                        let _ = write!(
+                            text,
+                            "%y4_{u} = vector.from_elements {} : vector<4xf32>
+vector.store %y4_{u}, %y[%row, %i{u}] {{alignment = 16 : i64}} : {ty}, vector<4xf32>
+",
+                            lanes.join(", ")
+                        );
+                        text
+                    };
+                    let map = WideMap {
+                        columns: self.d,
+                        load: &load,
+                        store: &store,
+                        checks: vec![(16, vec![("%x", ty, 4), ("%y", ty, 4)])],
+                        setup: String::new(),
+                        scalar,
+                    };
+                    vec![self.wide_map(lowering, "vec", &map)]
                 }
             }
             RowOp::Latent { interleave, append, cache, .. } => {
@@ -5802,6 +5873,24 @@ mod tests {
                     stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
                 assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of ld.global.v4");
                 assert_fp8_rows_near(&name, (q.slice(), scale.slice()), (&want_q, &want_s));
+                // f32 rows: 4 columns of gate and up a load each and of y a store where aligned;
+                // ex2's rounding apart from libm's exp.
+                let f32_rows = RowKernel::new(RowOp::SiluMul { quantize: false }, d, "f32");
+                let mut y = placed(&vec![f32::NAN; rows * d], shift);
+                let stats = run_simulated(
+                    &f32_rows,
+                    &[raw(xp.slice(), &[rows, 2 * d], "f32"), raw(y.slice(), &[rows, d], "f32")],
+                    rows,
+                );
+                let name =
+                    format!("{} (PTX simulated, buffers {shift} elements off 128 bytes)", f32_rows.kernel_name());
+                eprintln!("{name}: {} instructions, {} load rounds", stats.instructions, stats.load_rounds);
+                let v4: u64 =
+                    stats.accesses.values().filter(|a| a.text.starts_with("st.global.v4")).map(|a| a.requests).sum();
+                assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of st.global.v4");
+                for (i, (a, b)) in y.slice().iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-6, "{name}: y[{i}] = {a}, reference {b}");
+                }
             }
         }
     }
@@ -6232,6 +6321,17 @@ mod tests {
             let out = RowKernel::new(RowOp::MlaHeadsOut { heads, quantize: false }, d, "f32");
             run_cpu(&out, &[raw(&mut o, &[heads * t_len, v], "f32"), raw(&mut y, &[t_len, d], "f32")]);
             assert_eq!(y, tokens, "{}", out.kernel_name());
+            // Simulated: a head's 4 columns a load and a store where the buffers allow it.
+            for shift in [0, 1] {
+                let (mut op, mut yp) = (placed(&o, shift), placed(&vec![f32::NAN; t_len * d], shift));
+                let buffers = [raw(op.slice(), &[heads * t_len, v], "f32"), raw(yp.slice(), &[t_len, d], "f32")];
+                let stats = run_simulated(&out, &buffers, t_len);
+                let name = format!("{} (PTX simulated, shift {shift})", out.kernel_name());
+                let v4: u64 =
+                    stats.accesses.values().filter(|a| a.text.starts_with("st.global.v4")).map(|a| a.requests).sum();
+                assert_eq!(v4 > 0, shift == 0, "{name}: {v4} warp requests of st.global.v4");
+                assert_eq!(yp.slice(), &tokens[..], "{name}");
+            }
             assert_eq!(RowKernel::from_name(&out.kernel_name()), Some(out));
         }
         for k in [keys, queries] {
