@@ -223,7 +223,11 @@ fn row_kernels_compile_to_sm90a_without_spills() {
         assert!(!kernel.ptx.contains("__nv_"), "{name}: libdevice call");
         assert!(kernel.ptx.contains(&format!(".maxntid {}, 1, 1", k.threads)), "{name}: block size");
         match k.op {
-            RowOp::Embed => assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier"),
+            RowOp::Embed => {
+                assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase, no barrier");
+                // DeepSeek-V3's: a bf16 table row's 4 columns a load, the f32 row's a store.
+                assert!(kernel.ptx.contains("st.global.v4.b32"), "{name}: 16-byte stores");
+            }
             RowOp::SplitRope { .. }
             | RowOp::Copy
             | RowOp::SplitBf16
@@ -235,10 +239,21 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             | RowOp::GatherFp8
             | RowOp::MlaQueries { .. } => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase");
-                if let RowOp::SplitRope { .. } = k.op {
-                    // DeepSeek-V3's query: 16 bytes a load and a store.
-                    assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: 16-byte loads");
-                    assert!(kernel.ptx.contains("st.global.v4.b32"), "{name}: 16-byte stores");
+                // DeepSeek-V3's widths: 16 bytes of f32 a load (the copies and the splits), a
+                // head's 4 bf16 columns in one 8-byte store (the keys and queries).
+                match k.op {
+                    RowOp::SplitRope { .. } | RowOp::Copy | RowOp::Concat { .. } => {
+                        assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: 16-byte loads");
+                        assert!(kernel.ptx.contains("st.global.v4.b32"), "{name}: 16-byte stores");
+                    }
+                    RowOp::SplitBf16 | RowOp::MlaQueries { .. } => {
+                        assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: 16-byte loads");
+                        assert!(kernel.ptx.contains("st.global.v2.b32"), "{name}: 8-byte stores");
+                    }
+                    RowOp::MlaKeys { .. } => {
+                        assert!(kernel.ptx.contains("st.global.v2.b32"), "{name}: 8-byte stores");
+                    }
+                    _ => {}
                 }
             }
             RowOp::Argmax => {
@@ -286,8 +301,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 let barriers = if quantize { 2 } else { 0 };
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), barriers, "{name}: |max| parts, scales, bytes");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
-                // Quantized, a head's 4 columns a load.
-                assert_eq!(kernel.ptx.contains("ld.global.v4.b32"), quantize, "{name}: 16-byte loads");
+                // A head's 4 columns a load (unquantized, the row's 4 a store).
+                assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: 16-byte loads");
+                assert_eq!(kernel.ptx.contains("st.global.v4.b32"), !quantize, "{name}: 16-byte stores");
             }
             RowOp::RouteLogits { .. } => {
                 // Cleared; per gate tile (a loop): the tile loaded, the sums; the pieces stored.
@@ -305,9 +321,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), if quantize { 2 } else { 0 }, "{name}: barriers");
                 assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), quantize, "{name}");
-                // Quantized, the gate and up halves 16 bytes a load and the bytes 4 a store (with
-                // the scales' stores: two `st.global.b32`).
-                assert_eq!(kernel.ptx.contains("ld.global.v4.b32"), quantize, "{name}: 16-byte loads");
+                // The gate and up halves 16 bytes a load; quantized, the bytes 4 a store (with the
+                // scales' stores: two `st.global.b32`), else y 16 bytes a store.
+                assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: 16-byte loads");
+                assert_eq!(kernel.ptx.contains("st.global.v4.b32"), !quantize, "{name}: 16-byte stores");
                 if quantize {
                     assert_eq!(kernel.ptx.matches("st.global.b32").count(), 2, "{name}: 4 bytes a store");
                 }
