@@ -2216,7 +2216,7 @@ vector.store %l4_{u}, %lo[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16
                             ty: kv_ty.clone(),
                             lead: "%row, ".into(),
                             column: format!("%{n}_kv"),
-                            element: if w == "f32" { "f32" } else { "bf16" },
+                            element: if w == "f32" { Stored::F32 } else { Stored::Bf16 },
                         }
                     }
                 };
@@ -2226,10 +2226,10 @@ vector.store %l4_{u}, %lo[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16
                 let cache_ty = format!("memref<?x?x{}>", cache.element());
                 let (rope_at, rope_element, cache_bytes) = match cache {
                     CacheRows::Fp8 => {
-                        (v3c_runtime::plan::Fp8LatentRow { latent: self.d }.rope_offset(), "bf16bytes", 1)
+                        (v3c_runtime::plan::Fp8LatentRow { latent: self.d }.rope_offset(), Stored::Bf16Bytes, 1)
                     }
-                    CacheRows::Bf16 => (self.d, "bf16", 2),
-                    CacheRows::F32 => (self.d, "f32", 4),
+                    CacheRows::Bf16 => (self.d, Stored::Bf16, 2),
+                    CacheRows::F32 => (self.d, Stored::F32, 4),
                 };
                 let rope_read = |_h: &str, c: &str| {
                     let n = c.trim_start_matches('%');
@@ -2284,7 +2284,7 @@ vector.store %l4_{u}, %lo[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16
                         ty: ty3.to_string(),
                         lead: format!("%row, {h}, "),
                         column: c.to_string(),
-                        element: "f32",
+                        element: Stored::F32,
                     };
                     let map = HeadMajor {
                         heads,
@@ -3596,9 +3596,11 @@ memref.store %s, %sh_sum[%tid] : {sum}",
         let one = (map.read)("%hh", "%cc");
         let load = |r: &HeadRead, col: &str| format!("{}[{}{col}] : {}", r.memref, r.lead, r.ty);
         let value = match one.element {
-            "f32" => format!("%x = memref.load {}\n{}", load(&one, &one.column), unindent(&round_bf16("%x", "%b"))),
-            "bf16" => format!("%b = memref.load {}\n", load(&one, &one.column)),
-            _ => format!(
+            Stored::F32 => {
+                format!("%x = memref.load {}\n{}", load(&one, &one.column), unindent(&round_bf16("%x", "%b")))
+            }
+            Stored::Bf16 => format!("%b = memref.load {}\n", load(&one, &one.column)),
+            Stored::Bf16Bytes => format!(
                 "%lo8 = memref.load {}
 %hi_at = arith.addi {col}, %c1 : index
 %hi8 = memref.load {}
@@ -3648,16 +3650,16 @@ memref.store %s, %sh_sum[%tid] : {sum}",
                 )
             };
             match r.element {
-                "f32" => format!("{at}%x4_{u} = {}\n", vload("vector<4xf32>", 16)),
-                "bf16" => format!("{at}%b4_{u} = {}\n", vload("vector<4xbf16>", 8)),
-                _ => format!(
+                Stored::F32 => format!("{at}%x4_{u} = {}\n", vload("vector<4xf32>", 16)),
+                Stored::Bf16 => format!("{at}%b4_{u} = {}\n", vload("vector<4xbf16>", 8)),
+                Stored::Bf16Bytes => format!(
                     "{at}%y8_{u} = {}\n%b4_{u} = vector.bitcast %y8_{u} : vector<8xi8> to vector<4xbf16>\n",
                     vload("vector<8xi8>", 8)
                 ),
             }
         };
         let stores = |u: usize| {
-            let round = if reads[u].element == "f32" {
+            let round = if reads[u].element == Stored::F32 {
                 unindent(&round_bf16_lanes(&format!("%x4_{u}"), &format!("%b4_{u}"), VEC))
             } else {
                 String::new()
@@ -4770,9 +4772,18 @@ struct HeadRead {
     lead: String,
     /// The last index (the column; an fp8 row's first byte).
     column: String,
-    /// What is there: `f32` (rounded to bf16), `bf16`, or `bf16bytes` (an i8 row's bytes, two a
-    /// bf16, low first).
-    element: &'static str,
+    /// What is there.
+    element: Stored,
+}
+
+/// How a [`HeadRead`]'s values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// f32, rounded to bf16 (to nearest even).
+    F32,
+    Bf16,
+    /// An i8 row's bytes, two a bf16 (low first): an fp8 cache row's RoPE key.
+    Bf16Bytes,
 }
 
 /// `%{flag}` (i1): every buffer of `buffers` starts on `bytes` bytes and, beyond one dimension, has
