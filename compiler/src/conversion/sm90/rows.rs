@@ -5270,19 +5270,19 @@ mod tests {
     }
 
     /// A copy of some elements placed `shift` elements past a 128-byte boundary.
-    struct Placed<T> {
+    pub(super) struct Placed<T> {
         data: Vec<T>,
         start: usize,
         len: usize,
     }
 
     impl<T> Placed<T> {
-        fn slice(&mut self) -> &mut [T] {
+        pub(super) fn slice(&mut self) -> &mut [T] {
             &mut self.data[self.start..self.start + self.len]
         }
     }
 
-    fn placed<T: Copy + Default>(values: &[T], shift: usize) -> Placed<T> {
+    pub(super) fn placed<T: Copy + Default>(values: &[T], shift: usize) -> Placed<T> {
         let size = std::mem::size_of::<T>();
         let mut data = vec![T::default(); values.len() + 128 / size + shift];
         let lead = (128 - data.as_ptr() as usize % 128) % 128;

@@ -15,8 +15,9 @@
 use std::fmt::Write;
 
 use super::{
-    amax_step, encode_e4m3, exp, indent2, mla_train, quant_constants, rope_rotation, round_bf16, sqrt, tree_phases,
-    Lowering, RowKernel, AMAX_PARTS, BF16_CONSTANTS, E4M3_MAX,
+    aligned, amax_step, chunk_unroll, encode_e4m3, exp, indent2, indent4, indent6, mla_train, quant_constants,
+    rope_rotation, round_bf16, sqrt, tree_phases, unindent, Buffer, Lowering, RowKernel, AMAX_PARTS, BF16_CONSTANTS,
+    E4M3_MAX, VEC,
 };
 
 /// `{out} = ln(value)`: on sm_90a `lg2.approx` times ln 2 (no libdevice), on the CPU libm's.
@@ -2371,20 +2372,35 @@ scf.for %i = %tid to %cD step %cT {{
 "
             )],
             TrainRow::GradAccum { first } => {
+                let f = "memref<?xf32>";
                 let store = if first {
-                    "  memref.store %gv, %acc[%i] : memref<?xf32>\n".to_string()
+                    format!("memref.store %gv, %acc[%i] : {f}\n")
                 } else {
-                    "  %av = memref.load %acc[%i] : memref<?xf32>\n  %s = arith.addf %av, %gv : f32\n  memref.store %s, \
-                     %acc[%i] : memref<?xf32>\n"
-                        .to_string()
+                    format!("%av = memref.load %acc[%i] : {f}\n%s = arith.addf %av, %gv : f32\nmemref.store %s, %acc[%i] : {f}\n")
                 };
-                vec![format!(
-                    "{FLAT_BLOCK}scf.for %i = %first to %end step %cT {{
-  %gv = memref.load %g[%i] : memref<?xf32>
-{store}}}
-",
-                    FLAT_BLOCK = flat_block("%g")
-                )]
+                let scalar = format!("%gv = memref.load %g[%i] : {f}\n{store}");
+                // 4 elements of the gradient (and of the sum) a load, of the sum a store.
+                let v4 = "vector<4xf32>";
+                let load = |u: usize| {
+                    let mut t = format!("%gv4_{u} = vector.load %g[%at{u}] {{alignment = 16 : i64}} : {f}, {v4}\n");
+                    if !first {
+                        let _ = writeln!(t, "%av4_{u} = vector.load %acc[%at{u}] {{alignment = 16 : i64}} : {f}, {v4}");
+                    }
+                    t
+                };
+                let store = |u: usize| {
+                    if first {
+                        format!("vector.store %gv4_{u}, %acc[%at{u}] {{alignment = 16 : i64}} : {f}, {v4}\n")
+                    } else {
+                        format!(
+                            "%s4_{u} = arith.addf %av4_{u}, %gv4_{u} : {v4}
+vector.store %s4_{u}, %acc[%at{u}] {{alignment = 16 : i64}} : {f}, {v4}
+"
+                        )
+                    }
+                };
+                let map = FlatMap { scalar, load: &load, store: &store, buffers: vec![("%g", f, 4), ("%acc", f, 4)] };
+                vec![flat_block("%g") + &flat_wide(kernel, lowering, &map)]
             }
             TrainRow::SumSquares => {
                 let sum = sh("sh_sum");
@@ -2428,43 +2444,167 @@ scf.if %lead {{
                         format!("%h_i{i} = arith.constant {i} : index\n%{n} = memref.load %hyper[%h_i{i}] : {f}\n")
                     })
                     .collect();
-                vec![format!(
-                    "{BF16_CONSTANTS}{hyper}{FLAT_BLOCK}scf.for %i = %first to %end step %cT {{
-  %gv = memref.load %g[%i] : {f}
-  %gi = arith.mulf %gv, %scale : f32
-  %m16 = memref.load %m[%i] : {h}
-  %mv = arith.extf %m16 : bf16 to f32
-  %m_a = arith.mulf %b1, %mv : f32
-  %m_b = arith.mulf %omb1, %gi : f32
-  %m_n = arith.addf %m_a, %m_b : f32
-{round_m}  memref.store %m_r, %m[%i] : {h}
-  %v16 = memref.load %v[%i] : {h}
-  %vv = arith.extf %v16 : bf16 to f32
-  %v_a = arith.mulf %b2, %vv : f32
-  %v_b0 = arith.mulf %omb2, %gi : f32
-  %v_b = arith.mulf %v_b0, %gi : f32
-  %v_n = arith.addf %v_a, %v_b : f32
-{round_v}  memref.store %v_r, %v[%i] : {h}
-  %m_hat = arith.divf %m_r_f, %bc1 : f32
-  %v_hat = arith.divf %v_r_f, %bc2 : f32
-{root}  %den = arith.addf %root, %eps : f32
-  %update = arith.divf %m_hat, %den : f32
-  %wv = memref.load %w[%i] : {f}
-  %wd = arith.mulf %decay, %wv : f32
-  %u_wd = arith.addf %update, %wd : f32
-  %delta = arith.mulf %lr, %u_wd : f32
-  %w_new = arith.subf %wv, %delta : f32
-  memref.store %w_new, %w[%i] : {f}
-}}
+                let scalar = format!(
+                    "%gv = memref.load %g[%i] : {f}
+%m16 = memref.load %m[%i] : {h}
+%v16 = memref.load %v[%i] : {h}
+%wv = memref.load %w[%i] : {f}
+{math}memref.store %m_r, %m[%i] : {h}
+memref.store %v_r, %v[%i] : {h}
+memref.store %w_new, %w[%i] : {f}
 ",
-                    FLAT_BLOCK = flat_block("%w"),
-                    round_m = round_bf16("%m_n", "%m_r"),
-                    round_v = round_bf16("%v_n", "%v_r"),
-                    root = indent2(&sqrt(lowering, "%v_hat", "%root")),
-                )]
+                    math = adamw(lowering, ("%gv", "%m16", "%v16", "%wv"), "")
+                );
+                // 4 elements a load of each state (the moments' 8 bytes), each element's arithmetic
+                // as a column's, the 4 results a store.
+                let load = |u: usize| {
+                    format!(
+                        "%gv4_{u} = vector.load %g[%at{u}] {{alignment = 16 : i64}} : {f}, vector<4xf32>
+%m4_{u} = vector.load %m[%at{u}] {{alignment = 8 : i64}} : {h}, vector<4xbf16>
+%v4_{u} = vector.load %v[%at{u}] {{alignment = 8 : i64}} : {h}, vector<4xbf16>
+%wv4_{u} = vector.load %w[%at{u}] {{alignment = 16 : i64}} : {f}, vector<4xf32>
+"
+                    )
+                };
+                let store = |u: usize| {
+                    let mut t = String::new();
+                    let lanes = |name: &str| (0..VEC).map(|k| format!("{name}_{u}_{k}")).collect::<Vec<_>>().join(", ");
+                    for k in 0..VEC {
+                        let _ = write!(
+                            t,
+                            "%gv_{u}_{k} = vector.extract %gv4_{u}[{k}] : f32 from vector<4xf32>
+%m16_{u}_{k} = vector.extract %m4_{u}[{k}] : bf16 from vector<4xbf16>
+%v16_{u}_{k} = vector.extract %v4_{u}[{k}] : bf16 from vector<4xbf16>
+%wv_{u}_{k} = vector.extract %wv4_{u}[{k}] : f32 from vector<4xf32>
+{}",
+                            adamw(
+                                lowering,
+                                (
+                                    &format!("%gv_{u}_{k}"),
+                                    &format!("%m16_{u}_{k}"),
+                                    &format!("%v16_{u}_{k}"),
+                                    &format!("%wv_{u}_{k}")
+                                ),
+                                &format!("_{u}_{k}")
+                            )
+                        );
+                    }
+                    let _ = write!(
+                        t,
+                        "%mo4_{u} = vector.from_elements {} : vector<4xbf16>
+%vo4_{u} = vector.from_elements {} : vector<4xbf16>
+%wo4_{u} = vector.from_elements {} : vector<4xf32>
+vector.store %mo4_{u}, %m[%at{u}] {{alignment = 8 : i64}} : {h}, vector<4xbf16>
+vector.store %vo4_{u}, %v[%at{u}] {{alignment = 8 : i64}} : {h}, vector<4xbf16>
+vector.store %wo4_{u}, %w[%at{u}] {{alignment = 16 : i64}} : {f}, vector<4xf32>
+",
+                        lanes("%m_r"),
+                        lanes("%v_r"),
+                        lanes("%w_new")
+                    );
+                    t
+                };
+                let map = FlatMap {
+                    scalar,
+                    load: &load,
+                    store: &store,
+                    buffers: vec![("%w", f, 4), ("%g", f, 4), ("%m", h, 2), ("%v", h, 2)],
+                };
+                vec![format!("{BF16_CONSTANTS}{hyper}{}{}", flat_block("%w"), flat_wide(kernel, lowering, &map))]
             }
         }
     }
+}
+
+/// AdamW's step of one element (the trainer's arithmetic, [`v3c_models::train::AdamWStep`]): from
+/// its gradient `g` (f32, before the clipping `%scale`), moments `m16`, `v16` (bf16) and weight `w`,
+/// the moments `%m_r{s}`, `%v_r{s}` (rounded to bf16) and the weight `%w_new{s}`.
+fn adamw(lowering: Lowering, (g, m16, v16, w): (&str, &str, &str, &str), s: &str) -> String {
+    format!(
+        "%gi{s} = arith.mulf {g}, %scale : f32
+%mv{s} = arith.extf {m16} : bf16 to f32
+%m_a{s} = arith.mulf %b1, %mv{s} : f32
+%m_b{s} = arith.mulf %omb1, %gi{s} : f32
+%m_n{s} = arith.addf %m_a{s}, %m_b{s} : f32
+{round_m}%vv{s} = arith.extf {v16} : bf16 to f32
+%v_a{s} = arith.mulf %b2, %vv{s} : f32
+%v_b0{s} = arith.mulf %omb2, %gi{s} : f32
+%v_b{s} = arith.mulf %v_b0{s}, %gi{s} : f32
+%v_n{s} = arith.addf %v_a{s}, %v_b{s} : f32
+{round_v}%m_hat{s} = arith.divf %m_r{s}_f, %bc1 : f32
+%v_hat{s} = arith.divf %v_r{s}_f, %bc2 : f32
+{root}%den{s} = arith.addf %root{s}, %eps : f32
+%update{s} = arith.divf %m_hat{s}, %den{s} : f32
+%wd{s} = arith.mulf %decay, {w} : f32
+%u_wd{s} = arith.addf %update{s}, %wd{s} : f32
+%delta{s} = arith.mulf %lr, %u_wd{s} : f32
+%w_new{s} = arith.subf {w}, %delta{s} : f32
+",
+        round_m = unindent(&round_bf16(&format!("%m_n{s}"), &format!("%m_r{s}"))),
+        round_v = unindent(&round_bf16(&format!("%v_n{s}"), &format!("%v_r{s}"))),
+        root = sqrt(lowering, &format!("%v_hat{s}"), &format!("%root{s}")),
+    )
+}
+
+/// A flat block's elements mapped one by one ([`flat_wide`]).
+struct FlatMap<'a> {
+    /// Element `%i`'s loads, arithmetic and stores.
+    scalar: String,
+    /// Chunk `u`'s loads at its first element `%at{u}` (names ending `_{u}`).
+    load: &'a dyn Fn(usize) -> String,
+    /// Its arithmetic and stores (where `%in{u}`).
+    store: &'a dyn Fn(usize) -> String,
+    /// The buffers, each accessed 4 elements at a time (aligned to 4 elements).
+    buffers: Vec<Buffer<'a>>,
+}
+
+/// The block's elements `%first..%end` ([`flat_block`]) 4 at a time where the GPU lowering takes them
+/// and every buffer starts on 4 elements (the block's `%base` is a multiple of `d`, whole chunks), up
+/// to 4 chunks' loads a step before their first use; the elements past the last whole chunk (the
+/// last block's), and every element otherwise, one at a time (`map.scalar`).
+fn flat_wide(kernel: &RowKernel, lowering: Lowering, map: &FlatMap) -> String {
+    let scalar = |first: &str| format!("scf.for %i = {first} to %end step %cT {{\n{}}}\n", indent2(&map.scalar));
+    if lowering != Lowering::Gpu || !kernel.d.is_multiple_of(VEC) {
+        return scalar("%first");
+    }
+    let unroll = kernel.wide_unroll(kernel.d / VEC);
+    let (head, ids) = chunk_unroll(unroll, kernel.threads);
+    // Each buffer's chunks: 4 elements of its bytes.
+    let mut checks = String::new();
+    let mut flags = Vec::new();
+    for (k, buffer) in map.buffers.iter().enumerate() {
+        checks.push_str(&aligned(&format!("vec{k}"), VEC * buffer.2, &[*buffer]));
+        flags.push(format!("%vec{k}"));
+    }
+    let mut all = flags[0].clone();
+    for (k, flag) in flags.iter().enumerate().skip(1) {
+        let _ = writeln!(checks, "%vec_and{k} = arith.andi {all}, {flag} : i1");
+        all = format!("%vec_and{k}");
+    }
+    let mut body = ids;
+    for u in 0..unroll {
+        let _ = writeln!(body, "    %at{u} = arith.addi %base, %i{u} : index");
+    }
+    (0..unroll).for_each(|u| body.push_str(&indent4(&(map.load)(u))));
+    for u in 0..unroll {
+        let _ = write!(body, "    scf.if %in{u} {{\n{}    }}\n", indent6(&(map.store)(u)));
+    }
+    format!(
+        "{checks}scf.if {all} {{
+  %cVec = arith.constant {VEC} : index
+  %fl_n = arith.subi %end, %base : index
+  %cVecs = arith.divui %fl_n, %cVec : index
+{head}  scf.for %c0u = %tid to %cVecs step %cTU {{
+{body}  }}
+  %fl_whole = arith.muli %cVecs, %cVec : index
+  %fl_rest = arith.addi %base, %fl_whole : index
+  %fl_first = arith.addi %fl_rest, %tid : index
+{tail}}} else {{
+{all_scalar}}}
+",
+        tail = indent2(&scalar("%fl_first")),
+        all_scalar = indent2(&scalar("%first")),
+    )
 }
 
 /// A block's share of a flat tensor `{x}` (`memref<?xf32>`): elements `%row * d ..` (`%cD` of them,
@@ -2482,7 +2622,7 @@ fn flat_block(x: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{raw, run_cpu, values};
+    use super::super::tests::{placed, raw, run_cpu, run_simulated, values};
     use super::super::RowOp;
     use super::*;
     use v3c_models::interp::kernels;
@@ -2553,6 +2693,74 @@ mod tests {
             assert!(w == want_w, "decay {decay}: the master weights");
             assert!(m16.iter().map(|&x| bf16_to_f32(x)).eq(want_m.iter().copied()), "decay {decay}: m");
             assert!(v16.iter().map(|&x| bf16_to_f32(x)).eq(want_v.iter().copied()), "decay {decay}: v");
+        }
+    }
+
+    /// The optimizer's elementwise rows through the PTX simulated, against the CPU lowering's bits
+    /// (the trainer's): over buffers on 128 bytes (4 elements a load and a store, the last block's
+    /// 3 past its whole chunks one at a time) and an element off (every element one at a time).
+    #[test]
+    fn optimizer_rows_simulated_take_4_elements_a_load_where_aligned() {
+        use v3c_models::dtype::f32_to_bf16;
+        // 3 blocks, the last of 275 elements: 68 chunks and 3.
+        let (d, n): (usize, usize) = (512, 1299);
+        let g = values(n, 60, 2.0);
+        let acc0 = values(n, 61, 1.0);
+        let w0 = values(n, 62, 1.0);
+        let m0: Vec<u16> = values(n, 63, 0.1).iter().map(|&x| f32_to_bf16(x)).collect();
+        let v0: Vec<u16> = values(n, 64, 0.1).iter().map(|&x| f32_to_bf16(x * x)).collect();
+        let step = v3c_models::train::AdamWStep {
+            lr: 3e-3,
+            b1: 0.9,
+            b2: 0.95,
+            c1: 1.0 - 0.9f32.powi(3),
+            c2: 1.0 - 0.95f32.powi(3),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let hyper = step.hyper(0.37).to_vec();
+        for op in [TrainRow::GradAccum { first: true }, TrainRow::GradAccum { first: false }, TrainRow::AdamW] {
+            let k = kernel(op, d);
+            // The outputs' bits by shift (None: the CPU lowering).
+            let run = |shift: Option<usize>| -> (Vec<u32>, Vec<u16>, Vec<u16>) {
+                let at = shift.unwrap_or(0);
+                let (mut gp, mut accp, mut wp) = (placed(&g, at), placed(&acc0, at), placed(&w0, at));
+                let (mut mp, mut vp, mut hp) = (placed(&m0, at), placed(&v0, at), placed(&hyper, 0));
+                let buffers = match op {
+                    TrainRow::AdamW => vec![
+                        raw(wp.slice(), &[n], "f32"),
+                        raw(gp.slice(), &[n], "f32"),
+                        raw(mp.slice(), &[n], "bf16"),
+                        raw(vp.slice(), &[n], "bf16"),
+                        raw(hp.slice(), &[10], "f32"),
+                    ],
+                    _ => vec![raw(gp.slice(), &[n], "f32"), raw(accp.slice(), &[n], "f32")],
+                };
+                match shift {
+                    None => run_cpu(&k, &buffers),
+                    Some(shift) => {
+                        let stats = run_simulated(&k, &buffers, n.div_ceil(d));
+                        let name = format!("{} (PTX simulated, shift {shift})", k.kernel_name());
+                        let wide: u64 = stats
+                            .accesses
+                            .values()
+                            .filter(|a| a.text.starts_with("ld.global.v4") || a.text.starts_with("st.global.v4"))
+                            .map(|a| a.requests)
+                            .sum();
+                        eprintln!(
+                            "{name}: {} instructions, {} load rounds, {wide} wide requests",
+                            stats.instructions, stats.load_rounds
+                        );
+                        assert_eq!(wide > 0, shift == 0, "{name}: {wide} warp requests of 16 bytes");
+                    }
+                }
+                let out = if op == TrainRow::AdamW { wp.slice().to_vec() } else { accp.slice().to_vec() };
+                (out.iter().map(|x| x.to_bits()).collect(), mp.slice().to_vec(), vp.slice().to_vec())
+            };
+            let cpu = run(None);
+            for shift in [0, 1] {
+                assert!(run(Some(shift)) == cpu, "{}: shift {shift} differs from the CPU lowering", k.kernel_name());
+            }
         }
     }
 
