@@ -2405,15 +2405,9 @@ vector.store %s4_{u}, %acc[%at{u}] {{alignment = 16 : i64}} : {f}, {v4}
             TrainRow::SumSquares => {
                 let sum = sh("sh_sum");
                 let mut phases = vec![format!(
-                    "{FLAT_BLOCK}%ss = scf.for %i = %first to %end step %cT iter_args(%a = %zero) -> (f32) {{
-  %gv = memref.load %g[%i] : memref<?xf32>
-  %sq = arith.mulf %gv, %gv : f32
-  %a2 = arith.addf %a, %sq : f32
-  scf.yield %a2 : f32
-}}
-memref.store %ss, %sh_sum[%tid] : {sum}
-",
-                    FLAT_BLOCK = flat_block("%g")
+                    "{}{}memref.store %ss, %sh_sum[%tid] : {sum}\n",
+                    flat_block("%g"),
+                    sum_of_squares(kernel, lowering)
                 )];
                 phases.extend(tree_phases(
                     kernel.threads,
@@ -2543,6 +2537,92 @@ fn adamw(lowering: Lowering, (g, m16, v16, w): (&str, &str, &str, &str), s: &str
         round_m = unindent(&round_bf16(&format!("%m_n{s}"), &format!("%m_r{s}"))),
         round_v = unindent(&round_bf16(&format!("%v_n{s}"), &format!("%v_r{s}"))),
         root = sqrt(lowering, &format!("%v_hat{s}"), &format!("%root{s}")),
+    )
+}
+
+/// `%ss`: the sum of squares of this thread's share of the block's elements `%base..%end`
+/// ([`flat_block`]): chunks of [`VEC`] elements (the last block's last one shorter), chunk c by
+/// thread c mod T, in order, each chunk's elements in order — on every path, so the part has the
+/// same bits whichever runs. On sm_90a where `%g` starts on 16 bytes (a block's `%base` is a
+/// multiple of `d`: whole chunks), the whole chunks come 16 bytes a load, up to 4 a step (a repeated
+/// chunk adds +0: exact, the sum is never -0).
+fn sum_of_squares(kernel: &RowKernel, lowering: Lowering) -> String {
+    let f = "memref<?xf32>";
+    // Chunks `%cs_from..%cs_to` (of this thread's) a column at a time, the sum from `%a_in`.
+    let columns = |from: &str, to: &str, a_in: &str, out: &str| {
+        format!(
+            "{out} = scf.for %ch = {from} to {to} step %cT iter_args(%a = {a_in}) -> (f32) {{
+  %c_i0a = arith.muli %ch, %cVec : index
+  %c_i0 = arith.addi %base, %c_i0a : index
+  %c_i1a = arith.addi %c_i0, %cVec : index
+  %c_i1 = arith.minui %c_i1a, %end : index
+  %b = scf.for %i = %c_i0 to %c_i1 step %c1 iter_args(%a1 = %a) -> (f32) {{
+    %gv = memref.load %g[%i] : {f}
+    %sq = arith.mulf %gv, %gv : f32
+    %a2 = arith.addf %a1, %sq : f32
+    scf.yield %a2 : f32
+  }}
+  scf.yield %b : f32
+}}
+"
+        )
+    };
+    let head = "%cVec = arith.constant 4 : index
+%fl_n = arith.subi %end, %base : index
+%fl_chunks = arith.ceildivui %fl_n, %cVec : index
+%cVecs = arith.divui %fl_n, %cVec : index
+";
+    let scalar = columns("%tid", "%fl_chunks", "%zero", "%ss");
+    if lowering != Lowering::Gpu || !kernel.d.is_multiple_of(VEC) {
+        return format!("{head}{scalar}");
+    }
+    let unroll = kernel.wide_unroll(kernel.d / VEC);
+    let (step, ids) = chunk_unroll(unroll, kernel.threads);
+    let mut body = ids;
+    for u in 0..unroll {
+        let _ = writeln!(
+            body,
+            "    %at{u} = arith.addi %base, %i{u} : index
+    %g4_{u} = vector.load %g[%at{u}] {{alignment = 16 : i64}} : {f}, vector<4xf32>"
+        );
+    }
+    let mut acc = "%a".to_string();
+    for u in 0..unroll {
+        let _ = writeln!(
+            body,
+            "    %gz{u} = arith.select %in{u}, %g4_{u}, %zero4 : vector<4xf32>
+    %sq4_{u} = arith.mulf %gz{u}, %gz{u} : vector<4xf32>"
+        );
+        for k in 0..VEC {
+            let _ = writeln!(
+                body,
+                "    %sq{u}_{k} = vector.extract %sq4_{u}[{k}] : f32 from vector<4xf32>
+    %a{u}_{k} = arith.addf {acc}, %sq{u}_{k} : f32"
+            );
+            acc = format!("%a{u}_{k}");
+        }
+    }
+    // The whole chunks, then the last block's shorter one (its owner's last: chunk order kept).
+    format!(
+        "{head}{flag}%ss = scf.if %vec -> (f32) {{
+  %zero4 = vector.broadcast %zero : f32 to vector<4xf32>
+{step}  %sw = scf.for %c0u = %tid to %cVecs step %cTU iter_args(%a = %zero) -> (f32) {{
+{body}    scf.yield {acc} : f32
+  }}
+  %rest0 = arith.subi %cVecs, %tid : index
+  %rest1 = arith.ceildivui %rest0, %cT : index
+  %rest2 = arith.muli %rest1, %cT : index
+  %rest_from = arith.addi %tid, %rest2 : index
+  %rest_in = arith.cmpi ult, %tid, %cVecs : index
+  %tail_from = arith.select %rest_in, %rest_from, %tid : index
+{tail}  scf.yield %st : f32
+}} else {{
+{scalar}  scf.yield %ss_c : f32
+}}
+",
+        flag = aligned("vec", 16, &[("%g", f, 4)]),
+        tail = indent2(&columns("%tail_from", "%fl_chunks", "%sw", "%st")),
+        scalar = indent2(&columns("%tid", "%fl_chunks", "%zero", "%ss_c")),
     )
 }
 
@@ -2696,9 +2776,10 @@ mod tests {
         }
     }
 
-    /// The optimizer's elementwise rows through the PTX simulated, against the CPU lowering's bits
-    /// (the trainer's): over buffers on 128 bytes (4 elements a load and a store, the last block's
-    /// 3 past its whole chunks one at a time) and an element off (every element one at a time).
+    /// The optimizer's rows through the PTX simulated, against the CPU lowering's bits (the
+    /// trainer's; the squares' parts summed in the same chunks on every path): over buffers on 128
+    /// bytes (4 elements a load and a store, the last block's 3 past its whole chunks one at a
+    /// time) and an element off (every element one at a time).
     #[test]
     fn optimizer_rows_simulated_take_4_elements_a_load_where_aligned() {
         use v3c_models::dtype::f32_to_bf16;
@@ -2719,13 +2800,20 @@ mod tests {
             weight_decay: 0.1,
         };
         let hyper = step.hyper(0.37).to_vec();
-        for op in [TrainRow::GradAccum { first: true }, TrainRow::GradAccum { first: false }, TrainRow::AdamW] {
+        let blocks = n.div_ceil(d);
+        for op in [
+            TrainRow::GradAccum { first: true },
+            TrainRow::GradAccum { first: false },
+            TrainRow::AdamW,
+            TrainRow::SumSquares,
+        ] {
             let k = kernel(op, d);
             // The outputs' bits by shift (None: the CPU lowering).
             let run = |shift: Option<usize>| -> (Vec<u32>, Vec<u16>, Vec<u16>) {
                 let at = shift.unwrap_or(0);
                 let (mut gp, mut accp, mut wp) = (placed(&g, at), placed(&acc0, at), placed(&w0, at));
                 let (mut mp, mut vp, mut hp) = (placed(&m0, at), placed(&v0, at), placed(&hyper, 0));
+                let mut part = placed(&vec![f32::NAN; blocks], 0);
                 let buffers = match op {
                     TrainRow::AdamW => vec![
                         raw(wp.slice(), &[n], "f32"),
@@ -2734,6 +2822,7 @@ mod tests {
                         raw(vp.slice(), &[n], "bf16"),
                         raw(hp.slice(), &[10], "f32"),
                     ],
+                    TrainRow::SumSquares => vec![raw(gp.slice(), &[n], "f32"), raw(part.slice(), &[blocks], "f32")],
                     _ => vec![raw(gp.slice(), &[n], "f32"), raw(accp.slice(), &[n], "f32")],
                 };
                 match shift {
@@ -2754,7 +2843,11 @@ mod tests {
                         assert_eq!(wide > 0, shift == 0, "{name}: {wide} warp requests of 16 bytes");
                     }
                 }
-                let out = if op == TrainRow::AdamW { wp.slice().to_vec() } else { accp.slice().to_vec() };
+                let out = match op {
+                    TrainRow::AdamW => wp.slice().to_vec(),
+                    TrainRow::SumSquares => part.slice().to_vec(),
+                    _ => accp.slice().to_vec(),
+                };
                 (out.iter().map(|x| x.to_bits()).collect(), mp.slice().to_vec(), vp.slice().to_vec())
             };
             let cpu = run(None);
