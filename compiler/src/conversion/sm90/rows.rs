@@ -3494,28 +3494,8 @@ memref.store %s, %sh_sum[%tid] : {sum}",
         let chunks = map.columns / VEC;
         let unroll = self.wide_unroll(chunks);
         let (head, ids) = chunk_unroll(unroll, self.threads);
-        let mut checks = String::new();
-        let mut all = Vec::new();
-        for (k, (bytes, buffers)) in map.checks.iter().enumerate() {
-            checks.push_str(&aligned(&format!("{flag}{k}"), *bytes, buffers));
-            all.push(format!("%{flag}{k}"));
-        }
-        let mut both = all[0].clone();
-        for (k, next) in all.iter().enumerate().skip(1) {
-            let _ = writeln!(checks, "%{flag}_and{k} = arith.andi {both}, {next} : i1");
-            both = format!("%{flag}_and{k}");
-        }
-        let mut body = ids;
-        (0..unroll).for_each(|u| body.push_str(&indent4(&(map.load)(u))));
-        for u in 0..unroll {
-            let _ = write!(
-                body,
-                "    scf.if %in{u} {{
-{}    }}
-",
-                indent6(&(map.store)(u))
-            );
-        }
+        let (checks, both) = aligned_all(flag, &map.checks);
+        let body = chunk_steps(ids, unroll, map.load, map.store);
         format!(
             "{checks}scf.if {both} {{
   %cVec = arith.constant {VEC} : index
@@ -4819,6 +4799,35 @@ fn aligned(flag: &str, bytes: usize, buffers: &[Buffer]) -> String {
     let _ = writeln!(s, "%{flag}_c0 = arith.constant 0 : index");
     let _ = writeln!(s, "%{flag} = arith.cmpi eq, %{flag}_mis, %{flag}_c0 : index");
     s
+}
+
+/// [`aligned`] of each set of `checks` (with the alignment its accesses need in bytes): the checks'
+/// text, and the name of the i1 that is true where all pass.
+fn aligned_all(flag: &str, checks: &[(usize, Vec<Buffer>)]) -> (String, String) {
+    let mut text = String::new();
+    let mut all = String::new();
+    for (k, (bytes, buffers)) in checks.iter().enumerate() {
+        text.push_str(&aligned(&format!("{flag}{k}"), *bytes, buffers));
+        all = match k {
+            0 => format!("%{flag}{k}"),
+            _ => {
+                let _ = writeln!(text, "%{flag}_and{k} = arith.andi {all}, %{flag}{k} : i1");
+                format!("%{flag}_and{k}")
+            }
+        };
+    }
+    (text, all)
+}
+
+/// A step of a loop over chunks ([`chunk_unroll`]'s `ids` first): every chunk's loads, then each
+/// chunk's arithmetic and stores where the chunk is one of the row's (`%in{u}`).
+fn chunk_steps(ids: String, unroll: usize, load: &dyn Fn(usize) -> String, store: &dyn Fn(usize) -> String) -> String {
+    let mut body = ids;
+    (0..unroll).for_each(|u| body.push_str(&indent4(&load(u))));
+    for u in 0..unroll {
+        let _ = write!(body, "    scf.if %in{u} {{\n{}    }}\n", indent6(&store(u)));
+    }
+    body
 }
 
 struct QuantOut {

@@ -15,7 +15,7 @@
 use std::fmt::Write;
 
 use super::{
-    aligned, amax_step, chunk_unroll, encode_e4m3, exp, indent2, indent4, indent6, mla_train, quant_constants,
+    aligned, aligned_all, amax_step, chunk_steps, chunk_unroll, encode_e4m3, exp, indent2, mla_train, quant_constants,
     rope_rotation, round_bf16, sqrt, tree_phases, unindent, Buffer, Lowering, RowKernel, AMAX_PARTS, BF16_CONSTANTS,
     E4M3_MAX, VEC,
 };
@@ -2648,27 +2648,14 @@ fn flat_wide(kernel: &RowKernel, lowering: Lowering, map: &FlatMap) -> String {
         return scalar("%first");
     }
     let unroll = kernel.wide_unroll(kernel.d / VEC);
-    let (head, ids) = chunk_unroll(unroll, kernel.threads);
+    let (head, mut ids) = chunk_unroll(unroll, kernel.threads);
     // Each buffer's chunks: 4 elements of its bytes.
-    let mut checks = String::new();
-    let mut flags = Vec::new();
-    for (k, buffer) in map.buffers.iter().enumerate() {
-        checks.push_str(&aligned(&format!("vec{k}"), VEC * buffer.2, &[*buffer]));
-        flags.push(format!("%vec{k}"));
-    }
-    let mut all = flags[0].clone();
-    for (k, flag) in flags.iter().enumerate().skip(1) {
-        let _ = writeln!(checks, "%vec_and{k} = arith.andi {all}, {flag} : i1");
-        all = format!("%vec_and{k}");
-    }
-    let mut body = ids;
+    let checks: Vec<(usize, Vec<Buffer>)> = map.buffers.iter().map(|b| (VEC * b.2, vec![*b])).collect();
+    let (checks, all) = aligned_all("vec", &checks);
     for u in 0..unroll {
-        let _ = writeln!(body, "    %at{u} = arith.addi %base, %i{u} : index");
+        let _ = writeln!(ids, "    %at{u} = arith.addi %base, %i{u} : index");
     }
-    (0..unroll).for_each(|u| body.push_str(&indent4(&(map.load)(u))));
-    for u in 0..unroll {
-        let _ = write!(body, "    scf.if %in{u} {{\n{}    }}\n", indent6(&(map.store)(u)));
-    }
+    let body = chunk_steps(ids, unroll, map.load, map.store);
     format!(
         "{checks}scf.if {all} {{
   %cVec = arith.constant {VEC} : index
@@ -2713,6 +2700,19 @@ mod tests {
         k
     }
 
+    /// The third step of AdamW (lr 3e-3, betas 0.9 and 0.95) with weight decay `decay`.
+    fn adamw_step(decay: f32) -> v3c_models::train::AdamWStep {
+        v3c_models::train::AdamWStep {
+            lr: 3e-3,
+            b1: 0.9,
+            b2: 0.95,
+            c1: 1.0 - 0.9f32.powi(3),
+            c2: 1.0 - 0.95f32.powi(3),
+            eps: 1e-8,
+            weight_decay: decay,
+        }
+    }
+
     /// The device optimizer's kernels over flat tensors with a partial last block: the windows'
     /// gradients summed in window order, the squares' per-block parts (to f32's rounding of the
     /// f64 sums), and AdamW equal to the trainer's arithmetic ([`v3c_models::train::AdamWStep`])
@@ -2740,15 +2740,7 @@ mod tests {
             assert!(((*p as f64) - exact).abs() <= 1e-5 * exact, "block {b}: {p} vs {exact}");
         }
         for decay in [0.0, 0.1] {
-            let step = v3c_models::train::AdamWStep {
-                lr: 3e-3,
-                b1: 0.9,
-                b2: 0.95,
-                c1: 1.0 - 0.9f32.powi(3),
-                c2: 1.0 - 0.95f32.powi(3),
-                eps: 1e-8,
-                weight_decay: decay,
-            };
+            let step = adamw_step(decay);
             let scale = 0.37f32;
             let mut w = values(n, 50, 1.0);
             let m32: Vec<f32> = values(n, 51, 0.1).iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect();
@@ -2790,16 +2782,7 @@ mod tests {
         let w0 = values(n, 62, 1.0);
         let m0: Vec<u16> = values(n, 63, 0.1).iter().map(|&x| f32_to_bf16(x)).collect();
         let v0: Vec<u16> = values(n, 64, 0.1).iter().map(|&x| f32_to_bf16(x * x)).collect();
-        let step = v3c_models::train::AdamWStep {
-            lr: 3e-3,
-            b1: 0.9,
-            b2: 0.95,
-            c1: 1.0 - 0.9f32.powi(3),
-            c2: 1.0 - 0.95f32.powi(3),
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
-        let hyper = step.hyper(0.37).to_vec();
+        let hyper = adamw_step(0.1).hyper(0.37).to_vec();
         let blocks = n.div_ceil(d);
         for op in [
             TrainRow::GradAccum { first: true },
