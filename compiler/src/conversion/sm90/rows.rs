@@ -5150,6 +5150,11 @@ mod tests {
     /// The same kernel's PTX for sm_90a run in the simulator over `buffers`, one block per row of
     /// `rows` as the runtime launches it: every global access inside a buffer, shared memory checked
     /// for races.
+    /// Warp requests of the launch's accesses whose PTX starts with any of `ops`.
+    pub(super) fn requests_of(stats: &v3c_ptxsim::Stats, ops: &[&str]) -> u64 {
+        stats.accesses.values().filter(|a| ops.iter().any(|op| a.text.starts_with(op))).map(|a| a.requests).sum()
+    }
+
     pub(super) fn run_simulated(kernel: &RowKernel, buffers: &[RawBuffer], rows: usize) -> v3c_ptxsim::Stats {
         let context = crate::mlir::new_context();
         let gpu = crate::conversion::sm90::compile_rows(&context, kernel, &crate::target::SM90A).unwrap();
@@ -5259,8 +5264,7 @@ mod tests {
                 }
                 // The row (and the weight) come 4 columns a load where the buffers allow it, and
                 // only there.
-                let v4: u64 =
-                    stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
+                let v4: u64 = requests_of(&stats, &["ld.global.v4"]);
                 assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of ld.global.v4");
             } else {
                 run_cpu(&kernel, &buffers);
@@ -5790,12 +5794,7 @@ mod tests {
                         stats.global_requests,
                         100.0 * stats.global_efficiency()
                     );
-                    let v4: u64 = stats
-                        .accesses
-                        .values()
-                        .filter(|a| a.text.starts_with("ld.global.v4") || a.text.starts_with("st.global.v4"))
-                        .map(|a| a.requests)
-                        .sum();
+                    let v4: u64 = requests_of(&stats, &["ld.global.v4", "st.global.v4"]);
                     let wide = nope.is_multiple_of(4) && r.is_multiple_of(if interleave { 4 } else { 8 });
                     assert_eq!(v4 > 0, wide && shift == 0, "{name}: {v4} warp requests of 16 bytes");
                 } else {
@@ -5889,8 +5888,7 @@ mod tests {
                     stats.load_rounds,
                     100.0 * stats.global_efficiency()
                 );
-                let v4: u64 =
-                    stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
+                let v4: u64 = requests_of(&stats, &["ld.global.v4"]);
                 assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of ld.global.v4");
                 assert_fp8_rows_near(&name, (q.slice(), scale.slice()), (&want_q, &want_s));
                 // f32 rows: 4 columns of gate and up a load each and of y a store where aligned;
@@ -5905,8 +5903,7 @@ mod tests {
                 let name =
                     format!("{} (PTX simulated, buffers {shift} elements off 128 bytes)", f32_rows.kernel_name());
                 eprintln!("{name}: {} instructions, {} load rounds", stats.instructions, stats.load_rounds);
-                let v4: u64 =
-                    stats.accesses.values().filter(|a| a.text.starts_with("st.global.v4")).map(|a| a.requests).sum();
+                let v4: u64 = requests_of(&stats, &["st.global.v4"]);
                 assert_eq!(v4 > 0, shift == 0 && d.is_multiple_of(4), "{name}: {v4} warp requests of st.global.v4");
                 for (i, (a, b)) in y.slice().iter().zip(&want).enumerate() {
                     assert!((a - b).abs() <= 1e-5 * b.abs() + 1e-6, "{name}: y[{i}] = {a}, reference {b}");
@@ -6329,8 +6326,7 @@ mod tests {
                 ];
                 let stats = run_simulated(&out, &buffers, t_len);
                 let name = format!("{} (PTX simulated, shift {shift})", out.kernel_name());
-                let v4: u64 =
-                    stats.accesses.values().filter(|a| a.text.starts_with("ld.global.v4")).map(|a| a.requests).sum();
+                let v4: u64 = requests_of(&stats, &["ld.global.v4"]);
                 assert_eq!(v4 > 0, shift == 0, "{name}: {v4} warp requests of ld.global.v4");
                 assert_eq!(s.slice(), &want_s[..], "{name}");
                 assert_eq!(q.slice(), &want_q[..], "{name}");
@@ -6347,8 +6343,7 @@ mod tests {
                 let buffers = [raw(op.slice(), &[heads * t_len, v], "f32"), raw(yp.slice(), &[t_len, d], "f32")];
                 let stats = run_simulated(&out, &buffers, t_len);
                 let name = format!("{} (PTX simulated, shift {shift})", out.kernel_name());
-                let v4: u64 =
-                    stats.accesses.values().filter(|a| a.text.starts_with("st.global.v4")).map(|a| a.requests).sum();
+                let v4: u64 = requests_of(&stats, &["st.global.v4"]);
                 assert_eq!(v4 > 0, shift == 0, "{name}: {v4} warp requests of st.global.v4");
                 assert_eq!(yp.slice(), &tokens[..], "{name}");
             }
@@ -6849,10 +6844,10 @@ mod tests {
                     None => run_cpu(kernel, &buffers),
                     Some(shift) => {
                         let stats = run_simulated(kernel, &buffers, rows);
-                        let wide = |op: &str| -> u64 {
-                            stats.accesses.values().filter(|a| a.text.starts_with(op)).map(|a| a.requests).sum()
-                        };
-                        let (v4_loads, v4_stores) = (wide("ld.global.v4"), wide("st.global.v4") + wide("st.global.v2"));
+                        let (v4_loads, v4_stores) = (
+                            requests_of(&stats, &["ld.global.v4"]),
+                            requests_of(&stats, &["st.global.v4", "st.global.v2"]),
+                        );
                         eprintln!(
                             "{name}: {} instructions, {} load rounds, {:.0}% of global sectors' bytes used, {v4_loads} / {v4_stores} wide loads / stores",
                             stats.instructions,
@@ -6861,7 +6856,7 @@ mod tests {
                         );
                         // The embedding's bf16 table comes 8 bytes a load.
                         let loads = if kernel.op == RowOp::Embed {
-                            wide("ld.global.v4.b16") + wide("ld.global.v2")
+                            requests_of(&stats, &["ld.global.v4.b16", "ld.global.v2"])
                         } else {
                             v4_loads
                         };
@@ -6951,12 +6946,7 @@ mod tests {
                         None => run_cpu(kernel, &buffers),
                         Some(shift) => {
                             let stats = run_simulated(kernel, &buffers, s_len);
-                            let wide: u64 = stats
-                                .accesses
-                                .values()
-                                .filter(|a| a.text.starts_with("st.global.v2") || a.text.starts_with("st.global.v4"))
-                                .map(|a| a.requests)
-                                .sum();
+                            let wide: u64 = requests_of(&stats, &["st.global.v2", "st.global.v4"]);
                             eprintln!(
                                 "{name}: {} instructions, {} load rounds, {:.0}% of global sectors' bytes used, {wide} wide stores",
                                 stats.instructions,

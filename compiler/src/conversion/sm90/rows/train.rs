@@ -2689,7 +2689,7 @@ fn flat_block(x: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{placed, raw, run_cpu, run_simulated, values};
+    use super::super::tests::{placed, raw, requests_of, run_cpu, run_simulated, values};
     use super::super::RowOp;
     use super::*;
     use v3c_models::interp::kernels;
@@ -2813,12 +2813,7 @@ mod tests {
                     Some(shift) => {
                         let stats = run_simulated(&k, &buffers, n.div_ceil(d));
                         let name = format!("{} (PTX simulated, shift {shift})", k.kernel_name());
-                        let wide: u64 = stats
-                            .accesses
-                            .values()
-                            .filter(|a| a.text.starts_with("ld.global.v4") || a.text.starts_with("st.global.v4"))
-                            .map(|a| a.requests)
-                            .sum();
+                        let wide: u64 = requests_of(&stats, &["ld.global.v4", "st.global.v4"]);
                         eprintln!(
                             "{name}: {} instructions, {} load rounds, {wide} wide requests",
                             stats.instructions, stats.load_rounds
