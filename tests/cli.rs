@@ -1718,7 +1718,13 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     );
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
     assert!(
-        stdout.contains("template launches of 49 kernels at the planned sizes, each as its PTX declares"),
+        stdout.contains(
+            "tokens picked on the device: greedy by rows_argmax_d129280_t1024, sampled by rows_sample_d129280_t512"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("template launches of 50 kernels at the planned sizes, each as its PTX declares"),
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
@@ -1728,8 +1734,10 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains(", temporaries 587.1 MiB"), "{stdout}");
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the argmax.
-    assert_eq!(report["launch_check"]["launches"], 2722, "{report}");
+    // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the
+    // argmax and the sampling kernel.
+    assert_eq!(report["launch_check"]["launches"], 2723, "{report}");
+    assert_eq!(report["device_picks"]["sample"], "rows_sample_d129280_t512", "{report}");
     assert_eq!(report["entries"][1]["name"], "decode");
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and

@@ -702,6 +702,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         Some(_) => None,
     };
+    // Sampling at a temperature on the device too (the host sampler's draws, bit for bit).
+    let sample = match o.train {
+        None => Some(
+            lowered.sampling_draw(&context, config.vocab_size, target, ptxas.as_ref()).map_err(|e| e.to_string())?,
+        ),
+        Some(_) => None,
+    };
     // Training: AdamW and what it needs on the device (`v3r train` keeps the state there).
     let optimizer = match o.train {
         Some(_) => Some(lowered.training_optimizer(&context, target, ptxas.as_ref()).map_err(|e| e.to_string())?),
@@ -931,7 +938,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         choices,
     };
-    write_gpu_artifact(out, o, &config, precision, &module, &lowered, argmax.as_ref(), optimizer, tuning)
+    let picks = Picks { argmax: argmax.as_ref(), sample: sample.as_ref() };
+    write_gpu_artifact(out, o, &config, precision, &module, &lowered, picks, optimizer, tuning)
 }
 
 /// A row kernel's blocks: the rows of its rows argument (by position) times its blocks per row
@@ -959,9 +967,15 @@ fn row_blocks(
     }
 }
 
+/// The kernels that pick tokens on the device: greedy's argmax, and sampling at a temperature.
+struct Picks<'a> {
+    argmax: Option<&'a v3c_compiler::conversion::sm90::rows::RowKernel>,
+    sample: Option<&'a v3c_compiler::conversion::sm90::rows::RowKernel>,
+}
+
 /// Writes the sm_90a artifact of `lowered` (whole or not at all): kernels (PTX, cubin when ptxas
-/// assembled it), the fused-level plan, the lowering of every fused kernel (and `argmax`, the
-/// sampling kernel; `optimizer`, a training step's), the manifest.
+/// assembled it), the fused-level plan, the lowering of every fused kernel (and `picks`, the
+/// sampling kernels; `optimizer`, a training step's), the manifest.
 #[allow(clippy::too_many_arguments)]
 fn write_gpu_artifact(
     out: &Path,
@@ -970,7 +984,7 @@ fn write_gpu_artifact(
     precision: v3c_models::Precision,
     module: &melior::ir::Module,
     lowered: &v3c_compiler::conversion::sm90::ModelKernels,
-    argmax: Option<&v3c_compiler::conversion::sm90::rows::RowKernel>,
+    picks: Picks,
     optimizer: Option<v3c_runtime::lowering::OptimizerSpec>,
     tuning: v3c_runtime::artifact::TuningInfo,
 ) -> Result<(), String> {
@@ -995,7 +1009,7 @@ fn write_gpu_artifact(
                 StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) | StepKernel::MlaDecode(_) => None,
             })
         }));
-    for k in row_kernels.chain(argmax) {
+    for k in row_kernels.chain(picks.argmax).chain(picks.sample) {
         row_ranks.insert(k.kernel_name(), k.argument_ranks());
     }
     let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
@@ -1207,7 +1221,8 @@ fn write_gpu_artifact(
     let lowering = lw::Lowering {
         format_version: lw::LOWERING_FORMAT_VERSION,
         kernels: fused,
-        argmax: argmax.map(|k| k.kernel_name()),
+        argmax: picks.argmax.map(|k| k.kernel_name()),
+        sample: picks.sample.map(|k| k.kernel_name()),
         cache_rows_multiple: lowered.caches.paged_decode().then_some(PAGE_ROWS),
         optimizer,
     };

@@ -84,6 +84,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: true }, 128 * 128, "f32"),
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
+        RowKernel::new(RowOp::Sample, 129_280, "f32"),
         RowKernel::new(
             RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
             512,
@@ -259,6 +260,15 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             RowOp::Argmax => {
                 let phases = 2 + k.threads.trailing_zeros() as usize;
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: scan, tree, write");
+            }
+            RowOp::Sample => {
+                // The maximum (a scan, a tree), the lanes' sums, the blocks', the draw's block,
+                // its weights, the walk.
+                let phases = 6 + k.threads.trailing_zeros() as usize;
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
+                // The host's arithmetic: IEEE division, no fused multiply-add, f64 sums.
+                assert!(kernel.ptx.contains("div.rn.f32") && kernel.ptx.contains("add.rn.f64"), "{name}");
+                assert!(!kernel.ptx.contains("fma.") && !kernel.ptx.contains("approx"), "{name}");
             }
             RowOp::MlaCombine => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase");

@@ -331,12 +331,36 @@ impl Sampler {
         token
     }
 
+    /// Where a device may draw this sampler's next token from a row of `n` logits itself
+    /// ([`draw_every_token`]: sampled, weighing every token, nothing changing the logits): the
+    /// temperature and the uniform draw [`Sampler::sample`] would take (the stream advanced); None
+    /// (nothing drawn) where the host must pick. The token the device gives goes to
+    /// [`Sampler::note`].
+    pub fn device_draw(&mut self, n: usize) -> Option<(f32, f64)> {
+        if !self.device_drawable(n) {
+            return None;
+        }
+        Some((self.temperature, self.uniform()))
+    }
+
+    /// Whether [`Sampler::device_draw`] draws (it does not change the sampler).
+    pub fn device_drawable(&self, n: usize) -> bool {
+        self.weighs_every_token(n) && !self.changes_logits() && self.temperature.is_finite()
+    }
+
     /// Whether [`Sampler::distribution`] of a row of `n` logits weighs every token in id order:
     /// sampled, with no top-k below `n`, top-p 1 and no min-p.
     fn weighs_every_token(&self, n: usize) -> bool {
         let top_k = self.shaping.top_k > 0 && self.shaping.top_k < n;
         !self.greedy() && !top_k && self.top_p >= 1.0 && self.shaping.min_p <= 0.0
     }
+}
+
+/// The token a sampler that weighs every token ([`Sampler::device_draw`]) picks from `logits` at
+/// temperature `t` for the uniform draw `u`: what the device's sampling kernel (`rows_sample_*`)
+/// must give, bit for bit.
+pub fn draw_every_token(logits: &[f32], t: f32, u: f64) -> u32 {
+    draw_exp(logits, largest(logits), t, u)
 }
 
 /// [`draw_at`] over [`exp_weights`]'s pairs for `(logits, max, t)`, the same sums and the same
@@ -391,7 +415,7 @@ fn draw_at(weighted: &[(u32, f32)], u: f64) -> u32 {
 }
 
 /// Weights [`Sampler::draw`] sums a block at a time.
-const DRAW_BLOCK: usize = 256;
+pub const DRAW_BLOCK: usize = 256;
 
 /// The weights' sum in f64, in 8 running sums.
 fn block_sum(block: &[(u32, f32)]) -> f64 {
@@ -650,6 +674,30 @@ pub fn exp64(x: f64) -> f64 {
     }
 }
 
+/// [`exp`]'s constants, public so that a kernel computing the same exponentials (the device's
+/// sampling, `rows_sample_*`) takes the same bits: `e^x = 2^n e^r`, `n` the nearest integer to
+/// `x log2(e)` (by adding and subtracting `round`), `r = (x - n ln2_hi) - n ln2_lo`, e^r as
+/// `((p r) r + r) + 1` with `p` by Horner's rule over `poly`; `x` held to `low..=high` first.
+pub struct ExpF32 {
+    pub log2e: f32,
+    pub ln2_hi: f32,
+    pub ln2_lo: f32,
+    pub round: f32,
+    pub low: f32,
+    pub high: f32,
+    pub poly: [f32; 6],
+}
+
+pub const EXP_F32: ExpF32 = ExpF32 {
+    log2e: std::f32::consts::LOG2_E,
+    ln2_hi: 0.693_359_4,
+    ln2_lo: -2.121_944_4e-4,
+    round: 12_582_912.0,
+    low: -104.0,
+    high: 89.0,
+    poly: [1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5],
+};
+
 /// e^x in f32 without a libm call, so that a loop of them vectorizes: within 2 ulp of the
 /// correctly rounded value where that is a normal float (ties of the subnormal range within one
 /// subnormal step), 0 below -104 (where e^x rounds to 0 anyway), infinity above 89, NaN for NaN.
@@ -658,21 +706,21 @@ pub fn exp64(x: f64) -> f64 {
 /// float: results down to the subnormals come out right).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LOG2E: f32 = EXP_F32.log2e;
     // ln 2 = LN2_HI + LN2_LO; LN2_HI (355 / 512 exactly) has few mantissa bits, so n * LN2_HI is
     // exact for |n| < 2^15.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LN2_HI: f32 = EXP_F32.ln2_hi;
+    const LN2_LO: f32 = EXP_F32.ln2_lo;
     // Round to nearest by adding 1.5 * 2^23 (the sum's last bit is the integer's).
-    const ROUND: f32 = 12_582_912.0;
+    const ROUND: f32 = EXP_F32.round;
     // (Comparisons, not `clamp`, and the integer from the rounded sum's bits, not a cast: kept to
     // what vectorizes.) NaN passes the comparisons through.
-    let c = if x < -104.0 { -104.0 } else { x };
-    let c = if c > 89.0 { 89.0 } else { c };
+    let c = if x < EXP_F32.low { EXP_F32.low } else { x };
+    let c = if c > EXP_F32.high { EXP_F32.high } else { c };
     let t = c * LOG2E + ROUND;
     let n = t - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
-    let p = horner(r, &[1.987_569_2e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5]);
+    let p = horner(r, &EXP_F32.poly);
     let er = (p * r) * r + r + 1.0;
     // 2^n as 2^a 2^b, a = floor(n / 2) and b = n - a: both within -75..=64, normal floats.
     let n = t.to_bits() as i32 - ROUND.to_bits() as i32;

@@ -686,10 +686,24 @@ impl GpuArtifact {
     /// device by the artifact's argmax kernel, only the indices read back. None when the artifact
     /// has no argmax kernel.
     pub fn argmax_last(&self, entry: &str) -> Result<Option<Vec<u32>>, String> {
+        self.pick_last(entry, None)
+    }
+
+    /// Tokens of the last run of `entry` picked on the device, one per row of its `logits`: row
+    /// r's drawn by the artifact's sampling kernel at temperature `draws[r].0` with the uniform draw
+    /// `draws[r].1` (the host sampler's token, bit for bit), or its argmax where that temperature is
+    /// not above 0; only the tokens read back. None when the artifact lacks a kernel the rows need.
+    pub fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Option<Vec<u32>>, String> {
+        self.pick_last(entry, Some(draws))
+    }
+
+    /// [`GpuArtifact::argmax_last`] (`draws` None: every row greedy) and
+    /// [`GpuArtifact::sample_last`].
+    fn pick_last(&self, entry: &str, draws: Option<&[(f32, f64)]>) -> Result<Option<Vec<u32>>, String> {
         let plan = self.entry_plan(entry)?;
         let sizes = match self.last_inputs.borrow().as_ref() {
             Some((e, shapes)) if e == entry => plan.bind(shapes)?,
-            _ => return Err(format!("{entry}: no completed run to take the argmax of")),
+            _ => return Err(format!("{entry}: no completed run to pick tokens from")),
         };
         let (_, id) =
             plan.outputs.iter().find(|(n, _)| n == "logits").ok_or_else(|| format!("{entry} has no logits"))?;
@@ -701,23 +715,50 @@ impl GpuArtifact {
             element: crate::abi::element_name(&b.dtype).ok_or_else(|| format!("logits of {}", b.dtype))?,
         };
         let rows = logits.shape.first().copied().unwrap_or(0);
-        let mut idx = self.argmax_out.borrow_mut();
-        if idx.as_ref().is_none_or(|d| d.bytes < 4 * rows) {
-            *idx = Some(DeviceBuffer::new(4 * rows.max(1), "argmax indices")?);
+        if let Some(d) = draws.filter(|d| d.len() != rows) {
+            return Err(format!("{entry}: {} draws for {rows} rows of logits", d.len()));
         }
-        let idx_ptr = idx.as_ref().map_or(0, |d| d.ptr);
-        let Some(launch) = Expander::new(&self.artifact)?.argmax_launch(&logits, idx_ptr)? else { return Ok(None) };
+        let sampled = |r: usize| draws.is_some_and(|d| d[r].0 > 0.0);
+        let greedy = (0..rows).any(|r| !sampled(r));
+        // One device buffer: the uniform draws (f64), the temperatures, the argmax's tokens, the
+        // sampler's.
+        let mut picks = self.argmax_out.borrow_mut();
+        if picks.as_ref().is_none_or(|d| d.bytes < 20 * rows) {
+            *picks = Some(DeviceBuffer::new(20 * rows.max(1), "picked tokens")?);
+        }
+        let base = picks.as_ref().map_or(0, |d| d.ptr);
+        let (uniform, temperature, argmax_idx, sample_idx) =
+            (base, base + 8 * rows as u64, base + 12 * rows as u64, base + 16 * rows as u64);
+        let expander = Expander::new(&self.artifact)?;
+        let mut launches = Vec::new();
+        if greedy {
+            let Some(launch) = expander.argmax_launch(&logits, argmax_idx)? else { return Ok(None) };
+            launches.push(launch);
+        }
+        if let Some(draws) = draws.filter(|_| (0..rows).any(sampled)) {
+            let Some(launch) = expander.sample_launch(&logits, temperature, uniform, sample_idx)? else {
+                return Ok(None);
+            };
+            let mut bytes: Vec<u8> = draws.iter().flat_map(|d| d.1.to_le_bytes()).collect();
+            bytes.extend(draws.iter().flat_map(|d| d.0.to_le_bytes()));
+            // SAFETY: the buffer holds `rows` f64 then `rows` f32 from its start.
+            unsafe { result::memcpy_htod_sync(uniform, &bytes) }.map_err(cuda("uploading sampling draws"))?;
+            launches.push(launch);
+        }
         if rows > 0 {
-            self.enqueue(entry, &launch, 0)?;
+            for launch in &launches {
+                self.enqueue(entry, launch, 0)?;
+            }
         }
         // SAFETY: our stream.
-        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: argmax")))?;
-        let mut bytes = vec![0u8; 4 * rows];
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: picking tokens")))?;
+        let mut bytes = vec![0u8; 8 * rows];
         if rows > 0 {
-            // SAFETY: the buffer holds `rows` i32.
-            unsafe { result::memcpy_dtoh_sync(&mut bytes, idx_ptr) }.map_err(cuda("reading argmax indices"))?;
+            // SAFETY: the buffer holds both kernels' `rows` i32 there.
+            unsafe { result::memcpy_dtoh_sync(&mut bytes, argmax_idx) }.map_err(cuda("reading picked tokens"))?;
         }
-        Ok(Some(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+        let token = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+        Ok(Some((0..rows).map(|r| if sampled(r) { token(rows + r) } else { token(r) }).collect()))
     }
 
     /// Enqueues action `i` of a staged run on the stream.

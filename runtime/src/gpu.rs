@@ -201,6 +201,40 @@ impl<'a> Expander<'a> {
         }))
     }
 
+    /// The launch of the artifact's sampling kernel over `logits` (`[rows, vocab]` f32), with
+    /// `temperature` (`rows` f32) and `uniform` (`rows` f64 bits, i64) at those addresses, into
+    /// `idx` (`rows` i32), or None when the artifact has none.
+    pub fn sample_launch(
+        &self,
+        logits: &Buf,
+        temperature: u64,
+        uniform: u64,
+        idx: u64,
+    ) -> Result<Option<KernelLaunch>, String> {
+        let Some(kernel) = self.artifact.lowering.as_ref().and_then(|l| l.sample.as_ref()) else { return Ok(None) };
+        let Some(KernelAbi::Memrefs { ranks }) = self.abis.get(kernel.as_str()) else {
+            return Err(format!("sampling kernel {kernel}: not a row kernel"));
+        };
+        if ranks[..] != [2, 1, 1, 1] {
+            return Err(format!("sampling kernel {kernel}: takes memrefs of ranks {ranks:?}"));
+        }
+        let rows = logits.shape_at_rank(2)?[0];
+        let per_row = |addr: u64, element: &'static str| Buf { addr, shape: vec![rows], element };
+        let operands = [per_row(temperature, "f32"), per_row(uniform, "i64"), per_row(idx, "i32")];
+        let mut params = memref(logits, 2)?;
+        for b in &operands {
+            params.extend(memref(b, 1)?);
+        }
+        Ok(Some(KernelLaunch {
+            kernel: kernel.clone(),
+            grid: rows,
+            grid_y: 1,
+            params,
+            tensor_maps: Vec::new(),
+            operands: std::iter::once(logits.clone()).chain(operands).collect(),
+        }))
+    }
+
     /// Every prepared weight the entries' GEMMs read, once each.
     pub fn prepared_weights(&self) -> Result<Vec<PreparedWeight>, String> {
         let mut out: Vec<PreparedWeight> = Vec::new();
@@ -729,12 +763,13 @@ impl Expander<'_> {
         let rows = artifact.plan.entries.iter().map(|e| e.sizes.rows).max().unwrap_or(1).max(1);
         let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
         let argmax = self.argmax_launch(&logits, addr())?;
+        let sample = self.sample_launch(&logits, addr(), addr(), addr())?;
         // A training step's optimizer kernels, over a tensor of three blocks.
         let optimizer = match crate::optimizer::OptimizerKernels::of(artifact)? {
             Some(o) => o.samples(3 * 4096 + 7, &mut addr)?,
             None => Vec::new(),
         };
-        for k in argmax.into_iter().chain(optimizer) {
+        for k in argmax.into_iter().chain(sample).chain(optimizer) {
             let want = declared.get(k.kernel.as_str()).copied().unwrap_or(0);
             if k.params.len() != want {
                 return Err(format!(

@@ -25,6 +25,12 @@ pub struct Lowering {
     /// argmax `[rows]` (i32; f32 total order, ties to the lower index, as the host sampler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argmax: Option<String>,
+    /// Sampling at a temperature on the device, every token weighed: a row kernel taking logits
+    /// `[rows, vocab]` (f32), temperatures `[rows]` (f32) and uniform draws `[rows]` (the bits of
+    /// f64s in [0, 1), as i64) to each row's token `[rows]` (i32; -1 where the temperature is not
+    /// above 0): the host sampler's draw from the same logits, bit for bit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<String>,
     /// The decode caches' rows (S of `[B, S, C]`) must be a multiple of this: they are bf16 pages
     /// of that many rows, read in place by the tensor-core decode attention (sessions round their
     /// caches up). Absent: any number of rows.
@@ -519,6 +525,9 @@ impl Lowering {
         if let Some(k) = self.argmax.as_ref().filter(|k| !known(k)) {
             return Err(format!("argmax kernel {k} is not in the manifest"));
         }
+        if let Some(k) = self.sample.as_ref().filter(|k| !known(k)) {
+            return Err(format!("sampling kernel {k} is not in the manifest"));
+        }
         if let Some(o) = &self.optimizer {
             if o.chunk == 0 {
                 return Err("the optimizer's kernels take blocks of 0 elements".into());
@@ -731,6 +740,7 @@ mod tests {
                 rope_table: None,
             }],
             argmax: None,
+            sample: None,
             cache_rows_multiple: None,
             optimizer: None,
         };

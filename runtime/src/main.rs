@@ -887,6 +887,14 @@ fn info(args: &InfoArgs) -> Result<(), String> {
             l.kernels.len(),
             l.kernels.iter().filter(|k| !k.temps.is_empty()).count()
         ));
+        // What decode's tokens are picked by where the logits stay on the device.
+        let picks = [("greedy", &l.argmax), ("sampled", &l.sample)];
+        let picks: Vec<String> =
+            picks.iter().filter_map(|(what, k)| k.as_ref().map(|k| format!("{what} by {k}"))).collect();
+        put("device_picks", serde_json::json!({ "argmax": l.argmax, "sample": l.sample }));
+        if !picks.is_empty() {
+            line(format!("tokens picked on the device: {}", picks.join(", ")));
+        }
     }
     if m.target.name == "cpu" {
         // Every launch against the signature its kernel's code holds, read without loading it.

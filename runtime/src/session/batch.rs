@@ -608,10 +608,15 @@ impl<'a> ArtifactBatch<'a> {
         }
     }
 
+    /// Whether the batch's program draws sampled tokens itself ([`Program::device_sample`]).
+    pub fn device_sample(&self) -> bool {
+        self.program.device_sample()
+    }
+
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
     /// (the others are fed again at their last position: computed, ignored); returns every
-    /// sequence's logits.
-    pub fn decode(&mut self, tokens: &[u32], active: &[bool], greedy: bool) -> Result<Next, String> {
+    /// sequence's logits, or (as `pick`, per sequence, says) its token.
+    pub fn decode(&mut self, tokens: &[u32], active: &[bool], pick: &Pick) -> Result<Next, String> {
         let n = self.positions.len();
         if tokens.len() != n || active.len() != n {
             return Err(format!("{} tokens and {} flags for {n} sequences", tokens.len(), active.len()));
@@ -635,7 +640,7 @@ impl<'a> ArtifactBatch<'a> {
         // The steps may leave the caches on the device unless joining sequences' rows are laid
         // into them on the host.
         let keep = self.on_device || !self.joinable;
-        let stepped = step_keeping(self.program, &mut inputs, &caches, &mut self.resident, greedy, keep);
+        let stepped = step_keeping(self.program, &mut inputs, &caches, &mut self.resident, &pick.rows(&rows), keep);
         let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;
@@ -700,8 +705,6 @@ pub fn generate_batch(
     let limits: Vec<usize> = prompts.iter().map(|p| p.len() + max_new).collect();
     let (mut batch, logits) = ArtifactBatch::prefill_within(program, prompts, &limits)?;
     let mut logits = Next::Logits(LogitRows::of(logits));
-    // Every sequence greedy: a program that picks tokens itself does (the logits stay there).
-    let greedy = samplers.iter().all(|s| s.plain_greedy());
     for (s, p) in samplers.iter_mut().zip(prompts) {
         s.start(p);
     }
@@ -735,7 +738,10 @@ pub fn generate_batch(
             }
         }
         if active.iter().any(|&a| a) {
-            logits = batch.decode(&next, &active, greedy)?;
+            // Greedy or drawn: a program that picks tokens itself does (the logits stay there).
+            let wanted = samplers.iter_mut().zip(&active).map(|(s, &a)| a.then_some((s, false)));
+            let pick = Pick::of(batch.device_sample(), wanted);
+            logits = batch.decode(&next, &active, &pick)?;
         }
     }
     Ok((0..n)

@@ -38,10 +38,14 @@ pub use serve::*;
 pub trait Generator {
     fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, String>;
     fn decode(&mut self, token: u32) -> Result<Vec<f32>, String>;
-    /// As `decode`; with `greedy`, a session whose program picks tokens itself may give the token.
-    fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
-        let _ = greedy;
-        Ok(Next::Logits(LogitRows::of(vec![self.decode(token)?])))
+    /// As `decode`; with `pick` (greedy, or draws), a session whose program picks tokens itself
+    /// may give the token.
+    fn decode_next(&mut self, token: u32, pick: &Pick) -> Result<Next, String> {
+        Ok(Next::Logits(LogitRows::of(vec![self.decode(token)?])).drawn(pick))
+    }
+    /// Whether the session's program draws sampled tokens itself ([`Program::device_sample`]).
+    fn device_sample(&self) -> bool {
+        false
     }
 }
 
@@ -52,8 +56,11 @@ impl Generator for ArtifactSession<'_> {
     fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
         ArtifactSession::decode(self, token)
     }
-    fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
-        ArtifactSession::decode_next(self, token, greedy)
+    fn decode_next(&mut self, token: u32, pick: &Pick) -> Result<Next, String> {
+        ArtifactSession::decode_next(self, token, pick)
+    }
+    fn device_sample(&self) -> bool {
+        self.program.device_sample()
     }
 }
 
@@ -192,7 +199,6 @@ pub fn generate_each(
     let start = std::time::Instant::now();
     let mut next = Next::Logits(LogitRows::of(vec![session.prefill(prompt)?]));
     let prefill_s = start.elapsed().as_secs_f64();
-    let greedy = sampler.plain_greedy();
     sampler.start(prompt);
     let mut tokens = Vec::new();
     let mut stopped_at_eos = false;
@@ -205,7 +211,8 @@ pub fn generate_each(
             break;
         }
         if tokens.len() < max_new {
-            next = session.decode_next(token, greedy)?;
+            let pick = Pick::of(session.device_sample(), [Some((&mut *sampler, false))]);
+            next = session.decode_next(token, &pick)?;
         }
     }
     let total_s = start.elapsed().as_secs_f64();
@@ -249,6 +256,8 @@ mod tests {
         uploads: RefCell<usize>,
         /// Picks greedy tokens itself (from the last decode's logits, kept here).
         argmax: bool,
+        /// Draws sampled tokens itself too (as the device's sampling kernel: the host's draws).
+        sample: bool,
         last_logits: RefCell<Vec<Vec<f32>>>,
         logits_read: RefCell<usize>,
         /// Decode caches' rows must be a multiple of this; they come back in bf16 when `bf16`.
@@ -284,6 +293,7 @@ mod tests {
                 device: RefCell::new(None),
                 uploads: RefCell::new(0),
                 argmax: false,
+                sample: false,
                 last_logits: RefCell::new(Vec::new()),
                 logits_read: RefCell::new(0),
                 multiple: 1,
@@ -388,6 +398,23 @@ mod tests {
         fn argmax_last(&self, _: &str) -> Result<Vec<u32>, String> {
             let mut greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
             Ok(self.last_logits.borrow().iter().map(|l| greedy.sample(l)).collect())
+        }
+
+        fn device_sample(&self) -> bool {
+            self.sample
+        }
+
+        fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
+            let logits = self.last_logits.borrow();
+            if draws.len() != logits.len() {
+                return Err(format!("{entry}: {} draws for {} rows", draws.len(), logits.len()));
+            }
+            let argmax = self.argmax_last(entry)?;
+            let draw = |(r, &(t, u)): (usize, &(f32, f64))| match t > 0.0 {
+                true => v3c_models::sampling::draw_every_token(&logits[r], t, u),
+                false => argmax[r],
+            };
+            Ok(draws.iter().enumerate().map(draw).collect())
         }
 
         fn run_keeping(
@@ -614,6 +641,51 @@ mod tests {
         *device.device.borrow_mut() = None;
         assert_eq!(s.decode(4).unwrap_err(), "nothing resident");
         assert_eq!(s.decode(4).unwrap_err(), "kv_cache.0: no data for its shape");
+    }
+
+    /// A program that draws sampled tokens itself (as the device's sampling kernel does) gives the
+    /// tokens of the host's samplers with the same seeds and reads no logits back: one sequence,
+    /// and a batch mixing sampled and greedy sequences; a sampler it cannot draw for (top-p, a
+    /// penalty) has the batch's logits read back, its tokens the host's; a program whose steps
+    /// hand the logits back anyway draws the same tokens from them on the host.
+    #[test]
+    fn tokens_drawn_where_the_program_runs_are_the_host_samplers() {
+        use v3c_models::reference::Sampler;
+        let prompt = [3, 5, 1, 7, 2, 9];
+        let host = Toy::new(true);
+        let mut drawing = Toy::new(true);
+        (drawing.argmax, drawing.sample) = (true, true);
+        let sampled = |seed| Sampler::new(2.0, 1.0, seed);
+        let want = generate(&mut ArtifactSession::new(&host, 20).unwrap(), &prompt, 12, &mut sampled(5), None).unwrap();
+        let got =
+            generate(&mut ArtifactSession::new(&drawing, 20).unwrap(), &prompt, 12, &mut sampled(5), None).unwrap();
+        assert_eq!(got.tokens, want.tokens);
+        assert_eq!(*drawing.logits_read.borrow(), 0);
+        let distinct: std::collections::HashSet<_> = want.tokens.iter().collect();
+        assert!(distinct.len() > 3, "the draws vary: {:?}", want.tokens);
+        let greedy =
+            generate(&mut ArtifactSession::new(&host, 20).unwrap(), &prompt, 12, &mut Sampler::new(0.0, 1.0, 5), None);
+        assert_ne!(greedy.unwrap().tokens, want.tokens, "sampled, not greedy");
+        // A batch: sampled and greedy sequences together.
+        let prompts = vec![vec![3, 5, 1], vec![8, 8, 2, 4, 4]];
+        let samplers = || vec![sampled(1), Sampler::new(0.0, 1.0, 0)];
+        let tokens = |g: Vec<Generation>| g.into_iter().map(|g| g.tokens).collect::<Vec<_>>();
+        let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut samplers(), None).unwrap());
+        let drawing_batch = Toy { argmax: true, sample: true, ..Toy::new(true) };
+        assert_eq!(tokens(generate_batch(&drawing_batch, &prompts, 8, &mut samplers(), None).unwrap()), want);
+        assert_eq!(*drawing_batch.logits_read.borrow(), 0);
+        // Steps that hand the logits back (caches through the host): the same draws, on the host.
+        let handing = Toy { argmax: true, sample: true, ..Toy::new(false) };
+        assert_eq!(tokens(generate_batch(&handing, &prompts, 8, &mut samplers(), None).unwrap()), want);
+        // Top-p, or a penalty: the host's sampler, from logits read back.
+        let penalty = v3c_models::sampling::Shaping { presence_penalty: 0.5, ..Default::default() };
+        for odd in [Sampler::new(2.0, 0.8, 7), sampled(7).shaped(penalty)] {
+            let with = || vec![sampled(1), odd.clone()];
+            let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut with(), None).unwrap());
+            let reading = Toy { argmax: true, sample: true, ..Toy::new(true) };
+            assert_eq!(tokens(generate_batch(&reading, &prompts, 8, &mut with(), None).unwrap()), want);
+            assert!(*reading.logits_read.borrow() > 0);
+        }
     }
 
     /// A program whose decode caches are whole pages of rows, handed back in bf16 (a GPU artifact
@@ -1368,6 +1440,41 @@ mod tests {
                 assert_eq!(*toy.logits_read.borrow(), 0, "the device picked every token");
             }
         }
+    }
+
+    /// Serving sampled requests (every token weighed) on a program that draws them itself: each
+    /// request's tokens are those the host's samplers draw from the same logits with the same
+    /// seeds, with requests joining and leaving the running batch, and no logits read back.
+    #[test]
+    fn served_tokens_drawn_where_the_program_runs_are_the_host_samplers() {
+        use v3c_models::reference::Sampler;
+        let requests =
+            [(vec![8, 8, 2], 3, 2.0), (vec![5, 1, 9, 9, 4, 6, 2], 12, 1.5), (vec![1], 6, 0.0), (vec![4], 9, 3.0)];
+        let limits: Vec<usize> = requests.iter().map(|(p, n, _)| p.len() + n).collect();
+        let served = |toy: &Toy| {
+            let mut queue = requests
+                .iter()
+                .enumerate()
+                .map(|(i, (p, n, t))| Request::new(p.clone(), *n, Sampler::new(*t, 1.0, 40 + i as u64)));
+            let mut next = |_: bool| queue.next().map_or(Arrival::Closed, Arrival::Request);
+            let mut got = vec![Vec::new(); requests.len()];
+            let mut report = |id: usize, p: Progress| {
+                if let Progress::Ended(g) = p {
+                    got[id] = g.tokens;
+                }
+                Ok(())
+            };
+            serve(toy, &Serving::new(3, &limits, 7, None), &mut next, &mut report).unwrap();
+            got
+        };
+        let want = served(&Toy::paged());
+        let mut drawing = Toy::paged();
+        (drawing.keeps, drawing.argmax, drawing.sample) = (true, true, true);
+        let drawing = one_element(drawing);
+        assert_eq!(served(&drawing), want);
+        assert_eq!(*drawing.logits_read.borrow(), 0, "the program drew every token");
+        let distinct: std::collections::HashSet<_> = want[1].iter().collect();
+        assert!(distinct.len() > 2, "the draws vary: {:?}", want[1]);
     }
 
     /// A step over a pool of pages runs the active slots and the fewest others (the first ones)

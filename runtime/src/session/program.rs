@@ -115,6 +115,19 @@ pub trait Program {
     fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
         Err(format!("{entry}: this program picks no tokens itself"))
     }
+    /// Whether [`Program::sample_last`] draws sampled tokens where the program runs (GPU artifacts
+    /// with sampling and argmax kernels: the logits are then not read back).
+    fn device_sample(&self) -> bool {
+        false
+    }
+    /// The token of each `logits` row r of the last run of `entry`, drawn where the program keeps
+    /// them at temperature `draws[r].0` with the uniform draw `draws[r].1` as
+    /// [`v3c_models::sampling::draw_every_token`] draws it (bit for bit), or the argmax where
+    /// that temperature is not above 0.
+    fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
+        let _ = draws;
+        Err(format!("{entry}: this program draws no tokens itself"))
+    }
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
     /// where they are (the GPU times its launches with CUDA events, inputs uploaded once); the
     /// launches those of a run wanting `wanted` (outputs named with [`crate::plan::NO_ROWS`],
@@ -258,6 +271,13 @@ impl Program for crate::cuda::GpuArtifact {
     fn argmax_last(&self, entry: &str) -> Result<Vec<u32>, String> {
         crate::cuda::GpuArtifact::argmax_last(self, entry)?.ok_or_else(|| format!("{entry}: no argmax kernel"))
     }
+    fn device_sample(&self) -> bool {
+        self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some() && l.sample.is_some())
+    }
+    fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
+        crate::cuda::GpuArtifact::sample_last(self, entry, draws)?
+            .ok_or_else(|| format!("{entry}: no sampling or argmax kernel"))
+    }
 }
 
 /// One decode step: the caches uploaded and read back — or, on a program that keeps inputs, left
@@ -268,9 +288,9 @@ pub(super) fn step(
     inputs: &mut HashMap<String, HostBuffer>,
     caches: &[&str],
     resident: &mut bool,
-    greedy: bool,
+    pick: &Pick,
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
-    step_keeping(program, inputs, caches, resident, greedy, true)
+    step_keeping(program, inputs, caches, resident, pick, true)
 }
 
 /// As [`step`]; without `keep`, the caches come back every step (the session needs them on the
@@ -281,7 +301,7 @@ pub(super) fn step_keeping(
     inputs: &mut HashMap<String, HostBuffer>,
     caches: &[&str],
     resident: &mut bool,
-    greedy: bool,
+    pick: &Pick,
     keep: bool,
 ) -> Result<(HashMap<String, HostBuffer>, Next), String> {
     // Only the launches the logits and caches need: not the MTP module's past its cache row (its
@@ -294,20 +314,85 @@ pub(super) fn step_keeping(
                 inputs.insert(c.to_string(), b.into_f32());
             }
         }
-        let next = Next::logits_of(&mut out)?;
+        let next = Next::logits_of(&mut out)?.drawn(pick);
         return Ok((out, next));
     }
     let kept: &[&str] = if *resident { caches } else { &[] };
     // A failed step leaves the device caches in no known state: the next one uploads them.
     *resident = false;
-    // Greedy on a program that picks tokens itself: the logits stay where they are.
-    let on_device = greedy && program.device_argmax();
+    // Greedy, or drawn, on a program that picks tokens itself: the logits stay where they are.
+    let on_device = match pick {
+        Pick::Host => false,
+        Pick::Greedy => program.device_argmax(),
+        Pick::Draws(_) => program.device_sample(),
+    };
     let logits = if on_device { format!("logits{}", crate::plan::NO_ROWS) } else { "logits".to_string() };
     let wanted = [logits.as_str(), crate::plan::ONLY_WANTED];
     let mut out = program.run_keeping("decode", &*inputs, &wanted, kept)?;
     *resident = true;
-    let next = if on_device { Next::Tokens(program.argmax_last("decode")?) } else { Next::logits_of(&mut out)? };
+    let next = match (on_device, pick) {
+        (true, Pick::Draws(draws)) => Next::Tokens(program.sample_last("decode", draws)?),
+        (true, _) => Next::Tokens(program.argmax_last("decode")?),
+        (false, _) => Next::logits_of(&mut out)?.drawn(pick),
+    };
     Ok((out, next))
+}
+
+/// How a decode step's next tokens are picked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pick {
+    /// On the host, by each sequence's sampler from its logits (read back).
+    Host,
+    /// Every sequence plain greedy: the argmax, on the device where the program picks tokens.
+    Greedy,
+    /// Per row of the step, a temperature and a uniform draw in [0, 1), already taken from the
+    /// row's sampler (a temperature of 0: greedy, or a row whose token nobody takes): the token
+    /// [`v3c_models::sampling::draw_every_token`] draws, on the device where the program draws
+    /// ([`Program::device_sample`]), else on the host from the logits — the same token.
+    Draws(Vec<(f32, f64)>),
+}
+
+impl Pick {
+    /// The pick of a step whose sequences' tokens are taken by `wanted` (per sequence: None where
+    /// nobody takes its token; else its sampler, and whether the host wants its logits anyway,
+    /// e.g. for log-probabilities), on a program that draws tokens itself where `draws`: greedy
+    /// where every sampler is plain greedy; draws where each is that or samples weighing every
+    /// token with nothing changing the logits ([`v3c_models::sampling::Sampler::device_draw`]:
+    /// their uniform draws are taken now); else the host's.
+    pub fn of<'a>(
+        draws: bool,
+        wanted: impl IntoIterator<Item = Option<(&'a mut v3c_models::reference::Sampler, bool)>>,
+    ) -> Pick {
+        let mut wanted: Vec<_> = wanted.into_iter().collect();
+        if wanted.iter().flatten().any(|(_, logits)| *logits) {
+            return Pick::Host;
+        }
+        if wanted.iter().flatten().all(|(s, _)| s.plain_greedy()) {
+            return Pick::Greedy;
+        }
+        // (A top-k of any size goes to the host: the vocabulary is not known here.)
+        let drawable = |s: &v3c_models::reference::Sampler| s.plain_greedy() || s.device_drawable(usize::MAX);
+        if !draws || !wanted.iter().flatten().all(|(s, _)| drawable(s)) {
+            return Pick::Host;
+        }
+        Pick::Draws(
+            wanted
+                .iter_mut()
+                .map(|w| match w {
+                    Some((s, _)) => s.device_draw(usize::MAX).unwrap_or((0.0, 0.0)),
+                    None => (0.0, 0.0),
+                })
+                .collect(),
+        )
+    }
+
+    /// This pick for a step that runs sequences `rows` (row r: sequence `rows[r]`).
+    pub fn rows(&self, rows: &[usize]) -> Pick {
+        match self {
+            Pick::Draws(d) => Pick::Draws(rows.iter().map(|&i| d.get(i).copied().unwrap_or((0.0, 0.0))).collect()),
+            p => p.clone(),
+        }
+    }
 }
 
 /// What a decode step gives per sequence: its logits, or (greedy, picked on the device) its token.
@@ -413,6 +498,19 @@ impl Next {
         }
     }
 
+    /// Logits as [`Pick::Draws`] picks from them on the host (each row's draw, or its argmax
+    /// where its temperature is not above 0): the tokens a program drawing them itself gives.
+    /// Other picks leave the logits to the samplers.
+    pub(super) fn drawn(self, pick: &Pick) -> Next {
+        let (Next::Logits(rows), Pick::Draws(draws)) = (&self, pick) else { return self };
+        let token = |r: usize, &(t, u): &(f32, f64)| match rows.get(r) {
+            Some(row) if t > 0.0 => v3c_models::sampling::draw_every_token(row, t, u),
+            Some(row) => v3c_models::sampling::argmax(row).map_or(0, |i| i as u32),
+            None => 0,
+        };
+        Next::Tokens(draws.iter().enumerate().map(|(r, d)| token(r, d)).collect())
+    }
+
     /// The logits taken out of a run's outputs (moved, not copied).
     fn logits_of(out: &mut HashMap<String, HostBuffer>) -> Result<Next, String> {
         let logits = out.remove("logits").ok_or("the entry has no logits")?;
@@ -421,10 +519,14 @@ impl Next {
         Ok(Next::Logits(LogitRows::new(v, vocab)))
     }
 
-    /// Sequence `i`'s next token: picked on the device, or by `sampler` from its logits.
+    /// Sequence `i`'s next token: picked on the device (counted by `sampler` as its pick), or by
+    /// `sampler` from its logits.
     pub fn pick(&self, i: usize, sampler: &mut v3c_models::reference::Sampler) -> u32 {
         match self {
-            Next::Tokens(t) => t[i],
+            Next::Tokens(t) => {
+                sampler.note(t[i]);
+                t[i]
+            }
             Next::Logits(l) => sampler.sample(&l[i]),
         }
     }

@@ -211,15 +211,15 @@ impl<'a> ArtifactSession<'a> {
 
     /// Feeds one token at the next position; returns its logits.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, String> {
-        match self.decode_next(token, false)? {
+        match self.decode_next(token, &Pick::Host)? {
             Next::Logits(l) => l.into_last().ok_or_else(|| "decode gave no logits".into()),
             Next::Tokens(_) => Err("decode gave a token for logits".into()),
         }
     }
 
-    /// As [`ArtifactSession::decode`]; `greedy` lets a program that picks tokens itself return the
-    /// next token instead of the logits.
-    pub fn decode_next(&mut self, token: u32, greedy: bool) -> Result<Next, String> {
+    /// As [`ArtifactSession::decode`]; `pick` (greedy, or draws) lets a program that picks tokens
+    /// itself return the next token instead of the logits.
+    pub fn decode_next(&mut self, token: u32, pick: &Pick) -> Result<Next, String> {
         if self.position >= self.max_len {
             return Err(format!("the session is full ({} tokens)", self.max_len));
         }
@@ -252,7 +252,7 @@ impl<'a> ArtifactSession<'a> {
             inputs.insert("mtp_tokens".into(), ids(vec![0]));
         }
         let caches: Vec<&str> = self.caches.iter().map(String::as_str).collect();
-        let stepped = step(self.program, &mut inputs, &caches, &mut self.resident, greedy);
+        let stepped = step(self.program, &mut inputs, &caches, &mut self.resident, pick);
         let (mut out, next) = stepped.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         for c in &self.caches {
             let cache = out.remove(c).or_else(|| inputs.remove(c)).ok_or_else(|| format!("decode gave no {c}"))?;

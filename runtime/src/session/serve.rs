@@ -349,9 +349,15 @@ pub fn serve(
             report(id, Progress::Ended(r.generation(pages, Some(ending), total_s)))?;
         }
         if active.iter().any(|&a| a) {
-            // The device picks greedy tokens itself unless a request asks for log-probabilities.
-            let greedy = running.iter().flatten().all(|r| r.request.sampler.plain_greedy() && !r.request.logprobs);
-            logits = batch.decode(&fed, &active, greedy)?;
+            // The device picks greedy or drawn tokens itself unless a request asks for
+            // log-probabilities.
+            let draws = batch.device_sample();
+            let wanted = running
+                .iter_mut()
+                .zip(&active)
+                .map(|(r, &a)| r.as_mut().filter(|_| a).map(|r| (&mut r.request.sampler, r.request.logprobs)));
+            let pick = Pick::of(draws, wanted);
+            logits = batch.decode(&fed, &active, &pick)?;
             started = true;
         } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
             let (decode_steps, rows_run, rows_fed) = batch.rows_decoded();

@@ -580,6 +580,26 @@ impl ModelKernels {
         self.first_row_kernel(context, ARGMAX, &shape, target, ptxas, choose, &mut |_| {})
     }
 
+    /// Sampling at a temperature over `vocab` columns ([`rows::RowOp::Sample`]: the host sampler's
+    /// draw with every token weighed, bit for bit), which the runtime launches on decode's logits
+    /// where every sequence samples so (then they are not read back); 512 threads, fewer where a
+    /// vocabulary's block sums would not fit shared memory.
+    pub fn sampling_draw(
+        &mut self,
+        context: &Context,
+        vocab: usize,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+    ) -> Result<rows::RowKernel, Sm90Error> {
+        let mut k = rows::RowKernel::new(rows::RowOp::Sample, vocab, "f32");
+        while k.threads > 32 && k.validate(target).is_err() {
+            k.threads /= 2;
+        }
+        k.validate(target).map_err(|problem| Sm90Error::Config { kernel: "sample".into(), problem })?;
+        self.row_kernel(context, &k, target, ptxas, &mut |_| {})?;
+        Ok(k)
+    }
+
     /// A training step's optimizer on the device ([`OPTIMIZER_CHUNK`] elements a block): the
     /// gradients summed over windows, their squares per block, AdamW
     /// ([`rows::TrainRow::GradAccum`], [`rows::TrainRow::SumSquares`], [`rows::TrainRow::AdamW`]).

@@ -27,6 +27,7 @@ use v3c_models::interp::kernels::ROUTER_SPLITS;
 mod matmul;
 mod mla_mma;
 mod mla_train;
+mod sample;
 mod train;
 pub use train::{Mla, TrainRow};
 
@@ -227,6 +228,11 @@ pub enum RowOp {
     /// reference's order: `f32::total_cmp` (NaN and -0 < +0 ordered as Rust orders them), ties to
     /// the lower index. Each thread scans a strided share, then a tree over the threads.
     Argmax,
+    /// Sampling at a temperature, every token weighed (`x [rows, d]` f32, `temperature [rows]`
+    /// f32, `uniform [rows]` the bits of an f64 draw in [0, 1) -> `idx [rows]` i32): the token the
+    /// host sampler draws ([`v3c_models::sampling::draw_every_token`]), bit for bit; -1 where the
+    /// temperature is not above 0 (greedy rows are the argmax's). See [`sample`].
+    Sample,
     /// A kernel of the training step ([`TrainRow`]).
     Train(TrainRow),
 }
@@ -268,6 +274,9 @@ impl RowKernel {
             // A thread per column: batch-1 decode's few rows (128 a sequence) over many splits
             // keep the SMs' loads in flight only with wide blocks.
             RowOp::MlaCombine => d.next_power_of_two().clamp(32, 512),
+            // A row is one block's (decode's few rows): its weights' sums spread wide (512: ptxas
+            // holds 1024-thread blocks to 32 registers, and this one spills there).
+            RowOp::Sample => 512,
             // A latent row's keys and values: every head's nope and value columns.
             RowOp::MlaKeys { heads, nope, v, .. } => (heads * (nope + v) / 8).next_power_of_two().clamp(32, 256),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
@@ -335,6 +344,7 @@ impl RowKernel {
                 format!("rows_mlaheadsout_h{heads}_d{d}_t{t}_{}", if quantize { "q" } else { "y" })
             }
             RowOp::Argmax => format!("rows_argmax_d{d}_t{t}"),
+            RowOp::Sample => format!("rows_sample_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::SplitBf16T => format!("rows_splitbf16t_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
@@ -544,6 +554,12 @@ impl RowKernel {
                 let op = RowOp::Concat { second: number(b, 'b')? };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
+            ("sample", [d, t]) => Some(RowKernel {
+                op: RowOp::Sample,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             ("argmax", [d, t]) => Some(RowKernel {
                 op: RowOp::Argmax,
                 d: number(d, 'd')?,
@@ -655,6 +671,12 @@ impl RowKernel {
                 ("scale", "memref<?x?xf32>".into()),
             ],
             RowOp::Argmax => vec![("x", "memref<?x?xf32>".to_string()), ("idx", "memref<?xi32>".into())],
+            RowOp::Sample => vec![
+                ("x", "memref<?x?xf32>".to_string()),
+                ("temperature", "memref<?xf32>".into()),
+                ("uniform", "memref<?xi64>".into()),
+                ("idx", "memref<?xi32>".into()),
+            ],
             RowOp::MlaCombine => vec![
                 ("o_part", "memref<?x?x?xf32>".to_string()),
                 ("lse", "memref<?x?xf32>".into()),
@@ -828,7 +850,7 @@ impl RowKernel {
             RowOp::MlaLengths => "positions",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
             RowOp::MlaHeadsOut { quantize: false, .. } => "y",
-            RowOp::Argmax => "x",
+            RowOp::Argmax | RowOp::Sample => "x",
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
@@ -862,7 +884,7 @@ impl RowKernel {
         }
     }
 
-    /// Shared arrays (name, elements of four bytes: see [`shared_element`]).
+    /// Shared arrays (name, elements: see [`shared_element`]).
     fn shared(&self) -> Vec<(&'static str, usize)> {
         match self.op {
             RowOp::Embed => Vec::new(),
@@ -884,6 +906,7 @@ impl RowKernel {
                 s
             }
             RowOp::Argmax => vec![("sh_key", self.threads), ("sh_idx", self.threads)],
+            RowOp::Sample => sample::shared(self.d, self.threads),
             RowOp::SplitRope { .. }
             | RowOp::SiluMul { quantize: false }
             | RowOp::Copy
@@ -944,7 +967,7 @@ impl RowKernel {
 
     /// Static shared memory, in bytes.
     pub fn shared_memory_bytes(&self) -> usize {
-        self.shared().iter().map(|(_, n)| 4 * n).sum()
+        self.shared().iter().map(|(name, n)| element_bytes(shared_element(name)) * n).sum()
     }
 
     /// Why this kernel cannot be generated for `target`, if it cannot: its own checks (the shared
@@ -1484,6 +1507,7 @@ scf.if %mine {{
         let sh = |name: &str| self.shared_type(name, lowering);
         match self.op {
             RowOp::Train(op) => op.phases(self, lowering),
+            RowOp::Sample => sample::phases(self, lowering),
             RowOp::MlaAbsorbMma { .. } => {
                 let a = self.absorb().expect("the tensor-core absorb");
                 a.phases(self.d, lowering, &sh("sh_mma"))
@@ -4251,10 +4275,21 @@ fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
 /// The element of a shared array: the dispatch's counts and offsets are i32, the rest f32 (all
 /// four bytes wide).
 fn shared_element(name: &str) -> &'static str {
-    if matches!(name, "sh_count" | "sh_off" | "sh_cc" | "sh_key" | "sh_idx") {
+    if matches!(name, "sh_count" | "sh_off" | "sh_cc" | "sh_key" | "sh_idx" | "sh_hit") {
         "i32"
+    } else if matches!(name, "sh_bsum" | "sh_r") {
+        "f64"
     } else {
         "f32"
+    }
+}
+
+/// Bytes of a shared array's element.
+fn element_bytes(element: &str) -> usize {
+    if element == "f64" {
+        8
+    } else {
+        4
     }
 }
 
