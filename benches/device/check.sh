@@ -410,6 +410,22 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
   else
     row "3. speculative sampling" "FAILED" "v3r run --speculative --temperature failed (check.log)"
   fi
+  # Sampling on the device (rows_sample_*, the host sampler's draws bit for bit): two prompts as a
+  # batch at --temperature 0.8, the tokens drawn on the device against those drawn on the host from
+  # the logits read back (--pick-on-host): the same logits, so the same tokens.
+  sampled=(run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
+    --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos --temperature 0.8 --seed 9)
+  if timeout 60 "$v3r" "${sampled[@]}" > "$out/e2e_sampled.txt" 2>>"$log" \
+      && timeout 60 "$v3r" "${sampled[@]}" --pick-on-host > "$out/e2e_sampled_host.txt" 2>>"$log"; then
+    distinct=$(tr ' ' '\n' < "$out/e2e_sampled.txt" | sort -u | wc -l)
+    if cmp -s "$out/e2e_sampled.txt" "$out/e2e_sampled_host.txt"; then
+      row "3. sampled on the device" "ok" "32 tokens ($distinct distinct) = drawn on the host (--pick-on-host)"
+    else
+      row "3. sampled on the device" "DIFFERS" "e2e_sampled.txt vs e2e_sampled_host.txt (--pick-on-host)"
+    fi
+  else
+    row "3. sampled on the device" "FAILED" "v3r run --temperature failed (check.log)"
+  fi
     note "== 3b. training: v3r train of the tiny model's sm_90a training-step artifacts against the cpu artifact's"
   # Losses step by step within $3 relative of the cpu artifact's ($2) in the run's loss log ($1).
   losses_match() {
@@ -572,6 +588,19 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
       fi
     else
       row "5. serving (v3r)" "FAILED" "see check.log"
+    fi
+  fi
+  # Sampled serving (--temperature 0.8, every token weighed): tokens drawn on the device against
+  # the logits read back and drawn on the host (--pick-on-host), 32 requests through 32 slots.
+  left=$((570 - SECONDS))
+  if [ "$left" -ge 300 ]; then
+    sampled=(bench-serve "$slice/sm90" --random-weights 1 --requests 32 --batch 32 --prompt-tokens 128..512
+      --new-tokens 64 --temperature 0.8)
+    if timeout 45 "$v3r" "${sampled[@]}" --out "$out/serve_sampled.json" 2>&1 | tee -a "$log" \
+        && timeout 45 "$v3r" "${sampled[@]}" --pick-on-host --out "$out/serve_sampled_host.json" 2>&1 | tee -a "$log"; then
+      row "5. sampled serving (v3r)" "ok" "device vs host picks: serve_sampled.json, serve_sampled_host.json"
+    else
+      row "5. sampled serving (v3r)" "FAILED" "see check.log"
     fi
   fi
   # Serving prompts that share a 448-token system prompt: its cache rows copied from a served

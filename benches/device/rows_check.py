@@ -31,6 +31,10 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       head h's row h rows + s is [kv[s, h, :N] | the cache row's rope key], vv its values (MLA prefill)
   rows_mlaqueries_h<H>_n<N>_r<R>_t<T>: q_nope [rows, H, N], q_pe [rows, H, R], q [H rows, N + R] (bf16)
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
+  rows_sample_d<D>_t<T>: x [rows, D] (f32), temperature [rows] (f32), uniform [rows] (i64: an f64 draw's bits),
+      idx [rows] (i32): the host sampler's draw with every token weighed (models/src/sampling.rs,
+      `draw_every_token`), exactly: its exp polynomial in f32, its f64 sums in its order (`sample_reference`);
+      -1 where the temperature is not above 0
   rows_routelogits_<w>_d<D>_e<E>_t<T>[_b<B>]: x [rows, D], gate [E, D], then parts [rows, 16 E]: per split s of
       the 16 ranges of ceil(D / 16) columns, expert e's sum at column s E + e; grid ceil(rows / B) x 16 x
       ceil(E / 64); B tokens a block (prefill's 8, decode's 4), else one
@@ -83,6 +87,7 @@ MLADECODE = re.compile(r"^rows_mla(decode|prefill)_h(\d+)_n(\d+)_r(\d+)_v(\d+)_k
 SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
+SAMPLE = re.compile(r"^rows_sample_d(\d+)_t(\d+)$")
 MLAKEYS = re.compile(r"^rows_mlakeys_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_t(\d+)(_bf16)?(?:_c(16|8))?$")
 MLAQUERIES = re.compile(r"^rows_mlaqueries_h(\d+)_n(\d+)_r(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16|fp8)?$")
@@ -134,6 +139,10 @@ def parse(name):
     if m:
         return {"name": name, "op": "concat", "d": int(m.group(1)), "second": int(m.group(2)),
                 "threads": int(m.group(3)), "weight": "f32", "keep": False, "quantize": False}
+    m = SAMPLE.match(name)
+    if m:
+        return {"name": name, "op": "sample", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
+                "keep": False, "quantize": False}
     m = ARGMAX.match(name)
     if m:
         return {"name": name, "op": "argmax", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
@@ -407,6 +416,15 @@ def problem(cfg, rows, device, seed=0):
         return {"x": torch.randint(0, 256, (rows, d), generator=gen, dtype=torch.uint8).to(device),
                 "x_scale": torch.rand(rows, d // GROUP, generator=gen).to(device),
                 "sorted": sorted_rows.reshape(rows, GATHER_WIDTH).to(torch.int32).to(device)}
+    if cfg["op"] == "sample":
+        # Logits of several spreads, temperatures (0: not sampled), draws over [0, 1) and at its ends.
+        x = torch.randn(rows, d, generator=gen) * torch.tensor([2.0, 6.0, 15.0])[torch.arange(rows) % 3, None]
+        t = torch.tensor([0.7, 1.0, 0.3, 1.5, 0.0])[torch.arange(rows) % 5]
+        u = torch.rand(rows, generator=gen, dtype=torch.float64)
+        u[0] = 0.0
+        if rows > 1:
+            u[1] = 1.0 - 2.0 ** -53
+        return {"x": x.to(device), "temperature": t.to(device), "uniform": u.view(torch.int64).to(device)}
     if cfg["op"] == "argmax":
         x = torch.randn(rows, d, generator=gen) * 30
         x[0, 3] = x[0, d - 2] = 1e4  # a tie: the lower index
@@ -478,8 +496,8 @@ def outputs(cfg, rows, device):
     if cfg["op"] == "gatherfp8":
         return {"q": torch.full((rows * GATHER_WIDTH, d), 0x7F, dtype=torch.uint8, device=device),
                 "scale": torch.full((rows * GATHER_WIDTH, d // GROUP), float("nan"), device=device)}
-    if cfg["op"] == "argmax":
-        return {"idx": torch.full((rows,), -1, dtype=torch.int32, device=device)}
+    if cfg["op"] in ("argmax", "sample"):
+        return {"idx": torch.full((rows,), -2, dtype=torch.int32, device=device)}
     if cfg["op"] == "splitbf16":
         return {"hi": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device),
                 "lo": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device)}
@@ -515,7 +533,7 @@ def arguments(cfg, inputs, outs):
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
-             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"],
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "uniform", "idx"],
              "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
@@ -574,6 +592,11 @@ def check(cfg, inputs, outs):
         tok = inputs["sorted"].flatten().long()
         errors = [] if torch.equal(outs["q"], inputs["x"][tok]) else ["gatherfp8: bytes differ"]
         return errors + ([] if torch.equal(outs["scale"], inputs["x_scale"][tok]) else ["gatherfp8: scales differ"])
+    if cfg["op"] == "sample":
+        want = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"])
+        got = outs["idx"].cpu().tolist()
+        bad = [r for r, (a, b) in enumerate(zip(got, want)) if a != b]
+        return [f"sample: rows {bad[:8]} differ (got {[got[r] for r in bad[:4]]}, host {[want[r] for r in bad[:4]]})"] if bad else []
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
         bad = (outs["idx"].long() != want).sum().item()
@@ -719,6 +742,93 @@ def mla_heads_reference(cfg, inputs):
     return {"k": heads_major(keys), "vv": heads_major(kv[:, :, n:])}
 
 
+# The host sampler's exp (models/src/sampling.rs, EXP_F32), as bits: log2 e, ln 2 in two parts, the
+# rounding constant 1.5 2^23, the clamps, then the polynomial's coefficients.
+EXP_F32_BITS = [0x3FB8AA3B, 0x3F318000, 0xB95E8083, 0x4B400000, 0xC2D00000, 0x42B20000,
+                0x39506968, 0x3AB743CE, 0x3C088908, 0x3D2AA9C1, 0x3E2AAAAA, 0x3F000000]
+
+
+def exp_host(x):
+    """`sampling::exp` over a float32 array, operation for operation (numpy's float32 ops round each
+    result; none is fused): the clamps, n = round(x log2 e) by adding and subtracting 1.5 2^23, the
+    reduction by n ln 2 in two parts, Horner's rule, 2^n as two powers of two, NaN kept."""
+    import numpy as np
+    log2e, ln2_hi, ln2_lo, rnd, low, high, *poly = np.array(EXP_F32_BITS, dtype=np.uint32).view(np.float32)
+    with np.errstate(all="ignore"):
+        c = np.where(x < low, low, x)
+        c = np.where(c > high, high, c)
+        t = c * log2e + rnd
+        n = t - rnd
+        r = (c - n * ln2_hi) - n * ln2_lo
+        p = np.full_like(r, poly[0])
+        for k in poly[1:]:
+            p = p * r + k
+        er = (p * r) * r + r + np.float32(1.0)
+        ni = t.view(np.int32) - np.int32(0x4B400000)
+        a = ni >> 1
+        b = ni - a
+        pow2 = lambda k: ((k + 127).astype(np.uint32) << np.uint32(23)).view(np.float32)
+        y = er * pow2(a) * pow2(b)
+    return np.where(np.isnan(x), x, y).astype(np.float32)
+
+
+def sample_reference(x, temperature, uniform):
+    """`sampling::draw_every_token` of each row (-1 where its temperature is not above 0): the largest
+    logit (NaNs passed over), weights exp((l - m) / t) in f32, per block of 256 the weights in 8
+    running f64 sums (column 8i + j into sum j, in order), those added in order, then the block's
+    columns past its whole chunks of 8; the blocks' sums added in order; r = u * total; blocks passed
+    while r >= their sum, then the block's columns walked (r < w picks, else r -= w), on to the next
+    blocks where rounding runs past one; the last column where it runs past the row."""
+    import numpy as np
+    x = x.detach().cpu().numpy().astype(np.float32)
+    ts = temperature.detach().cpu().numpy().astype(np.float32)
+    us = uniform.detach().cpu().view(torch.float64).numpy()
+    rows, d = x.shape
+    out = []
+    for row, t, u in zip(x, ts, us):
+        if not t > 0:
+            out.append(-1)
+            continue
+        finite = np.where(np.isnan(row), np.float32(-np.inf), row)
+        m = finite.max() if d else np.float32(-np.inf)
+        with np.errstate(all="ignore"):
+            w = exp_host((row - m) / t).astype(np.float64)
+        sums = []
+        for b0 in range(0, d, 256):
+            blk = w[b0:b0 + 256]
+            full = len(blk) // 8
+            lanes = np.cumsum(blk[:full * 8].reshape(full, 8), axis=0)[-1] if full else np.zeros(8)
+            s = 0.0
+            for lane in lanes:
+                s += float(lane)
+            for v in blk[full * 8:]:
+                s += float(v)
+            sums.append(s)
+        total = 0.0
+        for s in sums:
+            total += s
+        r = float(u) * total
+        pick = d - 1
+        b = 0
+        while b < len(sums):
+            if r >= sums[b]:
+                r -= sums[b]
+                b += 1
+                continue
+            found = None
+            for i, v in enumerate(w[b * 256:b * 256 + 256]):
+                if r < float(v):
+                    found = b * 256 + i
+                    break
+                r -= float(v)
+            if found is not None:
+                pick = found
+                break
+            b += 1
+        out.append(pick)
+    return out
+
+
 def argmax_reference(x):
     """Per row, the index of the largest value in f32's total order (Rust's total_cmp: NaN above +inf,
     -0 below +0), the first one on ties (torch.argmax over the integer keys returns the first maximum)."""
@@ -751,6 +861,10 @@ def bytes_moved(cfg, rows):
         return 2 * rows * GATHER_WIDTH * (d + d // GROUP * 4) + rows * GATHER_WIDTH * 4
     if cfg["op"] == "argmax":
         return rows * d * 4 + rows * 4
+    if cfg["op"] == "sample":
+        # The logits once (the kernel reads them twice: the maximum, then the weights, the second
+        # mostly from L2), the draws and the tokens.
+        return rows * d * 4 + rows * 16
     if cfg["op"] == "splitbf16":
         return rows * d * (4 + 2 + 2)
     if cfg["op"] == "concat":
@@ -812,6 +926,26 @@ def self_test():
                       [float("-inf")] * 4])
     assert argmax_reference(x).tolist() == [1, 0, 1, 0], "total order, first maximum"
     assert problem(parse("rows_argmax_d300_t64"), 3, "cpu")["x"].shape == (3, 300)
+    # Sampling's reference: exp within 2 ulp of the true value (the host's bound), 1 at 0, 0 far
+    # below; a draw of 0 picks the first token, draws spread as the weights do.
+    import numpy as np
+    z = np.linspace(-85, 85, 20001, dtype=np.float32)
+    e = exp_host(z).astype(np.float64)
+    assert np.all(np.abs(e - np.exp(z.astype(np.float64))) <= 3e-7 * np.exp(z.astype(np.float64))), "exp"
+    assert exp_host(np.float32([0.0, -200.0]))[0] == 1.0 and exp_host(np.float32([-200.0]))[0] == 0.0
+    sp = parse("rows_sample_d1003_t64")
+    assert sp["op"] == "sample" and sp["d"] == 1003
+    inputs = problem(sp, 5, "cpu")
+    picks = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"])
+    assert picks[4] == -1 and all(0 <= p < 1003 for p in picks[:4]), picks
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    draws = torch.arange(4000, dtype=torch.float64).add(0.5).div(4000)
+    counts = [0] * 4
+    for u in draws:
+        counts[sample_reference(logits, torch.tensor([1.0]), u.reshape(1).view(torch.int64))[0]] += 1
+    want = torch.tensor([0.0, 1.0, 2.0, 3.0]).softmax(0) * 4000
+    assert all(abs(c - w) <= 2 for c, w in zip(counts, want.tolist())), (counts, want)
+    assert sample_reference(logits, torch.tensor([1.0]), torch.tensor([0.0], dtype=torch.float64).view(torch.int64)) == [0]
     inputs = problem(cfg, 5, "cpu")
     y = rms_norm_reference(inputs["x"], inputs["w"].float(), cfg["eps"])
     ms = (y / inputs["w"].double()).pow(2).mean(dim=1)

@@ -210,6 +210,8 @@ pub struct GpuArtifact {
     /// entry's next run of the same shapes, whatever ran between.
     staged: std::cell::RefCell<crate::gpu::StagedRuns<Staged>>,
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
+    /// Leave every token's pick to the host ([`GpuArtifact::pick_on_host`]).
+    host_picks: std::cell::Cell<bool>,
     /// Runs dumped per entry (`V3R_DUMP_DIR`).
     dumped_runs: std::cell::RefCell<HashMap<String, usize>>,
     /// The plans of runs that leave launches out.
@@ -375,6 +377,7 @@ impl GpuArtifact {
             graphs: std::cell::RefCell::new(Vec::new()),
             staged: std::cell::RefCell::new(crate::gpu::StagedRuns::default()),
             argmax_out: std::cell::RefCell::new(None),
+            host_picks: std::cell::Cell::new(false),
             dumped_runs: std::cell::RefCell::new(HashMap::new()),
             run_plans: Default::default(),
         })
@@ -680,6 +683,18 @@ impl GpuArtifact {
             )
         }
         .map_err(cuda(&format!("{entry}: launching {}", k.kernel)))
+    }
+
+    /// With `yes`, sessions read every decode step's logits back and pick its tokens on the host,
+    /// though the artifact's kernels could pick them here (the same tokens: the A/B for timing
+    /// them, `--pick-on-host`).
+    pub fn pick_on_host(&self, yes: bool) {
+        self.host_picks.set(yes);
+    }
+
+    /// Whether sessions leave the picks to the host ([`GpuArtifact::pick_on_host`]).
+    pub fn picks_on_host(&self) -> bool {
+        self.host_picks.get()
     }
 
     /// Greedy tokens of the last run of `entry`: the rows of its `logits` output reduced on the

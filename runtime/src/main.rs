@@ -375,6 +375,15 @@ struct BenchServeArgs {
     /// (cpu artifacts, `--decode-attention rows`) always run every slot.
     #[arg(long, conflicts_with = "speculative")]
     every_slot: bool,
+    /// Generated requests sample at this temperature, every token weighed (each seeded with --seed
+    /// plus its number); 0 is greedy. A GPU artifact draws the tokens on the device (the host's
+    /// draws, bit for bit) unless --pick-on-host.
+    #[arg(long, value_name = "T", default_value_t = 0.0)]
+    temperature: f32,
+    /// Read every decode step's logits back and pick its tokens on the host (the same tokens): the
+    /// A/B of the device's picks.
+    #[arg(long)]
+    pick_on_host: bool,
     #[command(flatten)]
     speculating: Speculating,
     /// CUDA device ordinal (GPU artifacts).
@@ -454,6 +463,12 @@ struct Generating {
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Read every decode step's logits back and pick its tokens on the host, though a GPU
+    /// artifact's kernels would pick them on the device (greedy's argmax; sampling at a
+    /// temperature with every token weighed and nothing changing the logits, drawn as the host
+    /// draws: the same tokens). For timing the two against each other.
+    #[arg(long)]
+    pick_on_host: bool,
 }
 
 impl Generating {
@@ -1114,7 +1129,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     }
     let eos = eos_of(&a, args.generating.ignore_eos);
     let model = args.served_model_name.clone().unwrap_or_else(|| a.manifest.model.name.clone());
-    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let (program, kind) = load_program(a, &args.weights, args.device, args.generating.pick_on_host)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let drafts = args.speculating.drafts();
@@ -1425,6 +1440,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     if args.requests == 0 || args.batch == Some(0) || args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err(Failure::Other("--requests, --batch and --rate must be positive".into()));
     }
+    v3c_runtime::cli::check_sampling(args.temperature, 1.0).map_err(|e| Failure::Other(format!("--{e}")))?;
     args.speculating.check_batch(args.batch)?;
     let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
     let gpu = a.manifest.target.name != "cpu";
@@ -1440,7 +1456,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         a.manifest.target.name,
         if gpu { format!(" on cuda:{}", args.device) } else { String::new() }
     );
-    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind)?;
+    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind, args.pick_on_host)?;
     let program = program.as_ref();
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let drafts = args.speculating.drafts();
@@ -1457,7 +1473,8 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     }
     let slots = args.batch.unwrap_or(rows);
     let n = args.requests;
-    let greedy = v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    // Each request's sampler: greedy, or at --temperature seeded with --seed plus its number.
+    let sampler = |i: usize| v3c_models::reference::Sampler::new(args.temperature, 1.0, args.seed.wrapping_add(i as u64));
     // From a file: its requests in turn (those the artifact serves), arrivals evenly spaced.
     let (mut skipped, mut lo, mut hi) = (0usize, lo, hi);
     let from_file: Option<Vec<Request>> = match &args.prompts {
@@ -1522,7 +1539,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             let len = lo + (random() % (hi - lo + 1) as u64) as usize;
             let own = len.saturating_sub(shared.len());
             let prompt = shared.iter().take(len).copied().chain((0..own).map(|_| (random() % vocab) as u32)).collect();
-            (arrival, Request::new(prompt, args.new_tokens, greedy.clone()))
+            (arrival, Request::new(prompt, args.new_tokens, sampler(i)))
         })
         .collect();
     let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
@@ -1657,6 +1674,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "prompts_file": args.prompts.as_ref().map(|p| p.display().to_string()), "skipped_requests": skipped,
             "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
             "decode_steps": run.decode_steps, "decode_rows_run": run.rows_run, "decode_rows_fed": run.rows_fed, "every_slot": args.every_slot,
+            "temperature": args.temperature, "pick_on_host": args.pick_on_host,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
             "speculation": speculated, "per_request": per,
@@ -1820,7 +1838,7 @@ fn run(args: &RunArgs) -> Result<(), Failure> {
         let s = args.generating.sampler(seed);
         guide.as_ref().map_or(s.clone(), |c| s.constrained(c.clone()))
     };
-    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let (program, kind) = load_program(a, &args.weights, args.device, args.generating.pick_on_host)?;
     let program = program.as_ref();
     if args.speculating.speculative {
         args.speculating.check_batch(args.batch)?;
@@ -1930,6 +1948,7 @@ fn load_program(
     a: v3c_runtime::artifact::Artifact,
     weights: &std::path::Path,
     ordinal: usize,
+    pick_on_host: bool,
 ) -> Result<(Box<dyn v3c_runtime::session::Program>, String), Failure> {
     let target = a.manifest.target.name.clone();
     if target == "cpu" {
@@ -1940,6 +1959,7 @@ fn load_program(
     let start = std::time::Instant::now();
     let (bar, mut tick) = load_progress(&a);
     let gpu = v3c_runtime::cuda::GpuArtifact::load(a, weights, ordinal, &mut tick).map_err(Failure::Other)?;
+    gpu.pick_on_host(pick_on_host);
     bar.finish_and_clear();
     eprintln!(
         "loaded on cuda:{ordinal} in {:.2} s ({} kernels and weights)",
@@ -1961,7 +1981,7 @@ fn logits(args: &LogitsArgs) -> Result<(), Failure> {
         return Err(Failure::Other(format!("--tokens: token id {t} is outside the model's vocabulary (0..{vocab})")));
     }
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let (program, kind) = load_program(a, &args.weights, args.device, false)?;
     let mut session = v3c_runtime::session::ArtifactSession::new(program.as_ref(), tokens.len())
         .map_err(|e| Failure::Other(format!("{}: {e}", args.artifact.display())))?;
     let (rows, vocab) = session.prefill_rows(&tokens).map_err(Failure::Other)?;
@@ -2019,7 +2039,7 @@ fn chat(args: &ChatArgs) -> Result<(), Failure> {
         // Checked once: every turn's constraint is made alike.
         t.constraint(&tokenizer, eos).map_err(Failure::Other)?;
     }
-    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let (program, kind) = load_program(a, &args.weights, args.device, args.generating.pick_on_host)?;
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     if let (Some(t), Some(vocab)) = (calling, v3c_runtime::session::vocabulary(program.as_ref())) {
         if t.trigger as usize >= vocab {
@@ -2189,7 +2209,7 @@ fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
     .collect();
     tokens.truncate(args.max_tokens.unwrap_or(usize::MAX));
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    let (program, kind) = load_program(a, &args.weights, args.device)?;
+    let (program, kind) = load_program(a, &args.weights, args.device, false)?;
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
     let (_, max_prompt, _) = serving_limits(program.as_ref(), None).map_err(at)?;
     let window = args.window.unwrap_or(max_prompt.min(tokens.len().max(2)));
@@ -2258,7 +2278,7 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         a.manifest.target.name,
         if gpu { format!(" on cuda:{}", args.device) } else { String::new() }
     );
-    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind)?;
+    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind, false)?;
     let mut report = Vec::new();
     let points: Vec<(usize, usize)> =
         args.context.iter().flat_map(|&c| args.batch.iter().map(move |&b| (b, c))).collect();
@@ -2372,6 +2392,7 @@ fn load_bench(
     random: Option<u64>,
     ordinal: usize,
     kind: &str,
+    pick_on_host: bool,
 ) -> Result<Box<dyn v3c_runtime::session::Program>, Failure> {
     let source = WeightSource::open(&a, weights, random)?;
     let weights = source.weights();
@@ -2380,7 +2401,9 @@ fn load_bench(
         let (bar, mut tick) = load_progress(&a);
         let loaded = v3c_runtime::cuda::GpuArtifact::load_weights(a, &weights, ordinal, &mut tick);
         bar.finish_and_clear();
-        Box::new(loaded.map_err(Failure::Other)?)
+        let loaded = loaded.map_err(Failure::Other)?;
+        loaded.pick_on_host(pick_on_host);
+        Box::new(loaded)
     } else {
         Box::new(v3c_runtime::cpu::CpuArtifact::load_weights(a, &weights).map_err(Failure::Other)?)
     };

@@ -263,7 +263,7 @@ impl Program for crate::cuda::GpuArtifact {
         crate::cuda::GpuArtifact::run_carrying(self, entry, inputs, wanted, resident, carry).map(f32_caches)
     }
     fn device_argmax(&self) -> bool {
-        self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
+        !self.picks_on_host() && self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some())
     }
     fn cache_rows_multiple(&self) -> usize {
         self.artifact.lowering.as_ref().and_then(|l| l.cache_rows_multiple).unwrap_or(1)
@@ -272,7 +272,7 @@ impl Program for crate::cuda::GpuArtifact {
         crate::cuda::GpuArtifact::argmax_last(self, entry)?.ok_or_else(|| format!("{entry}: no argmax kernel"))
     }
     fn device_sample(&self) -> bool {
-        self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some() && l.sample.is_some())
+        !self.picks_on_host() && self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some() && l.sample.is_some())
     }
     fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
         crate::cuda::GpuArtifact::sample_last(self, entry, draws)?
