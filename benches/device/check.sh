@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, serve_sampled*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -18,7 +18,7 @@
 #    names the first launch that differs), `v3r run` of two prompts as a batch and `v3r run
 #    --speculative` and two requests in turn to `v3r serve --speculative` against the CPU backend's
 #    greedy tokens (attention on the CUDA-core rows; sampled: the caches on the device against through
-#    the host), then
+#    the host; sampled at a temperature: tokens drawn on the device against drawn on the host), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
 #    launch by launch, its pool of pages (a batch, and three prompts two at a time — the third
 #    joining the running batch — as each alone, by `v3r run --batch 2` and `v3r serve`); 3b. `v3r train` of the tiny model's sm_90a

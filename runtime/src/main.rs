@@ -1474,7 +1474,8 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
     let slots = args.batch.unwrap_or(rows);
     let n = args.requests;
     // Each request's sampler: greedy, or at --temperature seeded with --seed plus its number.
-    let sampler = |i: usize| v3c_models::reference::Sampler::new(args.temperature, 1.0, args.seed.wrapping_add(i as u64));
+    let sampler =
+        |i: usize| v3c_models::reference::Sampler::new(args.temperature, 1.0, args.seed.wrapping_add(i as u64));
     // From a file: its requests in turn (those the artifact serves), arrivals evenly spaced.
     let (mut skipped, mut lo, mut hi) = (0usize, lo, hi);
     let from_file: Option<Vec<Request>> = match &args.prompts {

@@ -272,7 +272,8 @@ impl Program for crate::cuda::GpuArtifact {
         crate::cuda::GpuArtifact::argmax_last(self, entry)?.ok_or_else(|| format!("{entry}: no argmax kernel"))
     }
     fn device_sample(&self) -> bool {
-        !self.picks_on_host() && self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some() && l.sample.is_some())
+        !self.picks_on_host()
+            && self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some() && l.sample.is_some())
     }
     fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
         crate::cuda::GpuArtifact::sample_last(self, entry, draws)?

@@ -345,7 +345,8 @@ scf.for %b = %tid to %cBlocks step %cT {{
         last_lane = LANES - 1,
         w = indent2(&indent2(&weight("%col", "%w"))),
     ));
-    // Thread 0: the total, the draw, the first block it does not pass.
+    // Thread 0: the total, the draw, the first block it does not pass (every block's sum read, the
+    // loop of fixed length: its loads need not wait for the comparisons).
     phases.push(format!(
         "{values}%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
@@ -357,12 +358,24 @@ scf.if %first {{
   %ub = memref.load %uniform[%row] : memref<?xi64>
   %u = arith.bitcast %ub : i64 to f64
   %r0 = arith.mulf %u, %total : f64
-{skip}  %hit = arith.index_cast %walk#0 : index to i32
+  %true = arith.constant true
+  %walk:2 = scf.for %b = %c0 to %cBlocks step %c1 iter_args(%r = %r0, %at = %cBlocks) -> (f64, index) {{
+    %s = memref.load %sh_bsum[%b] : {sh_bsum}
+    %open = arith.cmpi eq, %at, %cBlocks : index
+    %ge = arith.cmpf oge, %r, %s : f64
+    %pass = arith.andi %open, %ge : i1
+    %less = arith.subf %r, %s : f64
+    %nr = arith.select %pass, %less, %r : f64
+    %short = arith.xori %ge, %true : i1
+    %stop = arith.andi %open, %short : i1
+    %nat = arith.select %stop, %b, %at : index
+    scf.yield %nr, %nat : f64, index
+  }}
+  %hit = arith.index_cast %walk#1 : index to i32
   memref.store %hit, %sh_hit[%c0] : {sh_hit}
-  memref.store %walk#1, %sh_r[%c0] : {sh_r}
+  memref.store %walk#0, %sh_r[%c0] : {sh_r}
 }}
 ",
-        skip = indent2(&skip_blocks("%c0", "%r0", "%walk", &sh_bsum)),
     ));
     // That block's weights, a thread each (strided where the block is narrower than the draw's).
     phases.push(format!(
@@ -379,9 +392,9 @@ scf.if %inb {{
         span = indent2(&block_span("%hit", "%u")),
         w = indent2(&indent2(&weight("%col", "%w"))),
     ));
-    // Thread 0: the walk, from that block's weights, then (rounding left the draw past its last
-    // token) on through the next blocks, their weights computed again; the last column where it
-    // runs past the row; -1 for a temperature not above 0.
+    // Thread 0: the walk through that block's weights (a loop of fixed length), then — rounding left
+    // the draw past its last token — on through the next blocks, their weights computed again; the
+    // last column where it runs past the row; -1 for a temperature not above 0.
     phases.push(format!(
         "{values}%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
@@ -389,41 +402,37 @@ scf.if %first {{
   %hit = arith.index_cast %hit32 : i32 to index
   %r0 = memref.load %sh_r[%c0] : {sh_r}
   %none = arith.constant -1 : i32
-  %false = arith.constant false
-  %walk:3 = scf.while (%b = %hit, %r = %r0, %f = %none) : (index, f64, i32) -> (index, f64, i32) {{
-    %inb = arith.cmpi ult, %b, %cBlocks : index
+  %true = arith.constant true
+  %inb = arith.cmpi ult, %hit, %cBlocks : index
+  %cached:2 = scf.if %inb -> (f64, i32) {{
+{span_hit}    %in:2 = scf.for %i = %c0 to %h_len step %c1 iter_args(%ri = %r0, %fi = %none) -> (f64, i32) {{
+      %wc = memref.load %sh_w[%i] : {sh_w}
+{step}      scf.yield %nr, %nf : f64, i32
+    }}
+    scf.yield %in#0, %in#1 : f64, i32
+  }} else {{
+    scf.yield %r0, %none : f64, i32
+  }}
+  %after = arith.addi %hit, %c1 : index
+  %walk:3 = scf.while (%b = %after, %r = %cached#0, %f = %cached#1) : (index, f64, i32) -> (index, f64, i32) {{
+    %inb2 = arith.cmpi ult, %b, %cBlocks : index
     %open = arith.cmpi slt, %f, %c0_i32 : i32
-    %go = arith.andi %inb, %open : i1
+    %go = arith.andi %inb2, %open : i1
     scf.condition(%go) %b, %r, %f : index, f64, i32
   }} do {{
   ^bb0(%b: index, %r: f64, %f: i32):
-{span}    %cached = arith.cmpi eq, %b, %hit : index
-    %in:3 = scf.while (%i = %c0, %ri = %r, %fi = %none) : (index, f64, i32) -> (index, f64, i32) {{
-      %inl = arith.cmpi ult, %i, %u_len : index
-      %openi = arith.cmpi slt, %fi, %c0_i32 : i32
-      %goi = arith.andi %inl, %openi : i1
-      scf.condition(%goi) %i, %ri, %fi : index, f64, i32
-    }} do {{
-    ^bb0(%i: index, %ri: f64, %fi: i32):
-      %p32 = scf.if %cached -> (f32) {{
-        %wc = memref.load %sh_w[%i] : {sh_w}
-        scf.yield %wc : f32
-      }} else {{
+{skip}    %landed = arith.cmpi ult, %past#0, %cBlocks : index
+    %res:2 = scf.if %landed -> (f64, i32) {{
+{span}      %in:2 = scf.for %i = %c0 to %u_len step %c1 iter_args(%ri = %past#1, %fi = %none) -> (f64, i32) {{
         %col = arith.addi %u_start, %i : index
-{w}        scf.yield %w : f32
+{w}{step2}        scf.yield %nr, %nf : f64, i32
       }}
-      %p = arith.extf %p32 : f32 to f64
-      %lt = arith.cmpf olt, %ri, %p : f64
-      %col_i = arith.addi %u_start, %i : index
-      %col32 = arith.index_cast %col_i : index to i32
-      %less = arith.subf %ri, %p : f64
-      %nr = arith.select %lt, %ri, %less : f64
-      %nf = arith.select %lt, %col32, %fi : i32
-      %ni = arith.addi %i, %c1 : index
-      scf.yield %ni, %nr, %nf : index, f64, i32
+      scf.yield %in#0, %in#1 : f64, i32
+    }} else {{
+      scf.yield %past#1, %none : f64, i32
     }}
-    %next = arith.addi %b, %c1 : index
-{skip}    scf.yield %past#0, %past#1, %in#2 : index, f64, i32
+    %next = arith.addi %past#0, %c1 : index
+    scf.yield %next, %res#0, %res#1 : index, f64, i32
   }}
   %found = arith.cmpi sge, %walk#2, %c0_i32 : i32
   %lastcol = arith.subi %cD, %c1 : index
@@ -435,9 +444,12 @@ scf.if %first {{
 }}
 ",
         values = values.clone() + "%c0_i32 = arith.constant 0 : i32\n%zf = arith.constant 0.0 : f32\n",
-        span = indent2(&indent2(&block_span("%b", "%u"))),
+        span_hit = indent4(&block_span("%hit", "%h")),
+        span = indent6(&block_span("%past#0", "%u")),
+        step = indent6(&walk_step("%h_start", "%wc")),
+        step2 = indent4(&indent4(&walk_step("%u_start", "%w"))),
         w = indent4(&indent4(&weight("%col", "%w"))),
-        skip = indent4(&skip_blocks_after("%next", "%in#1", "%in#2", "%past", &sh_bsum)),
+        skip = indent4(&skip_blocks("%b", "%r", "%past", &sh_bsum)),
     ));
     phases
 }
@@ -468,18 +480,23 @@ fn skip_blocks(from: &str, r: &str, out: &str, sh_bsum: &str) -> String {
     )
 }
 
-/// [`skip_blocks`] from block `{from}` after a walked block, where its walk found no token
-/// (`{found}` below 0); else `{out}` is `({from}, {r})` (the walk ends).
-fn skip_blocks_after(from: &str, r: &str, found: &str, out: &str, sh_bsum: &str) -> String {
+/// One token of a block's walk: its weight `weight` (f32) against what is left of the draw `%ri`,
+/// the token found so far `%fi` (-1: none): the host's `if r < p { return i } r -= p`, column
+/// `start + %i`; into `%nr`, `%nf`.
+fn walk_step(start: &str, weight: &str) -> String {
     format!(
-        "%open_after = arith.cmpi slt, {found}, %c0_i32 : i32
-{out}:2 = scf.if %open_after -> (index, f64) {{
-{skip}  scf.yield %skipped#0, %skipped#1 : index, f64
-}} else {{
-  scf.yield {from}, {r} : index, f64
-}}
-",
-        skip = indent2(&skip_blocks(from, r, "%skipped", sh_bsum))
+        "%p = arith.extf {weight} : f32 to f64
+%opened = arith.cmpi slt, %fi, %c0_i32 : i32
+%lt = arith.cmpf olt, %ri, %p : f64
+%take = arith.andi %opened, %lt : i1
+%col_i = arith.addi {start}, %i : index
+%col32 = arith.index_cast %col_i : index to i32
+%nf = arith.select %take, %col32, %fi : i32
+%short = arith.xori %lt, %true : i1
+%sub = arith.andi %opened, %short : i1
+%less = arith.subf %ri, %p : f64
+%nr = arith.select %sub, %less, %ri : f64
+"
     )
 }
 
@@ -573,7 +590,7 @@ mod tests {
         for b in 1..d.div_ceil(DRAW_BLOCK).min(4) {
             before += weights[(b - 1) * DRAW_BLOCK..b * DRAW_BLOCK].iter().sum::<f64>();
             let u = before / total;
-            for ulps in [-2i64, -1, 0, 1, 2] {
+            for ulps in -4i64..=4 {
                 row(base.clone(), 0.8, f64::from_bits((u.to_bits() as i64 + ulps) as u64));
             }
         }
@@ -604,9 +621,9 @@ mod tests {
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
             let want = case.want();
             assert_eq!(case.run(&kernel, false, 0).0, want, "{}", kernel.kernel_name());
-            // Not every draw the same token: the draws reach into the rows.
-            let distinct: std::collections::HashSet<_> = want.iter().collect();
-            assert!(distinct.len() > (case.rows() / 2).min(d), "{want:?}");
+            // Not every draw the same token: the random rows' draws reach into them.
+            let distinct: std::collections::HashSet<_> = want[..16].iter().collect();
+            assert!(distinct.len() >= 12.min(d), "{want:?}");
         }
     }
 
