@@ -262,9 +262,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: scan, tree, write");
             }
             RowOp::Sample => {
-                // The maximum (a scan, a tree), the lanes' sums, the blocks', the draw's block,
-                // its weights, the walk.
-                let phases = 6 + k.threads.trailing_zeros() as usize;
+                // The maximum (a scan, a tree), the blocks' sums, the draw's block, its weights,
+                // the walk.
+                let phases = 5 + k.threads.trailing_zeros() as usize;
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 // The host's arithmetic: IEEE division, no fused multiply-add, f64 sums.
                 assert!(kernel.ptx.contains("div.rn.f32") && kernel.ptx.contains("add.rn.f64"), "{name}");

@@ -29,11 +29,12 @@ const LANES: usize = 8;
 
 const _: () = assert!(DRAW_BLOCK % (UNROLL * VEC) == 0 && (UNROLL * VEC) % LANES == 0);
 
-/// The shared arrays: the threads' maxima; every block's sum; the drawn block's weights; the drawn
-/// block and what is left of the draw there.
+/// The shared arrays (the f64 ones first: nothing pads them to 8 bytes): every block's sum; what
+/// is left of the draw in the drawn block; the threads' maxima; that block's weights; the drawn
+/// block.
 pub(super) fn shared(d: usize, threads: usize) -> Vec<(&'static str, usize)> {
     let blocks = d.div_ceil(DRAW_BLOCK);
-    vec![("sh_max", threads), ("sh_bsum", blocks), ("sh_w", DRAW_BLOCK), ("sh_hit", 1), ("sh_r", 1)]
+    vec![("sh_bsum", blocks), ("sh_r", 1), ("sh_max", threads), ("sh_w", DRAW_BLOCK), ("sh_hit", 1)]
 }
 
 /// Chunks of [`VEC`] columns a thread loads before using them (the maximum's scan, a block's sums
