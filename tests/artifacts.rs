@@ -724,6 +724,17 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let per = f["per_request"].as_array().unwrap();
     assert!(per.iter().all(|r| r["tokens"] == 5 && (2..=10).contains(&r["prompt_tokens"].as_u64().unwrap())));
     assert!(f["time_to_first_token_s"]["p99"].as_f64().unwrap() >= f["time_to_first_token_s"]["p50"].as_f64().unwrap());
+    // Sampled requests (--temperature, each seeded with --seed plus its number): as many tokens,
+    // the temperature in the figures; a negative one refused.
+    let sampled = [&bench_args[..], &["--temperature", "0.8"]].concat();
+    let out = run_binary_env("v3r", &sampled, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
+    assert_eq!(f["generated_tokens"].as_u64(), Some(45), "{f}");
+    assert!((f["temperature"].as_f64().unwrap() - 0.8).abs() < 1e-6 && f["pick_on_host"] == false, "{f}");
+    let out = run_binary_env("v3r", &[&bench_args[..], &["--temperature", "-1"]].concat(), &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--temperature -1 must be >= 0"), "{}", text(&out.stderr));
     // Prompts starting alike: said in the figures; a cpu artifact's caches per sequence reuse
     // nothing (prefix reuse needs a pool of pages: the session's tests).
     let shared = [&bench_args[..], &["--shared-prefix", "4"]].concat();
