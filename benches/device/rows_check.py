@@ -31,10 +31,11 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       head h's row h rows + s is [kv[s, h, :N] | the cache row's rope key], vv its values (MLA prefill)
   rows_mlaqueries_h<H>_n<N>_r<R>_t<T>: q_nope [rows, H, N], q_pe [rows, H, R], q [H rows, N + R] (bf16)
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
-  rows_sample_d<D>_t<T>: x [rows, D] (f32), temperature [rows] (f32), uniform [rows] (i64: an f64 draw's bits),
-      idx [rows] (i32): the host sampler's draw with every token weighed (models/src/sampling.rs,
-      `draw_every_token`), exactly: its exp polynomial in f32, its f64 sums in its order (`sample_reference`);
-      -1 where the temperature is not above 0
+  rows_sample_d<D>_t<T>: x [rows, D] (f32), temperature [rows], top_p [rows] (f32), uniform [rows] (i64: an f64
+      draw's bits), idx [rows] (i32): the host sampler's draw (models/src/sampling.rs, `draw_plain`: every token
+      weighed at top-p 1, else over the top-p nucleus), exactly: its exp polynomial in f32, its f64 sums in its
+      order (`sample_reference`); -1 where the temperature is not above 0; -2 where the kernel leaves a top-p
+      row to the host (a nucleus over its 2048 candidates, or a NaN weight)
   rows_routelogits_<w>_d<D>_e<E>_t<T>[_b<B>]: x [rows, D], gate [E, D], then parts [rows, 16 E]: per split s of
       the 16 ranges of ceil(D / 16) columns, expert e's sum at column s E + e; grid ceil(rows / B) x 16 x
       ceil(E / 64); B tokens a block (prefill's 8, decode's 4), else one
@@ -417,14 +418,21 @@ def problem(cfg, rows, device, seed=0):
                 "x_scale": torch.rand(rows, d // GROUP, generator=gen).to(device),
                 "sorted": sorted_rows.reshape(rows, GATHER_WIDTH).to(torch.int32).to(device)}
     if cfg["op"] == "sample":
-        # Logits of several spreads, temperatures (0: not sampled), draws over [0, 1) and at its ends.
+        # Logits of several spreads, temperatures (0: not sampled), draws over [0, 1) and at its ends;
+        # every other row top-p (0.9, 0.95, 0.5) over logits with a few standing out, as a model's.
         x = torch.randn(rows, d, generator=gen) * torch.tensor([2.0, 6.0, 15.0])[torch.arange(rows) % 3, None]
         t = torch.tensor([0.7, 1.0, 0.3, 1.5, 0.0])[torch.arange(rows) % 5]
+        p = torch.ones(rows)
+        for r in range(1, rows, 2):
+            p[r] = [0.9, 0.95, 0.5][r // 2 % 3]
+            spikes = torch.randint(0, d, ([1, 6, 40, 300][r // 2 % 4],), generator=gen)
+            x[r, spikes] += 12.0 + torch.rand(len(spikes), generator=gen) * 4
         u = torch.rand(rows, generator=gen, dtype=torch.float64)
         u[0] = 0.0
         if rows > 1:
             u[1] = 1.0 - 2.0 ** -53
-        return {"x": x.to(device), "temperature": t.to(device), "uniform": u.view(torch.int64).to(device)}
+        return {"x": x.to(device), "temperature": t.to(device), "top_p": p.to(device),
+                "uniform": u.view(torch.int64).to(device)}
     if cfg["op"] == "argmax":
         x = torch.randn(rows, d, generator=gen) * 30
         x[0, 3] = x[0, d - 2] = 1e4  # a tie: the lower index
@@ -533,7 +541,7 @@ def arguments(cfg, inputs, outs):
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
-             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "uniform", "idx"],
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "uniform", "idx"],
              "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
@@ -593,9 +601,13 @@ def check(cfg, inputs, outs):
         errors = [] if torch.equal(outs["q"], inputs["x"][tok]) else ["gatherfp8: bytes differ"]
         return errors + ([] if torch.equal(outs["scale"], inputs["x_scale"][tok]) else ["gatherfp8: scales differ"])
     if cfg["op"] == "sample":
-        want = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"])
+        want, nuclei = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"], inputs["top_p"],
+                                        nuclei=True)
         got = outs["idx"].cpu().tolist()
-        bad = [r for r, (a, b) in enumerate(zip(got, want)) if a != b]
+        nan = torch.isnan(inputs["x"]).any(dim=1).tolist()
+        # -2: left to the host, only for top-p rows whose nucleus is big (or holds a NaN).
+        bad = [r for r, (a, b) in enumerate(zip(got, want))
+               if a != b and not (a == -2 and (nan[r] or nuclei[r] > 64))]
         return [f"sample: rows {bad[:8]} differ (got {[got[r] for r in bad[:4]]}, host {[want[r] for r in bad[:4]]})"] if bad else []
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
@@ -772,61 +784,97 @@ def exp_host(x):
     return np.where(np.isnan(x), x, y).astype(np.float32)
 
 
-def sample_reference(x, temperature, uniform):
-    """`sampling::draw_every_token` of each row (-1 where its temperature is not above 0): the largest
-    logit (NaNs passed over), weights exp((l - m) / t) in f32, per block of 256 the weights in 8
-    running f64 sums (column 8i + j into sum j, in order), those added in order, then the block's
-    columns past its whole chunks of 8; the blocks' sums added in order; r = u * total; blocks passed
-    while r >= their sum, then the block's columns walked (r < w picks, else r -= w), on to the next
-    blocks where rounding runs past one; the last column where it runs past the row."""
+def _draw_at(pairs, u):
+    """The host's `draw_at` over (token, weight) pairs in their order: blocks of 256 summed in 8 running
+    f64 sums (then the rest), the blocks added, r = u * total, blocks passed while r >= their sum, the
+    block's pairs walked (r < w picks, else r -= w), on to the next where rounding runs past one; the last
+    pair's token past the end."""
+    import numpy as np
+    sums = []
+    for b0 in range(0, len(pairs), 256):
+        blk = np.array([w for _, w in pairs[b0:b0 + 256]], dtype=np.float64)
+        full = len(blk) // 8
+        lanes = np.cumsum(blk[:full * 8].reshape(full, 8), axis=0)[-1] if full else np.zeros(8)
+        s = 0.0
+        for lane in lanes:
+            s += float(lane)
+        for v in blk[full * 8:]:
+            s += float(v)
+        sums.append(s)
+    total = 0.0
+    for s in sums:
+        total += s
+    r = float(u) * total
+    for b, s in enumerate(sums):
+        if r >= s:
+            r -= s
+            continue
+        for tok, w in pairs[b * 256:b * 256 + 256]:
+            if r < float(w):
+                return tok
+            r -= float(w)
+    return pairs[-1][0] if pairs else 0
+
+
+def sample_reference(x, temperature, uniform, top_p=None, nuclei=False):
+    """`sampling::draw_plain` of each row (-1 where its temperature is not above 0): the largest logit
+    (NaNs passed over), weights exp((l - m) / t) in f32; at top-p 1 the draw over every token in id order,
+    else over the nucleus: the tokens most probable first (ties: the lower id) while their f64 sum in that
+    order falls short of top-p times the row's total (its blocks' sums, as the draw takes them), and the
+    one that reaches it. With `nuclei`, also each row's nucleus size (0 at top-p 1)."""
     import numpy as np
     x = x.detach().cpu().numpy().astype(np.float32)
     ts = temperature.detach().cpu().numpy().astype(np.float32)
+    ps = np.ones(len(ts), dtype=np.float32) if top_p is None else top_p.detach().cpu().numpy().astype(np.float32)
     us = uniform.detach().cpu().view(torch.float64).numpy()
     rows, d = x.shape
-    out = []
-    for row, t, u in zip(x, ts, us):
+    out, sizes = [], []
+    for row, t, p, u in zip(x, ts, ps, us):
         if not t > 0:
             out.append(-1)
+            sizes.append(0)
             continue
         finite = np.where(np.isnan(row), np.float32(-np.inf), row)
         m = finite.max() if d else np.float32(-np.inf)
         with np.errstate(all="ignore"):
-            w = exp_host((row - m) / t).astype(np.float64)
-        sums = []
-        for b0 in range(0, d, 256):
-            blk = w[b0:b0 + 256]
-            full = len(blk) // 8
-            lanes = np.cumsum(blk[:full * 8].reshape(full, 8), axis=0)[-1] if full else np.zeros(8)
-            s = 0.0
-            for lane in lanes:
-                s += float(lane)
-            for v in blk[full * 8:]:
-                s += float(v)
-            sums.append(s)
+            w = exp_host((row - m) / t)
+        if p >= 1:
+            out.append(_draw_at(list(enumerate(w.astype(np.float64))), u))
+            sizes.append(0)
+            continue
         total = 0.0
-        for s in sums:
-            total += s
-        r = float(u) * total
-        pick = d - 1
-        b = 0
-        while b < len(sums):
-            if r >= sums[b]:
-                r -= sums[b]
-                b += 1
-                continue
-            found = None
-            for i, v in enumerate(w[b * 256:b * 256 + 256]):
-                if r < float(v):
-                    found = b * 256 + i
-                    break
-                r -= float(v)
-            if found is not None:
-                pick = found
+        for b0 in range(0, d, 256):
+            total += _draw_at_block_sum(w[b0:b0 + 256])
+        want = float(np.float64(p)) * total
+        if np.isnan(w).any():
+            out.append(-2)
+            sizes.append(d)
+            continue
+        order = np.lexsort((np.arange(d), -w.astype(np.float64)))  # most probable first, ties: lower id
+        acc, kept = 0.0, []
+        for i in order.tolist():
+            acc += float(w[i])
+            kept.append((i, float(w[i])))
+            if acc >= want:
                 break
-            b += 1
-        out.append(pick)
-    return out
+        out.append(_draw_at(kept, u))
+        sizes.append(len(kept))
+    return (out, sizes) if nuclei else out
+
+
+def _draw_at_block_sum(blk):
+    """One block's sum as `weight_sum` takes it: 8 running f64 sums over whole chunks of 8, in order,
+    then the rest."""
+    import numpy as np
+    blk = blk.astype(np.float64)
+    full = len(blk) // 8
+    lanes = np.cumsum(blk[:full * 8].reshape(full, 8), axis=0)[-1] if full else np.zeros(8)
+    s = 0.0
+    for lane in lanes:
+        s += float(lane)
+    for v in blk[full * 8:]:
+        s += float(v)
+    return s
 
 
 def argmax_reference(x):
@@ -936,8 +984,10 @@ def self_test():
     sp = parse("rows_sample_d1003_t64")
     assert sp["op"] == "sample" and sp["d"] == 1003
     inputs = problem(sp, 5, "cpu")
-    picks = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"])
+    picks, sizes = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"], inputs["top_p"],
+                                    nuclei=True)
     assert picks[4] == -1 and all(0 <= p < 1003 for p in picks[:4]), picks
+    assert sizes[1] >= 1 and sizes[0] == 0, sizes
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     draws = torch.arange(4000, dtype=torch.float64).add(0.5).div(4000)
     counts = [0] * 4

@@ -263,8 +263,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             }
             RowOp::Sample => {
                 // The maximum (a scan, a tree), the blocks' sums, the draw's block, its weights,
-                // the walk.
-                let phases = 5 + k.threads.trailing_zeros() as usize;
+                // the walk; top-p's candidates, their bitonic sort, the nucleus's draw.
+                let m = sm90::rows::NUCLEUS_CAP.min(k.d.next_power_of_two()).trailing_zeros() as usize;
+                let phases = 5 + k.threads.trailing_zeros() as usize + 2 + m * (m + 1) / 2;
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 // The host's arithmetic: IEEE division, no fused multiply-add, f64 sums.
                 assert!(kernel.ptx.contains("div.rn.f32") && kernel.ptx.contains("add.rn.f64"), "{name}");

@@ -332,20 +332,21 @@ impl Sampler {
     }
 
     /// Where a device may draw this sampler's next token from a row of `n` logits itself
-    /// ([`draw_every_token`]: sampled, weighing every token, nothing changing the logits): the
-    /// temperature and the uniform draw [`Sampler::sample`] would take (the stream advanced); None
-    /// (nothing drawn) where the host must pick. The token the device gives goes to
-    /// [`Sampler::note`].
-    pub fn device_draw(&mut self, n: usize) -> Option<(f32, f64)> {
+    /// ([`draw_plain`]: sampled at a temperature, with top-p or every token weighed, no top-k or
+    /// min-p, nothing changing the logits): the temperature, top-p and the uniform draw
+    /// [`Sampler::sample`] would take (the stream advanced); None (nothing drawn) where the host
+    /// must pick. The token the device gives goes to [`Sampler::note`].
+    pub fn device_draw(&mut self, n: usize) -> Option<Draw> {
         if !self.device_drawable(n) {
             return None;
         }
-        Some((self.temperature, self.uniform()))
+        Some(Draw { temperature: self.temperature, top_p: self.top_p, uniform: self.uniform() })
     }
 
     /// Whether [`Sampler::device_draw`] draws (it does not change the sampler).
     pub fn device_drawable(&self, n: usize) -> bool {
-        self.weighs_every_token(n) && !self.changes_logits() && self.temperature.is_finite()
+        let top_k = self.shaping.top_k > 0 && self.shaping.top_k < n;
+        !self.greedy() && !top_k && self.shaping.min_p <= 0.0 && !self.changes_logits() && self.temperature.is_finite()
     }
 
     /// Whether [`Sampler::distribution`] of a row of `n` logits weighs every token in id order:
@@ -356,11 +357,31 @@ impl Sampler {
     }
 }
 
+/// What a device draws a sampled token with ([`Sampler::device_draw`], [`draw_plain`]); a
+/// temperature of 0 stands for greedy (the argmax).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Draw {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub uniform: f64,
+}
+
 /// The token a sampler that weighs every token ([`Sampler::device_draw`]) picks from `logits` at
 /// temperature `t` for the uniform draw `u`: what the device's sampling kernel (`rows_sample_*`)
 /// must give, bit for bit.
 pub fn draw_every_token(logits: &[f32], t: f32, u: f64) -> u32 {
     draw_exp(logits, largest(logits), t, u)
+}
+
+/// The token a sampler with temperature `t` and top-p `top_p` (and no top-k, min-p or anything
+/// changing the logits: [`Sampler::device_draw`]) picks from `logits` for the uniform draw `u`:
+/// [`draw_every_token`] at top-p 1, else the draw over the row's nucleus ([`row_nucleus`], most
+/// probable first) — what the device's sampling kernel gives, or leaves to the host.
+pub fn draw_plain(logits: &[f32], t: f32, top_p: f32, u: f64) -> u32 {
+    if top_p >= 1.0 {
+        return draw_every_token(logits, t, u);
+    }
+    draw_at(&row_nucleus(&exp_row(logits, largest(logits), t), top_p), u)
 }
 
 /// [`draw_at`] over [`exp_weights`]'s pairs for `(logits, max, t)`, the same sums and the same
@@ -764,7 +785,7 @@ fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32) {
     // Binned by their positions (top-k's order: ties already lower id first, so a position's
     // order is its token's), then the positions named by their tokens.
     let values: Vec<f32> = weights.iter().map(|w| w.1).collect();
-    let want = f64::from(top_p) * weight_sum(&values);
+    let want = f64::from(top_p) * draw_total(&values);
     if let Some(kept) = nucleus_by_bins(&values, want) {
         *weights = kept.into_iter().map(|(i, w)| (weights[i as usize].0, w)).collect();
         return;
@@ -775,13 +796,20 @@ fn nucleus(weights: &mut Vec<(u32, f32)>, top_p: f32) {
 /// [`nucleus`] of every token of a row in id order, from its bare weights `row` (token i's at
 /// i): the same tokens in the same order as `nucleus` of [`exp_weights`]'s pairs.
 fn row_nucleus(row: &[f32], top_p: f32) -> Vec<(u32, f32)> {
-    let want = f64::from(top_p) * weight_sum(row);
+    let want = f64::from(top_p) * draw_total(row);
     if let Some(kept) = nucleus_by_bins(row, want) {
         return kept;
     }
     let mut weights: Vec<(u32, f32)> = row.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect();
     nucleus_by_rounds(&mut weights, want);
     weights
+}
+
+/// The sum of `weights` as a draw over them in their order takes it ([`draw_at`], [`draw_exp`]):
+/// each block of [`DRAW_BLOCK`] summed by [`weight_sum`], the blocks' sums added in order. What
+/// top-p's share is of (a device sums a row's blocks apart, then adds them).
+fn draw_total(weights: &[f32]) -> f64 {
+    weights.chunks(DRAW_BLOCK).map(weight_sum).sum()
 }
 
 /// [`nucleus`]'s fallback: sorts of growing rounds of the most probable, to the first that

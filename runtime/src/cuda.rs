@@ -705,16 +705,18 @@ impl GpuArtifact {
     }
 
     /// Tokens of the last run of `entry` picked on the device, one per row of its `logits`: row
-    /// r's drawn by the artifact's sampling kernel at temperature `draws[r].0` with the uniform draw
-    /// `draws[r].1` (the host sampler's token, bit for bit), or its argmax where that temperature is
-    /// not above 0; only the tokens read back. None when the artifact lacks a kernel the rows need.
-    pub fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Option<Vec<u32>>, String> {
+    /// r's drawn by the artifact's sampling kernel with `draws[r]` (the host sampler's token,
+    /// [`v3c_models::sampling::draw_plain`], bit for bit), or its argmax where that temperature is
+    /// not above 0; only the tokens read back — but for the rows whose top-p nucleus the kernel
+    /// leaves to the host (more than its candidates, or NaN weights): their logits are read back
+    /// and drawn from here. None when the artifact lacks a kernel the rows need.
+    pub fn sample_last(&self, entry: &str, draws: &[v3c_models::sampling::Draw]) -> Result<Option<Vec<u32>>, String> {
         self.pick_last(entry, Some(draws))
     }
 
     /// [`GpuArtifact::argmax_last`] (`draws` None: every row greedy) and
     /// [`GpuArtifact::sample_last`].
-    fn pick_last(&self, entry: &str, draws: Option<&[(f32, f64)]>) -> Result<Option<Vec<u32>>, String> {
+    fn pick_last(&self, entry: &str, draws: Option<&[v3c_models::sampling::Draw]>) -> Result<Option<Vec<u32>>, String> {
         let plan = self.entry_plan(entry)?;
         let sizes = match self.last_inputs.borrow().as_ref() {
             Some((e, shapes)) if e == entry => plan.bind(shapes)?,
@@ -733,17 +735,17 @@ impl GpuArtifact {
         if let Some(d) = draws.filter(|d| d.len() != rows) {
             return Err(format!("{entry}: {} draws for {rows} rows of logits", d.len()));
         }
-        let sampled = |r: usize| draws.is_some_and(|d| d[r].0 > 0.0);
+        let sampled = |r: usize| draws.is_some_and(|d| d[r].temperature > 0.0);
         let greedy = (0..rows).any(|r| !sampled(r));
-        // One device buffer: the uniform draws (f64), the temperatures, the argmax's tokens, the
-        // sampler's.
+        // One device buffer: the uniform draws (f64), the temperatures, the top-ps, the argmax's
+        // tokens, the sampler's.
         let mut picks = self.argmax_out.borrow_mut();
-        if picks.as_ref().is_none_or(|d| d.bytes < 20 * rows) {
-            *picks = Some(DeviceBuffer::new(20 * rows.max(1), "picked tokens")?);
+        if picks.as_ref().is_none_or(|d| d.bytes < 24 * rows) {
+            *picks = Some(DeviceBuffer::new(24 * rows.max(1), "picked tokens")?);
         }
         let base = picks.as_ref().map_or(0, |d| d.ptr);
-        let (uniform, temperature, argmax_idx, sample_idx) =
-            (base, base + 8 * rows as u64, base + 12 * rows as u64, base + 16 * rows as u64);
+        let at = |k: u64| base + k * rows as u64;
+        let (uniform, temperature, top_p, argmax_idx, sample_idx) = (at(0), at(8), at(12), at(16), at(20));
         let expander = Expander::new(&self.artifact)?;
         let mut launches = Vec::new();
         if greedy {
@@ -751,12 +753,13 @@ impl GpuArtifact {
             launches.push(launch);
         }
         if let Some(draws) = draws.filter(|_| (0..rows).any(sampled)) {
-            let Some(launch) = expander.sample_launch(&logits, temperature, uniform, sample_idx)? else {
+            let Some(launch) = expander.sample_launch(&logits, temperature, top_p, uniform, sample_idx)? else {
                 return Ok(None);
             };
-            let mut bytes: Vec<u8> = draws.iter().flat_map(|d| d.1.to_le_bytes()).collect();
-            bytes.extend(draws.iter().flat_map(|d| d.0.to_le_bytes()));
-            // SAFETY: the buffer holds `rows` f64 then `rows` f32 from its start.
+            let mut bytes: Vec<u8> = draws.iter().flat_map(|d| d.uniform.to_le_bytes()).collect();
+            bytes.extend(draws.iter().flat_map(|d| d.temperature.to_le_bytes()));
+            bytes.extend(draws.iter().flat_map(|d| d.top_p.to_le_bytes()));
+            // SAFETY: the buffer holds `rows` f64 then twice `rows` f32 from its start.
             unsafe { result::memcpy_htod_sync(uniform, &bytes) }.map_err(cuda("uploading sampling draws"))?;
             launches.push(launch);
         }
@@ -772,8 +775,28 @@ impl GpuArtifact {
             // SAFETY: the buffer holds both kernels' `rows` i32 there.
             unsafe { result::memcpy_dtoh_sync(&mut bytes, argmax_idx) }.map_err(cuda("reading picked tokens"))?;
         }
-        let token = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
-        Ok(Some((0..rows).map(|r| if sampled(r) { token(rows + r) } else { token(r) }).collect()))
+        let token = |i: usize| i32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+        let vocab = logits.shape.get(1).copied().unwrap_or(0);
+        let mut picked = Vec::with_capacity(rows);
+        for r in 0..rows {
+            let t = match (sampled(r), draws) {
+                (true, Some(draws)) if token(rows + r) == crate::lowering::SAMPLE_ON_HOST => {
+                    // A nucleus the kernel left to the host: this row's logits, drawn here.
+                    let mut row = vec![0u8; 4 * vocab];
+                    // SAFETY: row r of the logits, `vocab` f32 within the arena.
+                    unsafe { result::memcpy_dtoh_sync(&mut row, logits.addr + (4 * vocab * r) as u64) }
+                        .map_err(cuda("reading a row of logits"))?;
+                    let row: Vec<f32> =
+                        row.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    let d = draws[r];
+                    v3c_models::sampling::draw_plain(&row, d.temperature, d.top_p, d.uniform) as i32
+                }
+                (true, _) => token(rows + r),
+                (false, _) => token(r),
+            };
+            picked.push(u32::try_from(t).map_err(|_| format!("{entry}: row {r} picked token {t}"))?);
+        }
+        Ok(Some(picked))
     }
 
     /// Enqueues action `i` of a staged run on the stream.

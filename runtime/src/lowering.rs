@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 /// may run in one regime only, [`LaunchSpec::only`], which a reader of 4 would run in both).
 pub const LOWERING_FORMAT_VERSION: u32 = 5;
 
+/// What the sampling kernel ([`Lowering::sample`]) gives for a row whose top-p nucleus it leaves
+/// to the host (more candidates than it sorts, or NaN weights): the runtime draws that row there.
+pub const SAMPLE_ON_HOST: i32 = -2;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lowering {
     pub format_version: u32,
@@ -25,10 +29,11 @@ pub struct Lowering {
     /// argmax `[rows]` (i32; f32 total order, ties to the lower index, as the host sampler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argmax: Option<String>,
-    /// Sampling at a temperature on the device, every token weighed: a row kernel taking logits
-    /// `[rows, vocab]` (f32), temperatures `[rows]` (f32) and uniform draws `[rows]` (the bits of
-    /// f64s in [0, 1), as i64) to each row's token `[rows]` (i32; -1 where the temperature is not
-    /// above 0): the host sampler's draw from the same logits, bit for bit.
+    /// Sampling at a temperature on the device, with top-p or every token weighed: a row kernel
+    /// taking logits `[rows, vocab]` (f32), temperatures and top-ps `[rows]` (f32) and uniform
+    /// draws `[rows]` (the bits of f64s in [0, 1), as i64) to each row's token `[rows]` (i32; -1
+    /// where the temperature is not above 0, [`SAMPLE_ON_HOST`] where the host must draw): the
+    /// host sampler's draw from the same logits, bit for bit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample: Option<String>,
     /// The decode caches' rows (S of `[B, S, C]`) must be a multiple of this: they are bf16 pages

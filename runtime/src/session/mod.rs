@@ -404,14 +404,14 @@ mod tests {
             self.sample
         }
 
-        fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
+        fn sample_last(&self, entry: &str, draws: &[Draw]) -> Result<Vec<u32>, String> {
             let logits = self.last_logits.borrow();
             if draws.len() != logits.len() {
                 return Err(format!("{entry}: {} draws for {} rows", draws.len(), logits.len()));
             }
             let argmax = self.argmax_last(entry)?;
-            let draw = |(r, &(t, u)): (usize, &(f32, f64))| match t > 0.0 {
-                true => v3c_models::sampling::draw_every_token(&logits[r], t, u),
+            let draw = |(r, d): (usize, &Draw)| match d.temperature > 0.0 {
+                true => v3c_models::sampling::draw_plain(&logits[r], d.temperature, d.top_p, d.uniform),
                 false => argmax[r],
             };
             Ok(draws.iter().enumerate().map(draw).collect())
@@ -645,7 +645,7 @@ mod tests {
 
     /// A program that draws sampled tokens itself (as the device's sampling kernel does) gives the
     /// tokens of the host's samplers with the same seeds and reads no logits back: one sequence,
-    /// and a batch mixing sampled and greedy sequences; a sampler it cannot draw for (top-p, a
+    /// and a batch mixing sampled and greedy sequences, with top-p too; a sampler it cannot draw for (top-k, a
     /// penalty) has the batch's logits read back, its tokens the host's; a program whose steps
     /// hand the logits back anyway draws the same tokens from them on the host.
     #[test]
@@ -677,9 +677,16 @@ mod tests {
         // Steps that hand the logits back (caches through the host): the same draws, on the host.
         let handing = Toy { argmax: true, sample: true, ..Toy::new(false) };
         assert_eq!(tokens(generate_batch(&handing, &prompts, 8, &mut samplers(), None).unwrap()), want);
-        // Top-p, or a penalty: the host's sampler, from logits read back.
+        // Top-p too is drawn where the program runs; a penalty or top-k is the host's sampler's,
+        // from logits read back.
+        let top_p = || vec![sampled(1), Sampler::new(2.0, 0.8, 7)];
+        let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut top_p(), None).unwrap());
+        let drawing = Toy { argmax: true, sample: true, ..Toy::new(true) };
+        assert_eq!(tokens(generate_batch(&drawing, &prompts, 8, &mut top_p(), None).unwrap()), want);
+        assert_eq!(*drawing.logits_read.borrow(), 0);
         let penalty = v3c_models::sampling::Shaping { presence_penalty: 0.5, ..Default::default() };
-        for odd in [Sampler::new(2.0, 0.8, 7), sampled(7).shaped(penalty)] {
+        let top_k = v3c_models::sampling::Shaping { top_k: 3, ..Default::default() };
+        for odd in [sampled(7).shaped(top_k), sampled(7).shaped(penalty)] {
             let with = || vec![sampled(1), odd.clone()];
             let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut with(), None).unwrap());
             let reading = Toy { argmax: true, sample: true, ..Toy::new(true) };

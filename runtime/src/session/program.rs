@@ -3,6 +3,7 @@
 //! caches kept between runs.
 
 use super::*;
+pub use v3c_models::sampling::Draw;
 
 /// Which logits a run of a prompt's chunk reads back: a prompt's last chunk needs its last row to
 /// sample the next token, the chunks before it none; scoring a prompt (perplexity, `v3r logits`,
@@ -121,10 +122,9 @@ pub trait Program {
         false
     }
     /// The token of each `logits` row r of the last run of `entry`, drawn where the program keeps
-    /// them at temperature `draws[r].0` with the uniform draw `draws[r].1` as
-    /// [`v3c_models::sampling::draw_every_token`] draws it (bit for bit), or the argmax where
-    /// that temperature is not above 0.
-    fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
+    /// them as [`v3c_models::sampling::draw_plain`] draws it with `draws[r]` (bit for bit), or the
+    /// argmax where its temperature is not above 0.
+    fn sample_last(&self, entry: &str, draws: &[Draw]) -> Result<Vec<u32>, String> {
         let _ = draws;
         Err(format!("{entry}: this program draws no tokens itself"))
     }
@@ -275,7 +275,7 @@ impl Program for crate::cuda::GpuArtifact {
         !self.picks_on_host()
             && self.artifact.lowering.as_ref().is_some_and(|l| l.argmax.is_some() && l.sample.is_some())
     }
-    fn sample_last(&self, entry: &str, draws: &[(f32, f64)]) -> Result<Vec<u32>, String> {
+    fn sample_last(&self, entry: &str, draws: &[Draw]) -> Result<Vec<u32>, String> {
         crate::cuda::GpuArtifact::sample_last(self, entry, draws)?
             .ok_or_else(|| format!("{entry}: no sampling or argmax kernel"))
     }
@@ -346,20 +346,21 @@ pub enum Pick {
     Host,
     /// Every sequence plain greedy: the argmax, on the device where the program picks tokens.
     Greedy,
-    /// Per row of the step, a temperature and a uniform draw in [0, 1), already taken from the
-    /// row's sampler (a temperature of 0: greedy, or a row whose token nobody takes): the token
-    /// [`v3c_models::sampling::draw_every_token`] draws, on the device where the program draws
+    /// Per row of the step, a temperature, top-p and a uniform draw in [0, 1), already taken from
+    /// the row's sampler (a temperature of 0: greedy, or a row whose token nobody takes): the
+    /// token [`v3c_models::sampling::draw_plain`] draws, on the device where the program draws
     /// ([`Program::device_sample`]), else on the host from the logits — the same token.
-    Draws(Vec<(f32, f64)>),
+    Draws(Vec<Draw>),
 }
 
 impl Pick {
     /// The pick of a step whose sequences' tokens are taken by `wanted` (per sequence: None where
     /// nobody takes its token; else its sampler, and whether the host wants its logits anyway,
     /// e.g. for log-probabilities), on a program that draws tokens itself where `draws`: greedy
-    /// where every sampler is plain greedy; draws where each is that or samples weighing every
-    /// token with nothing changing the logits ([`v3c_models::sampling::Sampler::device_draw`]:
-    /// their uniform draws are taken now); else the host's.
+    /// where every sampler is plain greedy; draws where each is that or samples at a temperature
+    /// and top-p with nothing else changing its choice
+    /// ([`v3c_models::sampling::Sampler::device_draw`]: their uniform draws are taken now); else
+    /// the host's.
     pub fn of<'a>(
         draws: bool,
         wanted: impl IntoIterator<Item = Option<(&'a mut v3c_models::reference::Sampler, bool)>>,
@@ -380,8 +381,8 @@ impl Pick {
             wanted
                 .iter_mut()
                 .map(|w| match w {
-                    Some((s, _)) => s.device_draw(usize::MAX).unwrap_or((0.0, 0.0)),
-                    None => (0.0, 0.0),
+                    Some((s, _)) => s.device_draw(usize::MAX).unwrap_or_default(),
+                    None => Draw::default(),
                 })
                 .collect(),
         )
@@ -390,7 +391,7 @@ impl Pick {
     /// This pick for a step that runs sequences `rows` (row r: sequence `rows[r]`).
     pub fn rows(&self, rows: &[usize]) -> Pick {
         match self {
-            Pick::Draws(d) => Pick::Draws(rows.iter().map(|&i| d.get(i).copied().unwrap_or((0.0, 0.0))).collect()),
+            Pick::Draws(d) => Pick::Draws(rows.iter().map(|&i| d.get(i).copied().unwrap_or_default()).collect()),
             p => p.clone(),
         }
     }
@@ -504,8 +505,10 @@ impl Next {
     /// Other picks leave the logits to the samplers.
     pub(super) fn drawn(self, pick: &Pick) -> Next {
         let (Next::Logits(rows), Pick::Draws(draws)) = (&self, pick) else { return self };
-        let token = |r: usize, &(t, u): &(f32, f64)| match rows.get(r) {
-            Some(row) if t > 0.0 => v3c_models::sampling::draw_every_token(row, t, u),
+        let token = |r: usize, d: &Draw| match rows.get(r) {
+            Some(row) if d.temperature > 0.0 => {
+                v3c_models::sampling::draw_plain(row, d.temperature, d.top_p, d.uniform)
+            }
             Some(row) => v3c_models::sampling::argmax(row).map_or(0, |i| i as u32),
             None => 0,
         };

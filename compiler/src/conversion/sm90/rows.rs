@@ -29,6 +29,7 @@ mod mla_mma;
 mod mla_train;
 mod sample;
 mod train;
+pub use sample::NUCLEUS_CAP;
 pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).
@@ -674,6 +675,7 @@ impl RowKernel {
             RowOp::Sample => vec![
                 ("x", "memref<?x?xf32>".to_string()),
                 ("temperature", "memref<?xf32>".into()),
+                ("top_p", "memref<?xf32>".into()),
                 ("uniform", "memref<?xi64>".into()),
                 ("idx", "memref<?xi32>".into()),
             ],
@@ -4275,10 +4277,15 @@ fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
 /// The element of a shared array: the dispatch's counts and offsets are i32, the rest f32 (all
 /// four bytes wide).
 fn shared_element(name: &str) -> &'static str {
-    if matches!(name, "sh_count" | "sh_off" | "sh_cc" | "sh_key" | "sh_idx" | "sh_hit") {
+    if matches!(
+        name,
+        "sh_count" | "sh_off" | "sh_cc" | "sh_key" | "sh_idx" | "sh_hit" | "sh_cnt" | "sh_aux" | "sh_bmax"
+    ) {
         "i32"
-    } else if matches!(name, "sh_bsum" | "sh_r") {
+    } else if matches!(name, "sh_bsum" | "sh_r" | "sh_mass") {
         "f64"
+    } else if name == "sh_nkey" {
+        "i64"
     } else {
         "f32"
     }
@@ -4286,7 +4293,7 @@ fn shared_element(name: &str) -> &'static str {
 
 /// Bytes of a shared array's element.
 fn element_bytes(element: &str) -> usize {
-    if element == "f64" {
+    if element == "f64" || element == "i64" {
         8
     } else {
         4
