@@ -411,21 +411,25 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     row "3. speculative sampling" "FAILED" "v3r run --speculative --temperature failed (check.log)"
   fi
   # Sampling on the device (rows_sample_*, the host sampler's draws bit for bit): two prompts as a
-  # batch at --temperature 0.8, the tokens drawn on the device against those drawn on the host from
-  # the logits read back (--pick-on-host): the same logits, so the same tokens.
-  sampled=(run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
-    --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos --temperature 0.8 --seed 9)
-  if timeout 60 "$v3r" "${sampled[@]}" > "$out/e2e_sampled.txt" 2>>"$log" \
-      && timeout 60 "$v3r" "${sampled[@]}" --pick-on-host > "$out/e2e_sampled_host.txt" 2>>"$log"; then
-    distinct=$(tr ' ' '\n' < "$out/e2e_sampled.txt" | sort -u | wc -l)
-    if cmp -s "$out/e2e_sampled.txt" "$out/e2e_sampled_host.txt"; then
-      row "3. sampled on the device" "ok" "32 tokens ($distinct distinct) = drawn on the host (--pick-on-host)"
+  # batch at --temperature 0.8, every token weighed and then top-p 0.9, the tokens drawn on the device
+  # against those drawn on the host from the logits read back (--pick-on-host): the same logits, so
+  # the same tokens.
+  for top_p in 1 0.9; do
+    name="3. sampled on the device, top-p $top_p" file="$out/e2e_sampled_p$top_p"
+    sampled=(run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
+      --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos --temperature 0.8 --top-p "$top_p" --seed 9)
+    if timeout 60 "$v3r" "${sampled[@]}" > "$file.txt" 2>>"$log" \
+        && timeout 60 "$v3r" "${sampled[@]}" --pick-on-host > "${file}_host.txt" 2>>"$log"; then
+      distinct=$(tr ' ' '\n' < "$file.txt" | sort -u | wc -l)
+      if cmp -s "$file.txt" "${file}_host.txt"; then
+        row "$name" "ok" "32 tokens ($distinct distinct) = drawn on the host (--pick-on-host)"
+      else
+        row "$name" "DIFFERS" "$(basename "$file").txt vs _host.txt (--pick-on-host)"
+      fi
     else
-      row "3. sampled on the device" "DIFFERS" "e2e_sampled.txt vs e2e_sampled_host.txt (--pick-on-host)"
+      row "$name" "FAILED" "v3r run --temperature failed (check.log)"
     fi
-  else
-    row "3. sampled on the device" "FAILED" "v3r run --temperature failed (check.log)"
-  fi
+  done
     note "== 3b. training: v3r train of the tiny model's sm_90a training-step artifacts against the cpu artifact's"
   # Losses step by step within $3 relative of the cpu artifact's ($2) in the run's loss log ($1).
   losses_match() {

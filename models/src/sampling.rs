@@ -771,8 +771,9 @@ pub fn argmax(row: &[f32]) -> Option<usize> {
 }
 
 /// Cuts `weights` to the most probable tokens, sorted most probable first
-/// ([`most_probable_first`]), whose weights first reach `top_p` of all of theirs (their sum as
-/// [`block_sum`] takes it, as the draw does).
+/// ([`most_probable_first`]), whose weights first reach `top_p` of all of theirs (their sum as a
+/// draw takes it, [`draw_total`]: blocks of [`DRAW_BLOCK`] apart, then added — what a device that
+/// sums a row's blocks apart can give exactly; the nucleus's own sum in sorted order).
 ///
 /// The weights (in (0, 1]: the largest is exp(0)) are binned by their top bits ([`weight_bin`]:
 /// exponent and 3 bits of mantissa, so binning keeps their order) with each bin's mass: the bins
