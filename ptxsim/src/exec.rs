@@ -816,6 +816,7 @@ impl Cta<'_> {
                 }
                 let x = self.value(t, arg(2)?)?;
                 let new = match (op, ty.kind) {
+                    (AtomOp::Add, Kind::F) if ty.bits == 64 => (f64::from_bits(old) + f64::from_bits(x)).to_bits(),
                     (AtomOp::Add, Kind::F) => f32b(f32v(old) + f32v(x)),
                     (AtomOp::Add, _) => old.wrapping_add(x),
                     (AtomOp::Exch, _) => x,

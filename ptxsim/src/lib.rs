@@ -386,6 +386,35 @@ $L__end:
         assert!(e.contains("misaligned address: a 8-byte access"), "{e}");
     }
 
+    /// Shared-memory atomics of 64 threads: f64 adds (64 of 0.25 make 16) and an unsigned maximum.
+    #[test]
+    fn shared_atomics_add_doubles_and_take_maxima() {
+        // Thread 0 writes both out after a barrier.
+        let text = ".shared .align 8 .b8 sum[8];\n.shared .align 4 .b8 most[4];\n\
+                    .visible .entry k(\n\t.param .u64 k_param_0\n)\n{\n\t.reg .pred %p<2>;\n\t.reg .b32 %r<4>;\n\t.reg .f64 %fd<3>;\n\t.reg .b64 %rd<3>;\n\
+                    \tld.param.b64 %rd1, [k_param_0];\n\tmov.u32 %r1, %tid.x;\n\tmov.f64 %fd1, 0d3FD0000000000000;\n\
+                    \tatom.shared.add.f64 %fd2, [sum], %fd1;\n\tatom.shared.max.u32 %r2, [most], %r1;\n\tbar.sync 0;\n\
+                    \tsetp.ne.s32 %p1, %r1, 0;\n\t@%p1 bra $L_end;\n\tld.shared.f64 %fd2, [sum];\n\tld.shared.u32 %r3, [most];\n\
+                    \tst.global.f64 [%rd1], %fd2;\n\tst.global.u32 [%rd1+8], %r3;\n$L_end:\n\tret;\n}";
+        let module = Module::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let mut out = [0u64; 2];
+        let params = [out.as_mut_ptr() as u64];
+        let launch = Launch {
+            grid: [1, 1],
+            threads: 64,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: None,
+            max_instructions: 10_000,
+            checks: Checks::default(),
+        };
+        // SAFETY: the one parameter is the live output (16 bytes).
+        unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(f64::from_bits(out[0]), 16.0, "64 adds of 0.25 in f64");
+        assert_eq!(out[1] as u32, 63, "the largest id");
+    }
+
     /// Funnel shifts of `hi:lo` (wrap: the count mod 32; clamp: at most 32), byte permutes, and the
     /// pair rounding to bf16 (the first operand in the high half, to nearest even), one thread each.
     #[test]
