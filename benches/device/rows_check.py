@@ -790,17 +790,8 @@ def _draw_at(pairs, u):
     block's pairs walked (r < w picks, else r -= w), on to the next where rounding runs past one; the last
     pair's token past the end."""
     import numpy as np
-    sums = []
-    for b0 in range(0, len(pairs), 256):
-        blk = np.array([w for _, w in pairs[b0:b0 + 256]], dtype=np.float64)
-        full = len(blk) // 8
-        lanes = np.cumsum(blk[:full * 8].reshape(full, 8), axis=0)[-1] if full else np.zeros(8)
-        s = 0.0
-        for lane in lanes:
-            s += float(lane)
-        for v in blk[full * 8:]:
-            s += float(v)
-        sums.append(s)
+    sums = [_draw_at_block_sum(np.array([w for _, w in pairs[b0:b0 + 256]], dtype=np.float64))
+            for b0 in range(0, len(pairs), 256)]
     total = 0.0
     for s in sums:
         total += s

@@ -1,7 +1,7 @@
 //! Sampling on the device ([`RowOp::Sample`](super::RowOp::Sample)): a row's token drawn at a
-//! temperature with every token weighed, the host sampler's draw
-//! ([`v3c_models::sampling::draw_every_token`]) bit for bit, so that a decode step's sampled tokens
-//! need neither the logits read back (33 MB a step at 64 rows of DeepSeek-V3's vocabulary) nor the
+//! temperature, with every token weighed or from its top-p nucleus, the host sampler's draw
+//! ([`v3c_models::sampling::draw_plain`]) bit for bit, so that a decode step's sampled tokens need
+//! neither the logits read back (33 MB a step at 64 rows of DeepSeek-V3's vocabulary) nor the
 //! host's time on them, and are the tokens the host would have drawn from the same logits.
 //!
 //! The host's order of operations, kept here: the row's largest logit `m`; each token's weight
@@ -12,11 +12,15 @@
 //! added in order into the total; `r = u * total`; then the walk: blocks skipped while `r` is at
 //! least their sum (each subtracted), the first other block's tokens walked in order (`r < p`
 //! picks, else `r -= p`), and where rounding leaves `r` past that block's last token, on to the
-//! next blocks; the last token where it runs past the row.
+//! next blocks; the last token where it runs past the row. Top-p: the nucleus, the tokens most
+//! probable first (ties: the lower column) while their sum in that order falls short of top-p of
+//! the total, and the one that reaches it; the same draw over it in that order.
 //!
-//! Phases: the maximum (a strided share a thread, then a tree); every (block, lane) sum, a unit a
-//! thread; every block's sum from its lanes and its tail; thread 0 adds the blocks and finds the
-//! block the draw falls in; that block's weights computed a thread each; thread 0 walks them.
+//! Phases: the maximum (a strided share a thread, then a tree); every block's sum, a thread a
+//! block (top-p: its weights binned too); thread 0 adds the blocks and finds the block the draw
+//! falls in; that block's weights computed by the threads; thread 0 walks them (top-p: finds the
+//! bins that hold the nucleus); top-p: the candidates gathered, bitonic-sorted, and thread 0's
+//! nucleus and draw.
 
 use std::fmt::Write;
 
@@ -31,7 +35,7 @@ const _: () = assert!(DRAW_BLOCK % (UNROLL * VEC) == 0 && (UNROLL * VEC) % LANES
 
 /// The shared arrays (the 8-byte ones first: nothing pads them): every block's sum (then the
 /// nucleus's blocks'); what is left of the draw in the drawn block (top-p: the share to reach);
-/// the nucleus's histogram of weights' masses by [`bin`]; its candidates' sort keys; the threads'
+/// the nucleus's histogram of weights' masses by bin ([`BINS`]); its candidates' sort keys; the threads'
 /// maxima; the drawn block's weights; the drawn block; the histogram's counts; each block's largest
 /// weight's bits; the nucleus's bookkeeping ([`AUX`]).
 pub(super) fn shared(d: usize, threads: usize) -> Vec<(&'static str, usize)> {
@@ -874,10 +878,7 @@ scf.if %draw {{
           %opened = arith.cmpi slt, %fi, %c0_n : i32
           %lt = arith.cmpf olt, %ri, %p : f64
           %take = arith.andi %opened, %lt : i1
-          %lo = arith.andi %key, %ones : i64
-          %id64 = arith.subi %ones, %lo : i64
-          %id = arith.trunci %id64 : i64 to i32
-          %nf = arith.select %take, %id, %fi : i32
+{id}          %nf = arith.select %take, %id, %fi : i32
           %nlt = arith.xori %lt, %true : i1
           %sub = arith.andi %opened, %nlt : i1
           %rl = arith.subf %ri, %p : f64
@@ -892,10 +893,7 @@ scf.if %draw {{
     // Past the nucleus's end: its last token.
     %lastn = arith.subi %n, %c1 : index
     %lastk = memref.load %sh_nkey[%lastn] : {sh_nkey}
-    %lastlo = arith.andi %lastk, %ones : i64
-    %lastid64 = arith.subi %ones, %lastlo : i64
-    %lastid = arith.trunci %lastid64 : i64 to i32
-    %found = arith.cmpi sge, %walk#2, %c0_n : i32
+{last_id}    %found = arith.cmpi sge, %walk#2, %c0_n : i32
     %pick = arith.select %found, %walk#2, %lastid : i32
     memref.store %pick, %idx[%row] : memref<?xi32>
   }}
@@ -906,11 +904,23 @@ scf.if %draw {{
         wi = indent4(&key_weight("%key", "%wdi")),
         wi2 = indent4(&indent4(&key_weight("%key", "%wdi"))),
         wi3 = indent4(&indent6(&key_weight_f32("%key", "%wf"))),
+        id = indent4(&indent6(&key_column("%key", "%id"))),
+        last_id = indent4(&key_column("%lastk", "%lastid")),
         lanes = indent4(&indent4(&lanes)),
         lane_args = lane_names.iter().map(|l| format!("{l} = %zd")).collect::<Vec<_>>().join(", "),
         new_lanes = new_lanes.join(", "),
         fold = indent6(&fold),
         last = LANES - 1,
+    )
+}
+
+/// `{out}` (i32) = the column in sort key `{key}`'s low word (`%ones`: 2^32 - 1, as i64).
+fn key_column(key: &str, out: &str) -> String {
+    format!(
+        "{out}_lo = arith.andi {key}, %ones : i64
+{out}_64 = arith.subi %ones, {out}_lo : i64
+{out} = arith.trunci {out}_64 : i64 to i32
+"
     )
 }
 
