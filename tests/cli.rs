@@ -1719,7 +1719,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
     assert!(
         stdout.contains(
-            "tokens picked on the device: greedy by rows_argmax_d129280_t1024, sampled by rows_sample_d129280_t512"
+            "tokens picked on the device: greedy by rows_argmax_d129280_t1024, sampled by rows_sample_d129280_t256"
         ),
         "{stdout}"
     );
@@ -1737,7 +1737,7 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the
     // argmax and the sampling kernel.
     assert_eq!(report["launch_check"]["launches"], 2723, "{report}");
-    assert_eq!(report["device_picks"]["sample"], "rows_sample_d129280_t512", "{report}");
+    assert_eq!(report["device_picks"]["sample"], "rows_sample_d129280_t256", "{report}");
     assert_eq!(report["entries"][1]["name"], "decode");
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and

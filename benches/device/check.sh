@@ -411,13 +411,18 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     row "3. speculative sampling" "FAILED" "v3r run --speculative --temperature failed (check.log)"
   fi
   # Sampling on the device (rows_sample_*, the host sampler's draws bit for bit): two prompts as a
-  # batch at --temperature 0.8, every token weighed and then top-p 0.9, the tokens drawn on the device
-  # against those drawn on the host from the logits read back (--pick-on-host): the same logits, so
-  # the same tokens.
-  for top_p in 1 0.9; do
-    name="3. sampled on the device, top-p $top_p" file="$out/e2e_sampled_p$top_p"
+  # batch at --temperature 0.8, every token weighed, then top-p 0.9, then top-k 20 with top-p 0.9, the
+  # tokens drawn on the device against those drawn on the host from the logits read back
+  # (--pick-on-host): the same logits, so the same tokens.
+  for shape in "every" "p0.9" "k20p0.9"; do
+    case "$shape" in
+      every) flags=() ;;
+      p0.9) flags=(--top-p 0.9) ;;
+      *) flags=(--top-k 20 --top-p 0.9) ;;
+    esac
+    name="3. sampled on the device, $shape" file="$out/e2e_sampled_$shape"
     sampled=(run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"
-      --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos --temperature 0.8 --top-p "$top_p" --seed 9)
+      --prompt-tokens "$(cat "$e2e/prompt2.txt")" --max-new-tokens 16 --ignore-eos --temperature 0.8 --seed 9 "${flags[@]}")
     if timeout 60 "$v3r" "${sampled[@]}" > "$file.txt" 2>>"$log" \
         && timeout 60 "$v3r" "${sampled[@]}" --pick-on-host > "${file}_host.txt" 2>>"$log"; then
       distinct=$(tr ' ' '\n' < "$file.txt" | sort -u | wc -l)

@@ -31,11 +31,11 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
       head h's row h rows + s is [kv[s, h, :N] | the cache row's rope key], vv its values (MLA prefill)
   rows_mlaqueries_h<H>_n<N>_r<R>_t<T>: q_nope [rows, H, N], q_pe [rows, H, R], q [H rows, N + R] (bf16)
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
-  rows_sample_d<D>_t<T>: x [rows, D] (f32), temperature [rows], top_p [rows] (f32), uniform [rows] (i64: an f64
-      draw's bits), idx [rows] (i32): the host sampler's draw (models/src/sampling.rs, `draw_plain`: every token
-      weighed at top-p 1, else over the top-p nucleus), exactly: its exp polynomial in f32, its f64 sums in its
-      order (`sample_reference`); -1 where the temperature is not above 0; -2 where the kernel leaves a top-p
-      row to the host (a nucleus over its 2048 candidates, or a NaN weight)
+  rows_sample_d<D>_t<T>: x [rows, D] (f32), temperature [rows], top_p [rows] (f32), top_k [rows] (i32, 0: none),
+      uniform [rows] (i64: an f64 draw's bits), idx [rows] (i32): the host sampler's draw (models/src/sampling.rs,
+      `draw_plain`: every token weighed, else over the top k and/or the top-p nucleus), exactly: its exp
+      polynomial in f32, its f64 sums in its order (`sample_reference`); -1 where the temperature is not above
+      0; -2 where the kernel leaves a row to the host (more than its 2048 candidates, or a NaN weight)
   rows_routelogits_<w>_d<D>_e<E>_t<T>[_b<B>]: x [rows, D], gate [E, D], then parts [rows, 16 E]: per split s of
       the 16 ranges of ceil(D / 16) columns, expert e's sum at column s E + e; grid ceil(rows / B) x 16 x
       ceil(E / 64); B tokens a block (prefill's 8, decode's 4), else one
@@ -423,15 +423,17 @@ def problem(cfg, rows, device, seed=0):
         x = torch.randn(rows, d, generator=gen) * torch.tensor([2.0, 6.0, 15.0])[torch.arange(rows) % 3, None]
         t = torch.tensor([0.7, 1.0, 0.3, 1.5, 0.0])[torch.arange(rows) % 5]
         p = torch.ones(rows)
+        k = torch.zeros(rows, dtype=torch.int32)
         for r in range(1, rows, 2):
-            p[r] = [0.9, 0.95, 0.5][r // 2 % 3]
+            p[r] = [0.9, 0.95, 0.5, 1.0][r // 2 % 4]
+            k[r] = [0, 0, 50, 5, 1, 0][r // 2 % 6]
             spikes = torch.randint(0, d, ([1, 6, 40, 300][r // 2 % 4],), generator=gen)
             x[r, spikes] += 12.0 + torch.rand(len(spikes), generator=gen) * 4
         u = torch.rand(rows, generator=gen, dtype=torch.float64)
         u[0] = 0.0
         if rows > 1:
             u[1] = 1.0 - 2.0 ** -53
-        return {"x": x.to(device), "temperature": t.to(device), "top_p": p.to(device),
+        return {"x": x.to(device), "temperature": t.to(device), "top_p": p.to(device), "top_k": k.to(device),
                 "uniform": u.view(torch.int64).to(device)}
     if cfg["op"] == "argmax":
         x = torch.randn(rows, d, generator=gen) * 30
@@ -541,7 +543,7 @@ def arguments(cfg, inputs, outs):
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
-             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "uniform", "idx"],
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "top_k", "uniform", "idx"],
              "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
@@ -602,12 +604,13 @@ def check(cfg, inputs, outs):
         return errors + ([] if torch.equal(outs["scale"], inputs["x_scale"][tok]) else ["gatherfp8: scales differ"])
     if cfg["op"] == "sample":
         want, nuclei = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"], inputs["top_p"],
-                                        nuclei=True)
+                                        inputs["top_k"], nuclei=True)
         got = outs["idx"].cpu().tolist()
         nan = torch.isnan(inputs["x"]).any(dim=1).tolist()
-        # -2: left to the host, only for top-p rows whose nucleus is big (or holds a NaN).
+        # -2: left to the host, only for rows whose list is big, whose top k share their bins with more
+        # than the kernel sorts, or with a NaN.
         bad = [r for r, (a, b) in enumerate(zip(got, want))
-               if a != b and not (a == -2 and (nan[r] or nuclei[r] > 64))]
+               if a != b and not (a == -2 and (nan[r] or nuclei[r] > 64 or crowded_top_k(inputs, r)))]
         return [f"sample: rows {bad[:8]} differ (got {[got[r] for r in bad[:4]]}, host {[want[r] for r in bad[:4]]})"] if bad else []
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
@@ -807,20 +810,38 @@ def _draw_at(pairs, u):
     return pairs[-1][0] if pairs else 0
 
 
-def sample_reference(x, temperature, uniform, top_p=None, nuclei=False):
+def crowded_top_k(inputs, r):
+    """Whether row r's top k share their weights' bins (bits' top 12) with more than the 2048 candidates the
+    kernel sorts."""
+    import numpy as np
+    k = int(inputs["top_k"][r])
+    d = inputs["x"].shape[1]
+    if not 0 < k < d:
+        return False
+    row = inputs["x"][r].detach().cpu().numpy().astype(np.float32)
+    t = np.float32(inputs["temperature"][r].item())
+    with np.errstate(all="ignore"):
+        bins = np.sort(exp_host((row - row.max()) / t).view(np.uint32) >> 20)[::-1]
+    return int((bins >= bins[k - 1]).sum()) > min(2048, 1 << (d - 1).bit_length())
+
+
+def sample_reference(x, temperature, uniform, top_p=None, top_k=None, nuclei=False):
     """`sampling::draw_plain` of each row (-1 where its temperature is not above 0): the largest logit
-    (NaNs passed over), weights exp((l - m) / t) in f32; at top-p 1 the draw over every token in id order,
-    else over the nucleus: the tokens most probable first (ties: the lower id) while their f64 sum in that
-    order falls short of top-p times the row's total (its blocks' sums, as the draw takes them), and the
-    one that reaches it. With `nuclei`, also each row's nucleus size (0 at top-p 1)."""
+    (NaNs passed over), weights exp((l - m) / t) in f32; with every token weighed the draw over them in id
+    order; with a top-k below the row's width, the k most probable (ties: the lower id) and, at top-p below
+    1, of those the nucleus of their own draw total; else the row's nucleus: the tokens most probable first
+    while their f64 sum in that order falls short of top-p times the row's total (its blocks' sums, as the
+    draw takes them), and the one that reaches it (never: the k whole; the row's, -2); the draw over it in
+    that order. With `nuclei`, also each row's list size (0 with every token weighed)."""
     import numpy as np
     x = x.detach().cpu().numpy().astype(np.float32)
     ts = temperature.detach().cpu().numpy().astype(np.float32)
     ps = np.ones(len(ts), dtype=np.float32) if top_p is None else top_p.detach().cpu().numpy().astype(np.float32)
+    ks = np.zeros(len(ts), dtype=np.int64) if top_k is None else top_k.detach().cpu().numpy().astype(np.int64)
     us = uniform.detach().cpu().view(torch.float64).numpy()
     rows, d = x.shape
     out, sizes = [], []
-    for row, t, p, u in zip(x, ts, ps, us):
+    for row, t, p, k, u in zip(x, ts, ps, ks, us):
         if not t > 0:
             out.append(-1)
             sizes.append(0)
@@ -829,25 +850,39 @@ def sample_reference(x, temperature, uniform, top_p=None, nuclei=False):
         m = finite.max() if d else np.float32(-np.inf)
         with np.errstate(all="ignore"):
             w = exp_host((row - m) / t)
-        if p >= 1:
+        topk = 0 < k < d
+        if p >= 1 and not topk:
             out.append(_draw_at(list(enumerate(w.astype(np.float64))), u))
             sizes.append(0)
             continue
-        total = 0.0
-        for b0 in range(0, d, 256):
-            total += _draw_at_block_sum(w[b0:b0 + 256])
-        want = float(np.float64(p)) * total
         if np.isnan(w).any():
             out.append(-2)
             sizes.append(d)
             continue
         order = np.lexsort((np.arange(d), -w.astype(np.float64)))  # most probable first, ties: lower id
-        acc, kept = 0.0, []
-        for i in order.tolist():
-            acc += float(w[i])
-            kept.append((i, float(w[i])))
-            if acc >= want:
-                break
+        if topk:
+            pairs = [(int(i), float(w[i])) for i in order[:k]]
+            total = 0.0
+            for b0 in range(0, len(pairs), 256):
+                total += _draw_at_block_sum(np.array([v for _, v in pairs[b0:b0 + 256]]))
+        else:
+            pairs = [(int(i), float(w[i])) for i in order]
+            total = 0.0
+            for b0 in range(0, d, 256):
+                total += _draw_at_block_sum(w[b0:b0 + 256])
+        kept = pairs
+        if p < 1:
+            want = float(np.float64(p)) * total
+            acc, kept = 0.0, []
+            for i, v in pairs:
+                acc += v
+                kept.append((i, v))
+                if acc >= want:
+                    break
+            if acc < want and not topk:
+                out.append(-2)
+                sizes.append(len(kept))
+                continue
         out.append(_draw_at(kept, u))
         sizes.append(len(kept))
     return (out, sizes) if nuclei else out
@@ -976,7 +1011,7 @@ def self_test():
     assert sp["op"] == "sample" and sp["d"] == 1003
     inputs = problem(sp, 5, "cpu")
     picks, sizes = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"], inputs["top_p"],
-                                    nuclei=True)
+                                    inputs["top_k"], nuclei=True)
     assert picks[4] == -1 and all(0 <= p < 1003 for p in picks[:4]), picks
     assert sizes[1] >= 1 and sizes[0] == 0, sizes
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])

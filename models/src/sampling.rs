@@ -331,22 +331,22 @@ impl Sampler {
         token
     }
 
-    /// Where a device may draw this sampler's next token from a row of `n` logits itself
-    /// ([`draw_plain`]: sampled at a temperature, with top-p or every token weighed, no top-k or
-    /// min-p, nothing changing the logits): the temperature, top-p and the uniform draw
-    /// [`Sampler::sample`] would take (the stream advanced); None (nothing drawn) where the host
-    /// must pick. The token the device gives goes to [`Sampler::note`].
-    pub fn device_draw(&mut self, n: usize) -> Option<Draw> {
-        if !self.device_drawable(n) {
+    /// Where a device may draw this sampler's next token itself ([`draw_plain`]: sampled at a
+    /// temperature, with top-k and top-p or every token weighed, no min-p, nothing changing the
+    /// logits): the temperature, top-p, top-k and the uniform draw [`Sampler::sample`] would take
+    /// (the stream advanced); None (nothing drawn) where the host must pick. The token the device
+    /// gives goes to [`Sampler::note`].
+    pub fn device_draw(&mut self) -> Option<Draw> {
+        if !self.device_drawable() {
             return None;
         }
-        Some(Draw { temperature: self.temperature, top_p: self.top_p, uniform: self.uniform() })
+        let top_k = u32::try_from(self.shaping.top_k).unwrap_or(u32::MAX);
+        Some(Draw { temperature: self.temperature, top_p: self.top_p, top_k, uniform: self.uniform() })
     }
 
     /// Whether [`Sampler::device_draw`] draws (it does not change the sampler).
-    pub fn device_drawable(&self, n: usize) -> bool {
-        let top_k = self.shaping.top_k > 0 && self.shaping.top_k < n;
-        !self.greedy() && !top_k && self.shaping.min_p <= 0.0 && !self.changes_logits() && self.temperature.is_finite()
+    pub fn device_drawable(&self) -> bool {
+        !self.greedy() && self.shaping.min_p <= 0.0 && !self.changes_logits() && self.temperature.is_finite()
     }
 
     /// Whether [`Sampler::distribution`] of a row of `n` logits weighs every token in id order:
@@ -358,11 +358,12 @@ impl Sampler {
 }
 
 /// What a device draws a sampled token with ([`Sampler::device_draw`], [`draw_plain`]); a
-/// temperature of 0 stands for greedy (the argmax).
+/// temperature of 0 stands for greedy (the argmax), a top-k of 0 for none.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Draw {
     pub temperature: f32,
     pub top_p: f32,
+    pub top_k: u32,
     pub uniform: f64,
 }
 
@@ -373,15 +374,17 @@ pub fn draw_every_token(logits: &[f32], t: f32, u: f64) -> u32 {
     draw_exp(logits, largest(logits), t, u)
 }
 
-/// The token a sampler with temperature `t` and top-p `top_p` (and no top-k, min-p or anything
-/// changing the logits: [`Sampler::device_draw`]) picks from `logits` for the uniform draw `u`:
-/// [`draw_every_token`] at top-p 1, else the draw over the row's nucleus ([`row_nucleus`], most
-/// probable first) — what the device's sampling kernel gives, or leaves to the host.
-pub fn draw_plain(logits: &[f32], t: f32, top_p: f32, u: f64) -> u32 {
-    if top_p >= 1.0 {
-        return draw_every_token(logits, t, u);
+/// The token a sampler with `draw`'s temperature, top-p and top-k (and no min-p or anything
+/// changing the logits: [`Sampler::device_draw`]) picks from `logits` for its uniform draw: what
+/// [`Sampler::sample`] picks, that draw given — what the device's sampling kernel gives, or leaves
+/// to the host.
+pub fn draw_plain(logits: &[f32], draw: &Draw) -> u32 {
+    let top_k = usize::try_from(draw.top_k).unwrap_or(usize::MAX);
+    let sampler = Sampler::new(draw.temperature, draw.top_p, 0).shaped(Shaping { top_k, ..Shaping::default() });
+    if sampler.weighs_every_token(logits.len()) {
+        return draw_every_token(logits, draw.temperature, draw.uniform);
     }
-    draw_at(&row_nucleus(&exp_row(logits, largest(logits), t), top_p), u)
+    draw_at(&sampler.distribution(logits), draw.uniform)
 }
 
 /// [`draw_at`] over [`exp_weights`]'s pairs for `(logits, max, t)`, the same sums and the same

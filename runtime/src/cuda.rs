@@ -737,15 +737,16 @@ impl GpuArtifact {
         }
         let sampled = |r: usize| draws.is_some_and(|d| d[r].temperature > 0.0);
         let greedy = (0..rows).any(|r| !sampled(r));
-        // One device buffer: the uniform draws (f64), the temperatures, the top-ps, the argmax's
-        // tokens, the sampler's.
+        // One device buffer: the uniform draws (f64), the temperatures, the top-ps, the top-ks, the
+        // argmax's tokens, the sampler's.
         let mut picks = self.argmax_out.borrow_mut();
-        if picks.as_ref().is_none_or(|d| d.bytes < 24 * rows) {
-            *picks = Some(DeviceBuffer::new(24 * rows.max(1), "picked tokens")?);
+        if picks.as_ref().is_none_or(|d| d.bytes < 28 * rows) {
+            *picks = Some(DeviceBuffer::new(28 * rows.max(1), "picked tokens")?);
         }
         let base = picks.as_ref().map_or(0, |d| d.ptr);
         let at = |k: u64| base + k * rows as u64;
-        let (uniform, temperature, top_p, argmax_idx, sample_idx) = (at(0), at(8), at(12), at(16), at(20));
+        let (uniform, temperature, top_p, top_k) = (at(0), at(8), at(12), at(16));
+        let (argmax_idx, sample_idx) = (at(20), at(24));
         let expander = Expander::new(&self.artifact)?;
         let mut launches = Vec::new();
         if greedy {
@@ -753,13 +754,15 @@ impl GpuArtifact {
             launches.push(launch);
         }
         if let Some(draws) = draws.filter(|_| (0..rows).any(sampled)) {
-            let Some(launch) = expander.sample_launch(&logits, temperature, top_p, uniform, sample_idx)? else {
+            let Some(launch) = expander.sample_launch(&logits, [temperature, top_p, top_k, uniform], sample_idx)?
+            else {
                 return Ok(None);
             };
             let mut bytes: Vec<u8> = draws.iter().flat_map(|d| d.uniform.to_le_bytes()).collect();
             bytes.extend(draws.iter().flat_map(|d| d.temperature.to_le_bytes()));
             bytes.extend(draws.iter().flat_map(|d| d.top_p.to_le_bytes()));
-            // SAFETY: the buffer holds `rows` f64 then twice `rows` f32 from its start.
+            bytes.extend(draws.iter().flat_map(|d| i32::try_from(d.top_k).unwrap_or(i32::MAX).to_le_bytes()));
+            // SAFETY: the buffer holds `rows` f64 then three times `rows` 4-byte values from its start.
             unsafe { result::memcpy_htod_sync(uniform, &bytes) }.map_err(cuda("uploading sampling draws"))?;
             launches.push(launch);
         }
@@ -788,8 +791,7 @@ impl GpuArtifact {
                         .map_err(cuda("reading a row of logits"))?;
                     let row: Vec<f32> =
                         row.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                    let d = draws[r];
-                    v3c_models::sampling::draw_plain(&row, d.temperature, d.top_p, d.uniform) as i32
+                    v3c_models::sampling::draw_plain(&row, &draws[r]) as i32
                 }
                 (true, _) => token(rows + r),
                 (false, _) => token(r),

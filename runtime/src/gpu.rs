@@ -201,28 +201,27 @@ impl<'a> Expander<'a> {
         }))
     }
 
-    /// The launch of the artifact's sampling kernel over `logits` (`[rows, vocab]` f32), with
-    /// `temperature` and `top_p` (`rows` f32 each) and `uniform` (`rows` f64 bits, i64) at those
-    /// addresses, into `idx` (`rows` i32), or None when the artifact has none.
-    pub fn sample_launch(
-        &self,
-        logits: &Buf,
-        temperature: u64,
-        top_p: u64,
-        uniform: u64,
-        idx: u64,
-    ) -> Result<Option<KernelLaunch>, String> {
+    /// The launch of the artifact's sampling kernel over `logits` (`[rows, vocab]` f32), with its
+    /// draws at `[temperature, top_p, top_k, uniform]` (`rows` f32, f32, i32 and f64 bits as i64
+    /// each), into `idx` (`rows` i32), or None when the artifact has none.
+    pub fn sample_launch(&self, logits: &Buf, draws: [u64; 4], idx: u64) -> Result<Option<KernelLaunch>, String> {
         let Some(kernel) = self.artifact.lowering.as_ref().and_then(|l| l.sample.as_ref()) else { return Ok(None) };
         let Some(KernelAbi::Memrefs { ranks }) = self.abis.get(kernel.as_str()) else {
             return Err(format!("sampling kernel {kernel}: not a row kernel"));
         };
-        if ranks[..] != [2, 1, 1, 1, 1] {
+        if ranks[..] != [2, 1, 1, 1, 1, 1] {
             return Err(format!("sampling kernel {kernel}: takes memrefs of ranks {ranks:?}"));
         }
         let rows = logits.shape_at_rank(2)?[0];
         let per_row = |addr: u64, element: &'static str| Buf { addr, shape: vec![rows], element };
-        let operands =
-            [per_row(temperature, "f32"), per_row(top_p, "f32"), per_row(uniform, "i64"), per_row(idx, "i32")];
+        let [temperature, top_p, top_k, uniform] = draws;
+        let operands = [
+            per_row(temperature, "f32"),
+            per_row(top_p, "f32"),
+            per_row(top_k, "i32"),
+            per_row(uniform, "i64"),
+            per_row(idx, "i32"),
+        ];
         let mut params = memref(logits, 2)?;
         for b in &operands {
             params.extend(memref(b, 1)?);
@@ -765,7 +764,7 @@ impl Expander<'_> {
         let rows = artifact.plan.entries.iter().map(|e| e.sizes.rows).max().unwrap_or(1).max(1);
         let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
         let argmax = self.argmax_launch(&logits, addr())?;
-        let sample = self.sample_launch(&logits, addr(), addr(), addr(), addr())?;
+        let sample = self.sample_launch(&logits, [addr(), addr(), addr(), addr()], addr())?;
         // A training step's optimizer kernels, over a tensor of three blocks.
         let optimizer = match crate::optimizer::OptimizerKernels::of(artifact)? {
             Some(o) => o.samples(3 * 4096 + 7, &mut addr)?,

@@ -29,11 +29,11 @@ pub struct Lowering {
     /// argmax `[rows]` (i32; f32 total order, ties to the lower index, as the host sampler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argmax: Option<String>,
-    /// Sampling at a temperature on the device, with top-p or every token weighed: a row kernel
-    /// taking logits `[rows, vocab]` (f32), temperatures and top-ps `[rows]` (f32) and uniform
-    /// draws `[rows]` (the bits of f64s in [0, 1), as i64) to each row's token `[rows]` (i32; -1
-    /// where the temperature is not above 0, [`SAMPLE_ON_HOST`] where the host must draw): the
-    /// host sampler's draw from the same logits, bit for bit.
+    /// Sampling at a temperature on the device, with top-k and top-p or every token weighed: a row
+    /// kernel taking logits `[rows, vocab]` (f32), temperatures and top-ps `[rows]` (f32), top-ks
+    /// `[rows]` (i32; 0: none) and uniform draws `[rows]` (the bits of f64s in [0, 1), as i64) to
+    /// each row's token `[rows]` (i32; -1 where the temperature is not above 0, [`SAMPLE_ON_HOST`]
+    /// where the host must draw): the host sampler's draw from the same logits, bit for bit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample: Option<String>,
     /// The decode caches' rows (S of `[B, S, C]`) must be a multiple of this: they are bf16 pages

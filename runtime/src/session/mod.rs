@@ -411,7 +411,7 @@ mod tests {
             }
             let argmax = self.argmax_last(entry)?;
             let draw = |(r, d): (usize, &Draw)| match d.temperature > 0.0 {
-                true => v3c_models::sampling::draw_plain(&logits[r], d.temperature, d.top_p, d.uniform),
+                true => v3c_models::sampling::draw_plain(&logits[r], d),
                 false => argmax[r],
             };
             Ok(draws.iter().enumerate().map(draw).collect())
@@ -645,8 +645,8 @@ mod tests {
 
     /// A program that draws sampled tokens itself (as the device's sampling kernel does) gives the
     /// tokens of the host's samplers with the same seeds and reads no logits back: one sequence,
-    /// and a batch mixing sampled and greedy sequences, with top-p too; a sampler it cannot draw for (top-k, a
-    /// penalty) has the batch's logits read back, its tokens the host's; a program whose steps
+    /// and a batch mixing sampled and greedy sequences, with top-p and top-k too; a sampler it cannot
+    /// draw for (min-p, a penalty) has the batch's logits read back, its tokens the host's; a program whose steps
     /// hand the logits back anyway draws the same tokens from them on the host.
     #[test]
     fn tokens_drawn_where_the_program_runs_are_the_host_samplers() {
@@ -677,16 +677,17 @@ mod tests {
         // Steps that hand the logits back (caches through the host): the same draws, on the host.
         let handing = Toy { argmax: true, sample: true, ..Toy::new(false) };
         assert_eq!(tokens(generate_batch(&handing, &prompts, 8, &mut samplers(), None).unwrap()), want);
-        // Top-p too is drawn where the program runs; a penalty or top-k is the host's sampler's,
-        // from logits read back.
-        let top_p = || vec![sampled(1), Sampler::new(2.0, 0.8, 7)];
+        // Top-p and top-k too are drawn where the program runs; a penalty or min-p is the host's
+        // sampler's, from logits read back.
+        let top_k = v3c_models::sampling::Shaping { top_k: 3, ..Default::default() };
+        let top_p = || vec![sampled(1).shaped(top_k.clone()), Sampler::new(2.0, 0.8, 7)];
         let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut top_p(), None).unwrap());
         let drawing = Toy { argmax: true, sample: true, ..Toy::new(true) };
         assert_eq!(tokens(generate_batch(&drawing, &prompts, 8, &mut top_p(), None).unwrap()), want);
         assert_eq!(*drawing.logits_read.borrow(), 0);
         let penalty = v3c_models::sampling::Shaping { presence_penalty: 0.5, ..Default::default() };
-        let top_k = v3c_models::sampling::Shaping { top_k: 3, ..Default::default() };
-        for odd in [sampled(7).shaped(top_k), sampled(7).shaped(penalty)] {
+        let min_p = v3c_models::sampling::Shaping { min_p: 0.2, ..Default::default() };
+        for odd in [sampled(7).shaped(min_p), sampled(7).shaped(penalty)] {
             let with = || vec![sampled(1), odd.clone()];
             let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut with(), None).unwrap());
             let reading = Toy { argmax: true, sample: true, ..Toy::new(true) };

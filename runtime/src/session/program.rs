@@ -346,7 +346,7 @@ pub enum Pick {
     Host,
     /// Every sequence plain greedy: the argmax, on the device where the program picks tokens.
     Greedy,
-    /// Per row of the step, a temperature, top-p and a uniform draw in [0, 1), already taken from
+    /// Per row of the step, a temperature, top-p, top-k and a uniform draw in [0, 1), taken from
     /// the row's sampler (a temperature of 0: greedy, or a row whose token nobody takes): the
     /// token [`v3c_models::sampling::draw_plain`] draws, on the device where the program draws
     /// ([`Program::device_sample`]), else on the host from the logits — the same token.
@@ -357,8 +357,8 @@ impl Pick {
     /// The pick of a step whose sequences' tokens are taken by `wanted` (per sequence: None where
     /// nobody takes its token; else its sampler, and whether the host wants its logits anyway,
     /// e.g. for log-probabilities), on a program that draws tokens itself where `draws`: greedy
-    /// where every sampler is plain greedy; draws where each is that or samples at a temperature
-    /// and top-p with nothing else changing its choice
+    /// where every sampler is plain greedy; draws where each is that or samples at a temperature,
+    /// top-k and top-p with nothing else changing its choice
     /// ([`v3c_models::sampling::Sampler::device_draw`]: their uniform draws are taken now); else
     /// the host's.
     pub fn of<'a>(
@@ -372,8 +372,7 @@ impl Pick {
         if wanted.iter().flatten().all(|(s, _)| s.plain_greedy()) {
             return Pick::Greedy;
         }
-        // (A top-k of any size goes to the host: the vocabulary is not known here.)
-        let drawable = |s: &v3c_models::reference::Sampler| s.plain_greedy() || s.device_drawable(usize::MAX);
+        let drawable = |s: &v3c_models::reference::Sampler| s.plain_greedy() || s.device_drawable();
         if !draws || !wanted.iter().flatten().all(|(s, _)| drawable(s)) {
             return Pick::Host;
         }
@@ -381,7 +380,7 @@ impl Pick {
             wanted
                 .iter_mut()
                 .map(|w| match w {
-                    Some((s, _)) => s.device_draw(usize::MAX).unwrap_or_default(),
+                    Some((s, _)) => s.device_draw().unwrap_or_default(),
                     None => Draw::default(),
                 })
                 .collect(),
@@ -506,9 +505,7 @@ impl Next {
     pub(super) fn drawn(self, pick: &Pick) -> Next {
         let (Next::Logits(rows), Pick::Draws(draws)) = (&self, pick) else { return self };
         let token = |r: usize, d: &Draw| match rows.get(r) {
-            Some(row) if d.temperature > 0.0 => {
-                v3c_models::sampling::draw_plain(row, d.temperature, d.top_p, d.uniform)
-            }
+            Some(row) if d.temperature > 0.0 => v3c_models::sampling::draw_plain(row, d),
             Some(row) => v3c_models::sampling::argmax(row).map_or(0, |i| i as u32),
             None => 0,
         };

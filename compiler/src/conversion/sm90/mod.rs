@@ -582,7 +582,7 @@ impl ModelKernels {
 
     /// Sampling at a temperature over `vocab` columns ([`rows::RowOp::Sample`]: the host sampler's
     /// draw with every token weighed, bit for bit), which the runtime launches on decode's logits
-    /// where every sequence samples so (then they are not read back); 512 threads, fewer where a
+    /// where every sequence samples so (then they are not read back); 256 threads, fewer where a
     /// vocabulary's block sums would not fit shared memory.
     pub fn sampling_draw(
         &mut self,

@@ -275,9 +275,9 @@ impl RowKernel {
             // A thread per column: batch-1 decode's few rows (128 a sequence) over many splits
             // keep the SMs' loads in flight only with wide blocks.
             RowOp::MlaCombine => d.next_power_of_two().clamp(32, 512),
-            // A row is one block's (decode's few rows): its weights' sums spread wide (512: ptxas
-            // holds 1024-thread blocks to 32 registers, and this one spills there).
-            RowOp::Sample => 512,
+            // A row is one block's (decode's few rows): its blocks' sums two a thread (at 512 threads
+            // ptxas holds the kernel to 128 registers, and the top-p and top-k draw spills there).
+            RowOp::Sample => 256,
             // A latent row's keys and values: every head's nope and value columns.
             RowOp::MlaKeys { heads, nope, v, .. } => (heads * (nope + v) / 8).next_power_of_two().clamp(32, 256),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
@@ -676,6 +676,7 @@ impl RowKernel {
                 ("x", "memref<?x?xf32>".to_string()),
                 ("temperature", "memref<?xf32>".into()),
                 ("top_p", "memref<?xf32>".into()),
+                ("top_k", "memref<?xi32>".into()),
                 ("uniform", "memref<?xi64>".into()),
                 ("idx", "memref<?xi32>".into()),
             ],

@@ -224,13 +224,22 @@ fn row_values(kernel: &RowKernel, sh_max: &str) -> String {
 %zero_f = arith.constant 0.0 : f32
 %below_one = arith.cmpf olt, %topp, %one_f : f32
 %warm = arith.cmpf ogt, %t, %zero_f : f32
-%nuc = arith.andi %below_one, %warm : i1
+%topk = memref.load %top_k[%row] : memref<?xi32>
+%zero_k = arith.constant 0 : i32
+%d_k = arith.constant {d} : i32
+%k_pos = arith.cmpi sgt, %topk, %zero_k : i32
+%k_less = arith.cmpi slt, %topk, %d_k : i32
+%kact = arith.andi %k_pos, %k_less : i1
+%sorted_draw = arith.ori %below_one, %kact : i1
+%true_v = arith.constant true
+%nuc = arith.andi %sorted_draw, %warm : i1
 %cBlk = arith.constant {DRAW_BLOCK} : index
 %cLanes = arith.constant {LANES} : index
 %cBlocks = arith.constant {blocks} : index
 %zd = arith.constant 0.0 : f64
 ",
-        blocks = kernel.d.div_ceil(DRAW_BLOCK)
+        blocks = kernel.d.div_ceil(DRAW_BLOCK),
+        d = kernel.d,
     )
 }
 
@@ -596,7 +605,9 @@ fn nucleus_cut(kernel: &RowKernel, sh_r: &str, sh_mass: &str, sh_cnt: &str, sh_a
 // From the top bin down while the masses fall short (a peaked row stops within a few bins).
 %scan:3 = scf.while (%k = %cBins_c, %reached = %zd, %count = %zero_c) : (index, f64, i32) -> (index, f64, i32) {{
   %more = arith.cmpi ugt, %k, %c0 : index
-  %short = arith.cmpf olt, %reached, %want_m : f64
+  %mass_short = arith.cmpf olt, %reached, %want_m : f64
+  %count_short = arith.cmpi slt, %count, %topk : i32
+  %short = arith.select %kact, %count_short, %mass_short : i1
   %go_on = arith.andi %more, %short : i1
   scf.condition(%go_on) %k, %reached, %count : index, f64, i32
 }} do {{
@@ -768,33 +779,74 @@ fn bitonic_phases(cap: usize, sh_nkey: &str, sh_aux: &str) -> Vec<String> {
     phases
 }
 
-/// Thread 0 of a top-p row whose candidates are sorted: the nucleus, the most probable first while
-/// their sum (in that order) falls short of the share; then the host's draw over it (`draw_at`):
-/// its blocks of 256 summed in 8 running sums, the blocks added, `r = u * total`, blocks passed
-/// while `r` reaches their sum, the block it falls in walked; the nucleus's last token where it
-/// runs past; the host's row where the candidates fall short.
-fn nucleus_draw(values: &str, sh_bsum: &str, sh_r: &str, sh_nkey: &str, sh_aux: &str) -> String {
+/// `{p}_total` (f64) = the first `{n}` sorted candidates' sum as the host's draw takes it: blocks
+/// of 256 each in 8 running sums over their whole chunks of 8 then the rest (`block_sum`), into
+/// `%sh_bsum`, the blocks added in order; `{p}_blocks` of them.
+fn sorted_blocks(n: &str, p: &str, sh_bsum: &str, sh_nkey: &str) -> String {
+    let lane_names: Vec<String> = (0..LANES).map(|j| format!("{p}_l{j}")).collect();
     let mut lanes = String::new();
-    let lane_names: Vec<String> = (0..LANES).map(|j| format!("%l{j}")).collect();
     for j in 0..LANES {
         let _ = write!(
             lanes,
-            "%o{j} = arith.constant {j} : index
-%e{j} = arith.addi %ebase, %o{j} : index
-%k{j} = memref.load %sh_nkey[%e{j}] : {sh_nkey}
-{w}%n{j} = arith.addf {lane}, %wd{j} : f64
+            "{p}_o{j} = arith.constant {j} : index
+{p}_e{j} = arith.addi {p}_ebase, {p}_o{j} : index
+{p}_k{j} = memref.load %sh_nkey[{p}_e{j}] : {sh_nkey}
+{w}{p}_n{j} = arith.addf {lane}, {p}_wd{j} : f64
 ",
-            w = key_weight(&format!("%k{j}"), &format!("%wd{j}")),
+            w = key_weight(&format!("{p}_k{j}"), &format!("{p}_wd{j}")),
             lane = lane_names[j],
         );
     }
-    let new_lanes: Vec<String> = (0..LANES).map(|j| format!("%n{j}")).collect();
     let mut fold = String::new();
     for j in 0..LANES {
-        let prev = if j == 0 { "%zd".to_string() } else { format!("%f{}", j - 1) };
-        let _ = writeln!(fold, "%f{j} = arith.addf {prev}, %ls#{j} : f64");
+        let prev = if j == 0 { "%zd".to_string() } else { format!("{p}_f{}", j - 1) };
+        let _ = writeln!(fold, "{p}_f{j} = arith.addf {prev}, {p}_ls#{j} : f64");
     }
     let lanes_ty = vec!["f64"; LANES].join(", ");
+    format!(
+        "{p}_up = arith.addi {n}, %cBlk : index
+{p}_up1 = arith.subi {p}_up, %c1 : index
+{p}_blocks = arith.divui {p}_up1, %cBlk : index
+{p}_total = scf.for {p}_b = %c0 to {p}_blocks step %c1 iter_args({p}_tacc = %zd) -> (f64) {{
+  {p}_start = arith.muli {p}_b, %cBlk : index
+  {p}_end0 = arith.addi {p}_start, %cBlk : index
+  {p}_end = arith.minui {p}_end0, {n} : index
+  {p}_len = arith.subi {p}_end, {p}_start : index
+  {p}_full = arith.divui {p}_len, %cLanes : index
+  {p}_ls:{LANES} = scf.for {p}_c = %c0 to {p}_full step %c1 iter_args({lane_args}) -> ({lanes_ty}) {{
+    {p}_coff = arith.muli {p}_c, %cLanes : index
+    {p}_ebase = arith.addi {p}_start, {p}_coff : index
+{lanes}    scf.yield {new_lanes} : {lanes_ty}
+  }}
+{fold}  {p}_whole = arith.muli {p}_full, %cLanes : index
+  {p}_rest0 = arith.addi {p}_start, {p}_whole : index
+  {p}_bs = scf.for {p}_i = {p}_rest0 to {p}_end step %c1 iter_args({p}_racc = {p}_f{last}) -> (f64) {{
+    {p}_key = memref.load %sh_nkey[{p}_i] : {sh_nkey}
+{wr}    {p}_nr = arith.addf {p}_racc, {p}_wr : f64
+    scf.yield {p}_nr : f64
+  }}
+  memref.store {p}_bs, %sh_bsum[{p}_b] : {sh_bsum}
+  {p}_nt = arith.addf {p}_tacc, {p}_bs : f64
+  scf.yield {p}_nt : f64
+}}
+",
+        lane_args = lane_names.iter().map(|l| format!("{l} = %zd")).collect::<Vec<_>>().join(", "),
+        lanes = indent4(&lanes),
+        new_lanes = (0..LANES).map(|j| format!("{p}_n{j}")).collect::<Vec<_>>().join(", "),
+        fold = indent2(&fold),
+        last = LANES - 1,
+        wr = indent4(&key_weight(&format!("{p}_key"), &format!("{p}_wr"))),
+    )
+}
+
+/// Thread 0 of a row whose candidates are sorted: the list the host draws from — the top k (with
+/// top-k), then of those (or of all) the nucleus, the most probable first while their sum in that
+/// order falls short of top-p of theirs (with top-k: of the k's draw total; else of the row's, as
+/// the share phase took it), and the one that reaches it (never reached: the k whole; without
+/// top-k, the host's row) — then the host's draw over it (`draw_at`): its blocks summed
+/// ([`sorted_blocks`]), `r = u * total`, blocks passed while `r` reaches their sum, the block it
+/// falls in walked; the list's last token where it runs past.
+fn nucleus_draw(values: &str, sh_bsum: &str, sh_r: &str, sh_nkey: &str, sh_aux: &str) -> String {
     format!(
         "{values}{go}%first = arith.cmpi eq, %tid, %c0 : index
 %draw = arith.andi %go, %first : i1
@@ -802,60 +854,49 @@ scf.if %draw {{
   %cCountD = arith.constant {AUX_COUNT} : index
   %count32 = memref.load %sh_aux[%cCountD] : {sh_aux}
   %count = arith.index_cast %count32 : i32 to index
-  %want = memref.load %sh_r[%c0] : {sh_r}
+  %k_ix = arith.index_cast %topk : i32 to index
+  %list = arith.select %kact, %k_ix, %count : index
+  %row_want = memref.load %sh_r[%c0] : {sh_r}
+  // With top-k and top-p: the share of the k's own draw total.
+  %kwant = scf.if %kact -> (f64) {{
+{k_total}    %pd = arith.extf %topp : f32 to f64
+    %kw = arith.mulf %pd, %kt_total : f64
+    scf.yield %kw : f64
+  }} else {{
+    scf.yield %row_want : f64
+  }}
   %unset = arith.constant -1 : index
   %true = arith.constant true
-  // The nucleus: the first n candidates whose sum reaches the share.
-  %nset:2 = scf.for %i = %c0 to %count step %c1 iter_args(%acc = %zd, %n = %unset) -> (f64, index) {{
+  %ones = arith.constant 4294967295 : i64
+  %nset:2 = scf.for %i = %c0 to %list step %c1 iter_args(%acc = %zd, %n = %unset) -> (f64, index) {{
     %key = memref.load %sh_nkey[%i] : {sh_nkey}
 {wi}    %open = arith.cmpi eq, %n, %unset : index
     %sum = arith.addf %acc, %wdi : f64
-    %reach = arith.cmpf oge, %sum, %want : f64
+    %reach = arith.cmpf oge, %sum, %kwant : f64
     %now = arith.andi %open, %reach : i1
     %i1 = arith.addi %i, %c1 : index
     %nn = arith.select %now, %i1, %n : index
     %nacc = arith.select %open, %sum, %acc : f64
     scf.yield %nacc, %nn : f64, index
   }}
-  %short = arith.cmpi eq, %nset#1, %unset : index
-  scf.if %short {{
+  %never = arith.cmpi eq, %nset#1, %unset : index
+  // Top-p 1 (top-k alone): the list whole; never reached with top-k: the k whole.
+  %n_list = arith.select %never, %list, %nset#1 : index
+  %n_p = arith.select %below_one, %n_list, %list : index
+  %short = arith.andi %never, %below_one : i1
+  %not_k = arith.xori %kact, %true : i1
+  %to_host = arith.andi %short, %not_k : i1
+  scf.if %to_host {{
     %host = arith.constant {host} : i32
     memref.store %host, %idx[%row] : memref<?xi32>
   }} else {{
-    %n = arith.addi %nset#1, %c0 : index
-    // Its blocks' sums (the host's block_sum: 8 running sums over whole chunks, then the rest),
-    // the total.
-    %nblocks_up = arith.addi %n, %cBlk : index
-    %nblocks_up1 = arith.subi %nblocks_up, %c1 : index
-    %nblocks = arith.divui %nblocks_up1, %cBlk : index
-    %total = scf.for %b = %c0 to %nblocks step %c1 iter_args(%tacc = %zd) -> (f64) {{
-      %start = arith.muli %b, %cBlk : index
-      %end0 = arith.addi %start, %cBlk : index
-      %end = arith.minui %end0, %n : index
-      %len = arith.subi %end, %start : index
-      %full = arith.divui %len, %cLanes : index
-      %ls:{LANES} = scf.for %c = %c0 to %full step %c1 iter_args({lane_args}) -> ({lanes_ty}) {{
-        %coff = arith.muli %c, %cLanes : index
-        %ebase = arith.addi %start, %coff : index
-{lanes}        scf.yield {new_lanes} : {lanes_ty}
-      }}
-{fold}      %whole = arith.muli %full, %cLanes : index
-      %rest0 = arith.addi %start, %whole : index
-      %bs = scf.for %i = %rest0 to %end step %c1 iter_args(%racc = %f{last}) -> (f64) {{
-        %key = memref.load %sh_nkey[%i] : {sh_nkey}
-{wi2}        %nr = arith.addf %racc, %wdi : f64
-        scf.yield %nr : f64
-      }}
-      memref.store %bs, %sh_bsum[%b] : {sh_bsum}
-      %nt = arith.addf %tacc, %bs : f64
-      scf.yield %nt : f64
-    }}
+    %n = arith.addi %n_p, %c0 : index
+{n_total}    %nblocks = arith.addi %nt_blocks, %c0 : index
     %ub = memref.load %uniform[%row] : memref<?xi64>
     %u = arith.bitcast %ub : i64 to f64
-    %r0 = arith.mulf %u, %total : f64
+    %r0 = arith.mulf %u, %nt_total : f64
     %none = arith.constant -1 : i32
     %c0_n = arith.constant 0 : i32
-    %ones = arith.constant 4294967295 : i64
     %walk:3 = scf.while (%b = %c0, %r = %r0, %f = %none) : (index, f64, i32) -> (index, f64, i32) {{
       %inb = arith.cmpi ult, %b, %nblocks : index
       %open = arith.cmpi slt, %f, %c0_n : i32
@@ -890,7 +931,7 @@ scf.if %draw {{
       %nb = arith.addi %b, %c1 : index
       scf.yield %nb, %res#0, %res#1 : index, f64, i32
     }}
-    // Past the nucleus's end: its last token.
+    // Past the list's end: its last token.
     %lastn = arith.subi %n, %c1 : index
     %lastk = memref.load %sh_nkey[%lastn] : {sh_nkey}
 {last_id}    %found = arith.cmpi sge, %walk#2, %c0_n : i32
@@ -899,18 +940,15 @@ scf.if %draw {{
   }}
 }}
 ",
+        values = values.to_string(),
         go = nucleus_go(sh_aux),
         host = v3c_runtime::lowering::SAMPLE_ON_HOST,
         wi = indent4(&key_weight("%key", "%wdi")),
-        wi2 = indent4(&indent4(&key_weight("%key", "%wdi"))),
+        k_total = indent4(&sorted_blocks("%k_ix", "%kt", sh_bsum, sh_nkey)),
+        n_total = indent4(&sorted_blocks("%n", "%nt", sh_bsum, sh_nkey)),
         wi3 = indent4(&indent6(&key_weight_f32("%key", "%wf"))),
         id = indent4(&indent6(&key_column("%key", "%id"))),
         last_id = indent4(&key_column("%lastk", "%lastid")),
-        lanes = indent4(&indent4(&lanes)),
-        lane_args = lane_names.iter().map(|l| format!("{l} = %zd")).collect::<Vec<_>>().join(", "),
-        new_lanes = new_lanes.join(", "),
-        fold = indent6(&fold),
-        last = LANES - 1,
     )
 }
 
@@ -1013,7 +1051,7 @@ mod tests {
                 .map(|r| {
                     let w = self.draws[r];
                     if w.temperature > 0.0 {
-                        draw_plain(&self.x[r * d..(r + 1) * d], w.temperature, w.top_p, w.uniform) as i32
+                        draw_plain(&self.x[r * d..(r + 1) * d], &w) as i32
                     } else {
                         -1
                     }
@@ -1021,30 +1059,53 @@ mod tests {
                 .collect()
         }
 
-        /// The host's top-p nucleus of row `r` (its number of tokens).
+        /// A top-k row's candidates as the kernel takes them: the weights in the k-th largest's bin
+        /// (its bits' top 12) or above (0 for other rows).
+        fn top_k_candidates(&self, r: usize) -> usize {
+            let (w, row) = (self.draws[r], &self.x[r * self.d..(r + 1) * self.d]);
+            if w.top_k == 0 || w.top_k as usize >= self.d {
+                return 0;
+            }
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            let mut bins: Vec<u32> =
+                row.iter().map(|&l| v3c_models::sampling::exp((l - max) / w.temperature).to_bits() >> 20).collect();
+            bins.sort_unstable_by(|a, b| b.cmp(a));
+            let kth = bins[w.top_k as usize - 1];
+            bins.iter().filter(|&&b| b >= kth).count()
+        }
+
+        /// Whether row `r` draws from a sorted list (top-p below 1, or a top-k below the row's width).
+        fn sorted(&self, r: usize) -> bool {
+            let w = self.draws[r];
+            w.top_p < 1.0 || (w.top_k > 0 && (w.top_k as usize) < self.d)
+        }
+
+        /// The host's list of row `r`'s sorted draw, top-k then top-p (its number of tokens).
         fn nucleus(&self, r: usize) -> usize {
             let w = self.draws[r];
-            let sampler = v3c_models::reference::Sampler::new(w.temperature, w.top_p, 0);
+            let shaping = v3c_models::sampling::Shaping { top_k: w.top_k as usize, ..Default::default() };
+            let sampler = v3c_models::reference::Sampler::new(w.temperature, w.top_p, 0).shaped(shaping);
             sampler.distribution(&self.x[r * self.d..(r + 1) * self.d]).len()
         }
 
-        /// `got` against the host's tokens: equal, but where the kernel left a top-p row to the host
-        /// (then its nucleus need not fit the kernel's cap, or its weights hold a NaN); rows the
-        /// kernel must draw itself (`drawn`: top-p rows whose nucleus is at most 64 tokens) drawn.
-        /// The rows left to the host, and the top-p rows the kernel drew.
+        /// `got` against the host's tokens: equal, but where the kernel left a top-p or top-k row to
+        /// the host (then its list need not fit the kernel's cap, or its weights hold a NaN); rows
+        /// the kernel must draw itself (those whose list is at most 64 tokens) drawn. The rows left
+        /// to the host, and the top-p or top-k rows the kernel drew.
         fn check(&self, got: &[i32], name: &str) -> (usize, usize) {
             let want = self.want();
             let (mut left, mut drawn) = (0, 0);
             for r in 0..self.rows() {
-                if got[r] == SAMPLE_ON_HOST && self.draws[r].top_p < 1.0 {
+                if got[r] == SAMPLE_ON_HOST && self.sorted(r) {
                     let n = self.nucleus(r);
                     let nan = self.x[r * self.d..(r + 1) * self.d].iter().any(|v| v.is_nan());
-                    assert!(nan || n > 64, "{name}: row {r} (a nucleus of {n}) left to the host");
+                    let crowded = self.top_k_candidates(r) > nucleus_cap(self.d);
+                    assert!(nan || n > 64 || crowded, "{name}: row {r} (a list of {n}) left to the host");
                     left += 1;
                     continue;
                 }
                 assert_eq!(got[r], want[r], "{name}: row {r} ({:?})", self.draws[r]);
-                drawn += usize::from(self.draws[r].top_p < 1.0 && self.draws[r].temperature > 0.0);
+                drawn += usize::from(self.sorted(r) && self.draws[r].temperature > 0.0);
             }
             (left, drawn)
         }
@@ -1056,12 +1117,14 @@ mod tests {
             let mut x = placed(&self.x, shift);
             let mut t: Vec<f32> = self.draws.iter().map(|d| d.temperature).collect();
             let mut p: Vec<f32> = self.draws.iter().map(|d| d.top_p).collect();
+            let mut k: Vec<i32> = self.draws.iter().map(|d| d.top_k as i32).collect();
             let mut u: Vec<i64> = self.draws.iter().map(|d| d.uniform.to_bits() as i64).collect();
             let mut idx = vec![i32::MIN; rows];
             let buffers = [
                 raw(x.slice(), &[rows, self.d], "f32"),
                 raw(&mut t, &[rows], "f32"),
                 raw(&mut p, &[rows], "f32"),
+                raw(&mut k, &[rows], "i32"),
                 raw(&mut u, &[rows], "i64"),
                 raw(&mut idx, &[rows], "i32"),
             ];
@@ -1087,7 +1150,7 @@ mod tests {
         let mut row = |logits: Vec<f32>, t: f32, u: f64| {
             assert_eq!(logits.len(), d);
             x.extend(logits);
-            draws.push(Draw { temperature: t, top_p: 1.0, uniform: u });
+            draws.push(Draw { temperature: t, top_p: 1.0, top_k: 0, uniform: u });
         };
         let us = values(16, seed, 1.0);
         for (k, &v) in us.iter().enumerate() {
@@ -1125,10 +1188,11 @@ mod tests {
         row(base, -1.0, 0.5);
         // Top-p: peaked rows (a few tokens to a few hundred in the nucleus) at several shares and
         // draws, a flat row (most of the row in it), a NaN (the host's), temperature 0 (greedy).
-        let mut nucleus = |logits: Vec<f32>, t: f32, top_p: f32, u: f64| {
+        let mut sorted = |logits: Vec<f32>, t: f32, top_p: f32, top_k: u32, u: f64| {
             x.extend(logits);
-            draws.push(Draw { temperature: t, top_p, uniform: u });
+            draws.push(Draw { temperature: t, top_p, top_k, uniform: u });
         };
+        let mut nucleus = |logits: Vec<f32>, t: f32, top_p: f32, u: f64| sorted(logits, t, top_p, 0, u);
         // A spread of logits with a few standing out, as a language model's: nuclei of a token to
         // a few hundred.
         let spiked = |spikes: usize, salt: u64| {
@@ -1151,7 +1215,17 @@ mod tests {
         let mut nan = spiked(6, 98);
         nan[d / 3] = f32::NAN;
         nucleus(nan, 1.0, 0.9, 0.4);
-        nucleus(peaked, 0.0, 0.9, 0.4);
+        nucleus(peaked.clone(), 0.0, 0.9, 0.4);
+        // Top-k, alone and with top-p; a k of the row's width or more is none (every token
+        // weighed); spread rows (ties in the weights' bins past the k-th).
+        for (k, &v) in values(8, seed + 40, 1.0).iter().enumerate() {
+            let top_k = [1u32, 5, 50, 300][k % 4];
+            let top_p = [1.0f32, 0.9][k / 4];
+            let logits = if k % 2 == 0 { spiked(40, 60 + k as u64) } else { values(d, seed + 60 + k as u64, 3.0) };
+            sorted(logits, 0.8, top_p, top_k, f64::from(v) + 0.5);
+        }
+        sorted(peaked.clone(), 1.0, 1.0, d as u32, 0.7);
+        sorted(peaked, 1.0, 0.9, u32::MAX, 0.7);
         Case { d, x, draws }
     }
 
@@ -1172,7 +1246,7 @@ mod tests {
             // as `check` allows).
             let cap = nucleus_cap(d);
             let must = (0..case.rows())
-                .filter(|&r| case.draws[r].top_p < 1.0 && case.draws[r].temperature > 0.0)
+                .filter(|&r| case.sorted(r) && case.draws[r].temperature > 0.0)
                 .filter(|&r| case.x[r * d..(r + 1) * d].iter().any(|v| v.is_nan()) || case.nucleus(r) > cap)
                 .count();
             assert!(must >= 1 && left >= must, "{}: {left} rows left to the host, {must} must", kernel.kernel_name());
@@ -1201,28 +1275,33 @@ mod tests {
             }
         }
         if std::env::var("V3C_SAMPLE_STATS").is_ok() {
-            // One row of DeepSeek-V3's vocabulary: every token weighed, then a peaked top-p row.
+            // One row of DeepSeek-V3's vocabulary: every token weighed, a peaked top-p row, a top-k
+            // 50 row.
             let (d, case) = (129_280, case(129_280, 13));
             let kernel = RowKernel::new(RowOp::Sample, d, "f32");
             let peaked = case.draws.iter().position(|w| w.top_p < 1.0).unwrap();
-            for r in [0, peaked] {
+            let top_k = case.draws.iter().position(|w| w.top_k == 50).unwrap();
+            for r in [0, peaked, top_k] {
                 let w = case.draws[r];
                 let mut x = case.x[r * d..(r + 1) * d].to_vec();
-                let (mut t, mut p) = (vec![w.temperature], vec![w.top_p]);
+                let (mut t, mut p, mut k) = (vec![w.temperature], vec![w.top_p], vec![w.top_k as i32]);
                 let (mut u, mut idx) = (vec![w.uniform.to_bits() as i64], vec![0i32]);
                 let buffers = [
                     raw(&mut x, &[1, d], "f32"),
                     raw(&mut t, &[1], "f32"),
                     raw(&mut p, &[1], "f32"),
+                    raw(&mut k, &[1], "i32"),
                     raw(&mut u, &[1], "i64"),
                     raw(&mut idx, &[1], "i32"),
                 ];
                 let stats = run_simulated(&kernel, &buffers, 1);
                 eprintln!(
-                    "{} top-p {} (nucleus {}): {} instructions, {} longest thread, {} load rounds",
+                    "{} top-p {} top-k {} (list {}, got {}): {} instructions, {} longest thread, {} load rounds",
                     kernel.kernel_name(),
                     w.top_p,
+                    w.top_k,
                     case.nucleus(r),
+                    idx[0],
                     stats.instructions,
                     stats.longest_thread,
                     stats.load_rounds
