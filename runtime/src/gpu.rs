@@ -180,48 +180,39 @@ impl<'a> Expander<'a> {
     /// The launch of the artifact's argmax kernel over `logits` (`[rows, vocab]` f32) into `idx`
     /// (`rows` i32), or None when the artifact has none.
     pub fn argmax_launch(&self, logits: &Buf, idx: u64) -> Result<Option<KernelLaunch>, String> {
-        let Some(kernel) = self.artifact.lowering.as_ref().and_then(|l| l.argmax.as_ref()) else { return Ok(None) };
-        let Some(KernelAbi::Memrefs { ranks }) = self.abis.get(kernel.as_str()) else {
-            return Err(format!("argmax kernel {kernel}: not a row kernel"));
-        };
-        if ranks[..] != [2, 1] {
-            return Err(format!("argmax kernel {kernel}: takes memrefs of ranks {ranks:?}"));
-        }
-        let rows = logits.shape_at_rank(2)?[0];
-        let mut params = memref(logits, 2)?;
-        params.extend(memref(&Buf { addr: idx, shape: vec![rows], element: "i32".into() }, 1)?);
-        let idx = Buf { addr: idx, shape: vec![rows], element: "i32".into() };
-        Ok(Some(KernelLaunch {
-            kernel: kernel.clone(),
-            grid: rows,
-            grid_y: 1,
-            params,
-            tensor_maps: Vec::new(),
-            operands: vec![logits.clone(), idx],
-        }))
+        let kernel = self.artifact.lowering.as_ref().and_then(|l| l.argmax.as_ref());
+        self.pick_launch("argmax kernel", kernel, logits, &[(idx, "i32")])
     }
 
     /// The launch of the artifact's sampling kernel over `logits` (`[rows, vocab]` f32), with its
     /// draws at `[temperature, top_p, top_k, uniform]` (`rows` f32, f32, i32 and f64 bits as i64
     /// each), into `idx` (`rows` i32), or None when the artifact has none.
     pub fn sample_launch(&self, logits: &Buf, draws: [u64; 4], idx: u64) -> Result<Option<KernelLaunch>, String> {
-        let Some(kernel) = self.artifact.lowering.as_ref().and_then(|l| l.sample.as_ref()) else { return Ok(None) };
+        let kernel = self.artifact.lowering.as_ref().and_then(|l| l.sample.as_ref());
+        let [temperature, top_p, top_k, uniform] = draws;
+        let per_row = [(temperature, "f32"), (top_p, "f32"), (top_k, "i32"), (uniform, "i64"), (idx, "i32")];
+        self.pick_launch("sampling kernel", kernel, logits, &per_row)
+    }
+
+    /// The launch of a row kernel picking tokens (`what`, `kernel` if the artifact has it) over
+    /// `logits` and a vector of `rows` elements at each of `per_row` (address, element type).
+    fn pick_launch(
+        &self,
+        what: &str,
+        kernel: Option<&String>,
+        logits: &Buf,
+        per_row: &[(u64, &'static str)],
+    ) -> Result<Option<KernelLaunch>, String> {
+        let Some(kernel) = kernel else { return Ok(None) };
         let Some(KernelAbi::Memrefs { ranks }) = self.abis.get(kernel.as_str()) else {
-            return Err(format!("sampling kernel {kernel}: not a row kernel"));
+            return Err(format!("{what} {kernel}: not a row kernel"));
         };
-        if ranks[..] != [2, 1, 1, 1, 1, 1] {
-            return Err(format!("sampling kernel {kernel}: takes memrefs of ranks {ranks:?}"));
+        if ranks.len() != 1 + per_row.len() || ranks[0] != 2 || ranks[1..].iter().any(|&r| r != 1) {
+            return Err(format!("{what} {kernel}: takes memrefs of ranks {ranks:?}"));
         }
         let rows = logits.shape_at_rank(2)?[0];
-        let per_row = |addr: u64, element: &'static str| Buf { addr, shape: vec![rows], element };
-        let [temperature, top_p, top_k, uniform] = draws;
-        let operands = [
-            per_row(temperature, "f32"),
-            per_row(top_p, "f32"),
-            per_row(top_k, "i32"),
-            per_row(uniform, "i64"),
-            per_row(idx, "i32"),
-        ];
+        let operands: Vec<Buf> =
+            per_row.iter().map(|&(addr, element)| Buf { addr, shape: vec![rows], element }).collect();
         let mut params = memref(logits, 2)?;
         for b in &operands {
             params.extend(memref(b, 1)?);
