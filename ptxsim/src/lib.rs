@@ -386,6 +386,24 @@ $L__end:
         assert!(e.contains("misaligned address: a 8-byte access"), "{e}");
     }
 
+    /// Runs kernel `text`'s one entry on one block of `threads` threads, its one parameter `out`.
+    fn run_on_one_block(text: &str, threads: u32, out: u64) {
+        let module = Module::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let params = [out];
+        let launch = Launch {
+            grid: [1, 1],
+            threads,
+            dynamic_shared: 0,
+            params: &params,
+            tensor_maps: &[],
+            regions: None,
+            max_instructions: 10_000,
+            checks: Checks::default(),
+        };
+        // SAFETY: the one parameter is the caller's live output, large enough for what it stores.
+        unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Shared-memory atomics of 64 threads: f64 adds (64 of 0.25 make 16) and an unsigned maximum.
     #[test]
     fn shared_atomics_add_doubles_and_take_maxima() {
@@ -396,21 +414,8 @@ $L__end:
                     \tatom.shared.add.f64 %fd2, [sum], %fd1;\n\tatom.shared.max.u32 %r2, [most], %r1;\n\tbar.sync 0;\n\
                     \tsetp.ne.s32 %p1, %r1, 0;\n\t@%p1 bra $L_end;\n\tld.shared.f64 %fd2, [sum];\n\tld.shared.u32 %r3, [most];\n\
                     \tst.global.f64 [%rd1], %fd2;\n\tst.global.u32 [%rd1+8], %r3;\n$L_end:\n\tret;\n}";
-        let module = Module::parse(text).unwrap_or_else(|e| panic!("{e}"));
         let mut out = [0u64; 2];
-        let params = [out.as_mut_ptr() as u64];
-        let launch = Launch {
-            grid: [1, 1],
-            threads: 64,
-            dynamic_shared: 0,
-            params: &params,
-            tensor_maps: &[],
-            regions: None,
-            max_instructions: 10_000,
-            checks: Checks::default(),
-        };
-        // SAFETY: the one parameter is the live output (16 bytes).
-        unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+        run_on_one_block(text, 64, out.as_mut_ptr() as u64);
         assert_eq!(f64::from_bits(out[0]), 16.0, "64 adds of 0.25 in f64");
         assert_eq!(out[1] as u32, 63, "the largest id");
     }
@@ -425,21 +430,8 @@ $L__end:
                  \tld.param.b64 %rd1, [k_param_0];\n\tmov.b32 %r1, {a};\n\tmov.b32 %r2, {b};\n\tmov.b32 %r3, {c};\n\
                  \tmov.b32 %f1, %r1;\n\tmov.b32 %f2, %r2;\n\t{ins};\n\tst.global.b32 [%rd1], %r4;\n\tret;\n}}"
             );
-            let module = Module::parse(&text).unwrap_or_else(|e| panic!("{e}"));
             let mut out = [0u32; 1];
-            let params = [out.as_mut_ptr() as u64];
-            let launch = Launch {
-                grid: [1, 1],
-                threads: 1,
-                dynamic_shared: 0,
-                params: &params,
-                tensor_maps: &[],
-                regions: None,
-                max_instructions: 100,
-                checks: Checks::default(),
-            };
-            // SAFETY: the one parameter is the live output.
-            unsafe { run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"));
+            run_on_one_block(&text, 1, out.as_mut_ptr() as u64);
             out[0]
         };
         let shf =
