@@ -899,6 +899,44 @@ fn nucleus_by_bins(weights: &[f32], want: f64) -> Option<Vec<(u32, f32)>> {
 mod tests {
     use super::*;
 
+    /// What a device draws with a sampler's `device_draw` (`draw_plain`) is the token the sampler
+    /// itself samples from the same row with the same stream: every token weighed, top-p, top-k,
+    /// both, and a top-k of the row's width or more (none); min-p and penalties draw nothing.
+    #[test]
+    fn device_draws_are_the_samplers_own_picks() {
+        let n = 3000;
+        for (r, (t, top_p, top_k)) in [
+            (0.7, 1.0, 0),
+            (1.0, 0.9, 0),
+            (0.5, 0.95, 0),
+            (0.8, 1.0, 40),
+            (1.2, 0.8, 200),
+            (1.0, 1.0, n),
+            (1.0, 0.9, n + 5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let row: Vec<f32> = (0..n).map(|j| ((j * 7919 + r * 104_729) % 1009) as f32 / 60.0).collect();
+            let shaping = Shaping { top_k, ..Shaping::default() };
+            let mut own = Sampler::new(t, top_p, 17 + r as u64).shaped(shaping);
+            let mut device = own.clone();
+            let mut picks = std::collections::HashSet::new();
+            for _ in 0..20 {
+                let token = draw_plain(&row, &device.device_draw().expect("drawable"));
+                device.note(token);
+                assert_eq!(token, own.sample(&row), "t {t} top-p {top_p} top-k {top_k}");
+                picks.insert(token);
+            }
+            assert!(picks.len() > 1, "the draws vary");
+        }
+        let min_p = Sampler::new(1.0, 1.0, 0).shaped(Shaping { min_p: 0.1, ..Shaping::default() });
+        let penalty = Sampler::new(1.0, 1.0, 0).shaped(Shaping { presence_penalty: 0.5, ..Shaping::default() });
+        for mut s in [min_p, penalty, Sampler::new(0.0, 1.0, 0)] {
+            assert!(s.device_draw().is_none());
+        }
+    }
+
     /// The largest value, 8 lanes at a time, is the in-order fold of `f32::max` (NaNs passed over,
     /// -inf for no values or all NaN); a draw walking blocks' sums picks the token the in-order
     /// walk does (never a zero weight; the last token when the draw runs past the end).
