@@ -31,7 +31,7 @@ use super::{aligned, indent2, indent4, indent6, tree_phases, Lowering, RowKernel
 /// The running sums a block's weights are added in (the host's `weight_sum`).
 const LANES: usize = 8;
 
-const _: () = assert!(DRAW_BLOCK % (UNROLL * VEC) == 0 && (UNROLL * VEC) % LANES == 0);
+const _: () = assert!(DRAW_BLOCK.is_multiple_of(UNROLL * VEC) && (UNROLL * VEC).is_multiple_of(LANES));
 
 /// The shared arrays (the 8-byte ones first: nothing pads them): every block's sum (then the
 /// nucleus's blocks'); what is left of the draw in the drawn block (top-p: the share to reach);
@@ -354,7 +354,7 @@ memref.store %n, %sh_max[%tid] : {sh_max}"
     // Every block's sum, a thread's: its LANES running sums over its whole chunks of 8 in order
     // (where wide and the block whole, UNROLL chunks of 4 columns a step, loaded first), the lanes
     // added in order, then its columns past its whole chunks.
-    let lanes_ty = vec!["f64"; LANES].join(", ");
+    let lanes_ty = ["f64"; LANES].join(", ");
     let lanes_in: Vec<String> = (0..LANES).map(|j| format!("%l{j}")).collect();
     // The weights of `logits` (SSA names, in column order) added in order, the k-th into lane
     // k % LANES (from the lanes `%l0..`): the text and the lanes' new names.
@@ -785,7 +785,7 @@ fn bitonic_phases(cap: usize, sh_nkey: &str, sh_aux: &str) -> Vec<String> {
 fn sorted_blocks(n: &str, p: &str, sh_bsum: &str, sh_nkey: &str) -> String {
     let lane_names: Vec<String> = (0..LANES).map(|j| format!("{p}_l{j}")).collect();
     let mut lanes = String::new();
-    for j in 0..LANES {
+    for (j, lane) in lane_names.iter().enumerate() {
         let _ = write!(
             lanes,
             "{p}_o{j} = arith.constant {j} : index
@@ -794,7 +794,6 @@ fn sorted_blocks(n: &str, p: &str, sh_bsum: &str, sh_nkey: &str) -> String {
 {w}{p}_n{j} = arith.addf {lane}, {p}_wd{j} : f64
 ",
             w = key_weight(&format!("{p}_k{j}"), &format!("{p}_wd{j}")),
-            lane = lane_names[j],
         );
     }
     let mut fold = String::new();
@@ -802,7 +801,7 @@ fn sorted_blocks(n: &str, p: &str, sh_bsum: &str, sh_nkey: &str) -> String {
         let prev = if j == 0 { "%zd".to_string() } else { format!("{p}_f{}", j - 1) };
         let _ = writeln!(fold, "{p}_f{j} = arith.addf {prev}, {p}_ls#{j} : f64");
     }
-    let lanes_ty = vec!["f64"; LANES].join(", ");
+    let lanes_ty = ["f64"; LANES].join(", ");
     format!(
         "{p}_up = arith.addi {n}, %cBlk : index
 {p}_up1 = arith.subi {p}_up, %c1 : index
@@ -940,7 +939,6 @@ scf.if %draw {{
   }}
 }}
 ",
-        values = values.to_string(),
         go = nucleus_go(sh_aux),
         host = v3c_runtime::lowering::SAMPLE_ON_HOST,
         wi = indent4(&key_weight("%key", "%wdi")),
