@@ -411,14 +411,16 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     row "3. speculative sampling" "FAILED" "v3r run --speculative --temperature failed (check.log)"
   fi
   # Sampling on the device (rows_sample_*, the host sampler's draws bit for bit): two prompts as a
-  # batch at --temperature 0.8, every token weighed, then top-p 0.9, then top-k 20 with top-p 0.9, the
-  # tokens drawn on the device against those drawn on the host from the logits read back
-  # (--pick-on-host): the same logits, so the same tokens.
-  for shape in "every" "p0.9" "k20p0.9"; do
+  # batch at --temperature 0.8, every token weighed, then top-p 0.9, then top-k 20 with top-p 0.9, then
+  # min-p 0.05 alone and with top-p 0.9, the tokens drawn on the device against those drawn on the host
+  # from the logits read back (--pick-on-host): the same logits, so the same tokens.
+  for shape in "every" "p0.9" "k20p0.9" "m0.05" "p0.9m0.05"; do
     case "$shape" in
       every) flags=() ;;
       p0.9) flags=(--top-p 0.9) ;;
-      *) flags=(--top-k 20 --top-p 0.9) ;;
+      k20p0.9) flags=(--top-k 20 --top-p 0.9) ;;
+      m0.05) flags=(--min-p 0.05) ;;
+      *) flags=(--top-p 0.9 --min-p 0.05) ;;
     esac
     name="3. sampled on the device, $shape" file="$out/e2e_sampled_$shape"
     sampled=(run "$e2e/sm90" --weights "$e2e/ckpt" --prompt-tokens "$(cat "$e2e/prompt1.txt")"

@@ -32,8 +32,9 @@ Kernel ABI (compiler/src/conversion/sm90/rows.rs, `RowKernel::arguments`), each 
   rows_mlaqueries_h<H>_n<N>_r<R>_t<T>: q_nope [rows, H, N], q_pe [rows, H, R], q [H rows, N + R] (bf16)
   rows_argmax_d<D>_t<T>: x [rows, D] (f32), idx [rows] (i32): f32 total order, ties to the lower index
   rows_sample_d<D>_t<T>: x [rows, D] (f32), temperature [rows], top_p [rows] (f32), top_k [rows] (i32, 0: none),
-      uniform [rows] (i64: an f64 draw's bits), idx [rows] (i32): the host sampler's draw (models/src/sampling.rs,
-      `draw_plain`: every token weighed, else over the top k and/or the top-p nucleus), exactly: its exp
+      min_p [rows] (f32, 0: none), uniform [rows] (i64: an f64 draw's bits), idx [rows] (i32): the host sampler's
+      draw (models/src/sampling.rs, `draw_plain`: every token weighed, else over the top k and/or the top-p
+      nucleus and/or the tokens of at least min-p of the largest weight), exactly: its exp
       polynomial in f32, its f64 sums in its order (`sample_reference`); -1 where the temperature is not above
       0; -2 where the kernel leaves a row to the host (more than its 2048 candidates, or a NaN weight)
   rows_routelogits_<w>_d<D>_e<E>_t<T>[_b<B>]: x [rows, D], gate [E, D], then parts [rows, 16 E]: per split s of
@@ -424,17 +425,21 @@ def problem(cfg, rows, device, seed=0):
         t = torch.tensor([0.7, 1.0, 0.3, 1.5, 0.0])[torch.arange(rows) % 5]
         p = torch.ones(rows)
         k = torch.zeros(rows, dtype=torch.int32)
+        m = torch.zeros(rows)
         for r in range(1, rows, 2):
             p[r] = [0.9, 0.95, 0.5, 1.0][r // 2 % 4]
             k[r] = [0, 0, 50, 5, 1, 0][r // 2 % 6]
+            m[r] = [0.0, 0.1, 0.0, 0.05, 0.3][r // 2 % 5]
             spikes = torch.randint(0, d, ([1, 6, 40, 300][r // 2 % 4],), generator=gen)
             x[r, spikes] += 12.0 + torch.rand(len(spikes), generator=gen) * 4
+        # Min-p alone on every third even row (its tokens in id order).
+        m[2::6] = 0.1
         u = torch.rand(rows, generator=gen, dtype=torch.float64)
         u[0] = 0.0
         if rows > 1:
             u[1] = 1.0 - 2.0 ** -53
         return {"x": x.to(device), "temperature": t.to(device), "top_p": p.to(device), "top_k": k.to(device),
-                "uniform": u.view(torch.int64).to(device)}
+                "min_p": m.to(device), "uniform": u.view(torch.int64).to(device)}
     if cfg["op"] == "argmax":
         x = torch.randn(rows, d, generator=gen) * 30
         x[0, 3] = x[0, d - 2] = 1e4  # a tie: the lower index
@@ -543,7 +548,7 @@ def arguments(cfg, inputs, outs):
              "mladecode": ["q_nope", "q_pe", "cache", "positions", "kv_b", "kv_b_scale", "q", "scale"],
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
-             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "top_k", "uniform", "idx"],
+             "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "top_k", "min_p", "uniform", "idx"],
              "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
@@ -604,13 +609,14 @@ def check(cfg, inputs, outs):
         return errors + ([] if torch.equal(outs["scale"], inputs["x_scale"][tok]) else ["gatherfp8: scales differ"])
     if cfg["op"] == "sample":
         want, nuclei = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"], inputs["top_p"],
-                                        inputs["top_k"], nuclei=True)
+                                        inputs["top_k"], inputs["min_p"], nuclei=True)
         got = outs["idx"].cpu().tolist()
         nan = torch.isnan(inputs["x"]).any(dim=1).tolist()
-        # -2: left to the host, only for rows whose list is big, whose top k share their bins with more
-        # than the kernel sorts, or with a NaN.
+        # -2: left to the host, only for rows with a NaN, else for rows whose top k share their bins with
+        # more than the kernel sorts, min-p rows (no top-k) whose weights in min-p's bin or above are more,
+        # or other rows whose list is big.
         bad = [r for r, (a, b) in enumerate(zip(got, want))
-               if a != b and not (a == -2 and (nan[r] or nuclei[r] > 64 or crowded_top_k(inputs, r)))]
+               if a != b and not (a == -2 and (nan[r] or crowded(inputs, r, nuclei[r])))]
         return [f"sample: rows {bad[:8]} differ (got {[got[r] for r in bad[:4]]}, host {[want[r] for r in bad[:4]]})"] if bad else []
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
@@ -810,38 +816,43 @@ def _draw_at(pairs, u):
     return pairs[-1][0] if pairs else 0
 
 
-def crowded_top_k(inputs, r):
-    """Whether row r's top k share their weights' bins (bits' top 12) with more than the 2048 candidates the
-    kernel sorts."""
+def crowded(inputs, r, listed):
+    """Whether the kernel may leave row r (a list of `listed` tokens before min-p) to the host: with a top k,
+    where they share their weights' bins (bits' top 12) with more than the 2048 candidates it sorts; with
+    min-p (no top k), where more weights lie in min-p's bin or above; else where the list is over 64."""
     import numpy as np
     k = int(inputs["top_k"][r])
     d = inputs["x"].shape[1]
-    if not 0 < k < d:
-        return False
+    min_p = np.float32(inputs["min_p"][r].item()) if "min_p" in inputs else np.float32(0)
+    if not 0 < k < d and not min_p > 0:
+        return listed > 64
     row = inputs["x"][r].detach().cpu().numpy().astype(np.float32)
     t = np.float32(inputs["temperature"][r].item())
     with np.errstate(all="ignore"):
         bins = np.sort(exp_host((row - row.max()) / t).view(np.uint32) >> 20)[::-1]
-    return int((bins >= bins[k - 1]).sum()) > min(2048, 1 << (d - 1).bit_length())
+    floor = bins[k - 1] if 0 < k < d else np.array([min_p], dtype=np.float32).view(np.uint32)[0] >> 20
+    return int((bins >= floor).sum()) > min(2048, 1 << (d - 1).bit_length())
 
 
-def sample_reference(x, temperature, uniform, top_p=None, top_k=None, nuclei=False):
+def sample_reference(x, temperature, uniform, top_p=None, top_k=None, min_p=None, nuclei=False):
     """`sampling::draw_plain` of each row (-1 where its temperature is not above 0): the largest logit
     (NaNs passed over), weights exp((l - m) / t) in f32; with every token weighed the draw over them in id
-    order; with a top-k below the row's width, the k most probable (ties: the lower id) and, at top-p below
-    1, of those the nucleus of their own draw total; else the row's nucleus: the tokens most probable first
-    while their f64 sum in that order falls short of top-p times the row's total (its blocks' sums, as the
-    draw takes them), and the one that reaches it (never: the k whole; the row's, -2); the draw over it in
-    that order. With `nuclei`, also each row's list size (0 with every token weighed)."""
+    order; with min-p alone, over those of at least min-p in id order; with a top-k below the row's width,
+    the k most probable (ties: the lower id) and, at top-p below 1, of those the nucleus of their own draw
+    total; else the row's nucleus: the tokens most probable first while their f64 sum in that order falls
+    short of top-p times the row's total (its blocks' sums, as the draw takes them), and the one that
+    reaches it (never: the k whole; the row's, -2); of the list, those of at least min-p; the draw over it
+    in that order. With `nuclei`, also each row's list size before min-p (0 with every token weighed)."""
     import numpy as np
     x = x.detach().cpu().numpy().astype(np.float32)
     ts = temperature.detach().cpu().numpy().astype(np.float32)
     ps = np.ones(len(ts), dtype=np.float32) if top_p is None else top_p.detach().cpu().numpy().astype(np.float32)
     ks = np.zeros(len(ts), dtype=np.int64) if top_k is None else top_k.detach().cpu().numpy().astype(np.int64)
+    ms = np.zeros(len(ts), dtype=np.float32) if min_p is None else min_p.detach().cpu().numpy().astype(np.float32)
     us = uniform.detach().cpu().view(torch.float64).numpy()
     rows, d = x.shape
     out, sizes = [], []
-    for row, t, p, k, u in zip(x, ts, ps, ks, us):
+    for row, t, p, k, mp, u in zip(x, ts, ps, ks, ms, us):
         if not t > 0:
             out.append(-1)
             sizes.append(0)
@@ -851,12 +862,17 @@ def sample_reference(x, temperature, uniform, top_p=None, top_k=None, nuclei=Fal
         with np.errstate(all="ignore"):
             w = exp_host((row - m) / t)
         topk = 0 < k < d
-        if p >= 1 and not topk:
+        if p >= 1 and not topk and not mp > 0:
             out.append(_draw_at(list(enumerate(w.astype(np.float64))), u))
             sizes.append(0)
             continue
         if np.isnan(w).any():
             out.append(-2)
+            sizes.append(d)
+            continue
+        if p >= 1 and not topk:
+            # Min-p alone: every token's weight in id order, thinned.
+            out.append(_draw_at([(i, float(v)) for i, v in enumerate(w) if v >= mp], u))
             sizes.append(d)
             continue
         order = np.lexsort((np.arange(d), -w.astype(np.float64)))  # most probable first, ties: lower id
@@ -883,8 +899,8 @@ def sample_reference(x, temperature, uniform, top_p=None, top_k=None, nuclei=Fal
                 out.append(-2)
                 sizes.append(len(kept))
                 continue
-        out.append(_draw_at(kept, u))
         sizes.append(len(kept))
+        out.append(_draw_at([(i, v) for i, v in kept if v >= mp], u))
     return (out, sizes) if nuclei else out
 
 
@@ -938,7 +954,7 @@ def bytes_moved(cfg, rows):
     if cfg["op"] == "sample":
         # The logits once (the kernel reads them twice: the maximum, then the weights, the second
         # mostly from L2), the draws and the tokens.
-        return rows * d * 4 + rows * 16
+        return rows * d * 4 + rows * 20
     if cfg["op"] == "splitbf16":
         return rows * d * (4 + 2 + 2)
     if cfg["op"] == "concat":
@@ -1011,7 +1027,7 @@ def self_test():
     assert sp["op"] == "sample" and sp["d"] == 1003
     inputs = problem(sp, 5, "cpu")
     picks, sizes = sample_reference(inputs["x"], inputs["temperature"], inputs["uniform"], inputs["top_p"],
-                                    inputs["top_k"], nuclei=True)
+                                    inputs["top_k"], inputs["min_p"], nuclei=True)
     assert picks[4] == -1 and all(0 <= p < 1003 for p in picks[:4]), picks
     assert sizes[1] >= 1 and sizes[0] == 0, sizes
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
@@ -1022,6 +1038,14 @@ def self_test():
     want = torch.tensor([0.0, 1.0, 2.0, 3.0]).softmax(0) * 4000
     assert all(abs(c - w) <= 2 for c, w in zip(counts, want.tolist())), (counts, want)
     assert sample_reference(logits, torch.tensor([1.0]), torch.tensor([0.0], dtype=torch.float64).view(torch.int64)) == [0]
+    # Min-p 0.3 keeps the tokens of weights e^-1 and 1, drawn in id order as their weights go.
+    counts = [0] * 4
+    for u in draws:
+        pick = sample_reference(logits, torch.tensor([1.0]), u.reshape(1).view(torch.int64), min_p=torch.tensor([0.3]))
+        counts[pick[0]] += 1
+    kept = torch.tensor([0.0, 0.0, np.exp(-1.0), 1.0])
+    want = kept / kept.sum() * 4000
+    assert all(abs(c - w) <= 2 for c, w in zip(counts, want.tolist())), (counts, want)
     inputs = problem(cfg, 5, "cpu")
     y = rms_norm_reference(inputs["x"], inputs["w"].float(), cfg["eps"])
     ms = (y / inputs["w"].double()).pow(2).mean(dim=1)

@@ -332,21 +332,22 @@ impl Sampler {
     }
 
     /// Where a device may draw this sampler's next token itself ([`draw_plain`]: sampled at a
-    /// temperature, with top-k and top-p or every token weighed, no min-p, nothing changing the
-    /// logits): the temperature, top-p, top-k and the uniform draw [`Sampler::sample`] would take
-    /// (the stream advanced); None (nothing drawn) where the host must pick. The token the device
-    /// gives goes to [`Sampler::note`].
+    /// temperature, with top-k, top-p and min-p or every token weighed, nothing changing the
+    /// logits): the temperature, top-p, top-k, min-p and the uniform draw [`Sampler::sample`]
+    /// would take (the stream advanced); None (nothing drawn) where the host must pick. The token
+    /// the device gives goes to [`Sampler::note`].
     pub fn device_draw(&mut self) -> Option<Draw> {
         if !self.device_drawable() {
             return None;
         }
         let top_k = u32::try_from(self.shaping.top_k).unwrap_or(u32::MAX);
-        Some(Draw { temperature: self.temperature, top_p: self.top_p, top_k, uniform: self.uniform() })
+        let (temperature, top_p, min_p) = (self.temperature, self.top_p, self.shaping.min_p);
+        Some(Draw { temperature, top_p, top_k, min_p, uniform: self.uniform() })
     }
 
     /// Whether [`Sampler::device_draw`] draws (it does not change the sampler).
     pub fn device_drawable(&self) -> bool {
-        !self.greedy() && self.shaping.min_p <= 0.0 && !self.changes_logits() && self.temperature.is_finite()
+        !self.greedy() && !self.changes_logits() && self.temperature.is_finite()
     }
 
     /// Whether [`Sampler::distribution`] of a row of `n` logits weighs every token in id order:
@@ -358,12 +359,13 @@ impl Sampler {
 }
 
 /// What a device draws a sampled token with ([`Sampler::device_draw`], [`draw_plain`]); a
-/// temperature of 0 stands for greedy (the argmax), a top-k of 0 for none.
+/// temperature of 0 stands for greedy (the argmax), a top-k and a min-p of 0 for none.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Draw {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: u32,
+    pub min_p: f32,
     pub uniform: f64,
 }
 
@@ -374,13 +376,14 @@ pub fn draw_every_token(logits: &[f32], t: f32, u: f64) -> u32 {
     draw_exp(logits, largest(logits), t, u)
 }
 
-/// The token a sampler with `draw`'s temperature, top-p and top-k (and no min-p or anything
-/// changing the logits: [`Sampler::device_draw`]) picks from `logits` for its uniform draw: what
+/// The token a sampler with `draw`'s temperature, top-p, top-k and min-p (and nothing changing
+/// the logits: [`Sampler::device_draw`]) picks from `logits` for its uniform draw: what
 /// [`Sampler::sample`] picks, that draw given — what the device's sampling kernel gives, or leaves
 /// to the host.
 pub fn draw_plain(logits: &[f32], draw: &Draw) -> u32 {
     let top_k = usize::try_from(draw.top_k).unwrap_or(usize::MAX);
-    let sampler = Sampler::new(draw.temperature, draw.top_p, 0).shaped(Shaping { top_k, ..Shaping::default() });
+    let shaping = Shaping { top_k, min_p: draw.min_p, ..Shaping::default() };
+    let sampler = Sampler::new(draw.temperature, draw.top_p, 0).shaped(shaping);
     if sampler.weighs_every_token(logits.len()) {
         return draw_every_token(logits, draw.temperature, draw.uniform);
     }
@@ -901,38 +904,44 @@ mod tests {
 
     /// What a device draws with a sampler's `device_draw` (`draw_plain`) is the token the sampler
     /// itself samples from the same row with the same stream: every token weighed, top-p, top-k,
-    /// both, and a top-k of the row's width or more (none); min-p and penalties draw nothing.
+    /// min-p, each pair of them, all three, and a top-k of the row's width or more (none);
+    /// penalties, a bias and greedy picking draw nothing.
     #[test]
     fn device_draws_are_the_samplers_own_picks() {
         let n = 3000;
-        for (r, (t, top_p, top_k)) in [
-            (0.7, 1.0, 0),
-            (1.0, 0.9, 0),
-            (0.5, 0.95, 0),
-            (0.8, 1.0, 40),
-            (1.2, 0.8, 200),
-            (1.0, 1.0, n),
-            (1.0, 0.9, n + 5),
+        for (r, (t, top_p, top_k, min_p)) in [
+            (0.7, 1.0, 0, 0.0),
+            (1.0, 0.9, 0, 0.0),
+            (0.5, 0.95, 0, 0.0),
+            (0.8, 1.0, 40, 0.0),
+            (1.2, 0.8, 200, 0.0),
+            (1.0, 1.0, n, 0.0),
+            (1.0, 0.9, n + 5, 0.0),
+            (1.0, 1.0, 0, 0.3),
+            (1.0, 0.9, 0, 0.5),
+            (0.9, 1.0, 100, 0.2),
+            (1.1, 0.7, 300, 0.4),
+            (1.0, 1.0, n, 0.6),
         ]
         .into_iter()
         .enumerate()
         {
             let row: Vec<f32> = (0..n).map(|j| ((j * 7919 + r * 104_729) % 1009) as f32 / 60.0).collect();
-            let shaping = Shaping { top_k, ..Shaping::default() };
+            let shaping = Shaping { top_k, min_p, ..Shaping::default() };
             let mut own = Sampler::new(t, top_p, 17 + r as u64).shaped(shaping);
             let mut device = own.clone();
             let mut picks = std::collections::HashSet::new();
             for _ in 0..20 {
                 let token = draw_plain(&row, &device.device_draw().expect("drawable"));
                 device.note(token);
-                assert_eq!(token, own.sample(&row), "t {t} top-p {top_p} top-k {top_k}");
+                assert_eq!(token, own.sample(&row), "t {t} top-p {top_p} top-k {top_k} min-p {min_p}");
                 picks.insert(token);
             }
             assert!(picks.len() > 1, "the draws vary");
         }
-        let min_p = Sampler::new(1.0, 1.0, 0).shaped(Shaping { min_p: 0.1, ..Shaping::default() });
         let penalty = Sampler::new(1.0, 1.0, 0).shaped(Shaping { presence_penalty: 0.5, ..Shaping::default() });
-        for mut s in [min_p, penalty, Sampler::new(0.0, 1.0, 0)] {
+        let bias = Sampler::new(1.0, 1.0, 0).shaped(Shaping { logit_bias: vec![(3, 1.0)], ..Shaping::default() });
+        for mut s in [penalty, bias, Sampler::new(0.0, 1.0, 0)] {
             assert!(s.device_draw().is_none());
         }
     }

@@ -738,15 +738,15 @@ impl GpuArtifact {
         let sampled = |r: usize| draws.is_some_and(|d| d[r].temperature > 0.0);
         let greedy = (0..rows).any(|r| !sampled(r));
         // One device buffer: the uniform draws (f64), the temperatures, the top-ps, the top-ks, the
-        // argmax's tokens, the sampler's.
+        // min-ps, the argmax's tokens, the sampler's.
         let mut picks = self.argmax_out.borrow_mut();
-        if picks.as_ref().is_none_or(|d| d.bytes < 28 * rows) {
-            *picks = Some(DeviceBuffer::new(28 * rows.max(1), "picked tokens")?);
+        if picks.as_ref().is_none_or(|d| d.bytes < 32 * rows) {
+            *picks = Some(DeviceBuffer::new(32 * rows.max(1), "picked tokens")?);
         }
         let base = picks.as_ref().map_or(0, |d| d.ptr);
         let at = |k: u64| base + k * rows as u64;
-        let (uniform, temperature, top_p, top_k) = (at(0), at(8), at(12), at(16));
-        let (argmax_idx, sample_idx) = (at(20), at(24));
+        let (uniform, temperature, top_p, top_k, min_p) = (at(0), at(8), at(12), at(16), at(20));
+        let (argmax_idx, sample_idx) = (at(24), at(28));
         let expander = Expander::new(&self.artifact)?;
         let mut launches = Vec::new();
         if greedy {
@@ -754,7 +754,8 @@ impl GpuArtifact {
             launches.push(launch);
         }
         if let Some(draws) = draws.filter(|_| (0..rows).any(sampled)) {
-            let Some(launch) = expander.sample_launch(&logits, [temperature, top_p, top_k, uniform], sample_idx)?
+            let Some(launch) =
+                expander.sample_launch(&logits, [temperature, top_p, top_k, min_p, uniform], sample_idx)?
             else {
                 return Ok(None);
             };
@@ -762,7 +763,8 @@ impl GpuArtifact {
             bytes.extend(draws.iter().flat_map(|d| d.temperature.to_le_bytes()));
             bytes.extend(draws.iter().flat_map(|d| d.top_p.to_le_bytes()));
             bytes.extend(draws.iter().flat_map(|d| i32::try_from(d.top_k).unwrap_or(i32::MAX).to_le_bytes()));
-            // SAFETY: the buffer holds `rows` f64 then three times `rows` 4-byte values from its start.
+            bytes.extend(draws.iter().flat_map(|d| d.min_p.to_le_bytes()));
+            // SAFETY: the buffer holds `rows` f64 then four times `rows` 4-byte values from its start.
             unsafe { result::memcpy_htod_sync(uniform, &bytes) }.map_err(cuda("uploading sampling draws"))?;
             launches.push(launch);
         }

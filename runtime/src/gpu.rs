@@ -185,12 +185,13 @@ impl<'a> Expander<'a> {
     }
 
     /// The launch of the artifact's sampling kernel over `logits` (`[rows, vocab]` f32), with its
-    /// draws at `[temperature, top_p, top_k, uniform]` (`rows` f32, f32, i32 and f64 bits as i64
-    /// each), into `idx` (`rows` i32), or None when the artifact has none.
-    pub fn sample_launch(&self, logits: &Buf, draws: [u64; 4], idx: u64) -> Result<Option<KernelLaunch>, String> {
+    /// draws at `[temperature, top_p, top_k, min_p, uniform]` (`rows` f32, f32, i32, f32 and f64
+    /// bits as i64 each), into `idx` (`rows` i32), or None when the artifact has none.
+    pub fn sample_launch(&self, logits: &Buf, draws: [u64; 5], idx: u64) -> Result<Option<KernelLaunch>, String> {
         let kernel = self.artifact.lowering.as_ref().and_then(|l| l.sample.as_ref());
-        let [temperature, top_p, top_k, uniform] = draws;
-        let per_row = [(temperature, "f32"), (top_p, "f32"), (top_k, "i32"), (uniform, "i64"), (idx, "i32")];
+        let [temperature, top_p, top_k, min_p, uniform] = draws;
+        let per_row =
+            [(temperature, "f32"), (top_p, "f32"), (top_k, "i32"), (min_p, "f32"), (uniform, "i64"), (idx, "i32")];
         self.pick_launch("sampling kernel", kernel, logits, &per_row)
     }
 
@@ -755,7 +756,7 @@ impl Expander<'_> {
         let rows = artifact.plan.entries.iter().map(|e| e.sizes.rows).max().unwrap_or(1).max(1);
         let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
         let argmax = self.argmax_launch(&logits, addr())?;
-        let sample = self.sample_launch(&logits, [addr(), addr(), addr(), addr()], addr())?;
+        let sample = self.sample_launch(&logits, [addr(), addr(), addr(), addr(), addr()], addr())?;
         // A training step's optimizer kernels, over a tensor of three blocks.
         let optimizer = match crate::optimizer::OptimizerKernels::of(artifact)? {
             Some(o) => o.samples(3 * 4096 + 7, &mut addr)?,

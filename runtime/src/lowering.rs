@@ -14,11 +14,13 @@ use serde::{Deserialize, Serialize};
 /// [`Blocks::Rows`]'s `decode_rows_per_block`, which a reader of 1 would ignore; 3: a grouped
 /// weight's shared experts may lie side by side along K, [`GroupedWeightSpec::shared_columns`]; 4:
 /// a GEMM may read a second A, [`GemmSpec::a2`], which a reader of 3 would not pass; 5: a launch
-/// may run in one regime only, [`LaunchSpec::only`], which a reader of 4 would run in both).
-pub const LOWERING_FORMAT_VERSION: u32 = 5;
+/// may run in one regime only, [`LaunchSpec::only`], which a reader of 4 would run in both; 6:
+/// the sampling kernel, [`Lowering::sample`], takes each row's min-p, which a reader of 5 would
+/// not pass).
+pub const LOWERING_FORMAT_VERSION: u32 = 6;
 
-/// What the sampling kernel ([`Lowering::sample`]) gives for a row whose top-p nucleus it leaves
-/// to the host (more candidates than it sorts, or NaN weights): the runtime draws that row there.
+/// What the sampling kernel ([`Lowering::sample`]) gives for a row whose list it leaves to the
+/// host (more candidates than it sorts, or NaN weights): the runtime draws that row there.
 pub const SAMPLE_ON_HOST: i32 = -2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,9 +31,10 @@ pub struct Lowering {
     /// argmax `[rows]` (i32; f32 total order, ties to the lower index, as the host sampler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argmax: Option<String>,
-    /// Sampling at a temperature on the device, with top-k and top-p or every token weighed: a row
-    /// kernel taking logits `[rows, vocab]` (f32), temperatures and top-ps `[rows]` (f32), top-ks
-    /// `[rows]` (i32; 0: none) and uniform draws `[rows]` (the bits of f64s in [0, 1), as i64) to
+    /// Sampling at a temperature on the device, with top-k, top-p and min-p or every token weighed:
+    /// a row kernel taking logits `[rows, vocab]` (f32), temperatures and top-ps `[rows]` (f32),
+    /// top-ks `[rows]` (i32; 0: none), min-ps `[rows]` (f32; 0: none) and uniform draws `[rows]`
+    /// (the bits of f64s in [0, 1), as i64) to
     /// each row's token `[rows]` (i32; -1 where the temperature is not above 0, [`SAMPLE_ON_HOST`]
     /// where the host must draw): the host sampler's draw from the same logits, bit for bit.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -465,8 +465,8 @@ struct Generating {
     ignore_eos: bool,
     /// Read every decode step's logits back and pick its tokens on the host, though a GPU
     /// artifact's kernels would pick them on the device (greedy's argmax; sampling at a
-    /// temperature with every token weighed and nothing changing the logits, drawn as the host
-    /// draws: the same tokens). For timing the two against each other.
+    /// temperature, with top-k, top-p and min-p or every token weighed and nothing changing the
+    /// logits, drawn as the host draws: the same tokens). For timing the two against each other.
     #[arg(long)]
     pick_on_host: bool,
 }

@@ -677,17 +677,18 @@ mod tests {
         // Steps that hand the logits back (caches through the host): the same draws, on the host.
         let handing = Toy { argmax: true, sample: true, ..Toy::new(false) };
         assert_eq!(tokens(generate_batch(&handing, &prompts, 8, &mut samplers(), None).unwrap()), want);
-        // Top-p and top-k too are drawn where the program runs; a penalty or min-p is the host's
-        // sampler's, from logits read back.
+        // Top-p, top-k and min-p too are drawn where the program runs; a penalty or a bias is the
+        // host's sampler's, from logits read back.
         let top_k = v3c_models::sampling::Shaping { top_k: 3, ..Default::default() };
-        let top_p = || vec![sampled(1).shaped(top_k.clone()), Sampler::new(2.0, 0.8, 7)];
+        let min_p = v3c_models::sampling::Shaping { min_p: 0.2, ..Default::default() };
+        let top_p = || vec![sampled(1).shaped(top_k.clone()), Sampler::new(2.0, 0.8, 7).shaped(min_p.clone())];
         let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut top_p(), None).unwrap());
         let drawing = Toy { argmax: true, sample: true, ..Toy::new(true) };
         assert_eq!(tokens(generate_batch(&drawing, &prompts, 8, &mut top_p(), None).unwrap()), want);
         assert_eq!(*drawing.logits_read.borrow(), 0);
         let penalty = v3c_models::sampling::Shaping { presence_penalty: 0.5, ..Default::default() };
-        let min_p = v3c_models::sampling::Shaping { min_p: 0.2, ..Default::default() };
-        for odd in [sampled(7).shaped(min_p), sampled(7).shaped(penalty)] {
+        let bias = v3c_models::sampling::Shaping { logit_bias: vec![(2, 1.5)], ..Default::default() };
+        for odd in [sampled(7).shaped(bias), sampled(7).shaped(penalty)] {
             let with = || vec![sampled(1), odd.clone()];
             let want = tokens(generate_batch(&Toy::new(true), &prompts, 8, &mut with(), None).unwrap());
             let reading = Toy { argmax: true, sample: true, ..Toy::new(true) };

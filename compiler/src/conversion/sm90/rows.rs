@@ -677,6 +677,7 @@ impl RowKernel {
                 ("temperature", "memref<?xf32>".into()),
                 ("top_p", "memref<?xf32>".into()),
                 ("top_k", "memref<?xi32>".into()),
+                ("min_p", "memref<?xf32>".into()),
                 ("uniform", "memref<?xi64>".into()),
                 ("idx", "memref<?xi32>".into()),
             ],

@@ -1,5 +1,6 @@
 //! Sampling on the device ([`RowOp::Sample`](super::RowOp::Sample)): a row's token drawn at a
-//! temperature, with every token weighed or from its top-p nucleus, the host sampler's draw
+//! temperature, with every token weighed or from a list (its top k, its top-p nucleus, its tokens
+//! of at least min-p of the largest weight, or several of these), the host sampler's draw
 //! ([`v3c_models::sampling::draw_plain`]) bit for bit, so that a decode step's sampled tokens need
 //! neither the logits read back (33 MB a step at 64 rows of DeepSeek-V3's vocabulary) nor the
 //! host's time on them, and are the tokens the host would have drawn from the same logits.
@@ -14,7 +15,10 @@
 //! picks, else `r -= p`), and where rounding leaves `r` past that block's last token, on to the
 //! next blocks; the last token where it runs past the row. Top-p: the nucleus, the tokens most
 //! probable first (ties: the lower column) while their sum in that order falls short of top-p of
-//! the total, and the one that reaches it; the same draw over it in that order.
+//! the total, and the one that reaches it; the same draw over it in that order. Min-p: of the list
+//! (most probable first: a prefix), the tokens of at least min-p (the largest weight is 1); alone,
+//! every token of at least min-p in column order (the host weighs every token, in id order, then
+//! thins them).
 //!
 //! Phases: the maximum (a strided share a thread, then a tree); every block's sum, a thread a
 //! block (top-p: its weights binned too); thread 0 adds the blocks and finds the block the draw
@@ -230,9 +234,23 @@ fn row_values(kernel: &RowKernel, sh_max: &str) -> String {
 %k_pos = arith.cmpi sgt, %topk, %zero_k : i32
 %k_less = arith.cmpi slt, %topk, %d_k : i32
 %kact = arith.andi %k_pos, %k_less : i1
-%sorted_draw = arith.ori %below_one, %kact : i1
+%by_weight = arith.ori %below_one, %kact : i1
+%minp = memref.load %min_p[%row] : memref<?xf32>
+%minp_act = arith.cmpf ogt, %minp, %zero_f : f32
+%sorted_draw = arith.ori %by_weight, %minp_act : i1
 %true_v = arith.constant true
 %nuc = arith.andi %sorted_draw, %warm : i1
+// Min-p alone: its tokens in column order (the host's, every token's order, thinned).
+%not_by_weight = arith.xori %by_weight, %true_v : i1
+%idord = arith.andi %minp_act, %not_by_weight : i1
+// The bin of min-p's bits (0 without): a weight of at least min-p lies in it or above.
+%minp_bits = arith.bitcast %minp : f32 to i32
+%c20_mp = arith.constant 20 : i32
+%minbin_raw = arith.shrui %minp_bits, %c20_mp : i32
+%minbin = arith.select %minp_act, %minbin_raw, %zero_k : i32
+// Min-p without top-k: only tokens of at least min-p are gathered.
+%not_k_v = arith.xori %kact, %true_v : i1
+%minp_cut = arith.andi %minp_act, %not_k_v : i1
 %cBlk = arith.constant {DRAW_BLOCK} : index
 %cLanes = arith.constant {LANES} : index
 %cBlocks = arith.constant {blocks} : index
@@ -338,8 +356,15 @@ scf.for %i = %tid to %cBins step %cT {{
 scf.if %zaux {{
   memref.store %zero_i, %sh_aux[%tid] : {sh_aux}
 }}
+// The candidates' keys, 0 (below every candidate's) where none is gathered.
+%cKeys = arith.constant {cap} : index
+%zero_key = arith.constant 0 : i64
+scf.for %i = %tid to %cKeys step %cT {{
+  memref.store %zero_key, %sh_nkey[%i] : {sh_nkey}
+}}
 ",
         step = UNROLL * kernel.threads,
+        cap = nucleus_cap(kernel.d),
     )];
     phases.extend(tree_phases(
         kernel.threads,
@@ -584,16 +609,17 @@ scf.if %cut_first {{
         skip = indent4(&skip_blocks("%b", "%r", "%past", &sh_bsum)),
     ));
     // Top-p: the candidates' sort keys, their sort, the nucleus's draw.
-    phases.push(nucleus_gather(kernel, &values, &sh_nkey, &sh_aux, &sh_bmax));
+    phases.push(nucleus_gather(&values, &sh_nkey, &sh_aux, &sh_bmax));
     phases.extend(bitonic_phases(nucleus_cap(kernel.d), &sh_nkey, &sh_aux));
     phases.push(nucleus_draw(&values, &sh_bsum, &sh_r, &sh_nkey, &sh_aux));
     phases
 }
 
-/// Thread 0 of a top-p row: the bins from the largest weights down to the first whose masses
-/// reach the share (`%sh_r`) with [`CUT_MARGIN`] to spare, and their count: the candidates, sorted
-/// here where they are at most the kernel's cap, else the row the host's (as a row with a NaN
-/// weight is).
+/// Thread 0 of a listed row: the bins from the largest weights down to the first whose masses
+/// reach the share (`%sh_r`) with [`CUT_MARGIN`] to spare (top-k: whose counts reach k; with
+/// min-p and no top-k, not past min-p's bin: lighter tokens are never drawn), and their count:
+/// the candidates, sorted here where they are at most the kernel's cap, else the row the host's
+/// (as a row with a NaN weight is).
 fn nucleus_cut(kernel: &RowKernel, sh_r: &str, sh_mass: &str, sh_cnt: &str, sh_aux: &str) -> String {
     let cap = nucleus_cap(kernel.d);
     format!(
@@ -602,12 +628,17 @@ fn nucleus_cut(kernel: &RowKernel, sh_r: &str, sh_mass: &str, sh_cnt: &str, sh_a
 %want_m = arith.mulf %want, %margin : f64
 %zero_c = arith.constant 0 : i32
 %cBins_c = arith.constant {BINS} : index
-// From the top bin down while the masses fall short (a peaked row stops within a few bins).
+// From the top bin down while the masses fall short (a peaked row stops within a few bins); with
+// min-p and no top-k, not past min-p's bin (top-p 1: to it).
+%minbin_ix = arith.index_cast %minbin : i32 to index
+%last_bin = arith.select %kact, %c0, %minbin_ix : index
+%whole_p = arith.xori %below_one, %true_c : i1
 %scan:3 = scf.while (%k = %cBins_c, %reached = %zd, %count = %zero_c) : (index, f64, i32) -> (index, f64, i32) {{
-  %more = arith.cmpi ugt, %k, %c0 : index
+  %more = arith.cmpi ugt, %k, %last_bin : index
   %mass_short = arith.cmpf olt, %reached, %want_m : f64
   %count_short = arith.cmpi slt, %count, %topk : i32
-  %short = arith.select %kact, %count_short, %mass_short : i1
+  %p_short = arith.ori %mass_short, %whole_p : i1
+  %short = arith.select %kact, %count_short, %p_short : i1
   %go_on = arith.andi %more, %short : i1
   scf.condition(%go_on) %k, %reached, %count : index, f64, i32
 }} do {{
@@ -656,12 +687,14 @@ fn nucleus_go(sh_aux: &str) -> String {
     )
 }
 
-/// A top-p row's candidates (weights in the cut's bins or above) as sort keys, a slot each in
-/// any order: the weight's bits above `0xFFFFFFFF - column` (so that a larger key is a larger
-/// weight, or the same at a lower column: the host's most-probable-first order); the slots past
-/// them keys of 0, below every candidate's. A thread a block, only blocks whose largest weight
-/// reaches the cut, their columns 8 loads at a time.
-fn nucleus_gather(kernel: &RowKernel, values: &str, sh_nkey: &str, sh_aux: &str, sh_bmax: &str) -> String {
+/// A listed row's candidates (weights in the cut's bins or above; with min-p and no top-k, of at
+/// least min-p too) as sort keys, a slot each in any order: the weight's bits above `0xFFFFFFFF -
+/// column` (so that a larger key is a larger weight, or the same at a lower column: the host's
+/// most-probable-first order), or with min-p alone the two words swapped (a larger key is a lower
+/// column: the host's id order); the slots past them keep the keys of 0 the first phase stored,
+/// below every candidate's. A thread a block, only blocks whose largest weight reaches the least
+/// candidate's, their columns 8 loads at a time.
+fn nucleus_gather(values: &str, sh_nkey: &str, sh_aux: &str, sh_bmax: &str) -> String {
     let mut loads = String::new();
     let mut keys = String::new();
     for k in 0..LANES {
@@ -679,17 +712,18 @@ fn nucleus_gather(kernel: &RowKernel, values: &str, sh_nkey: &str, sh_aux: &str,
             "%gw{k}_d = arith.subf %gv{k}, %m : f32
 %gw{k}_x = arith.divf %gw{k}_d, %t : f32
 {exp}%gbits{k} = arith.bitcast %gw{k} : f32 to i32
-%gbin{k} = arith.shrui %gbits{k}, %c20 : i32
-%gtop{k} = arith.cmpi sge, %gbin{k}, %cut : i32
+%gtop{k} = arith.cmpi uge, %gbits{k}, %floor : i32
 %gcand{k} = arith.andi %gin{k}, %gtop{k} : i1
 scf.if %gcand{k} {{
   %slot32 = memref.atomic_rmw addi %one_i, %sh_aux[%cNext] : (i32, {sh_aux}) -> i32
   %slot = arith.index_cast %slot32 : i32 to index
   %wb = arith.extui %gbits{k} : i32 to i64
-  %hi = arith.shli %wb, %c32_64 : i64
   %col64 = arith.index_cast %gc{k} : index to i64
-  %lo = arith.subi %ones, %col64 : i64
-  %key = arith.ori %hi, %lo : i64
+  %ncol = arith.subi %ones, %col64 : i64
+  %hiw = arith.select %idord, %ncol, %wb : i64
+  %low = arith.select %idord, %wb, %ncol : i64
+  %hi = arith.shli %hiw, %c32_64 : i64
+  %key = arith.ori %hi, %low : i64
   memref.store %key, %sh_nkey[%slot] : {sh_nkey}
 }}
 ",
@@ -699,35 +733,29 @@ scf.if %gcand{k} {{
     format!(
         "{values}{go}scf.if %go {{
   %cCutG = arith.constant {AUX_CUT} : index
-  %cCountG = arith.constant {AUX_COUNT} : index
   %cNext = arith.constant {AUX_NEXT} : index
   %cut = memref.load %sh_aux[%cCutG] : {sh_aux}
-  %count32 = memref.load %sh_aux[%cCountG] : {sh_aux}
-  %count = arith.index_cast %count32 : i32 to index
   %c20 = arith.constant 20 : i32
   %one_i = arith.constant 1 : i32
   %c32_64 = arith.constant 32 : i64
   %ones = arith.constant 4294967295 : i64
   %cEight = arith.constant {LANES} : index
+  // The least candidate's bits: the cut's bin's first (a weight is in that bin or above when its
+  // bits are at least those), or min-p's where it is larger and min-p thins the list here.
+  %cut_bits = arith.shli %cut, %c20 : i32
+  %minp_floor = arith.select %minp_cut, %minp_bits, %zero_k : i32
+  %floor = arith.maxui %cut_bits, %minp_floor : i32
   scf.for %b = %tid to %cBlocks step %cT {{
     %bm = memref.load %sh_bmax[%b] : {sh_bmax}
-    %bmbin = arith.shrui %bm, %c20 : i32
-    %reaches = arith.cmpi sge, %bmbin, %cut : i32
+    %reaches = arith.cmpi uge, %bm, %floor : i32
     scf.if %reaches {{
 {span}      scf.for %gbase = %u_start to %u_end step %cEight {{
 {loads}{keys}      }}
     }}
   }}
-  %cCap = arith.constant {cap} : index
-  %pad0 = arith.addi %count, %tid : index
-  %zk = arith.constant 0 : i64
-  scf.for %i = %pad0 to %cCap step %cT {{
-    memref.store %zk, %sh_nkey[%i] : {sh_nkey}
-  }}
 }}
 ",
         go = nucleus_go(sh_aux),
-        cap = nucleus_cap(kernel.d),
         span = indent6(&block_span("%b", "%u")),
         loads = indent4(&indent4(&loads)),
         keys = indent4(&indent4(&keys)),
@@ -842,7 +870,9 @@ fn sorted_blocks(n: &str, p: &str, sh_bsum: &str, sh_nkey: &str) -> String {
 /// top-k), then of those (or of all) the nucleus, the most probable first while their sum in that
 /// order falls short of top-p of theirs (with top-k: of the k's draw total; else of the row's, as
 /// the share phase took it), and the one that reaches it (never reached: the k whole; without
-/// top-k, the host's row) — then the host's draw over it (`draw_at`): its blocks summed
+/// top-k, the host's row, unless every token of at least min-p was gathered), then of those the
+/// ones of at least min-p (a prefix; with min-p alone, the candidates in column order, all of
+/// them) — then the host's draw over it (`draw_at`): its blocks summed
 /// ([`sorted_blocks`]), `r = u * total`, blocks passed while `r` reaches their sum, the block it
 /// falls in walked; the list's last token where it runs past.
 fn nucleus_draw(values: &str, sh_bsum: &str, sh_r: &str, sh_nkey: &str, sh_aux: &str) -> String {
@@ -850,7 +880,7 @@ fn nucleus_draw(values: &str, sh_bsum: &str, sh_r: &str, sh_nkey: &str, sh_aux: 
         "{values}{go}%first = arith.cmpi eq, %tid, %c0 : index
 %draw = arith.andi %go, %first : i1
 scf.if %draw {{
-  %cCountD = arith.constant {AUX_COUNT} : index
+  %cCountD = arith.constant {AUX_NEXT} : index
   %count32 = memref.load %sh_aux[%cCountD] : {sh_aux}
   %count = arith.index_cast %count32 : i32 to index
   %k_ix = arith.index_cast %topk : i32 to index
@@ -879,17 +909,28 @@ scf.if %draw {{
     scf.yield %nacc, %nn : f64, index
   }}
   %never = arith.cmpi eq, %nset#1, %unset : index
-  // Top-p 1 (top-k alone): the list whole; never reached with top-k: the k whole.
+  // Top-p 1 (top-k or min-p alone): the list whole; never reached with top-k: the k whole.
   %n_list = arith.select %never, %list, %nset#1 : index
   %n_p = arith.select %below_one, %n_list, %list : index
+{min_end}  %n_pm = arith.minui %n_p, %n_m : index
   %short = arith.andi %never, %below_one : i1
   %not_k = arith.xori %kact, %true : i1
-  %to_host = arith.andi %short, %not_k : i1
+  // Never reached without top-k: the host's row, unless min-p's tokens were all gathered (then
+  // they are the list).
+  %cCutD = arith.constant {AUX_CUT} : index
+  %cut_d = memref.load %sh_aux[%cCutD] : {sh_aux}
+  %min_reached = arith.cmpi sle, %cut_d, %minbin : i32
+  %covers = arith.andi %minp_act, %min_reached : i1
+  %uncovered = arith.xori %covers, %true : i1
+  %short_row = arith.andi %short, %not_k : i1
+  %to_host0 = arith.andi %short_row, %uncovered : i1
+  %empty = arith.cmpi eq, %n_pm, %c0 : index
+  %to_host = arith.ori %to_host0, %empty : i1
   scf.if %to_host {{
     %host = arith.constant {host} : i32
     memref.store %host, %idx[%row] : memref<?xi32>
   }} else {{
-    %n = arith.addi %n_p, %c0 : index
+    %n = arith.addi %n_pm, %c0 : index
 {n_total}    %nblocks = arith.addi %nt_blocks, %c0 : index
     %ub = memref.load %uniform[%row] : memref<?xi64>
     %u = arith.bitcast %ub : i64 to f64
@@ -942,6 +983,7 @@ scf.if %draw {{
         go = nucleus_go(sh_aux),
         host = v3c_runtime::lowering::SAMPLE_ON_HOST,
         wi = indent4(&key_weight("%key", "%wdi")),
+        min_end = indent2(&min_p_end(sh_nkey)),
         k_total = indent4(&sorted_blocks("%k_ix", "%kt", sh_bsum, sh_nkey)),
         n_total = indent4(&sorted_blocks("%n", "%nt", sh_bsum, sh_nkey)),
         wi3 = indent4(&indent6(&key_weight_f32("%key", "%wf"))),
@@ -950,22 +992,60 @@ scf.if %draw {{
     )
 }
 
-/// `{out}` (i32) = the column in sort key `{key}`'s low word (`%ones`: 2^32 - 1, as i64).
+/// `%n_m` (index) = where min-p ends a list sorted most probable first (`%list` keys): the first
+/// key whose weight is below min-p — a key below `min-p's bits << 32` — by a binary search; the
+/// list whole without min-p or with min-p alone (the keys in column order, all of at least min-p).
+fn min_p_end(sh_nkey: &str) -> String {
+    format!(
+        "%mp_c32 = arith.constant 32 : i64
+%mp_bits64 = arith.extui %minp_bits : i32 to i64
+%mp_key = arith.shli %mp_bits64, %mp_c32 : i64
+%mp_by_weight = arith.xori %idord, %true : i1
+%mp_search = arith.andi %minp_act, %mp_by_weight : i1
+%mp_hi0 = arith.select %mp_search, %list, %c0 : index
+%mp_two = arith.constant 2 : index
+%mp_end:2 = scf.while (%mp_lo = %c0, %mp_hi = %mp_hi0) : (index, index) -> (index, index) {{
+  %mp_open = arith.cmpi ult, %mp_lo, %mp_hi : index
+  scf.condition(%mp_open) %mp_lo, %mp_hi : index, index
+}} do {{
+^bb0(%mp_lo: index, %mp_hi: index):
+  %mp_sum = arith.addi %mp_lo, %mp_hi : index
+  %mp_mid = arith.divui %mp_sum, %mp_two : index
+  %mp_k = memref.load %sh_nkey[%mp_mid] : {sh_nkey}
+  %mp_below = arith.cmpi ult, %mp_k, %mp_key : i64
+  %mp_next = arith.addi %mp_mid, %c1 : index
+  %mp_nlo = arith.select %mp_below, %mp_lo, %mp_next : index
+  %mp_nhi = arith.select %mp_below, %mp_mid, %mp_hi : index
+  scf.yield %mp_nlo, %mp_nhi : index, index
+}}
+%n_m = arith.select %mp_search, %mp_end#0, %list : index
+"
+    )
+}
+
+/// `{out}` (i32) = the column in sort key `{key}`: `%ones` (2^32 - 1, as i64) less its low word,
+/// its high word in column order (`%idord`).
 fn key_column(key: &str, out: &str) -> String {
     format!(
         "{out}_lo = arith.andi {key}, %ones : i64
-{out}_64 = arith.subi %ones, {out}_lo : i64
+{out}_c32 = arith.constant 32 : i64
+{out}_hi = arith.shrui {key}, {out}_c32 : i64
+{out}_w = arith.select %idord, {out}_hi, {out}_lo : i64
+{out}_64 = arith.subi %ones, {out}_w : i64
 {out} = arith.trunci {out}_64 : i64 to i32
 "
     )
 }
 
-/// `{out}` (f32) = the weight in sort key `{key}`'s high word.
+/// `{out}` (f32) = the weight in sort key `{key}`: its high word, its low word in column order
+/// (`%idord`).
 fn key_weight_f32(key: &str, out: &str) -> String {
     format!(
         "{out}_c32 = arith.constant 32 : i64
 {out}_hi = arith.shrui {key}, {out}_c32 : i64
-{out}_b = arith.trunci {out}_hi : i64 to i32
+{out}_b_hi = arith.trunci {out}_hi : i64 to i32
+{out}_b_lo = arith.trunci {key} : i64 to i32
+{out}_b = arith.select %idord, {out}_b_lo, {out}_b_hi : i32
 {out} = arith.bitcast {out}_b : i32 to f32
 "
     )
@@ -1072,33 +1152,57 @@ mod tests {
             bins.iter().filter(|&&b| b >= kth).count()
         }
 
-        /// Whether row `r` draws from a sorted list (top-p below 1, or a top-k below the row's width).
+        /// Whether row `r` draws from a list (top-p below 1, a top-k below the row's width, or a
+        /// min-p above 0).
         fn sorted(&self, r: usize) -> bool {
             let w = self.draws[r];
-            w.top_p < 1.0 || (w.top_k > 0 && (w.top_k as usize) < self.d)
+            w.top_p < 1.0 || (w.top_k > 0 && (w.top_k as usize) < self.d) || w.min_p > 0.0
         }
 
-        /// The host's list of row `r`'s sorted draw, top-k then top-p (its number of tokens).
-        fn nucleus(&self, r: usize) -> usize {
+        /// Whether row `r` has a top-k below its width.
+        fn top_k(&self, r: usize) -> bool {
             let w = self.draws[r];
-            let shaping = v3c_models::sampling::Shaping { top_k: w.top_k as usize, ..Default::default() };
+            w.top_k > 0 && (w.top_k as usize) < self.d
+        }
+
+        /// The host's list of row `r`'s sorted draw, top-k then top-p then min-p (its number of
+        /// tokens); with `min_p` false, before min-p.
+        fn nucleus(&self, r: usize, min_p: bool) -> usize {
+            let w = self.draws[r];
+            let min_p = if min_p { w.min_p } else { 0.0 };
+            let shaping = v3c_models::sampling::Shaping { top_k: w.top_k as usize, min_p, ..Default::default() };
             let sampler = v3c_models::reference::Sampler::new(w.temperature, w.top_p, 0).shaped(shaping);
             sampler.distribution(&self.x[r * self.d..(r + 1) * self.d]).len()
         }
 
-        /// `got` against the host's tokens: equal, but where the kernel left a top-p or top-k row to
+        /// Row `r`'s weights in min-p's bin (its bits' top 12) or above: the candidates the kernel
+        /// gathers for min-p without top-k at most.
+        fn min_p_candidates(&self, r: usize) -> usize {
+            let (w, row) = (self.draws[r], &self.x[r * self.d..(r + 1) * self.d]);
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+            let bin = w.min_p.to_bits() >> 20;
+            row.iter().filter(|&&l| v3c_models::sampling::exp((l - max) / w.temperature).to_bits() >> 20 >= bin).count()
+        }
+
+        /// `got` against the host's tokens: equal, but where the kernel left a row with a list to
         /// the host (then its list need not fit the kernel's cap, or its weights hold a NaN); rows
-        /// the kernel must draw itself (those whose list is at most 64 tokens) drawn. The rows left
-        /// to the host, and the top-p or top-k rows the kernel drew.
+        /// the kernel must draw itself drawn: without min-p, those whose list is at most 64
+        /// tokens; with min-p, those whose min-p (without top-k) or top-k candidates fit the cap.
+        /// The rows left to the host, and the rows with a list the kernel drew.
         fn check(&self, got: &[i32], name: &str) -> (usize, usize) {
             let want = self.want();
             let (mut left, mut drawn) = (0, 0);
+            let cap = nucleus_cap(self.d);
             for r in 0..self.rows() {
                 if got[r] == SAMPLE_ON_HOST && self.sorted(r) {
-                    let n = self.nucleus(r);
+                    let n = self.nucleus(r, false);
                     let nan = self.x[r * self.d..(r + 1) * self.d].iter().any(|v| v.is_nan());
-                    let crowded = self.top_k_candidates(r) > nucleus_cap(self.d);
-                    assert!(nan || n > 64 || crowded, "{name}: row {r} (a list of {n}) left to the host");
+                    let crowded = match (self.draws[r].min_p > 0.0, self.top_k(r)) {
+                        (_, true) => self.top_k_candidates(r) > cap,
+                        (true, false) => self.min_p_candidates(r) > cap,
+                        (false, false) => n > 64,
+                    };
+                    assert!(nan || crowded, "{name}: row {r} (a list of {n}, {:?}) left to the host", self.draws[r]);
                     left += 1;
                     continue;
                 }
@@ -1116,6 +1220,7 @@ mod tests {
             let mut t: Vec<f32> = self.draws.iter().map(|d| d.temperature).collect();
             let mut p: Vec<f32> = self.draws.iter().map(|d| d.top_p).collect();
             let mut k: Vec<i32> = self.draws.iter().map(|d| d.top_k as i32).collect();
+            let mut mp: Vec<f32> = self.draws.iter().map(|d| d.min_p).collect();
             let mut u: Vec<i64> = self.draws.iter().map(|d| d.uniform.to_bits() as i64).collect();
             let mut idx = vec![i32::MIN; rows];
             let buffers = [
@@ -1123,6 +1228,7 @@ mod tests {
                 raw(&mut t, &[rows], "f32"),
                 raw(&mut p, &[rows], "f32"),
                 raw(&mut k, &[rows], "i32"),
+                raw(&mut mp, &[rows], "f32"),
                 raw(&mut u, &[rows], "i64"),
                 raw(&mut idx, &[rows], "i32"),
             ];
@@ -1148,7 +1254,7 @@ mod tests {
         let mut row = |logits: Vec<f32>, t: f32, u: f64| {
             assert_eq!(logits.len(), d);
             x.extend(logits);
-            draws.push(Draw { temperature: t, top_p: 1.0, top_k: 0, uniform: u });
+            draws.push(Draw { temperature: t, top_p: 1.0, top_k: 0, min_p: 0.0, uniform: u });
         };
         let us = values(16, seed, 1.0);
         for (k, &v) in us.iter().enumerate() {
@@ -1186,10 +1292,12 @@ mod tests {
         row(base, -1.0, 0.5);
         // Top-p: peaked rows (a few tokens to a few hundred in the nucleus) at several shares and
         // draws, a flat row (most of the row in it), a NaN (the host's), temperature 0 (greedy).
-        let mut sorted = |logits: Vec<f32>, t: f32, top_p: f32, top_k: u32, u: f64| {
+        let mut listed = |logits: Vec<f32>, t: f32, (top_p, top_k, min_p): (f32, u32, f32), u: f64| {
             x.extend(logits);
-            draws.push(Draw { temperature: t, top_p, top_k, uniform: u });
+            draws.push(Draw { temperature: t, top_p, top_k, min_p, uniform: u });
         };
+        let mut sorted =
+            |logits: Vec<f32>, t: f32, top_p: f32, top_k: u32, u: f64| listed(logits, t, (top_p, top_k, 0.0), u);
         let mut nucleus = |logits: Vec<f32>, t: f32, top_p: f32, u: f64| sorted(logits, t, top_p, 0, u);
         // A spread of logits with a few standing out, as a language model's: nuclei of a token to
         // a few hundred.
@@ -1223,7 +1331,35 @@ mod tests {
             sorted(logits, 0.8, top_p, top_k, f64::from(v) + 0.5);
         }
         sorted(peaked.clone(), 1.0, 1.0, d as u32, 0.7);
-        sorted(peaked, 1.0, 0.9, u32::MAX, 0.7);
+        sorted(peaked.clone(), 1.0, 0.9, u32::MAX, 0.7);
+        // Min-p: alone (its tokens in column order; a flat row's over several blocks, or more
+        // than the kernel sorts), with top-p (a flat row's nucleus past min-p's), with top-k, all
+        // three; min-p 1 over a tie for the largest; a NaN; temperature 0.
+        for (k, &v) in values(8, seed + 70, 1.0).iter().enumerate() {
+            let min_p = [0.05f32, 0.1, 0.3, 0.02][k % 4];
+            let t = [0.7f32, 1.3][k / 4];
+            listed(spiked([6, 40, 300, 1][k % 4], 70 + k as u64), t, (1.0, 0, min_p), f64::from(v) + 0.5);
+        }
+        let flat = values(d, seed + 80, 1.0);
+        for u in [0.0, 0.45, 1.0 - f64::EPSILON / 2.0] {
+            listed(flat.clone(), 1.0, (1.0, 0, 0.3), u);
+        }
+        listed(values(d, seed + 81, 0.5), 1.0, (0.9, 0, 0.5), 0.6);
+        listed(spiked(40, 82), 0.8, (0.9, 0, 0.1), 0.3);
+        listed(spiked(300, 83), 1.0, (0.5, 0, 0.02), 0.8);
+        listed(spiked(40, 84), 0.8, (1.0, 50, 0.2), 0.55);
+        listed(values(d, seed + 85, 3.0), 1.0, (1.0, 300, 0.05), 0.35);
+        listed(spiked(300, 86), 1.2, (0.8, 100, 0.1), 0.65);
+        let mut tie = values(d, seed + 87, 2.0);
+        tie[d / 3] = 9.0;
+        tie[d - 1] = 9.0;
+        for u in [0.2, 0.7] {
+            listed(tie.clone(), 1.0, (1.0, 0, 1.0), u);
+        }
+        let mut nan = spiked(6, 88);
+        nan[d / 4] = f32::NAN;
+        listed(nan, 1.0, (1.0, 0, 0.1), 0.4);
+        listed(peaked, 0.0, (1.0, 0, 0.1), 0.4);
         Case { d, x, draws }
     }
 
@@ -1238,14 +1374,25 @@ mod tests {
             kernel.threads = threads;
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
             let want = case.want();
-            let (left, drawn) = case.check(&case.run(&kernel, false, 0).0, &kernel.kernel_name());
+            let got = case.run(&kernel, false, 0).0;
+            let (left, drawn) = case.check(&got, &kernel.kernel_name());
             assert!(drawn >= 10, "{}: {drawn} top-p rows drawn by the kernel", kernel.kernel_name());
+            // Min-p lists the kernel drew: most of them, one over several blocks of the draw where
+            // the row is wide enough and its candidates fit.
+            let min_p: Vec<usize> = (0..case.rows())
+                .filter(|&r| case.draws[r].min_p > 0.0 && case.draws[r].temperature > 0.0 && got[r] != SAMPLE_ON_HOST)
+                .map(|r| case.nucleus(r, true))
+                .collect();
+            assert!(min_p.len() >= 12, "{}: min-p lists drawn {min_p:?}", kernel.kernel_name());
+            let long = min_p.iter().any(|&n| n > DRAW_BLOCK);
+            assert!(long || !(1000..=4096).contains(&d), "{}: min-p lists drawn {min_p:?}", kernel.kernel_name());
             // At least the rows whose nucleus outgrows the kernel's cap or holds a NaN (others only
             // as `check` allows).
             let cap = nucleus_cap(d);
             let must = (0..case.rows())
                 .filter(|&r| case.sorted(r) && case.draws[r].temperature > 0.0)
-                .filter(|&r| case.x[r * d..(r + 1) * d].iter().any(|v| v.is_nan()) || case.nucleus(r) > cap)
+                .filter(|&r| case.draws[r].min_p == 0.0)
+                .filter(|&r| case.x[r * d..(r + 1) * d].iter().any(|v| v.is_nan()) || case.nucleus(r, false) > cap)
                 .count();
             assert!(must >= 1 && left >= must, "{}: {left} rows left to the host, {must} must", kernel.kernel_name());
             // Not every draw the same token: the random rows' draws reach into them.
@@ -1274,31 +1421,34 @@ mod tests {
         }
         if std::env::var("V3C_SAMPLE_STATS").is_ok() {
             // One row of DeepSeek-V3's vocabulary: every token weighed, a peaked top-p row, a top-k
-            // 50 row.
+            // 50 row, a min-p 0.1 row.
             let (d, case) = (129_280, case(129_280, 13));
             let kernel = RowKernel::new(RowOp::Sample, d, "f32");
             let peaked = case.draws.iter().position(|w| w.top_p < 1.0).unwrap();
             let top_k = case.draws.iter().position(|w| w.top_k == 50).unwrap();
-            for r in [0, peaked, top_k] {
+            let min_p = case.draws.iter().position(|w| w.min_p == 0.1).unwrap();
+            for r in [0, peaked, top_k, min_p] {
                 let w = case.draws[r];
                 let mut x = case.x[r * d..(r + 1) * d].to_vec();
                 let (mut t, mut p, mut k) = (vec![w.temperature], vec![w.top_p], vec![w.top_k as i32]);
-                let (mut u, mut idx) = (vec![w.uniform.to_bits() as i64], vec![0i32]);
+                let (mut mp, mut u, mut idx) = (vec![w.min_p], vec![w.uniform.to_bits() as i64], vec![0i32]);
                 let buffers = [
                     raw(&mut x, &[1, d], "f32"),
                     raw(&mut t, &[1], "f32"),
                     raw(&mut p, &[1], "f32"),
                     raw(&mut k, &[1], "i32"),
+                    raw(&mut mp, &[1], "f32"),
                     raw(&mut u, &[1], "i64"),
                     raw(&mut idx, &[1], "i32"),
                 ];
                 let stats = run_simulated(&kernel, &buffers, 1);
                 eprintln!(
-                    "{} top-p {} top-k {} (list {}, got {}): {} instructions, {} longest thread, {} load rounds",
+                    "{} top-p {} top-k {} min-p {} (list {}, got {}): {} instructions, {} longest thread, {} load rounds",
                     kernel.kernel_name(),
                     w.top_p,
                     w.top_k,
-                    case.nucleus(r),
+                    w.min_p,
+                    case.nucleus(r, true),
                     idx[0],
                     stats.instructions,
                     stats.longest_thread,
