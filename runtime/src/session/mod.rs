@@ -645,8 +645,8 @@ mod tests {
 
     /// A program that draws sampled tokens itself (as the device's sampling kernel does) gives the
     /// tokens of the host's samplers with the same seeds and reads no logits back: one sequence,
-    /// and a batch mixing sampled and greedy sequences, with top-p and top-k too; a sampler it cannot
-    /// draw for (min-p, a penalty) has the batch's logits read back, its tokens the host's; a program whose steps
+    /// and a batch mixing sampled and greedy sequences, with top-p, top-k and min-p too; a sampler
+    /// it cannot draw for (a penalty, a bias) has the batch's logits read back, its tokens the host's; a program whose steps
     /// hand the logits back anyway draws the same tokens from them on the host.
     #[test]
     fn tokens_drawn_where_the_program_runs_are_the_host_samplers() {

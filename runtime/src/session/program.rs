@@ -358,7 +358,7 @@ impl Pick {
     /// nobody takes its token; else its sampler, and whether the host wants its logits anyway,
     /// e.g. for log-probabilities), on a program that draws tokens itself where `draws`: greedy
     /// where every sampler is plain greedy; draws where each is that or samples at a temperature,
-    /// top-k and top-p with nothing else changing its choice
+    /// top-k, top-p and min-p with nothing else changing its choice
     /// ([`v3c_models::sampling::Sampler::device_draw`]: their uniform draws are taken now); else
     /// the host's.
     pub fn of<'a>(
