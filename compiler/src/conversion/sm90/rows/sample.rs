@@ -504,7 +504,9 @@ scf.if %first {{
   %u = arith.bitcast %ub : i64 to f64
   %r0 = arith.mulf %u, %total : f64
   %true = arith.constant true
-  %walk:2 = scf.for %b = %c0 to %cBlocks step %c1 iter_args(%r = %r0, %at = %cBlocks) -> (f64, index) {{
+  // A listed row draws from its list, later: no walk here.
+  %walked = arith.select %nuc, %c0, %cBlocks : index
+  %walk:2 = scf.for %b = %c0 to %walked step %c1 iter_args(%r = %r0, %at = %cBlocks) -> (f64, index) {{
     %s = memref.load %sh_bsum[%b] : {sh_bsum}
     %open = arith.cmpi eq, %at, %cBlocks : index
     %ge = arith.cmpf oge, %r, %s : f64
