@@ -1723,8 +1723,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         ),
         "{stdout}"
     );
+    assert!(stdout.contains("tokens scored on the device (perplexity): by rows_scores_d129280_t256"), "{stdout}");
     assert!(
-        stdout.contains("template launches of 50 kernels at the planned sizes, each as its PTX declares"),
+        stdout.contains("template launches of 51 kernels at the planned sizes, each as its PTX declares"),
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
@@ -1735,9 +1736,10 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the
-    // argmax and the sampling kernel.
-    assert_eq!(report["launch_check"]["launches"], 2723, "{report}");
+    // argmax, the sampling and the scoring kernel.
+    assert_eq!(report["launch_check"]["launches"], 2724, "{report}");
     assert_eq!(report["device_picks"]["sample"], "rows_sample_d129280_t256", "{report}");
+    assert_eq!(report["device_scores"], "rows_scores_d129280_t256", "{report}");
     assert_eq!(report["entries"][1]["name"], "decode");
     assert_eq!(report["target"]["name"], "sm_90a");
     // Every launch the GPU executor would make matches its kernel's PTX, at the planned sizes and

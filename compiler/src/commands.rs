@@ -709,6 +709,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         Some(_) => None,
     };
+    // Log-probabilities' sums on the device (perplexity, scored prompts): 16 bytes a row read back.
+    let scores = match o.train {
+        None => Some(lowered.scoring(&context, config.vocab_size, target, ptxas.as_ref()).map_err(|e| e.to_string())?),
+        Some(_) => None,
+    };
     // Training: AdamW and what it needs on the device (`v3r train` keeps the state there).
     let optimizer = match o.train {
         Some(_) => Some(lowered.training_optimizer(&context, target, ptxas.as_ref()).map_err(|e| e.to_string())?),
@@ -938,7 +943,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         choices,
     };
-    let picks = Picks { argmax: argmax.as_ref(), sample: sample.as_ref() };
+    let picks = Picks { argmax: argmax.as_ref(), sample: sample.as_ref(), scores: scores.as_ref() };
     write_gpu_artifact(out, o, &config, precision, &module, &lowered, picks, optimizer, tuning)
 }
 
@@ -967,10 +972,12 @@ fn row_blocks(
     }
 }
 
-/// The kernels that pick tokens on the device: greedy's argmax, and sampling at a temperature.
+/// The kernels that pick tokens on the device: greedy's argmax, and sampling at a temperature;
+/// and the one that scores them (log-probabilities' sums).
 struct Picks<'a> {
     argmax: Option<&'a v3c_compiler::conversion::sm90::rows::RowKernel>,
     sample: Option<&'a v3c_compiler::conversion::sm90::rows::RowKernel>,
+    scores: Option<&'a v3c_compiler::conversion::sm90::rows::RowKernel>,
 }
 
 /// Writes the sm_90a artifact of `lowered` (whole or not at all): kernels (PTX, cubin when ptxas
@@ -1009,7 +1016,7 @@ fn write_gpu_artifact(
                 StepKernel::Gemm(_) | StepKernel::MlaPrefill(_) | StepKernel::MlaDecode(_) => None,
             })
         }));
-    for k in row_kernels.chain(picks.argmax).chain(picks.sample) {
+    for k in row_kernels.chain(picks.argmax).chain(picks.sample).chain(picks.scores) {
         row_ranks.insert(k.kernel_name(), k.argument_ranks());
     }
     let abi_of = |name: &str| -> Result<v3c_runtime::abi::KernelAbi, String> {
@@ -1223,6 +1230,7 @@ fn write_gpu_artifact(
         kernels: fused,
         argmax: picks.argmax.map(|k| k.kernel_name()),
         sample: picks.sample.map(|k| k.kernel_name()),
+        scores: picks.scores.map(|k| k.kernel_name()),
         cache_rows_multiple: lowered.caches.paged_decode().then_some(PAGE_ROWS),
         optimizer,
     };

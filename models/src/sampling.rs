@@ -566,22 +566,71 @@ fn exp_row(logits: &[f32], max: f32, t: f32) -> Vec<f32> {
 }
 }
 
-widest! {
 /// The largest of `row` ([`f32::max`]'s: NaNs passed over, -inf for none) and
 /// ln(sum(e^(l - largest))) over every `l` of `row`, the exponentials and their sum in f64 — the
-/// log of softmax's denominator. The exponentials are [`exp64`]'s, summed in 8 running sums: a
-/// loop the compiler vectorizes (`widest!`), where libm's `exp` is a call per logit.
+/// log of softmax's denominator ([`exp_sum`]'s sum, its order the device's).
 pub fn log_sum_exp(row: &[f32]) -> (f32, f64) {
     let max = largest(row);
-    let mut lanes = [0f64; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (s, &l) in lanes.iter_mut().zip(c) {
+    (max, exp_sum(row, max).ln())
+}
+
+/// What a token's log-probability under softmax(row) needs ([`RowScore::of`]): the row's largest
+/// logit, softmax's denominator `sum(e^(l - max))` ([`exp_sum`]) and the token's logit (NaN for a
+/// token past the row). The device's scoring kernel (`rows_scores_*`) gives the same bits, so the
+/// log-probabilities taken from either are the same.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowScore {
+    pub max: f32,
+    pub sum: f64,
+    pub logit: f32,
+}
+
+impl RowScore {
+    /// The score of `token` under `row` (as [`log_sum_exp`] takes the denominator).
+    pub fn of(row: &[f32], token: u32) -> RowScore {
+        let max = largest(row);
+        let logit = row.get(token as usize).copied().unwrap_or(f32::NAN);
+        RowScore { max, sum: exp_sum(row, max), logit }
+    }
+
+    /// The token's negative log-likelihood, in f64: `ln(sum) - (logit - max)`.
+    pub fn nll(&self) -> f64 {
+        self.sum.ln() - f64::from(self.logit - self.max)
+    }
+
+    /// The token's log-probability, as [`log_sum_exp`]'s users round it: `(logit - max) - ln(sum)`
+    /// in f64, then f32.
+    pub fn log_probability(&self) -> f32 {
+        (f64::from(self.logit - self.max) - self.sum.ln()) as f32
+    }
+}
+
+/// Running sums [`exp_sum`] adds a row's exponentials in: column `c` into sum `c % SCORE_LANES`.
+pub const SCORE_LANES: usize = 256;
+
+widest! {
+/// sum(e^(l - max)) over every `l` of `row`, in f64 by [`exp64`] (`l - max` in f32, then
+/// widened): column `c`'s term into running sum `c % SCORE_LANES`, in column order, then the sums
+/// added pairwise — sum `i` plus sum `i + h` for `h` = 128, 64, ..., 1 — into sum 0. The order of
+/// the device's scoring kernel (`rows_scores_*`: a thread a running sum, its loads coalesced, then
+/// a tree), which gives the same bits; on the host a loop the compiler vectorizes (`widest!`),
+/// where libm's `exp` is a call per logit.
+pub fn exp_sum(row: &[f32], max: f32) -> f64 {
+    let mut lanes = [0f64; SCORE_LANES];
+    for chunk in row.chunks(SCORE_LANES) {
+        for (s, &l) in lanes.iter_mut().zip(chunk) {
             *s += exp64(f64::from(l - max));
         }
     }
-    let rest = chunks.remainder().iter().fold(0.0, |s, &l| s + exp64(f64::from(l - max)));
-    (max, (lanes.iter().sum::<f64>() + rest).ln())
+    let mut half = SCORE_LANES / 2;
+    while half >= 1 {
+        let (low, high) = lanes.split_at_mut(half);
+        for (a, &b) in low.iter_mut().zip(&high[..half]) {
+            *a += b;
+        }
+        half /= 2;
+    }
+    lanes[0]
 }
 }
 
@@ -661,33 +710,16 @@ fn total_key(x: f32) -> i32 {
 /// before AVX-512).
 #[inline(always)]
 pub fn exp64(x: f64) -> f64 {
-    const LOG2E: f64 = std::f64::consts::LOG2_E;
-    const LN2_HI: f64 = 0.693_147_180_369_123_8;
-    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    const LOG2E: f64 = EXP_F64.log2e;
+    const LN2_HI: f64 = EXP_F64.ln2_hi;
+    const LN2_LO: f64 = EXP_F64.ln2_lo;
     // Round to nearest by adding 1.5 * 2^52 (the sum's last bit is the integer's).
-    const ROUND: f64 = 6_755_399_441_055_744.0;
-    let c = if x < -746.0 { -746.0 } else { x };
-    let c = if c > 710.0 { 710.0 } else { c };
+    const ROUND: f64 = EXP_F64.round;
+    let c = if x < EXP_F64.low { EXP_F64.low } else { x };
+    let c = if c > EXP_F64.high { EXP_F64.high } else { c };
     let n = (c * LOG2E + ROUND) - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
-    // 1/13!, 1/12!, ..., 1/2!
-    let p = horner(
-        r,
-        &[
-            1.605_904_383_682_161_3e-10,
-            2.087_675_698_786_81e-9,
-            2.505_210_838_544_172e-8,
-            2.755_731_922_398_589e-7,
-            2.755_731_922_398_589_3e-6,
-            2.480_158_730_158_73e-5,
-            1.984_126_984_126_984e-4,
-            1.388_888_888_888_889e-3,
-            8.333_333_333_333_333e-3,
-            4.166_666_666_666_666_4e-2,
-            1.666_666_666_666_666_6e-1,
-            0.5,
-        ],
-    );
+    let p = horner(r, &EXP_F64.poly);
     let er = (p * r) * r + r + 1.0;
     // 2^n as 2^a 2^b, a = floor(n / 2) (n / 2 - 1/4 rounded to nearest) and b = n - a: both
     // within -538..=512, normal doubles.
@@ -700,6 +732,44 @@ pub fn exp64(x: f64) -> f64 {
         y
     }
 }
+
+/// [`exp64`]'s constants, public so that a kernel computing the same exponentials (the device's
+/// scoring, `rows_scores_*`) takes the same bits; the same steps as [`ExpF32`]'s, then `2^n` as
+/// `2^a 2^(n - a)` with `a = ((n 0.5 - 0.25) + round) - round`, each power from the bits of
+/// `k + round` less those of `round`, plus 1023, shifted left 52.
+pub struct ExpF64 {
+    pub log2e: f64,
+    pub ln2_hi: f64,
+    pub ln2_lo: f64,
+    pub round: f64,
+    pub low: f64,
+    pub high: f64,
+    /// 1/13!, 1/12!, ..., 1/2!
+    pub poly: [f64; 12],
+}
+
+pub const EXP_F64: ExpF64 = ExpF64 {
+    log2e: std::f64::consts::LOG2_E,
+    ln2_hi: 0.693_147_180_369_123_8,
+    ln2_lo: 1.908_214_929_270_587_7e-10,
+    round: 6_755_399_441_055_744.0,
+    low: -746.0,
+    high: 710.0,
+    poly: [
+        1.605_904_383_682_161_3e-10,
+        2.087_675_698_786_81e-9,
+        2.505_210_838_544_172e-8,
+        2.755_731_922_398_589e-7,
+        2.755_731_922_398_589_3e-6,
+        2.480_158_730_158_73e-5,
+        1.984_126_984_126_984e-4,
+        1.388_888_888_888_889e-3,
+        8.333_333_333_333_333e-3,
+        4.166_666_666_666_666_4e-2,
+        1.666_666_666_666_666_6e-1,
+        0.5,
+    ],
+};
 
 /// [`exp`]'s constants, public so that a kernel computing the same exponentials (the device's
 /// sampling, `rows_sample_*`) takes the same bits: `e^x = 2^n e^r`, `n` the nearest integer to
@@ -1262,7 +1332,7 @@ mod tests {
     /// this CPU picks change nothing.
     #[test]
     fn log_sum_exp_is_the_f64_sums() {
-        for row in odd_rows(&[0, 1, 2, 7, 9, 64, 1000], 50) {
+        for row in odd_rows(&[0, 1, 2, 7, 9, 64, 255, 256, 257, 1000, 2051], 50) {
             let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let want = row.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln();
             let (got_max, got) = log_sum_exp(&row);
@@ -1271,13 +1341,17 @@ mod tests {
                 (got - want).abs() <= 1e-14 || (got.is_nan() && want.is_nan()) || got == want,
                 "{got} against {want} of {row:?}"
             );
-            let mut lanes = [0f64; 8];
-            let whole = row.len() / 8 * 8;
-            for (i, &l) in row[..whole].iter().enumerate() {
-                lanes[i % 8] += std::hint::black_box(exp64(f64::from(l - max)));
+            // Column c into sum c % 256 in order, then the sums pairwise into sum 0.
+            let mut lanes = vec![0f64; SCORE_LANES];
+            for (i, &l) in row.iter().enumerate() {
+                lanes[i % SCORE_LANES] += std::hint::black_box(exp64(f64::from(l - max)));
             }
-            let rest = row[whole..].iter().fold(0.0, |s, &l| s + exp64(f64::from(l - max)));
-            assert_eq!(got.to_bits(), (lanes.iter().sum::<f64>() + rest).ln().to_bits());
+            while lanes.len() > 1 {
+                let half = lanes.len() / 2;
+                lanes = (0..half).map(|i| lanes[i] + lanes[i + half]).collect();
+            }
+            // (A NaN's sign is whichever operand's the adds met first.)
+            assert!(got.to_bits() == lanes[0].ln().to_bits() || (got.is_nan() && lanes[0].is_nan()), "{row:?}");
         }
         let (_, one) = log_sum_exp(&[3.0, 3.0]);
         assert!((one - 2f64.ln()).abs() < 1e-15);

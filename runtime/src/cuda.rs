@@ -210,6 +210,8 @@ pub struct GpuArtifact {
     /// entry's next run of the same shapes, whatever ran between.
     staged: std::cell::RefCell<crate::gpu::StagedRuns<Staged>>,
     argmax_out: std::cell::RefCell<Option<DeviceBuffer>>,
+    /// [`GpuArtifact::scores_last`]'s tokens and results.
+    scores_out: std::cell::RefCell<Option<DeviceBuffer>>,
     /// Leave every token's pick to the host ([`GpuArtifact::pick_on_host`]).
     host_picks: std::cell::Cell<bool>,
     /// Runs dumped per entry (`V3R_DUMP_DIR`).
@@ -377,6 +379,7 @@ impl GpuArtifact {
             graphs: std::cell::RefCell::new(Vec::new()),
             staged: std::cell::RefCell::new(crate::gpu::StagedRuns::default()),
             argmax_out: std::cell::RefCell::new(None),
+            scores_out: std::cell::RefCell::new(None),
             host_picks: std::cell::Cell::new(false),
             dumped_runs: std::cell::RefCell::new(HashMap::new()),
             run_plans: Default::default(),
@@ -717,20 +720,7 @@ impl GpuArtifact {
     /// [`GpuArtifact::argmax_last`] (`draws` None: every row greedy) and
     /// [`GpuArtifact::sample_last`].
     fn pick_last(&self, entry: &str, draws: Option<&[v3c_models::sampling::Draw]>) -> Result<Option<Vec<u32>>, String> {
-        let plan = self.entry_plan(entry)?;
-        let sizes = match self.last_inputs.borrow().as_ref() {
-            Some((e, shapes)) if e == entry => plan.bind(shapes)?,
-            _ => return Err(format!("{entry}: no completed run to pick tokens from")),
-        };
-        let (_, id) =
-            plan.outputs.iter().find(|(n, _)| n == "logits").ok_or_else(|| format!("{entry} has no logits"))?;
-        let b = &plan.buffers[*id];
-        let BufferKind::Arena { offset } = b.kind else { return Err("logits outside the arena".into()) };
-        let logits = crate::abi::Buf {
-            addr: self.bindings.arena + offset,
-            shape: shape_at(&b.dims, sizes),
-            element: crate::abi::element_name(&b.dtype).ok_or_else(|| format!("logits of {}", b.dtype))?,
-        };
+        let logits = self.last_logits(entry)?;
         let rows = logits.shape.first().copied().unwrap_or(0);
         if let Some(d) = draws.filter(|d| d.len() != rows) {
             return Err(format!("{entry}: {} draws for {rows} rows of logits", d.len()));
@@ -801,6 +791,75 @@ impl GpuArtifact {
             picked.push(u32::try_from(t).map_err(|_| format!("{entry}: row {r} picked token {t}"))?);
         }
         Ok(Some(picked))
+    }
+
+    /// The `logits` output of the last run of `entry`, where it lies in the arena.
+    fn last_logits(&self, entry: &str) -> Result<crate::abi::Buf, String> {
+        let plan = self.entry_plan(entry)?;
+        let sizes = match self.last_inputs.borrow().as_ref() {
+            Some((e, shapes)) if e == entry => plan.bind(shapes)?,
+            _ => return Err(format!("{entry}: no completed run to take logits from")),
+        };
+        let (_, id) =
+            plan.outputs.iter().find(|(n, _)| n == "logits").ok_or_else(|| format!("{entry} has no logits"))?;
+        let b = &plan.buffers[*id];
+        let BufferKind::Arena { offset } = b.kind else { return Err("logits outside the arena".into()) };
+        Ok(crate::abi::Buf {
+            addr: self.bindings.arena + offset,
+            shape: shape_at(&b.dims, sizes),
+            element: crate::abi::element_name(&b.dtype).ok_or_else(|| format!("logits of {}", b.dtype))?,
+        })
+    }
+
+    /// Each `logits` row r of the last run of `entry` scored for `tokens[r]` on the device by the
+    /// artifact's scoring kernel: [`v3c_models::sampling::RowScore::of`], bit for bit; only 16
+    /// bytes a row read back. None when the artifact has no scoring kernel.
+    pub fn scores_last(
+        &self,
+        entry: &str,
+        tokens: &[i32],
+    ) -> Result<Option<Vec<v3c_models::sampling::RowScore>>, String> {
+        let logits = self.last_logits(entry)?;
+        let rows = logits.shape.first().copied().unwrap_or(0);
+        if tokens.len() != rows {
+            return Err(format!("{entry}: {} tokens to score for {rows} rows of logits", tokens.len()));
+        }
+        // One device buffer: the sums (f64 bits), the maxima, the tokens' logits, the tokens.
+        let mut held = self.scores_out.borrow_mut();
+        if held.as_ref().is_none_or(|d| d.bytes < 20 * rows) {
+            *held = Some(DeviceBuffer::new(20 * rows.max(1), "token scores")?);
+        }
+        let base = held.as_ref().map_or(0, |d| d.ptr);
+        let at = |k: u64| base + k * rows as u64;
+        let (sum, max, logit, token) = (at(0), at(8), at(12), at(16));
+        let Some(launch) = Expander::new(&self.artifact)?.scores_launch(&logits, token, [sum, max, logit])? else {
+            return Ok(None);
+        };
+        if rows == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        // SAFETY: the buffer holds `rows` i32 at `token`.
+        unsafe { result::memcpy_htod_sync(token, &bytes) }.map_err(cuda("uploading tokens to score"))?;
+        self.enqueue(entry, &launch, 0)?;
+        // SAFETY: our stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: scoring tokens")))?;
+        let mut out = vec![0u8; 16 * rows];
+        // SAFETY: the buffer's first 16 `rows` bytes: the sums, maxima and logits.
+        unsafe { result::memcpy_dtoh_sync(&mut out, sum) }.map_err(cuda("reading token scores"))?;
+        let word = |o: usize| [out[o], out[o + 1], out[o + 2], out[o + 3]];
+        Ok(Some(
+            (0..rows)
+                .map(|r| {
+                    let s = u64::from_le_bytes(std::array::from_fn(|i| out[8 * r + i]));
+                    v3c_models::sampling::RowScore {
+                        sum: f64::from_bits(s),
+                        max: f32::from_le_bytes(word(8 * rows + 4 * r)),
+                        logit: f32::from_le_bytes(word(12 * rows + 4 * r)),
+                    }
+                })
+                .collect(),
+        ))
     }
 
     /// Enqueues action `i` of a staged run on the stream.

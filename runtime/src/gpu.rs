@@ -195,6 +195,16 @@ impl<'a> Expander<'a> {
         self.pick_launch("sampling kernel", kernel, logits, &per_row)
     }
 
+    /// The launch of the artifact's scoring kernel over `logits` (`[rows, vocab]` f32) for the
+    /// tokens at `token` (`rows` i32) into `[sum, max, logit]` (`rows` i64 — an f64's bits —, f32
+    /// and f32 each), or None when the artifact has none.
+    pub fn scores_launch(&self, logits: &Buf, token: u64, outs: [u64; 3]) -> Result<Option<KernelLaunch>, String> {
+        let kernel = self.artifact.lowering.as_ref().and_then(|l| l.scores.as_ref());
+        let [sum, max, logit] = outs;
+        let per_row = [(token, "i32"), (sum, "i64"), (max, "f32"), (logit, "f32")];
+        self.pick_launch("scoring kernel", kernel, logits, &per_row)
+    }
+
     /// The launch of a row kernel picking tokens (`what`, `kernel` if the artifact has it) over
     /// `logits` and a vector of `rows` elements at each of `per_row` (address, element type).
     fn pick_launch(
@@ -757,12 +767,13 @@ impl Expander<'_> {
         let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
         let argmax = self.argmax_launch(&logits, addr())?;
         let sample = self.sample_launch(&logits, [addr(), addr(), addr(), addr(), addr()], addr())?;
+        let scores = self.scores_launch(&logits, addr(), [addr(), addr(), addr()])?;
         // A training step's optimizer kernels, over a tensor of three blocks.
         let optimizer = match crate::optimizer::OptimizerKernels::of(artifact)? {
             Some(o) => o.samples(3 * 4096 + 7, &mut addr)?,
             None => Vec::new(),
         };
-        for k in argmax.into_iter().chain(sample).chain(optimizer) {
+        for k in argmax.into_iter().chain(sample).chain(scores).chain(optimizer) {
             let want = declared.get(k.kernel.as_str()).copied().unwrap_or(0);
             if k.params.len() != want {
                 return Err(format!(

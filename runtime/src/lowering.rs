@@ -39,6 +39,12 @@ pub struct Lowering {
     /// where the host must draw): the host sampler's draw from the same logits, bit for bit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample: Option<String>,
+    /// Log-probabilities' sums on the device: a row kernel taking logits `[rows, vocab]` (f32) and
+    /// a token per row `[rows]` (i32) to softmax's denominator `sum(e^(l - max))` (the bits of an
+    /// f64, as i64; [`v3c_models::sampling::exp_sum`]'s, bit for bit), the largest logit and the
+    /// token's logit (f32; NaN past the row), `[rows]` each: 16 bytes a row to read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<String>,
     /// The decode caches' rows (S of `[B, S, C]`) must be a multiple of this: they are bf16 pages
     /// of that many rows, read in place by the tensor-core decode attention (sessions round their
     /// caches up). Absent: any number of rows.
@@ -536,6 +542,9 @@ impl Lowering {
         if let Some(k) = self.sample.as_ref().filter(|k| !known(k)) {
             return Err(format!("sampling kernel {k} is not in the manifest"));
         }
+        if let Some(k) = self.scores.as_ref().filter(|k| !known(k)) {
+            return Err(format!("scoring kernel {k} is not in the manifest"));
+        }
         if let Some(o) = &self.optimizer {
             if o.chunk == 0 {
                 return Err("the optimizer's kernels take blocks of 0 elements".into());
@@ -749,6 +758,7 @@ mod tests {
             }],
             argmax: None,
             sample: None,
+            scores: None,
             cache_rows_multiple: None,
             optimizer: None,
         };

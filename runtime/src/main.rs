@@ -214,6 +214,11 @@ struct PerplexityArgs {
     /// Print one JSON object instead of a line.
     #[arg(long)]
     json: bool,
+    /// Read every window's logits back and score them on the host, though a GPU artifact's
+    /// scoring kernel would score them on the device (the same bits: 16 bytes a token read back,
+    /// not the vocabulary's logits). For timing the two against each other.
+    #[arg(long)]
+    score_on_host: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -909,6 +914,10 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         put("device_picks", serde_json::json!({ "argmax": l.argmax, "sample": l.sample }));
         if !picks.is_empty() {
             line(format!("tokens picked on the device: {}", picks.join(", ")));
+        }
+        put("device_scores", serde_json::json!(l.scores));
+        if let Some(k) = &l.scores {
+            line(format!("tokens scored on the device (perplexity): by {k}"));
         }
     }
     if m.target.name == "cpu" {
@@ -2210,8 +2219,9 @@ fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
     .collect();
     tokens.truncate(args.max_tokens.unwrap_or(usize::MAX));
     a.check_weights(&args.weights).map_err(Failure::Other)?;
-    let (program, kind) = load_program(a, &args.weights, args.device, false)?;
+    let (program, kind) = load_program(a, &args.weights, args.device, args.score_on_host)?;
     let at = |e: String| Failure::Other(format!("{}: {e}", args.artifact.display()));
+    let scored_on = if program.device_scores() { "scored on the device" } else { "scored on the host" };
     let (_, max_prompt, _) = serving_limits(program.as_ref(), None).map_err(at)?;
     let window = args.window.unwrap_or(max_prompt.min(tokens.len().max(2)));
     if window > max_prompt {
@@ -2237,12 +2247,12 @@ fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
             serde_json::json!({
                 "perplexity": p.perplexity(), "mean_nll": p.mean_nll(), "tokens_scored": p.tokens,
                 "windows": p.windows, "window": window, "stride": stride, "seconds": p.seconds,
-                "tokens_per_s": tokens_per_s, "artifact": kind,
+                "tokens_per_s": tokens_per_s, "artifact": kind, "scored_on_device": program.device_scores(),
             })
         );
     } else {
         println!(
-            "perplexity {:.4} (mean NLL {:.5} nats over {} tokens, {} windows of {window} every {stride}; {:.1} tok/s, {kind})",
+            "perplexity {:.4} (mean NLL {:.5} nats over {} tokens, {} windows of {window} every {stride}; {:.1} tok/s, {kind}, {scored_on})",
             p.perplexity(),
             p.mean_nll(),
             p.tokens,

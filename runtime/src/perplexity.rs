@@ -59,8 +59,7 @@ pub fn windows(len: usize, window: usize, stride: usize) -> Result<Vec<(usize, u
 /// Negative log-likelihood of `token` under softmax(`logits`), in f64
 /// ([`log_sum_exp`](v3c_models::sampling::log_sum_exp)).
 fn nll(logits: &[f32], token: u32) -> f64 {
-    let (max, log_sum) = v3c_models::sampling::log_sum_exp(logits);
-    log_sum - logits.get(token as usize).map_or(f64::NAN, |&l| f64::from(l - max))
+    v3c_models::sampling::RowScore::of(logits, token).nll()
 }
 
 /// Perplexity of `program`'s model over `tokens` ([`windows`] of `window` every `stride`),
@@ -78,23 +77,33 @@ pub fn perplexity(
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     for (w, &(begin, end, scored)) in plan.iter().enumerate() {
         let mut session = ArtifactSession::new(program, end - begin)?;
-        let (rows, vocab) = session.prefill_rows(&tokens[begin..end]).map_err(|e| format!("window {w}: {e}"))?;
-        // Token k is predicted by the logits of row k - 1 of the window; the rows on all cores.
         let targets: Vec<usize> = (scored..end).collect();
-        let per_thread = targets.len().div_ceil(threads).max(1);
-        let sums: Vec<f64> = std::thread::scope(|scope| {
-            let rows = &rows;
-            let handles: Vec<_> = targets
-                .chunks(per_thread)
-                .map(|ks| {
-                    scope.spawn(move || {
-                        ks.iter().map(|&k| nll(&rows[(k - begin - 1) * vocab..(k - begin) * vocab], tokens[k])).sum()
+        // Token k is predicted by the logits of row k - 1 of the window: scored where the program
+        // runs where it can (the same bits), else the rows read back and scored on all cores; the
+        // tokens' NLLs added in order either way.
+        let nlls: Vec<f64> =
+            match session.prefill_scores(&tokens[begin..end]).map_err(|e| format!("window {w}: {e}"))? {
+                Some(scores) => targets.iter().map(|&k| scores[k - begin - 1].nll()).collect(),
+                None => {
+                    let (rows, vocab) =
+                        session.prefill_rows(&tokens[begin..end]).map_err(|e| format!("window {w}: {e}"))?;
+                    let per_thread = targets.len().div_ceil(threads).max(1);
+                    std::thread::scope(|scope| {
+                        let rows = &rows;
+                        let handles: Vec<_> = targets
+                            .chunks(per_thread)
+                            .map(|ks| {
+                                scope.spawn(move || {
+                                    let row = |k: usize| &rows[(k - begin - 1) * vocab..(k - begin) * vocab];
+                                    ks.iter().map(|&k| nll(row(k), tokens[k])).collect::<Vec<f64>>()
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|_| vec![f64::NAN])).collect()
                     })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(f64::NAN)).collect()
-        });
-        result.nll += sums.iter().sum::<f64>();
+                }
+            };
+        result.nll += nlls.iter().sum::<f64>();
         result.tokens += targets.len();
         progress(w + 1, plan.len());
     }

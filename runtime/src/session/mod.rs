@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use crate::host::{HostBuffer, HostData};
 use crate::pages::DecodeCaches;
 use crate::plan::{EntryPlan, PAGE_POOL};
+use v3c_models::sampling::RowScore;
 
 mod batch;
 mod program;
@@ -258,6 +259,9 @@ mod tests {
         argmax: bool,
         /// Draws sampled tokens itself too (as the device's sampling kernel: the host's draws).
         sample: bool,
+        /// Scores tokens itself (as the device's scoring kernel: the host's bits), from the last
+        /// run's logits.
+        scores: bool,
         last_logits: RefCell<Vec<Vec<f32>>>,
         logits_read: RefCell<usize>,
         /// Decode caches' rows must be a multiple of this; they come back in bf16 when `bf16`.
@@ -294,6 +298,7 @@ mod tests {
                 uploads: RefCell::new(0),
                 argmax: false,
                 sample: false,
+                scores: false,
                 last_logits: RefCell::new(Vec::new()),
                 logits_read: RefCell::new(0),
                 multiple: 1,
@@ -417,6 +422,18 @@ mod tests {
             Ok(draws.iter().enumerate().map(draw).collect())
         }
 
+        fn device_scores(&self) -> bool {
+            self.scores
+        }
+
+        fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
+            let logits = self.last_logits.borrow();
+            if tokens.len() != logits.len() {
+                return Err(format!("{entry}: {} tokens for {} rows", tokens.len(), logits.len()));
+            }
+            Ok(logits.iter().zip(tokens).map(|(l, &t)| RowScore::of(l, u32::try_from(t).unwrap_or(u32::MAX))).collect())
+        }
+
         fn run_keeping(
             &self,
             entry: &str,
@@ -487,6 +504,10 @@ mod tests {
                 let cache = HostBuffer { shape: vec![rows, WIDTH], data: HostData::F32(cache) };
                 if wanted.contains(&"kv_cache.0") {
                     out.insert("kv_cache.0".into(), cache);
+                }
+                *self.last_logits.borrow_mut() = logits.chunks(VOCAB).map(<[f32]>::to_vec).collect();
+                if wanted.contains(&"logits") {
+                    *self.logits_read.borrow_mut() += 1;
                 }
                 out.insert(
                     "logits".into(),
@@ -641,6 +662,37 @@ mod tests {
         *device.device.borrow_mut() = None;
         assert_eq!(s.decode(4).unwrap_err(), "nothing resident");
         assert_eq!(s.decode(4).unwrap_err(), "kv_cache.0: no data for its shape");
+    }
+
+    /// A program that scores tokens itself (as the device's scoring kernel does) gives a stream's
+    /// perplexity with the host's bits and reads no prompt's logits back: windows of several
+    /// chunks, overlapping and not; a session's prompt scored row by row as the host scores it.
+    #[test]
+    fn tokens_scored_where_the_program_runs_are_the_hosts() {
+        let stream: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
+        for (window, stride) in [(10, 10), (13, 5), (32, 32)] {
+            let host = Toy::new(true);
+            let want = crate::perplexity::perplexity(&host, &stream, window, stride, &mut |_, _| {}).unwrap();
+            assert!(*host.logits_read.borrow() > 0);
+            let scoring = Toy { scores: true, ..Toy::new(true) };
+            let got = crate::perplexity::perplexity(&scoring, &stream, window, stride, &mut |_, _| {}).unwrap();
+            assert_eq!((got.tokens, got.nll.to_bits()), (want.tokens, want.nll.to_bits()), "{window} / {stride}");
+            assert_eq!(*scoring.logits_read.borrow(), 0, "no logits read back");
+            assert!(got.nll.is_finite() && got.nll > 0.0);
+        }
+        let scoring = Toy { scores: true, ..Toy::new(true) };
+        let prompt = [3u32, 5, 1, 7, 2, 9, 4, 4, 8, 1];
+        let scores = ArtifactSession::new(&scoring, 16).unwrap().prefill_scores(&prompt).unwrap().unwrap();
+        let (rows, vocab) = ArtifactSession::new(&Toy::new(true), 16).unwrap().prefill_rows(&prompt).unwrap();
+        assert_eq!(scores.len(), prompt.len());
+        for (i, s) in scores.iter().enumerate() {
+            let row = &rows[i * vocab..(i + 1) * vocab];
+            match prompt.get(i + 1) {
+                Some(&t) => assert_eq!(*s, RowScore::of(row, t)),
+                None => assert!(s.logit.is_nan() && s.sum == RowScore::of(row, 0).sum),
+            }
+        }
+        assert!(ArtifactSession::new(&Toy::new(true), 16).unwrap().prefill_scores(&prompt).unwrap().is_none());
     }
 
     /// A program that draws sampled tokens itself (as the device's sampling kernel does) gives the

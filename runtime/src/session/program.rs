@@ -7,12 +7,15 @@ pub use v3c_models::sampling::Draw;
 
 /// Which logits a run of a prompt's chunk reads back: a prompt's last chunk needs its last row to
 /// sample the next token, the chunks before it none; scoring a prompt (perplexity, `v3r logits`,
-/// echoed log-probabilities) needs every row.
+/// echoed log-probabilities) needs every row — or, scored where the program runs
+/// ([`Program::scores_last`]), none read back though every row is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkLogits {
     All,
     Last,
     None,
+    /// Every row computed and left where the program keeps them.
+    Kept,
 }
 
 /// What a session runs its entries on: a `cpu` artifact ([`crate::cpu::CpuArtifact`]) or a GPU
@@ -127,6 +130,17 @@ pub trait Program {
     fn sample_last(&self, entry: &str, draws: &[Draw]) -> Result<Vec<u32>, String> {
         let _ = draws;
         Err(format!("{entry}: this program draws no tokens itself"))
+    }
+    /// Whether [`Program::scores_last`] scores tokens where the program runs (GPU artifacts with a
+    /// scoring kernel: the logits are then not read back).
+    fn device_scores(&self) -> bool {
+        false
+    }
+    /// Each `logits` row r of the last run of `entry` scored for `tokens[r]` where the program
+    /// keeps them: [`RowScore::of`] (bit for bit; a negative token: a NaN logit).
+    fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
+        let _ = tokens;
+        Err(format!("{entry}: this program scores no tokens itself"))
     }
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
     /// where they are (the GPU times its launches with CUDA events, inputs uploaded once); the
@@ -278,6 +292,12 @@ impl Program for crate::cuda::GpuArtifact {
     fn sample_last(&self, entry: &str, draws: &[Draw]) -> Result<Vec<u32>, String> {
         crate::cuda::GpuArtifact::sample_last(self, entry, draws)?
             .ok_or_else(|| format!("{entry}: no sampling or argmax kernel"))
+    }
+    fn device_scores(&self) -> bool {
+        !self.picks_on_host() && self.artifact.lowering.as_ref().is_some_and(|l| l.scores.is_some())
+    }
+    fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
+        crate::cuda::GpuArtifact::scores_last(self, entry, tokens)?.ok_or_else(|| format!("{entry}: no scoring kernel"))
     }
 }
 

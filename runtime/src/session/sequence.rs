@@ -109,6 +109,32 @@ impl<'a> ArtifactSession<'a> {
         Ok((logits, vocab))
     }
 
+    /// Feeds `tokens` (the prompt) and scores each of its rows where the program runs
+    /// ([`Program::scores_last`]: only the scores read back): row i for `tokens[i + 1]`, the last
+    /// row for none (a NaN logit). None where the program scores no tokens itself.
+    pub fn prefill_scores(&mut self, tokens: &[u32]) -> Result<Option<Vec<RowScore>>, String> {
+        if !self.program.device_scores() {
+            return Ok(None);
+        }
+        let chunks = self.prefill_chunks(tokens)?;
+        let chunk = self.program.entry_plan("prefill")?.sizes.rows;
+        let mut scores = Vec::with_capacity(tokens.len());
+        for k in 0..chunks {
+            self.prefill_chunk(tokens, k, ChunkLogits::Kept)?;
+            let rows = (k * chunk..((k + 1) * chunk).min(tokens.len())).map(|i| match tokens.get(i + 1) {
+                Some(&t) => i32::try_from(t).unwrap_or(-1),
+                None => -1,
+            });
+            let rows: Vec<i32> = rows.collect();
+            let got = self.program.scores_last("prefill", &rows)?;
+            if got.len() != rows.len() {
+                return Err(format!("prefill scored {} rows of {}", got.len(), rows.len()));
+            }
+            scores.extend(got);
+        }
+        Ok(Some(scores))
+    }
+
     /// How many chunks of the prefill plan's rows feed `tokens` after the rows the session holds
     /// (refused where the session or the plan cannot hold them).
     pub(super) fn prefill_chunks(&self, tokens: &[u32]) -> Result<usize, String> {
@@ -163,6 +189,7 @@ impl<'a> ArtifactSession<'a> {
             inputs.insert("mtp_tokens".into(), ids(next.take(piece.len()).collect()));
         }
         let last_row = format!("logits{}", crate::plan::LAST_ROW);
+        let no_rows = format!("logits{}", crate::plan::NO_ROWS);
         // Only the launches these need: not the MTP module's past its cache row, whose logits a
         // prompt's chunk never reads, nor without logits the model's head.
         let (mut wanted, carried): (Vec<&str>, &[&str]) = match carry {
@@ -173,11 +200,12 @@ impl<'a> ArtifactSession<'a> {
             ChunkLogits::All => wanted.push("logits"),
             ChunkLogits::Last => wanted.push(&last_row),
             ChunkLogits::None => {}
+            ChunkLogits::Kept => wanted.push(&no_rows),
         }
         let ran = self.program.run_carrying("prefill", &inputs, &wanted, resident, carried);
         let mut out = ran.inspect_err(|_| restore(&mut self.state, &mut inputs, &self.caches))?;
         let rows = match want {
-            ChunkLogits::None => None,
+            ChunkLogits::None | ChunkLogits::Kept => None,
             ChunkLogits::All => Some(out.remove("logits").ok_or("the entry has no logits")?),
             // A program that reads back whole outputs only gives every row.
             ChunkLogits::Last => Some(match out.remove(&last_row) {

@@ -600,6 +600,22 @@ impl ModelKernels {
         Ok(k)
     }
 
+    /// Scoring over `vocab` columns ([`rows::RowOp::Scores`]: softmax's denominator as the host
+    /// sums it, the largest logit and a token's logit a row), which the runtime launches where a
+    /// run wants log-probabilities (then the logits are not read back).
+    pub fn scoring(
+        &mut self,
+        context: &Context,
+        vocab: usize,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+    ) -> Result<rows::RowKernel, Sm90Error> {
+        let k = rows::RowKernel::new(rows::RowOp::Scores, vocab, "f32");
+        k.validate(target).map_err(|problem| Sm90Error::Config { kernel: "scores".into(), problem })?;
+        self.row_kernel(context, &k, target, ptxas, &mut |_| {})?;
+        Ok(k)
+    }
+
     /// A training step's optimizer on the device ([`OPTIMIZER_CHUNK`] elements a block): the
     /// gradients summed over windows, their squares per block, AdamW
     /// ([`rows::TrainRow::GradAccum`], [`rows::TrainRow::SumSquares`], [`rows::TrainRow::AdamW`]).

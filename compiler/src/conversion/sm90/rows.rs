@@ -28,6 +28,7 @@ mod matmul;
 mod mla_mma;
 mod mla_train;
 mod sample;
+mod scores;
 mod train;
 pub use sample::NUCLEUS_CAP;
 pub use train::{Mla, TrainRow};
@@ -234,6 +235,11 @@ pub enum RowOp {
     /// host sampler draws ([`v3c_models::sampling::draw_every_token`]), bit for bit; -1 where the
     /// temperature is not above 0 (greedy rows are the argmax's). See [`sample`].
     Sample,
+    /// What a row's log-probabilities need (`x [rows, d]` f32, `token [rows]` i32 -> `sum
+    /// [rows]` the bits of an f64, `max [rows]` f32, `logit [rows]` f32): softmax's denominator
+    /// `sum(e^(l - max))`, the host's bits ([`v3c_models::sampling::exp_sum`]), the largest logit,
+    /// the token's logit (NaN past the row). See [`scores`].
+    Scores,
     /// A kernel of the training step ([`TrainRow`]).
     Train(TrainRow),
 }
@@ -278,6 +284,8 @@ impl RowKernel {
             // A row is one block's (decode's few rows): its blocks' sums two a thread (at 512 threads
             // ptxas holds the kernel to 128 registers, and the top-p and top-k draw spills there).
             RowOp::Sample => 256,
+            // A thread a running sum of the host's (`SCORE_LANES`).
+            RowOp::Scores => v3c_models::sampling::SCORE_LANES,
             // A latent row's keys and values: every head's nope and value columns.
             RowOp::MlaKeys { heads, nope, v, .. } => (heads * (nope + v) / 8).next_power_of_two().clamp(32, 256),
             _ => (d / 8).next_power_of_two().clamp(32, 256),
@@ -346,6 +354,7 @@ impl RowKernel {
             }
             RowOp::Argmax => format!("rows_argmax_d{d}_t{t}"),
             RowOp::Sample => format!("rows_sample_d{d}_t{t}"),
+            RowOp::Scores => format!("rows_scores_d{d}_t{t}"),
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::SplitBf16T => format!("rows_splitbf16t_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
@@ -555,6 +564,12 @@ impl RowKernel {
                 let op = RowOp::Concat { second: number(b, 'b')? };
                 Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
             }
+            ("scores", [d, t]) => Some(RowKernel {
+                op: RowOp::Scores,
+                d: number(d, 'd')?,
+                weight: "f32".into(),
+                threads: number(t, 't')?,
+            }),
             ("sample", [d, t]) => Some(RowKernel {
                 op: RowOp::Sample,
                 d: number(d, 'd')?,
@@ -672,6 +687,13 @@ impl RowKernel {
                 ("scale", "memref<?x?xf32>".into()),
             ],
             RowOp::Argmax => vec![("x", "memref<?x?xf32>".to_string()), ("idx", "memref<?xi32>".into())],
+            RowOp::Scores => vec![
+                ("x", "memref<?x?xf32>".to_string()),
+                ("token", "memref<?xi32>".into()),
+                ("sum", "memref<?xi64>".into()),
+                ("max", "memref<?xf32>".into()),
+                ("logit", "memref<?xf32>".into()),
+            ],
             RowOp::Sample => vec![
                 ("x", "memref<?x?xf32>".to_string()),
                 ("temperature", "memref<?xf32>".into()),
@@ -854,7 +876,7 @@ impl RowKernel {
             RowOp::MlaLengths => "positions",
             RowOp::MlaHeadsOut { quantize: true, .. } => "q",
             RowOp::MlaHeadsOut { quantize: false, .. } => "y",
-            RowOp::Argmax | RowOp::Sample => "x",
+            RowOp::Argmax | RowOp::Sample | RowOp::Scores => "x",
             // One block per (sequence, head): see `blocks_per_row`.
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
@@ -911,6 +933,7 @@ impl RowKernel {
             }
             RowOp::Argmax => vec![("sh_key", self.threads), ("sh_idx", self.threads)],
             RowOp::Sample => sample::shared(self.d, self.threads),
+            RowOp::Scores => scores::shared(self.threads),
             RowOp::SplitRope { .. }
             | RowOp::SiluMul { quantize: false }
             | RowOp::Copy
@@ -996,6 +1019,9 @@ impl RowKernel {
         }
         if let RowOp::Train(op) = self.op {
             op.check(&name, self.d)?;
+        }
+        if self.op == RowOp::Scores {
+            scores::check(self.threads).map_err(|e| format!("{name}: {e}"))?;
         }
         if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
@@ -1512,6 +1538,7 @@ scf.if %mine {{
         match self.op {
             RowOp::Train(op) => op.phases(self, lowering),
             RowOp::Sample => sample::phases(self, lowering),
+            RowOp::Scores => scores::phases(self, lowering),
             RowOp::MlaAbsorbMma { .. } => {
                 let a = self.absorb().expect("the tensor-core absorb");
                 a.phases(self.d, lowering, &sh("sh_mma"))

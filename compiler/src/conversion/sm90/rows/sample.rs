@@ -272,21 +272,12 @@ fn block_span(b: &str, p: &str) -> String {
     )
 }
 
-pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
-    let sh = |name: &str| kernel.shared_type(name, lowering);
-    let (sh_max, sh_bsum, sh_w, sh_hit, sh_r) = (sh("sh_max"), sh("sh_bsum"), sh("sh_w"), sh("sh_hit"), sh("sh_r"));
-    let (sh_mass, sh_cnt, sh_aux, sh_nkey) = (sh("sh_mass"), sh("sh_cnt"), sh("sh_aux"), sh("sh_nkey"));
-    let sh_bmax = sh("sh_bmax");
-    let hist = Histogram { mass: sh_mass.clone(), cnt: sh_cnt.clone(), bmax: sh_bmax.clone(), aux: sh_aux.clone() };
-    let values = row_values(kernel, &sh_max);
-    // The row's base and stride on 16 bytes: its columns 4 at a time (the sm_90a lowering).
-    let gpu = lowering == Lowering::Gpu;
-    let check = aligned("al", 16, &[("%x", "memref<?x?xf32>", 4)]);
-    let wide = if gpu { "%al" } else { "%false_al" };
-    let check = format!("{check}%false_al = arith.constant false\n");
-    // The largest logit: NaNs passed over (a comparison a NaN never wins), -inf for none. Where
-    // wide, UNROLL chunks of 4 columns a step (their loads first; a chunk past the row's whole
-    // chunks is chunk 0 again), then the columns past the whole chunks; else a column at a time.
+/// The phase storing each thread's largest logit of the row into `%sh_max[%tid]` (after
+/// `check`, which sets `wide`: the row on 16 bytes), NaNs passed over (a comparison a NaN never
+/// wins), -inf for none: where wide, [`UNROLL`] chunks of 4 columns a step (their loads first; a
+/// chunk past the row's whole chunks is chunk 0 again), then the columns past the whole chunks;
+/// else a column at a time. Then [`max_tree`].
+pub(super) fn max_phase(kernel: &RowKernel, check: &str, wide: &str, sh_max: &str) -> String {
     let mut loads = String::new();
     let mut maxes = String::new();
     for u in 0..UNROLL {
@@ -316,7 +307,7 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
         let _ = writeln!(steps, "%cT{u} = arith.constant {} : index", u * kernel.threads);
     }
     let last = UNROLL - 1;
-    let mut phases = vec![format!(
+    format!(
         "{check}%ninf = arith.constant 0xFF800000 : f32
 %cVec = arith.constant {VEC} : index
 %cVecs = arith.divui %cD, %cVec : index
@@ -343,7 +334,39 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
   scf.yield %n : f32
 }}
 memref.store %mx, %sh_max[%tid] : {sh_max}
-// The top-p histogram and bookkeeping, zeroed.
+",
+        step = UNROLL * kernel.threads,
+    )
+}
+
+/// The tree of phases taking the threads' largest logits (`%sh_max`) into `%sh_max[0]`.
+pub(super) fn max_tree(threads: usize, sh_max: &str) -> Vec<String> {
+    tree_phases(
+        threads,
+        &format!(
+            "%a = memref.load %sh_max[%tid] : {sh_max}
+%b = memref.load %sh_max[%other] : {sh_max}
+%gt = arith.cmpf ogt, %b, %a : f32
+%n = arith.select %gt, %b, %a : f32
+memref.store %n, %sh_max[%tid] : {sh_max}"
+        ),
+    )
+}
+
+pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
+    let sh = |name: &str| kernel.shared_type(name, lowering);
+    let (sh_max, sh_bsum, sh_w, sh_hit, sh_r) = (sh("sh_max"), sh("sh_bsum"), sh("sh_w"), sh("sh_hit"), sh("sh_r"));
+    let (sh_mass, sh_cnt, sh_aux, sh_nkey) = (sh("sh_mass"), sh("sh_cnt"), sh("sh_aux"), sh("sh_nkey"));
+    let sh_bmax = sh("sh_bmax");
+    let hist = Histogram { mass: sh_mass.clone(), cnt: sh_cnt.clone(), bmax: sh_bmax.clone(), aux: sh_aux.clone() };
+    let values = row_values(kernel, &sh_max);
+    // The row's base and stride on 16 bytes: its columns 4 at a time (the sm_90a lowering).
+    let gpu = lowering == Lowering::Gpu;
+    let check = aligned("al", 16, &[("%x", "memref<?x?xf32>", 4)]);
+    let wide = if gpu { "%al" } else { "%false_al" };
+    let check = format!("{check}%false_al = arith.constant false\n");
+    let mut phases = vec![format!(
+        "{max}// The top-p histogram and bookkeeping, zeroed.
 %cBins = arith.constant {BINS} : index
 %zero_i = arith.constant 0 : i32
 %zero_d = arith.constant 0.0 : f64
@@ -363,19 +386,10 @@ scf.for %i = %tid to %cKeys step %cT {{
   memref.store %zero_key, %sh_nkey[%i] : {sh_nkey}
 }}
 ",
-        step = UNROLL * kernel.threads,
+        max = max_phase(kernel, &check, wide, &sh_max),
         cap = nucleus_cap(kernel.d),
     )];
-    phases.extend(tree_phases(
-        kernel.threads,
-        &format!(
-            "%a = memref.load %sh_max[%tid] : {sh_max}
-%b = memref.load %sh_max[%other] : {sh_max}
-%gt = arith.cmpf ogt, %b, %a : f32
-%n = arith.select %gt, %b, %a : f32
-memref.store %n, %sh_max[%tid] : {sh_max}"
-        ),
-    ));
+    phases.extend(max_tree(kernel.threads, &sh_max));
     // Every block's sum, a thread's: its LANES running sums over its whole chunks of 8 in order
     // (where wide and the block whole, UNROLL chunks of 4 columns a step, loaded first), the lanes
     // added in order, then its columns past its whole chunks.

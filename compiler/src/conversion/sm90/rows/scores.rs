@@ -1,0 +1,324 @@
+//! Scoring on the device ([`RowOp::Scores`](super::RowOp::Scores)): what a row's log-probabilities
+//! need — its largest logit, softmax's denominator `sum(e^(l - max))` in f64, and one token's
+//! logit — so that a perplexity run, a scored prompt or a step asking for its token's
+//! log-probability reads back 16 bytes a row, not the row (517 KB of DeepSeek-V3's vocabulary);
+//! the host takes the logarithm ([`v3c_models::sampling::log_sum_exp`]'s, bit for bit).
+//!
+//! The host's order, kept here ([`v3c_models::sampling::exp_sum`]): `l - max` in f32, widened,
+//! `e^x` by [`v3c_models::sampling::exp64`]'s polynomial operation for operation (no fused
+//! multiply-adds); column `c`'s term into running sum `c % 256` in column order — thread `c % 256`
+//! of the block, its loads coalesced, [`UNROLL`] of them before their first use — then the sums
+//! added pairwise (`i + h` into `i`, `h` = 128 .. 1) into the row's. The largest logit is the
+//! sampling kernel's ([`super::sample::max_phase`]).
+
+use std::fmt::Write;
+
+use v3c_models::sampling::{EXP_F64, SCORE_LANES};
+
+use super::sample::{max_phase, max_tree};
+use super::{aligned, indent2, tree_phases, Lowering, RowKernel};
+
+/// Columns a thread loads before adding their terms.
+const UNROLL: usize = 8;
+
+/// The shared arrays: the threads' largest logits, their running sums.
+pub(super) fn shared(threads: usize) -> Vec<(&'static str, usize)> {
+    vec![("sh_bsum", threads), ("sh_max", threads)]
+}
+
+/// Why a scoring kernel of `threads` threads cannot give the host's sums: a thread is a running
+/// sum.
+pub(super) fn check(threads: usize) -> Result<(), String> {
+    if threads != SCORE_LANES {
+        return Err(format!("scoring runs {SCORE_LANES} threads, a running sum each (not {threads})"));
+    }
+    Ok(())
+}
+
+/// `{out}` (f64) = e^`{x}` (f64) as [`v3c_models::sampling::exp64`] computes it, operation for
+/// operation: the clamps, `n` rounded by adding and subtracting `round`, the reduction by `n ln 2`
+/// in two parts, Horner's rule (a multiply then an add each), `2^n` as two powers of two from the
+/// bits of `k + round`, NaN kept.
+fn exp_f64(x: &str, out: &str) -> String {
+    let e = &EXP_F64;
+    let c = |v: f64| format!("arith.constant 0x{:016X} : f64", v.to_bits());
+    let mut s = format!(
+        "{out}_lo = {lo}
+{out}_hi = {hi}
+{out}_below = arith.cmpf olt, {x}, {out}_lo : f64
+{out}_c0 = arith.select {out}_below, {out}_lo, {x} : f64
+{out}_above = arith.cmpf ogt, {out}_c0, {out}_hi : f64
+{out}_c = arith.select {out}_above, {out}_hi, {out}_c0 : f64
+{out}_log2e = {log2e}
+{out}_round = {round}
+{out}_t0 = arith.mulf {out}_c, {out}_log2e : f64
+{out}_t = arith.addf {out}_t0, {out}_round : f64
+{out}_n = arith.subf {out}_t, {out}_round : f64
+{out}_ln2hi = {ln2hi}
+{out}_ln2lo = {ln2lo}
+{out}_nh = arith.mulf {out}_n, {out}_ln2hi : f64
+{out}_r0 = arith.subf {out}_c, {out}_nh : f64
+{out}_nl = arith.mulf {out}_n, {out}_ln2lo : f64
+{out}_r = arith.subf {out}_r0, {out}_nl : f64
+{out}_p0 = {p0}
+",
+        lo = c(e.low),
+        hi = c(e.high),
+        log2e = c(e.log2e),
+        round = c(e.round),
+        ln2hi = c(e.ln2_hi),
+        ln2lo = c(e.ln2_lo),
+        p0 = c(e.poly[0]),
+    );
+    for (k, &coefficient) in e.poly.iter().enumerate().skip(1) {
+        let _ = write!(
+            s,
+            "{out}_pm{k} = arith.mulf {out}_p{prev}, {out}_r : f64
+{out}_pc{k} = {coefficient}
+{out}_p{k} = arith.addf {out}_pm{k}, {out}_pc{k} : f64
+",
+            prev = k - 1,
+            coefficient = c(coefficient),
+        );
+    }
+    let last = e.poly.len() - 1;
+    let _ = write!(
+        s,
+        "{out}_pr = arith.mulf {out}_p{last}, {out}_r : f64
+{out}_prr = arith.mulf {out}_pr, {out}_r : f64
+{out}_s = arith.addf {out}_prr, {out}_r : f64
+{out}_one = {one}
+{out}_er = arith.addf {out}_s, {out}_one : f64
+{out}_half = {half}
+{out}_quarter = {quarter}
+{out}_nhalf = arith.mulf {out}_n, {out}_half : f64
+{out}_nq = arith.subf {out}_nhalf, {out}_quarter : f64
+{out}_ar = arith.addf {out}_nq, {out}_round : f64
+{out}_a = arith.subf {out}_ar, {out}_round : f64
+{out}_b = arith.subf {out}_n, {out}_a : f64
+{out}_rbits = arith.bitcast {out}_round : f64 to i64
+{out}_bias = arith.constant 1023 : i64
+{out}_c52 = arith.constant 52 : i64
+{out}_ka = arith.addf {out}_a, {out}_round : f64
+{out}_kab = arith.bitcast {out}_ka : f64 to i64
+{out}_kai = arith.subi {out}_kab, {out}_rbits : i64
+{out}_kae = arith.addi {out}_kai, {out}_bias : i64
+{out}_kas = arith.shli {out}_kae, {out}_c52 : i64
+{out}_pa = arith.bitcast {out}_kas : i64 to f64
+{out}_kb = arith.addf {out}_b, {out}_round : f64
+{out}_kbb = arith.bitcast {out}_kb : f64 to i64
+{out}_kbi = arith.subi {out}_kbb, {out}_rbits : i64
+{out}_kbe = arith.addi {out}_kbi, {out}_bias : i64
+{out}_kbs = arith.shli {out}_kbe, {out}_c52 : i64
+{out}_pb = arith.bitcast {out}_kbs : i64 to f64
+{out}_y0 = arith.mulf {out}_er, {out}_pa : f64
+{out}_y = arith.mulf {out}_y0, {out}_pb : f64
+{out}_nan = arith.cmpf uno, {x}, {x} : f64
+{out} = arith.select {out}_nan, {x}, {out}_y : f64
+",
+        one = c(1.0),
+        half = c(0.5),
+        quarter = c(0.25),
+    );
+    s
+}
+
+/// `{out}_v` (f32) = column `{col}`'s logit.
+fn load(col: &str, out: &str) -> String {
+    format!("{out}_v = memref.load %x[%row, {col}] : memref<?x?xf32>\n")
+}
+
+/// `{out}` (f64) = the term of logit `{out}_v`: e^(`x - %m`), the difference in f32.
+fn term(out: &str) -> String {
+    format!(
+        "{out}_d = arith.subf {out}_v, %m : f32
+{out}_dx = arith.extf {out}_d : f32 to f64
+{}",
+        exp_f64(&format!("{out}_dx"), out)
+    )
+}
+
+pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
+    let sh = |name: &str| kernel.shared_type(name, lowering);
+    let (sh_max, sh_bsum) = (sh("sh_max"), sh("sh_bsum"));
+    let gpu = lowering == Lowering::Gpu;
+    let check = aligned("al", 16, &[("%x", "memref<?x?xf32>", 4)]);
+    let wide = if gpu { "%al" } else { "%false_al" };
+    let check = format!("{check}%false_al = arith.constant false\n");
+    let mut phases = vec![max_phase(kernel, &check, wide, &sh_max)];
+    phases.extend(max_tree(kernel.threads, &sh_max));
+    // The thread's running sum: UNROLL columns a step (loaded first, added in order), then the
+    // columns past the whole steps one at a time.
+    let mut loads = String::new();
+    let mut adds = String::new();
+    for u in 0..UNROLL {
+        let _ = write!(
+            loads,
+            "%uo{u} = arith.constant {off} : index
+%uc{u} = arith.addi %c0u, %uo{u} : index
+{load}",
+            off = u * kernel.threads,
+            load = load(&format!("%uc{u}"), &format!("%ut{u}")),
+        );
+        let prev = if u == 0 { "%acc".to_string() } else { format!("%us{}", u - 1) };
+        let _ = write!(adds, "{}%us{u} = arith.addf {prev}, %ut{u} : f64\n", term(&format!("%ut{u}")));
+    }
+    let last = UNROLL - 1;
+    phases.push(format!(
+        "%m = memref.load %sh_max[%c0] : {sh_max}
+%zd = arith.constant 0.0 : f64
+%cStepU = arith.constant {step} : index
+%whole_steps = arith.divui %cD, %cStepU : index
+%whole_cols = arith.muli %whole_steps, %cStepU : index
+%sw = scf.for %c0u = %tid to %whole_cols step %cStepU iter_args(%acc = %zd) -> (f64) {{
+{loads}{adds}  scf.yield %us{last} : f64
+}}
+%rest0 = arith.addi %whole_cols, %tid : index
+%s = scf.for %col = %rest0 to %cD step %cT iter_args(%acc = %sw) -> (f64) {{
+{rest}  %n = arith.addf %acc, %rt : f64
+  scf.yield %n : f64
+}}
+memref.store %s, %sh_bsum[%tid] : {sh_bsum}
+",
+        step = UNROLL * kernel.threads,
+        loads = indent2(&loads),
+        adds = indent2(&adds),
+        rest = indent2(&(load("%col", "%rt") + &term("%rt"))),
+    ));
+    phases.extend(tree_phases(
+        kernel.threads,
+        &format!(
+            "%a = memref.load %sh_bsum[%tid] : {sh_bsum}
+%b = memref.load %sh_bsum[%other] : {sh_bsum}
+%n = arith.addf %a, %b : f64
+memref.store %n, %sh_bsum[%tid] : {sh_bsum}"
+        ),
+    ));
+    // Thread 0: the sum's bits, the largest logit, the token's logit (NaN past the row).
+    phases.push(format!(
+        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %total = memref.load %sh_bsum[%c0] : {sh_bsum}
+  %bits = arith.bitcast %total : f64 to i64
+  memref.store %bits, %sum[%row] : memref<?xi64>
+  %m = memref.load %sh_max[%c0] : {sh_max}
+  memref.store %m, %max[%row] : memref<?xf32>
+  %tok = memref.load %token[%row] : memref<?xi32>
+  %tok_zero = arith.constant 0 : i32
+  %dd = arith.index_cast %cD : index to i32
+  %nonneg = arith.cmpi sge, %tok, %tok_zero : i32
+  %below = arith.cmpi slt, %tok, %dd : i32
+  %inside = arith.andi %nonneg, %below : i1
+  %col0 = arith.index_cast %tok : i32 to index
+  %col = arith.select %inside, %col0, %c0 : index
+  %l = memref.load %x[%row, %col] : memref<?x?xf32>
+  %nan = arith.constant 0x7FC00000 : f32
+  %tok_logit = arith.select %inside, %l, %nan : f32
+  memref.store %tok_logit, %logit[%row] : memref<?xf32>
+}}
+",
+    ));
+    phases
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{raw, run_cpu, run_simulated, values};
+    use super::super::RowOp;
+    use super::*;
+    use v3c_models::sampling::log_sum_exp;
+
+    /// Rows of `d` logits at several scales, with -inf (masked tokens), one with a NaN, one all
+    /// -inf, one of equal logits; tokens inside and outside the row.
+    fn case(d: usize, seed: u64) -> (Vec<f32>, Vec<i32>) {
+        let mut x = Vec::new();
+        let mut tokens = Vec::new();
+        for (k, scale) in [0.5f32, 4.0, 20.0, 60.0, 300.0].into_iter().enumerate() {
+            x.extend(values(d, seed * 10 + k as u64, scale));
+            tokens.push((k * 7919 % d) as i32);
+        }
+        let mut masked = values(d, seed + 5, 8.0);
+        masked.iter_mut().step_by(3).for_each(|v| *v = f32::NEG_INFINITY);
+        x.extend(masked);
+        tokens.push((d - 1) as i32);
+        let mut nan = values(d, seed + 6, 8.0);
+        nan[d / 2] = f32::NAN;
+        x.extend(nan);
+        tokens.push(0);
+        x.extend(vec![f32::NEG_INFINITY; d]);
+        tokens.push(1.min(d as i32 - 1));
+        x.extend(vec![2.5f32; d]);
+        tokens.extend([-1]);
+        x.extend(values(d, seed + 7, 1.0));
+        tokens.push(d as i32);
+        (x, tokens)
+    }
+
+    /// The kernel's (sum, max, logit) for each row of `x`, through the CPU lowering or the PTX
+    /// simulated.
+    fn run(kernel: &RowKernel, x: &[f32], tokens: &[i32], simulated: bool) -> Vec<(f64, f32, f32)> {
+        let (rows, d) = (tokens.len(), kernel.d);
+        let mut x = x.to_vec();
+        let mut tok = tokens.to_vec();
+        let (mut sum, mut max, mut logit) = (vec![0i64; rows], vec![0f32; rows], vec![0f32; rows]);
+        let buffers = [
+            raw(&mut x, &[rows, d], "f32"),
+            raw(&mut tok, &[rows], "i32"),
+            raw(&mut sum, &[rows], "i64"),
+            raw(&mut max, &[rows], "f32"),
+            raw(&mut logit, &[rows], "f32"),
+        ];
+        match simulated {
+            true => {
+                run_simulated(kernel, &buffers, rows);
+            }
+            false => run_cpu(kernel, &buffers),
+        }
+        (0..rows).map(|r| (f64::from_bits(sum[r] as u64), max[r], logit[r])).collect()
+    }
+
+    /// Each row's results give the host's `log_sum_exp` and the token's logit, bit for bit (a
+    /// NaN's sign aside).
+    fn assert_host_bits(x: &[f32], tokens: &[i32], d: usize, got: &[(f64, f32, f32)], name: &str) {
+        for (r, (&(sum, max, logit), &t)) in got.iter().zip(tokens).enumerate() {
+            let row = &x[r * d..(r + 1) * d];
+            let (want_max, want_log) = log_sum_exp(row);
+            let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            assert!(same(sum.ln(), want_log), "{name}: row {r}: ln {} against {want_log}", sum.ln());
+            assert_eq!(max.to_bits(), want_max.to_bits(), "{name}: row {r}");
+            let want = usize::try_from(t).ok().and_then(|t| row.get(t).copied()).unwrap_or(f32::NAN);
+            assert!(logit.to_bits() == want.to_bits() || (logit.is_nan() && want.is_nan()), "{name}: row {r}");
+        }
+    }
+
+    /// The CPU lowering gives the host's sums: DeepSeek-V3's vocabulary, widths with a partial
+    /// last step, fewer columns than threads.
+    #[test]
+    fn scored_rows_are_the_hosts_log_sum_exp() {
+        for (d, seed) in [(129_280, 1), (1003, 2), (2048, 3), (5, 4)] {
+            let kernel = RowKernel::new(RowOp::Scores, d, "f32");
+            assert_eq!(kernel.threads, SCORE_LANES);
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
+            let (x, tokens) = case(d, seed);
+            assert_host_bits(&x, &tokens, d, &run(&kernel, &x, &tokens, false), &kernel.kernel_name());
+        }
+        let mut narrow = RowKernel::new(RowOp::Scores, 1000, "f32");
+        narrow.threads = 128;
+        assert!(check(narrow.threads).is_err() && narrow.validate(&crate::target::SM90A).is_err());
+    }
+
+    /// The sm_90a PTX, simulated, gives the same bits (no fused multiply-add in it).
+    #[test]
+    fn scored_rows_simulated_are_the_hosts_log_sum_exp() {
+        for (d, seed) in [(4100, 11), (1003, 12)] {
+            let kernel = RowKernel::new(RowOp::Scores, d, "f32");
+            let (x, tokens) = case(d, seed);
+            let name = format!("{} (simulated)", kernel.kernel_name());
+            assert_host_bits(&x, &tokens, d, &run(&kernel, &x, &tokens, true), &name);
+        }
+        let context = crate::mlir::new_context();
+        let kernel = RowKernel::new(RowOp::Scores, 129_280, "f32");
+        let ptx = crate::conversion::sm90::compile_rows(&context, &kernel, &crate::target::SM90A).unwrap().ptx;
+        assert!(!ptx.contains("fma.") && !ptx.contains(".approx"), "{ptx}");
+    }
+}
