@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, serve_sampled*.json, train_slice_*.json, tuning.json, perplexity.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, serve_sampled*.json, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -332,6 +332,21 @@ print(f"ppl {got['perplexity']:.3f} vs cpu {want['perplexity']:.3f} (NLL rel {re
 sys.exit(0 if rel < 0.02 else 1)
 PY
     ); then row "3. perplexity" "ok" "$verdict"; else row "3. perplexity" "DIFFERS" "$verdict"; fi
+    # The same windows scored on the host (--score-on-host: every row's logits read back): the device's
+    # scoring kernel gives the host's bits, so the same NLL exactly; and the two speeds.
+    if timeout 60 "$v3r" perplexity "$e2e/sm90tc" --weights "$e2e/ckpt" --data "$e2e/ppl_tokens.txt" \
+        --window 64 --stride 32 --json --score-on-host > "$out/perplexity_host.json" 2>>"$log"; then
+      if verdict=$(python3 - "$out/perplexity.json" "$out/perplexity_host.json" <<'PY'
+import json, sys
+dev, host = (json.load(open(p)) for p in sys.argv[1:3])
+same = dev["mean_nll"] == host["mean_nll"] and dev["scored_on_device"] and not host["scored_on_device"]
+print(f"NLL {dev['mean_nll']!r} vs {host['mean_nll']!r} on the host; {dev['tokens_per_s']:.0f} vs {host['tokens_per_s']:.0f} tok/s")
+sys.exit(0 if same else 1)
+PY
+      ); then row "3. perplexity scored on the device" "ok" "$verdict"; else row "3. perplexity scored on the device" "DIFFERS" "$verdict"; fi
+    else
+      row "3. perplexity scored on the device" "FAILED" "v3r perplexity --score-on-host failed (check.log)"
+    fi
   else
     row "3. perplexity" "FAILED" "v3r perplexity failed or no expected_ppl.json (check.log)"
   fi

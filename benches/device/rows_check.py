@@ -90,6 +90,7 @@ SPLIT = re.compile(r"^rows_splitbf16_d(\d+)_t(\d+)$")
 CONCAT = re.compile(r"^rows_concat_d(\d+)_b(\d+)_t(\d+)$")
 ARGMAX = re.compile(r"^rows_argmax_d(\d+)_t(\d+)$")
 SAMPLE = re.compile(r"^rows_sample_d(\d+)_t(\d+)$")
+SCORES = re.compile(r"^rows_scores_d(\d+)_t(\d+)$")
 MLAKEYS = re.compile(r"^rows_mlakeys_h(\d+)_n(\d+)_r(\d+)_v(\d+)_kv(\d+)_t(\d+)(_bf16)?(?:_c(16|8))?$")
 MLAQUERIES = re.compile(r"^rows_mlaqueries_h(\d+)_n(\d+)_r(\d+)_t(\d+)$")
 LATENT = re.compile(r"^rows_latent_(bf16|f32)_d(\d+)_r(\d+)_t(\d+)_eps([0-9a-z]+)(_il)?_(append|write)(bf16|fp8)?$")
@@ -141,6 +142,10 @@ def parse(name):
     if m:
         return {"name": name, "op": "concat", "d": int(m.group(1)), "second": int(m.group(2)),
                 "threads": int(m.group(3)), "weight": "f32", "keep": False, "quantize": False}
+    m = SCORES.match(name)
+    if m:
+        return {"name": name, "op": "scores", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
+                "keep": False, "quantize": False}
     m = SAMPLE.match(name)
     if m:
         return {"name": name, "op": "sample", "d": int(m.group(1)), "threads": int(m.group(2)), "weight": "f32",
@@ -440,6 +445,19 @@ def problem(cfg, rows, device, seed=0):
             u[1] = 1.0 - 2.0 ** -53
         return {"x": x.to(device), "temperature": t.to(device), "top_p": p.to(device), "top_k": k.to(device),
                 "min_p": m.to(device), "uniform": u.view(torch.int64).to(device)}
+    if cfg["op"] == "scores":
+        # Logits of several spreads, masked tokens (-inf), a NaN row, an all -inf row; tokens inside the
+        # row and past it (-1, D: a NaN logit).
+        x = torch.randn(rows, d, generator=gen) * torch.tensor([1.0, 5.0, 30.0])[torch.arange(rows) % 3, None]
+        x[3::7, ::5] = float("-inf")
+        if rows > 1:
+            x[1, d // 3] = float("nan")
+        if rows > 2:
+            x[2] = float("-inf")
+        token = torch.randint(0, d, (rows,), generator=gen, dtype=torch.int32)
+        token[5::11] = -1
+        token[6::11] = d
+        return {"x": x.to(device), "token": token.to(device)}
     if cfg["op"] == "argmax":
         x = torch.randn(rows, d, generator=gen) * 30
         x[0, 3] = x[0, d - 2] = 1e4  # a tie: the lower index
@@ -513,6 +531,10 @@ def outputs(cfg, rows, device):
                 "scale": torch.full((rows * GATHER_WIDTH, d // GROUP), float("nan"), device=device)}
     if cfg["op"] in ("argmax", "sample"):
         return {"idx": torch.full((rows,), -2, dtype=torch.int32, device=device)}
+    if cfg["op"] == "scores":
+        return {"sum": torch.full((rows,), -1, dtype=torch.int64, device=device),
+                "max": torch.full((rows,), float("nan"), device=device),
+                "logit": torch.full((rows,), 7.0, device=device)}
     if cfg["op"] == "splitbf16":
         return {"hi": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device),
                 "lo": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device)}
@@ -549,6 +571,7 @@ def arguments(cfg, inputs, outs):
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
              "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "top_k", "min_p", "uniform", "idx"],
+             "scores": ["x", "token", "sum", "max", "logit"],
              "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
@@ -618,6 +641,20 @@ def check(cfg, inputs, outs):
         bad = [r for r, (a, b) in enumerate(zip(got, want))
                if a != b and not (a == -2 and (nan[r] or crowded(inputs, r, nuclei[r])))]
         return [f"sample: rows {bad[:8]} differ (got {[got[r] for r in bad[:4]]}, host {[want[r] for r in bad[:4]]})"] if bad else []
+    if cfg["op"] == "scores":
+        import numpy as np
+        want_sum, want_max, want_logit = scores_reference(inputs["x"], inputs["token"])
+        got_sum = outs["sum"].cpu().numpy().view("float64")
+        bits = lambda a: a.view(np.uint64 if a.dtype.itemsize == 8 else np.uint32)
+        same = lambda a, b: (bits(a) == bits(b)) | (np.isnan(a) & np.isnan(b))
+        errors = []
+        for what, got, want in [("sum", got_sum, want_sum), ("max", outs["max"].cpu().numpy(), want_max),
+                                ("logit", outs["logit"].cpu().numpy(), want_logit)]:
+            bad = np.flatnonzero(~same(got, want))
+            if len(bad):
+                errors.append(f"scores: {what} of rows {bad[:8].tolist()} differ (got {got[bad[:3]].tolist()}, "
+                              f"host {want[bad[:3]].tolist()})")
+        return errors
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
         bad = (outs["idx"].long() != want).sum().item()
@@ -816,6 +853,62 @@ def _draw_at(pairs, u):
     return pairs[-1][0] if pairs else 0
 
 
+# The host's exp64 (models/src/sampling.rs, EXP_F64): log2 e, ln 2 in two parts, the rounding constant
+# 1.5 2^52, the clamps, then the polynomial's coefficients (1/13! .. 1/2!).
+EXP_F64 = dict(log2e=1.4426950408889634, ln2_hi=0.6931471803691238, ln2_lo=1.9082149292705877e-10,
+               round=6755399441055744.0, low=-746.0, high=710.0,
+               poly=[1.6059043836821613e-10, 2.08767569878681e-9, 2.505210838544172e-8, 2.755731922398589e-7,
+                     2.7557319223985893e-6, 2.48015873015873e-5, 1.984126984126984e-4, 1.388888888888889e-3,
+                     8.333333333333333e-3, 4.1666666666666664e-2, 1.6666666666666666e-1, 0.5])
+SCORE_LANES = 256
+
+
+def exp64_host(x):
+    """`sampling::exp64` over a float64 array, operation for operation (numpy's float64 ops round each result;
+    none is fused): the clamps, n by adding and subtracting 1.5 2^52, the reduction by n ln 2 in two parts,
+    Horner's rule, 2^n as 2^a 2^(n - a) from the bits of k + round, NaN kept."""
+    import numpy as np
+    e = EXP_F64
+    rnd = np.float64(e["round"])
+    with np.errstate(all="ignore"):
+        c = np.where(x < e["low"], e["low"], x)
+        c = np.where(c > e["high"], e["high"], c)
+        n = (c * e["log2e"] + rnd) - rnd
+        r = (c - n * e["ln2_hi"]) - n * e["ln2_lo"]
+        p = np.full_like(r, e["poly"][0])
+        for k in e["poly"][1:]:
+            p = p * r + k
+        er = (p * r) * r + r + 1.0
+        a = ((n * 0.5 - 0.25) + rnd) - rnd
+        rbits = np.array([rnd]).view(np.int64)[0]
+        pow2 = lambda k: (((k + rnd).view(np.int64) - rbits + 1023) << 52).view(np.float64)
+        y = er * pow2(a) * pow2(n - a)
+    return np.where(np.isnan(x), x, y)
+
+
+def scores_reference(x, token):
+    """`sampling::RowScore::of` per row: the largest logit (NaNs passed over, -inf for none), `exp_sum` — column
+    c's exp64(f64(l - max)) into running sum c % 256 in column order, then the sums pairwise (i + h into i, h =
+    128 .. 1) — and the token's logit (NaN past the row). numpy arrays: sums (f64), maxima, logits (f32)."""
+    import numpy as np
+    x = x.detach().cpu().numpy().astype(np.float32)
+    tokens = token.detach().cpu().numpy().astype(np.int64)
+    rows, d = x.shape
+    sums, maxes, logits = np.zeros(rows), np.zeros(rows, dtype=np.float32), np.zeros(rows, dtype=np.float32)
+    for i, (row, t) in enumerate(zip(x, tokens)):
+        m = np.where(np.isnan(row), np.float32(-np.inf), row).max()
+        with np.errstate(all="ignore"):
+            terms = exp64_host((row - m).astype(np.float32).astype(np.float64))
+        padded = np.zeros(-(-d // SCORE_LANES) * SCORE_LANES)
+        padded[:d] = terms
+        lanes = np.cumsum(padded.reshape(-1, SCORE_LANES), axis=0)[-1]
+        while len(lanes) > 1:
+            lanes = lanes[:len(lanes) // 2] + lanes[len(lanes) // 2:]
+        sums[i], maxes[i] = lanes[0], m
+        logits[i] = row[t] if 0 <= t < d else np.float32(np.nan)
+    return sums, maxes, logits
+
+
 def crowded(inputs, r, listed):
     """Whether the kernel may leave row r (a list of `listed` tokens before min-p) to the host: with a top k,
     where they share their weights' bins (bits' top 12) with more than the 2048 candidates it sorts; with
@@ -951,6 +1044,9 @@ def bytes_moved(cfg, rows):
         return 2 * rows * GATHER_WIDTH * (d + d // GROUP * 4) + rows * GATHER_WIDTH * 4
     if cfg["op"] == "argmax":
         return rows * d * 4 + rows * 4
+    if cfg["op"] == "scores":
+        # The logits once (read twice: the maximum, then the terms), the tokens and the three results.
+        return rows * d * 4 + rows * 20
     if cfg["op"] == "sample":
         # The logits once (the kernel reads them twice: the maximum, then the weights, the second
         # mostly from L2), the draws and the tokens.
@@ -1038,6 +1134,19 @@ def self_test():
     want = torch.tensor([0.0, 1.0, 2.0, 3.0]).softmax(0) * 4000
     assert all(abs(c - w) <= 2 for c, w in zip(counts, want.tolist())), (counts, want)
     assert sample_reference(logits, torch.tensor([1.0]), torch.tensor([0.0], dtype=torch.float64).view(torch.int64)) == [0]
+    # Scores: softmax's denominator near torch's logsumexp (l - max is taken in f32, as the host does), the
+    # NaN row's NaN, the tokens' logits.
+    sc = parse("rows_scores_d1003_t256")
+    assert sc["op"] == "scores" and sc["threads"] == 256
+    inputs = problem(sc, 12, "cpu")
+    sums, maxes, token_logits = scores_reference(inputs["x"], inputs["token"])
+    lse = torch.logsumexp(inputs["x"].double(), dim=1).numpy()
+    for r in (0, 3, 4):
+        assert abs(np.log(sums[r]) + maxes[r] - lse[r]) <= 1e-6, (r, sums[r], lse[r])
+    assert np.isnan(sums[1]) and np.isnan(token_logits[5]) and np.isnan(token_logits[6])
+    assert token_logits[0] == inputs["x"][0, inputs["token"][0]]
+    assert exp64_host(np.array([0.0]))[0] == 1.0 and np.all(np.abs(exp64_host(np.linspace(-700, 700, 10001)) /
+                                                                   np.exp(np.linspace(-700, 700, 10001)) - 1) < 1e-15)
     # Min-p 0.3 keeps the tokens of weights e^-1 and 1, drawn in id order as their weights go.
     counts = [0] * 4
     for u in draws:
