@@ -85,6 +85,7 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::MlaHeadsOut { heads: 128, quantize: false }, 128 * 128, "f32"),
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
         RowKernel::new(RowOp::Sample, 129_280, "f32"),
+        RowKernel::new(RowOp::Scores, 129_280, "f32"),
         RowKernel::new(
             RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
             512,
@@ -269,6 +270,14 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 // The host's arithmetic: IEEE division, no fused multiply-add, f64 sums.
                 assert!(kernel.ptx.contains("div.rn.f32") && kernel.ptx.contains("add.rn.f64"), "{name}");
+                assert!(!kernel.ptx.contains("fma.") && !kernel.ptx.contains("approx"), "{name}");
+            }
+            RowOp::Scores => {
+                // The maximum (a scan, a tree), the running sums, their tree, the write.
+                let phases = 2 * (1 + k.threads.trailing_zeros() as usize) + 1;
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
+                // The host's exp64: f64 arithmetic, no fused multiply-add; the logits' loads coalesced.
+                assert!(kernel.ptx.contains("mul.rn.f64") && kernel.ptx.contains("add.rn.f64"), "{name}");
                 assert!(!kernel.ptx.contains("fma.") && !kernel.ptx.contains("approx"), "{name}");
             }
             RowOp::MlaCombine => {

@@ -777,12 +777,7 @@ impl GpuArtifact {
             let t = match (sampled(r), draws) {
                 (true, Some(draws)) if token(rows + r) == crate::lowering::SAMPLE_ON_HOST => {
                     // A nucleus the kernel left to the host: this row's logits, drawn here.
-                    let mut row = vec![0u8; 4 * vocab];
-                    // SAFETY: row r of the logits, `vocab` f32 within the arena.
-                    unsafe { result::memcpy_dtoh_sync(&mut row, logits.addr + (4 * vocab * r) as u64) }
-                        .map_err(cuda("reading a row of logits"))?;
-                    let row: Vec<f32> =
-                        row.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                    let row = read_row(&logits, r)?;
                     v3c_models::sampling::draw_plain(&row, &draws[r]) as i32
                 }
                 (true, _) => token(rows + r),
@@ -791,6 +786,15 @@ impl GpuArtifact {
             picked.push(u32::try_from(t).map_err(|_| format!("{entry}: row {r} picked token {t}"))?);
         }
         Ok(Some(picked))
+    }
+
+    /// Row `r` of the `logits` output of the last run of `entry`, read back.
+    pub fn logits_row_last(&self, entry: &str, r: usize) -> Result<Vec<f32>, String> {
+        let logits = self.last_logits(entry)?;
+        match logits.shape.first() {
+            Some(&rows) if r < rows => read_row(&logits, r),
+            _ => Err(format!("{entry}: no row {r} of logits {:?}", logits.shape)),
+        }
     }
 
     /// The `logits` output of the last run of `entry`, where it lies in the arena.
@@ -1091,4 +1095,14 @@ impl crate::training::EntryRunner for GpuArtifact {
     ) -> Result<HashMap<String, HostBuffer>, String> {
         GpuArtifact::run(self, entry, inputs, wanted)
     }
+}
+
+/// Row `r` of `logits` (`[rows, vocab]` f32 on the device), read back; `r` below its rows.
+fn read_row(logits: &crate::abi::Buf, r: usize) -> Result<Vec<f32>, String> {
+    let vocab = logits.shape.get(1).copied().unwrap_or(0);
+    let mut row = vec![0u8; 4 * vocab];
+    // SAFETY: row r of the logits, `vocab` f32 within the arena (the caller checked r).
+    unsafe { result::memcpy_dtoh_sync(&mut row, logits.addr + (4 * vocab * r) as u64) }
+        .map_err(cuda("reading a row of logits"))?;
+    Ok(row.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }

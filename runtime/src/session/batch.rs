@@ -404,19 +404,46 @@ impl<'a> ArtifactBatch<'a> {
                 }
             }
             let at = j.session.position;
+            // Scored where the program runs (the same bits): the token's log-probability, and the
+            // most probable token's (the argmax's: the largest logit's) where one is asked for.
+            let kept = j.score.is_some_and(|top| device_scored(self.program, top));
             let want = match (j.score.is_some(), j.next + 1 == j.chunks) {
+                (true, _) if kept => ChunkLogits::Kept,
                 (true, _) => ChunkLogits::All,
                 (false, true) => ChunkLogits::Last,
                 (false, false) => ChunkLogits::None,
             };
             let (rows, vocab) = j.session.prefill_chunk(&j.prompt[j.reused..], j.next, want)?;
             j.next += 1;
-            if let Some(top) = j.score {
-                // Row r (position at + r) predicts the prompt's token at + r + 1.
-                let prompt = &j.prompt;
-                let scored =
-                    rows.chunks(vocab.max(1)).enumerate().filter_map(|(r, row)| Some((row, *prompt.get(at + r + 1)?)));
-                j.scores.extend(scores_of(scored, top));
+            match j.score {
+                Some(top) if kept => {
+                    // Row r (position at + r) predicts the prompt's token at + r + 1.
+                    let n = j.session.position - at;
+                    let next = |r: usize| j.prompt.get(at + r + 1).map_or(-1, |&t| i32::try_from(t).unwrap_or(-1));
+                    let scores = self.program.scores_last("prefill", &(0..n).map(next).collect::<Vec<_>>())?;
+                    let best = match top {
+                        0 => Vec::new(),
+                        _ => self.program.argmax_last("prefill")?,
+                    };
+                    let scored = (0..n).filter(|&r| j.prompt.get(at + r + 1).is_some()).map(|r| {
+                        let s = scores[r];
+                        let alternative = |&t: &u32| (t, RowScore { logit: s.max, ..s }.log_probability());
+                        (s.log_probability(), best.get(r).map(alternative).into_iter().collect())
+                    });
+                    j.scores.extend(scored);
+                    if j.next == j.chunks && n > 0 {
+                        last = self.program.logits_row_last("prefill", n - 1)?;
+                    }
+                }
+                Some(top) => {
+                    let prompt = &j.prompt;
+                    let scored = rows
+                        .chunks(vocab.max(1))
+                        .enumerate()
+                        .filter_map(|(r, row)| Some((row, *prompt.get(at + r + 1)?)));
+                    j.scores.extend(scores_of(scored, top));
+                }
+                None => {}
             }
             if vocab > 0 {
                 last = rows[rows.len() - vocab..].to_vec();
@@ -863,4 +890,11 @@ pub fn generate_queue(
     let generations = done.into_iter().collect::<Option<Vec<_>>>().ok_or("a request was never served")?;
     let total_s = start.elapsed().as_secs_f64();
     Ok(Served { generations, slots, joined, prefill_s, total_s })
+}
+
+/// Whether a prompt scored with `top` alternatives a token is scored where `program` runs
+/// ([`Program::scores_last`]; the one alternative by [`Program::argmax_last`]: the most probable
+/// token, ties to the lower id, as the host's `top_k` takes it), its logits not read back.
+fn device_scored(program: &dyn Program, top: usize) -> bool {
+    program.device_scores() && (top == 0 || (top == 1 && program.device_argmax()))
 }

@@ -426,6 +426,10 @@ mod tests {
             self.scores
         }
 
+        fn logits_row_last(&self, entry: &str, r: usize) -> Result<Vec<f32>, String> {
+            self.last_logits.borrow().get(r).cloned().ok_or_else(|| format!("{entry}: no row {r}"))
+        }
+
         fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
             let logits = self.last_logits.borrow();
             if tokens.len() != logits.len() {
@@ -1353,7 +1357,9 @@ mod tests {
     /// A request with `echo` and `logprobs` gets every prompt token after the first scored by the
     /// logits of the one before it — those a prefill of the prompt alone gives, across its chunks —
     /// with the alternatives it asks for; it prefills its prompt whole though another's pages hold
-    /// its start, and its tokens are those it gets alone. `max_new` 0: scored, no token.
+    /// its start, and its tokens are those it gets alone. `max_new` 0: scored, no token. On a
+    /// program that scores tokens itself, a prompt asking for at most one alternative is scored
+    /// there: the same log-probabilities and alternatives, the same tokens after it.
     #[test]
     fn echoed_prompts_are_scored_by_their_prefills_logits() {
         let prompt: Vec<u32> = (0..70).map(|i| (i * 5 % 11) as u32).collect();
@@ -1363,20 +1369,22 @@ mod tests {
         let want: Vec<f32> =
             (1..prompt.len()).map(|k| log_probability(&rows[(k - 1) * vocab..k * vocab], prompt[k])).collect();
         let alone = toy_alone(&[(prompt.clone(), 5, 0, None)], None).remove(0);
-        for on_device in [false, true] {
+        for (on_device, scoring) in [(false, false), (true, false), (true, true)] {
             let mut t = Toy::paged();
             t.keeps = on_device;
+            (t.scores, t.argmax) = (scoring, scoring);
             let t = if on_device { one_element(t) } else { t };
             let plain = Request::new(prompt.clone(), 5, toy_sampler(None));
             let echoed = Request { echo: true, logprobs: true, top_logprobs: 2, ..plain.clone() };
             let scored_only =
                 Request { echo: true, logprobs: true, ..Request::new(prompt.clone(), 0, toy_sampler(None)) };
-            let mut requests = vec![plain, echoed, scored_only].into_iter();
+            let best = Request { echo: true, logprobs: true, top_logprobs: 1, ..plain.clone() };
+            let mut requests = vec![plain, echoed, scored_only, best].into_iter();
             let mut next = |idle: bool| match idle {
                 true => requests.next().map_or(Arrival::Closed, Arrival::Request),
                 false => Arrival::NotYet,
             };
-            let mut ended: Vec<Option<Generation>> = vec![None; 3];
+            let mut ended: Vec<Option<Generation>> = vec![None; 4];
             let mut report = |id: usize, p: Progress| {
                 if let Progress::Ended(g) = p {
                     ended[id] = Some(g);
@@ -1385,7 +1393,7 @@ mod tests {
             };
             let serving = Serving { reuse_prefixes: true, ..Serving::new(1, &[80], 70, None) };
             serve(&t, &serving, &mut next, &mut report).unwrap();
-            let [Some(plain), Some(echoed), Some(scored)] = ended.as_slice() else { panic!("all end") };
+            let [Some(plain), Some(echoed), Some(scored), Some(best)] = ended.as_slice() else { panic!("all end") };
             assert!(plain.prompt_logprobs.is_empty());
             assert_eq!((echoed.reused, &echoed.tokens), (0, &alone), "device {on_device}: prefilled whole");
             assert_eq!(echoed.prompt_logprobs, want, "device {on_device}");
@@ -1395,6 +1403,11 @@ mod tests {
             }
             assert_eq!((scored.tokens.len(), &scored.prompt_logprobs), (0, &want), "device {on_device}");
             assert!(scored.prompt_top_logprobs.is_empty());
+            assert_eq!((&best.tokens, &best.prompt_logprobs), (&alone, &want), "scoring {scoring}");
+            for (alts, k) in best.prompt_top_logprobs.iter().zip(1..) {
+                assert_eq!(alts, &top_log_probabilities(&rows[(k - 1) * vocab..k * vocab], 1), "scoring {scoring}");
+            }
+            assert_eq!(best.prompt_top_logprobs.len(), want.len());
         }
     }
 

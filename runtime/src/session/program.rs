@@ -131,6 +131,12 @@ pub trait Program {
         let _ = draws;
         Err(format!("{entry}: this program draws no tokens itself"))
     }
+    /// Row `r` of the `logits` of the last run of `entry`, read back from where the program keeps
+    /// them (after a run that left them there: [`ChunkLogits::Kept`]).
+    fn logits_row_last(&self, entry: &str, r: usize) -> Result<Vec<f32>, String> {
+        let _ = r;
+        Err(format!("{entry}: this program keeps no logits"))
+    }
     /// Whether [`Program::scores_last`] scores tokens where the program runs (GPU artifacts with a
     /// scoring kernel: the logits are then not read back).
     fn device_scores(&self) -> bool {
@@ -295,6 +301,9 @@ impl Program for crate::cuda::GpuArtifact {
     }
     fn device_scores(&self) -> bool {
         !self.picks_on_host() && self.artifact.lowering.as_ref().is_some_and(|l| l.scores.is_some())
+    }
+    fn logits_row_last(&self, entry: &str, r: usize) -> Result<Vec<f32>, String> {
+        crate::cuda::GpuArtifact::logits_row_last(self, entry, r)
     }
     fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
         crate::cuda::GpuArtifact::scores_last(self, entry, tokens)?.ok_or_else(|| format!("{entry}: no scoring kernel"))
