@@ -286,6 +286,29 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     else
       row "3. v3r serve" "FAILED" "v3r serve failed (check.log)"
     fi
+    # Log-probabilities scored on the device (rows_scores_*, the host's bits): a greedy request
+    # asking for its tokens' and the most probable one's, a sampled one for its tokens', and an echoed
+    # prompt scored with one alternative — against --pick-on-host (every row read back, scored on the
+    # host): the same tokens and values.
+    printf '{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "top_logprobs": 1}\n{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "temperature": 0.8, "seed": 3}\n{"prompt": [%s], "max_new_tokens": 4, "logprobs": true, "top_logprobs": 1, "echo": true}\n' \
+      "$(ids "$e2e/prompt1.txt")" "$(ids "$e2e/prompt2.txt")" "$(ids "$e2e/prompt2.txt")" > "$out/logprob_requests.jsonl"
+    scored=(serve "$e2e/sm90tc" --weights "$e2e/ckpt" --batch 2 --ignore-eos)
+    if timeout 60 "$v3r" "${scored[@]}" < "$out/logprob_requests.jsonl" > "$out/serve_logprobs.jsonl" 2>>"$log" \
+        && timeout 60 "$v3r" "${scored[@]}" --pick-on-host < "$out/logprob_requests.jsonl" \
+          > "$out/serve_logprobs_host.jsonl" 2>>"$log"; then
+      if verdict=$(python3 - "$out/serve_logprobs.jsonl" "$out/serve_logprobs_host.jsonl" <<'PY'
+import json, sys
+keys = ("tokens", "logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs")
+dev, host = ([{k: v.get(k) for k in keys} for v in sorted((json.loads(l) for l in open(p)), key=lambda v: v["id"])]
+             for p in sys.argv[1:3])
+n = sum(len(v["logprobs"] or []) + len(v["prompt_logprobs"] or []) for v in dev)
+print(f"{n} log-probabilities, {'equal' if dev == host else 'DIFFERENT'} to --pick-on-host's")
+sys.exit(0 if dev == host and n > 0 else 1)
+PY
+      ); then row "3. logprobs scored on the device" "ok" "$verdict"; else row "3. logprobs scored on the device" "DIFFERS" "$verdict"; fi
+    else
+      row "3. logprobs scored on the device" "FAILED" "v3r serve with logprobs failed (check.log)"
+    fi
   else
     row "3. pool of pages" "FAILED" "v3r run failed (check.log)"
   fi

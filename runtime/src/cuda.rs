@@ -771,7 +771,6 @@ impl GpuArtifact {
             unsafe { result::memcpy_dtoh_sync(&mut bytes, argmax_idx) }.map_err(cuda("reading picked tokens"))?;
         }
         let token = |i: usize| i32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
-        let vocab = logits.shape.get(1).copied().unwrap_or(0);
         let mut picked = Vec::with_capacity(rows);
         for r in 0..rows {
             let t = match (sampled(r), draws) {

@@ -47,6 +47,8 @@ pub struct ArtifactBatch<'a> {
     pub(super) steps: usize,
     pub(super) rows_run: usize,
     pub(super) rows_fed: usize,
+    /// The sequences the last decode step ran, as its rows in order ([`step_rows`]).
+    pub(super) last_rows: Vec<usize>,
     /// Decode steps run every slot's row, as over caches per sequence, instead of the active
     /// ones' ([`step_rows`]): the A/B of what idle rows cost (`v3r bench-serve --every-slot`).
     pub every_slot: bool,
@@ -172,6 +174,7 @@ impl<'a> ArtifactBatch<'a> {
             steps: 0,
             rows_run: 0,
             rows_fed: 0,
+            last_rows: Vec::new(),
             every_slot: false,
         })
     }
@@ -597,6 +600,7 @@ impl<'a> ArtifactBatch<'a> {
                 steps: 0,
                 rows_run: 0,
                 rows_fed: 0,
+                last_rows: Vec::new(),
                 every_slot: false,
             },
             logits,
@@ -638,6 +642,30 @@ impl<'a> ArtifactBatch<'a> {
     /// Whether the batch's program draws sampled tokens itself ([`Program::device_sample`]).
     pub fn device_sample(&self) -> bool {
         self.program.device_sample()
+    }
+
+    /// Whether a decode step's picked tokens may be scored where the program runs
+    /// ([`ArtifactBatch::score_last`]): their log-probabilities, and the most probable token's.
+    pub fn device_scores(&self) -> bool {
+        self.program.device_scores() && self.program.device_argmax()
+    }
+
+    /// The last decode step's logits scored on the device for `tokens` (by sequence, as
+    /// [`Next::Tokens`] gives them): per sequence the step ran, its token's [`RowScore`] and, with
+    /// `best`, the most probable token (the argmax: ties to the lower id); None for the others.
+    /// The step's logits must still be where it left them (no run since).
+    pub fn score_last(&self, tokens: &[u32], best: bool) -> Result<Vec<Option<StepScore>>, String> {
+        let row_tokens: Vec<i32> =
+            self.last_rows.iter().map(|&s| tokens.get(s).map_or(-1, |&t| i32::try_from(t).unwrap_or(-1))).collect();
+        let scores = self.program.scores_last("decode", &row_tokens)?;
+        let argmax = if best { Some(self.program.argmax_last("decode")?) } else { None };
+        let mut out = vec![None; tokens.len()];
+        for (r, &s) in self.last_rows.iter().enumerate() {
+            if let (Some(at), Some(&score)) = (out.get_mut(s), scores.get(r)) {
+                *at = Some((score, argmax.as_ref().and_then(|a| a.get(r).copied())));
+            }
+        }
+        Ok(out)
     }
 
     /// Feeds `tokens[i]` to sequence i at its next position, for the sequences where `active[i]`
@@ -685,7 +713,9 @@ impl<'a> ArtifactBatch<'a> {
         self.steps += 1;
         self.rows_run += rows.len();
         self.rows_fed += active.iter().filter(|&&a| a).count();
-        Ok(if rows.len() == n { next } else { next.spread(&rows, n) })
+        let next = if rows.len() == n { next } else { next.spread(&rows, n) };
+        self.last_rows = rows;
+        Ok(next)
     }
 
     /// Decode steps so far, the rows they ran, and of those the rows of sequences fed a token
@@ -891,6 +921,10 @@ pub fn generate_queue(
     let total_s = start.elapsed().as_secs_f64();
     Ok(Served { generations, slots, joined, prefill_s, total_s })
 }
+
+/// A decode step's token scored on the device ([`ArtifactBatch::score_last`]): its [`RowScore`],
+/// and the most probable token where asked.
+pub type StepScore = (RowScore, Option<u32>);
 
 /// Whether a prompt scored with `top` alternatives a token is scored where `program` runs
 /// ([`Program::scores_last`]; the one alternative by [`Program::argmax_last`]: the most probable

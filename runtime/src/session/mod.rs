@@ -1182,6 +1182,66 @@ mod tests {
         }
     }
 
+    /// A program that scores tokens itself serves requests asking for their tokens'
+    /// log-probabilities (with at most one alternative) with the host's values, greedy and
+    /// sampled, joining and prefilled together, and reads no decode step's logits back; a request
+    /// asking for more alternatives has them read back, the same values.
+    #[test]
+    fn logprobs_scored_on_the_device_are_the_hosts() {
+        let requests = || {
+            let ask = |prompt: Vec<u32>, top: usize, sampler| Request {
+                logprobs: true,
+                top_logprobs: top,
+                ..Request::new(prompt, 9, sampler)
+            };
+            vec![
+                ask(vec![3, 5, 1], 0, toy_sampler(None)),
+                ask(vec![2, 9], 1, v3c_models::reference::Sampler::new(1.3, 1.0, 7)),
+                Request::new(vec![4, 4, 6], 9, toy_sampler(None)),
+                ask(vec![7, 1, 1, 2], 1, toy_sampler(None)),
+            ]
+        };
+        let run = |toy: &Toy, extra: Option<Request>| {
+            let mut all = requests();
+            all.extend(extra);
+            let n = all.len();
+            let mut arriving = all.into_iter();
+            let mut next = |_: bool| arriving.next().map_or(Arrival::Closed, Arrival::Request);
+            let mut ended: Vec<Option<Generation>> = vec![None; n];
+            let mut report = |id: usize, p: Progress| {
+                if let Progress::Ended(g) = p {
+                    ended[id] = Some(g);
+                }
+                Ok(())
+            };
+            serve(toy, &Serving::new(2, &[15, 15], 4, None), &mut next, &mut report).unwrap();
+            ended.into_iter().map(|g| g.expect("every request ends")).collect::<Vec<_>>()
+        };
+        let device = || {
+            let mut t = Toy::paged();
+            (t.keeps, t.argmax, t.sample, t.scores) = (true, true, true, true);
+            one_element(t)
+        };
+        let want = run(&Toy::paged(), None);
+        let scoring = device();
+        let got = run(&scoring, None);
+        assert_eq!(*scoring.logits_read.borrow(), 0, "no decode step's logits read back");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.tokens, &g.logprobs, &g.top_logprobs), (&w.tokens, &w.logprobs, &w.top_logprobs));
+        }
+        assert!(got[0].logprobs.iter().chain(&got[1].logprobs).all(|lp| lp.is_finite() && *lp <= 0.0));
+        assert_eq!((got[1].top_logprobs.len(), got[1].top_logprobs[0].len()), (got[1].tokens.len(), 1));
+        // Two alternatives: the steps' logits read back, the same values.
+        let more = Request { logprobs: true, top_logprobs: 2, ..Request::new(vec![8, 3], 6, toy_sampler(None)) };
+        let want = run(&Toy::paged(), Some(more.clone()));
+        let reading = device();
+        let got = run(&reading, Some(more));
+        assert!(*reading.logits_read.borrow() > 0);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.tokens, &g.logprobs, &g.top_logprobs), (&w.tokens, &w.logprobs, &w.top_logprobs));
+        }
+    }
+
     /// A streamed token's scores and (once it came) the token.
     type Streamed = (f32, Vec<(u32, f32)>, Option<u32>);
 

@@ -71,11 +71,19 @@ impl Running {
     }
 
     /// Takes token `t` and reports it — where it asks for them, first its log-probabilities
-    /// under `row`, the logits it was picked from (None: not read back; NaN).
-    fn take(&mut self, t: u32, row: Option<&[f32]>, report: &mut Report) -> Result<(), String> {
+    /// under the logits it was picked from (`scored`).
+    fn take(&mut self, t: u32, scored: Scored, report: &mut Report) -> Result<(), String> {
         if self.request.logprobs {
             let k = self.request.top_logprobs;
-            let (lp, top) = row.map_or((f32::NAN, Vec::new()), |l| scores(l, t, k));
+            let (lp, top) = match scored {
+                Scored::Row(l) => scores(l, t, k),
+                Scored::Device(s, best) => {
+                    // The most probable token's logit is the largest (its log-probability the host's).
+                    let alternative = |b: u32| (b, RowScore { logit: s.max, ..s }.log_probability());
+                    (s.log_probability(), best.filter(|_| k > 0).map(alternative).into_iter().collect())
+                }
+                Scored::Not => (f32::NAN, Vec::new()),
+            };
             self.logprobs.push(lp);
             if k > 0 {
                 self.top.push(top.clone());
@@ -207,6 +215,8 @@ pub fn serve(
     let (mut arrived, mut closed) = (0, false);
     let (mut prefill_s, mut joined, mut started) = (0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
+    // The last step's picks scored on the device, by slot (where a request asked and they were).
+    let mut step_scores: Option<Vec<Option<StepScore>>> = None;
     loop {
         // Every request and cancellation there is (waiting for one while nothing runs or waits).
         while !closed {
@@ -329,13 +339,16 @@ pub fn serve(
                     (None, Some(t)) => t,
                     (None, None) => return Err(format!("slot {s}: no token picked")),
                 };
-                let row = match (&prefilled, &logits) {
-                    (Some(l), _) => Some(l.as_slice()),
-                    (None, Next::Logits(rows)) => rows.get(s),
-                    // Picked on the device: no step runs so while a request asks for log-probabilities.
-                    (None, Next::Tokens(_)) => None,
+                let scored = match (&prefilled, &logits) {
+                    (Some(l), _) => Scored::Row(l.as_slice()),
+                    (None, Next::Logits(rows)) => rows.get(s).map_or(Scored::Not, Scored::Row),
+                    // Picked on the device: scored there where it asked.
+                    (None, Next::Tokens(_)) => match step_scores.as_ref().and_then(|v| v.get(s).copied().flatten()) {
+                        Some((score, best)) => Scored::Device(score, best),
+                        None => Scored::Not,
+                    },
                 };
-                r.take(t, row, report)?;
+                r.take(t, scored, report)?;
                 fed[s] = t;
             }
             let Some(ending) = r.ending(eos) else {
@@ -350,14 +363,28 @@ pub fn serve(
         }
         if active.iter().any(|&a| a) {
             // The device picks greedy or drawn tokens itself unless a request asks for
-            // log-probabilities.
-            let draws = batch.device_sample();
-            let wanted = running
-                .iter_mut()
-                .zip(&active)
-                .map(|(r, &a)| r.as_mut().filter(|_| a).map(|r| (&mut r.request.sampler, r.request.logprobs)));
+            // log-probabilities it cannot score there (more than one alternative).
+            let (draws, scoring) = (batch.device_sample(), batch.device_scores());
+            let on_host = |r: &Request| r.logprobs && !(scoring && r.top_logprobs <= 1);
+            let wanted = running.iter_mut().zip(&active).map(|(r, &a)| {
+                r.as_mut().filter(|_| a).map(|r| {
+                    let host = on_host(&r.request);
+                    (&mut r.request.sampler, host)
+                })
+            });
             let pick = Pick::of(draws, wanted);
             logits = batch.decode(&fed, &active, &pick)?;
+            // Tokens picked on the device for requests asking for log-probabilities: scored
+            // there, before another run takes the step's logits' place.
+            let asking = |best: bool| {
+                running.iter().zip(&active).any(|(r, &a)| {
+                    a && r.as_ref().is_some_and(|r| r.request.logprobs && (!best || r.request.top_logprobs > 0))
+                })
+            };
+            step_scores = match &logits {
+                Next::Tokens(t) if asking(false) => Some(batch.score_last(t, asking(true))?),
+                _ => None,
+            };
             started = true;
         } else if closed && waiting.is_empty() && running.iter().all(Option::is_none) {
             let (decode_steps, rows_run, rows_fed) = batch.rows_decoded();
@@ -530,11 +557,20 @@ fn speculate<T>(
     let out = step(&mut sampler, &mut |t, row| {
         // A request for no tokens (its prompt scored, say) takes none: the start picks one anyway.
         if r.tokens.len() < r.request.max_new {
-            r.take(t, Some(row), report)?;
+            r.take(t, Scored::Row(row), report)?;
         }
         ending = r.ending(eos);
         Ok(ending.is_some())
     });
     r.request.sampler = sampler;
     Ok((out?, ending))
+}
+
+/// What a token's log-probabilities are taken from ([`Running::take`]): the logits it was picked
+/// from, the device's scores of them (and the most probable token there), or nothing (NaN).
+#[derive(Debug, Clone, Copy)]
+enum Scored<'a> {
+    Row(&'a [f32]),
+    Device(RowScore, Option<u32>),
+    Not,
 }

@@ -161,7 +161,7 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
             load = load(&format!("%uc{u}"), &format!("%ut{u}")),
         );
         let prev = if u == 0 { "%acc".to_string() } else { format!("%us{}", u - 1) };
-        let _ = write!(adds, "{}%us{u} = arith.addf {prev}, %ut{u} : f64\n", term(&format!("%ut{u}")));
+        let _ = writeln!(adds, "{}%us{u} = arith.addf {prev}, %ut{u} : f64", term(&format!("%ut{u}")));
     }
     let last = UNROLL - 1;
     phases.push(format!(
