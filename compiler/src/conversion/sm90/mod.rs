@@ -591,18 +591,13 @@ impl ModelKernels {
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
     ) -> Result<rows::RowKernel, Sm90Error> {
-        let mut k = rows::RowKernel::new(rows::RowOp::Sample, vocab, "f32");
-        while k.threads > 32 && k.validate(target).is_err() {
-            k.threads /= 2;
-        }
-        k.validate(target).map_err(|problem| Sm90Error::Config { kernel: "sample".into(), problem })?;
-        self.row_kernel(context, &k, target, ptxas, &mut |_| {})?;
-        Ok(k)
+        self.logits_kernel(context, rows::RowOp::Sample, vocab, target, ptxas)
     }
 
     /// Scoring over `vocab` columns ([`rows::RowOp::Scores`]: softmax's denominator as the host
     /// sums it, the largest logit and a token's logit a row), which the runtime launches where a
-    /// run wants log-probabilities (then the logits are not read back).
+    /// run wants log-probabilities (then the logits are not read back); 256 threads, a running sum
+    /// each.
     pub fn scoring(
         &mut self,
         context: &Context,
@@ -610,8 +605,25 @@ impl ModelKernels {
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
     ) -> Result<rows::RowKernel, Sm90Error> {
-        let k = rows::RowKernel::new(rows::RowOp::Scores, vocab, "f32");
-        k.validate(target).map_err(|problem| Sm90Error::Config { kernel: "scores".into(), problem })?;
+        self.logits_kernel(context, rows::RowOp::Scores, vocab, target, ptxas)
+    }
+
+    /// A row kernel `op` over logits of `vocab` columns, compiled: its default block, halved while
+    /// it does not fit (sampling's block sums; scoring's block is fixed).
+    fn logits_kernel(
+        &mut self,
+        context: &Context,
+        op: rows::RowOp,
+        vocab: usize,
+        target: &GpuTarget,
+        ptxas: Option<&FoundTool>,
+    ) -> Result<rows::RowKernel, Sm90Error> {
+        let shrinks = op == rows::RowOp::Sample;
+        let mut k = rows::RowKernel::new(op, vocab, "f32");
+        while shrinks && k.threads > 32 && k.validate(target).is_err() {
+            k.threads /= 2;
+        }
+        k.validate(target).map_err(|problem| Sm90Error::Config { kernel: k.kernel_name(), problem })?;
         self.row_kernel(context, &k, target, ptxas, &mut |_| {})?;
         Ok(k)
     }

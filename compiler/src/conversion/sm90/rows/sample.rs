@@ -89,60 +89,99 @@ const CUT_MARGIN: f64 = 1e-9;
 /// where the row is on 16 bytes).
 const UNROLL: usize = 8;
 
-/// `{out} = exp({x})` (f32) as [`v3c_models::sampling::exp`] computes it, operation for operation:
-/// the clamps, the reduction by `n ln 2` in two parts, Horner's rule over its coefficients (a
-/// multiply then an add each), `2^n` as two powers of two from the rounded sum's bits, NaN kept.
-fn exp_f32(x: &str, out: &str) -> String {
-    let e = &EXP_F32;
-    let c = |v: f32| format!("arith.constant 0x{:08X} : f32", v.to_bits());
+/// The constants of an exponential's reduction as MLIR constants of type `ty`: the clamps, log2 e,
+/// the rounding constant, ln 2 in two parts, the polynomial's coefficients.
+pub(super) struct ExpConstants {
+    pub ty: &'static str,
+    pub low: String,
+    pub high: String,
+    pub log2e: String,
+    pub round: String,
+    pub ln2_hi: String,
+    pub ln2_lo: String,
+    pub poly: Vec<String>,
+}
+
+impl ExpConstants {
+    /// `[low, high, log2e, round, ln2_hi, ln2_lo]` and `poly` as constants of `ty` (`f32`: each
+    /// value an f32's, exactly), by their bits.
+    pub fn new(ty: &'static str, [low, high, log2e, round, ln2_hi, ln2_lo]: [f64; 6], poly: &[f64]) -> ExpConstants {
+        let c = |v: f64| match ty {
+            "f32" => format!("0x{:08X}", (v as f32).to_bits()),
+            _ => format!("0x{:016X}", v.to_bits()),
+        };
+        let (low, high, log2e, round, ln2_hi, ln2_lo) = (c(low), c(high), c(log2e), c(round), c(ln2_hi), c(ln2_lo));
+        ExpConstants { ty, low, high, log2e, round, ln2_hi, ln2_lo, poly: poly.iter().map(|&v| c(v)).collect() }
+    }
+}
+
+/// The steps [`v3c_models::sampling::exp`] and [`v3c_models::sampling::exp64`] share, operation
+/// for operation: `{x}` clamped, `{out}_n` its nearest integer multiple of ln 2 (by adding and
+/// subtracting `round`: `{out}_t` the sum), `{out}_r` the reduced argument (ln 2 in two parts),
+/// and `{out}_er` = e^r by Horner's rule over the coefficients (a multiply then an add each), then
+/// `((p r) r + r) + 1`.
+pub(super) fn exp_reduced(x: &str, out: &str, e: &ExpConstants) -> String {
+    let ty = e.ty;
     let mut s = format!(
-        "{out}_lo = {lo}
-{out}_hi = {hi}
-{out}_below = arith.cmpf olt, {x}, {out}_lo : f32
-{out}_c0 = arith.select {out}_below, {out}_lo, {x} : f32
-{out}_above = arith.cmpf ogt, {out}_c0, {out}_hi : f32
-{out}_c = arith.select {out}_above, {out}_hi, {out}_c0 : f32
-{out}_log2e = {log2e}
-{out}_round = {round}
-{out}_t0 = arith.mulf {out}_c, {out}_log2e : f32
-{out}_t = arith.addf {out}_t0, {out}_round : f32
-{out}_n = arith.subf {out}_t, {out}_round : f32
-{out}_ln2hi = {ln2hi}
-{out}_ln2lo = {ln2lo}
-{out}_nh = arith.mulf {out}_n, {out}_ln2hi : f32
-{out}_r0 = arith.subf {out}_c, {out}_nh : f32
-{out}_nl = arith.mulf {out}_n, {out}_ln2lo : f32
-{out}_r = arith.subf {out}_r0, {out}_nl : f32
-{out}_p0 = {p0}
+        "{out}_lo = arith.constant {lo} : {ty}
+{out}_hi = arith.constant {hi} : {ty}
+{out}_below = arith.cmpf olt, {x}, {out}_lo : {ty}
+{out}_c0 = arith.select {out}_below, {out}_lo, {x} : {ty}
+{out}_above = arith.cmpf ogt, {out}_c0, {out}_hi : {ty}
+{out}_c = arith.select {out}_above, {out}_hi, {out}_c0 : {ty}
+{out}_log2e = arith.constant {log2e} : {ty}
+{out}_round = arith.constant {round} : {ty}
+{out}_t0 = arith.mulf {out}_c, {out}_log2e : {ty}
+{out}_t = arith.addf {out}_t0, {out}_round : {ty}
+{out}_n = arith.subf {out}_t, {out}_round : {ty}
+{out}_ln2hi = arith.constant {ln2hi} : {ty}
+{out}_ln2lo = arith.constant {ln2lo} : {ty}
+{out}_nh = arith.mulf {out}_n, {out}_ln2hi : {ty}
+{out}_r0 = arith.subf {out}_c, {out}_nh : {ty}
+{out}_nl = arith.mulf {out}_n, {out}_ln2lo : {ty}
+{out}_r = arith.subf {out}_r0, {out}_nl : {ty}
+{out}_p0 = arith.constant {p0} : {ty}
 ",
-        lo = c(e.low),
-        hi = c(e.high),
-        log2e = c(e.log2e),
-        round = c(e.round),
-        ln2hi = c(e.ln2_hi),
-        ln2lo = c(e.ln2_lo),
-        p0 = c(e.poly[0]),
+        lo = e.low,
+        hi = e.high,
+        log2e = e.log2e,
+        round = e.round,
+        ln2hi = e.ln2_hi,
+        ln2lo = e.ln2_lo,
+        p0 = e.poly[0],
     );
-    for (k, &coefficient) in e.poly.iter().enumerate().skip(1) {
+    for (k, coefficient) in e.poly.iter().enumerate().skip(1) {
         let _ = write!(
             s,
-            "{out}_pm{k} = arith.mulf {out}_p{prev}, {out}_r : f32
-{out}_pc{k} = {coefficient}
-{out}_p{k} = arith.addf {out}_pm{k}, {out}_pc{k} : f32
+            "{out}_pm{k} = arith.mulf {out}_p{prev}, {out}_r : {ty}
+{out}_pc{k} = arith.constant {coefficient} : {ty}
+{out}_p{k} = arith.addf {out}_pm{k}, {out}_pc{k} : {ty}
 ",
             prev = k - 1,
-            coefficient = c(coefficient),
         );
     }
     let last = e.poly.len() - 1;
     let _ = write!(
         s,
-        "{out}_pr = arith.mulf {out}_p{last}, {out}_r : f32
-{out}_prr = arith.mulf {out}_pr, {out}_r : f32
-{out}_s = arith.addf {out}_prr, {out}_r : f32
-{out}_one = {one}
-{out}_er = arith.addf {out}_s, {out}_one : f32
-{out}_tb = arith.bitcast {out}_t : f32 to i32
+        "{out}_pr = arith.mulf {out}_p{last}, {out}_r : {ty}
+{out}_prr = arith.mulf {out}_pr, {out}_r : {ty}
+{out}_s = arith.addf {out}_prr, {out}_r : {ty}
+{out}_one = arith.constant 1.0 : {ty}
+{out}_er = arith.addf {out}_s, {out}_one : {ty}
+"
+    );
+    s
+}
+
+/// `{out} = exp({x})` (f32) as [`v3c_models::sampling::exp`] computes it, operation for operation:
+/// [`exp_reduced`], then `2^n` as two powers of two from the rounded sum's bits, NaN kept.
+fn exp_f32(x: &str, out: &str) -> String {
+    let e = &EXP_F32;
+    let values = [e.low, e.high, e.log2e, e.round, e.ln2_hi, e.ln2_lo].map(f64::from);
+    let mut s = exp_reduced(x, out, &ExpConstants::new("f32", values, &e.poly.map(f64::from)));
+    let _ = write!(
+        s,
+        "{out}_tb = arith.bitcast {out}_t : f32 to i32
 {out}_rb = arith.constant {round_bits} : i32
 {out}_ni = arith.subi {out}_tb, {out}_rb : i32
 {out}_c1i = arith.constant 1 : i32
@@ -161,7 +200,6 @@ fn exp_f32(x: &str, out: &str) -> String {
 {out}_nan = arith.cmpf uno, {x}, {x} : f32
 {out} = arith.select {out}_nan, {x}, {out}_y : f32
 ",
-        one = c(1.0),
         round_bits = e.round.to_bits() as i32,
     );
     s

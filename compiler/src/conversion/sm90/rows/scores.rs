@@ -15,7 +15,7 @@ use std::fmt::Write;
 
 use v3c_models::sampling::{EXP_F64, SCORE_LANES};
 
-use super::sample::{max_phase, max_tree};
+use super::sample::{exp_reduced, max_phase, max_tree, ExpConstants};
 use super::{aligned, indent2, tree_phases, Lowering, RowKernel};
 
 /// Columns a thread loads before adding their terms.
@@ -36,61 +36,16 @@ pub(super) fn check(threads: usize) -> Result<(), String> {
 }
 
 /// `{out}` (f64) = e^`{x}` (f64) as [`v3c_models::sampling::exp64`] computes it, operation for
-/// operation: the clamps, `n` rounded by adding and subtracting `round`, the reduction by `n ln 2`
-/// in two parts, Horner's rule (a multiply then an add each), `2^n` as two powers of two from the
-/// bits of `k + round`, NaN kept.
+/// operation: [`exp_reduced`], then `2^n` as two powers of two from the bits of `k + round`, NaN
+/// kept.
 fn exp_f64(x: &str, out: &str) -> String {
     let e = &EXP_F64;
-    let c = |v: f64| format!("arith.constant 0x{:016X} : f64", v.to_bits());
-    let mut s = format!(
-        "{out}_lo = {lo}
-{out}_hi = {hi}
-{out}_below = arith.cmpf olt, {x}, {out}_lo : f64
-{out}_c0 = arith.select {out}_below, {out}_lo, {x} : f64
-{out}_above = arith.cmpf ogt, {out}_c0, {out}_hi : f64
-{out}_c = arith.select {out}_above, {out}_hi, {out}_c0 : f64
-{out}_log2e = {log2e}
-{out}_round = {round}
-{out}_t0 = arith.mulf {out}_c, {out}_log2e : f64
-{out}_t = arith.addf {out}_t0, {out}_round : f64
-{out}_n = arith.subf {out}_t, {out}_round : f64
-{out}_ln2hi = {ln2hi}
-{out}_ln2lo = {ln2lo}
-{out}_nh = arith.mulf {out}_n, {out}_ln2hi : f64
-{out}_r0 = arith.subf {out}_c, {out}_nh : f64
-{out}_nl = arith.mulf {out}_n, {out}_ln2lo : f64
-{out}_r = arith.subf {out}_r0, {out}_nl : f64
-{out}_p0 = {p0}
-",
-        lo = c(e.low),
-        hi = c(e.high),
-        log2e = c(e.log2e),
-        round = c(e.round),
-        ln2hi = c(e.ln2_hi),
-        ln2lo = c(e.ln2_lo),
-        p0 = c(e.poly[0]),
-    );
-    for (k, &coefficient) in e.poly.iter().enumerate().skip(1) {
-        let _ = write!(
-            s,
-            "{out}_pm{k} = arith.mulf {out}_p{prev}, {out}_r : f64
-{out}_pc{k} = {coefficient}
-{out}_p{k} = arith.addf {out}_pm{k}, {out}_pc{k} : f64
-",
-            prev = k - 1,
-            coefficient = c(coefficient),
-        );
-    }
-    let last = e.poly.len() - 1;
+    let values = [e.low, e.high, e.log2e, e.round, e.ln2_hi, e.ln2_lo];
+    let mut s = exp_reduced(x, out, &ExpConstants::new("f64", values, &e.poly));
     let _ = write!(
         s,
-        "{out}_pr = arith.mulf {out}_p{last}, {out}_r : f64
-{out}_prr = arith.mulf {out}_pr, {out}_r : f64
-{out}_s = arith.addf {out}_prr, {out}_r : f64
-{out}_one = {one}
-{out}_er = arith.addf {out}_s, {out}_one : f64
-{out}_half = {half}
-{out}_quarter = {quarter}
+        "{out}_half = arith.constant 0.5 : f64
+{out}_quarter = arith.constant 0.25 : f64
 {out}_nhalf = arith.mulf {out}_n, {out}_half : f64
 {out}_nq = arith.subf {out}_nhalf, {out}_quarter : f64
 {out}_ar = arith.addf {out}_nq, {out}_round : f64
@@ -99,26 +54,28 @@ fn exp_f64(x: &str, out: &str) -> String {
 {out}_rbits = arith.bitcast {out}_round : f64 to i64
 {out}_bias = arith.constant 1023 : i64
 {out}_c52 = arith.constant 52 : i64
-{out}_ka = arith.addf {out}_a, {out}_round : f64
-{out}_kab = arith.bitcast {out}_ka : f64 to i64
-{out}_kai = arith.subi {out}_kab, {out}_rbits : i64
-{out}_kae = arith.addi {out}_kai, {out}_bias : i64
-{out}_kas = arith.shli {out}_kae, {out}_c52 : i64
-{out}_pa = arith.bitcast {out}_kas : i64 to f64
-{out}_kb = arith.addf {out}_b, {out}_round : f64
-{out}_kbb = arith.bitcast {out}_kb : f64 to i64
-{out}_kbi = arith.subi {out}_kbb, {out}_rbits : i64
-{out}_kbe = arith.addi {out}_kbi, {out}_bias : i64
-{out}_kbs = arith.shli {out}_kbe, {out}_c52 : i64
-{out}_pb = arith.bitcast {out}_kbs : i64 to f64
-{out}_y0 = arith.mulf {out}_er, {out}_pa : f64
+"
+    );
+    // 2^k from the bits of k + round: k's, less round's, plus the bias, shifted into the exponent.
+    for k in ["a", "b"] {
+        let _ = write!(
+            s,
+            "{out}_k{k} = arith.addf {out}_{k}, {out}_round : f64
+{out}_k{k}b = arith.bitcast {out}_k{k} : f64 to i64
+{out}_k{k}i = arith.subi {out}_k{k}b, {out}_rbits : i64
+{out}_k{k}e = arith.addi {out}_k{k}i, {out}_bias : i64
+{out}_k{k}s = arith.shli {out}_k{k}e, {out}_c52 : i64
+{out}_p{k} = arith.bitcast {out}_k{k}s : i64 to f64
+"
+        );
+    }
+    let _ = write!(
+        s,
+        "{out}_y0 = arith.mulf {out}_er, {out}_pa : f64
 {out}_y = arith.mulf {out}_y0, {out}_pb : f64
 {out}_nan = arith.cmpf uno, {x}, {x} : f64
 {out} = arith.select {out}_nan, {x}, {out}_y : f64
-",
-        one = c(1.0),
-        half = c(0.5),
-        quarter = c(0.25),
+"
     );
     s
 }
