@@ -735,6 +735,15 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let out = run_binary_env("v3r", &[&bench_args[..], &["--temperature", "-1"]].concat(), &env);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--temperature -1 must be >= 0"), "{}", text(&out.stderr));
+    // Requests asking for log-probabilities (--logprobs N: and N alternatives): as many tokens, N
+    // in the figures; more than OpenAI's 20 refused.
+    let out = run_binary_env("v3r", &[&bench_args[..], &["--logprobs", "1"]].concat(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&figures).unwrap()).unwrap();
+    assert_eq!((f["generated_tokens"].as_u64(), f["logprobs"].as_u64()), (Some(45), Some(1)), "{f}");
+    let out = run_binary_env("v3r", &[&bench_args[..], &["--logprobs", "21"]].concat(), &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--logprobs 21: at most 20"), "{}", text(&out.stderr));
     // Prompts starting alike: said in the figures; a cpu artifact's caches per sequence reuse
     // nothing (prefix reuse needs a pool of pages: the session's tests).
     let shared = [&bench_args[..], &["--shared-prefix", "4"]].concat();

@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, serve_sampled*.json, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, serve_sampled*.json, serve_logprobs*.json, e2e_logprobs*.jsonl, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -293,10 +293,10 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
     printf '{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "top_logprobs": 1}\n{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "temperature": 0.8, "seed": 3}\n{"prompt": [%s], "max_new_tokens": 4, "logprobs": true, "top_logprobs": 1, "echo": true}\n' \
       "$(ids "$e2e/prompt1.txt")" "$(ids "$e2e/prompt2.txt")" "$(ids "$e2e/prompt2.txt")" > "$out/logprob_requests.jsonl"
     scored=(serve "$e2e/sm90tc" --weights "$e2e/ckpt" --batch 2 --ignore-eos)
-    if timeout 60 "$v3r" "${scored[@]}" < "$out/logprob_requests.jsonl" > "$out/serve_logprobs.jsonl" 2>>"$log" \
+    if timeout 60 "$v3r" "${scored[@]}" < "$out/logprob_requests.jsonl" > "$out/e2e_logprobs.jsonl" 2>>"$log" \
         && timeout 60 "$v3r" "${scored[@]}" --pick-on-host < "$out/logprob_requests.jsonl" \
-          > "$out/serve_logprobs_host.jsonl" 2>>"$log"; then
-      if verdict=$(python3 - "$out/serve_logprobs.jsonl" "$out/serve_logprobs_host.jsonl" <<'PY'
+          > "$out/e2e_logprobs_host.jsonl" 2>>"$log"; then
+      if verdict=$(python3 - "$out/e2e_logprobs.jsonl" "$out/e2e_logprobs_host.jsonl" <<'PY'
 import json, sys
 keys = ("tokens", "logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs")
 dev, host = ([{k: v.get(k) for k in keys} for v in sorted((json.loads(l) for l in open(p)), key=lambda v: v["id"])]
@@ -650,6 +650,19 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
       row "5. sampled serving (v3r)" "ok" "device vs host picks: serve_sampled.json, serve_sampled_host.json"
     else
       row "5. sampled serving (v3r)" "FAILED" "see check.log"
+    fi
+  fi
+  # Serving requests that ask for log-probabilities (--logprobs 1: the tokens' and the most probable
+  # one's): scored on the device against every step's logits read back (--pick-on-host).
+  left=$((570 - SECONDS))
+  if [ "$left" -ge 300 ]; then
+    scored=(bench-serve "$slice/sm90" --random-weights 1 --requests 32 --batch 32 --prompt-tokens 128..512
+      --new-tokens 64 --temperature 0.8 --logprobs 1)
+    if timeout 45 "$v3r" "${scored[@]}" --out "$out/serve_logprobs.json" 2>&1 | tee -a "$log" \
+        && timeout 45 "$v3r" "${scored[@]}" --pick-on-host --out "$out/serve_logprobs_host.json" 2>&1 | tee -a "$log"; then
+      row "5. serving with logprobs (v3r)" "ok" "scored on the device vs host: serve_logprobs.json, serve_logprobs_host.json"
+    else
+      row "5. serving with logprobs (v3r)" "FAILED" "see check.log"
     fi
   fi
   # Serving prompts that share a 448-token system prompt: its cache rows copied from a served

@@ -385,6 +385,11 @@ struct BenchServeArgs {
     /// draws, bit for bit) unless --pick-on-host.
     #[arg(long, value_name = "T", default_value_t = 0.0)]
     temperature: f32,
+    /// Generated requests ask for their tokens' log-probabilities, and the N most probable tokens'
+    /// at each step (0: none). A GPU artifact scores them on the device where N is at most 1
+    /// unless --pick-on-host (then every step's logits are read back and scored on the host).
+    #[arg(long, value_name = "N")]
+    logprobs: Option<usize>,
     /// Read every decode step's logits back and pick its tokens on the host (the same tokens): the
     /// A/B of the device's picks.
     #[arg(long)]
@@ -1450,6 +1455,9 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         return Err(Failure::Other("--requests, --batch and --rate must be positive".into()));
     }
     v3c_runtime::cli::check_sampling(args.temperature, 1.0).map_err(|e| Failure::Other(format!("--{e}")))?;
+    if let Some(k) = args.logprobs.filter(|&k| k > 20) {
+        return Err(Failure::Other(format!("--logprobs {k}: at most 20 alternatives (OpenAI's top_logprobs)")));
+    }
     args.speculating.check_batch(args.batch)?;
     let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
     let gpu = a.manifest.target.name != "cpu";
@@ -1549,7 +1557,9 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             let len = lo + (random() % (hi - lo + 1) as u64) as usize;
             let own = len.saturating_sub(shared.len());
             let prompt = shared.iter().take(len).copied().chain((0..own).map(|_| (random() % vocab) as u32)).collect();
-            (arrival, Request::new(prompt, args.new_tokens, sampler(i)))
+            let request = Request::new(prompt, args.new_tokens, sampler(i));
+            let top_logprobs = args.logprobs.unwrap_or(0);
+            (arrival, Request { logprobs: args.logprobs.is_some(), top_logprobs, ..request })
         })
         .collect();
     let (mut first, mut end, mut tokens) = (vec![None; n], vec![None; n], vec![0usize; n]);
@@ -1684,7 +1694,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
             "prompts_file": args.prompts.as_ref().map(|p| p.display().to_string()), "skipped_requests": skipped,
             "prefix_reuse": !args.scheduling.no_prefix_reuse, "reused_prompt_tokens": reused_total, "joined": joined, "total_s": total_s, "prefill_s": prefill_s, "generated_tokens": generated,
             "decode_steps": run.decode_steps, "decode_rows_run": run.rows_run, "decode_rows_fed": run.rows_fed, "every_slot": args.every_slot,
-            "temperature": args.temperature, "pick_on_host": args.pick_on_host,
+            "temperature": args.temperature, "logprobs": args.logprobs, "pick_on_host": args.pick_on_host,
             "tokens_per_s": generated as f64 / total_s.max(1e-9),
             "time_to_first_token_s": ttft, "time_per_output_token_s": tpot, "latency_s": latency,
             "speculation": speculated, "per_request": per,
