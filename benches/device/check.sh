@@ -287,10 +287,10 @@ print("\n".join(" ".join(map(str, v.get("tokens", ["error:", v.get("error")]))) 
       row "3. v3r serve" "FAILED" "v3r serve failed (check.log)"
     fi
     # Log-probabilities scored on the device (rows_scores_*, the host's bits): a greedy request
-    # asking for its tokens' and the most probable one's, a sampled one for its tokens', and an echoed
-    # prompt scored with one alternative — against --pick-on-host (every row read back, scored on the
+    # asking for its tokens' and the 5 most probable ones', a sampled one for its tokens', and an
+    # echoed prompt scored with one alternative — against --pick-on-host (every row read back, scored on the
     # host): the same tokens and values.
-    printf '{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "top_logprobs": 1}\n{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "temperature": 0.8, "seed": 3}\n{"prompt": [%s], "max_new_tokens": 4, "logprobs": true, "top_logprobs": 1, "echo": true}\n' \
+    printf '{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "top_logprobs": 5}\n{"prompt": [%s], "max_new_tokens": 12, "logprobs": true, "temperature": 0.8, "seed": 3}\n{"prompt": [%s], "max_new_tokens": 4, "logprobs": true, "top_logprobs": 1, "echo": true}\n' \
       "$(ids "$e2e/prompt1.txt")" "$(ids "$e2e/prompt2.txt")" "$(ids "$e2e/prompt2.txt")" > "$out/logprob_requests.jsonl"
     scored=(serve "$e2e/sm90tc" --weights "$e2e/ckpt" --batch 2 --ignore-eos)
     if timeout 60 "$v3r" "${scored[@]}" < "$out/logprob_requests.jsonl" > "$out/e2e_logprobs.jsonl" 2>>"$log" \

@@ -534,7 +534,9 @@ def outputs(cfg, rows, device):
     if cfg["op"] == "scores":
         return {"sum": torch.full((rows,), -1, dtype=torch.int64, device=device),
                 "max": torch.full((rows,), float("nan"), device=device),
-                "logit": torch.full((rows,), 7.0, device=device)}
+                "logit": torch.full((rows,), 7.0, device=device),
+                "top_id": torch.full((rows, SCORES_TOP), -7, dtype=torch.int32, device=device),
+                "top_logit": torch.full((rows, SCORES_TOP), 7.0, device=device)}
     if cfg["op"] == "splitbf16":
         return {"hi": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device),
                 "lo": torch.full((rows, d), float("nan"), dtype=torch.bfloat16, device=device)}
@@ -571,7 +573,7 @@ def arguments(cfg, inputs, outs):
              "mlaprefill": ["q_nope", "q_pe", "cache", "kv_b", "kv_b_scale", "q", "scale"],
              "dispatch": ["idx", "w", "offsets", "sorted", "rw"],
              "splitbf16": ["x", "hi", "lo"], "concat": ["x1", "x2", "y"], "argmax": ["x", "idx"], "sample": ["x", "temperature", "top_p", "top_k", "min_p", "uniform", "idx"],
-             "scores": ["x", "token", "sum", "max", "logit"],
+             "scores": ["x", "token", "sum", "max", "logit", "top_id", "top_logit"],
              "mlakeys": ["kv", "cache", "k", "vv"], "mlaqueries": ["q_nope", "q_pe", "q"]}.get(
         key, ["x", "w", "y", "q", "scale"])
     args = []
@@ -643,7 +645,7 @@ def check(cfg, inputs, outs):
         return [f"sample: rows {bad[:8]} differ (got {[got[r] for r in bad[:4]]}, host {[want[r] for r in bad[:4]]})"] if bad else []
     if cfg["op"] == "scores":
         import numpy as np
-        want_sum, want_max, want_logit = scores_reference(inputs["x"], inputs["token"])
+        want_sum, want_max, want_logit, want_id, want_top = scores_reference(inputs["x"], inputs["token"])
         got_sum = outs["sum"].cpu().numpy().view("float64")
         bits = lambda a: a.view(np.uint64 if a.dtype.itemsize == 8 else np.uint32)
         same = lambda a, b: (bits(a) == bits(b)) | (np.isnan(a) & np.isnan(b))
@@ -654,6 +656,12 @@ def check(cfg, inputs, outs):
             if len(bad):
                 errors.append(f"scores: {what} of rows {bad[:8].tolist()} differ (got {got[bad[:3]].tolist()}, "
                               f"host {want[bad[:3]].tolist()})")
+        got_id, got_top = outs["top_id"].cpu().numpy(), outs["top_logit"].cpu().numpy()
+        # The most probable tokens: the same ids, and where there is one the same logit's bits.
+        bad = np.flatnonzero((got_id != want_id).any(axis=1) | ((got_id >= 0) & ~same(got_top, want_top)).any(axis=1))
+        if len(bad):
+            errors.append(f"scores: most probable tokens of rows {bad[:8].tolist()} differ "
+                          f"(got {got_id[bad[0]].tolist()}, host {want_id[bad[0]].tolist()})")
         return errors
     if cfg["op"] == "argmax":
         want = argmax_reference(inputs["x"])
@@ -861,6 +869,7 @@ EXP_F64 = dict(log2e=1.4426950408889634, ln2_hi=0.6931471803691238, ln2_lo=1.908
                      2.7557319223985893e-6, 2.48015873015873e-5, 1.984126984126984e-4, 1.388888888888889e-3,
                      8.333333333333333e-3, 4.1666666666666664e-2, 1.6666666666666666e-1, 0.5])
 SCORE_LANES = 256
+SCORES_TOP = 20
 
 
 def exp64_host(x):
@@ -889,12 +898,16 @@ def exp64_host(x):
 def scores_reference(x, token):
     """`sampling::RowScore::of` per row: the largest logit (NaNs passed over, -inf for none), `exp_sum` — column
     c's exp64(f64(l - max)) into running sum c % 256 in column order, then the sums pairwise (i + h into i, h =
-    128 .. 1) — and the token's logit (NaN past the row). numpy arrays: sums (f64), maxima, logits (f32)."""
+    128 .. 1) — and the token's logit (NaN past the row); and `top_k(row, 20)`: the 20 largest in f32's total
+    order (NaN above infinity, -0 below +0), ties to the lower id (-1 past the row's tokens). numpy arrays:
+    sums (f64), maxima, logits (f32), ids [rows, 20] (i32), their logits [rows, 20] (f32)."""
     import numpy as np
     x = x.detach().cpu().numpy().astype(np.float32)
     tokens = token.detach().cpu().numpy().astype(np.int64)
     rows, d = x.shape
     sums, maxes, logits = np.zeros(rows), np.zeros(rows, dtype=np.float32), np.zeros(rows, dtype=np.float32)
+    top_ids = np.full((rows, SCORES_TOP), -1, dtype=np.int32)
+    top_logits = np.zeros((rows, SCORES_TOP), dtype=np.float32)
     for i, (row, t) in enumerate(zip(x, tokens)):
         m = np.where(np.isnan(row), np.float32(-np.inf), row).max()
         with np.errstate(all="ignore"):
@@ -906,7 +919,11 @@ def scores_reference(x, token):
             lanes = lanes[:len(lanes) // 2] + lanes[len(lanes) // 2:]
         sums[i], maxes[i] = lanes[0], m
         logits[i] = row[t] if 0 <= t < d else np.float32(np.nan)
-    return sums, maxes, logits
+        bits = row.view(np.int32).astype(np.int64)
+        key = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # f32 total order as integers
+        order = np.lexsort((np.arange(d), -key))[:SCORES_TOP]
+        top_ids[i, :len(order)], top_logits[i, :len(order)] = order, row[order]
+    return sums, maxes, logits, top_ids, top_logits
 
 
 def crowded(inputs, r, listed):
@@ -1045,8 +1062,8 @@ def bytes_moved(cfg, rows):
     if cfg["op"] == "argmax":
         return rows * d * 4 + rows * 4
     if cfg["op"] == "scores":
-        # The logits once (read twice: the maximum, then the terms), the tokens and the three results.
-        return rows * d * 4 + rows * 20
+        # The logits once (read twice: the maximum, then the terms), the tokens and the results.
+        return rows * d * 4 + rows * (20 + 8 * SCORES_TOP)
     if cfg["op"] == "sample":
         # The logits once (the kernel reads them twice: the maximum, then the weights, the second
         # mostly from L2), the draws and the tokens.
@@ -1139,7 +1156,9 @@ def self_test():
     sc = parse("rows_scores_d1003_t256")
     assert sc["op"] == "scores" and sc["threads"] == 256
     inputs = problem(sc, 12, "cpu")
-    sums, maxes, token_logits = scores_reference(inputs["x"], inputs["token"])
+    sums, maxes, token_logits, top_ids, top_logits = scores_reference(inputs["x"], inputs["token"])
+    assert top_ids[0, 0] == int(inputs["x"][0].argmax()) and top_logits[0, 0] == maxes[0]
+    assert np.all(np.diff(top_logits[0]) <= 0)
     lse = torch.logsumexp(inputs["x"].double(), dim=1).numpy()
     for r in (0, 3, 4):
         assert abs(np.log(sums[r]) + maxes[r] - lse[r]) <= 1e-6, (r, sums[r], lse[r])

@@ -273,8 +273,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert!(!kernel.ptx.contains("fma.") && !kernel.ptx.contains("approx"), "{name}");
             }
             RowOp::Scores => {
-                // The maximum (a scan, a tree), the running sums, their tree, the write.
-                let phases = 2 * (1 + k.threads.trailing_zeros() as usize) + 1;
+                // The maximum (a scan, a tree), the running sums (and the threads' most probable),
+                // their tree, the lists' merges, the write.
+                let levels = k.threads.trailing_zeros() as usize;
+                let phases = 2 * (1 + levels) + levels + 1;
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
                 // The host's exp64: f64 arithmetic, no fused multiply-add; the logits' loads coalesced.
                 assert!(kernel.ptx.contains("mul.rn.f64") && kernel.ptx.contains("add.rn.f64"), "{name}");

@@ -815,27 +815,38 @@ impl GpuArtifact {
     }
 
     /// Each `logits` row r of the last run of `entry` scored for `tokens[r]` on the device by the
-    /// artifact's scoring kernel: [`v3c_models::sampling::RowScore::of`], bit for bit; only 16
-    /// bytes a row read back. None when the artifact has no scoring kernel.
+    /// artifact's scoring kernel: [`v3c_models::sampling::RowScore::of`], bit for bit, and the row's
+    /// `alternatives` most probable tokens with their logits (at most
+    /// [`crate::lowering::SCORES_TOP`]: the host's `top_k`); only 16 bytes a row read back, 8 more
+    /// an alternative. None when the artifact has no scoring kernel.
     pub fn scores_last(
         &self,
         entry: &str,
         tokens: &[i32],
-    ) -> Result<Option<Vec<v3c_models::sampling::RowScore>>, String> {
+        alternatives: usize,
+    ) -> Result<Option<Vec<crate::session::Scores>>, String> {
         let logits = self.last_logits(entry)?;
         let rows = logits.shape.first().copied().unwrap_or(0);
         if tokens.len() != rows {
             return Err(format!("{entry}: {} tokens to score for {rows} rows of logits", tokens.len()));
         }
-        // One device buffer: the sums (f64 bits), the maxima, the tokens' logits, the tokens.
+        let top = crate::lowering::SCORES_TOP;
+        if alternatives > top {
+            return Err(format!("{entry}: {alternatives} alternatives scored, the kernel gives {top}"));
+        }
+        // One device buffer: the sums (f64 bits), the maxima, the tokens' logits, the most
+        // probable tokens, their logits, the tokens.
+        let bytes_per_row = 16 + 8 * top + 4;
         let mut held = self.scores_out.borrow_mut();
-        if held.as_ref().is_none_or(|d| d.bytes < 20 * rows) {
-            *held = Some(DeviceBuffer::new(20 * rows.max(1), "token scores")?);
+        if held.as_ref().is_none_or(|d| d.bytes < bytes_per_row * rows) {
+            *held = Some(DeviceBuffer::new(bytes_per_row * rows.max(1), "token scores")?);
         }
         let base = held.as_ref().map_or(0, |d| d.ptr);
-        let at = |k: u64| base + k * rows as u64;
-        let (sum, max, logit, token) = (at(0), at(8), at(12), at(16));
-        let Some(launch) = Expander::new(&self.artifact)?.scores_launch(&logits, token, [sum, max, logit])? else {
+        let at = |k: usize| base + (k * rows) as u64;
+        let (sum, max, logit, top_id, top_logit) = (at(0), at(8), at(12), at(16), at(16 + 4 * top));
+        let token = at(16 + 8 * top);
+        let outs = [sum, max, logit, top_id, top_logit];
+        let Some(launch) = Expander::new(&self.artifact)?.scores_launch(&logits, token, outs)? else {
             return Ok(None);
         };
         if rows == 0 {
@@ -847,22 +858,27 @@ impl GpuArtifact {
         self.enqueue(entry, &launch, 0)?;
         // SAFETY: our stream.
         unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: scoring tokens")))?;
-        let mut out = vec![0u8; 16 * rows];
-        // SAFETY: the buffer's first 16 `rows` bytes: the sums, maxima and logits.
+        // The sums, maxima and logits; with alternatives, the most probable tokens and theirs too.
+        let read = if alternatives > 0 { 16 + 8 * top } else { 16 } * rows;
+        let mut out = vec![0u8; read];
+        // SAFETY: the buffer's first `read` bytes.
         unsafe { result::memcpy_dtoh_sync(&mut out, sum) }.map_err(cuda("reading token scores"))?;
         let word = |o: usize| [out[o], out[o + 1], out[o + 2], out[o + 3]];
-        Ok(Some(
-            (0..rows)
-                .map(|r| {
-                    let s = u64::from_le_bytes(std::array::from_fn(|i| out[8 * r + i]));
-                    v3c_models::sampling::RowScore {
-                        sum: f64::from_bits(s),
-                        max: f32::from_le_bytes(word(8 * rows + 4 * r)),
-                        logit: f32::from_le_bytes(word(12 * rows + 4 * r)),
-                    }
-                })
-                .collect(),
-        ))
+        let row = |r: usize| {
+            let s = u64::from_le_bytes(std::array::from_fn(|i| out[8 * r + i]));
+            let row = v3c_models::sampling::RowScore {
+                sum: f64::from_bits(s),
+                max: f32::from_le_bytes(word(8 * rows + 4 * r)),
+                logit: f32::from_le_bytes(word(12 * rows + 4 * r)),
+            };
+            let alternative = |i: usize| {
+                let id = i32::from_le_bytes(word(16 * rows + 4 * (r * top + i)));
+                let v = f32::from_le_bytes(word((16 + 4 * top) * rows + 4 * (r * top + i)));
+                u32::try_from(id).ok().map(|id| (id, v))
+            };
+            crate::session::Scores { row, top: (0..alternatives).map_while(alternative).collect() }
+        };
+        Ok(Some((0..rows).map(row).collect()))
     }
 
     /// Enqueues action `i` of a staged run on the stream.

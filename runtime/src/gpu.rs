@@ -196,13 +196,16 @@ impl<'a> Expander<'a> {
     }
 
     /// The launch of the artifact's scoring kernel over `logits` (`[rows, vocab]` f32) for the
-    /// tokens at `token` (`rows` i32) into `[sum, max, logit]` (`rows` i64 — an f64's bits —, f32
-    /// and f32 each), or None when the artifact has none.
-    pub fn scores_launch(&self, logits: &Buf, token: u64, outs: [u64; 3]) -> Result<Option<KernelLaunch>, String> {
+    /// tokens at `token` (`rows` i32) into `[sum, max, logit, top_id, top_logit]` (`rows` i64 —
+    /// an f64's bits —, f32 and f32 each; `[rows, SCORES_TOP]` i32 and f32), or None when the
+    /// artifact has none.
+    pub fn scores_launch(&self, logits: &Buf, token: u64, outs: [u64; 5]) -> Result<Option<KernelLaunch>, String> {
         let kernel = self.artifact.lowering.as_ref().and_then(|l| l.scores.as_ref());
-        let [sum, max, logit] = outs;
-        let per_row = [(token, "i32"), (sum, "i64"), (max, "f32"), (logit, "f32")];
-        self.pick_launch("scoring kernel", kernel, logits, &per_row)
+        let [sum, max, logit, top_id, top_logit] = outs;
+        let top = crate::lowering::SCORES_TOP;
+        let operands = [(token, "i32", 0), (sum, "i64", 0), (max, "f32", 0), (logit, "f32", 0)];
+        let operands = operands.into_iter().chain([(top_id, "i32", top), (top_logit, "f32", top)]);
+        self.rows_launch("scoring kernel", kernel, logits, &operands.collect::<Vec<_>>())
     }
 
     /// The launch of a row kernel picking tokens (`what`, `kernel` if the artifact has it) over
@@ -214,19 +217,40 @@ impl<'a> Expander<'a> {
         logits: &Buf,
         per_row: &[(u64, &'static str)],
     ) -> Result<Option<KernelLaunch>, String> {
+        let operands: Vec<_> = per_row.iter().map(|&(addr, element)| (addr, element, 0)).collect();
+        self.rows_launch(what, kernel, logits, &operands)
+    }
+
+    /// The launch of a row kernel over `logits` (`what`, `kernel` if the artifact has it), a block
+    /// a row, and at each of `operands` (address, element type, columns) `rows` elements (0
+    /// columns) or `[rows, columns]`.
+    fn rows_launch(
+        &self,
+        what: &str,
+        kernel: Option<&String>,
+        logits: &Buf,
+        operands: &[(u64, &'static str, usize)],
+    ) -> Result<Option<KernelLaunch>, String> {
         let Some(kernel) = kernel else { return Ok(None) };
         let Some(KernelAbi::Memrefs { ranks }) = self.abis.get(kernel.as_str()) else {
             return Err(format!("{what} {kernel}: not a row kernel"));
         };
-        if ranks.len() != 1 + per_row.len() || ranks[0] != 2 || ranks[1..].iter().any(|&r| r != 1) {
-            return Err(format!("{what} {kernel}: takes memrefs of ranks {ranks:?}"));
+        let want: Vec<usize> =
+            std::iter::once(2).chain(operands.iter().map(|&(_, _, c)| if c == 0 { 1 } else { 2 })).collect();
+        if *ranks != want {
+            return Err(format!("{what} {kernel}: takes memrefs of ranks {ranks:?}, launched with {want:?}"));
         }
         let rows = logits.shape_at_rank(2)?[0];
-        let operands: Vec<Buf> =
-            per_row.iter().map(|&(addr, element)| Buf { addr, shape: vec![rows], element }).collect();
+        let operands: Vec<Buf> = operands
+            .iter()
+            .map(|&(addr, element, c)| {
+                let shape = if c == 0 { vec![rows] } else { vec![rows, c] };
+                Buf { addr, shape, element }
+            })
+            .collect();
         let mut params = memref(logits, 2)?;
         for b in &operands {
-            params.extend(memref(b, 1)?);
+            params.extend(memref(b, b.shape.len())?);
         }
         Ok(Some(KernelLaunch {
             kernel: kernel.clone(),
@@ -767,7 +791,7 @@ impl Expander<'_> {
         let logits = Buf { addr: addr(), shape: vec![rows, vocab], element: "f32".into() };
         let argmax = self.argmax_launch(&logits, addr())?;
         let sample = self.sample_launch(&logits, [addr(), addr(), addr(), addr(), addr()], addr())?;
-        let scores = self.scores_launch(&logits, addr(), [addr(), addr(), addr()])?;
+        let scores = self.scores_launch(&logits, addr(), [addr(), addr(), addr(), addr(), addr()])?;
         // A training step's optimizer kernels, over a tensor of three blocks.
         let optimizer = match crate::optimizer::OptimizerKernels::of(artifact)? {
             Some(o) => o.samples(3 * 4096 + 7, &mut addr)?,

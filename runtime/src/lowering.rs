@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 /// not pass).
 pub const LOWERING_FORMAT_VERSION: u32 = 6;
 
+/// The most probable tokens (and their logits) the scoring kernel ([`Lowering::scores`]) gives a
+/// row, most probable first: OpenAI's most `top_logprobs`.
+pub const SCORES_TOP: usize = 20;
+
 /// What the sampling kernel ([`Lowering::sample`]) gives for a row whose list it leaves to the
 /// host (more candidates than it sorts, or NaN weights): the runtime draws that row there.
 pub const SAMPLE_ON_HOST: i32 = -2;
@@ -42,7 +46,9 @@ pub struct Lowering {
     /// Log-probabilities' sums on the device: a row kernel taking logits `[rows, vocab]` (f32) and
     /// a token per row `[rows]` (i32) to softmax's denominator `sum(e^(l - max))` (the bits of an
     /// f64, as i64; [`v3c_models::sampling::exp_sum`]'s, bit for bit), the largest logit and the
-    /// token's logit (f32; NaN past the row), `[rows]` each: 16 bytes a row to read back.
+    /// token's logit (f32; NaN past the row), `[rows]` each, and the [`SCORES_TOP`] most probable
+    /// tokens `[rows, SCORES_TOP]` (i32; -1 past the row's) with their logits (f32): the host's
+    /// `top_k`. 16 bytes a row to read back, 8 more an alternative.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<String>,
     /// The decode caches' rows (S of `[B, S, C]`) must be a multiple of this: they are bf16 pages

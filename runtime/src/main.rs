@@ -386,8 +386,8 @@ struct BenchServeArgs {
     #[arg(long, value_name = "T", default_value_t = 0.0)]
     temperature: f32,
     /// Generated requests ask for their tokens' log-probabilities, and the N most probable tokens'
-    /// at each step (0: none). A GPU artifact scores them on the device where N is at most 1
-    /// unless --pick-on-host (then every step's logits are read back and scored on the host).
+    /// at each step (0: none; at most 20). A GPU artifact scores them on the device unless
+    /// --pick-on-host (then every step's logits are read back and scored on the host).
     #[arg(long, value_name = "N")]
     logprobs: Option<usize>,
     /// Read every decode step's logits back and pick its tokens on the host (the same tokens): the

@@ -408,7 +408,7 @@ impl<'a> ArtifactBatch<'a> {
             }
             let at = j.session.position;
             // Scored where the program runs (the same bits): the token's log-probability, and the
-            // most probable token's (the argmax's: the largest logit's) where one is asked for.
+            // most probable tokens' where asked for.
             let kept = j.score.is_some_and(|top| device_scored(self.program, top));
             let want = match (j.score.is_some(), j.next + 1 == j.chunks) {
                 (true, _) if kept => ChunkLogits::Kept,
@@ -423,17 +423,9 @@ impl<'a> ArtifactBatch<'a> {
                     // Row r (position at + r) predicts the prompt's token at + r + 1.
                     let n = j.session.position - at;
                     let next = |r: usize| j.prompt.get(at + r + 1).map_or(-1, |&t| i32::try_from(t).unwrap_or(-1));
-                    let scores = self.program.scores_last("prefill", &(0..n).map(next).collect::<Vec<_>>())?;
-                    let best = match top {
-                        0 => Vec::new(),
-                        _ => self.program.argmax_last("prefill")?,
-                    };
-                    let scored = (0..n).filter(|&r| j.prompt.get(at + r + 1).is_some()).map(|r| {
-                        let s = scores[r];
-                        let alternative = |&t: &u32| (t, RowScore { logit: s.max, ..s }.log_probability());
-                        (s.log_probability(), best.get(r).map(alternative).into_iter().collect())
-                    });
-                    j.scores.extend(scored);
+                    let scores = self.program.scores_last("prefill", &(0..n).map(next).collect::<Vec<_>>(), top)?;
+                    let scored = scores.iter().take(n).enumerate().filter(|(r, _)| j.prompt.get(at + r + 1).is_some());
+                    j.scores.extend(scored.map(|(_, s)| s.log_probabilities(top)));
                     if j.next == j.chunks && n > 0 {
                         last = self.program.logits_row_last("prefill", n - 1)?;
                     }
@@ -645,24 +637,23 @@ impl<'a> ArtifactBatch<'a> {
     }
 
     /// Whether a decode step's picked tokens may be scored where the program runs
-    /// ([`ArtifactBatch::score_last`]): their log-probabilities, and the most probable token's.
+    /// ([`ArtifactBatch::score_last`]): their log-probabilities, and the most probable tokens'.
     pub fn device_scores(&self) -> bool {
-        self.program.device_scores() && self.program.device_argmax()
+        self.program.device_scores()
     }
 
     /// The last decode step's logits scored on the device for `tokens` (by sequence, as
-    /// [`Next::Tokens`] gives them): per sequence the step ran, its token's [`RowScore`] and, with
-    /// `best`, the most probable token (the argmax: ties to the lower id); None for the others.
-    /// The step's logits must still be where it left them (no run since).
-    pub fn score_last(&self, tokens: &[u32], best: bool) -> Result<Vec<Option<StepScore>>, String> {
+    /// [`Next::Tokens`] gives them), with `alternatives` most probable tokens: per sequence the
+    /// step ran, its [`Scores`]; None for the others. The step's logits must still be where it
+    /// left them (no run since).
+    pub fn score_last(&self, tokens: &[u32], alternatives: usize) -> Result<Vec<Option<Scores>>, String> {
         let row_tokens: Vec<i32> =
             self.last_rows.iter().map(|&s| tokens.get(s).map_or(-1, |&t| i32::try_from(t).unwrap_or(-1))).collect();
-        let scores = self.program.scores_last("decode", &row_tokens)?;
-        let argmax = if best { Some(self.program.argmax_last("decode")?) } else { None };
+        let mut scores = self.program.scores_last("decode", &row_tokens, alternatives)?.into_iter();
         let mut out = vec![None; tokens.len()];
-        for (r, &s) in self.last_rows.iter().enumerate() {
-            if let (Some(at), Some(&score)) = (out.get_mut(s), scores.get(r)) {
-                *at = Some((score, argmax.as_ref().and_then(|a| a.get(r).copied())));
+        for &s in &self.last_rows {
+            if let (Some(at), Some(score)) = (out.get_mut(s), scores.next()) {
+                *at = Some(score);
             }
         }
         Ok(out)
@@ -922,13 +913,8 @@ pub fn generate_queue(
     Ok(Served { generations, slots, joined, prefill_s, total_s })
 }
 
-/// A decode step's token scored on the device ([`ArtifactBatch::score_last`]): its [`RowScore`],
-/// and the most probable token where asked.
-pub type StepScore = (RowScore, Option<u32>);
-
 /// Whether a prompt scored with `top` alternatives a token is scored where `program` runs
-/// ([`Program::scores_last`]; the one alternative by [`Program::argmax_last`]: the most probable
-/// token, ties to the lower id, as the host's `top_k` takes it), its logits not read back.
+/// ([`Program::scores_last`]: the host's values), its logits not read back.
 fn device_scored(program: &dyn Program, top: usize) -> bool {
-    program.device_scores() && (top == 0 || (top == 1 && program.device_argmax()))
+    program.device_scores() && top <= crate::lowering::SCORES_TOP
 }

@@ -430,12 +430,16 @@ mod tests {
             self.last_logits.borrow().get(r).cloned().ok_or_else(|| format!("{entry}: no row {r}"))
         }
 
-        fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
+        fn scores_last(&self, entry: &str, tokens: &[i32], alternatives: usize) -> Result<Vec<Scores>, String> {
             let logits = self.last_logits.borrow();
             if tokens.len() != logits.len() {
                 return Err(format!("{entry}: {} tokens for {} rows", tokens.len(), logits.len()));
             }
-            Ok(logits.iter().zip(tokens).map(|(l, &t)| RowScore::of(l, u32::try_from(t).unwrap_or(u32::MAX))).collect())
+            let score = |(l, &t): (&Vec<f32>, &i32)| Scores {
+                row: RowScore::of(l, u32::try_from(t).unwrap_or(u32::MAX)),
+                top: v3c_models::sampling::top_k(l, alternatives),
+            };
+            Ok(logits.iter().zip(tokens).map(score).collect())
         }
 
         fn run_keeping(
@@ -1183,9 +1187,9 @@ mod tests {
     }
 
     /// A program that scores tokens itself serves requests asking for their tokens'
-    /// log-probabilities (with at most one alternative) with the host's values, greedy and
-    /// sampled, joining and prefilled together, and reads no decode step's logits back; a request
-    /// asking for more alternatives has them read back, the same values.
+    /// log-probabilities (and up to 20 alternatives) with the host's values, greedy and sampled,
+    /// joining and prefilled together, and reads no decode step's logits back; one that picks on
+    /// the host (a penalty) reads them back, the same values.
     #[test]
     fn logprobs_scored_on_the_device_are_the_hosts() {
         let requests = || {
@@ -1231,14 +1235,21 @@ mod tests {
         }
         assert!(got[0].logprobs.iter().chain(&got[1].logprobs).all(|lp| lp.is_finite() && *lp <= 0.0));
         assert_eq!((got[1].top_logprobs.len(), got[1].top_logprobs[0].len()), (got[1].tokens.len(), 1));
-        // Two alternatives: the steps' logits read back, the same values.
-        let more = Request { logprobs: true, top_logprobs: 2, ..Request::new(vec![8, 3], 6, toy_sampler(None)) };
-        let want = run(&Toy::paged(), Some(more.clone()));
-        let reading = device();
-        let got = run(&reading, Some(more));
-        assert!(*reading.logits_read.borrow() > 0);
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!((&g.tokens, &g.logprobs, &g.top_logprobs), (&w.tokens, &w.logprobs, &w.top_logprobs));
+        // Twenty alternatives (more than the vocabulary: all of its 11), still on the device; then
+        // a request with a penalty: the steps' logits read back, the same values.
+        let more = Request { logprobs: true, top_logprobs: 20, ..Request::new(vec![8, 3], 6, toy_sampler(None)) };
+        let penalized =
+            Request { logprobs: true, top_logprobs: 3, ..Request::new(vec![8, 3], 6, toy_sampler(Some(1))) };
+        for (extra, reads) in [(more, false), (penalized, true)] {
+            let want = run(&Toy::paged(), Some(extra.clone()));
+            let program = device();
+            let got = run(&program, Some(extra));
+            assert_eq!(*program.logits_read.borrow() > 0, reads);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((&g.tokens, &g.logprobs, &g.top_logprobs), (&w.tokens, &w.logprobs, &w.top_logprobs));
+            }
+            let alternatives = if reads { 3 } else { VOCAB };
+            assert!(!got[4].top_logprobs.is_empty() && got[4].top_logprobs.iter().all(|a| a.len() == alternatives));
         }
     }
 

@@ -143,9 +143,11 @@ pub trait Program {
         false
     }
     /// Each `logits` row r of the last run of `entry` scored for `tokens[r]` where the program
-    /// keeps them: [`RowScore::of`] (bit for bit; a negative token: a NaN logit).
-    fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
-        let _ = tokens;
+    /// keeps them: [`RowScore::of`] (bit for bit; a negative token: a NaN logit), and the row's
+    /// `alternatives` most probable tokens with their logits (the host's `top_k`; at most
+    /// [`crate::lowering::SCORES_TOP`]).
+    fn scores_last(&self, entry: &str, tokens: &[i32], alternatives: usize) -> Result<Vec<Scores>, String> {
+        let _ = (tokens, alternatives);
         Err(format!("{entry}: this program scores no tokens itself"))
     }
     /// Milliseconds of each of `reps` runs of `entry` on `inputs` after one warm-up, outputs left
@@ -305,8 +307,9 @@ impl Program for crate::cuda::GpuArtifact {
     fn logits_row_last(&self, entry: &str, r: usize) -> Result<Vec<f32>, String> {
         crate::cuda::GpuArtifact::logits_row_last(self, entry, r)
     }
-    fn scores_last(&self, entry: &str, tokens: &[i32]) -> Result<Vec<RowScore>, String> {
-        crate::cuda::GpuArtifact::scores_last(self, entry, tokens)?.ok_or_else(|| format!("{entry}: no scoring kernel"))
+    fn scores_last(&self, entry: &str, tokens: &[i32], alternatives: usize) -> Result<Vec<Scores>, String> {
+        crate::cuda::GpuArtifact::scores_last(self, entry, tokens, alternatives)?
+            .ok_or_else(|| format!("{entry}: no scoring kernel"))
     }
 }
 
@@ -366,6 +369,23 @@ pub(super) fn step_keeping(
         (false, _) => Next::logits_of(&mut out)?.drawn(pick),
     };
     Ok((out, next))
+}
+
+/// A row of logits scored where the program keeps it ([`Program::scores_last`]): what its token's
+/// log-probability needs, and its most probable tokens with their logits, most probable first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    pub row: RowScore,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl Scores {
+    /// The token's log-probability and its first `k` alternatives' `(token, log-probability)`:
+    /// what the host's [`scores`] gives from the row.
+    pub fn log_probabilities(&self, k: usize) -> (f32, Vec<(u32, f32)>) {
+        let of = |l: f32| RowScore { logit: l, ..self.row }.log_probability();
+        (self.row.log_probability(), self.top.iter().take(k).map(|&(t, l)| (t, of(l))).collect())
+    }
 }
 
 /// How a decode step's next tokens are picked.

@@ -126,11 +126,11 @@ impl<'a> ArtifactSession<'a> {
                 None => -1,
             });
             let rows: Vec<i32> = rows.collect();
-            let got = self.program.scores_last("prefill", &rows)?;
+            let got = self.program.scores_last("prefill", &rows, 0)?;
             if got.len() != rows.len() {
                 return Err(format!("prefill scored {} rows of {}", got.len(), rows.len()));
             }
-            scores.extend(got);
+            scores.extend(got.into_iter().map(|s| s.row));
         }
         Ok(Some(scores))
     }

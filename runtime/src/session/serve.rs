@@ -77,11 +77,7 @@ impl Running {
             let k = self.request.top_logprobs;
             let (lp, top) = match scored {
                 Scored::Row(l) => scores(l, t, k),
-                Scored::Device(s, best) => {
-                    // The most probable token's logit is the largest (its log-probability the host's).
-                    let alternative = |b: u32| (b, RowScore { logit: s.max, ..s }.log_probability());
-                    (s.log_probability(), best.filter(|_| k > 0).map(alternative).into_iter().collect())
-                }
+                Scored::Device(s) => s.log_probabilities(k),
                 Scored::Not => (f32::NAN, Vec::new()),
             };
             self.logprobs.push(lp);
@@ -216,7 +212,7 @@ pub fn serve(
     let (mut prefill_s, mut joined, mut started) = (0.0, 0, false);
     let mut logits = Next::Tokens(Vec::new());
     // The last step's picks scored on the device, by slot (where a request asked and they were).
-    let mut step_scores: Option<Vec<Option<StepScore>>> = None;
+    let mut step_scores: Option<Vec<Option<Scores>>> = None;
     loop {
         // Every request and cancellation there is (waiting for one while nothing runs or waits).
         while !closed {
@@ -343,8 +339,8 @@ pub fn serve(
                     (Some(l), _) => Scored::Row(l.as_slice()),
                     (None, Next::Logits(rows)) => rows.get(s).map_or(Scored::Not, Scored::Row),
                     // Picked on the device: scored there where it asked.
-                    (None, Next::Tokens(_)) => match step_scores.as_ref().and_then(|v| v.get(s).copied().flatten()) {
-                        Some((score, best)) => Scored::Device(score, best),
+                    (None, Next::Tokens(_)) => match step_scores.as_ref().and_then(|v| v.get(s)?.as_ref()) {
+                        Some(score) => Scored::Device(score),
                         None => Scored::Not,
                     },
                 };
@@ -363,9 +359,9 @@ pub fn serve(
         }
         if active.iter().any(|&a| a) {
             // The device picks greedy or drawn tokens itself unless a request asks for
-            // log-probabilities it cannot score there (more than one alternative).
+            // log-probabilities it cannot score there (more alternatives than its scoring kernel gives).
             let (draws, scoring) = (batch.device_sample(), batch.device_scores());
-            let on_host = |r: &Request| r.logprobs && !(scoring && r.top_logprobs <= 1);
+            let on_host = |r: &Request| r.logprobs && !(scoring && r.top_logprobs <= crate::lowering::SCORES_TOP);
             let wanted = running.iter_mut().zip(&active).map(|(r, &a)| {
                 r.as_mut().filter(|_| a).map(|r| {
                     let host = on_host(&r.request);
@@ -376,13 +372,11 @@ pub fn serve(
             logits = batch.decode(&fed, &active, &pick)?;
             // Tokens picked on the device for requests asking for log-probabilities: scored
             // there, before another run takes the step's logits' place.
-            let asking = |best: bool| {
-                running.iter().zip(&active).any(|(r, &a)| {
-                    a && r.as_ref().is_some_and(|r| r.request.logprobs && (!best || r.request.top_logprobs > 0))
-                })
-            };
-            step_scores = match &logits {
-                Next::Tokens(t) if asking(false) => Some(batch.score_last(t, asking(true))?),
+            let asking =
+                running.iter().zip(&active).filter_map(|(r, &a)| r.as_ref().filter(|r| a && r.request.logprobs));
+            let alternatives = asking.map(|r| r.request.top_logprobs).max();
+            step_scores = match (&logits, alternatives) {
+                (Next::Tokens(t), Some(k)) => Some(batch.score_last(t, k)?),
                 _ => None,
             };
             started = true;
@@ -567,10 +561,10 @@ fn speculate<T>(
 }
 
 /// What a token's log-probabilities are taken from ([`Running::take`]): the logits it was picked
-/// from, the device's scores of them (and the most probable token there), or nothing (NaN).
+/// from, the device's scores of them (and of the most probable tokens there), or nothing (NaN).
 #[derive(Debug, Clone, Copy)]
 enum Scored<'a> {
     Row(&'a [f32]),
-    Device(RowScore, Option<u32>),
+    Device(&'a Scores),
     Not,
 }

@@ -31,6 +31,7 @@ mod sample;
 mod scores;
 mod train;
 pub use sample::NUCLEUS_CAP;
+pub use scores::TOP as SCORED_TOP;
 pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).
@@ -236,9 +237,11 @@ pub enum RowOp {
     /// temperature is not above 0 (greedy rows are the argmax's). See [`sample`].
     Sample,
     /// What a row's log-probabilities need (`x [rows, d]` f32, `token [rows]` i32 -> `sum
-    /// [rows]` the bits of an f64, `max [rows]` f32, `logit [rows]` f32): softmax's denominator
-    /// `sum(e^(l - max))`, the host's bits ([`v3c_models::sampling::exp_sum`]), the largest logit,
-    /// the token's logit (NaN past the row). See [`scores`].
+    /// [rows]` the bits of an f64, `max [rows]` f32, `logit [rows]` f32, `top_id [rows, 20]` i32,
+    /// `top_logit [rows, 20]` f32): softmax's denominator `sum(e^(l - max))`, the host's bits
+    /// ([`v3c_models::sampling::exp_sum`]), the largest logit, the token's logit (NaN past the
+    /// row), and the 20 most probable tokens with their logits (the host's `top_k`: f32 total
+    /// order, ties to the lower id; -1 past the row's tokens). See [`scores`].
     Scores,
     /// A kernel of the training step ([`TrainRow`]).
     Train(TrainRow),
@@ -693,6 +696,8 @@ impl RowKernel {
                 ("sum", "memref<?xi64>".into()),
                 ("max", "memref<?xf32>".into()),
                 ("logit", "memref<?xf32>".into()),
+                ("top_id", "memref<?x?xi32>".into()),
+                ("top_logit", "memref<?x?xf32>".into()),
             ],
             RowOp::Sample => vec![
                 ("x", "memref<?x?xf32>".to_string()),
@@ -4313,7 +4318,7 @@ fn shared_element(name: &str) -> &'static str {
         "i32"
     } else if matches!(name, "sh_bsum" | "sh_r" | "sh_mass") {
         "f64"
-    } else if name == "sh_nkey" {
+    } else if name == "sh_nkey" || name == "sh_top" {
         "i64"
     } else {
         "f32"

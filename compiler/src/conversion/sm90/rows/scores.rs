@@ -21,9 +21,70 @@ use super::{aligned, indent2, tree_phases, Lowering, RowKernel};
 /// Columns a thread loads before adding their terms.
 const UNROLL: usize = 8;
 
-/// The shared arrays: the threads' largest logits, their running sums.
+/// The most probable tokens a row's scores give, most probable first: OpenAI's most
+/// `top_logprobs` ([`v3c_runtime::lowering::SCORES_TOP`]).
+pub const TOP: usize = v3c_runtime::lowering::SCORES_TOP;
+
+/// The shared arrays: the threads' running sums, their lists of the [`TOP`] largest logits'
+/// keys, their largest logits.
 pub(super) fn shared(threads: usize) -> Vec<(&'static str, usize)> {
-    vec![("sh_bsum", threads), ("sh_max", threads)]
+    vec![("sh_bsum", threads), ("sh_top", threads * TOP), ("sh_max", threads)]
+}
+
+/// `{p}_key` (i64): logit `{v}` (f32) of column `{col}` as a key whose unsigned order is the host's
+/// `top_k` order: the value's bits in `f32::total_cmp`'s order (NaN above infinity, -0 below +0,
+/// the sign flipped so that unsigned comparison keeps it) above `2^32 - 1 - column` (equal values:
+/// the lower column larger). 0 is below every key (no column has it): an empty slot.
+fn top_key(v: &str, col: &str, p: &str) -> String {
+    format!(
+        "{p}_bits = arith.bitcast {v} : f32 to i32
+{p}_c31 = arith.constant 31 : i32
+{p}_c1 = arith.constant 1 : i32
+{p}_sgn = arith.shrsi {p}_bits, {p}_c31 : i32
+{p}_mag = arith.shrui {p}_sgn, {p}_c1 : i32
+{p}_tot = arith.xori {p}_bits, {p}_mag : i32
+{p}_flip = arith.constant -2147483648 : i32
+{p}_ord = arith.xori {p}_tot, {p}_flip : i32
+{p}_o64 = arith.extui {p}_ord : i32 to i64
+{p}_c32 = arith.constant 32 : i64
+{p}_hi = arith.shli {p}_o64, {p}_c32 : i64
+{p}_col64 = arith.index_cast {col} : index to i64
+{p}_ones = arith.constant 4294967295 : i64
+{p}_lo = arith.subi {p}_ones, {p}_col64 : i64
+{p}_key = arith.ori {p}_hi, {p}_lo : i64
+"
+    )
+}
+
+/// The list `{list}0..` ([`TOP`] keys, largest first) with key `{p}_key` put in its place where it
+/// beats the last (a chain of compare-exchanges), as `{p}_n0..`.
+fn top_insert(list: &str, p: &str) -> String {
+    let last = TOP - 1;
+    let ty = ["i64"; TOP].join(", ");
+    let old: Vec<String> = (0..TOP).map(|i| format!("{list}{i}")).collect();
+    let mut chain = String::new();
+    let mut x = format!("{p}_key");
+    for (i, l) in old.iter().enumerate() {
+        let _ = write!(
+            chain,
+            "  {p}_g{i} = arith.cmpi ugt, {x}, {l} : i64
+  {p}_m{i} = arith.select {p}_g{i}, {x}, {l} : i64
+  {p}_x{i} = arith.select {p}_g{i}, {l}, {x} : i64
+"
+        );
+        x = format!("{p}_x{i}");
+    }
+    format!(
+        "{p}_better = arith.cmpi ugt, {p}_key, {list}{last} : i64
+{p}_n:{TOP} = scf.if {p}_better -> ({ty}) {{
+{chain}  scf.yield {new} : {ty}
+}} else {{
+  scf.yield {old} : {ty}
+}}
+",
+        new = (0..TOP).map(|i| format!("{p}_m{i}")).collect::<Vec<_>>().join(", "),
+        old = old.join(", "),
+    )
 }
 
 /// Why a scoring kernel of `threads` threads cannot give the host's sums: a thread is a running
@@ -97,7 +158,7 @@ fn term(out: &str) -> String {
 
 pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
     let sh = |name: &str| kernel.shared_type(name, lowering);
-    let (sh_max, sh_bsum) = (sh("sh_max"), sh("sh_bsum"));
+    let (sh_max, sh_bsum, sh_top) = (sh("sh_max"), sh("sh_bsum"), sh("sh_top"));
     let gpu = lowering == Lowering::Gpu;
     let check = aligned("al", 16, &[("%x", "memref<?x?xf32>", 4)]);
     let wide = if gpu { "%al" } else { "%false_al" };
@@ -108,6 +169,7 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
     // columns past the whole steps one at a time.
     let mut loads = String::new();
     let mut adds = String::new();
+    let mut list = "%tl".to_string();
     for u in 0..UNROLL {
         let _ = write!(
             loads,
@@ -119,29 +181,61 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
         );
         let prev = if u == 0 { "%acc".to_string() } else { format!("%us{}", u - 1) };
         let _ = writeln!(adds, "{}%us{u} = arith.addf {prev}, %ut{u} : f64", term(&format!("%ut{u}")));
+        // The thread's list of the largest logits, each column's key offered in column order.
+        let p = format!("%uk{u}");
+        adds.push_str(&top_key(&format!("%ut{u}_v"), &format!("%uc{u}"), &p));
+        adds.push_str(&top_insert(&list, &p));
+        list = format!("{p}_n#");
     }
     let last = UNROLL - 1;
+    let top_ty = ["i64"; TOP].join(", ");
+    let list_of = |p: &str| (0..TOP).map(|i| format!("{p}{i}")).collect::<Vec<_>>().join(", ");
+    let stores: String = (0..TOP)
+        .map(|i| {
+            format!(
+                "%ts{i} = arith.constant {i} : index\n%tsi{i} = arith.addi %top_at, %ts{i} : index\nmemref.store %s#{}, %sh_top[%tsi{i}] : {sh_top}\n",
+                i + 1
+            )
+        })
+        .collect();
     phases.push(format!(
         "%m = memref.load %sh_max[%c0] : {sh_max}
 %zd = arith.constant 0.0 : f64
+%tz = arith.constant 0 : i64
 %cStepU = arith.constant {step} : index
 %whole_steps = arith.divui %cD, %cStepU : index
 %whole_cols = arith.muli %whole_steps, %cStepU : index
-%sw = scf.for %c0u = %tid to %whole_cols step %cStepU iter_args(%acc = %zd) -> (f64) {{
-{loads}{adds}  scf.yield %us{last} : f64
+%sw:{n} = scf.for %c0u = %tid to %whole_cols step %cStepU iter_args(%acc = %zd, {zero_list}) -> (f64, {top_ty}) {{
+{loads}{adds}  scf.yield %us{last}, {final_list} : f64, {top_ty}
 }}
 %rest0 = arith.addi %whole_cols, %tid : index
-%s = scf.for %col = %rest0 to %cD step %cT iter_args(%acc = %sw) -> (f64) {{
+%s:{n} = scf.for %col = %rest0 to %cD step %cT iter_args(%acc = %sw#0, {carried}) -> (f64, {top_ty}) {{
 {rest}  %n = arith.addf %acc, %rt : f64
-  scf.yield %n : f64
+  scf.yield %n, {rest_list} : f64, {top_ty}
 }}
-memref.store %s, %sh_bsum[%tid] : {sh_bsum}
-",
+memref.store %s#0, %sh_bsum[%tid] : {sh_bsum}
+%cTop = arith.constant {TOP} : index
+%top_at = arith.muli %tid, %cTop : index
+{stores}",
+        n = TOP + 1,
         step = UNROLL * kernel.threads,
+        zero_list = (0..TOP).map(|i| format!("%tl{i} = %tz")).collect::<Vec<_>>().join(", "),
+        final_list = list_of(&list),
+        carried = (0..TOP).map(|i| format!("%tl{i} = %sw#{}", i + 1)).collect::<Vec<_>>().join(", "),
         loads = indent2(&loads),
         adds = indent2(&adds),
-        rest = indent2(&(load("%col", "%rt") + &term("%rt"))),
+        rest = indent2(
+            &(load("%col", "%rt") + &term("%rt") + &top_key("%rt_v", "%col", "%rk") + &top_insert("%tl", "%rk"))
+        ),
+        rest_list = list_of("%rk_n#"),
     ));
+    // The threads' lists merged pairwise (thread t's with thread t + h's, h = 128 .. 1): the
+    // largest TOP of the two, largest first, into thread t's.
+    let mut h = kernel.threads / 2;
+    while h >= 1 {
+        phases.push(top_merge(h, &sh_top));
+        h /= 2;
+    }
     phases.extend(tree_phases(
         kernel.threads,
         &format!(
@@ -172,10 +266,96 @@ scf.if %first {{
   %nan = arith.constant 0x7FC00000 : f32
   %tok_logit = arith.select %inside, %l, %nan : f32
   memref.store %tok_logit, %logit[%row] : memref<?xf32>
-}}
+{outs}}}
 ",
+        outs = indent2(&top_outputs(&sh_top)),
     ));
     phases
+}
+
+/// Thread t < `h`: its list (`%sh_top`, [`TOP`] keys from `t TOP`, largest first) and thread
+/// t + h's merged: the TOP largest of both, largest first, back into its own (read first, then
+/// written: no other thread reads it at this step).
+fn top_merge(h: usize, sh_top: &str) -> String {
+    let mut steps = String::new();
+    let mut stores = String::new();
+    for i in 0..TOP {
+        let (ia, ib) =
+            if i == 0 { ("%c0".to_string(), "%c0".to_string()) } else { (format!("%ia{i}"), format!("%ib{i}")) };
+        let _ = write!(
+            steps,
+            "%pa{i} = arith.addi %abase, {ia} : index
+%pb{i} = arith.addi %bbase, {ib} : index
+%ka{i} = memref.load %sh_top[%pa{i}] : {sh_top}
+%kb{i} = memref.load %sh_top[%pb{i}] : {sh_top}
+%ta{i} = arith.cmpi uge, %ka{i}, %kb{i} : i64
+%mk{i} = arith.select %ta{i}, %ka{i}, %kb{i} : i64
+%na{i} = arith.addi {ia}, %c1 : index
+%nb{i} = arith.addi {ib}, %c1 : index
+%ia{next} = arith.select %ta{i}, %na{i}, {ia} : index
+%ib{next} = arith.select %ta{i}, {ib}, %nb{i} : index
+",
+            next = i + 1,
+        );
+        let _ = write!(
+            stores,
+            "%so{i} = arith.constant {i} : index
+%sp{i} = arith.addi %abase, %so{i} : index
+memref.store %mk{i}, %sh_top[%sp{i}] : {sh_top}
+"
+        );
+    }
+    format!(
+        "%half = arith.constant {h} : index
+%merging = arith.cmpi ult, %tid, %half : index
+scf.if %merging {{
+  %cTopM = arith.constant {TOP} : index
+  %abase = arith.muli %tid, %cTopM : index
+  %other = arith.addi %tid, %half : index
+  %bbase = arith.muli %other, %cTopM : index
+{steps}{stores}}}
+",
+        steps = indent2(&steps),
+        stores = indent2(&stores),
+    )
+}
+
+/// Thread 0: the merged list's keys (`%sh_top` from 0) as the tokens (-1 for an empty slot) and
+/// their logits (the key's high word back to the value's bits).
+fn top_outputs(sh_top: &str) -> String {
+    let mut s = String::from(
+        "%to_ones = arith.constant 4294967295 : i64
+%to_c32 = arith.constant 32 : i64
+%to_c31 = arith.constant 31 : i32
+%to_c1 = arith.constant 1 : i32
+%to_flip = arith.constant -2147483648 : i32
+%to_none = arith.constant -1 : i32
+%to_zero = arith.constant 0 : i64
+",
+    );
+    for i in 0..TOP {
+        let _ = write!(
+            s,
+            "%to{i}_i = arith.constant {i} : index
+%to{i}_k = memref.load %sh_top[%to{i}_i] : {sh_top}
+%to{i}_lo = arith.andi %to{i}_k, %to_ones : i64
+%to{i}_c64 = arith.subi %to_ones, %to{i}_lo : i64
+%to{i}_c = arith.trunci %to{i}_c64 : i64 to i32
+%to{i}_empty = arith.cmpi eq, %to{i}_k, %to_zero : i64
+%to{i}_id = arith.select %to{i}_empty, %to_none, %to{i}_c : i32
+memref.store %to{i}_id, %top_id[%row, %to{i}_i] : memref<?x?xi32>
+%to{i}_hi = arith.shrui %to{i}_k, %to_c32 : i64
+%to{i}_ord = arith.trunci %to{i}_hi : i64 to i32
+%to{i}_tot = arith.xori %to{i}_ord, %to_flip : i32
+%to{i}_sgn = arith.shrsi %to{i}_tot, %to_c31 : i32
+%to{i}_mag = arith.shrui %to{i}_sgn, %to_c1 : i32
+%to{i}_bits = arith.xori %to{i}_tot, %to{i}_mag : i32
+%to{i}_v = arith.bitcast %to{i}_bits : i32 to f32
+memref.store %to{i}_v, %top_logit[%row, %to{i}_i] : memref<?x?xf32>
+"
+        );
+    }
+    s
 }
 
 #[cfg(test)]
@@ -183,7 +363,7 @@ mod tests {
     use super::super::tests::{raw, run_cpu, run_simulated, values};
     use super::super::RowOp;
     use super::*;
-    use v3c_models::sampling::log_sum_exp;
+    use v3c_models::sampling::{log_sum_exp, top_k};
 
     /// Rows of `d` logits at several scales, with -inf (masked tokens), one with a NaN, one all
     /// -inf, one of equal logits; tokens inside and outside the row.
@@ -206,24 +386,38 @@ mod tests {
         tokens.push(1.min(d as i32 - 1));
         x.extend(vec![2.5f32; d]);
         tokens.extend([-1]);
+        // Ties among the largest (the lower column first), -0 and +0, infinities.
+        let mut ties = values(d, seed + 8, 2.0);
+        for (k, c) in [d / 2, 3 % d, d - 1, d / 3].into_iter().enumerate() {
+            ties[c] = [5.0, 5.0, f32::INFINITY, -0.0][k];
+        }
+        ties[d / 5] = 0.0;
+        x.extend(ties);
+        tokens.push((d / 2) as i32);
         x.extend(values(d, seed + 7, 1.0));
         tokens.push(d as i32);
         (x, tokens)
     }
 
-    /// The kernel's (sum, max, logit) for each row of `x`, through the CPU lowering or the PTX
-    /// simulated.
-    fn run(kernel: &RowKernel, x: &[f32], tokens: &[i32], simulated: bool) -> Vec<(f64, f32, f32)> {
+    /// A row's results: the sum, the largest logit, the token's logit, the most probable tokens
+    /// with their logits.
+    type Scored = (f64, f32, f32, Vec<(i32, f32)>);
+
+    /// The kernel's results for each row of `x`, through the CPU lowering or the PTX simulated.
+    fn run(kernel: &RowKernel, x: &[f32], tokens: &[i32], simulated: bool) -> Vec<Scored> {
         let (rows, d) = (tokens.len(), kernel.d);
         let mut x = x.to_vec();
         let mut tok = tokens.to_vec();
         let (mut sum, mut max, mut logit) = (vec![0i64; rows], vec![0f32; rows], vec![0f32; rows]);
+        let (mut top_id, mut top_logit) = (vec![i32::MIN; rows * TOP], vec![0f32; rows * TOP]);
         let buffers = [
             raw(&mut x, &[rows, d], "f32"),
             raw(&mut tok, &[rows], "i32"),
             raw(&mut sum, &[rows], "i64"),
             raw(&mut max, &[rows], "f32"),
             raw(&mut logit, &[rows], "f32"),
+            raw(&mut top_id, &[rows, TOP], "i32"),
+            raw(&mut top_logit, &[rows, TOP], "f32"),
         ];
         match simulated {
             true => {
@@ -231,14 +425,20 @@ mod tests {
             }
             false => run_cpu(kernel, &buffers),
         }
-        (0..rows).map(|r| (f64::from_bits(sum[r] as u64), max[r], logit[r])).collect()
+        let top = |r: usize| (0..TOP).map(|i| (top_id[r * TOP + i], top_logit[r * TOP + i])).collect();
+        (0..rows).map(|r| (f64::from_bits(sum[r] as u64), max[r], logit[r], top(r))).collect()
     }
 
-    /// Each row's results give the host's `log_sum_exp` and the token's logit, bit for bit (a
-    /// NaN's sign aside).
-    fn assert_host_bits(x: &[f32], tokens: &[i32], d: usize, got: &[(f64, f32, f32)], name: &str) {
-        for (r, (&(sum, max, logit), &t)) in got.iter().zip(tokens).enumerate() {
+    /// Each row's results give the host's `log_sum_exp`, the token's logit and the host's
+    /// `top_k(row, 20)` (-1 past the row's tokens), bit for bit (a NaN's sign aside).
+    fn assert_host_bits(x: &[f32], tokens: &[i32], d: usize, got: &[Scored], name: &str) {
+        for (r, ((sum, max, logit, top), &t)) in got.iter().zip(tokens).enumerate() {
+            let (sum, max, logit) = (*sum, *max, *logit);
             let row = &x[r * d..(r + 1) * d];
+            let mut want: Vec<(i32, u32)> = top_k(row, TOP).into_iter().map(|(i, v)| (i as i32, v.to_bits())).collect();
+            want.resize(TOP, (-1, 0));
+            let got: Vec<(i32, u32)> = top.iter().map(|&(i, v)| (i, if i < 0 { 0 } else { v.to_bits() })).collect();
+            assert_eq!(got, want, "{name}: row {r}'s most probable");
             let (want_max, want_log) = log_sum_exp(row);
             let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
             assert!(same(sum.ln(), want_log), "{name}: row {r}: ln {} against {want_log}", sum.ln());
