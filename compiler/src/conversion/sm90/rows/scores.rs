@@ -16,7 +16,7 @@ use std::fmt::Write;
 use v3c_models::sampling::{EXP_F64, SCORE_LANES};
 
 use super::sample::{exp_reduced, max_phase, max_tree, ExpConstants};
-use super::{aligned, indent2, tree_phases, Lowering, RowKernel};
+use super::{aligned, indent2, indent4, tree_phases, Lowering, RowKernel};
 
 /// Columns a thread loads before adding their terms.
 const UNROLL: usize = 8;
@@ -146,14 +146,14 @@ fn load(col: &str, out: &str) -> String {
     format!("{out}_v = memref.load %x[%row, {col}] : memref<?x?xf32>\n")
 }
 
-/// `{out}` (f64) = the term of logit `{out}_v`: e^(`x - %m`), the difference in f32.
+/// `{out}_dx` (f64): logit `{out}_v` less the largest, in f32, widened.
+fn difference(out: &str) -> String {
+    format!("{out}_d = arith.subf {out}_v, %m : f32\n{out}_dx = arith.extf {out}_d : f32 to f64\n")
+}
+
+/// `{out}` (f64) = the term of logit `{out}_v`: e^([`difference`]).
 fn term(out: &str) -> String {
-    format!(
-        "{out}_d = arith.subf {out}_v, %m : f32
-{out}_dx = arith.extf {out}_d : f32 to f64
-{}",
-        exp_f64(&format!("{out}_dx"), out)
-    )
+    exp_f64(&format!("{out}_dx"), out)
 }
 
 pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
@@ -166,35 +166,50 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
     let mut phases = vec![max_phase(kernel, &check, wide, &sh_max)];
     phases.extend(max_tree(kernel.threads, &sh_max));
     // The thread's running sum: UNROLL columns a step (loaded first, added in order), then the
-    // columns past the whole steps one at a time.
+    // columns past the whole steps one at a time. Then, over the same columns again (from L2; in
+    // one loop with the sums, ptxas held to 128 registers spills), its list of the TOP largest
+    // logits' keys, each column's offered in column order.
     let mut loads = String::new();
     let mut adds = String::new();
+    let mut top_loads = String::new();
+    let mut keys = String::new();
+    let mut differences = String::new();
+    let mut inserts = String::new();
     let mut list = "%tl".to_string();
     for u in 0..UNROLL {
-        let _ = write!(
-            loads,
-            "%uo{u} = arith.constant {off} : index
-%uc{u} = arith.addi %c0u, %uo{u} : index
-{load}",
-            off = u * kernel.threads,
-            load = load(&format!("%uc{u}"), &format!("%ut{u}")),
-        );
+        let col = |p: &str| {
+            format!(
+                "%{p}o{u} = arith.constant {off} : index\n%{p}c{u} = arith.addi %c0u, %{p}o{u} : index\n",
+                off = u * kernel.threads
+            )
+        };
+        let _ = write!(loads, "{}{}", col("u"), load(&format!("%uc{u}"), &format!("%ut{u}")));
+        // Every difference before the first term: the loads' first uses all up front.
+        differences.push_str(&difference(&format!("%ut{u}")));
         let prev = if u == 0 { "%acc".to_string() } else { format!("%us{}", u - 1) };
         let _ = writeln!(adds, "{}%us{u} = arith.addf {prev}, %ut{u} : f64", term(&format!("%ut{u}")));
-        // The thread's list of the largest logits, each column's key offered in column order.
+        let _ = write!(top_loads, "{}{}", col("k"), load(&format!("%kc{u}"), &format!("%kt{u}")));
+        // Every key before the first insertion's branch: a load used past a branch would wait.
         let p = format!("%uk{u}");
-        adds.push_str(&top_key(&format!("%ut{u}_v"), &format!("%uc{u}"), &p));
-        adds.push_str(&top_insert(&list, &p));
+        keys.push_str(&top_key(&format!("%kt{u}_v"), &format!("%kc{u}"), &p));
+        inserts.push_str(&top_insert(&list, &p));
         list = format!("{p}_n#");
     }
     let last = UNROLL - 1;
     let top_ty = ["i64"; TOP].join(", ");
     let list_of = |p: &str| (0..TOP).map(|i| format!("{p}{i}")).collect::<Vec<_>>().join(", ");
+    // The step's largest key against the list's last: one comparison passes over the step (the
+    // usual case once the list holds the row's large logits), and it uses every key, so that their
+    // loads are issued before any branch.
+    let mut beats = String::from("%kmax0 = arith.addi %uk0_key, %tz : i64\n");
+    for u in 1..UNROLL {
+        let _ = writeln!(beats, "%kmax{u} = arith.maxui %kmax{}, %uk{u}_key : i64", u - 1);
+    }
+    let _ = writeln!(beats, "%kany = arith.cmpi ugt, %kmax{last}, %tl{} : i64", TOP - 1);
     let stores: String = (0..TOP)
         .map(|i| {
             format!(
-                "%ts{i} = arith.constant {i} : index\n%tsi{i} = arith.addi %top_at, %ts{i} : index\nmemref.store %s#{}, %sh_top[%tsi{i}] : {sh_top}\n",
-                i + 1
+                "%ts{i} = arith.constant {i} : index\n%tsi{i} = arith.addi %top_at, %ts{i} : index\nmemref.store %tr#{i}, %sh_top[%tsi{i}] : {sh_top}\n"
             )
         })
         .collect();
@@ -205,28 +220,44 @@ pub(super) fn phases(kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
 %cStepU = arith.constant {step} : index
 %whole_steps = arith.divui %cD, %cStepU : index
 %whole_cols = arith.muli %whole_steps, %cStepU : index
-%sw:{n} = scf.for %c0u = %tid to %whole_cols step %cStepU iter_args(%acc = %zd, {zero_list}) -> (f64, {top_ty}) {{
-{loads}{adds}  scf.yield %us{last}, {final_list} : f64, {top_ty}
+%sw = scf.for %c0u = %tid to %whole_cols step %cStepU iter_args(%acc = %zd) -> (f64) {{
+{loads}{differences}{adds}  scf.yield %us{last} : f64
 }}
 %rest0 = arith.addi %whole_cols, %tid : index
-%s:{n} = scf.for %col = %rest0 to %cD step %cT iter_args(%acc = %sw#0, {carried}) -> (f64, {top_ty}) {{
+%s = scf.for %col = %rest0 to %cD step %cT iter_args(%acc = %sw) -> (f64) {{
 {rest}  %n = arith.addf %acc, %rt : f64
-  scf.yield %n, {rest_list} : f64, {top_ty}
+  scf.yield %n : f64
 }}
-memref.store %s#0, %sh_bsum[%tid] : {sh_bsum}
+memref.store %s, %sh_bsum[%tid] : {sh_bsum}
+%tw:{TOP} = scf.for %c0u = %tid to %whole_cols step %cStepU iter_args({zero_list}) -> ({top_ty}) {{
+{top_loads}{keys}{beats}  %tu:{TOP} = scf.if %kany -> ({top_ty}) {{
+{inserts}    scf.yield {final_list} : {top_ty}
+  }} else {{
+    scf.yield {list_in} : {top_ty}
+  }}
+  scf.yield {list_out} : {top_ty}
+}}
+%tr:{TOP} = scf.for %col = %rest0 to %cD step %cT iter_args({carried}) -> ({top_ty}) {{
+{top_rest}  scf.yield {rest_list} : {top_ty}
+}}
 %cTop = arith.constant {TOP} : index
 %top_at = arith.muli %tid, %cTop : index
 {stores}",
-        n = TOP + 1,
         step = UNROLL * kernel.threads,
         zero_list = (0..TOP).map(|i| format!("%tl{i} = %tz")).collect::<Vec<_>>().join(", "),
         final_list = list_of(&list),
-        carried = (0..TOP).map(|i| format!("%tl{i} = %sw#{}", i + 1)).collect::<Vec<_>>().join(", "),
+        carried = (0..TOP).map(|i| format!("%tl{i} = %tw#{i}")).collect::<Vec<_>>().join(", "),
         loads = indent2(&loads),
         adds = indent2(&adds),
-        rest = indent2(
-            &(load("%col", "%rt") + &term("%rt") + &top_key("%rt_v", "%col", "%rk") + &top_insert("%tl", "%rk"))
-        ),
+        differences = indent2(&differences),
+        top_loads = indent2(&top_loads),
+        inserts = indent4(&inserts),
+        beats = indent2(&beats),
+        keys = indent2(&keys),
+        list_in = list_of("%tl"),
+        list_out = list_of("%tu#"),
+        rest = indent2(&(load("%col", "%rt") + &difference("%rt") + &term("%rt"))),
+        top_rest = indent2(&(load("%col", "%rk") + &top_key("%rk_v", "%col", "%rk") + &top_insert("%tl", "%rk"))),
         rest_list = list_of("%rk_n#"),
     ));
     // The threads' lists merged pairwise (thread t's with thread t + h's, h = 128 .. 1): the
@@ -472,6 +503,31 @@ mod tests {
             let (x, tokens) = case(d, seed);
             let name = format!("{} (simulated)", kernel.kernel_name());
             assert_host_bits(&x, &tokens, d, &run(&kernel, &x, &tokens, true), &name);
+        }
+        if std::env::var("V3C_SCORE_STATS").is_ok() {
+            // One row of DeepSeek-V3's vocabulary.
+            let (d, (x, tokens)) = (129_280, case(129_280, 13));
+            let kernel = RowKernel::new(RowOp::Scores, d, "f32");
+            let (mut row, mut tok) = (x[..d].to_vec(), vec![tokens[0]]);
+            let (mut sum, mut max, mut logit) = (vec![0i64], vec![0f32], vec![0f32]);
+            let (mut top_id, mut top_logit) = (vec![0i32; TOP], vec![0f32; TOP]);
+            let buffers = [
+                raw(&mut row, &[1, d], "f32"),
+                raw(&mut tok, &[1], "i32"),
+                raw(&mut sum, &[1], "i64"),
+                raw(&mut max, &[1], "f32"),
+                raw(&mut logit, &[1], "f32"),
+                raw(&mut top_id, &[1, TOP], "i32"),
+                raw(&mut top_logit, &[1, TOP], "f32"),
+            ];
+            let stats = run_simulated(&kernel, &buffers, 1);
+            eprintln!(
+                "{}: {} instructions, {} longest thread, {} load rounds",
+                kernel.kernel_name(),
+                stats.instructions,
+                stats.longest_thread,
+                stats.load_rounds
+            );
         }
         let context = crate::mlir::new_context();
         let kernel = RowKernel::new(RowOp::Scores, 129_280, "f32");
