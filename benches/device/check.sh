@@ -639,45 +639,33 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
       row "5. serving (v3r)" "FAILED" "see check.log"
     fi
   fi
+  # A serving load twice, with the flags that differ (`serve_ab NAME FILE "A/B" FLAG_B LOAD...`):
+  # LOAD as it is into FILE.json, then with FLAG_B into FILE_B_SUFFIX.json (FILE_host for
+  # --pick-on-host, FILE_off for --no-prefix-reuse), where 300 s of the run are left.
+  serve_ab() {
+    local name=$1 file=$2 what=$3 flag=$4 suffix=$5
+    shift 5
+    [ "$((570 - SECONDS))" -ge 300 ] || return 0
+    if timeout 45 "$v3r" bench-serve "$slice/sm90" --random-weights 1 "$@" --out "$out/$file.json" 2>&1 | tee -a "$log" \
+        && timeout 45 "$v3r" bench-serve "$slice/sm90" --random-weights 1 "$@" "$flag" \
+          --out "$out/${file}_$suffix.json" 2>&1 | tee -a "$log"; then
+      row "$name" "ok" "$what: $file.json, ${file}_$suffix.json"
+    else
+      row "$name" "FAILED" "see check.log"
+    fi
+  }
   # Sampled serving (--temperature 0.8, every token weighed): tokens drawn on the device against
   # the logits read back and drawn on the host (--pick-on-host), 32 requests through 32 slots.
-  left=$((570 - SECONDS))
-  if [ "$left" -ge 300 ]; then
-    sampled=(bench-serve "$slice/sm90" --random-weights 1 --requests 32 --batch 32 --prompt-tokens 128..512
-      --new-tokens 64 --temperature 0.8)
-    if timeout 45 "$v3r" "${sampled[@]}" --out "$out/serve_sampled.json" 2>&1 | tee -a "$log" \
-        && timeout 45 "$v3r" "${sampled[@]}" --pick-on-host --out "$out/serve_sampled_host.json" 2>&1 | tee -a "$log"; then
-      row "5. sampled serving (v3r)" "ok" "device vs host picks: serve_sampled.json, serve_sampled_host.json"
-    else
-      row "5. sampled serving (v3r)" "FAILED" "see check.log"
-    fi
-  fi
+  serve_ab "5. sampled serving (v3r)" serve_sampled "device vs host picks" --pick-on-host host \
+    --requests 32 --batch 32 --prompt-tokens 128..512 --new-tokens 64 --temperature 0.8
   # Serving requests that ask for log-probabilities (--logprobs 1: the tokens' and the most probable
   # one's): scored on the device against every step's logits read back (--pick-on-host).
-  left=$((570 - SECONDS))
-  if [ "$left" -ge 300 ]; then
-    scored=(bench-serve "$slice/sm90" --random-weights 1 --requests 32 --batch 32 --prompt-tokens 128..512
-      --new-tokens 64 --temperature 0.8 --logprobs 1)
-    if timeout 45 "$v3r" "${scored[@]}" --out "$out/serve_logprobs.json" 2>&1 | tee -a "$log" \
-        && timeout 45 "$v3r" "${scored[@]}" --pick-on-host --out "$out/serve_logprobs_host.json" 2>&1 | tee -a "$log"; then
-      row "5. serving with logprobs (v3r)" "ok" "scored on the device vs host: serve_logprobs.json, serve_logprobs_host.json"
-    else
-      row "5. serving with logprobs (v3r)" "FAILED" "see check.log"
-    fi
-  fi
+  serve_ab "5. serving with logprobs (v3r)" serve_logprobs "scored on the device vs host" --pick-on-host host \
+    --requests 32 --batch 32 --prompt-tokens 128..512 --new-tokens 64 --temperature 0.8 --logprobs 1
   # Serving prompts that share a 448-token system prompt: its cache rows copied from a served
   # request's pages (the default) against prefilled by every request (--no-prefix-reuse).
-  left=$((570 - SECONDS))
-  if [ "$left" -ge 300 ]; then
-    shared=(bench-serve "$slice/sm90" --random-weights 1 --requests 32 --batch 16 --prompt-tokens 512..1024
-      --shared-prefix 448 --new-tokens 32)
-    if timeout 45 "$v3r" "${shared[@]}" --out "$out/serve_shared.json" 2>&1 | tee -a "$log" \
-        && timeout 45 "$v3r" "${shared[@]}" --no-prefix-reuse --out "$out/serve_shared_off.json" 2>&1 | tee -a "$log"; then
-      row "5. serving, shared prefix (v3r)" "ok" "reuse on vs off: serve_shared.json, serve_shared_off.json"
-    else
-      row "5. serving, shared prefix (v3r)" "FAILED" "see check.log"
-    fi
-  fi
+  serve_ab "5. serving, shared prefix (v3r)" serve_shared "reuse on vs off" --no-prefix-reuse off \
+    --requests 32 --batch 16 --prompt-tokens 512..1024 --shared-prefix 448 --new-tokens 32
   left=$((570 - SECONDS))
   if [ "$left" -ge 120 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
     # Both of v3r's points (the cache prefilled 1024 rows at a time; the JSON written after each point).

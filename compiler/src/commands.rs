@@ -702,18 +702,16 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         ),
         Some(_) => None,
     };
-    // Sampling at a temperature on the device too (the host sampler's draws, bit for bit).
-    let sample = match o.train {
-        None => Some(
-            lowered.sampling_draw(&context, config.vocab_size, target, ptxas.as_ref()).map_err(|e| e.to_string())?,
-        ),
-        Some(_) => None,
-    };
-    // Log-probabilities' sums on the device (perplexity, scored prompts): 16 bytes a row read back.
-    let scores = match o.train {
-        None => Some(lowered.scoring(&context, config.vocab_size, target, ptxas.as_ref()).map_err(|e| e.to_string())?),
-        Some(_) => None,
-    };
+    // Sampling at a temperature on the device too (the host sampler's draws, bit for bit), and
+    // scoring (log-probabilities, perplexity: 16 bytes a row read back, the host's bits).
+    let (mut sample, mut scores) = (None, None);
+    if o.train.is_none() {
+        use v3c_compiler::conversion::sm90::rows::RowOp;
+        for (op, kernel) in [(RowOp::Sample, &mut sample), (RowOp::Scores, &mut scores)] {
+            let k = lowered.logits_kernel(&context, op, config.vocab_size, target, ptxas.as_ref());
+            *kernel = Some(k.map_err(|e| e.to_string())?);
+        }
+    }
     // Training: AdamW and what it needs on the device (`v3r train` keeps the state there).
     let optimizer = match o.train {
         Some(_) => Some(lowered.training_optimizer(&context, target, ptxas.as_ref()).map_err(|e| e.to_string())?),

@@ -580,37 +580,12 @@ impl ModelKernels {
         self.first_row_kernel(context, ARGMAX, &shape, target, ptxas, choose, &mut |_| {})
     }
 
-    /// Sampling at a temperature over `vocab` columns ([`rows::RowOp::Sample`]: the host sampler's
-    /// draw with every token weighed, bit for bit), which the runtime launches on decode's logits
-    /// where every sequence samples so (then they are not read back); 256 threads, fewer where a
-    /// vocabulary's block sums would not fit shared memory.
-    pub fn sampling_draw(
-        &mut self,
-        context: &Context,
-        vocab: usize,
-        target: &GpuTarget,
-        ptxas: Option<&FoundTool>,
-    ) -> Result<rows::RowKernel, Sm90Error> {
-        self.logits_kernel(context, rows::RowOp::Sample, vocab, target, ptxas)
-    }
-
-    /// Scoring over `vocab` columns ([`rows::RowOp::Scores`]: softmax's denominator as the host
-    /// sums it, the largest logit and a token's logit a row), which the runtime launches where a
-    /// run wants log-probabilities (then the logits are not read back); 256 threads, a running sum
-    /// each.
-    pub fn scoring(
-        &mut self,
-        context: &Context,
-        vocab: usize,
-        target: &GpuTarget,
-        ptxas: Option<&FoundTool>,
-    ) -> Result<rows::RowKernel, Sm90Error> {
-        self.logits_kernel(context, rows::RowOp::Scores, vocab, target, ptxas)
-    }
-
-    /// A row kernel `op` over logits of `vocab` columns, compiled: its default block, halved while
-    /// it does not fit (sampling's block sums; scoring's block is fixed).
-    fn logits_kernel(
+    /// A row kernel `op` over logits of `vocab` columns that the runtime launches on any entry's
+    /// logits, compiled: sampling at a temperature ([`rows::RowOp::Sample`]: the host sampler's
+    /// draw, bit for bit; then the logits are not read back), 256 threads, fewer where a
+    /// vocabulary's block sums would not fit shared memory; or scoring ([`rows::RowOp::Scores`]:
+    /// what log-probabilities need, the host's bits), 256 threads, a running sum each.
+    pub fn logits_kernel(
         &mut self,
         context: &Context,
         op: rows::RowOp,
