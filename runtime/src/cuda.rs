@@ -834,17 +834,13 @@ impl GpuArtifact {
         if alternatives > top {
             return Err(format!("{entry}: {alternatives} alternatives scored, the kernel gives {top}"));
         }
-        // One device buffer: the sums (f64 bits), the maxima, the tokens' logits, the most
-        // probable tokens, their logits, the tokens.
-        let bytes_per_row = 16 + 8 * top + 4;
+        let layout = ScoreLayout { rows, top };
         let mut held = self.scores_out.borrow_mut();
-        if held.as_ref().is_none_or(|d| d.bytes < bytes_per_row * rows) {
-            *held = Some(DeviceBuffer::new(bytes_per_row * rows.max(1), "token scores")?);
+        if held.as_ref().is_none_or(|d| d.bytes < layout.bytes()) {
+            *held = Some(DeviceBuffer::new(layout.bytes().max(1), "token scores")?);
         }
         let base = held.as_ref().map_or(0, |d| d.ptr);
-        let at = |k: usize| base + (k * rows) as u64;
-        let (sum, max, logit, top_id, top_logit) = (at(0), at(8), at(12), at(16), at(16 + 4 * top));
-        let token = at(16 + 8 * top);
+        let [sum, max, logit, top_id, top_logit, token] = layout.offsets().map(|o| base + o as u64);
         let outs = [sum, max, logit, top_id, top_logit];
         let Some(launch) = Expander::new(&self.artifact)?.scores_launch(&logits, token, outs)? else {
             return Ok(None);
@@ -858,27 +854,10 @@ impl GpuArtifact {
         self.enqueue(entry, &launch, 0)?;
         // SAFETY: our stream.
         unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(&format!("{entry}: scoring tokens")))?;
-        // The sums, maxima and logits; with alternatives, the most probable tokens and theirs too.
-        let read = if alternatives > 0 { 16 + 8 * top } else { 16 } * rows;
-        let mut out = vec![0u8; read];
-        // SAFETY: the buffer's first `read` bytes.
+        let mut out = vec![0u8; layout.read(alternatives)];
+        // SAFETY: the buffer's first bytes, within it (`ScoreLayout::read`).
         unsafe { result::memcpy_dtoh_sync(&mut out, sum) }.map_err(cuda("reading token scores"))?;
-        let word = |o: usize| [out[o], out[o + 1], out[o + 2], out[o + 3]];
-        let row = |r: usize| {
-            let s = u64::from_le_bytes(std::array::from_fn(|i| out[8 * r + i]));
-            let row = v3c_models::sampling::RowScore {
-                sum: f64::from_bits(s),
-                max: f32::from_le_bytes(word(8 * rows + 4 * r)),
-                logit: f32::from_le_bytes(word(12 * rows + 4 * r)),
-            };
-            let alternative = |i: usize| {
-                let id = i32::from_le_bytes(word(16 * rows + 4 * (r * top + i)));
-                let v = f32::from_le_bytes(word((16 + 4 * top) * rows + 4 * (r * top + i)));
-                u32::try_from(id).ok().map(|id| (id, v))
-            };
-            crate::session::Scores { row, top: (0..alternatives).map_while(alternative).collect() }
-        };
-        Ok(Some((0..rows).map(row).collect()))
+        Ok(Some(layout.parse(&out, alternatives)))
     }
 
     /// Enqueues action `i` of a staged run on the stream.
@@ -1120,4 +1099,104 @@ fn read_row(logits: &crate::abi::Buf, r: usize) -> Result<Vec<f32>, String> {
     unsafe { result::memcpy_dtoh_sync(&mut row, logits.addr + (4 * vocab * r) as u64) }
         .map_err(cuda("reading a row of logits"))?;
     Ok(row.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Where [`GpuArtifact::scores_last`]'s device buffer holds the scoring kernel's operands for
+/// `rows` rows and `top` alternatives a row, each a contiguous array from its offset (bytes): the
+/// sums (f64 bits, 8 a row), the maxima, the tokens' logits (4 a row each), the most probable
+/// tokens and their logits (`4 top` a row each), the tokens scored (4 a row) — the first five read
+/// back from the start.
+#[derive(Debug, Clone, Copy)]
+struct ScoreLayout {
+    rows: usize,
+    top: usize,
+}
+
+impl ScoreLayout {
+    /// Bytes a row of each operand takes, in the buffer's order.
+    fn widths(&self) -> [usize; 6] {
+        [8, 4, 4, 4 * self.top, 4 * self.top, 4]
+    }
+
+    /// Each operand's offset: sum, max, logit, top_id, top_logit, token.
+    fn offsets(&self) -> [usize; 6] {
+        let mut at = 0;
+        self.widths().map(|w| {
+            let o = at;
+            at += w * self.rows;
+            o
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.widths().iter().sum::<usize>() * self.rows
+    }
+
+    /// Bytes to read back from the start: the sums, maxima and logits; with alternatives, the most
+    /// probable tokens and theirs too.
+    fn read(&self, alternatives: usize) -> usize {
+        self.offsets()[if alternatives > 0 { 5 } else { 3 }]
+    }
+
+    /// The rows' scores from the bytes read back (`out`, [`ScoreLayout::read`] of them): each row's
+    /// [`v3c_models::sampling::RowScore`] and its first `alternatives` most probable tokens (up to
+    /// the first -1: past the row's tokens).
+    fn parse(&self, out: &[u8], alternatives: usize) -> Vec<crate::session::Scores> {
+        let [_, max, logit, top_id, top_logit, _] = self.offsets();
+        let word = |o: usize| [out[o], out[o + 1], out[o + 2], out[o + 3]];
+        let row = |r: usize| {
+            let row = v3c_models::sampling::RowScore {
+                sum: f64::from_bits(u64::from_le_bytes(std::array::from_fn(|i| out[8 * r + i]))),
+                max: f32::from_le_bytes(word(max + 4 * r)),
+                logit: f32::from_le_bytes(word(logit + 4 * r)),
+            };
+            let at = |i: usize| 4 * (r * self.top + i);
+            let alternative = |i: usize| {
+                let id = i32::from_le_bytes(word(top_id + at(i)));
+                u32::try_from(id).ok().map(|id| (id, f32::from_le_bytes(word(top_logit + at(i)))))
+            };
+            crate::session::Scores { row, top: (0..alternatives).map_while(alternative).collect() }
+        };
+        (0..self.rows).map(row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operands lie one after another without overlap, each its kernel argument's size
+    /// (`[rows]` of 8 or 4 bytes, `[rows, top]` of 4), the tokens last (not read back); a buffer
+    /// written as the kernel writes each operand's arrays parses to each row's values.
+    #[test]
+    fn score_buffers_parse_as_the_kernel_writes_them() {
+        let (rows, top) = (3, crate::lowering::SCORES_TOP);
+        let layout = ScoreLayout { rows, top };
+        let o = layout.offsets();
+        assert_eq!(o, [0, 24, 36, 48, 48 + 240, 48 + 480]);
+        assert_eq!((layout.bytes(), layout.read(0), layout.read(5)), (48 + 480 + 12, 48, 48 + 480));
+        let mut buffer = vec![0u8; layout.bytes()];
+        let mut put = |at: usize, bytes: &[u8]| buffer[at..at + bytes.len()].copy_from_slice(bytes);
+        for r in 0..rows {
+            put(o[0] + 8 * r, &(1.5 + r as f64).to_bits().to_le_bytes());
+            put(o[1] + 4 * r, &(10.0 + r as f32).to_le_bytes());
+            put(o[2] + 4 * r, &(-1.0 - r as f32).to_le_bytes());
+            for i in 0..top {
+                // Row 2 has only 2 tokens.
+                let id = if r == 2 && i >= 2 { -1 } else { (100 * r + i) as i32 };
+                put(o[3] + 4 * (r * top + i), &id.to_le_bytes());
+                put(o[4] + 4 * (r * top + i), &(r as f32 - i as f32).to_le_bytes());
+            }
+        }
+        let got = layout.parse(&buffer[..layout.read(5)], 5);
+        for (r, s) in got.iter().enumerate() {
+            let want =
+                v3c_models::sampling::RowScore { sum: 1.5 + r as f64, max: 10.0 + r as f32, logit: -1.0 - r as f32 };
+            assert_eq!(s.row, want);
+            let n = if r == 2 { 2 } else { 5 };
+            let alternatives: Vec<(u32, f32)> = (0..n).map(|i| ((100 * r + i) as u32, r as f32 - i as f32)).collect();
+            assert_eq!(s.top, alternatives, "row {r}");
+        }
+        assert!(layout.parse(&buffer[..layout.read(0)], 0).iter().all(|s| s.top.is_empty()));
+    }
 }
