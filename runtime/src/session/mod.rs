@@ -1429,7 +1429,7 @@ mod tests {
     /// logits of the one before it — those a prefill of the prompt alone gives, across its chunks —
     /// with the alternatives it asks for; it prefills its prompt whole though another's pages hold
     /// its start, and its tokens are those it gets alone. `max_new` 0: scored, no token. On a
-    /// program that scores tokens itself, a prompt asking for at most one alternative is scored
+    /// program that scores tokens itself, an echoed prompt (up to 20 alternatives) is scored
     /// there: the same log-probabilities and alternatives, the same tokens after it.
     #[test]
     fn echoed_prompts_are_scored_by_their_prefills_logits() {

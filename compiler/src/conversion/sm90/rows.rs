@@ -31,7 +31,6 @@ mod sample;
 mod scores;
 mod train;
 pub use sample::NUCLEUS_CAP;
-pub use scores::TOP as SCORED_TOP;
 pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).
