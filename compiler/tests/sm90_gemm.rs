@@ -80,6 +80,52 @@ fn variants() -> Vec<GemmConfig> {
             dual_a: true,
             ..bf16
         },
+        // K tiles pipelined through the tensor cores (`wgmma.wait_group 1`): fp8 decode's split K
+        // with the residual (one consumer, a block barrier a tile), two consumers over a ring of
+        // two, a producer with a cluster of two, per-row B scales; bf16 persistent, and split K
+        // with a second A.
+        GemmConfig {
+            output: GemmOutput::F32,
+            block_m: 64,
+            block_n: 64,
+            stages: 5,
+            split_k: true,
+            residual: true,
+            k_pipelined: true,
+            ..fp8
+        },
+        GemmConfig { output: GemmOutput::F32, block_n: 64, consumers: 2, stages: 2, k_pipelined: true, ..fp8 },
+        GemmConfig {
+            output: GemmOutput::F32,
+            block_n: 64,
+            consumers: 2,
+            specialized: true,
+            persistent: true,
+            raster: 8,
+            cluster: 2,
+            k_pipelined: true,
+            ..fp8
+        },
+        GemmConfig {
+            output: GemmOutput::F32,
+            block_m: 64,
+            block_n: 64,
+            stages: 3,
+            split_k: true,
+            b_row_scales: true,
+            k_pipelined: true,
+            ..fp8
+        },
+        GemmConfig { consumers: 2, specialized: true, persistent: true, raster: 8, k_pipelined: true, ..bf16 },
+        GemmConfig {
+            output: GemmOutput::F32,
+            block_m: 64,
+            stages: 3,
+            split_k: true,
+            dual_a: true,
+            k_pipelined: true,
+            ..bf16
+        },
     ]
     .into_iter()
     .chain(grouped())
@@ -137,6 +183,15 @@ fn grouped() -> Vec<GemmConfig> {
             ..g(Gather, GemmInput::Bf16, GemmOutput::Fp8, 64, 4)
         },
         GemmConfig { consumers: 2, persistent: true, ..g(Contiguous, GemmInput::Fp8, GemmOutput::Fp8, 128, 6) },
+        // The MoE down GEMM of decode with its K tiles pipelined.
+        GemmConfig {
+            block_n: 64,
+            persistent: true,
+            row_scale: true,
+            scatter: true,
+            k_pipelined: true,
+            ..g(Contiguous, GemmInput::Fp8, GemmOutput::F32, 64, 5)
+        },
     ]
 }
 
@@ -179,6 +234,9 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
         // ... and when it drops a producer warpgroup's register handover.
         assert!(!cubin.log.contains("'setmaxnreg' ignored"), "{}: {}", kernel.name, cubin.log);
         assert_eq!(kernel.ptx.contains("setmaxnreg"), config.specialized, "{}", kernel.name);
+        // K-pipelined: the loop waits for all but the chain it just issued.
+        let waits_for_one_behind = kernel.ptx.contains("wgmma.wait_group.sync.aligned \t1;");
+        assert_eq!(waits_for_one_behind, config.k_pipelined, "{}", kernel.name);
         eprintln!(
             "{}: {} registers, {} B smem (dynamic {}), spills {}/{}",
             kernel.name,
@@ -200,6 +258,9 @@ fn gemm_configs_compile_to_sm90a_tensor_core_code_without_spills() {
             assert!(sass.contains(mma), "{}: no {mma} in SASS", kernel.name);
             assert!(sass.contains("UTMALDG.2D"), "{}: no TMA loads in SASS", kernel.name);
             assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
+            // ... and so does the SASS: the tensor cores hold the next tile's chain while the
+            // warpgroup releases (and promotes) the one before.
+            assert_eq!(sass.contains("WARPGROUP.DEPBAR.LE gsb0, 0x1"), config.k_pipelined, "{}", kernel.name);
             eprintln!(
                 "  SASS: {} x {mma}.., {} x UTMALDG.2D",
                 sass.matches(mma).count(),
@@ -875,7 +936,7 @@ fn fp8_gemms_over_many_k_tiles_promote_each_with_its_own_scales() {
     let context = v3c_compiler::mlir::new_context();
     let mut checked = 0;
     for config in configs() {
-        if !launched(&config) || config.input != GemmInput::Fp8 {
+        if !launched(&config) || config.input != GemmInput::Fp8 || config.k_pipelined {
             continue;
         }
         let kernel = sm90::compile_gemm(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
@@ -883,6 +944,24 @@ fn fp8_gemms_over_many_k_tiles_promote_each_with_its_own_scales() {
         checked += 1;
     }
     assert!(checked >= 8, "{checked} configurations simulated");
+}
+
+/// K-pipelined GEMMs over 8 K tiles (split K: 4 a unit, bf16's 64-wide tiles 15): each tile's
+/// chain waited for before its block is read or its stage refilled — the loop's `wait_group 1`
+/// made a `wait_group 2` (one chain fewer waited for) fails.
+#[test]
+fn k_pipelined_gemms_wait_for_each_chain_before_its_stage_and_block() {
+    let context = v3c_compiler::mlir::new_context();
+    let mut checked = 0;
+    for config in configs() {
+        if !launched(&config) || !config.k_pipelined {
+            continue;
+        }
+        let kernel = sm90::compile_gemm(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        simulate_gemm(&config, &kernel, false, true);
+        checked += 1;
+    }
+    assert!(checked >= 7, "{checked} configurations simulated");
 }
 
 /// The GEMM forms the runtime launches (not the masked grouping, the SwiGLU epilogue or fp8
@@ -1029,6 +1108,24 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool, lon
         // f32 sums in another order (a bf16 output: one rounding apart).
         let tolerance = if out_el == "bf16" { 1e-2 } else { 1e-5 };
         assert!(scale > 0.0 && diff <= tolerance * scale, "{} (reversed {reversed}): {diff} of {scale}", kernel.name);
+    }
+    if config.k_pipelined && long_k {
+        // Waiting for all but two chains where the loop waits for all but one reads a block, or
+        // gives its stage back for a refill, before the tensor cores are done with it: a race on
+        // the stage, or a wrong output.
+        let early =
+            kernel.ptx.replace("wgmma.wait_group.sync.aligned \t1;", "wgmma.wait_group.sync.aligned \t2;");
+        assert_ne!(early, kernel.ptx, "{}: no wait_group 1", kernel.name);
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };
+        if let Some(c) = counters {
+            // SAFETY: the counters' allocation (a failed run may leave them counted).
+            unsafe { std::ptr::write_bytes(c as *mut u8, 0, scratch.counters * 4) };
+        }
+        match simulate(&early, v3c_ptxsim::Checks { reversed: false, races: true }) {
+            Err(e) => assert!(e.contains("race") || e.contains("wgmma"), "{}: {e}", kernel.name),
+            Ok(_) => assert_ne!(read(&out), want, "{}: waiting a chain early went unnoticed", kernel.name),
+        }
     }
     if config.split_k {
         // The kernel leaves its counters zero for the next launch.

@@ -180,11 +180,12 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
         for &block_m in &[64, 128, 256] {
             for &block_n in block_ns {
                 for stages in 2..=8 {
-                    for consumers in [1, 2] {
+                    for (consumers, k_pipelined) in [(1, false), (1, true), (2, false), (2, true)] {
                         for persistent in [false, true] {
                             let c = GemmConfig {
                                 consumers,
                                 persistent,
+                                k_pipelined,
                                 row_scale: g.row_scale,
                                 scatter: g.scatter,
                                 b_row_scales: shape.b_row_scales(),
@@ -210,8 +211,8 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                             if persistent && !specialized {
                                 continue;
                             }
-                            for cluster in [1, 2] {
-                                for split_k in [false, true] {
+                            for (cluster, split_k) in [(1, false), (1, true), (2, false), (2, true)] {
+                                for k_pipelined in [false, true] {
                                     let c = GemmConfig {
                                         consumers,
                                         specialized,
@@ -219,6 +220,7 @@ pub fn candidates(shape: &GemmShape, target: &GpuTarget) -> Vec<GemmConfig> {
                                         raster,
                                         cluster,
                                         split_k,
+                                        k_pipelined,
                                         residual: shape.residual,
                                         b_row_scales: shape.b_row_scales(),
                                         k_range: shape.k_range,
@@ -298,7 +300,10 @@ const DRAM_EFFICIENCY: f64 = 0.87;
 /// (mbarriers), each a stream of chain + serial part; without one, a block barrier each K tile
 /// holds a block's consumers together: one stream of their chains then the serial part. The round
 /// is the larger of the SM's tensor-core time for every chain and one stream's; a shallow ring
-/// (under 5 stages) stretches it, the producer running less far ahead.
+/// (under 5 stages) stretches it, the producer running less far ahead. K-pipelined
+/// ([`GemmConfig::k_pipelined`]), the next tile's chain is on the tensor cores during the serial
+/// part: a stream is the larger of the two, not their sum (the model's assumption; no pipelined
+/// kernel was measured when it was fitted).
 fn k_tile_round_us(c: &GemmConfig, device: &DeviceModel, per_sm: usize) -> f64 {
     let fp8 = c.input == GemmInput::Fp8;
     let peak_sm = if fp8 { device.fp8_tflops } else { device.bf16_tflops } * 1e12 / device.sm_count as f64;
@@ -309,7 +314,10 @@ fn k_tile_round_us(c: &GemmConfig, device: &DeviceModel, per_sm: usize) -> f64 {
     let block_values = (c.block_m / c.consumers / 64 * c.block_n / 2) as f64;
     let serial = SERIAL_NS + if fp8 { PROMOTION_NS_PER_VALUE * block_values } else { 0.0 };
     let chains = (c.consumers * per_sm) as f64;
-    let stream = if c.specialized { chain_ns + serial } else { c.consumers as f64 * chain_ns + serial };
+    // A stream's chains: its own (with a producer), or the block's consumers' (held together).
+    let chained = if c.specialized { chain_ns } else { c.consumers as f64 * chain_ns };
+    // K-pipelined, the next tile's chain runs on the tensor cores during the serial part.
+    let stream = if c.k_pipelined { chained.max(serial) } else { chained + serial };
     let fill_ns = (per_sm * c.stage_bytes()) as f64 / L2_FILL_GBPS_PER_SM;
     let depth = (0.6 + 0.1 * (c.stages as f64 - 1.0)).min(1.0);
     (chains * chain_ns).max(stream).max(fill_ns) / depth * 1e-3
@@ -464,6 +472,7 @@ pub fn rank(shape: &GemmShape, device: &DeviceModel) -> Vec<Estimate> {
             + usize::from(c.raster > 0)
             + usize::from(c.split_k)
             + usize::from(c.specialized)
+            + usize::from(c.k_pipelined)
             + (c.consumers - 1)
     };
     all.sort_by(|a, b| {
@@ -477,11 +486,14 @@ pub fn rank(shape: &GemmShape, device: &DeviceModel) -> Vec<Estimate> {
 }
 
 /// The order to compile and measure candidates in: the cost model's best of each tile shape (block
-/// M x N, consumer warpgroups, split K) first, in rank order, then the rest in rank order — so a
-/// few measured candidates cover different shapes rather than neighbours the model cannot tell
-/// apart.
+/// M x N, consumer warpgroups, split K, K-pipelined or not) first, in rank order, then the rest in
+/// rank order — so a few measured candidates cover different shapes rather than neighbours the
+/// model cannot tell apart.
 pub fn diverse(ranked: &[Estimate]) -> Vec<Estimate> {
-    let key = |e: &Estimate| (e.config.block_m, e.config.block_n, e.config.consumers, e.config.split_k);
+    let key = |e: &Estimate| {
+        let c = &e.config;
+        (c.block_m, c.block_n, c.consumers, c.split_k, c.k_pipelined)
+    };
     let mut seen = std::collections::HashSet::new();
     let (mut first, mut rest) = (Vec::new(), Vec::new());
     for e in ranked {

@@ -131,6 +131,12 @@ pub struct GemmConfig {
     /// (A + A2) B^T` with B read once — f32 activations as bf16 `hi + lo` (bf16; dense, gathered or
     /// contiguous).
     pub dual_a: bool,
+    /// K tiles pipelined through the tensor cores: tile j + 1's wgmma chain is issued before tile
+    /// j's is waited for (`wgmma.wait_group 1`), so the tensor cores run it while the consumer
+    /// releases tile j's stage and (fp8) promotes its block accumulator — which then takes a
+    /// second block accumulator's registers. Without it each tile's chain drains first
+    /// (`wait_group 0`).
+    pub k_pipelined: bool,
 }
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
@@ -174,6 +180,7 @@ impl GemmConfig {
             b_row_scales: false,
             k_range: false,
             dual_a: false,
+            k_pipelined: false,
         }
     }
 
@@ -233,12 +240,13 @@ impl GemmConfig {
         self.block_m / 64 / self.consumers.max(1)
     }
 
-    /// f32 accumulator registers per consumer thread: fp8 keeps a block and a main accumulator.
+    /// f32 accumulator registers per consumer thread: fp8 keeps a block and a main accumulator
+    /// (K-pipelined, two blocks: the one in flight and the one promoted).
     pub fn accumulator_registers(&self) -> usize {
         let one = self.row_tiles() * (self.block_n / 2);
         match self.input {
             GemmInput::Bf16 => one,
-            GemmInput::Fp8 => 2 * one,
+            GemmInput::Fp8 => (2 + usize::from(self.k_pipelined)) * one,
         }
     }
 
@@ -275,7 +283,7 @@ impl GemmConfig {
 
     /// How [`GemmConfig::kernel_name`] spells a configuration (optional parts in this order).
     pub const NAME_FORMAT: &str = "gemm_<bf16|fp8>_<f32|bf16|fp8>_<M>x<N>x<K>_s<stages>[_wg2][_ws][_persist][_r<G>]\
-        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128][_krange][_a2]";
+        [_contig|_gather|_masked][_splitk][_swiglu][_rowscale][_scatter][_res][_b1x128][_krange][_a2][_kp]";
 
     /// Blocks to launch for a grouped GEMM of `rows` group-sorted rows (masked: `groups * cap`)
     /// over `groups` groups: enough for the most tiles the rows can form (each group's last tile
@@ -348,6 +356,9 @@ impl GemmConfig {
         }
         if self.dual_a {
             name.push_str("_a2");
+        }
+        if self.k_pipelined {
+            name.push_str("_kp");
         }
         name
     }
@@ -442,6 +453,9 @@ impl GemmConfig {
             } else if part == "a2" {
                 config.dual_a = true;
                 (14, true)
+            } else if part == "kp" {
+                config.k_pipelined = true;
+                (15, true)
             } else if let Some(v) = part.strip_prefix("wg") {
                 config.consumers = v.parse().ok()?;
                 (1, config.consumers != 1)
@@ -1237,8 +1251,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
     /// The consumer warpgroups: the unit loop with the main loop and the epilogue.
     fn consumer(&self) -> String {
         let c = &self.c;
-        let (stages, tx, a_bytes) = (c.stages, c.stage_bytes(), c.block_m * ROW_BYTES);
-        let b_at = c.a_tiles() * a_bytes;
+        let stages = c.stages;
         let rows_per_wg = c.block_m / c.consumers;
         let m_tiles = c.row_tiles();
         let frag_n = c.block_n / 2;
@@ -1291,77 +1304,350 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         for e in 0..frag_n {
             let _ = writeln!(t, "    %frag{} = llvm.insertvalue %zero, %frag{e}[{e}] : {frag}", e + 1);
         }
-        let accs: Vec<String> = (0..m_tiles).map(|i| format!("%acc{i}")).collect();
-        let mut iter_args: Vec<String> = accs.iter().map(|a| format!("{a}_in = %frag{frag_n}")).collect();
-        iter_args.push("%i = %it".into());
-        let mut types = vec![frag.clone(); m_tiles];
-        types.push("index".into());
-        // The stage's operand addresses broadcast from lane 0 (`shfl.sync.idx`): ptxas then keeps
-        // their wgmma descriptors in uniform registers; from the loop-carried stage counter (and
-        // the consumer's `%tid / 128`) it built them in vector registers and moved each to uniform
-        // ones (`R2UR`) before every wgmma.
-        let _ = writeln!(
-            t,
-            "    %res:{} = scf.for %j = %c0 to %nkt step %c1 iter_args({}) -> ({}) {{
-      %st = arith.remui %i, %c{stages} : index
-      %round = arith.divui %i, %c{stages} : index
-      %par = arith.remui %round, %c2 : index
-      %parity = arith.index_cast %par : index to i1
+        if c.k_pipelined {
+            self.k_pipelined_loop(&mut t);
+        } else {
+            let accs: Vec<String> = (0..m_tiles).map(|i| format!("%acc{i}_in")).collect();
+            let mut iter_args: Vec<String> = accs.iter().map(|a| format!("{a} = %frag{frag_n}")).collect();
+            iter_args.push("%i = %it".into());
+            let mut types = vec![frag.clone(); m_tiles];
+            types.push("index".into());
+            let _ = writeln!(
+                t,
+                "    %res:{} = scf.for %j = %c0 to %nkt step %c1 iter_args({}) -> ({}) {{
       %kt = arith.addi %kt0, %j : index
-      nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
-      %a_off = arith.muli %st, %c{tx} : index
-      %a_off64 = arith.index_cast %a_off : index to i64
-      %stage_addr = arith.addi %smem_base, %a_off64 : i64
-      %a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
-      %b_addr_t = arith.addi %stage_addr, %c{b_at}_i64 : i64
 {}",
-            m_tiles + 1,
-            iter_args.join(", "),
-            types.join(", "),
-            indent(&(lane0_broadcast("%a_addr", "%a_addr_t") + &lane0_broadcast("%b_addr", "%b_addr_t")), 6),
+                m_tiles + 1,
+                iter_args.join(", "),
+                types.join(", "),
+                indent(&self.stage_operands("%i"), 6),
+            );
+            let results = self.mainloop_body(&mut t, &accs);
+            self.release(&mut t, "%st", "%j");
+            let _ = writeln!(
+                t,
+                "      %i_next = arith.addi %i, %c1 : index
+      scf.yield {}, %i_next : {}
+    }}",
+                results.join(", "),
+                types.join(", ")
+            );
+        }
+        t.push_str(&indent(&self.epilogue(), 4));
+        let _ = write!(head, "{}", indent(&self.unit_loop("%c_end", &t, &format!("%res#{m_tiles}")), 2));
+        head
+    }
+
+    /// The stage of the K tile with stage counter `i`: its full barrier waited for, its operands'
+    /// shared addresses (`%st`, `%a_addr`, `%b_addr`, dual `%a2_addr`). The addresses are broadcast
+    /// from lane 0 (`shfl.sync.idx`): ptxas then keeps their wgmma descriptors in uniform
+    /// registers; from the loop-carried stage counter (and the consumer's `%tid / 128`) it built
+    /// them in vector registers and moved each to uniform ones (`R2UR`) before every wgmma.
+    fn stage_operands(&self, i: &str) -> String {
+        let c = &self.c;
+        let (stages, tx, a_bytes) = (c.stages, c.stage_bytes(), c.block_m * ROW_BYTES);
+        let b_at = c.a_tiles() * a_bytes;
+        let mut t = format!(
+            "%st = arith.remui {i}, %c{stages} : index
+%round = arith.divui {i}, %c{stages} : index
+%par = arith.remui %round, %c2 : index
+%parity = arith.index_cast %par : index to i1
+nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
+%a_off = arith.muli %st, %c{tx} : index
+%a_off64 = arith.index_cast %a_off : index to i64
+%stage_addr = arith.addi %smem_base, %a_off64 : i64
+%a_addr_t = arith.addi %stage_addr, %wg_a64 : i64
+%b_addr_t = arith.addi %stage_addr, %c{b_at}_i64 : i64
+{}{}",
+            lane0_broadcast("%a_addr", "%a_addr_t"),
+            lane0_broadcast("%b_addr", "%b_addr_t")
         );
         if c.dual_a {
             // The second A's tile follows the first in the stage.
-            let _ = writeln!(t, "      %a2_addr = arith.addi %a_addr, %c{a_bytes}_i64 : i64");
+            let _ = writeln!(t, "%a2_addr = arith.addi %a_addr, %c{a_bytes}_i64 : i64");
         }
-        let results = self.mainloop_body(&mut t, &accs);
+        t
+    }
+
+    /// Stage `st` (K tile `j` of the unit's) given back once every consumer's wgmmas have read it:
+    /// on its empty barrier for the producer warpgroup (and the cluster peer's, which multicasts
+    /// into it); without one, refilled with K tile `j + stages` by the leader after a block
+    /// barrier (`wgmma.wait_group` covers the issuing warpgroup only).
+    fn release(&self, t: &mut String, st: &str, j: &str) {
+        let c = &self.c;
         if c.specialized {
-            let _ = writeln!(t, "      %released = nvgpu.mbarrier.arrive %empty[%st] : !bar -> !nvgpu.mbarrier.token");
+            let _ = writeln!(t, "      %released = nvgpu.mbarrier.arrive %empty[{st}] : !bar -> !nvgpu.mbarrier.token");
             if c.cluster > 1 {
-                // And on the peer's: it multicasts into this block's buffer too.
                 let _ = writeln!(
                     t,
-                    "      %empty_addr = nvgpu.mbarrier.get %empty[%st] : !bar -> i32\n      {}",
+                    "      %empty_addr = nvgpu.mbarrier.get %empty[{st}] : !bar -> i32\n      {}",
                     arrive_on_peer("%empty_addr", "%peer_i32")
                 );
             }
         } else {
-            // Refill the buffer just consumed once every warp's wgmma has read it (wgmma.wait_group
-            // covers the issuing warp only: the block barrier covers the warpgroups).
             let _ = writeln!(
                 t,
                 "      gpu.barrier
-      %jn = arith.addi %j, %c{stages} : index
+      %jn = arith.addi {j}, %c{stages} : index
       %more = arith.cmpi ult, %jn, %nkt : index
       %refill = arith.andi %leader, %more : i1
       scf.if %refill {{
         %rkt = arith.addi %kt0, %jn : index
 {}
       }}",
-                indent(&self.load("%rkt", "%st"), 8)
+                indent(&self.load("%rkt", st), 8),
+                stages = c.stages
             );
         }
+    }
+
+    /// The main loop with K tiles pipelined through the tensor cores ([`GemmConfig::k_pipelined`]):
+    /// tile 0's chain issued before the loop; each step issues tile j's, waits for tile j - 1's
+    /// (`wgmma.wait_group 1`), releases its stage and (fp8) promotes its block accumulator; after
+    /// the loop the last tile's is waited for, released and promoted. `%res`: the accumulators and
+    /// the next stage counter, as the plain loop's.
+    ///
+    /// No register a chain in flight writes may be read or written before its wait, copies
+    /// included (ptxas would wait there itself): bf16 chains accumulate in place; fp8's two block
+    /// accumulators alternate, so its loop takes two tiles a step and each keeps its registers
+    /// (a loop-carried block swapped each step would be copied while in flight). Every path to the
+    /// epilogue, the unit with no K tile too, passes a `wait_group 0`.
+    fn k_pipelined_loop(&self, t: &mut String) {
+        let c = &self.c;
+        let (m_tiles, frag) = (c.row_tiles(), &self.frag);
+        let zero = format!("%frag{}", c.block_n / 2);
+        let zeros = vec![zero.clone(); m_tiles];
+        let frags = vec![frag.clone(); m_tiles].join(", ");
+        let fp8 = self.fp8();
+        // Prologue: tile 0 issued (bf16 onto zero accumulators; fp8 into a fresh block).
         let _ = writeln!(
             t,
-            "      %i_next = arith.addi %i, %c1 : index
-      scf.yield {}, %i_next : {}
+            "    %kp_any = arith.cmpi ugt, %nkt, %c0 : index
+    %kp0:{m_tiles} = scf.if %kp_any -> ({frags}) {{
+{}",
+            indent(&self.stage_operands("%it"), 6)
+        );
+        let first = self.chain(t, &zeros);
+        let _ = writeln!(
+            t,
+            "      scf.yield {} : {frags}
+    }} else {{
+      scf.yield {} : {frags}
     }}",
-            results.join(", "),
+            first.join(", "),
+            zeros.join(", ")
+        );
+        let at = |name: &str, k: usize| format!("{name}#{k}");
+        let mut types = Vec::new();
+        let mut iter_args = Vec::new();
+        let mains: Vec<String> = (0..m_tiles).map(|i| format!("%acc{i}_in")).collect();
+        let pending: Vec<String> = (0..m_tiles).map(|i| format!("%pend{i}")).collect();
+        if fp8 {
+            iter_args.extend(mains.iter().map(|a| format!("{a} = {zero}")));
+            types.extend(vec![frag.clone(); m_tiles]);
+        }
+        iter_args.extend(pending.iter().enumerate().map(|(i, p)| format!("{p} = %kp0#{i}")));
+        types.extend(vec![frag.clone(); m_tiles]);
+        iter_args.push("%i = %it".into());
+        types.push("index".into());
+        let carried = types.len();
+        let loop_out = |k: usize| at("%kl", k);
+        let counter = loop_out(carried - 1);
+        if !fp8 {
+            // bf16: a tile a step, its chain accumulating onto the one in flight.
+            let _ = writeln!(
+                t,
+                "    %kl:{carried} = scf.for %j = %c1 to %nkt step %c1 iter_args({}) -> ({}) {{
+      %i_next = arith.addi %i, %c1 : index
+{}",
+                iter_args.join(", "),
+                types.join(", "),
+                indent(&self.stage_operands("%i_next"), 6)
+            );
+            let issued = self.chain(t, &pending);
+            let _ = writeln!(
+                t,
+                "      %jp = arith.subi %j, %c1 : index
+      nvvm.wgmma.wait.group.sync.aligned 1
+      %pst = arith.remui %i, %c{} : index",
+                c.stages
+            );
+            self.release(t, "%pst", "%jp");
+            let _ = writeln!(
+                t,
+                "      scf.yield {}, %i_next : {}\n    }}",
+                issued.join(", "),
+                types.join(", ")
+            );
+            let finals: Vec<String> = (0..m_tiles).map(loop_out).collect();
+            let _ = writeln!(
+                t,
+                "    %res:{} = scf.if %kp_any -> ({frags}, index) {{
+      %jp = arith.subi %nkt, %c1 : index
+      nvvm.wgmma.wait.group.sync.aligned 0
+      %pst = arith.remui {counter}, %c{} : index",
+                m_tiles + 1,
+                c.stages
+            );
+            self.release(t, "%pst", "%jp");
+            let _ = writeln!(
+                t,
+                "      %i_after = arith.addi {counter}, %c1 : index
+      scf.yield {}, %i_after : {frags}, index
+    }} else {{
+      nvvm.wgmma.wait.group.sync.aligned 0
+      scf.yield {}, %it : {frags}, index
+    }}",
+                finals.join(", "),
+                zeros.join(", ")
+            );
+            return;
+        }
+        // fp8: tiles j (into block B) and j + 1 (into block A, the one carried) a step.
+        let _ = writeln!(
+            t,
+            "    %kp_k1 = arith.maxui %nkt, %c1 : index
+    %kp_rest = arith.subi %kp_k1, %c1 : index
+    %kp_pairs = arith.divui %kp_rest, %c2 : index
+    %kp_odd_n = arith.remui %kp_rest, %c2 : index
+    %kp_odd = arith.cmpi ne, %kp_odd_n, %c0 : index
+    %kl:{carried} = scf.for %q = %c0 to %kp_pairs step %c1 iter_args({}) -> ({}) {{
+      %q2 = arith.muli %q, %c2 : index
+      %jb = arith.addi %q2, %c1 : index
+      %ja = arith.addi %q2, %c2 : index
+      %jp = arith.subi %jb, %c1 : index
+      %ib = arith.addi %i, %c1 : index
+      %ia = arith.addi %i, %c2 : index",
+            iter_args.join(", "),
             types.join(", ")
         );
-        t.push_str(&indent(&self.epilogue(), 4));
-        let _ = write!(head, "{}", indent(&self.unit_loop("%c_end", &t, &format!("%res#{m_tiles}")), 2));
-        head
+        let (mains_b, block_b) = self.fp8_half(t, "%hb", ("%ib", "%i"), "%jp", &mains, &pending);
+        let (mains_a, block_a) = self.fp8_half(t, "%ha", ("%ia", "%ib"), "%jb", &mains_b, &block_b);
+        let _ = writeln!(
+            t,
+            "      scf.yield {}, {}, %ia : {}\n    }}",
+            mains_a.join(", "),
+            block_a.join(", "),
+            types.join(", ")
+        );
+        let (loop_mains, loop_block): (Vec<String>, Vec<String>) =
+            ((0..m_tiles).map(loop_out).collect(), (m_tiles..2 * m_tiles).map(loop_out).collect());
+        // The last tile (after an odd one more: issued behind block A's): waited for, released,
+        // promoted — in each branch, so that no block in flight is merged (copied).
+        let _ = writeln!(
+            t,
+            "    %res:{} = scf.if %kp_any -> ({frags}, index) {{
+      %kp_last = arith.subi %nkt, %c1 : index
+      %kp_fin:{m_tiles} = scf.if %kp_odd -> ({frags}) {{
+        %jp = arith.subi %kp_last, %c1 : index
+        %ib = arith.addi {counter}, %c1 : index",
+            m_tiles + 1
+        );
+        let (odd_mains, odd_block) = self.fp8_half(t, "%hb", ("%ib", &counter), "%jp", &loop_mains, &loop_block);
+        let odd_finals = self.fp8_last(t, "last after odd", "%ib", &odd_mains, &odd_block);
+        let _ = writeln!(t, "        scf.yield {} : {frags}\n      }} else {{", odd_finals.join(", "));
+        let even_finals = self.fp8_last(t, "last", &counter, &loop_mains, &loop_block);
+        let _ = writeln!(
+            t,
+            "        scf.yield {} : {frags}
+      }}
+      %kp_used = arith.addi %kp_rest, %c1 : index
+      %i_after = arith.addi %it, %kp_used : index
+      scf.yield {}, %i_after : {frags}, index
+    }} else {{
+      nvvm.wgmma.wait.group.sync.aligned 0
+      scf.yield {}, %it : {frags}, index
+    }}",
+            even_finals.join(", "),
+            (0..m_tiles).map(|k| at("%kp_fin", k)).collect::<Vec<_>>().join(", "),
+            zeros.join(", ")
+        );
+    }
+
+    /// fp8, K-pipelined: one tile's step in its own region (`label`, its names its own): the
+    /// chain of the tile with stage counter `issue` into a fresh block, then the block `pending`
+    /// (K tile `j_pending`, stage counter `held`) waited for, its stage released and it promoted
+    /// into `mains`. Returns the main accumulators and the block issued (in flight).
+    fn fp8_half(
+        &self,
+        t: &mut String,
+        label: &str,
+        (issue, held): (&str, &str),
+        j_pending: &str,
+        mains: &[String],
+        pending: &[String],
+    ) -> (Vec<String>, Vec<String>) {
+        let m_tiles = mains.len();
+        let frags = vec![self.frag.clone(); 2 * m_tiles].join(", ");
+        let _ = writeln!(
+            t,
+            "      {label}:{} = scf.execute_region -> ({frags}) {{
+{}",
+            2 * m_tiles,
+            indent(&self.stage_operands(issue), 6)
+        );
+        let issued = self.chain(t, mains);
+        let _ = writeln!(t, "      %kt = arith.addi %kt0, {j_pending} : index");
+        t.push_str(&self.scale_loads());
+        let _ = writeln!(
+            t,
+            "      nvvm.wgmma.wait.group.sync.aligned 1
+      %pst = arith.remui {held}, %c{} : index",
+            self.c.stages
+        );
+        self.release(t, "%pst", j_pending);
+        let waited = self.fence(t, "%fp", "waited", pending);
+        let promoted = self.promote(t, mains, &waited);
+        let promoted = self.fence(t, "%fm", "promoted", &promoted);
+        let _ = writeln!(t, "      scf.yield {}, {} : {frags}\n      }}", promoted.join(", "), issued.join(", "));
+        ((0..m_tiles).map(|k| format!("{label}#{k}")).collect(), (m_tiles..2 * m_tiles).map(|k| format!("{label}#{k}")).collect())
+    }
+
+    /// fp8, K-pipelined: the unit's last tile (block `block`, stage counter `held`) waited for,
+    /// released and promoted into `mains`; `tag` names the fence after the wait (each call's its
+    /// own: two identical tails, after an odd tile and not, LLVM merged into one, the waits with
+    /// them, and copied the block in flight into the merged one's registers before the wait).
+    /// Returns the main accumulators.
+    fn fp8_last(&self, t: &mut String, tag: &str, held: &str, mains: &[String], block: &[String]) -> Vec<String> {
+        let _ = writeln!(
+            t,
+            "      %kt = arith.addi %kt0, %kp_last : index
+{}      nvvm.wgmma.wait.group.sync.aligned 0
+      %pst = arith.remui {held}, %c{} : index",
+            self.scale_loads(),
+            self.c.stages
+        );
+        self.release(t, "%pst", "%kp_last");
+        let waited = self.fence(t, "%fp", tag, block);
+        self.promote(t, mains, &waited)
+    }
+
+    /// The fragments `values` passed through an empty side-effecting `asm` that ties each value
+    /// to its register (`"+f"`), as CUTLASS's `warpgroup_fence_operand`: no read of them moves
+    /// above it, nor the code that computes them below it, so an fp8 block is read only after its
+    /// wait and a promotion is done before the next chain is issued (LLVM sank the promotion past
+    /// the next chain's issue, which then wrote other registers than the block it replaces: ptxas
+    /// serialized the wgmmas over the copy). Returns the fenced fragments.
+    /// `tag` goes into the `asm` as a comment.
+    fn fence(&self, t: &mut String, label: &str, tag: &str, values: &[String]) -> Vec<String> {
+        let (frag, n) = (&self.frag, self.c.block_n / 2);
+        let outputs = vec!["=f"; n].join(",");
+        let tied = (0..n).map(|e| e.to_string()).collect::<Vec<_>>().join(",");
+        let mut out = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let elements: Vec<String> = (0..n).map(|e| format!("{label}{i}_{e}")).collect();
+            for (e, x) in elements.iter().enumerate() {
+                let _ = writeln!(t, "      {x} = llvm.extractvalue {v}[{e}] : {frag}");
+            }
+            let _ = writeln!(
+                t,
+                "      {label}{i} = llvm.inline_asm has_side_effects \"// v3c fence: {tag}\", \"{outputs},{tied}\" {} : ({}) -> {frag}",
+                elements.join(", "),
+                vec!["f32"; n].join(", ")
+            );
+            out.push(format!("{label}{i}"));
+        }
+        out
     }
 
     /// fp8, once per unit: the scale rows of the thread's accumulator rows (trow and trow + 8 of
@@ -1443,9 +1729,25 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         t
     }
 
-    /// One K tile: descriptors, the wgmma chain, and for fp8 the promotion. Returns the
-    /// accumulators after it.
+    /// One K tile: its chain, waited for, and for fp8 its promotion into the main accumulators
+    /// `accs` (bf16: the chain accumulates onto them). Returns the accumulators after it.
     fn mainloop_body(&self, t: &mut String, accs: &[String]) -> Vec<String> {
+        let cur = self.chain(t, accs);
+        if self.fp8() {
+            t.push_str(&self.scale_loads());
+        }
+        let _ = writeln!(t, "      nvvm.wgmma.wait.group.sync.aligned 0");
+        if !self.fp8() {
+            return cur;
+        }
+        self.promote(t, accs, &cur)
+    }
+
+    /// One K tile's wgmma chain over the stage at `%a_addr` / `%b_addr` (descriptors, fence,
+    /// chain, commit), not waited for. bf16 accumulates onto `accs` (the running accumulators);
+    /// fp8 starts a fresh block accumulator (scale-out zero on the first step). Returns the
+    /// chain's accumulators.
+    fn chain(&self, t: &mut String, accs: &[String]) -> Vec<String> {
         let c = &self.c;
         let m_tiles = accs.len();
         let frag_n = c.block_n / 2;
@@ -1467,10 +1769,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
         }
         let _ = writeln!(t, "{}", desc("db", "%b_addr"));
         let _ = writeln!(t, "      nvvm.wgmma.fence.aligned");
-        // bf16 accumulates into the running accumulators; fp8 starts a fresh block accumulator each
-        // K block (scale-out zero on the first step).
-        let mut cur: Vec<String> =
-            if fp8 { vec![String::new(); m_tiles] } else { accs.iter().map(|a| format!("{a}_in")).collect() };
+        let mut cur: Vec<String> = if fp8 { vec![String::new(); m_tiles] } else { accs.to_vec() };
         // (Dual: the second A's chain after the first's, into the same accumulators — bf16 only.)
         let steps = c.block_k() / c.wgmma_k();
         for (pass, (_, d)) in operands.iter().enumerate() {
@@ -1500,28 +1799,28 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
             }
         }
         let _ = writeln!(t, "      nvvm.wgmma.commit.group.sync.aligned");
-        if fp8 {
-            t.push_str(&self.scale_loads());
-        }
-        let _ = writeln!(t, "      nvvm.wgmma.wait.group.sync.aligned 0");
-        if !fp8 {
-            return cur;
-        }
-        // fp8 promotion: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
-        // b_scale[col, kt]), with the scales `scale_loads` fetched during the chain.
+        cur
+    }
+
+    /// fp8 promotion of a waited-for block accumulator `blocks` into the main accumulators
+    /// `accs`: main += block * a_scale[row, kt] * b_scale[col0 / 128, kt] (per row of B:
+    /// b_scale[col, kt]), with K tile `%kt`'s scales that `scale_loads` fetched during the chain.
+    /// Returns the main accumulators after it.
+    fn promote(&self, t: &mut String, accs: &[String], blocks: &[String]) -> Vec<String> {
+        let c = &self.c;
+        let frag = &self.frag;
         if c.b_row_scales {
             t.push_str(&self.b_row_scale_loads());
         }
         let mut out = Vec::new();
-        for (i, acc) in accs.iter().enumerate() {
+        for (i, acc_in) in accs.iter().enumerate() {
             if !c.b_row_scales {
                 for h in 0..2 {
                     let _ = writeln!(t, "      %s{i}_{h} = arith.mulf %sa{i}_{h}, %sb : f32");
                 }
             }
-            let acc_in = format!("{acc}_in");
             let mut prev = acc_in.clone();
-            for e in 0..frag_n {
+            for e in 0..c.block_n / 2 {
                 let h = (fragment_offset(i, e).0 - i * 64) / 8;
                 if c.b_row_scales {
                     // The element's column: 8 (e / 4) + e % 2 past the thread's first.
@@ -1535,7 +1834,7 @@ nvgpu.tma.async.load %b_map[%ld_k0, %bh_row0], %full[{st}] to %ld_bh multicast_m
       %mv{i}_{e} = llvm.extractvalue {acc_in}[{e}] : {frag}
       %pv{i}_{e} = llvm.intr.fma(%bv{i}_{e}, {scale}, %mv{i}_{e}) : (f32, f32, f32) -> f32
       %p{i}_{e} = llvm.insertvalue %pv{i}_{e}, {prev}[{e}] : {frag}",
-                    blk = cur[i],
+                    blk = blocks[i],
                 );
                 prev = format!("%p{i}_{e}");
             }
