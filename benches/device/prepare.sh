@@ -18,7 +18,10 @@ cp target/release/v3r .device/
 # then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast), then the
 # head's dual-A kernels (f32 activations as bf16 hi + lo, the weights read once) the compile picks for decode
 # and prefill, and the decode one's plain twin (the head's former form ran one a half), then the router gate's
-# prefill GEMM (dual-A, N = 256; before, CUDA-core pieces: rows_routelogits).
+# prefill GEMM (dual-A, N = 256; before, CUDA-core pieces: rows_routelogits); then K-pipelined twins
+# (`_kp`: the next K tile's wgmma chain issued before the last one is waited for) of the decode split-K
+# and prefill fp8 kernels and of a bf16 persistent one above, and the picks the cost model moved to them
+# (decode's q_a/kv_a projection, the head's and the router gate's prefill GEMMs): the A/B.
 for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4 \
   gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
   gemm_fp8_f32_64x64x128_s5_splitk gemm_fp8_f32_256x64x128_s5_wg2_ws \
@@ -30,7 +33,10 @@ for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_6
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter \
   gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig \
   gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_cl2 gemm_bf16_f32_64x256x64_s2_a2 \
-  gemm_bf16_f32_128x192x64_s4_wg2_ws_a2 gemm_bf16_f32_64x256x64_s2 gemm_bf16_f32_128x64x64_s5_wg2_ws_a2; do
+  gemm_bf16_f32_128x192x64_s4_wg2_ws_a2 gemm_bf16_f32_64x256x64_s2 gemm_bf16_f32_128x64x64_s5_wg2_ws_a2 \
+  gemm_fp8_f32_64x64x128_s5_splitk_kp gemm_fp8_f32_64x64x128_s5_splitk_res_kp gemm_fp8_f32_128x64x128_s4_wg2_kp \
+  gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8_kp gemm_fp8_f32_64x64x128_s8_splitk_kp \
+  gemm_bf16_f32_128x192x64_s4_wg2_a2_kp gemm_bf16_f32_64x128x64_s5_a2_kp; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
   grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
