@@ -1113,8 +1113,7 @@ fn simulate_gemm(config: &GemmConfig, kernel: &sm90::GpuKernel, odd_n: bool, lon
         // Waiting for all but two chains where the loop waits for all but one reads a block, or
         // gives its stage back for a refill, before the tensor cores are done with it: a race on
         // the stage, or a wrong output.
-        let early =
-            kernel.ptx.replace("wgmma.wait_group.sync.aligned \t1;", "wgmma.wait_group.sync.aligned \t2;");
+        let early = kernel.ptx.replace("wgmma.wait_group.sync.aligned \t1;", "wgmma.wait_group.sync.aligned \t2;");
         assert_ne!(early, kernel.ptx, "{}: no wait_group 1", kernel.name);
         // SAFETY: as above.
         unsafe { std::ptr::write_bytes(out.addr as *mut u8, 0, out_bytes) };

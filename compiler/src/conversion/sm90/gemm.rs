@@ -1473,12 +1473,7 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
                 c.stages
             );
             self.release(t, "%pst", "%jp");
-            let _ = writeln!(
-                t,
-                "      scf.yield {}, %i_next : {}\n    }}",
-                issued.join(", "),
-                types.join(", ")
-            );
+            let _ = writeln!(t, "      scf.yield {}, %i_next : {}\n    }}", issued.join(", "), types.join(", "));
             let finals: Vec<String> = (0..m_tiles).map(loop_out).collect();
             let _ = writeln!(
                 t,
@@ -1600,7 +1595,10 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
         let promoted = self.promote(t, mains, &waited);
         let promoted = self.fence(t, "%fm", "promoted", &promoted);
         let _ = writeln!(t, "      scf.yield {}, {} : {frags}\n      }}", promoted.join(", "), issued.join(", "));
-        ((0..m_tiles).map(|k| format!("{label}#{k}")).collect(), (m_tiles..2 * m_tiles).map(|k| format!("{label}#{k}")).collect())
+        (
+            (0..m_tiles).map(|k| format!("{label}#{k}")).collect(),
+            (m_tiles..2 * m_tiles).map(|k| format!("{label}#{k}")).collect(),
+        )
     }
 
     /// fp8, K-pipelined: the unit's last tile (block `block`, stage counter `held`) waited for,
