@@ -933,7 +933,8 @@ fn compile_for_sm90a_lowers_the_training_step() {
     let wgrad = "-> rows_padoffsets_d8_t32 -> rows_qpairs_d96_t32 -> ";
     assert!(err.contains("compile: moe_experts_grad_0 -> ") && err.contains(wgrad), "{err}");
     assert!(
-        err.contains("-> GEMM M 96 N 48 K an expert's pairs (prefill gemm_fp8_f32_") && err.contains("_krange) ->"),
+        err.contains("-> GEMM M 96 N 48 K an expert's pairs (prefill gemm_fp8_f32_")
+            && (err.contains("_krange) ->") || err.contains("_krange_kp) ->")),
         "{err}"
     );
     // The artifact: every launch of the step checked against its kernel's PTX by `v3r info`.
@@ -1544,7 +1545,7 @@ fn gpu_kernels_are_kept_in_the_kernel_cache() {
         .expect("the tiny model's embedding is kept");
     cache.store_ptx(&ptx_key, &format!("{ptx}// kept in the cache\n")).unwrap();
     // With ptxas: a GEMM's report edited in the cache is what the next compile prints.
-    let gemm = "gemm_bf16_f32_64x64x64_s5_a2";
+    let gemm = "gemm_bf16_f32_64x64x64_s5_a2_kp";
     let shown = |report: &str, registers: &str| {
         report
             .lines()
@@ -1666,7 +1667,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     ] {
         assert!(err.contains(&format!("compile: {fused} -> {kernel}")), "{fused}: {err}");
     }
-    assert!(err.contains("_a2) -> prefill only rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1 -> rows_dispatch"));
+    // The gate's dual-A GEMM (K-pipelined or not) then the selection.
+    let gate = ") -> prefill only rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1 -> rows_dispatch";
+    assert!(["_a2", "_a2_kp"].iter().any(|form| err.contains(&format!("{form}{gate}"))), "{err}");
     assert!(err.contains("compile: decode: 1300 sm_90a launches per run (627 fused kernels)"), "{err}");
     assert!(err.contains("compile: prefill: 1421 sm_90a launches per run (627 fused kernels)"), "{err}");
     // The manifest records each tunable kernel's configuration per regime and where it came from.
