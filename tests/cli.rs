@@ -1661,12 +1661,16 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         (
             "moe_gate_up_quantize_0",
             "3 launches: rows_gatherfp8_d7168_t256 -> grouped GEMM over 257 experts, N 4096 K 7168 (decode \
-             gemm_fp8_f32_64x64x128_s5_ws_persist_contig, prefill gemm_fp8_f32_128x128x128_s5_wg2_ws_persist_contig)",
+             gemm_fp8_f32_64x64x128_s5_ws_persist_contig, prefill gemm_fp8_f32_",
         ),
         ("swiglu_0", "2 launches: GEMM N 36864 K 7168 (decode gemm_fp8_f32_"),
     ] {
         assert!(err.contains(&format!("compile: {fused} -> {kernel}")), "{fused}: {err}");
     }
+    // Prefill's gate/up is contiguous too (K-pipelined or not).
+    let gate_up = err.lines().find(|l| l.starts_with("compile: moe_gate_up_quantize_0 -> ")).unwrap();
+    let prefill = gate_up.split("prefill ").nth(1).and_then(|p| p.split(')').next()).unwrap();
+    assert!(prefill.trim_end_matches("_kp").ends_with("_persist_contig"), "{gate_up}");
     // The gate's dual-A GEMM (K-pipelined or not) then the selection.
     let gate = ") -> prefill only rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1 -> rows_dispatch";
     assert!(["_a2", "_a2_kp"].iter().any(|form| err.contains(&format!("{form}{gate}"))), "{err}");

@@ -865,8 +865,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         let table = if steps.rope_table.is_some() { ", + a RoPE table built at load" } else { "" };
         eprintln!("compile: {fused} -> {} launches: {}{table}", launches.len(), launches.join(" -> "));
     }
-    for name in &lowered.spilled {
-        eprintln!("compile: {name} passed over: ptxas reports spills");
+    for (name, why) in &lowered.passed_over {
+        eprintln!("compile: {name} passed over: {why}");
     }
     for k in &lowered.kernels {
         match &k.resources {
@@ -1907,13 +1907,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                                 Ok(k)
                             });
                         let entry = match result {
-                            Ok(k)
-                                if k.resources
-                                    .as_ref()
-                                    .is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) =>
-                            {
-                                None
-                            }
+                            Ok(k) if k.resources.as_ref().and_then(|r| r.unfit()).is_some() => None,
                             Ok(k) => {
                                 let ok =
                                     std::fs::write(staging.join("kernels").join(format!("{name}.ptx")), &k.ptx).is_ok();
@@ -1979,7 +1973,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                 k.assemble(&device.target, p).map_err(|err| err.to_string())?;
             }
             bar.inc(1);
-            if k.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
+            if k.resources.as_ref().and_then(|r| r.unfit()).is_some() {
                 return Ok(None);
             }
             let path = staging.path().join("kernels").join(format!("{}.ptx", k.name));

@@ -20,6 +20,27 @@ pub struct KernelResources {
     pub spill_stores_bytes: u32,
     pub spill_loads_bytes: u32,
     pub shared_memory_bytes: u32,
+    /// ptxas serialized the kernel's wgmma (a performance notice, C7514/C7520: accumulators
+    /// touched while in flight, or a warpgroup arrive it had to insert): each chain then waits
+    /// for the one before, and the kernel runs far below what its configuration is for.
+    pub wgmma_serialized: bool,
+}
+
+impl KernelResources {
+    /// Why a tuned configuration should not be used although it assembled: ptxas spilled its
+    /// registers or serialized its wgmma; None when neither.
+    pub fn unfit(&self) -> Option<String> {
+        if self.spill_stores_bytes + self.spill_loads_bytes > 0 {
+            Some(format!(
+                "ptxas reports spills ({} B stored, {} B loaded)",
+                self.spill_stores_bytes, self.spill_loads_bytes
+            ))
+        } else if self.wgmma_serialized {
+            Some("ptxas serialized its wgmma".into())
+        } else {
+            None
+        }
+    }
 }
 
 /// A cubin and what ptxas said about it.
@@ -115,7 +136,15 @@ pub fn parse_resource_report(log: &str) -> Vec<KernelResources> {
         text[..at].split_whitespace().last()?.parse().ok()
     }
     let mut kernels: Vec<KernelResources> = Vec::new();
+    // ptxas names a function whose wgmma it serialized before it reports the function.
+    let mut serialized = Vec::new();
     for line in log.lines() {
+        if line.contains("wgmma.mma_async instructions are serialized") {
+            if let Some(rest) = line.split("in the function '").nth(1) {
+                serialized.push(rest.split('\'').next().unwrap_or_default().to_string());
+            }
+            continue;
+        }
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
             kernels.push(KernelResources { name, ..Default::default() });
@@ -132,6 +161,9 @@ pub fn parse_resource_report(log: &str) -> Vec<KernelResources> {
             k.registers = number_before(line, "registers").unwrap_or(0);
             k.shared_memory_bytes = number_before(line, "bytes smem").unwrap_or(0);
         }
+    }
+    for k in &mut kernels {
+        k.wgmma_serialized = serialized.contains(&k.name);
     }
     kernels
 }
@@ -155,8 +187,30 @@ mod tests {
                 registers: 168,
                 spill_stores_bytes: 8,
                 spill_loads_bytes: 12,
-                shared_memory_bytes: 197632
+                shared_memory_bytes: 197632,
+                wgmma_serialized: false,
             }]
         );
+        assert_eq!(k[0].unfit().unwrap(), "ptxas reports spills (8 B stored, 12 B loaded)");
+    }
+
+    /// ptxas 13.0's notice (on a bf16 K-pipelined GEMM with two row tiles a consumer, before its
+    /// first chain started from zero), which names the function before its report.
+    #[test]
+    fn reads_a_serialization_notice() {
+        let log = "ptxas info    : (C7520) Potential Performance Loss: wgmma.mma_async instructions are serialized \
+                   due to program dependence on compiler-inserted WG.AR in divergent path in the function 'g2'\n\
+                   ptxas info    : 0 bytes gmem\n\
+                   ptxas info    : Compiling entry function 'g1' for 'sm_90a'\n\
+                   ptxas info    : Used 90 registers, used 1 barriers, 1024 bytes smem\n\
+                   ptxas info    : Compiling entry function 'g2' for 'sm_90a'\n\
+                   ptxas info    : Function properties for g2\n    \
+                   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+                   ptxas info    : Used 230 registers, used 1 barriers, 1024 bytes smem\n";
+        let k = parse_resource_report(log);
+        assert_eq!((k[0].wgmma_serialized, k[1].wgmma_serialized), (false, true));
+        assert_eq!(k[0].unfit(), None);
+        assert_eq!(k[1].unfit().unwrap(), "ptxas serialized its wgmma");
+        assert_eq!(k[1].registers, 230);
     }
 }

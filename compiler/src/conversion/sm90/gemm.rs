@@ -141,8 +141,14 @@ pub struct GemmConfig {
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
 const ROW_BYTES: usize = 128;
-/// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue).
-const REGISTER_HEADROOM: usize = 64;
+/// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue),
+/// for `validate`. ptxas 13.0 took 16-56 beyond them (`Used`, or a consumer's highest register in
+/// the SASS under `setmaxnreg`): 16 at fp8 128x64 with two consumers, 26 the same K-pipelined,
+/// 21-38 at fp8's 192 (K-pipelined 128x128 with two consumers, 64x128 with one, 256x64), 56 with a
+/// residual epilogue. Configurations near the limit may still spill (bf16's 192 with split K or a
+/// producer's residual; fp8 K-pipelined 128x64 with one consumer and a producer: 24 bytes):
+/// `v3c compile` and `v3c tune` pass over what ptxas reports spilling.
+const REGISTER_HEADROOM: usize = 40;
 /// Registers per thread left to a producer warpgroup (`setmaxnreg.dec`).
 const PRODUCER_REGISTERS: usize = 40;
 /// Pairs of output columns the split-K reduction sums at a time (their 8-byte loads in flight
@@ -1427,7 +1433,7 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
 {}",
             indent(&self.stage_operands("%it"), 6)
         );
-        let first = self.chain(t, &zeros);
+        let first = self.chain(t, &zeros, true);
         let _ = writeln!(
             t,
             "      scf.yield {} : {frags}
@@ -1464,7 +1470,7 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
                 types.join(", "),
                 indent(&self.stage_operands("%i_next"), 6)
             );
-            let issued = self.chain(t, &pending);
+            let issued = self.chain(t, &pending, false);
             let _ = writeln!(
                 t,
                 "      %jp = arith.subi %j, %c1 : index
@@ -1581,7 +1587,7 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
             2 * m_tiles,
             indent(&self.stage_operands(issue), 6)
         );
-        let issued = self.chain(t, mains);
+        let issued = self.chain(t, mains, false);
         let _ = writeln!(t, "      %kt = arith.addi %kt0, {j_pending} : index");
         t.push_str(&self.scale_loads());
         let _ = writeln!(
@@ -1730,7 +1736,7 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
     /// One K tile: its chain, waited for, and for fp8 its promotion into the main accumulators
     /// `accs` (bf16: the chain accumulates onto them). Returns the accumulators after it.
     fn mainloop_body(&self, t: &mut String, accs: &[String]) -> Vec<String> {
-        let cur = self.chain(t, accs);
+        let cur = self.chain(t, accs, false);
         if self.fp8() {
             t.push_str(&self.scale_loads());
         }
@@ -1742,10 +1748,10 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
     }
 
     /// One K tile's wgmma chain over the stage at `%a_addr` / `%b_addr` (descriptors, fence,
-    /// chain, commit), not waited for. bf16 accumulates onto `accs` (the running accumulators);
-    /// fp8 starts a fresh block accumulator (scale-out zero on the first step). Returns the
-    /// chain's accumulators.
-    fn chain(&self, t: &mut String, accs: &[String]) -> Vec<String> {
+    /// chain, commit), not waited for. bf16 accumulates onto `accs` (the running accumulators)
+    /// unless `fresh` (only their count read); fp8 starts a fresh block accumulator (scale-out zero
+    /// on the first step), as a fresh bf16 chain does. Returns the chain's accumulators.
+    fn chain(&self, t: &mut String, accs: &[String], fresh: bool) -> Vec<String> {
         let c = &self.c;
         let m_tiles = accs.len();
         let frag_n = c.block_n / 2;
@@ -1767,7 +1773,12 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
         }
         let _ = writeln!(t, "{}", desc("db", "%b_addr"));
         let _ = writeln!(t, "      nvvm.wgmma.fence.aligned");
-        let mut cur: Vec<String> = if fp8 { vec![String::new(); m_tiles] } else { accs.to_vec() };
+        // fp8's block accumulators, and a fresh chain, start from zero (the first wgmma's D scaled by
+        // zero): no accumulator written between the fence and the chain's first wgmma, which would
+        // make ptxas serialize the warpgroup's wgmma behind an arrive of its own (C7520, seen at bf16
+        // K-pipelined with two row tiles, where the prologue zeroed its registers there).
+        let fresh = fp8 || fresh;
+        let mut cur: Vec<String> = if fresh { vec![String::new(); m_tiles] } else { accs.to_vec() };
         // (Dual: the second A's chain after the first's, into the same accumulators — bf16 only.)
         let steps = c.block_k() / c.wgmma_k();
         for (pass, (_, d)) in operands.iter().enumerate() {
@@ -1782,8 +1793,11 @@ nvgpu.mbarrier.try_wait.parity %full[%st], %parity, %ticks : !bar
                         }
                         (format!("%{d}{i}_{ks}"), format!("%db_{ks}"))
                     };
-                    let (input, scale_out) =
-                        if fp8 && ks == 0 { (format!("%frag{frag_n}"), "zero") } else { (cur_i.clone(), "one") };
+                    let (input, scale_out) = if fresh && ks == 0 && pass == 0 {
+                        (format!("%frag{frag_n}"), "zero")
+                    } else {
+                        (cur_i.clone(), "one")
+                    };
                     let out = format!("%w{i}_{}", pass * steps + ks);
                     let _ = writeln!(
                         t,

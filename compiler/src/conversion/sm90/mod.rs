@@ -202,31 +202,32 @@ fn compile_module(
     Ok(kernel(Some(llvm_dialect), ptx))
 }
 
-/// Compiles `config`; with ptxas, assembles it and returns None when ptxas reports spills (the
-/// static pruning of configurations that fit on paper but not in the registers).
+/// Compiles `config`; with ptxas, assembles it and returns Err(why) when ptxas reports spills or
+/// serialized its wgmma ([`unspilled`]).
 pub fn compile_unspilled(
     context: &Context,
     config: &gemm::GemmConfig,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
-) -> Result<Option<GpuKernel>, Sm90Error> {
+) -> Result<Result<GpuKernel, String>, Sm90Error> {
     unspilled(compile_gemm(context, config, target)?, target, ptxas)
 }
 
-/// `kernel`, assembled by `ptxas` when given: None when ptxas reports spills (the static pruning
-/// of what fits on paper but not in the registers).
+/// `kernel`, assembled by `ptxas` when given: Err(why) when ptxas reports spills or serialized
+/// its wgmma ([`crate::target::KernelResources::unfit`]: the static pruning of what fits on paper
+/// but not in the registers, or not in the tensor cores' pipeline).
 pub fn unspilled(
     mut kernel: GpuKernel,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
-) -> Result<Option<GpuKernel>, Sm90Error> {
+) -> Result<Result<GpuKernel, String>, Sm90Error> {
     if let Some(ptxas) = ptxas {
         kernel.assemble(target, ptxas)?;
-        if kernel.resources.as_ref().is_some_and(|r| r.spill_stores_bytes + r.spill_loads_bytes > 0) {
-            return Ok(None);
+        if let Some(why) = kernel.resources.as_ref().and_then(|r| r.unfit()) {
+            return Ok(Err(why));
         }
     }
-    Ok(Some(kernel))
+    Ok(Ok(kernel))
 }
 
 /// An MLA attention kernel of either template ([`compile_mla`], [`compile_mla_prefill`]).
@@ -414,8 +415,9 @@ pub struct ModelKernels {
     pub compound: Vec<(String, lower::Steps, Vec<Option<RegimeKernels>>)>,
     /// Fused kernels with no sm_90a lowering yet: (name, why).
     pub unsupported: Vec<(String, String)>,
-    /// Configurations passed over because ptxas reported spills.
-    pub spilled: Vec<String>,
+    /// Configurations passed over because ptxas reported spills or serialized their wgmma: (kernel,
+    /// why).
+    pub passed_over: Vec<(String, String)>,
     /// The kernels chosen per GEMM step (its description and regimes): a fused kernel's steps that
     /// repeat one GEMM (the experts' Wgrad, one per expert) are chosen once.
     chosen_gemms: std::collections::HashMap<String, RegimeKernels>,
@@ -474,16 +476,18 @@ impl ModelKernels {
             }
             progress(&name);
             match unspilled(compile()?, target, ptxas)? {
-                Some(compiled) => {
+                Ok(compiled) => {
                     self.kernels.push(compiled);
                     return Ok(i);
                 }
-                None => self.spilled.push(name),
+                Err(why) => self.passed_over.push((name, why)),
             }
         }
         Err(Sm90Error::Config {
             kernel: kernel.to_string(),
-            problem: format!("{kernel}: none of the {tried} {what}configurations tried assembles without spilling"),
+            problem: format!(
+                "{kernel}: none of the {tried} {what}configurations tried assembles without spilling or serialized wgmma"
+            ),
         })
     }
 
