@@ -540,9 +540,12 @@ elif [ -d "$root/.device/gemm" ] && python3 -c "import torch, sys; sys.exit(0 if
   # One process per kernel under its own timeout: a kernel that hangs (a pipeline deadlock) is killed
   # with its process and the others still run.
   # The step stops starting kernels after 240 s (a device call has 600 s; the other steps need some).
+  # In prepare.sh's order (order.txt: the open A/B first), else by name.
   bad=0; total=0; step_end=$((SECONDS + $(budget 240)))
-  for ptx in "$root"/.device/gemm/*.ptx; do
-    k="$(basename "$ptx" .ptx)"; total=$((total + 1))
+  if [ -f "$root/.device/gemm/order.txt" ]; then mapfile -t kernels < "$root/.device/gemm/order.txt"
+  else kernels=(); for ptx in "$root"/.device/gemm/*.ptx; do kernels+=("$(basename "$ptx" .ptx)"); done; fi
+  for k in "${kernels[@]}"; do
+    total=$((total + 1))
     if [ "$SECONDS" -ge "$step_end" ]; then
       bad=$((bad + 1)); note "$k: SKIPPED (step 2 time budget spent)"; continue
     fi

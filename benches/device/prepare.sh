@@ -8,35 +8,43 @@ cd "$root"
 cargo build --release -q -p v3c-runtime -p v3c-compiler
 rm -rf .device/gemm && mkdir -p .device/gemm
 cp target/release/v3r .device/
-# GEMM template kernels: bf16 and fp8 block-scaled, f32 and bf16 outputs (plain forms), then the
-# scheduling variants, then kernels `v3c compile --target sm_90a` picked for the full model with the cost
-# model before its H200 run-1 fit (decode: 64-row tiles, split K for the MLA projections; prefill: two
-# consumers + producer; +residual) and the fitted model's picks (prefill: 128x64 tiles, two consumers, no
-# producer, two blocks an SM; decode's o_proj split K; bf16 prefill 128x256),
-# then the grouped (MoE) forms: gathered tokens, contiguous sorted rows (the fp8 gate/up's prefill
-# kernel; with routing weights), masked;
-# then fp8 outputs (1x128 scales written by the epilogue), then a cluster of two (B multicast), then the
-# head's dual-A kernels (f32 activations as bf16 hi + lo, the weights read once) the compile picks for decode
-# and prefill, and the decode one's plain twin (the head's former form ran one a half), then the router gate's
-# prefill GEMM (dual-A, N = 256; before, CUDA-core pieces: rows_routelogits); then K-pipelined twins
-# (`_kp`: the next K tile's wgmma chain issued before the last one is waited for) of the decode split-K
-# and prefill fp8 kernels and of a bf16 persistent one above, and the picks the cost model moved to them
-# (decode's q_a/kv_a projection, the head's and the router gate's prefill GEMMs): the A/B.
-for k in gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4 \
-  gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk \
-  gemm_fp8_f32_64x64x128_s5_splitk gemm_fp8_f32_256x64x128_s5_wg2_ws \
-  gemm_fp8_f32_64x64x128_s8_res gemm_fp8_f32_128x128x128_s5_wg2_ws_res \
-  gemm_fp8_f32_128x64x128_s4_wg2 gemm_fp8_f32_64x64x128_s5_splitk_res gemm_bf16_f32_128x256x64_s4_wg2_ws \
-  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather gemm_fp8_f32_128x128x128_s3_wg2_ws_persist_contig \
-  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale \
-  gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu \
-  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter \
-  gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig \
-  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_cl2 gemm_bf16_f32_64x256x64_s2_a2 \
-  gemm_bf16_f32_128x192x64_s4_wg2_ws_a2 gemm_bf16_f32_64x256x64_s2 gemm_bf16_f32_128x64x64_s5_wg2_ws_a2 \
-  gemm_fp8_f32_64x64x128_s5_splitk_kp gemm_fp8_f32_64x64x128_s5_splitk_res_kp gemm_fp8_f32_128x64x128_s4_wg2_kp \
-  gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8_kp gemm_fp8_f32_64x64x128_s8_splitk_kp \
-  gemm_bf16_f32_128x192x64_s4_wg2_a2_kp gemm_bf16_f32_64x128x64_s5_a2_kp; do
+# GEMM template kernels, in the order check.sh step 2 checks and times them (order.txt; the step has a
+# time budget, so the open questions go first). First the A/B of K-pipelining (`_kp`: the next K tile's
+# wgmma chain issued before the last one is waited for): the prefill picks since ptxas's register counts
+# replaced the model's (2026-12-06: fp8 128x128 with two consumers and its residual form, 256x64, the
+# contiguous MoE gate/up, the head's bf16 dual-A 128x192 with one consumer) each beside its plain or
+# former twin, then decode's split-K picks and twins. Then bf16 and fp8 block-scaled, f32 and bf16
+# outputs (plain forms), the scheduling variants, kernels `v3c compile --target sm_90a` picked for the
+# full model with the cost model before its H200 run-1 fit (decode: 64-row tiles, split K for the MLA
+# projections; prefill: two consumers + producer; +residual) and the fitted model's picks (prefill:
+# 128x64 tiles, two consumers, no producer, two blocks an SM; decode's o_proj split K; bf16 prefill
+# 128x256), the grouped (MoE) forms: gathered tokens, contiguous sorted rows (with routing weights),
+# masked; fp8 outputs (1x128 scales written by the epilogue), a cluster of two (B multicast), the head's
+# dual-A kernels (f32 activations as bf16 hi + lo, the weights read once) for decode and prefill and the
+# decode one's plain twin (the head's former form ran one a half), the router gate's prefill GEMM
+# (dual-A, N = 256; before, CUDA-core pieces: rows_routelogits).
+gemm_kernels=(
+  gemm_fp8_f32_128x128x128_s5_wg2_kp gemm_fp8_f32_128x128x128_s5_wg2 gemm_fp8_f32_128x64x128_s4_wg2
+  gemm_fp8_f32_128x128x128_s5_wg2_res_kp gemm_fp8_f32_128x128x128_s5_wg2_ws_res
+  gemm_fp8_f32_256x64x128_s5_wg2_kp gemm_fp8_f32_256x64x128_s5_wg2_ws
+  gemm_fp8_f32_128x128x128_s4_wg2_ws_persist_contig_kp gemm_fp8_f32_128x128x128_s3_wg2_ws_persist_contig
+  gemm_bf16_f32_128x192x64_s4_a2_kp gemm_bf16_f32_128x192x64_s4_wg2_a2_kp gemm_bf16_f32_128x192x64_s4_wg2_ws_a2
+  gemm_fp8_f32_64x64x128_s8_splitk_kp gemm_fp8_f32_64x64x128_s5_splitk_kp gemm_fp8_f32_64x64x128_s5_splitk
+  gemm_fp8_f32_64x64x128_s5_splitk_res_kp gemm_fp8_f32_64x64x128_s5_splitk_res
+  gemm_fp8_f32_128x64x128_s4_wg2_kp gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8_kp
+  gemm_bf16_f32_64x128x64_s5_a2_kp gemm_bf16_f32_128x64x64_s5_wg2_ws_a2
+  gemm_bf16_bf16_128x128x64_s4 gemm_bf16_f32_64x256x64_s4 gemm_fp8_bf16_64x128x128_s6 gemm_fp8_f32_128x64x128_s4
+  gemm_bf16_bf16_128x128x64_s4_wg2_ws_persist_r8 gemm_bf16_f32_64x128x64_s6_splitk
+  gemm_fp8_f32_64x64x128_s8_res gemm_bf16_f32_128x256x64_s4_wg2_ws
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_gather
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale
+  gemm_fp8_f32_64x128x128_s8_ws_masked_rowscale gemm_bf16_bf16_128x128x64_s6_wg2_ws_gather_swiglu
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_contig_rowscale_scatter
+  gemm_bf16_fp8_128x128x64_s6_wg2_ws gemm_fp8_fp8_128x128x128_s6_wg2_ws_persist_contig
+  gemm_fp8_f32_128x128x128_s6_wg2_ws_persist_r8_cl2 gemm_bf16_f32_64x256x64_s2_a2 gemm_bf16_f32_64x256x64_s2
+)
+printf '%s\n' "${gemm_kernels[@]}" > .device/gemm/order.txt
+for k in "${gemm_kernels[@]}"; do
   target/release/v3c dump-ir --stage ptx --kernel "$k" \
     | awk '/^\/\/ ----- stage ptx/ {p = 1; next} /^\/\/ ptxas:/ {p = 0} p' > ".device/gemm/$k.ptx"
   grep -q "\.entry $k(" ".device/gemm/$k.ptx" || { echo "prepare: no PTX entry for $k" >&2; exit 1; }
