@@ -895,6 +895,29 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
     assert!(text(&fp8_run.stderr).contains("on the cpu backend (FP8 GEMMs, "), "{}", text(&fp8_run.stderr));
 }
 
+/// DeepSeek-V3's training step at full width (a dense layer and a MoE layer: every GEMM shape of the
+/// model's step) compiles for sm_90a in both precisions: each GEMM finds a configuration ptxas
+/// assembles without spills or serialized wgmma among the cost model's first tries. (2026-12-06: with
+/// `validate`'s register headroom lowered, the FP8 recipe's Wgrad with per-row B scales ranked only
+/// 192-accumulator K-pipelined forms first, which spill: "none of the 8 configurations tried".)
+#[test]
+fn the_full_width_training_step_compiles_for_sm90a() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_JSON).unwrap();
+    config["num_hidden_layers"] = 2.into();
+    config["first_k_dense_replace"] = 1.into();
+    config["num_nextn_predict_layers"] = 0.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let model = dir.path().to_str().unwrap();
+    for precision in ["fp8", "f32"] {
+        let args = ["compile", "--model", model, "--target", "sm_90a", "--train", "--precision", precision];
+        let out = run_binary("v3c", &args);
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{precision}: {err}");
+        assert!(err.lines().last().unwrap().starts_with("compile: all "), "{precision}: {err}");
+    }
+}
+
 /// `v3c compile --target sm_90a --train` lowers every kernel of the f32 training step (CUDA-core
 /// matmuls, the gradients' row kernels, multi-launch ones) and writes an artifact whose every
 /// launch `v3r info` checks against its kernel's PTX (`v3r train` runs it on a GPU: exit 3 here),

@@ -324,12 +324,15 @@ fn k_tile_round_us(c: &GemmConfig, device: &DeviceModel, per_sm: usize) -> f64 {
 }
 
 /// Blocks of `c` an SM holds at once: its shared memory (the ring is most of it), threads, and
-/// registers — a thread's accumulators plus about 32 for addresses, scales and indices (ptxas
+/// registers — a thread's accumulators and what its configuration adds
+/// ([`GemmConfig::working_registers`]) plus about 32 for addresses, scales and indices (ptxas
 /// 13.0's counts for the template: 16 beyond them at fp8 128x64 with two consumers, 26 K-pipelined
 /// (122 registers: two blocks an SM), 33 at 128x128 with two consumers and a producer).
 pub(crate) fn blocks_per_sm(c: &GemmConfig, target: &GpuTarget) -> usize {
     let smem = c.shared_memory_bytes() + crate::conversion::sm90::gemm::STATIC_SHARED_BYTES;
-    let registers = (c.accumulator_registers() + 32).next_multiple_of(8).min(target.max_registers_per_thread as usize);
+    let registers = (c.accumulator_registers() + c.working_registers() + 32)
+        .next_multiple_of(8)
+        .min(target.max_registers_per_thread as usize);
     (target.shared_memory_per_sm as usize / smem)
         .min(2048 / c.threads())
         .min(target.registers_per_sm as usize / (registers * c.threads()))

@@ -256,6 +256,24 @@ impl GemmConfig {
         }
     }
 
+    /// Registers a consumer needs beyond the accumulators and [`REGISTER_HEADROOM`] for what this
+    /// configuration adds (ptxas 13.0's counts):
+    /// - per-row B scales: the promotion holds a scale per accumulator column, about a fragment's
+    ///   worth (fp8 128x128 with two consumers 253 registers against 161 without; K-pipelined at
+    ///   192 accumulators it spills 156-956 bytes);
+    /// - bf16's epilogue: the residual's loads ahead of their stores, split K's partial tiles
+    ///   summed a batch of pairs at a time (at 192 accumulators: 221-224 plain, 248 with the
+    ///   residual, spilling with split K). fp8's runs in the block accumulator's registers, dead by
+    ///   then (its K-pipelined forms with either within 5 registers of the plain ones).
+    pub fn working_registers(&self) -> usize {
+        let scales = if self.b_row_scales { self.row_tiles() * self.block_n / 2 } else { 0 };
+        let epilogue = match self.input {
+            GemmInput::Bf16 => 24 * usize::from(self.residual) + 40 * usize::from(self.split_k),
+            GemmInput::Fp8 => 0,
+        };
+        scales + epilogue
+    }
+
     /// Threads per block: the consumer warpgroups and, specialized, the producer's.
     pub fn threads(&self) -> usize {
         128 * (self.consumers + usize::from(self.specialized))
@@ -603,11 +621,12 @@ impl GemmConfig {
                 target.name, target.max_shared_memory_per_block
             ));
         }
-        let regs = self.accumulator_registers() + REGISTER_HEADROOM;
+        let headroom = REGISTER_HEADROOM + self.working_registers();
+        let regs = self.accumulator_registers() + headroom;
         let limit = self.consumer_register_limit(target);
         if regs > limit {
             return Err(format!(
-                "{name}: {} accumulator registers per thread (+{REGISTER_HEADROOM}) exceed the {limit} registers a \
+                "{name}: {} accumulator registers per thread (+{headroom}) exceed the {limit} registers a \
                  consumer thread has on {} with {threads} threads",
                 self.accumulator_registers(),
                 target.name,

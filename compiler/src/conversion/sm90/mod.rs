@@ -470,6 +470,7 @@ impl ModelKernels {
         progress: &mut impl FnMut(&str),
     ) -> Result<usize, Sm90Error> {
         let tried = preferences.len();
+        let before = self.passed_over.len();
         for (i, (name, compile)) in preferences.into_iter().enumerate() {
             if self.kernels.iter().any(|k| k.name == name) {
                 return Ok(i);
@@ -486,7 +487,13 @@ impl ModelKernels {
         Err(Sm90Error::Config {
             kernel: kernel.to_string(),
             problem: format!(
-                "{kernel}: none of the {tried} {what}configurations tried assembles without spilling or serialized wgmma"
+                "{kernel}: none of the {tried} {what}configurations tried assembles without spilling or serialized \
+                 wgmma ({})",
+                self.passed_over[before..]
+                    .iter()
+                    .map(|(name, why)| format!("{name}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         })
     }
