@@ -895,26 +895,45 @@ fn train_learns_resumes_and_writes_a_checkpoint() {
     assert!(text(&fp8_run.stderr).contains("on the cpu backend (FP8 GEMMs, "), "{}", text(&fp8_run.stderr));
 }
 
-/// DeepSeek-V3's training step at full width (a dense layer and a MoE layer: every GEMM shape of the
-/// model's step) compiles for sm_90a in both precisions: each GEMM finds a configuration ptxas
-/// assembles without spills or serialized wgmma among the cost model's first tries. (2026-12-06: with
-/// `validate`'s register headroom lowered, the FP8 recipe's Wgrad with per-row B scales ranked only
-/// 192-accumulator K-pipelined forms first, which spill: "none of the 8 configurations tried".)
+/// Full-width models compile for sm_90a: DeepSeek-V3's training step (a dense layer and a MoE layer:
+/// every GEMM shape of the model's step) in both precisions, and a Moonlight-shaped model (hidden
+/// 2048, 64 experts of 1408, two shared, no q LoRA) for inference: each GEMM finds a configuration
+/// ptxas assembles without spills or serialized wgmma among the cost model's first tries.
+/// (2026-12-06, with `validate`'s register headroom lowered: the FP8 recipe's Wgrad with per-row B
+/// scales, and the Moonlight-shaped MoE down GEMM's scatter, ranked only 192-accumulator K-pipelined
+/// forms first, which spill: "none of the 8 configurations tried".)
 #[test]
-fn the_full_width_training_step_compiles_for_sm90a() {
+fn full_width_models_compile_for_sm90a() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_JSON).unwrap();
-    config["num_hidden_layers"] = 2.into();
-    config["first_k_dense_replace"] = 1.into();
-    config["num_nextn_predict_layers"] = 0.into();
-    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let model = dir.path().to_str().unwrap();
-    for precision in ["fp8", "f32"] {
-        let args = ["compile", "--model", model, "--target", "sm_90a", "--train", "--precision", precision];
-        let out = run_binary("v3c", &args);
+    let write = |name: &str, changes: serde_json::Value| {
+        let mut config: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_JSON).unwrap();
+        config["num_hidden_layers"] = 2.into();
+        config["first_k_dense_replace"] = 1.into();
+        config["num_nextn_predict_layers"] = 0.into();
+        for (key, value) in changes.as_object().unwrap() {
+            config[key] = value.clone();
+        }
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("config.json"), config.to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let v3 = write("v3", serde_json::json!({}));
+    let moonlight = write(
+        "moonlight",
+        serde_json::json!({"hidden_size": 2048, "intermediate_size": 11264, "moe_intermediate_size": 1408,
+            "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 2, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "q_lora_rank": null, "vocab_size": 163840, "n_group": 1, "topk_group": 1}),
+    );
+    for (model, extra) in
+        [(&v3, &["--train", "--precision", "fp8"][..]), (&v3, &["--train", "--precision", "f32"]), (&moonlight, &[])]
+    {
+        let out =
+            run_binary("v3c", &[&["compile", "--model", model.as_str(), "--target", "sm_90a"][..], extra].concat());
         let err = text(&out.stderr);
-        assert!(out.status.success(), "{precision}: {err}");
-        assert!(err.lines().last().unwrap().starts_with("compile: all "), "{precision}: {err}");
+        assert!(out.status.success(), "{model} {extra:?}: {err}");
+        let last = err.lines().last().unwrap();
+        assert!(last.starts_with("compile: all ") && last.contains("lower for sm_90a"), "{model} {extra:?}: {err}");
     }
 }
 

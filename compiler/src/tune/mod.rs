@@ -529,13 +529,16 @@ pub struct Choice<C = GemmConfig> {
     pub ignored: Option<String>,
 }
 
-/// How many of the cost model's best a compile tries (the first that assembles without spills wins).
+/// How many configurations a compile assembles at most for one kernel (the first that assembles
+/// without spills or serialized wgmma wins; the others of a form that did not are skipped).
 pub const COMPILE_TRIES: usize = 8;
+/// How many of the cost model's best a compile looks through for them.
+pub const COMPILE_PREFERENCES: usize = 64;
 
 pub fn choose(kernel: &GemmKernel, m: usize, device: &DeviceModel, db: Option<&db::TuningDb>) -> Choice {
     let shape = GemmShape::of(kernel, m);
     let ranked = rank(&shape, device);
-    let preferences: Vec<GemmConfig> = ranked.iter().take(COMPILE_TRIES).map(|e| e.config).collect();
+    let preferences: Vec<GemmConfig> = ranked.iter().take(COMPILE_PREFERENCES).map(|e| e.config).collect();
     let model = ranked.first().map_or_else(
         || "cost model: no candidate".to_string(),
         |e| format!("cost model: {:.1} us est., {:.0} TFLOP/s, {}-bound", e.micros, e.tflops, e.bound),

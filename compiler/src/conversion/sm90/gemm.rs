@@ -274,6 +274,13 @@ impl GemmConfig {
         scales + epilogue
     }
 
+    /// What its registers hang on: the name of this configuration with a ring of 2, no cluster and
+    /// no raster (ptxas takes about the same registers whatever those are). A compile that finds
+    /// one form spilling tries another form next.
+    pub fn register_form(&self) -> String {
+        GemmConfig { stages: 2, cluster: 1, raster: 0, ..*self }.kernel_name()
+    }
+
     /// Threads per block: the consumer warpgroups and, specialized, the producer's.
     pub fn threads(&self) -> usize {
         128 * (self.consumers + usize::from(self.specialized))

@@ -423,6 +423,10 @@ pub struct ModelKernels {
     chosen_gemms: std::collections::HashMap<String, RegimeKernels>,
 }
 
+/// A configuration to try: its kernel name, its register form ([`ModelKernels::first_unspilled`]),
+/// and how to compile it.
+type Preference<'a> = (String, String, Box<dyn FnOnce() -> Result<GpuKernel, Sm90Error> + 'a>);
+
 impl ModelKernels {
     /// Compiles (with ptxas: and assembles) template kernel `name` by `compile` unless it is
     /// already compiled.
@@ -457,31 +461,45 @@ impl ModelKernels {
         self.kernel_once(k.kernel_name(), target, ptxas, progress, || compile_rows(context, k, target))
     }
 
-    /// The first of `preferences` (kernel names, and how to compile each) that is compiled already
-    /// or compiles (with ptxas: without spilling), compiled once across the model: its index.
-    /// `Err` names `kernel` and `what` when none does.
+    /// The first of `preferences` (kernel names, their register forms, and how to compile each)
+    /// that is compiled already or compiles (with ptxas: without spilling or serialized wgmma),
+    /// compiled once across the model: its index. At most [`crate::tune::COMPILE_TRIES`] are
+    /// compiled, and once one is passed over the others of its form are not tried (a GEMM's form:
+    /// its configuration but for the ring depth, cluster and raster — what its registers hang on;
+    /// another kernel's: its name), nor is a configuration passed over before. `Err` names
+    /// `kernel` and `what` when none does, and each one tried with why.
     fn first_unspilled(
         &mut self,
         kernel: &str,
         what: &str,
-        preferences: Vec<(String, Box<dyn FnOnce() -> Result<GpuKernel, Sm90Error> + '_>)>,
+        preferences: Vec<Preference<'_>>,
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
         progress: &mut impl FnMut(&str),
     ) -> Result<usize, Sm90Error> {
-        let tried = preferences.len();
         let before = self.passed_over.len();
-        for (i, (name, compile)) in preferences.into_iter().enumerate() {
+        let (mut tried, mut failed_forms) = (0, Vec::new());
+        for (i, (name, form, compile)) in preferences.into_iter().enumerate() {
             if self.kernels.iter().any(|k| k.name == name) {
                 return Ok(i);
             }
+            if tried == crate::tune::COMPILE_TRIES {
+                break;
+            }
+            if failed_forms.contains(&form) || self.passed_over.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
             progress(&name);
+            tried += 1;
             match unspilled(compile()?, target, ptxas)? {
                 Ok(compiled) => {
                     self.kernels.push(compiled);
                     return Ok(i);
                 }
-                Err(why) => self.passed_over.push((name, why)),
+                Err(why) => {
+                    self.passed_over.push((name, why));
+                    failed_forms.push(form);
+                }
             }
         }
         Err(Sm90Error::Config {
@@ -516,7 +534,9 @@ impl ModelKernels {
         let (preferences, what) = (choose.attention(fused, &shape), format!("{} ", shape.signature()));
         let compiles = preferences
             .iter()
-            .map(|c| (c.kernel_name(), Box::new(move || compile_attention(context, c, target)) as Box<_>))
+            .map(|c| {
+                (c.kernel_name(), c.kernel_name(), Box::new(move || compile_attention(context, c, target)) as Box<_>)
+            })
             .collect();
         let chosen = preferences[self.first_unspilled(fused, &what, compiles, target, ptxas, progress)?];
         match (step, chosen) {
@@ -566,7 +586,9 @@ impl ModelKernels {
             let preferences = choose.gemm(g, m);
             let compiles = preferences
                 .iter()
-                .map(|c| (c.kernel_name(), Box::new(move || compile_gemm(context, c, target)) as Box<_>))
+                .map(|c| {
+                    (c.kernel_name(), c.register_form(), Box::new(move || compile_gemm(context, c, target)) as Box<_>)
+                })
                 .collect();
             let i = self.first_unspilled(&g.kernel, "", compiles, target, ptxas, progress)?;
             Ok(preferences[i].kernel_name())
@@ -668,7 +690,7 @@ impl ModelKernels {
         }
         let compiles = preferences
             .iter()
-            .map(|r| (r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
+            .map(|r| (r.kernel_name(), r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
             .collect();
         let what = format!("{} ", shape.signature());
         let i = self.first_unspilled(name, &what, compiles, target, ptxas, progress)?;
