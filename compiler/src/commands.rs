@@ -751,9 +751,9 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         for (regime, m, kernel) in
             [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
         {
-            if let Some(source) = choose.source(&g.kernel, m) {
+            if let Some(source) = choose.source_of(&g.kernel, m, kernel) {
                 let signature = v3c_compiler::tune::GemmShape::of(g, m).signature();
-                chose(&g.kernel, g.dims(), signature, regime, kernel, source);
+                chose(&g.kernel, g.dims(), signature, regime, kernel, &source);
             }
         }
     }
@@ -763,8 +763,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             let Some(shape) = v3c_compiler::tune::attention::AttentionShape::of_step(&step.kernel) else { continue };
             let (kernel, heads, _) = step.kernel.attention().expect("an attention launch");
             let key = v3c_compiler::tune::ModelChooser::attention_key(fused, &shape);
-            if let Some(source) = choose.source(&key, shape.rows()) {
-                chose(fused, format!("{heads} heads"), shape.signature(), shape.regime(), &kernel, source);
+            if let Some(source) = choose.source_of(&key, shape.rows(), &kernel) {
+                chose(fused, format!("{heads} heads"), shape.signature(), shape.regime(), &kernel, &source);
             }
         }
     }
@@ -786,18 +786,20 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
         {
             let (Some(source), Some(shape)) =
-                (choose.source(&name, m), v3c_compiler::tune::rows::RowShape::of(kernel, m))
+                (choose.source_of(&name, m, config), v3c_compiler::tune::rows::RowShape::of(kernel, m))
             else {
                 continue;
             };
-            chose(&name, format!("d {}", kernel.d), shape.signature(), regime, config, source);
+            chose(&name, format!("d {}", kernel.d), shape.signature(), regime, config, &source);
         }
     }
     // The sampling argmax: one kernel, its width for decode's rows.
     let m = v3c_compiler::tune::DECODE_M;
-    if let Some((k, source)) = argmax.as_ref().zip(choose.source(sm90::ARGMAX, m)) {
+    if let Some((k, source)) =
+        argmax.as_ref().and_then(|k| Some(k).zip(choose.source_of(sm90::ARGMAX, m, &k.kernel_name())))
+    {
         let signature = v3c_compiler::tune::rows::RowShape::of(k, m).map(|s| s.signature()).unwrap_or_default();
-        chose(sm90::ARGMAX, format!("d {}", k.d), signature, "decode", &k.kernel_name(), source);
+        chose(sm90::ARGMAX, format!("d {}", k.d), signature, "decode", &k.kernel_name(), &source);
     }
     // A kernel per regime, as the regimes it runs in (a configuration was chosen for those only).
     let regimes = |name: &str, [decode, prefill]: &[String; 2]| {

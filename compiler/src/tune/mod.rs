@@ -606,6 +606,8 @@ pub struct Source {
     /// The M (GEMMs) or the sequences / tokens (attention) it was chosen at.
     pub m: usize,
     pub source: String,
+    /// The configuration `source` speaks of (the first of the preferences), if any.
+    pub first: Option<String>,
 }
 
 /// The tuner's [`Chooser`](crate::conversion::sm90::Chooser) for a model compile: the cost model,
@@ -635,12 +637,25 @@ impl<'a> ModelChooser<'a> {
         self.sources.iter().find(|s| s.kernel == kernel && s.m == m).map(|s| s.source.as_str())
     }
 
-    /// Records `choice` for `kernel` at `m` (`at`: how to say it).
-    fn keep<C>(&mut self, kernel: &str, m: usize, at: String, choice: Choice<C>) -> Vec<C> {
+    /// Where `kernel`'s configuration `chosen` at `m` came from, if it was chosen: the source, and
+    /// when the compile passed over the configuration it speaks of, which one that was.
+    pub fn source_of(&self, kernel: &str, m: usize, chosen: &str) -> Option<String> {
+        let s = self.sources.iter().find(|s| s.kernel == kernel && s.m == m)?;
+        Some(match &s.first {
+            Some(first) if first != chosen => {
+                format!("{} (of {first}, passed over by ptxas; this is the next that assembles)", s.source)
+            }
+            _ => s.source.clone(),
+        })
+    }
+
+    /// Records `choice` for `kernel` at `m` (`at`: how to say it; `name`: a configuration's kernel).
+    fn keep<C>(&mut self, kernel: &str, m: usize, at: String, choice: Choice<C>, name: fn(&C) -> String) -> Vec<C> {
         if let Some(why) = choice.ignored {
             self.ignored.push(format!("entry for {kernel} at {at} ignored: {why}"));
         }
-        self.sources.push(Source { kernel: kernel.to_string(), m, source: choice.source });
+        let first = choice.preferences.first().map(name);
+        self.sources.push(Source { kernel: kernel.to_string(), m, source: choice.source, first });
         choice.preferences
     }
 }
@@ -648,7 +663,7 @@ impl<'a> ModelChooser<'a> {
 impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
     fn gemm(&mut self, kernel: &GemmKernel, m: usize) -> Vec<GemmConfig> {
         let choice = choose(kernel, m, self.device, self.db);
-        self.keep(&kernel.kernel, m, format!("M {m}"), choice)
+        self.keep(&kernel.kernel, m, format!("M {m}"), choice, GemmConfig::kernel_name)
     }
 
     fn attention(&mut self, fused: &str, shape: &attention::AttentionShape) -> Vec<attention::AttentionConfig> {
@@ -657,12 +672,12 @@ impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
             attention::AttentionShape::Decode { sequences, .. } => format!("{sequences} sequences"),
             attention::AttentionShape::Prefill { tokens, .. } => format!("{tokens} tokens"),
         };
-        self.keep(&Self::attention_key(fused, shape), shape.rows(), at, choice)
+        self.keep(&Self::attention_key(fused, shape), shape.rows(), at, choice, attention::AttentionConfig::kernel_name)
     }
 
     fn rows(&mut self, name: &str, shape: &rows::RowShape) -> Vec<crate::conversion::sm90::rows::RowKernel> {
         let choice = rows::choose(shape, self.device, self.db);
-        self.keep(name, shape.rows, format!("{} rows", shape.rows), choice)
+        self.keep(name, shape.rows, format!("{} rows", shape.rows), choice, |k| k.kernel_name())
     }
 }
 
