@@ -141,13 +141,14 @@ pub struct GemmConfig {
 
 /// Bytes of K per pipeline stage: one 128-byte swizzle row per tile row.
 const ROW_BYTES: usize = 128;
-/// Registers a thread keeps for itself beyond the accumulators (addresses, loop state, epilogue),
-/// for `validate`. ptxas 13.0 took 16-56 beyond them (`Used`, or a consumer's highest register in
-/// the SASS under `setmaxnreg`): 16 at fp8 128x64 with two consumers, 26 the same K-pipelined,
-/// 21-38 at fp8's 192 (K-pipelined 128x128 with two consumers, 64x128 with one, 256x64), 56 with a
-/// residual epilogue. Configurations near the limit may still spill (bf16's 192 with split K or a
-/// producer's residual; fp8 K-pipelined 128x64 with one consumer and a producer: 24 bytes):
-/// `v3c compile` and `v3c tune` pass over what ptxas reports spilling.
+/// Registers a thread keeps for itself beyond the accumulators (addresses, loop state), for
+/// `validate`, besides what a configuration adds ([`GemmConfig::working_registers`]). ptxas 13.0
+/// took 16-38 beyond them (`Used`, or a consumer's highest register in the SASS under
+/// `setmaxnreg`): 16 at fp8 128x64 with two consumers, 26 the same K-pipelined, 21-38 at fp8's 192
+/// (K-pipelined 128x128 with two consumers, 64x128 with one, 256x64). Configurations near the limit
+/// may still spill (fp8 K-pipelined 128x64 with one consumer and a producer: 24 bytes; the MoE
+/// GEMMs' K-pipelined 128x128 contiguous and scatter forms: 60-84): `v3c compile` and `v3c tune`
+/// pass over what ptxas reports spilling.
 const REGISTER_HEADROOM: usize = 40;
 /// Registers per thread left to a producer warpgroup (`setmaxnreg.dec`).
 const PRODUCER_REGISTERS: usize = 40;
