@@ -522,6 +522,18 @@ fn configs_that_do_not_fit_are_rejected_before_codegen() {
     wide.validate(t).unwrap();
     let err = GemmConfig { specialized: true, ..wide }.validate(t).unwrap_err();
     assert!(err.contains("exceed the 232 registers") && err.contains("384 threads"), "{err}");
+    // What a configuration adds to its registers counts too (ptxas 13.0 spilled these): fp8's per-row
+    // B scales on a K-pipelined 128x128 tile (192 accumulators + 40 + a fragment of scales), bf16's
+    // split-K epilogue at 192 accumulators; their plain forms fit.
+    let wgrad = GemmConfig::from_name("gemm_fp8_f32_128x128x128_s5_wg2_b1x128_kp").unwrap();
+    let err = wgrad.validate(t).unwrap_err();
+    assert!(err.contains("192 accumulator registers per thread (+104) exceed the 255"), "{err}");
+    GemmConfig { b_row_scales: false, ..wgrad }.validate(t).unwrap();
+    GemmConfig { k_pipelined: false, ..wgrad }.validate(t).unwrap();
+    let head = GemmConfig::from_name("gemm_bf16_f32_128x192x64_s4_a2").unwrap();
+    head.validate(t).unwrap();
+    let err = GemmConfig { split_k: true, ..head }.validate(t).unwrap_err();
+    assert!(err.contains("192 accumulator registers per thread (+80) exceed the 255"), "{err}");
     let err = GemmConfig { consumers: 3, block_m: 192, ..base }.validate(t).unwrap_err();
     assert!(err.contains("3 consumer warpgroups"), "{err}");
     let err = GemmConfig { raster: 3, ..base }.validate(t).unwrap_err();
