@@ -796,7 +796,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     // The sampling argmax: one kernel, its width for decode's rows.
     let m = v3c_compiler::tune::DECODE_M;
     if let Some((k, source)) =
-        argmax.as_ref().and_then(|k| Some(k).zip(choose.source_of(sm90::ARGMAX, m, &k.kernel_name())))
+        argmax.as_ref().and_then(|k| Some((k, choose.source_of(sm90::ARGMAX, m, &k.kernel_name())?)))
     {
         let signature = v3c_compiler::tune::rows::RowShape::of(k, m).map(|s| s.signature()).unwrap_or_default();
         chose(sm90::ARGMAX, format!("d {}", k.d), signature, "decode", &k.kernel_name(), &source);

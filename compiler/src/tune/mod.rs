@@ -634,13 +634,17 @@ impl<'a> ModelChooser<'a> {
 
     /// Where `kernel`'s configuration at `m` came from, if it was chosen.
     pub fn source(&self, kernel: &str, m: usize) -> Option<&str> {
-        self.sources.iter().find(|s| s.kernel == kernel && s.m == m).map(|s| s.source.as_str())
+        self.kept(kernel, m).map(|s| s.source.as_str())
+    }
+
+    fn kept(&self, kernel: &str, m: usize) -> Option<&Source> {
+        self.sources.iter().find(|s| s.kernel == kernel && s.m == m)
     }
 
     /// Where `kernel`'s configuration `chosen` at `m` came from, if it was chosen: the source, and
     /// when the compile passed over the configuration it speaks of, which one that was.
     pub fn source_of(&self, kernel: &str, m: usize, chosen: &str) -> Option<String> {
-        let s = self.sources.iter().find(|s| s.kernel == kernel && s.m == m)?;
+        let s = self.kept(kernel, m)?;
         Some(match &s.first {
             Some(first) if first != chosen => {
                 format!("{} (of {first}, passed over by ptxas; this is the next that assembles)", s.source)
