@@ -58,6 +58,7 @@ fn compile_and_load(
         speculative: false,
         train: train.map(|t| t.train.clone()),
         attention: Default::default(),
+        jobs: None,
     })?;
     let a = v3c_runtime::artifact::Artifact::open(&artifact).map_err(|e| e.to_string())?;
     let mut progress = |what: &str| tracing::debug!("{what}");
@@ -622,6 +623,8 @@ pub struct CompileGpuOptions<'a> {
     pub train: Option<v3c_models::train::TrainConfig>,
     /// Where prefill's and decode's attention run.
     pub attention: v3c_compiler::conversion::sm90::AttentionKernels,
+    /// Threads to compile kernels on (none: one a core).
+    pub jobs: Option<usize>,
 }
 
 /// The entry points to compile: speculative adds the MTP module's own (`draft`), which needs one.
@@ -669,9 +672,9 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         }
     };
     let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
-    // Progress on a terminal: one line rewritten per template kernel (each takes ~0.5 s).
+    // Progress on a terminal: one line rewritten per template kernel as a thread starts it.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut done = 0;
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let mut choose = v3c_compiler::tune::ModelChooser::new(&device, db.as_ref());
     if o.attention.fp8_cache && sm90::CacheFormats::of(&module, o.attention).decode != sm90::rows::CacheRows::Fp8 {
         return Err(
@@ -681,42 +684,44 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                 .into(),
         );
     }
-    let lowered = sm90::compile_model(&context, &module, target, ptxas.as_ref(), o.attention, &mut choose, |name| {
-        done += 1;
+    let jobs = o.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let progress = |name: &str| {
+        let done = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         if tty {
             eprint!("\r\x1b[Kcompile: {} kernel {done}: {name}", target.name);
         }
-    })
+    };
+    // Beside the model's kernels, compiled ahead with them: inference's sampling on the device —
+    // greedy's argmax over the vocabulary (the runtime launches it on the logits instead of
+    // reading them back), sampling at a temperature (the host sampler's draws, bit for bit) and
+    // scoring (log-probabilities, perplexity: 16 bytes a row read back, the host's bits) — or
+    // training's AdamW and what it needs on the device (`v3r train` keeps the state there).
+    let training = o.train.is_some();
+    let beside = |lowered: &mut sm90::ModelKernels, choose: &mut dyn sm90::Chooser| {
+        use v3c_compiler::conversion::sm90::rows::RowOp;
+        if training {
+            return Ok((None, None, None, Some(lowered.training_optimizer(&context, target, ptxas.as_ref())?)));
+        }
+        let argmax = lowered.sampling_argmax(&context, config.vocab_size, target, ptxas.as_ref(), choose)?;
+        let sample = lowered.logits_kernel(&context, RowOp::Sample, config.vocab_size, target, ptxas.as_ref())?;
+        let scores = lowered.logits_kernel(&context, RowOp::Scores, config.vocab_size, target, ptxas.as_ref())?;
+        Ok((Some(argmax), Some(sample), Some(scores), None))
+    };
+    let (lowered, (argmax, sample, scores, optimizer)) = sm90::compile_model(
+        &context,
+        &module,
+        target,
+        ptxas.as_ref(),
+        o.attention,
+        &mut choose,
+        jobs,
+        progress,
+        beside,
+    )
     .map_err(|e| e.to_string())?;
-    if tty && done > 0 {
+    if tty && done.into_inner() > 0 {
         eprint!("\r\x1b[K");
     }
-    // Greedy sampling on the device: each row's argmax over the vocabulary (the runtime launches it
-    // on the logits instead of reading them back). Training runs sample nothing.
-    let mut lowered = lowered;
-    let argmax = match o.train {
-        None => Some(
-            lowered
-                .sampling_argmax(&context, config.vocab_size, target, ptxas.as_ref(), &mut choose)
-                .map_err(|e| e.to_string())?,
-        ),
-        Some(_) => None,
-    };
-    // Sampling at a temperature on the device too (the host sampler's draws, bit for bit), and
-    // scoring (log-probabilities, perplexity: 16 bytes a row read back, the host's bits).
-    let (mut sample, mut scores) = (None, None);
-    if o.train.is_none() {
-        use v3c_compiler::conversion::sm90::rows::RowOp;
-        for (op, kernel) in [(RowOp::Sample, &mut sample), (RowOp::Scores, &mut scores)] {
-            let k = lowered.logits_kernel(&context, op, config.vocab_size, target, ptxas.as_ref());
-            *kernel = Some(k.map_err(|e| e.to_string())?);
-        }
-    }
-    // Training: AdamW and what it needs on the device (`v3r train` keeps the state there).
-    let optimizer = match o.train {
-        Some(_) => Some(lowered.training_optimizer(&context, target, ptxas.as_ref()).map_err(|e| e.to_string())?),
-        None => None,
-    };
     if let Some(path) = o.tuning {
         for why in &choose.ignored {
             eprintln!("warning: {}: {why}", path.display());

@@ -284,6 +284,10 @@ struct CompileArgs {
     /// DeepSeek-V3's FP8 recipe. Kernels without an sm_90a lowering are named.
     #[arg(long)]
     train: bool,
+    /// Threads to compile GPU kernels on, each lowering and assembling kernels of its own (default:
+    /// one a core). The kernels chosen and their PTX are the same whatever the number.
+    #[arg(long, short = 'j', value_name = "N", value_parser = positive)]
+    jobs: Option<usize>,
     /// With --train: weight (lambda) of the MTP loss (0 leaves the MTP module out).
     #[arg(long, value_name = "LAMBDA", default_value_t = 0.3, requires = "train")]
     mtp_weight: f32,
@@ -571,6 +575,7 @@ fn main() -> ExitCode {
                     decode: a.decode_attention.map(AttentionKernel::kernel).unwrap_or_default(),
                     fp8_cache: a.kv_cache == Some(KvCache::Fp8),
                 },
+                jobs: a.jobs,
             }),
             CompileTarget::Cpu if a.tuning.is_some() => {
                 Err("--tuning: CPU kernels have no tuned configurations (GPU targets only)".into())
@@ -578,6 +583,9 @@ fn main() -> ExitCode {
             CompileTarget::Cpu if a.prefill_attention.is_some() || a.decode_attention.is_some() => {
                 Err("--prefill-attention / --decode-attention: the CPU backend's attention is one kernel (GPU targets only)"
                     .into())
+            }
+            CompileTarget::Cpu if a.jobs.is_some() => {
+                Err("--jobs: the CPU backend compiles its kernels on one thread (GPU targets only)".into())
             }
             CompileTarget::Cpu if a.kv_cache.is_some() => {
                 Err("--kv-cache: the CPU backend's caches are f32 (GPU targets only)".into())

@@ -679,8 +679,19 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let h200 = target::DeviceModel::by_name("H200").unwrap();
     let mut choose = v3c_compiler::tune::ModelChooser::new(&h200, None);
     let attention = sm90::AttentionKernels::default();
-    let lowered =
-        sm90::compile_model(&context, &module, &target::SM90A, ptxas.as_ref(), attention, &mut choose, |_| {}).unwrap();
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (lowered, ()) = sm90::compile_model(
+        &context,
+        &module,
+        &target::SM90A,
+        ptxas.as_ref(),
+        attention,
+        &mut choose,
+        jobs,
+        |_| {},
+        |_, _| Ok(()),
+    )
+    .unwrap();
     let gemm = |name: &str| lowered.gemms.iter().find(|(g, _)| g.kernel == name).map(|(g, _)| g.clone());
     let proj = gemm("mla_projections_0").expect("mla_projections_0 is a GEMM");
     assert_eq!((proj.n, proj.k, proj.weights.len()), (2112, 7168, 2));

@@ -421,35 +421,77 @@ pub struct ModelKernels {
     /// The kernels chosen per GEMM step (its description and regimes): a fused kernel's steps that
     /// repeat one GEMM (the experts' Wgrad, one per expert) are chosen once.
     chosen_gemms: std::collections::HashMap<String, RegimeKernels>,
+    /// Kernels [`compile_model`] compiled ahead, in parallel, by name: each taken once, where the
+    /// walk comes to it.
+    ahead: std::collections::HashMap<String, Result<GpuKernel, Sm90Error>>,
+    /// While [`compile_model`] plans (its first walk, which compiles nothing): the kernels the walk
+    /// would compile, in order.
+    planned: Option<Vec<Job>>,
 }
 
-/// A configuration to try: its kernel name, its register form ([`ModelKernels::first_unspilled`]),
-/// and how to compile it.
-type Preference<'a> = (String, String, Box<dyn FnOnce() -> Result<GpuKernel, Sm90Error> + 'a>);
+/// A configuration to try: its register form ([`ModelKernels::first_unspilled`]) and the kernel.
+type Preference = (String, Job);
+
+/// A template kernel to compile, as data: any thread compiles it in an MLIR context of its own
+/// ([`compile_model`] compiles the kernels its walk will take ahead, in parallel).
+#[derive(Debug, Clone)]
+enum Job {
+    Gemm(gemm::GemmConfig),
+    Attention(AttentionConfig),
+    Rows(rows::RowKernel),
+}
+
+impl Job {
+    fn name(&self) -> String {
+        match self {
+            Job::Gemm(c) => c.kernel_name(),
+            Job::Attention(c) => c.kernel_name(),
+            Job::Rows(k) => k.kernel_name(),
+        }
+    }
+
+    /// The kernel compiled and, with ptxas, assembled.
+    fn build(&self, context: &Context, target: &GpuTarget, ptxas: Option<&FoundTool>) -> Result<GpuKernel, Sm90Error> {
+        let mut kernel = match self {
+            Job::Gemm(c) => compile_gemm(context, c, target),
+            Job::Attention(c) => compile_attention(context, c, target),
+            Job::Rows(k) => compile_rows(context, k, target),
+        }?;
+        if let Some(ptxas) = ptxas {
+            kernel.assemble(target, ptxas)?;
+        }
+        Ok(kernel)
+    }
+}
 
 impl ModelKernels {
-    /// Compiles (with ptxas: and assembles) template kernel `name` by `compile` unless it is
-    /// already compiled.
-    fn kernel_once(
+    /// `job` compiled (with ptxas: and assembled): taken from the kernels compiled ahead
+    /// ([`Self::ahead`]) when it is there. While planning ([`Self::planned`]) nothing is
+    /// compiled: the job is noted, and an empty kernel of its name stands for it.
+    fn build(
         &mut self,
-        name: String,
+        job: &Job,
+        context: &Context,
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
         progress: &mut impl FnMut(&str),
-        compile: impl FnOnce() -> Result<GpuKernel, Sm90Error>,
-    ) -> Result<(), Sm90Error> {
-        if !self.kernels.iter().any(|c| c.name == name) {
-            progress(&name);
-            let mut kernel = compile()?;
-            if let Some(ptxas) = ptxas {
-                kernel.assemble(target, ptxas)?;
-            }
-            self.kernels.push(kernel);
+    ) -> Result<GpuKernel, Sm90Error> {
+        let name = job.name();
+        if let Some(planned) = &mut self.planned {
+            planned.push(job.clone());
+            let (mlir, ptx) = (String::new(), String::new());
+            let (shared_memory_bytes, threads) = (0, 0);
+            let (llvm_dialect, cubin, resources) = (None, None, None);
+            return Ok(GpuKernel { name, mlir, llvm_dialect, ptx, shared_memory_bytes, threads, cubin, resources });
         }
-        Ok(())
+        if let Some(kernel) = self.ahead.remove(&name) {
+            return kernel;
+        }
+        progress(&name);
+        job.build(context, target, ptxas)
     }
 
-    /// Compiles row kernel `k` unless it is already compiled.
+    /// Compiles row kernel `k` (with ptxas: and assembles it) unless it is already compiled.
     fn row_kernel(
         &mut self,
         context: &Context,
@@ -458,7 +500,11 @@ impl ModelKernels {
         ptxas: Option<&FoundTool>,
         progress: &mut impl FnMut(&str),
     ) -> Result<(), Sm90Error> {
-        self.kernel_once(k.kernel_name(), target, ptxas, progress, || compile_rows(context, k, target))
+        if !self.kernels.iter().any(|c| c.name == k.kernel_name()) {
+            let kernel = self.build(&Job::Rows(k.clone()), context, target, ptxas, progress)?;
+            self.kernels.push(kernel);
+        }
+        Ok(())
     }
 
     /// The first of `preferences` (kernel names, their register forms, and how to compile each)
@@ -468,18 +514,21 @@ impl ModelKernels {
     /// its configuration but for the ring depth, cluster and raster — what its registers hang on;
     /// another kernel's: its name), nor is a configuration passed over before. `Err` names
     /// `kernel` and `what` when none does, and each one tried with why.
+    #[allow(clippy::too_many_arguments)]
     fn first_unspilled(
         &mut self,
         kernel: &str,
         what: &str,
-        preferences: Vec<Preference<'_>>,
+        preferences: Vec<Preference>,
+        context: &Context,
         target: &GpuTarget,
         ptxas: Option<&FoundTool>,
         progress: &mut impl FnMut(&str),
     ) -> Result<usize, Sm90Error> {
         let before = self.passed_over.len();
         let (mut tried, mut failed_forms) = (0, Vec::new());
-        for (i, (name, form, compile)) in preferences.into_iter().enumerate() {
+        for (i, (form, job)) in preferences.into_iter().enumerate() {
+            let name = job.name();
             if self.kernels.iter().any(|k| k.name == name) {
                 return Ok(i);
             }
@@ -489,14 +538,14 @@ impl ModelKernels {
             if failed_forms.contains(&form) || self.passed_over.iter().any(|(n, _)| *n == name) {
                 continue;
             }
-            progress(&name);
             tried += 1;
-            match unspilled(compile()?, target, ptxas)? {
-                Ok(compiled) => {
+            let compiled = self.build(&job, context, target, ptxas, progress)?;
+            match compiled.resources.as_ref().and_then(|r| r.unfit()) {
+                None => {
                     self.kernels.push(compiled);
                     return Ok(i);
                 }
-                Err(why) => {
+                Some(why) => {
                     self.passed_over.push((name, why));
                     failed_forms.push(form);
                 }
@@ -532,13 +581,8 @@ impl ModelKernels {
     ) -> Result<(), Sm90Error> {
         let Some(shape) = AttentionShape::of_step(step) else { return Ok(()) };
         let (preferences, what) = (choose.attention(fused, &shape), format!("{} ", shape.signature()));
-        let compiles = preferences
-            .iter()
-            .map(|c| {
-                (c.kernel_name(), c.kernel_name(), Box::new(move || compile_attention(context, c, target)) as Box<_>)
-            })
-            .collect();
-        let chosen = preferences[self.first_unspilled(fused, &what, compiles, target, ptxas, progress)?];
+        let compiles = preferences.iter().map(|c| (c.kernel_name(), Job::Attention(*c))).collect();
+        let chosen = preferences[self.first_unspilled(fused, &what, compiles, context, target, ptxas, progress)?];
         match (step, chosen) {
             (lower::StepKernel::MlaDecode(a), AttentionConfig::Decode(c)) => a.config = c,
             (lower::StepKernel::MlaPrefill(a), AttentionConfig::Prefill(c)) => a.config = c,
@@ -584,13 +628,8 @@ impl ModelKernels {
         }
         let chosen = Self::per_regime(regimes, |m| {
             let preferences = choose.gemm(g, m);
-            let compiles = preferences
-                .iter()
-                .map(|c| {
-                    (c.kernel_name(), c.register_form(), Box::new(move || compile_gemm(context, c, target)) as Box<_>)
-                })
-                .collect();
-            let i = self.first_unspilled(&g.kernel, "", compiles, target, ptxas, progress)?;
+            let compiles = preferences.iter().map(|c| (c.register_form(), Job::Gemm(*c))).collect();
+            let i = self.first_unspilled(&g.kernel, "", compiles, context, target, ptxas, progress)?;
             Ok(preferences[i].kernel_name())
         })?;
         self.chosen_gemms.insert(key, chosen.clone());
@@ -688,12 +727,9 @@ impl ModelKernels {
                 problem: format!("{name}: no width of {} fits {}: {why}", shape.signature(), target.name),
             });
         }
-        let compiles = preferences
-            .iter()
-            .map(|r| (r.kernel_name(), r.kernel_name(), Box::new(move || compile_rows(context, r, target)) as Box<_>))
-            .collect();
+        let compiles = preferences.iter().map(|r| (r.kernel_name(), Job::Rows(r.clone()))).collect();
         let what = format!("{} ", shape.signature());
-        let i = self.first_unspilled(name, &what, compiles, target, ptxas, progress)?;
+        let i = self.first_unspilled(name, &what, compiles, context, target, ptxas, progress)?;
         Ok(preferences[i].clone())
     }
 
@@ -753,23 +789,140 @@ pub const OPTIMIZER_CHUNK: usize = 4096;
 /// distinct template kernel once. `choose` orders the configurations to try for a GEMM kernel at
 /// `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]), for an
 /// attention kernel and for a reduction's width per regime; with ptxas the first that assembles
-/// without spilling is taken, without it the first. `progress` is told each kernel name as it is compiled. `attention` picks where attention
-/// runs. A kernel whose row template does not take its shapes is named in `unsupported` with the
-/// template's reason, as one without a template is.
-pub fn compile_model(
+/// without spilling is taken, without it the first. `progress` is told each kernel name as it is
+/// compiled. `attention` picks where attention runs. A kernel whose row template does not take its
+/// shapes is named in `unsupported` with the template's reason, as one without a template is.
+///
+/// The kernels are compiled on `jobs` threads (each with an MLIR context of its own): a first walk
+/// over the module compiles nothing and notes what the second will compile when each first
+/// preference assembles; those are compiled in parallel, and the second walk takes them as it comes
+/// to them (compiling inline only what the first could not foresee: the next preference after one
+/// ptxas passes over). `choose` is asked each question once (its answers are kept for the second
+/// walk), and `progress` may be called from any of the threads. `then` runs after each walk on its
+/// result (with the same chooser), so that kernels the caller compiles beside the model's are
+/// compiled ahead too; its value from the second walk is returned. The second walk alone reports
+/// errors: a first that fails compiles nothing ahead.
+#[allow(clippy::too_many_arguments)]
+pub fn compile_model<T>(
     context: &Context,
     module: &Module,
     target: &GpuTarget,
     ptxas: Option<&FoundTool>,
     attention: AttentionKernels,
     choose: &mut dyn Chooser,
-    mut progress: impl FnMut(&str),
-) -> Result<ModelKernels, Sm90Error> {
+    jobs: usize,
+    progress: impl Fn(&str) + Sync,
+    mut then: impl FnMut(&mut ModelKernels, &mut dyn Chooser) -> Result<T, Sm90Error>,
+) -> Result<(ModelKernels, T), Sm90Error> {
+    let mut choose = KeptAnswers { inner: choose, answers: Default::default() };
+    let mut ahead = std::collections::HashMap::new();
+    if jobs > 1 {
+        let mut plan = ModelKernels { planned: Some(Vec::new()), ..ModelKernels::default() };
+        let planned = walk(context, module, target, None, attention, &mut choose, &mut plan, &mut |_| {})
+            .and_then(|()| then(&mut plan, &mut choose));
+        if planned.is_ok() {
+            ahead = compile_ahead(plan.planned.unwrap_or_default(), jobs, target, ptxas, &progress);
+        }
+    }
+    let mut out = ModelKernels { ahead, ..ModelKernels::default() };
+    walk(context, module, target, ptxas, attention, &mut choose, &mut out, &mut |name| progress(name))?;
+    let value = then(&mut out, &mut choose)?;
+    out.ahead.clear();
+    Ok((out, value))
+}
+
+/// The [`Chooser`]'s answers by question: [`compile_model`]'s second walk asks the same questions
+/// as its first, and the chooser (which records where each choice came from) hears each once.
+struct KeptAnswers<'c> {
+    inner: &'c mut dyn Chooser,
+    answers: std::collections::HashMap<String, Answer>,
+}
+
+#[derive(Clone)]
+enum Answer {
+    Gemm(Vec<gemm::GemmConfig>),
+    Attention(Vec<AttentionConfig>),
+    Rows(Vec<rows::RowKernel>),
+}
+
+impl Chooser for KeptAnswers<'_> {
+    fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig> {
+        let inner = &mut self.inner;
+        match self.answers.entry(format!("gemm {kernel:?} {m}")).or_insert_with(|| Answer::Gemm(inner.gemm(kernel, m)))
+        {
+            Answer::Gemm(configs) => configs.clone(),
+            _ => unreachable!("a GEMM's question"),
+        }
+    }
+
+    fn attention(&mut self, fused: &str, shape: &AttentionShape) -> Vec<AttentionConfig> {
+        let inner = &mut self.inner;
+        let key = format!("attention {fused} {shape:?}");
+        match self.answers.entry(key).or_insert_with(|| Answer::Attention(inner.attention(fused, shape))) {
+            Answer::Attention(configs) => configs.clone(),
+            _ => unreachable!("an attention launch's question"),
+        }
+    }
+
+    fn rows(&mut self, name: &str, shape: &RowShape) -> Vec<rows::RowKernel> {
+        let inner = &mut self.inner;
+        match self
+            .answers
+            .entry(format!("rows {name} {shape:?}"))
+            .or_insert_with(|| Answer::Rows(inner.rows(name, shape)))
+        {
+            Answer::Rows(kernels) => kernels.clone(),
+            _ => unreachable!("a reduction's question"),
+        }
+    }
+}
+
+/// `planned` compiled (with ptxas: and assembled) on up to `jobs` threads, each in an MLIR context
+/// of its own, by name (the first of a name; a failure is kept for the walk that comes to it).
+fn compile_ahead(
+    planned: Vec<Job>,
+    jobs: usize,
+    target: &GpuTarget,
+    ptxas: Option<&FoundTool>,
+    progress: &(impl Fn(&str) + Sync),
+) -> std::collections::HashMap<String, Result<GpuKernel, Sm90Error>> {
+    let mut seen = std::collections::HashSet::new();
+    let planned: Vec<Job> = planned.into_iter().filter(|j| seen.insert(j.name())).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(std::collections::HashMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(planned.len()) {
+            scope.spawn(|| {
+                let context = crate::mlir::new_context();
+                while let Some(job) = planned.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    let name = job.name();
+                    progress(&name);
+                    let kernel = job.build(&context, target, ptxas);
+                    done.lock().unwrap_or_else(|e| e.into_inner()).insert(name, kernel);
+                }
+            });
+        }
+    });
+    done.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One walk of [`compile_model`] over `module`'s kernels, into `out`.
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    context: &Context,
+    module: &Module,
+    target: &GpuTarget,
+    ptxas: Option<&FoundTool>,
+    attention: AttentionKernels,
+    choose: &mut dyn Chooser,
+    out: &mut ModelKernels,
+    mut progress: &mut dyn FnMut(&str),
+) -> Result<(), Sm90Error> {
     let caches = CacheFormats::of(module, attention);
     let regimes = regimes(module);
     // A training step with its attention in bf16 has its f32 matmuls on the tensor cores too.
     let bf16_step = attention.prefill == AttentionKernel::TensorCores && lower_train::has_flash_attention(module);
-    let mut out = ModelKernels { caches, ..ModelKernels::default() };
+    out.caches = caches;
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
@@ -854,5 +1007,5 @@ pub fn compile_model(
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
