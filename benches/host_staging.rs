@@ -12,20 +12,6 @@ use std::collections::BTreeMap;
 use v3c_runtime::gpu::{Bindings, Expander};
 use v3c_runtime::plan::BufferKind;
 
-/// The `v3c` binary: `$V3C`, else the one in the target directory this bench was built into.
-fn v3c() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("V3C") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("the bench's path");
-    // target/<profile>/deps/<bench> -> target/<profile>/v3c, else target/release/v3c.
-    let profile = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    [profile.join("v3c"), profile.parent().expect("target").join("release/v3c")]
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("no v3c binary: cargo build --release -p v3c-compiler (or set V3C)")
-}
-
 /// Placeholder addresses for every buffer, prepared weight and table the artifact's plans name.
 fn placeholder_bindings(expander: &Expander) -> Bindings {
     let mut b = Bindings::default();
@@ -57,7 +43,7 @@ fn placeholder_bindings(expander: &Expander) -> Bindings {
 fn host_staging(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("deepseek-v3");
-    let compiled = std::process::Command::new(v3c())
+    let compiled = std::process::Command::new(v3c_benches::v3c_binary())
         .args(["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--out"])
         .arg(&out)
         .output()

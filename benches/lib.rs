@@ -34,3 +34,18 @@ pub fn bench_config(changes: &[(&str, usize)]) -> ModelConfig {
     }
     ModelConfig::from_json_str(&j.to_string(), "bench").unwrap()
 }
+
+/// The `v3c` binary for benches that compile an artifact with it: `$V3C`, else the one in the
+/// target directory the bench was built into (`cargo build --release -p v3c-compiler` first).
+pub fn v3c_binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("V3C") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("the bench's path");
+    // target/<profile>/deps/<bench> -> target/<profile>/v3c, else target/release/v3c.
+    let profile = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    [profile.join("v3c"), profile.parent().expect("target").join("release/v3c")]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("no v3c binary: cargo build --release -p v3c-compiler (or set V3C)")
+}
