@@ -274,14 +274,22 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
             _ => None,
         })
         .collect();
-    let source = |name: &str| -> Result<Vec<u8>, String> {
-        let (shape, dtype) = &shapes[name];
-        let w = v3c_runtime::cpu::load_weight(&ck, name, shape, dtype).map_err(|e| e.to_string())?;
-        Ok(match w.data {
-            v3c_runtime::host::HostData::F8(b) => b,
-            v3c_runtime::host::HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            other => panic!("{name}: {other:?}"),
+    let sources: std::collections::BTreeSet<String> = prepared.iter().flat_map(|p| p.sources()).collect();
+    let loaded: std::collections::HashMap<&String, Vec<u8>> = sources
+        .iter()
+        .map(|name| {
+            let (shape, dtype) = &shapes[name];
+            let w = v3c_runtime::cpu::load_weight(&ck, name, shape, dtype).unwrap();
+            let bytes = match w.data {
+                v3c_runtime::host::HostData::F8(b) => b,
+                v3c_runtime::host::HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                other => panic!("{name}: {other:?}"),
+            };
+            (name, bytes)
         })
+        .collect();
+    let source = |name: &str| -> Result<&[u8], String> {
+        loaded.get(&name.to_string()).map(Vec::as_slice).ok_or_else(|| format!("{name}: not a weight of the plan"))
     };
     // Weights the GPU takes as stored (e4m3 bits, f32 scales, bf16) are the loader's values exactly.
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&ck);

@@ -885,21 +885,21 @@ fn prepared_of(
 
 /// A prepared weight's bytes from the source weights' bytes (`source(name)`: the plan's element
 /// type, little-endian): B and, scaled, its f32 scales.
-pub fn prepare_weight(
+pub fn prepare_weight<'a>(
     p: &PreparedWeight,
-    source: &dyn Fn(&str) -> Result<Vec<u8>, String>,
+    source: &dyn Fn(&str) -> Result<&'a [u8], String>,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
     let f32s =
-        |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
+        |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     match &p.kind {
         PreparedKind::Concat(parts) => {
             let mut b = Vec::new();
             let mut s = Vec::new();
             for (w, scale) in parts {
-                b.extend(source(w)?);
+                b.extend_from_slice(source(w)?);
                 if let Some(scale) = scale {
-                    s.extend(source(scale)?);
+                    s.extend_from_slice(source(scale)?);
                 }
             }
             let expected = p.rows * p.k * element_bytes(&p.element)?;
@@ -917,7 +917,7 @@ pub fn prepare_weight(
                     if p.scaled { " with scales" } else { "" }
                 ));
             }
-            let mut held: BTreeMap<String, (Vec<u8>, Vec<f32>)> = BTreeMap::new();
+            let mut held: BTreeMap<String, (&[u8], Vec<f32>)> = BTreeMap::new();
             for w in weights {
                 let get = |n: &Option<String>| -> Result<Vec<f32>, String> {
                     n.as_ref().map(|n| source(n).map(f32s)).transpose().map(Option::unwrap_or_default)
@@ -930,9 +930,9 @@ pub fn prepare_weight(
             let views: Vec<crate::prepare::GroupedWeight> = weights
                 .iter()
                 .map(|w| crate::prepare::GroupedWeight {
-                    routed: &held[&w.routed].0,
+                    routed: held[&w.routed].0,
                     routed_scale: &held[&w.routed].1,
-                    shared: w.shared.as_ref().map(|s| held[s].0.as_slice()),
+                    shared: w.shared.as_ref().map(|s| held[s].0),
                     shared_scale: w.shared.as_ref().map(|s| held[s].1.as_slice()),
                     rows: w.rows,
                 })
@@ -1117,11 +1117,13 @@ pub fn bind(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Bindings, HashMap<String, usize>), String> {
     let artifact = expander.artifact;
-    // Weights stream through: uploaded as read when a kernel reads them as they are, held on the
-    // host only while a prepared weight (concatenated, grouped per expert) needs them as a source.
+    // Weights stream through: uploaded as read when a kernel reads them as they are; a prepared
+    // weight's sources (concatenated, grouped per expert) read as it is made and held on the host
+    // only until the last prepared weight made from them (until 2026-12-06 every source was read
+    // first and held until all were prepared, each copied again to be prepared: a MoE model's
+    // experts twice over in host memory).
     let direct = expander.direct_weights()?;
     let prepared = expander.prepared_weights()?;
-    let sources: std::collections::BTreeSet<String> = prepared.iter().flat_map(PreparedWeight::sources).collect();
     let mut planned: BTreeMap<&String, (&Vec<usize>, &String)> = BTreeMap::new();
     for e in &artifact.plan.entries {
         for b in &e.buffers {
@@ -1131,29 +1133,51 @@ pub fn bind(
         }
     }
     let mut bindings = Bindings::default();
+    // How many prepared weights are still to be made from each source (a source read for the
+    // first of them, dropped after the last).
+    let distinct_sources = |p: &PreparedWeight| p.sources().into_iter().collect::<std::collections::BTreeSet<String>>();
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for p in &prepared {
+        for s in distinct_sources(p) {
+            *uses.entry(s).or_default() += 1;
+        }
+    }
     let mut host: HashMap<String, Vec<u8>> = HashMap::new();
-    for (name, (shape, dtype)) in planned {
-        if !direct.contains(name) && !sources.contains(name) {
+    for (name, (shape, dtype)) in &planned {
+        if !direct.contains(*name) {
             continue;
         }
         progress(&format!("reading {name}"));
         let bytes = weights.bytes(name, shape, dtype)?;
-        if direct.contains(name) {
-            bindings.weights.insert(name.clone(), mem.upload(&bytes, name)?);
-        }
-        if sources.contains(name) {
-            host.insert(name.clone(), bytes);
+        bindings.weights.insert((*name).clone(), mem.upload(&bytes, name)?);
+        if uses.contains_key(*name) {
+            host.insert((*name).clone(), bytes);
         }
     }
-    let source = |n: &str| host.get(n).cloned().ok_or_else(|| format!("weight {n} was not read"));
     for p in prepared {
+        let sources = distinct_sources(&p);
+        for s in &sources {
+            if !host.contains_key(s) {
+                let (shape, dtype) =
+                    planned.get(s).ok_or_else(|| format!("{}: its source {s} is not a weight of the plan", p.key))?;
+                progress(&format!("reading {s}"));
+                host.insert(s.clone(), weights.bytes(s, shape, dtype)?);
+            }
+        }
         progress(&format!("preparing {}", p.key));
+        let source = |n: &str| host.get(n).map(Vec::as_slice).ok_or_else(|| format!("weight {n} was not read"));
         let (b, s) = prepare_weight(&p, &source)?;
         let b = mem.upload(&b, &p.key)?;
         let s = s.map(|s| mem.upload(&s, &p.key)).transpose()?;
         bindings.prepared.insert(p.key.clone(), (b, s));
+        for source in sources {
+            let left = uses.get_mut(&source).expect("counted above");
+            *left -= 1;
+            if *left == 0 {
+                host.remove(&source);
+            }
+        }
     }
-    drop(host);
     for (spec, rows) in expander.rope_tables() {
         let table: Vec<u8> = crate::prepare::rope_table(&spec, rows).iter().flat_map(|x| x.to_le_bytes()).collect();
         bindings.rope.insert(rope_key(&spec), mem.upload(&table, "a RoPE table")?);
@@ -1266,12 +1290,25 @@ pub fn random_weight(name: &str, n: usize, dtype: &str, seed: u64) -> Vec<u8> {
             out.truncate(n);
             out
         }
-        "f32" if name.ends_with("_scale_inv") => (0..n).flat_map(|_| 1e-3f32.to_le_bytes()).collect(),
+        "f32" if name.ends_with("_scale_inv") => 1e-3f32.to_le_bytes().repeat(n),
         "f32" if name.ends_with("bias") => vec![0; 4 * n],
-        "f32" => (0..n).flat_map(|_| if is_norm { 1.0 } else { uniform(next()) }.to_le_bytes()).collect(),
-        "bf16" => (0..n)
-            .flat_map(|_| v3c_models::dtype::f32_to_bf16(if is_norm { 1.0 } else { uniform(next()) }).to_le_bytes())
-            .collect(),
+        "f32" if is_norm => 1f32.to_le_bytes().repeat(n),
+        "bf16" if is_norm => v3c_models::dtype::f32_to_bf16(1.0).to_le_bytes().repeat(n),
+        // Each element's bytes written in place (a whole embedding is ~1e9 of them).
+        "f32" => {
+            let mut out = vec![0u8; 4 * n];
+            for e in out.chunks_exact_mut(4) {
+                e.copy_from_slice(&uniform(next()).to_le_bytes());
+            }
+            out
+        }
+        "bf16" => {
+            let mut out = vec![0u8; 2 * n];
+            for e in out.chunks_exact_mut(2) {
+                e.copy_from_slice(&v3c_models::dtype::f32_to_bf16(uniform(next())).to_le_bytes());
+            }
+            out
+        }
         other => vec![0; n * crate::plan::element_bytes(other).unwrap_or(4) as usize],
     }
 }
