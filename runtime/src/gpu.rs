@@ -14,6 +14,7 @@
 //! - split-K scratch: one workspace and one counter array shared by the split-K GEMMs (run in
 //!   order; each leaves its counters zero).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use crate::abi::{element_name, memref, memref_into, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
@@ -1142,7 +1143,7 @@ pub fn bind(
             *uses.entry(s).or_default() += 1;
         }
     }
-    let mut host: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut host: HashMap<String, Cow<[u8]>> = HashMap::new();
     for (name, (shape, dtype)) in &planned {
         if !direct.contains(*name) {
             continue;
@@ -1165,7 +1166,7 @@ pub fn bind(
             }
         }
         progress(&format!("preparing {}", p.key));
-        let source = |n: &str| host.get(n).map(Vec::as_slice).ok_or_else(|| format!("weight {n} was not read"));
+        let source = |n: &str| host.get(n).map(|b| &b[..]).ok_or_else(|| format!("weight {n} was not read"));
         let (b, s) = prepare_weight(&p, &source)?;
         let b = mem.upload(&b, &p.key)?;
         let s = s.map(|s| mem.upload(&s, &p.key)).transpose()?;
@@ -1216,23 +1217,24 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    /// Weight `name` of `shape` as the plan's element type `dtype`, little-endian.
-    pub fn bytes(&self, name: &str, shape: &[usize], dtype: &str) -> Result<Vec<u8>, String> {
+    /// Weight `name` of `shape` as the plan's element type `dtype`, little-endian: borrowed from
+    /// the checkpoint's mapped file where it stores one tensor so (uploaded from there, no copy).
+    pub fn bytes(&self, name: &str, shape: &[usize], dtype: &str) -> Result<Cow<'_, [u8]>, String> {
         match self {
             Weights::Checkpoint(ckpt) => {
                 if let Some(bytes) = stored_as_planned(ckpt, name, shape, dtype) {
                     return Ok(bytes);
                 }
                 let w = crate::cpu::load_weight(ckpt, name, shape, dtype).map_err(|e| e.to_string())?;
-                plan_bytes(&w, dtype).map_err(|e| format!("{name}: {e}"))
+                plan_bytes(&w, dtype).map(Cow::Owned).map_err(|e| format!("{name}: {e}"))
             }
-            Weights::Random(seed) => Ok(random_weight(name, shape.iter().product(), dtype, *seed)),
+            Weights::Random(seed) => Ok(Cow::Owned(random_weight(name, shape.iter().product(), dtype, *seed))),
             Weights::Params(params) => {
                 let w = crate::training::bound_weight(name, params).map_err(|e| e.to_string())?;
                 if w.shape != shape {
                     return Err(format!("weight {name}: shape {:?}, the plan's is {shape:?}", w.shape));
                 }
-                plan_bytes(&w, dtype).map_err(|e| format!("{name}: {e}"))
+                plan_bytes(&w, dtype).map(Cow::Owned).map_err(|e| format!("{name}: {e}"))
             }
         }
     }
@@ -1240,31 +1242,32 @@ impl Weights<'_> {
 
 /// A weight's bytes straight from the checkpoint when it stores them in the plan's type (e4m3 bits,
 /// f32 block scales, bf16 tensors; stacked experts one after the other) — no conversion, no dequantized
-/// copy; None when a conversion is needed (the loader's path then).
-fn stored_as_planned(
-    ckpt: &v3c_models::checkpoint::Checkpoint,
+/// copy, and one tensor not copied at all; None when a conversion is needed (the loader's path then).
+fn stored_as_planned<'c>(
+    ckpt: &'c v3c_models::checkpoint::Checkpoint,
     name: &str,
     shape: &[usize],
     dtype: &str,
-) -> Option<Vec<u8>> {
+) -> Option<Cow<'c, [u8]>> {
     let want = match dtype {
         "f8E4M3FN" => "F8_E4M3",
         "bf16" => "BF16",
         "f32" => "F32",
         _ => return None,
     };
-    let stacked = name.contains(".experts.*.");
-    let (count, each) = if stacked { (*shape.first()?, &shape[1..]) } else { (1, shape) };
+    let stored = |one: &str, each: &[usize]| {
+        let (bytes, stored, stored_shape) = ckpt.raw(one)?;
+        (stored == want && stored_shape.iter().product::<usize>() == each.iter().product::<usize>()).then_some(bytes)
+    };
+    if !name.contains(".experts.*.") {
+        return stored(name, shape).map(Cow::Borrowed);
+    }
+    let (count, each) = (*shape.first()?, &shape[1..]);
     let mut out = Vec::new();
     for e in 0..count {
-        let one = if stacked { name.replace(".experts.*.", &format!(".experts.{e}.")) } else { name.to_string() };
-        let (bytes, stored, stored_shape) = ckpt.raw(&one)?;
-        if stored != want || stored_shape.iter().product::<usize>() != each.iter().product::<usize>() {
-            return None;
-        }
-        out.extend_from_slice(bytes);
+        out.extend_from_slice(stored(&name.replace(".experts.*.", &format!(".experts.{e}.")), each)?);
     }
-    Some(out)
+    Some(Cow::Owned(out))
 }
 
 /// `n` made-up elements of `dtype` for weight `name`: e4m3 bytes of magnitude below 2 (never NaN),
