@@ -1936,6 +1936,34 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     assert!(dump.status.success(), "{}", text(&dump.stderr));
     assert!(stdout.contains("// swiglu_0: 2 launches through 1 temporaries"), "{stdout}");
     assert!(stdout.contains("// ----- stage gpu: rows_silumul_d18432_t256_q"), "{stdout}");
+    // Its GEMMs are the kernels the compile took, after those ptxas passed over (the MoE gate/up's
+    // K-pipelined prefill forms spill with ptxas 13.0): before 2026-12-06 the dump showed the cost
+    // model's first configuration, which the artifact may not launch. The f32 graph (dump-ir's
+    // default) has no such kernel, and the error says which graph the compile built.
+    let args =
+        ["dump-ir", "--stage", "gpu", "--precision", "fp8", "--kernel", "moe_gate_up_quantize_0", "--layers", "3..4"];
+    let dump = run_binary("v3c", &args);
+    let stdout = text(&dump.stdout);
+    assert!(dump.status.success(), "{}", text(&dump.stderr));
+    let shipped: Vec<&str> =
+        manifest["kernels"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+    let gemms: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("// ----- stage gpu: "))
+        .filter(|k| k.starts_with("gemm_"))
+        .collect();
+    assert_eq!(gemms.len(), 2, "{stdout}");
+    assert!(gemms.iter().all(|k| shipped.contains(k)), "{gemms:?} not all in {shipped:?}");
+    let passed: Vec<&str> =
+        stdout.lines().filter_map(|l| l.strip_prefix("// ")?.split_once(" passed over: ")).map(|p| p.0).collect();
+    let compiled = text(&out.stderr);
+    assert!(
+        passed.iter().all(|k| !shipped.contains(k) && compiled.contains(&format!("compile: {k} passed over: "))),
+        "{stdout}"
+    );
+    let f32 = run_binary("v3c", &args[..3].iter().chain(&args[5..]).copied().collect::<Vec<_>>());
+    let why = text(&f32.stderr);
+    assert!(why.contains("`v3c compile` builds the fp8 graph of this fp8 checkpoint: --precision fp8"), "{why}");
     // The f32 graph's GEMMs read f32 activations: the message says why, and nothing is written.
     let f32_dir = dir.path().join("f32");
     let f32 = run_binary(

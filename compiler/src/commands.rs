@@ -436,7 +436,6 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
             }
             if let Some(steps) = attention.or_else(|| lower::steps_of_kernel(&f).ok()) {
                 // Each launch in turn: a row kernel, a GEMM's decode and prefill kernels, attention.
-                let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
                 text.push_str(&format!(
                     "// {kernel}: {} launches through {} temporaries\n",
                     steps.steps.len(),
@@ -450,12 +449,7 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                         }
                         lower::StepKernel::Gemm(g) => {
                             for m in [v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M] {
-                                let configs = v3c_compiler::tune::choose(g, m, &device, None).preferences;
-                                let config = configs.first().copied().ok_or("no candidate configuration")?;
-                                text.push_str(&gpu_kernel_text(
-                                    o.stage,
-                                    sm90::compile_gemm(context, &config, &target),
-                                )?);
+                                text.push_str(&gemm_as_compiled(o, context, g, m)?.2);
                             }
                         }
                         lower::StepKernel::MlaPrefill(a) => text.push_str(&gpu_kernel_text(
@@ -471,26 +465,18 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 return Ok(());
             }
             let g = lower::gemm_of_kernel(&f).map_err(|why| format!("unsupported on sm_90a: {kernel} ({why})"))?;
-            let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
-            let pick = |m| v3c_compiler::tune::choose(&g, m, &device, None);
-            let (decode, prefill) = (pick(v3c_compiler::tune::DECODE_M), pick(v3c_compiler::tune::PREFILL_M));
-            let first =
-                |c: &v3c_compiler::tune::Choice| c.preferences.first().copied().ok_or("no candidate configuration");
-            let (decode_config, prefill_config) = (first(&decode)?, first(&prefill)?);
+            let (decode, decode_source, decode_text) = gemm_as_compiled(o, context, &g, v3c_compiler::tune::DECODE_M)?;
+            let (prefill, prefill_source, prefill_text) =
+                gemm_as_compiled(o, context, &g, v3c_compiler::tune::PREFILL_M)?;
             text.push_str(&format!(
-                "// {kernel}: a GEMM, N {} K {}, {} weight(s) concatenated along N; on the H200, decode launches {} \
-                 ({}), prefill {} ({})\n",
+                "// {kernel}: a GEMM, N {} K {}, {} weight(s) concatenated along N; on the H200, decode launches {decode} \
+                 ({decode_source}), prefill {prefill} ({prefill_source})\n",
                 g.n,
                 g.k,
                 g.weights.len(),
-                decode_config.kernel_name(),
-                decode.source,
-                prefill_config.kernel_name(),
-                prefill.source
             ));
-            let (decode, prefill) = (decode_config, prefill_config);
-            text.push_str(&gpu_kernel_text(o.stage, sm90::compile_gemm(context, &decode, &target))?);
-            text.push_str(&gpu_kernel_text(o.stage, sm90::compile_gemm(context, &prefill, &target))?);
+            text.push_str(&decode_text);
+            text.push_str(&prefill_text);
             write_stdout(&text);
             return Ok(());
         }
@@ -519,7 +505,34 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
             names.join(", ")
         ));
     }
-    Err(format!("no kernel '{kernel}' (kernels: {})", names.join(", ")))
+    // `v3c compile` builds an fp8 checkpoint's fp8 graph; dump-ir the f32 one unless told.
+    let fp8_checkpoint = ModelConfig::resolve(o.model).is_ok_and(|c| c.quantization.is_some());
+    let hint = if fp8_checkpoint && o.precision == Precision::F32 && !o.train_step {
+        "; this is the f32 graph, and `v3c compile` builds the fp8 graph of this fp8 checkpoint: --precision fp8"
+    } else {
+        ""
+    };
+    Err(format!("no kernel '{kernel}' (kernels: {}){hint}", names.join(", ")))
+}
+
+/// GEMM `g`'s kernel at `m` rows as `v3c compile` picks it for the H200 (the cost model's first
+/// configuration that assembles without spills or serialized wgmma: [`sm90::gemm_as_compiled`]):
+/// its name, where the choice came from, and its text down to `o.stage` after a line per
+/// configuration ptxas passed over.
+fn gemm_as_compiled(
+    o: &DumpIrOptions,
+    context: &melior::Context,
+    g: &v3c_compiler::conversion::sm90::lower::GemmKernel,
+    m: usize,
+) -> Result<(String, String, String), String> {
+    use v3c_compiler::conversion::sm90;
+    let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
+    let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
+    let (kernel, source, passed_over) =
+        sm90::gemm_as_compiled(context, g, m, &device, ptxas.as_ref()).map_err(|e| e.to_string())?;
+    let name = kernel.name.clone();
+    let passed: String = passed_over.iter().map(|(name, why)| format!("// {name} passed over: {why}\n")).collect();
+    Ok((name, source, passed + &gpu_kernel_text(o.stage, Ok(kernel))?))
 }
 
 /// `dump-ir --stage gpu|nvvm|ptx`: a Hopper template kernel through its stages: the gpu/nvgpu/nvvm

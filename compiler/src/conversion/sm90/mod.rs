@@ -792,6 +792,30 @@ impl ModelKernels {
     }
 }
 
+/// The kernel `v3c compile` launches for GEMM `g` at `m` rows (decode: [`crate::tune::DECODE_M`],
+/// prefill: [`crate::tune::PREFILL_M`]) on `device` without a tuning database: the first of the
+/// cost model's configurations that compiles (with ptxas: assembles without spills or serialized
+/// wgmma), tried as [`compile_model`] tries them; with where the choice came from and the
+/// configurations passed over before it (name, why). `v3c dump-ir` shows this one.
+pub fn gemm_as_compiled(
+    context: &Context,
+    g: &lower::GemmKernel,
+    m: usize,
+    device: &crate::target::DeviceModel,
+    ptxas: Option<&FoundTool>,
+) -> Result<(GpuKernel, String, Vec<(String, String)>), Sm90Error> {
+    let mut choose = crate::tune::ModelChooser::new(device, None);
+    let mut out = ModelKernels::default();
+    let decode = m == crate::tune::DECODE_M;
+    let regimes = [decode, !decode];
+    let [decode_kernel, prefill_kernel] =
+        out.gemm_kernels(context, g, &device.target, ptxas, &mut choose, regimes, &mut |_| {})?;
+    let name = if decode { decode_kernel } else { prefill_kernel };
+    let source = choose.source_of(&g.kernel, m, &name).unwrap_or_default();
+    let kernel = out.kernels.into_iter().find(|k| k.name == name).expect("the kernel chosen is compiled");
+    Ok((kernel, source, out.passed_over))
+}
+
 /// What the tuner and the manifest call the sampling argmax ([`ModelKernels::sampling_argmax`]).
 pub const ARGMAX: &str = "argmax";
 
