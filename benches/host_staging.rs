@@ -43,12 +43,7 @@ fn placeholder_bindings(expander: &Expander) -> Bindings {
 fn host_staging(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("deepseek-v3");
-    let compiled = std::process::Command::new(v3c_benches::v3c_binary())
-        .args(["compile", "--model", "deepseek-v3", "--target", "sm_90a", "--out"])
-        .arg(&out)
-        .output()
-        .expect("v3c runs");
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    v3c_benches::compile_for_sm90a("deepseek-v3".as_ref(), &out);
     let artifact = v3c_runtime::artifact::Artifact::open(&out).expect("the artifact");
     let expander = Expander::new(&artifact).expect("an sm_90a artifact");
     let bindings = placeholder_bindings(&expander);

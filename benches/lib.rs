@@ -49,3 +49,15 @@ pub fn v3c_binary() -> std::path::PathBuf {
         .find(|p| p.exists())
         .expect("no v3c binary: cargo build --release -p v3c-compiler (or set V3C)")
 }
+
+/// `v3c compile --model MODEL --target sm_90a --out OUT` by [`v3c_binary`], which must succeed.
+pub fn compile_for_sm90a(model: &std::ffi::OsStr, out: &std::path::Path) {
+    let compiled = std::process::Command::new(v3c_binary())
+        .args(["compile", "--target", "sm_90a", "--model"])
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("v3c runs");
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+}

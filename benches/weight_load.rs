@@ -56,14 +56,7 @@ fn weight_load(c: &mut Criterion) {
     std::fs::create_dir(&model).expect("the model directory");
     std::fs::write(model.join("config.json"), config.to_string()).expect("config.json");
     let out = dir.path().join("artifact");
-    let compiled = std::process::Command::new(v3c_benches::v3c_binary())
-        .args(["compile", "--target", "sm_90a", "--model"])
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("v3c runs");
-    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    v3c_benches::compile_for_sm90a(model.as_os_str(), &out);
     let artifact = v3c_runtime::artifact::Artifact::open(&out).expect("the artifact");
     let expander = Expander::new(&artifact).expect("an sm_90a artifact");
     write_checkpoint(&model, &artifact);
