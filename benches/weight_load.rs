@@ -31,6 +31,11 @@ impl Memory for Counted {
         self.uploaded += bytes.len();
         self.alloc(bytes.len(), what)
     }
+
+    fn write(&mut self, _: u64, bytes: &[u8], _: &str) -> Result<(), String> {
+        self.uploaded += bytes.len();
+        Ok(())
+    }
 }
 
 /// The process's peak resident memory (`VmHWM`), in MiB.

@@ -59,9 +59,18 @@ impl Memory for HostMemory {
 
     fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String> {
         let addr = self.alloc(bytes.len(), what)?;
-        // SAFETY: the allocation holds `bytes.len()` bytes past its aligned address.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        self.write(addr, bytes, what)?;
         Ok(addr)
+    }
+
+    fn write(&mut self, addr: u64, bytes: &[u8], what: &str) -> Result<(), String> {
+        let inside = self.regions.iter().any(|&(at, n)| addr >= at && addr + bytes.len() as u64 <= at + n as u64);
+        if !inside {
+            return Err(format!("writing {what}: {} bytes at {addr:#x} are outside every allocation", bytes.len()));
+        }
+        // SAFETY: within one of our allocations (checked above), which outlive this call.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(())
     }
 }
 

@@ -93,6 +93,15 @@ impl crate::gpu::Memory for DeviceMemory {
         self.0.push(b);
         Ok(ptr)
     }
+
+    fn write(&mut self, addr: u64, bytes: &[u8], what: &str) -> Result<(), String> {
+        let inside = self.0.iter().any(|b| addr >= b.ptr && addr + bytes.len() as u64 <= b.ptr + b.bytes as u64);
+        if !inside {
+            return Err(format!("writing {what}: {} bytes at {addr:#x} are outside every allocation", bytes.len()));
+        }
+        // SAFETY: within one of our allocations (checked above).
+        unsafe { result::memcpy_htod_sync(addr, bytes) }.map_err(cuda(&format!("writing {what}")))
+    }
 }
 
 struct Function {

@@ -890,24 +890,44 @@ pub fn prepare_weight<'a>(
     p: &PreparedWeight,
     source: &dyn Fn(&str) -> Result<&'a [u8], String>,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+    let mut b = Vec::with_capacity(p.rows * p.k * element_bytes(&p.element)?);
+    let s = prepare_weight_into(p, source, &mut |piece| {
+        b.extend_from_slice(piece);
+        Ok(())
+    })?;
+    Ok((b, s))
+}
+
+/// [`prepare_weight`]'s B handed to `piece` in order, as the sources' bytes it is made of (each
+/// written where it goes, no host copy of the whole), checked to be `rows * k` elements; its scales
+/// returned.
+pub fn prepare_weight_into<'a>(
+    p: &PreparedWeight,
+    source: &dyn Fn(&str) -> Result<&'a [u8], String>,
+    piece: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<Option<Vec<u8>>, String> {
     let f32s =
         |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    match &p.kind {
+    let expected = p.rows * p.k * element_bytes(&p.element)?;
+    let mut made = 0;
+    let mut counted = |b: &[u8]| {
+        made += b.len();
+        if made > expected {
+            return Err(format!("{}: more than the {expected} bytes of B", p.key));
+        }
+        piece(b)
+    };
+    let scales = match &p.kind {
         PreparedKind::Concat(parts) => {
-            let mut b = Vec::new();
             let mut s = Vec::new();
             for (w, scale) in parts {
-                b.extend_from_slice(source(w)?);
+                counted(source(w)?)?;
                 if let Some(scale) = scale {
                     s.extend_from_slice(source(scale)?);
                 }
             }
-            let expected = p.rows * p.k * element_bytes(&p.element)?;
-            if b.len() != expected {
-                return Err(format!("{}: {} bytes concatenated, expected {expected}", p.key, b.len()));
-            }
-            Ok((b, p.scaled.then_some(s)))
+            p.scaled.then_some(s)
         }
         PreparedKind::Grouped { spec, weights } => {
             if !(p.element == "f8E4M3FN" && p.scaled || p.element == "bf16" && !p.scaled) {
@@ -938,10 +958,14 @@ pub fn prepare_weight<'a>(
                     rows: w.rows,
                 })
                 .collect();
-            let (b, s) = crate::prepare::grouped_b(spec, p.k, element_bytes(&p.element)?, &views)?;
-            Ok((b, p.scaled.then(|| bytes(&s))))
+            let s = crate::prepare::grouped_pieces(spec, p.k, element_bytes(&p.element)?, &views, &mut counted)?;
+            p.scaled.then(|| bytes(&s))
         }
+    };
+    if made != expected {
+        return Err(format!("{}: {made} bytes of B made, expected {expected}", p.key));
     }
+    Ok(scales)
 }
 
 /// Bytes of a host buffer as the plan's element type, and the reverse.
@@ -1105,6 +1129,8 @@ pub trait Memory {
     fn alloc(&mut self, bytes: usize, what: &str) -> Result<u64, String>;
     /// A copy of `bytes`.
     fn upload(&mut self, bytes: &[u8], what: &str) -> Result<u64, String>;
+    /// `bytes` copied to `addr`, within an allocation of this memory.
+    fn write(&mut self, addr: u64, bytes: &[u8], what: &str) -> Result<(), String>;
 }
 
 /// Loads everything an artifact's entries touch into `mem`: the weights in the plan's
@@ -1167,8 +1193,14 @@ pub fn bind(
         }
         progress(&format!("preparing {}", p.key));
         let source = |n: &str| host.get(n).map(|b| &b[..]).ok_or_else(|| format!("weight {n} was not read"));
-        let (b, s) = prepare_weight(&p, &source)?;
-        let b = mem.upload(&b, &p.key)?;
+        // B written piece by piece where it goes (no host copy of the whole).
+        let b = mem.alloc(p.rows * p.k * element_bytes(&p.element)?, &p.key)?;
+        let mut at = b;
+        let s = prepare_weight_into(&p, &source, &mut |piece| {
+            mem.write(at, piece, &p.key)?;
+            at += piece.len() as u64;
+            Ok(())
+        })?;
         let s = s.map(|s| mem.upload(&s, &p.key)).transpose()?;
         bindings.prepared.insert(p.key.clone(), (b, s));
         for source in sources {

@@ -41,8 +41,26 @@ pub fn grouped_b(
     element_bytes: usize,
     weights: &[GroupedWeight],
 ) -> Result<(Vec<u8>, Vec<f32>), String> {
+    let mut bits = Vec::new();
+    let scales = grouped_pieces(spec, k, element_bytes, weights, &mut |piece| {
+        bits.extend_from_slice(piece);
+        Ok(())
+    })?;
+    Ok((bits, scales))
+}
+
+/// [`grouped_b`]'s B handed to `piece` in order, a weight's rows of one group at a time (each
+/// source's bytes as they are, but for shared experts side by side along K), so that it can be
+/// written where it goes without a host copy of the whole; its scales returned.
+pub fn grouped_pieces(
+    spec: &GroupedSpec,
+    k: usize,
+    element_bytes: usize,
+    weights: &[GroupedWeight],
+    piece: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+) -> Result<Vec<f32>, String> {
     let kb = k.div_ceil(128);
-    let (mut bits, mut scales) = (Vec::new(), Vec::new());
+    let mut scales = Vec::new();
     for g in 0..spec.groups {
         for (i, w) in weights.iter().enumerate() {
             let scaled = !w.routed_scale.is_empty();
@@ -59,7 +77,7 @@ pub fn grouped_b(
                     let shared = spec.groups - spec.routed;
                     let (b, sc) = shared_columns(s, ss, g - spec.routed, shared, w.rows, k, element_bytes)
                         .map_err(|e| format!("grouped weight {i}: {e}"))?;
-                    bits.extend(b);
+                    piece(&b)?;
                     scales.extend(sc);
                     continue;
                 }
@@ -70,11 +88,11 @@ pub fn grouped_b(
             let (Some(b), Some(s)) = (b, s) else {
                 return Err(format!("grouped weight {i}: expert {index} of group {g} is outside the weight"));
             };
-            bits.extend_from_slice(b);
+            piece(b)?;
             scales.extend_from_slice(s);
         }
     }
-    Ok((bits, scales))
+    Ok(scales)
 }
 
 /// Shared expert `j` of `shared` lying side by side along K in `[rows, shared * k]` (elements of
