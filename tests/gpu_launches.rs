@@ -288,8 +288,9 @@ fn every_launch_of_a_small_model_matches_its_kernel() {
             (name, bytes)
         })
         .collect();
-    let source = |name: &str| -> Result<&[u8], String> {
-        loaded.get(&name.to_string()).map(Vec::as_slice).ok_or_else(|| format!("{name}: not a weight of the plan"))
+    let source = |name: &str| -> Result<v3c_runtime::prepare::Stacked, String> {
+        let bytes = loaded.get(&name.to_string()).ok_or_else(|| format!("{name}: not a weight of the plan"))?;
+        Ok(v3c_runtime::prepare::Stacked::Whole(bytes))
     };
     // Weights the GPU takes as stored (e4m3 bits, f32 scales, bf16) are the loader's values exactly.
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&ck);

@@ -22,6 +22,7 @@ use crate::artifact::Artifact;
 use crate::host::{HostBuffer, HostData};
 use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, Regime, RopeTableSpec};
 use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes, ARENA_ALIGN};
+use crate::prepare::Stacked;
 
 fn align(bytes: usize) -> usize {
     bytes.div_ceil(ARENA_ALIGN as usize) * ARENA_ALIGN as usize
@@ -888,7 +889,7 @@ fn prepared_of(
 /// type, little-endian): B and, scaled, its f32 scales.
 pub fn prepare_weight<'a>(
     p: &PreparedWeight,
-    source: &dyn Fn(&str) -> Result<&'a [u8], String>,
+    source: &dyn Fn(&str) -> Result<Stacked<'a>, String>,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
     let mut b = Vec::with_capacity(p.rows * p.k * element_bytes(&p.element)?);
     let s = prepare_weight_into(p, source, &mut |piece| {
@@ -903,9 +904,16 @@ pub fn prepare_weight<'a>(
 /// returned.
 pub fn prepare_weight_into<'a>(
     p: &PreparedWeight,
-    source: &dyn Fn(&str) -> Result<&'a [u8], String>,
+    source: &dyn Fn(&str) -> Result<Stacked<'a>, String>,
     piece: &mut dyn FnMut(&[u8]) -> Result<(), String>,
 ) -> Result<Option<Vec<u8>>, String> {
+    // A source as one run of bytes (a stacked one's experts joined: scales, small).
+    let whole = |s: Stacked<'a>| -> Cow<'a, [u8]> {
+        match s {
+            Stacked::Whole(b) => Cow::Borrowed(b),
+            Stacked::Each(experts) => Cow::Owned(experts.concat()),
+        }
+    };
     let f32s =
         |b: &[u8]| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect() };
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
@@ -922,9 +930,12 @@ pub fn prepare_weight_into<'a>(
         PreparedKind::Concat(parts) => {
             let mut s = Vec::new();
             for (w, scale) in parts {
-                counted(source(w)?)?;
+                match source(w)? {
+                    Stacked::Whole(b) => counted(b)?,
+                    Stacked::Each(experts) => experts.iter().try_for_each(|b| counted(b))?,
+                }
                 if let Some(scale) = scale {
-                    s.extend_from_slice(source(scale)?);
+                    s.extend_from_slice(&whole(source(scale)?));
                 }
             }
             p.scaled.then_some(s)
@@ -938,23 +949,25 @@ pub fn prepare_weight_into<'a>(
                     if p.scaled { " with scales" } else { "" }
                 ));
             }
-            let mut held: BTreeMap<String, (&[u8], Vec<f32>)> = BTreeMap::new();
+            // The routed experts as the source has them; the shared ones, and every scale, whole.
+            let mut routed: BTreeMap<String, (Stacked<'a>, Vec<f32>)> = BTreeMap::new();
+            let mut shared: BTreeMap<String, (Cow<'a, [u8]>, Vec<f32>)> = BTreeMap::new();
             for w in weights {
                 let get = |n: &Option<String>| -> Result<Vec<f32>, String> {
-                    n.as_ref().map(|n| source(n).map(f32s)).transpose().map(Option::unwrap_or_default)
+                    n.as_ref().map(|n| source(n).map(|s| f32s(&whole(s)))).transpose().map(Option::unwrap_or_default)
                 };
-                held.insert(w.routed.clone(), (source(&w.routed)?, get(&w.routed_scale)?));
+                routed.insert(w.routed.clone(), (source(&w.routed)?, get(&w.routed_scale)?));
                 if let Some(sh) = &w.shared {
-                    held.insert(sh.clone(), (source(sh)?, get(&w.shared_scale)?));
+                    shared.insert(sh.clone(), (whole(source(sh)?), get(&w.shared_scale)?));
                 }
             }
             let views: Vec<crate::prepare::GroupedWeight> = weights
                 .iter()
                 .map(|w| crate::prepare::GroupedWeight {
-                    routed: held[&w.routed].0,
-                    routed_scale: &held[&w.routed].1,
-                    shared: w.shared.as_ref().map(|s| held[s].0),
-                    shared_scale: w.shared.as_ref().map(|s| held[s].1.as_slice()),
+                    routed: routed[&w.routed].0,
+                    routed_scale: &routed[&w.routed].1,
+                    shared: w.shared.as_ref().map(|s| &shared[s].0[..]),
+                    shared_scale: w.shared.as_ref().map(|s| shared[s].1.as_slice()),
                     rows: w.rows,
                 })
                 .collect();
@@ -1169,16 +1182,35 @@ pub fn bind(
             *uses.entry(s).or_default() += 1;
         }
     }
-    let mut host: HashMap<String, Cow<[u8]>> = HashMap::new();
+    // A weight as read: bytes, or a checkpoint's experts where they lie in its files.
+    let read = |name: &str, shape: &[usize], dtype: &str| -> Result<Held, String> {
+        match weights.experts(name, shape, dtype) {
+            Some(experts) => Ok(Held::Experts(experts)),
+            None => weights.bytes(name, shape, dtype).map(Held::Bytes),
+        }
+    };
+    let mut host: HashMap<String, Held> = HashMap::new();
     for (name, (shape, dtype)) in &planned {
         if !direct.contains(*name) {
             continue;
         }
         progress(&format!("reading {name}"));
-        let bytes = weights.bytes(name, shape, dtype)?;
-        bindings.weights.insert((*name).clone(), mem.upload(&bytes, name)?);
+        let held = read(name, shape, dtype)?;
+        let addr = match &held {
+            Held::Bytes(bytes) => mem.upload(bytes, name)?,
+            Held::Experts(experts) => {
+                let addr = mem.alloc(experts.iter().map(|e| e.len()).sum(), name)?;
+                let mut at = addr;
+                for e in experts {
+                    mem.write(at, e, name)?;
+                    at += e.len() as u64;
+                }
+                addr
+            }
+        };
+        bindings.weights.insert((*name).clone(), addr);
         if uses.contains_key(*name) {
-            host.insert((*name).clone(), bytes);
+            host.insert((*name).clone(), held);
         }
     }
     for p in prepared {
@@ -1188,11 +1220,15 @@ pub fn bind(
                 let (shape, dtype) =
                     planned.get(s).ok_or_else(|| format!("{}: its source {s} is not a weight of the plan", p.key))?;
                 progress(&format!("reading {s}"));
-                host.insert(s.clone(), weights.bytes(s, shape, dtype)?);
+                host.insert(s.clone(), read(s, shape, dtype)?);
             }
         }
         progress(&format!("preparing {}", p.key));
-        let source = |n: &str| host.get(n).map(|b| &b[..]).ok_or_else(|| format!("weight {n} was not read"));
+        let source = |n: &str| match host.get(n) {
+            Some(Held::Bytes(b)) => Ok(Stacked::Whole(&b[..])),
+            Some(Held::Experts(experts)) => Ok(Stacked::Each(&experts[..])),
+            None => Err(format!("weight {n} was not read")),
+        };
         // B written piece by piece where it goes (no host copy of the whole).
         let b = mem.alloc(p.rows * p.k * element_bytes(&p.element)?, &p.key)?;
         let mut at = b;
@@ -1236,6 +1272,13 @@ pub fn bind(
     Ok((bindings, input_bytes))
 }
 
+/// A weight [`bind`] read: its bytes, or a checkpoint's experts of a stacked weight as they lie in
+/// its mapped files (one tensor an expert: not joined on the host).
+enum Held<'c> {
+    Bytes(Cow<'c, [u8]>),
+    Experts(Vec<&'c [u8]>),
+}
+
 /// Where an artifact's weights come from.
 pub enum Weights<'a> {
     /// A checkpoint in the Hugging Face layout (checked against the plan by the caller).
@@ -1249,6 +1292,16 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
+    /// A stacked weight's experts (`name` with `.experts.*.`, `shape` `[E, ...]`) as a checkpoint
+    /// stores them in the plan's type, one tensor an expert, borrowed from its mapped files; None
+    /// otherwise ([`Self::bytes`] then).
+    pub fn experts(&self, name: &str, shape: &[usize], dtype: &str) -> Option<Vec<&[u8]>> {
+        match self {
+            Weights::Checkpoint(ckpt) => stored_experts(ckpt, name, shape, dtype),
+            _ => None,
+        }
+    }
+
     /// Weight `name` of `shape` as the plan's element type `dtype`, little-endian: borrowed from
     /// the checkpoint's mapped file where it stores one tensor so (uploaded from there, no copy).
     pub fn bytes(&self, name: &str, shape: &[usize], dtype: &str) -> Result<Cow<'_, [u8]>, String> {
@@ -1281,25 +1334,43 @@ fn stored_as_planned<'c>(
     shape: &[usize],
     dtype: &str,
 ) -> Option<Cow<'c, [u8]>> {
+    if name.contains(".experts.*.") {
+        return stored_experts(ckpt, name, shape, dtype).map(|experts| Cow::Owned(experts.concat()));
+    }
+    stored(ckpt, name, shape, dtype).map(Cow::Borrowed)
+}
+
+/// A stacked weight's experts (`name` with `.experts.*.`, `shape` `[E, ...]`), each as the
+/// checkpoint stores it in the plan's type.
+fn stored_experts<'c>(
+    ckpt: &'c v3c_models::checkpoint::Checkpoint,
+    name: &str,
+    shape: &[usize],
+    dtype: &str,
+) -> Option<Vec<&'c [u8]>> {
+    if !name.contains(".experts.*.") {
+        return None;
+    }
+    let (count, each) = (*shape.first()?, &shape[1..]);
+    (0..count).map(|e| stored(ckpt, &name.replace(".experts.*.", &format!(".experts.{e}.")), each, dtype)).collect()
+}
+
+/// Tensor `name`'s bytes as the checkpoint stores them, if in the plan's type `dtype` and of
+/// `shape`'s size.
+fn stored<'c>(
+    ckpt: &'c v3c_models::checkpoint::Checkpoint,
+    name: &str,
+    shape: &[usize],
+    dtype: &str,
+) -> Option<&'c [u8]> {
     let want = match dtype {
         "f8E4M3FN" => "F8_E4M3",
         "bf16" => "BF16",
         "f32" => "F32",
         _ => return None,
     };
-    let stored = |one: &str, each: &[usize]| {
-        let (bytes, stored, stored_shape) = ckpt.raw(one)?;
-        (stored == want && stored_shape.iter().product::<usize>() == each.iter().product::<usize>()).then_some(bytes)
-    };
-    if !name.contains(".experts.*.") {
-        return stored(name, shape).map(Cow::Borrowed);
-    }
-    let (count, each) = (*shape.first()?, &shape[1..]);
-    let mut out = Vec::new();
-    for e in 0..count {
-        out.extend_from_slice(stored(&name.replace(".experts.*.", &format!(".experts.{e}.")), each)?);
-    }
-    Some(Cow::Owned(out))
+    let (bytes, stored, stored_shape) = ckpt.raw(name)?;
+    (stored == want && stored_shape.iter().product::<usize>() == shape.iter().product::<usize>()).then_some(bytes)
 }
 
 /// `n` made-up elements of `dtype` for weight `name`: e4m3 bytes of magnitude below 2 (never NaN),

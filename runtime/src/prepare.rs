@@ -22,11 +22,29 @@ pub fn rope_table(spec: &RopeTableSpec, positions: usize) -> Vec<f32> {
 /// theirs `[S * rows / 128, ceil(K / 128)]`.
 #[derive(Clone, Copy)]
 pub struct GroupedWeight<'a> {
-    pub routed: &'a [u8],
+    pub routed: Stacked<'a>,
     pub routed_scale: &'a [f32],
     pub shared: Option<&'a [u8]>,
     pub shared_scale: Option<&'a [f32]>,
     pub rows: usize,
+}
+
+/// A stacked weight's bytes `[E, ...]`: whole, or each expert's apart (a checkpoint's tensors, one
+/// an expert, as they lie in its mapped files).
+#[derive(Clone, Copy)]
+pub enum Stacked<'a> {
+    Whole(&'a [u8]),
+    Each(&'a [&'a [u8]]),
+}
+
+impl<'a> Stacked<'a> {
+    /// Expert `index`'s `n` bytes, if it has them.
+    pub fn expert(&self, index: usize, n: usize) -> Option<&'a [u8]> {
+        match *self {
+            Stacked::Whole(b) => b.get(index * n..(index + 1) * n),
+            Stacked::Each(experts) => experts.get(index).copied().filter(|b| b.len() == n),
+        }
+    }
 }
 
 /// A grouped GEMM's B `[groups * n, K]` and its scales: group g (routed expert g, then the shared
@@ -67,8 +85,9 @@ pub fn grouped_pieces(
             if scaled && w.rows % 128 != 0 {
                 return Err(format!("grouped weight {i}: {} rows per expert (not whole 128-row scale blocks)", w.rows));
             }
-            let (src, src_scale, index) = if g < spec.routed {
-                (w.routed, w.routed_scale, g)
+            let (n, blocks) = (w.rows * k * element_bytes, if scaled { w.rows / 128 * kb } else { 0 });
+            let (b, s, index) = if g < spec.routed {
+                (w.routed.expert(g, n), w.routed_scale.get(g * blocks..(g + 1) * blocks), g)
             } else {
                 let (Some(s), Some(ss)) = (w.shared, w.shared_scale) else {
                     return Err(format!("grouped weight {i}: group {g} is a shared expert, and none is given"));
@@ -81,10 +100,9 @@ pub fn grouped_pieces(
                     scales.extend(sc);
                     continue;
                 }
-                (s, ss, g - spec.routed)
+                let j = g - spec.routed;
+                (s.get(j * n..(j + 1) * n), ss.get(j * blocks..(j + 1) * blocks), j)
             };
-            let (n, blocks) = (w.rows * k * element_bytes, if scaled { w.rows / 128 * kb } else { 0 });
-            let (b, s) = (src.get(index * n..(index + 1) * n), src_scale.get(index * blocks..(index + 1) * blocks));
             let (Some(b), Some(s)) = (b, s) else {
                 return Err(format!("grouped weight {i}: expert {index} of group {g} is outside the weight"));
             };
@@ -164,14 +182,14 @@ mod tests {
         let (gate_s, up_s, shared_gate_s, shared_up_s) = ([1.0f32, 2.0], [5.0f32, 6.0], [3.0f32], [7.0f32]);
         let weights = [
             GroupedWeight {
-                routed: &gate,
+                routed: Stacked::Whole(&gate),
                 routed_scale: &gate_s,
                 shared: Some(&shared_gate),
                 shared_scale: Some(&shared_gate_s),
                 rows: 128,
             },
             GroupedWeight {
-                routed: &up,
+                routed: Stacked::Whole(&up),
                 routed_scale: &up_s,
                 shared: Some(&shared_up),
                 shared_scale: Some(&shared_up_s),
@@ -182,7 +200,24 @@ mod tests {
         let firsts: Vec<u8> = bits.chunks(128).map(|c| c[0]).collect();
         assert_eq!(firsts, vec![10, 20, 11, 21, 30, 40], "expert 0 gate|up, expert 1 gate|up, shared gate|up");
         assert_eq!(scales, vec![1.0, 5.0, 2.0, 6.0, 3.0, 7.0]);
-        let bad = GroupedWeight { routed: &gate, routed_scale: &gate_s, shared: None, shared_scale: None, rows: 128 };
+        // The routed experts apart (as a checkpoint's tensors lie) give the same bytes; one of
+        // the wrong size is named.
+        let (gate_each, up_each): (Vec<&[u8]>, Vec<&[u8]>) = (gate.chunks(128).collect(), up.chunks(128).collect());
+        let apart = [
+            GroupedWeight { routed: Stacked::Each(&gate_each), ..weights[0] },
+            GroupedWeight { routed: Stacked::Each(&up_each), ..weights[1] },
+        ];
+        assert_eq!(grouped_b(&spec, 1, 1, &apart).unwrap(), (bits, scales));
+        let short: Vec<&[u8]> = vec![&gate[..128], &gate[128..200]];
+        let short = [GroupedWeight { routed: Stacked::Each(&short), ..weights[0] }, weights[1]];
+        assert!(grouped_b(&spec, 1, 1, &short).unwrap_err().contains("expert 1 of group 1 is outside the weight"));
+        let bad = GroupedWeight {
+            routed: Stacked::Whole(&gate),
+            routed_scale: &gate_s,
+            shared: None,
+            shared_scale: None,
+            rows: 128,
+        };
         assert!(grouped_b(&spec, 1, 1, &[bad]).unwrap_err().contains("group 2 is a shared expert"));
     }
 
@@ -213,7 +248,7 @@ mod tests {
         let shared_s = [1.0f32, 2.0, 3.0, 4.0];
         let routed = vec![7u8; rows * k];
         let w = GroupedWeight {
-            routed: &routed,
+            routed: Stacked::Whole(&routed),
             routed_scale: &[9.0, 9.0],
             shared: Some(&shared),
             shared_scale: Some(&shared_s),
@@ -230,8 +265,12 @@ mod tests {
         // Scales can only be split where each expert's columns are whole blocks.
         let narrow = [0u8; 128 * 2 * 64];
         let odd = GroupedWeight { shared: Some(&narrow), shared_scale: Some(&[1.0]), ..w };
-        let err =
-            grouped_b(&spec, 64, 1, &[GroupedWeight { routed: &routed[..128 * 64], routed_scale: &[1.0], ..odd }]);
+        let err = grouped_b(
+            &spec,
+            64,
+            1,
+            &[GroupedWeight { routed: Stacked::Whole(&routed[..128 * 64]), routed_scale: &[1.0], ..odd }],
+        );
         assert!(err.unwrap_err().contains("64 columns each are not whole 128-column scale blocks"));
     }
 }
