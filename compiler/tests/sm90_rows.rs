@@ -702,7 +702,7 @@ fn multi_launch_lowerings_compute_what_the_fused_kernels_do() {
                         .iter()
                         .zip(&gr.weights)
                         .map(|((r, rs, s, ss), w)| v3c_runtime::prepare::GroupedWeight {
-                            routed: r,
+                            routed: v3c_runtime::prepare::Stacked::Whole(r),
                             routed_scale: rs,
                             shared: w.shared.map(|_| &s[..]),
                             shared_scale: w.shared_scale.map(|_| &ss[..]),
