@@ -1157,11 +1157,12 @@ pub fn bind(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Bindings, HashMap<String, usize>), String> {
     let artifact = expander.artifact;
-    // Weights stream through: uploaded as read when a kernel reads them as they are; a prepared
-    // weight's sources (concatenated, grouped per expert) read as it is made and held on the host
-    // only until the last prepared weight made from them (until 2026-12-06 every source was read
-    // first and held until all were prepared, each copied again to be prepared: a MoE model's
-    // experts twice over in host memory).
+    // Weights stream through: uploaded as read (a checkpoint's straight from its mapped files)
+    // when a kernel reads them as they are; a prepared weight's sources (concatenated, grouped per
+    // expert) read as it is made and kept only until the last prepared weight made from them, its
+    // B written piece by piece into its allocation. (Until 2026-12-06 every source was read first
+    // and held until all were prepared, copied again to be prepared, and each prepared weight built
+    // on the host: a MoE model's experts three times over in host memory.)
     let direct = expander.direct_weights()?;
     let prepared = expander.prepared_weights()?;
     let mut planned: BTreeMap<&String, (&Vec<usize>, &String)> = BTreeMap::new();
