@@ -828,6 +828,44 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let (narrow_run, wide_run) = (run(&art), run(&wide));
     assert!(wide_run.status.success(), "{}", text(&wide_run.stderr));
     assert_eq!(text(&wide_run.stdout), text(&narrow_run.stdout));
+    // A prompt's chunks timed at (tokens, cached rows) points, by default the plan's 16 tokens;
+    // chunks and contexts the plan does not hold refused, naming the flag to compile with.
+    let chunks = dir.path().join("prefill.json");
+    let bench = ["bench-prefill", wide.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--reps", "2"];
+    let out = run_binary_env(
+        "v3r",
+        &[&bench[..], &["--tokens", "4,16", "--context", "0,8", "--out", chunks.to_str().unwrap()]].concat(),
+        &env,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("prefill    16 tokens after     8 cached: "), "{}", text(&out.stdout));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&chunks).unwrap()).unwrap();
+    let points: Vec<(u64, u64)> = json["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["tokens"].as_u64().unwrap(), p["context"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(points, [(4, 0), (16, 0), (4, 8), (16, 8)]);
+    assert!(json["chunks"][3]["tokens_per_s"].as_f64().unwrap() > 0.0 && json["weights"] == "checkpoint", "{json}");
+    let default = run_binary_env("v3r", &["bench-prefill", wide.to_str().unwrap(), "--random-weights", "2"], &env);
+    assert!(text(&default.stdout).contains("prefill    16 tokens after     0 cached: "), "{}", text(&default.stderr));
+    for (flag, value, said) in [
+        (
+            "--tokens",
+            "17",
+            "--tokens 17: the prefill plan takes 1..=16 tokens a chunk (compile with a larger --max-rows)",
+        ),
+        ("--context", "25", "--context 25: the prefill plan holds 0..=24 cached rows"),
+    ] {
+        let out = run_binary_env(
+            "v3r",
+            &["bench-prefill", wide.to_str().unwrap(), "--random-weights", "1", flag, value],
+            &env,
+        );
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(said), "{}", text(&out.stderr));
+    }
     let mut four = vec!["run", wide.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--batch", "4"];
     for _ in 0..4 {
         four.extend(["--prompt-tokens", "1 2"]);

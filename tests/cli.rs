@@ -1898,6 +1898,9 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         let serve = run_binary("v3r", &["serve", out_dir.to_str().unwrap(), "--weights", weights]);
         assert_eq!(serve.status.code(), Some(3), "{}", text(&serve.stderr));
         assert_eq!(text(&serve.stderr).lines().count(), 1, "{}", text(&serve.stderr));
+        let bench = run_binary("v3r", &["bench-prefill", out_dir.to_str().unwrap(), "--random-weights", "1"]);
+        assert_eq!(bench.status.code(), Some(3), "{}", text(&bench.stderr));
+        assert_eq!(text(&bench.stderr).lines().count(), 1, "{}", text(&bench.stderr));
     }
     // Not over an existing artifact without --force; a flipped byte in a kernel is named.
     let again = run_binary(

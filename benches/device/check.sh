@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), serve_slice*.json, serve_sampled*.json, serve_logprobs*.json, e2e_logprobs*.jsonl, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), prefill_slice*.json, serve_slice*.json, serve_sampled*.json, serve_logprobs*.json, e2e_logprobs*.jsonl, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -28,7 +28,8 @@
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, its decode
-#    kernels one by one (`v3r bench-kernels`), a serving
+#    kernels one by one (`v3r bench-kernels`), its prefill in chunks of 1024 and 4096 tokens (`v3r
+#    bench-prefill`, and transformers' 4096), a serving
 #    load on it (`v3r bench-serve`: requests joining a running batch, then with `--every-slot` — idle
 #    slots' rows run too, the former steps; and prompts sharing a system
 #    prompt, its rows reused or not), and transformers'
@@ -623,6 +624,24 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
       row "5. decode, fp8 caches (v3r)" "ok" "$(grep -o 'batch *64[^,]*' "$log" | tail -1)"
     else
       row "5. decode, fp8 caches (v3r)" "FAILED" "see check.log"
+    fi
+  fi
+  # Prefill: chunks of 4096 and 1024 tokens from an empty cache, and 1024 after 3072 cached rows (a
+  # 4096-token prompt's last chunk), by the slice compiled for 4096-token chunks; transformers' 4096.
+  left=$((570 - SECONDS))
+  if [ -d "$slice/sm90p" ] && [ "$left" -ge 240 ]; then
+    if timeout 60 "$v3r" bench-prefill "$slice/sm90p" --random-weights 1 --tokens 1024,4096 --reps 5 \
+        --out "$out/prefill_slice.json" 2>&1 | tee -a "$log" \
+        && timeout 45 "$v3r" bench-prefill "$slice/sm90p" --random-weights 1 --tokens 1024 --context 3072 --reps 5 \
+          --out "$out/prefill_slice_late.json" 2>&1 | tee -a "$log"; then
+      row "5. prefill (v3r)" "ok" "$(grep -o 'prefill  4096 tokens after     0 cached: .*' "$log" | tail -1)"
+    else
+      row "5. prefill (v3r)" "FAILED" "see check.log"
+    fi
+    if [ $((570 - SECONDS)) -ge 240 ] && python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>>"$log"; then
+      timeout 60 python3 "$root/benches/device/hf_decode.py" --config "$slice/config/config.json" --points "" \
+        --prefill 4096 --out "$out/prefill_slice_hf.json" 2>&1 | tee -a "$log"
+      row "5. prefill (transformers)" "done" "$(grep -o 'hf prefill 4096 tokens: .*' "$log" | tail -1)"
     fi
   fi
   # Serving: 64 requests (prompts of 128..1024 tokens, 64 new each) through 32 slots, each joining

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Decode tokens/s of Hugging Face transformers' DeepseekV3ForCausalLM on the device: the baseline
-`v3r bench-decode` is compared with (benches/device/check.sh step 5).
+`v3r bench-decode` is compared with (benches/device/check.sh step 5); with --prefill, a prompt's prefill
+tokens/s too (`v3r bench-prefill`'s baseline).
 
 The model is built from a config.json (prepare.sh writes the 4-layer full-width slice's) with random
 bf16 weights on the GPU; for each (batch, context) a cache is prefilled with `context - 1` random tokens
@@ -21,7 +22,9 @@ import sys
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
-    ap.add_argument("--points", default="1x4096,64x4096", help="BATCHxCONTEXT,...")
+    ap.add_argument("--points", default="1x4096,64x4096", help="BATCHxCONTEXT,... (empty: no decode point)")
+    ap.add_argument("--prefill", default="", help="TOKENS,...: one sequence's prefill of that many tokens from an "
+                    "empty cache, timed as v3r bench-prefill times a chunk (the last row's logits)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk, tokens per sequence")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to check the script with a small config")
@@ -50,7 +53,7 @@ def main():
     gpu = args.device == "cuda"
     results = {"transformers": transformers.__version__, "torch": torch.__version__,
                "device": torch.cuda.get_device_name() if gpu else args.device, "points": []}
-    for point in args.points.split(","):
+    for point in filter(None, args.points.split(",")):
         batch, context = (int(x) for x in point.split("x"))
         cache = None
         try:
@@ -86,6 +89,30 @@ def main():
         if gpu:
             torch.cuda.empty_cache()
         # After each point: a run cut short by its time limit keeps the points it measured.
+        json.dump(results, open(args.out, "w"), indent=1)
+    results["prefill"] = []
+    for tokens in (int(t) for t in filter(None, args.prefill.split(","))):
+        try:
+            with torch.no_grad():
+                ids = torch.randint(0, config.vocab_size, (1, tokens), device=args.device)
+                times = []
+                for rep in range(args.reps + 1):
+                    ms = timed_ms(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), gpu)
+                    if rep > 0:
+                        times.append(ms)
+            times.sort()
+            ms = times[len(times) // 2]
+            results["prefill"].append({"tokens": tokens, "context": 0, "median_ms": ms,
+                                       "tokens_per_s": tokens / (ms * 1e-3)})
+            print(f"hf prefill {tokens} tokens: {ms:.2f} ms, {tokens / (ms * 1e-3):.1f} tokens/s", flush=True)
+        except torch.cuda.OutOfMemoryError as e:
+            results["prefill"].append({"tokens": tokens, "skipped": f"out of memory: {e}"[:200]})
+            print(f"hf prefill {tokens} tokens: skipped (out of memory)")
+        except Exception as e:  # noqa: BLE001 - one point failing leaves the others
+            results["prefill"].append({"tokens": tokens, "failed": str(e)[:500]})
+            print(f"hf prefill {tokens} tokens: failed ({e})")
+        if gpu:
+            torch.cuda.empty_cache()
         json.dump(results, open(args.out, "w"), indent=1)
     json.dump(results, open(args.out, "w"), indent=1)
     return 0

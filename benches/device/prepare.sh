@@ -259,6 +259,10 @@ target/release/v3c compile --model .device/slice/config --target sm_90a --max-ro
 # The same with fp8 decode caches (656-byte rows instead of 1152).
 target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 64 --max-context 4096 \
   --kv-cache fp8 --out .device/slice/sm90fp8c --force 2>/dev/null
+# Prefill benchmark: the slice's prefill in chunks of up to 4096 tokens (`v3r bench-prefill`; ~20 GiB
+# of device memory with the weights), the decode plan kept at 64 sequences.
+target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 4096 --max-batch 64 \
+  --max-context 4096 --out .device/slice/sm90p --force 2>/dev/null
 # Training benchmark: DeepSeek-V3's first two layers (both dense: first_k_dense_replace 2 here) at full
 # width, no MTP, as sm_90a training-step artifacts for windows of 256 tokens (the FP8 recipe and f32);
 # `v3r bench-train --random-weights` makes up the f32 masters on the GPU machine (12 GiB).

@@ -18,7 +18,7 @@ use v3c_runtime::device;
 #[derive(Parser)]
 #[command(name = "v3r", version, propagate_version = true, max_term_width = 100)]
 #[command(
-    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32\n  v3r run out/deepseek-v3 --weights ckpt/ --prompts-file p.txt --batch 64   # more wait, then join\n  v3r run out/spec --weights ckpt/ --prompt-tokens \"0 3 17\" --speculative   # MTP drafts\n  v3r logits out/small --weights ckpt/ --tokens \"0 3 17\" --out logits.safetensors\n  v3r bench-decode out/slice --random-weights 1 --batch 1,64   # decode tokens/s, no checkpoint\n  v3r bench-train out/slice-train --random-weights 1 --steps 4   # training tokens/s\n  v3r tune cands/ --out tuning.json   # measure `v3c tune --emit-candidates cands/`\n  V3R_DUMP_DIR=dump v3r logits out/small --weights ckpt/ --tokens \"0 3\" --out l.safetensors"
+    after_help = "Examples:\n  v3r doctor                 # driver, GPU, compute capability, memory\n  v3r info out/deepseek-v3   # what an artifact holds (every file's hash checked)\n  v3r info out/tiny-cpu --weights ckpt/   # and whether a checkpoint fits its plan\n  v3r bench-kernels out/tiny-cpu --weights ckpt/ --out timings.json\n  v3r run out/deepseek-v3 --weights /models/DeepSeek-V3 --prompt-tokens \"0 3 17\" --max-new-tokens 32\n  v3r run out/deepseek-v3 --weights ckpt/ --prompts-file p.txt --batch 64   # more wait, then join\n  v3r run out/spec --weights ckpt/ --prompt-tokens \"0 3 17\" --speculative   # MTP drafts\n  v3r logits out/small --weights ckpt/ --tokens \"0 3 17\" --out logits.safetensors\n  v3r bench-decode out/slice --random-weights 1 --batch 1,64   # decode tokens/s, no checkpoint\n  v3r bench-prefill out/slice --random-weights 1 --tokens 4096   # prefill tokens/s\n  v3r bench-train out/slice-train --random-weights 1 --steps 4   # training tokens/s\n  v3r tune cands/ --out tuning.json   # measure `v3c tune --emit-candidates cands/`\n  V3R_DUMP_DIR=dump v3r logits out/small --weights ckpt/ --tokens \"0 3\" --out l.safetensors"
 )]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); V3C_LOG=<filter> overrides.
@@ -71,6 +71,10 @@ enum Command {
     /// as tokens/s; with a checkpoint or with made-up weights (`--random-weights`, for full-width
     /// slices no checkpoint is at hand for).
     BenchDecode(BenchDecodeArgs),
+    /// Time a prompt's prefill: chunks of a number of tokens after a number of cached rows (the
+    /// launches a prompt's last chunk runs: its caches and the last row's logits), as ms per chunk
+    /// and tokens/s; with a checkpoint or made-up weights (`--random-weights`), on random tokens.
+    BenchPrefill(BenchPrefillArgs),
     /// Serve a synthetic load and time it as a serving benchmark does: requests with random prompts
     /// (lengths uniform in a range) arriving all at once or at a rate, each joining the running batch
     /// as slots free; throughput, time to first token, time per output token and latency (mean,
@@ -321,6 +325,40 @@ struct BenchDecodeArgs {
     /// a step runs what generation runs: the launches the logits and caches need.
     #[arg(long)]
     all_launches: bool,
+    /// CUDA device ordinal (GPU artifacts).
+    #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
+    device: usize,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["weights", "random_weights"])))]
+struct BenchPrefillArgs {
+    /// Artifact directory written by `v3c compile`.
+    artifact: PathBuf,
+    /// Checkpoint directory in the Hugging Face layout.
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// Made-up weights from this seed instead of a checkpoint (timing only: the tokens mean nothing).
+    #[arg(long, value_name = "SEED")]
+    random_weights: Option<u64>,
+    /// Tokens a chunk prefills, comma-separated (each at most the plan's rows, `v3c compile
+    /// --max-rows`; default: the plan's rows).
+    #[arg(long, value_name = "T,..", value_delimiter = ',')]
+    tokens: Vec<usize>,
+    /// Cache rows before the chunk (a long prompt's earlier chunks), comma-separated (each at most
+    /// the plan's context); every chunk length is timed at every context.
+    #[arg(long, value_name = "N,..", value_delimiter = ',', default_values_t = [0usize])]
+    context: Vec<usize>,
+    /// Seed of the random prompt tokens (with made-up weights they spread the tokens over the
+    /// experts as a real prompt's do; one token repeated would route every row to the same ones).
+    #[arg(long, value_name = "SEED", default_value_t = 0)]
+    seed: u64,
+    /// Timed chunks per point (after one warm-up); the median is reported.
+    #[arg(long, value_parser = positive, value_name = "N", default_value_t = 10)]
+    reps: usize,
+    /// Write the figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -735,6 +773,7 @@ fn main() -> ExitCode {
         Command::Perplexity(a) => perplexity(&a),
         Command::Chat(a) => chat(&a),
         Command::BenchDecode(a) => bench_decode(&a),
+        Command::BenchPrefill(a) => bench_prefill(&a),
         Command::BenchServe(a) => bench_serve(&a),
         Command::Tune(a) => tune(&a),
         Command::BenchKernels(a) => bench_kernels(&a),
@@ -1536,14 +1575,7 @@ fn bench_serve(args: &BenchServeArgs) -> Result<(), Failure> {
         }
     };
     // The load: prompt lengths and tokens from the seed (splitmix64), arrivals evenly spaced.
-    let mut state = args.seed;
-    let mut random = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut random = splitmix64(args.seed);
     let shared: Vec<u32> = match from_file {
         Some(_) => Vec::new(),
         None => (0..args.shared_prefix.min(hi)).map(|_| (random() % vocab) as u32).collect(),
@@ -2275,17 +2307,7 @@ fn perplexity(args: &PerplexityArgs) -> Result<(), Failure> {
 
 fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     use v3c_runtime::host::{HostBuffer, HostData};
-    let a = v3c_runtime::artifact::Artifact::open(&args.artifact).map_err(|e| Failure::Other(e.to_string()))?;
-    let gpu = a.manifest.target.name != "cpu";
-    if gpu {
-        device::probe_device(args.device).map_err(|e| Failure::NoDevice(e.to_string()))?;
-    }
-    let plan = a
-        .plan
-        .entries
-        .iter()
-        .find(|e| e.name == "decode")
-        .ok_or(Failure::Other(format!("{}: no decode entry", args.artifact.display())))?;
+    let (a, plan, kind) = open_bench(&args.artifact, "decode", args.device)?;
     let (rows, plan_context) = (plan.sizes.rows, plan.sizes.context);
     if let Some(&b) = args.batch.iter().find(|&&b| b == 0 || b > rows) {
         return Err(Failure::Other(format!("--batch {b}: the decode plan holds 1..={rows} sequences")));
@@ -2293,12 +2315,7 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
     if let Some(&c) = args.context.iter().find(|&&c| c == 0 || c > plan_context) {
         return Err(Failure::Other(format!("--context {c}: the decode plan holds 1..={plan_context} rows")));
     }
-    let bounds = plan.bounds.clone();
-    let kind = format!(
-        "{} artifact{}",
-        a.manifest.target.name,
-        if gpu { format!(" on cuda:{}", args.device) } else { String::new() }
-    );
+    let bounds = plan.bounds;
     let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind, false)?;
     let mut report = Vec::new();
     let points: Vec<(usize, usize)> =
@@ -2345,32 +2362,154 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         let logits = format!("logits{}", v3c_runtime::plan::NO_ROWS);
         let wanted: &[&str] = if args.all_launches { &[] } else { &[&logits, v3c_runtime::plan::ONLY_WANTED] };
         let mut times = program.time_entry("decode", &inputs, wanted, args.reps.max(1)).map_err(Failure::Other)?;
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
+        let (median, min, max) = spread(&mut times);
         let tokens_per_s = b as f64 / (median * 1e-3);
         println!(
-            "decode batch {b:3} context {}: {median:8.3} ms per step (median of {}; {:.3}..{:.3}), {tokens_per_s:9.1} tokens/s",
-            context,
+            "decode batch {b:3} context {context}: {median:8.3} ms per step (median of {}; {min:.3}..{max:.3}), {tokens_per_s:9.1} tokens/s",
             times.len(),
-            times[0],
-            times[times.len() - 1]
         );
         report.push(serde_json::json!({
-            "batch": b, "context": context, "median_ms": median, "min_ms": times[0],
-            "max_ms": times[times.len() - 1], "reps": times.len(), "tokens_per_s": tokens_per_s,
+            "batch": b, "context": context, "median_ms": median, "min_ms": min,
+            "max_ms": max, "reps": times.len(), "tokens_per_s": tokens_per_s,
         }));
     }
     if let Some(out) = &args.out {
-        let json = serde_json::json!({
-            "artifact": args.artifact.display().to_string(),
-            "target": kind,
-            "weights": if args.random_weights.is_some() { "random" } else { "checkpoint" },
-            "steps": report,
-        });
-        let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
-        std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))?;
+        write_bench_json(out, &args.artifact, &kind, args.random_weights.is_some(), "steps", report)?;
     }
     Ok(())
+}
+
+/// `v3r bench-prefill`: chunks of a prompt's prefill timed at (tokens, cached rows) points.
+fn bench_prefill(args: &BenchPrefillArgs) -> Result<(), Failure> {
+    use v3c_runtime::host::{HostBuffer, HostData};
+    let (a, plan, kind) = open_bench(&args.artifact, "prefill", args.device)?;
+    let (rows, plan_context) = (plan.sizes.rows, plan.sizes.context);
+    let chunks = if args.tokens.is_empty() { vec![rows] } else { args.tokens.clone() };
+    if let Some(&t) = chunks.iter().find(|&&t| t == 0 || t > rows) {
+        return Err(Failure::Other(format!(
+            "--tokens {t}: the prefill plan takes 1..={rows} tokens a chunk (compile with a larger --max-rows)"
+        )));
+    }
+    if let Some(&c) = args.context.iter().find(|&&c| c > plan_context) {
+        return Err(Failure::Other(format!(
+            "--context {c}: the prefill plan holds 0..={plan_context} cached rows (compile with a larger --max-context)"
+        )));
+    }
+    let vocab = vocabulary(&a).clamp(1, u64::from(u32::MAX));
+    let program = load_bench(a, args.weights.as_deref(), args.random_weights, args.device, &kind, false)?;
+    let mut random = splitmix64(args.seed);
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let mut report = Vec::new();
+    for &context in &args.context {
+        for &t in &chunks {
+            // The prompt: its cached rows' tokens never run (zero cache rows stand for them), the
+            // chunk's and the one after it (the MTP module's input) drawn.
+            let prompt: Vec<i64> = (0..=t).map(|_| (random() % vocab) as i64).collect();
+            let mut inputs = std::collections::HashMap::new();
+            for (name, shape) in &plan.bounds {
+                let buffer = match name.as_str() {
+                    "tokens" => ids(prompt[..t].to_vec()),
+                    "mtp_tokens" => ids(prompt[1..].to_vec()),
+                    "positions" => ids((context as i64..(context + t) as i64).collect()),
+                    cache if cache.starts_with("kv_cache.") && shape.len() == 2 => HostBuffer {
+                        shape: vec![context, shape[1]],
+                        data: HostData::F32(vec![0.0; context * shape[1]]),
+                    },
+                    other => {
+                        return Err(Failure::Other(format!(
+                            "the prefill entry has an input {other} this bench does not fill"
+                        )))
+                    }
+                };
+                inputs.insert(name.clone(), buffer);
+            }
+            // What a prompt's last chunk runs: its caches written, the last row's logits.
+            let logits = format!("logits{}", v3c_runtime::plan::LAST_ROW);
+            let caches = plan.bounds.keys().filter(|n| n.starts_with("kv_cache."));
+            let wanted: Vec<&str> =
+                caches.map(String::as_str).chain([logits.as_str(), v3c_runtime::plan::ONLY_WANTED]).collect();
+            let mut times = program.time_entry("prefill", &inputs, &wanted, args.reps).map_err(Failure::Other)?;
+            let (median, min, max) = spread(&mut times);
+            let tokens_per_s = t as f64 / (median * 1e-3);
+            println!(
+                "prefill {t:5} tokens after {context:5} cached: {median:9.3} ms per chunk (median of {}; {min:.3}..{max:.3}), {tokens_per_s:10.1} tokens/s",
+                times.len(),
+            );
+            report.push(serde_json::json!({
+                "tokens": t, "context": context, "median_ms": median, "min_ms": min,
+                "max_ms": max, "reps": times.len(), "tokens_per_s": tokens_per_s,
+            }));
+        }
+    }
+    if let Some(out) = &args.out {
+        write_bench_json(out, &args.artifact, &kind, args.random_weights.is_some(), "chunks", report)?;
+    }
+    Ok(())
+}
+
+/// A stream of pseudo-random numbers from `seed` (splitmix64): the benches' made-up prompts.
+fn splitmix64(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// An artifact opened to time its entry `entry`: the artifact, a copy of that entry's plan and what
+/// it runs on, in words (a GPU artifact's device probed first).
+fn open_bench(
+    artifact: &std::path::Path,
+    entry: &str,
+    device: usize,
+) -> Result<(v3c_runtime::artifact::Artifact, v3c_runtime::plan::EntryPlan, String), Failure> {
+    let a = v3c_runtime::artifact::Artifact::open(artifact).map_err(|e| Failure::Other(e.to_string()))?;
+    let gpu = a.manifest.target.name != "cpu";
+    if gpu {
+        device::probe_device(device).map_err(|e| Failure::NoDevice(e.to_string()))?;
+    }
+    let plan = a
+        .plan
+        .entries
+        .iter()
+        .find(|e| e.name == entry)
+        .cloned()
+        .ok_or(Failure::Other(format!("{}: no {entry} entry", artifact.display())))?;
+    let kind = format!(
+        "{} artifact{}",
+        a.manifest.target.name,
+        if gpu { format!(" on cuda:{device}") } else { String::new() }
+    );
+    Ok((a, plan, kind))
+}
+
+/// Sorts timings (ms) and gives their median, the fastest and the slowest.
+fn spread(times: &mut [f64]) -> (f64, f64, f64) {
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0], times[times.len() - 1])
+}
+
+/// Writes a bench's figures as JSON to `out`: the artifact, what ran it, where the weights came
+/// from and the points under `key`.
+fn write_bench_json(
+    out: &std::path::Path,
+    artifact: &std::path::Path,
+    kind: &str,
+    random: bool,
+    key: &str,
+    points: Vec<serde_json::Value>,
+) -> Result<(), Failure> {
+    let json = serde_json::json!({
+        "artifact": artifact.display().to_string(),
+        "target": kind,
+        "weights": if random { "random" } else { "checkpoint" },
+        key: points,
+    });
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Failure::Other(e.to_string()))? + "\n";
+    std::fs::write(out, text).map_err(|e| Failure::Other(format!("{}: {e}", out.display())))
 }
 
 /// Where a timing command's weights come from: a checkpoint (checked against the artifact's plan
