@@ -2361,17 +2361,9 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
         }
         let logits = format!("logits{}", v3c_runtime::plan::NO_ROWS);
         let wanted: &[&str] = if args.all_launches { &[] } else { &[&logits, v3c_runtime::plan::ONLY_WANTED] };
-        let mut times = program.time_entry("decode", &inputs, wanted, args.reps.max(1)).map_err(Failure::Other)?;
-        let (median, min, max) = spread(&mut times);
-        let tokens_per_s = b as f64 / (median * 1e-3);
-        println!(
-            "decode batch {b:3} context {context}: {median:8.3} ms per step (median of {}; {min:.3}..{max:.3}), {tokens_per_s:9.1} tokens/s",
-            times.len(),
-        );
-        report.push(serde_json::json!({
-            "batch": b, "context": context, "median_ms": median, "min_ms": min,
-            "max_ms": max, "reps": times.len(), "tokens_per_s": tokens_per_s,
-        }));
+        let what = format!("decode batch {b:3} context {context}");
+        let point = serde_json::json!({"batch": b, "context": context});
+        report.push(time_point(program.as_ref(), ("decode", &inputs, wanted), args.reps, b, (&what, "step"), point)?);
     }
     if let Some(out) = &args.out {
         write_bench_json(out, &args.artifact, &kind, args.random_weights.is_some(), "steps", report)?;
@@ -2428,17 +2420,16 @@ fn bench_prefill(args: &BenchPrefillArgs) -> Result<(), Failure> {
             let caches = plan.bounds.keys().filter(|n| n.starts_with("kv_cache."));
             let wanted: Vec<&str> =
                 caches.map(String::as_str).chain([logits.as_str(), v3c_runtime::plan::ONLY_WANTED]).collect();
-            let mut times = program.time_entry("prefill", &inputs, &wanted, args.reps).map_err(Failure::Other)?;
-            let (median, min, max) = spread(&mut times);
-            let tokens_per_s = t as f64 / (median * 1e-3);
-            println!(
-                "prefill {t:5} tokens after {context:5} cached: {median:9.3} ms per chunk (median of {}; {min:.3}..{max:.3}), {tokens_per_s:10.1} tokens/s",
-                times.len(),
-            );
-            report.push(serde_json::json!({
-                "tokens": t, "context": context, "median_ms": median, "min_ms": min,
-                "max_ms": max, "reps": times.len(), "tokens_per_s": tokens_per_s,
-            }));
+            let what = format!("prefill {t:5} tokens after {context:5} cached");
+            let point = serde_json::json!({"tokens": t, "context": context});
+            report.push(time_point(
+                program.as_ref(),
+                ("prefill", &inputs, &wanted),
+                args.reps,
+                t,
+                (&what, "chunk"),
+                point,
+            )?);
         }
     }
     if let Some(out) = &args.out {
@@ -2486,10 +2477,32 @@ fn open_bench(
     Ok((a, plan, kind))
 }
 
-/// Sorts timings (ms) and gives their median, the fastest and the slowest.
-fn spread(times: &mut [f64]) -> (f64, f64, f64) {
+/// Times runs of an entry (`reps` after a warm-up: [`v3c_runtime::session::Program::time_entry`])
+/// that each process `tokens`: prints `what` with the median ms per `unit` (the spread beside it)
+/// and tokens/s, and gives `point` with those figures added.
+fn time_point(
+    program: &dyn v3c_runtime::session::Program,
+    (entry, inputs, wanted): (&str, &std::collections::HashMap<String, v3c_runtime::host::HostBuffer>, &[&str]),
+    reps: usize,
+    tokens: usize,
+    (what, unit): (&str, &str),
+    mut point: serde_json::Value,
+) -> Result<serde_json::Value, Failure> {
+    let mut times = program.time_entry(entry, inputs, wanted, reps.max(1)).map_err(Failure::Other)?;
     times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], times[0], times[times.len() - 1])
+    let (median, min, max) = (times[times.len() / 2], times[0], times[times.len() - 1]);
+    let tokens_per_s = tokens as f64 / (median * 1e-3);
+    println!(
+        "{what}: {median:9.3} ms per {unit} (median of {}; {min:.3}..{max:.3}), {tokens_per_s:10.1} tokens/s",
+        times.len()
+    );
+    let figures = serde_json::json!({
+        "median_ms": median, "min_ms": min, "max_ms": max, "reps": times.len(), "tokens_per_s": tokens_per_s,
+    });
+    if let (Some(point), serde_json::Value::Object(figures)) = (point.as_object_mut(), figures) {
+        point.extend(figures);
+    }
+    Ok(point)
 }
 
 /// Writes a bench's figures as JSON to `out`: the artifact, what ran it, where the weights came
