@@ -1864,10 +1864,13 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         "{stdout}"
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
+    // Planned by default for prompts in 4096-token chunks and decode steps of 64 sequences.
+    assert!(stdout.contains("entry prefill: 627 launches, 1721 weights, arena 4723.0 MiB for 4096 tokens"), "{stdout}");
+    assert!(stdout.contains("arena 64.9 MiB for 64 sequences and 4096 cache rows"), "{stdout}");
     // Tensor-core attention's temporaries: prefill's up-projected keys and values and their bf16
-    // heads over 4096 + 64 rows, decode's pages and splits (594.1 MiB before temporaries of launches
-    // that do not overlap shared bytes).
-    assert!(stdout.contains(", temporaries 587.1 MiB"), "{stdout}");
+    // heads over 4096 + 4096 rows, decode's pages and splits (587.1 MiB when prompts were planned
+    // in 64-token chunks).
+    assert!(stdout.contains(", temporaries 1156.1 MiB"), "{stdout}");
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the

@@ -657,6 +657,13 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
           | tee -a "$log"; then
         row "5. serving, every slot (v3r)" "ok" "$(grep -o '[0-9.]* tokens/s, [0-9.]* requests/s' "$log" | tail -1) (serve_slice_every.json; decode_rows_run against serve_slice.json's)"
       fi
+      # The same load on the artifact `v3c compile` now makes by default: prompts prefilled in
+      # one chunk of up to 4096 tokens instead of 64-token chunks (time to first token).
+      if [ -d "$slice/sm90p" ] && [ $((570 - SECONDS)) -ge 300 ] && timeout 60 "$v3r" bench-serve "$slice/sm90p" \
+          --random-weights 1 --requests 64 --batch 32 --prompt-tokens 128..1024 --new-tokens 64 \
+          --out "$out/serve_slice_chunks.json" 2>&1 | tee -a "$log"; then
+        row "5. serving, 4096-token chunks (v3r)" "ok" "$(grep -o '[0-9.]* tokens/s, [0-9.]* requests/s' "$log" | tail -1) (serve_slice_chunks.json: TTFT against serve_slice.json's)"
+      fi
     else
       row "5. serving (v3r)" "FAILED" "see check.log"
     fi

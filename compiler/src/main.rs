@@ -214,12 +214,14 @@ struct CompileArgs {
     #[arg(long, value_name = "TARGET", default_value = "sm_90a", value_parser = parse_compile_target)]
     target: CompileTarget,
     /// Most rows (tokens of one launch) the plan's arena is sized for (smaller runs fit it):
-    /// a prefill's chunk of the prompt, a decode's sequences (unless --max-batch).
-    #[arg(long, value_parser = plan_rows, value_name = "N", default_value_t = 64)]
-    max_rows: usize,
-    /// Most sequences one decode step takes (default: --max-rows). With a larger --max-rows,
-    /// prompts are prefilled in long chunks without planning (and holding caches for) a decode of
-    /// as many sequences.
+    /// a prefill's chunk of the prompt, a decode's sequences (unless --max-batch). Default: for a
+    /// GPU, prompts in chunks of 4096 tokens (the rows its prefill kernels are picked and tuned
+    /// for) and decode steps of 64 sequences; for the cpu target and --train windows, 64.
+    #[arg(long, value_parser = plan_rows, value_name = "N")]
+    max_rows: Option<usize>,
+    /// Most sequences one decode step takes (default: --max-rows when given, else 64). With a
+    /// larger --max-rows, prompts are prefilled in long chunks without planning (and holding
+    /// caches for) a decode of as many sequences.
     #[arg(long, value_parser = plan_rows, value_name = "N")]
     max_batch: Option<usize>,
     /// Longest context (KV cache rows) the plan's arena is sized for (shorter ones fit it).
@@ -522,6 +524,26 @@ fn parse_compile_target(s: &str) -> Result<CompileTarget, String> {
 }
 
 /// `compile --train`'s loss settings and precision.
+/// Rows of a plan's launches when `--max-rows` does not say: a cpu artifact's and a training
+/// step's windows.
+const DEFAULT_ROWS: usize = 64;
+
+/// The sizes `v3c compile` plans for: `--max-rows`, `--max-batch` and `--max-context`, with the
+/// defaults of [`CompileArgs::max_rows`] — a GPU's inference entries prefill prompts in chunks of
+/// [`v3c_compiler::tune::PREFILL_M`] tokens (the rows its prefill kernels are picked at) and decode
+/// [`v3c_compiler::tune::DECODE_M`] sequences a step.
+fn plan_sizes(a: &CompileArgs) -> v3c_compiler::plan::PlanSizes {
+    let gpu_inference = matches!(a.target, CompileTarget::Gpu(_)) && !a.train;
+    let (rows, batch) = match a.max_rows {
+        Some(rows) => (rows, a.max_batch),
+        None if gpu_inference => {
+            (v3c_compiler::tune::PREFILL_M, Some(a.max_batch.unwrap_or(v3c_compiler::tune::DECODE_M)))
+        }
+        None => (DEFAULT_ROWS, a.max_batch),
+    };
+    v3c_compiler::plan::PlanSizes { batch, ..v3c_compiler::plan::PlanSizes::new(rows, a.max_context) }
+}
+
 fn train_config(a: &CompileArgs) -> v3c_models::train::TrainConfig {
     v3c_models::train::TrainConfig {
         mtp_weight: a.mtp_weight,
@@ -564,10 +586,7 @@ fn main() -> ExitCode {
                 tuning: a.tuning.as_deref(),
                 out: a.out.as_deref(),
                 force: a.force,
-                sizes: v3c_compiler::plan::PlanSizes {
-                    batch: a.max_batch,
-                    ..v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context)
-                },
+                sizes: plan_sizes(&a),
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
                 attention: v3c_compiler::conversion::sm90::AttentionKernels {
@@ -595,10 +614,7 @@ fn main() -> ExitCode {
                 precision: a.precision.map(Precision::model),
                 out: a.out.as_deref(),
                 force: a.force,
-                sizes: v3c_compiler::plan::PlanSizes {
-                    batch: a.max_batch,
-                    ..v3c_compiler::plan::PlanSizes::new(a.max_rows, a.max_context)
-                },
+                sizes: plan_sizes(&a),
                 speculative: a.speculative,
                 train: a.train.then(|| train_config(&a)),
             }),
