@@ -821,6 +821,10 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
     let plan = v3c_runtime::artifact::Artifact::open(&wide).unwrap().plan;
     let rows: Vec<(String, usize)> = plan.entries.iter().map(|e| (e.name.clone(), e.sizes.rows)).collect();
     assert_eq!(rows, [("prefill".to_string(), 16), ("decode".to_string(), 3)]);
+    // Neither flag: a cpu artifact plans 64 rows (a GPU's, 4096-token chunks and 64 sequences).
+    let default = dir.path().join("default");
+    let out = run_binary_env("v3c", &[&compile[..5], &["--out", default.to_str().unwrap()]].concat(), &env);
+    assert!(text(&out.stderr).contains("arenas at rows 64 / context 4096"), "{}", text(&out.stderr));
     let run = |art: &std::path::Path| {
         let args = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap(), "--prompt-tokens", prompt];
         run_binary_env("v3r", &[&args[..], &["--max-new-tokens", "6", "--ignore-eos"]].concat(), &env)

@@ -1042,6 +1042,13 @@ fn compile_for_sm90a_lowers_the_training_step() {
     }
     let last = err.lines().last().unwrap();
     assert!(last.starts_with("compile: all 67 kernels lower for sm_90a"), "{last}");
+    // Written, it plans windows of 64 tokens by default (a GPU's inference entries: 4096-token chunks).
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("train");
+    let args =
+        ["compile", "--model", "deepseek-v3-tiny", "--target", "sm_90a", "--train", "--out", art.to_str().unwrap()];
+    let written = text(&run_binary("v3c", &args).stderr);
+    assert!(written.contains("plan for rows 64 / context 0"), "{written}");
     assert!(err.contains("compile: moe_experts_grad_0 -> 28 launches: rows_moehidden_d48_k3_t32_keep"), "{err}");
     // The FP8 recipe's step lowers whole too: the projections on the fp8 GEMM template, the experts
     // from their per-expert blocks and 128-pair tiles.
@@ -1654,6 +1661,9 @@ fn gpu_kernels_are_kept_in_the_kernel_cache() {
         files.iter().filter(|(name, _)| name.ends_with(ext)).map(|(n, b)| (n.clone(), b.clone())).collect::<Vec<_>>()
     };
     let (first, artifact) = compile("a");
+    // Planned by default for prompts in chunks of 4096 tokens (the rows prefill kernels are picked
+    // at) and decode steps of 64 sequences.
+    assert!(first.contains("plan for rows 4096 (decode: 64 sequences) / context 4096"), "{first}");
     let ptxas = artifact.keys().any(|name| name.ends_with(".cubin"));
     assert!(entries("ptx").len() >= only(&artifact, ".ptx").len());
     assert!(entries("cubin").len() >= only(&artifact, ".cubin").len());

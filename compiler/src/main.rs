@@ -523,7 +523,6 @@ fn parse_compile_target(s: &str) -> Result<CompileTarget, String> {
     })
 }
 
-/// `compile --train`'s loss settings and precision.
 /// Rows of a plan's launches when `--max-rows` does not say: a cpu artifact's and a training
 /// step's windows.
 const DEFAULT_ROWS: usize = 64;
@@ -544,6 +543,7 @@ fn plan_sizes(a: &CompileArgs) -> v3c_compiler::plan::PlanSizes {
     v3c_compiler::plan::PlanSizes { batch, ..v3c_compiler::plan::PlanSizes::new(rows, a.max_context) }
 }
 
+/// `compile --train`'s loss settings and precision.
 fn train_config(a: &CompileArgs) -> v3c_models::train::TrainConfig {
     v3c_models::train::TrainConfig {
         mtp_weight: a.mtp_weight,
