@@ -70,7 +70,7 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     // for the logits, the model's head.
     let plan = runtime.entry_plan("prefill").unwrap();
     let dropped = |kept: &[&str]| -> Vec<String> {
-        let short = plan.needing(kept).unwrap();
+        let short = plan.needing(kept, &[]).unwrap();
         let mut rest = short.launches.iter().peekable();
         let out: Vec<String> = plan
             .launches
@@ -89,7 +89,7 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
     assert_eq!(mtp_tail.iter().filter(|k| k.starts_with("lm_head")).count(), 1, "the MTP module's head");
     let heads = dropped(&names);
     assert_eq!(heads.len(), mtp_tail.len() + 1, "{heads:?}");
-    assert!(plan.needing(&wanted).is_none(), "every launch feeds an output");
+    assert!(plan.needing(&wanted, &[]).is_none(), "every launch feeds an output");
     for kept in [&names, &with_logits] {
         let only: Vec<&str> = kept.iter().copied().chain([v3c_runtime::plan::ONLY_WANTED]).collect();
         let cached = runtime.run("prefill", &inputs, &only).unwrap();
@@ -97,6 +97,18 @@ fn a_cpu_artifact_runs_without_the_compiler_and_matches_the_cpu_backend() {
         for name in kept {
             assert_eq!(cached[*name], from_artifact[*name], "{name} of a run that left out launches");
         }
+    }
+    // A prompt's last chunk wants its last row of logits alone: the head runs on that row, and
+    // gives its bits. (The final norm runs whole: the MTP module, whose cache rows are wanted,
+    // reads every row of it.)
+    let short = plan.needing(&names, &["logits"]).unwrap();
+    let on_last_row: Vec<&str> = short.launches.iter().filter(|l| l.last_row).map(|l| l.kernel.as_str()).collect();
+    assert_eq!(on_last_row, ["lm_head_0"]);
+    let last_only: Vec<&str> = names.iter().copied().chain(["logits[-1]", v3c_runtime::plan::ONLY_WANTED]).collect();
+    let cached = runtime.run("prefill", &inputs, &last_only).unwrap();
+    assert_eq!(cached["logits[-1]"], last["logits[-1]"], "the last row of a run narrowed to it");
+    for name in &names {
+        assert_eq!(cached[*name], from_artifact[*name], "{name} of a run narrowed to the last row of logits");
     }
 
     // Bad inputs are refused before any kernel runs.

@@ -16,7 +16,7 @@ use v3c_runtime::plan::{
     PLAN_FORMAT_VERSION,
 };
 
-use crate::shapes::{kernel_in_place, kernel_shape_rules, DimRule};
+use crate::shapes::{kernel_in_place, kernel_row_wise, kernel_shape_rules, DimRule};
 use crate::verify::Shape;
 
 /// The sizes dynamic dims are planned for.
@@ -73,6 +73,7 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
     let planned = sizes;
     let mut rules: HashMap<String, Vec<Vec<DimRule>>> = HashMap::new();
     let mut in_place: HashMap<String, Vec<Option<usize>>> = HashMap::new();
+    let mut row_wise: HashMap<String, bool> = HashMap::new();
     let mut entries = Vec::new();
     let mut op = module.body().first_operation();
     while let Some(f) = op {
@@ -80,7 +81,8 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
         let name = f.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
         if crate::transforms::form_kernels::is_kernel(&f) {
             rules.insert(name.clone(), kernel_shape_rules(&f)?);
-            in_place.insert(name, kernel_in_place(&f));
+            in_place.insert(name.clone(), kernel_in_place(&f));
+            row_wise.insert(name, kernel_row_wise(&f));
             continue;
         }
         let sizes = planned.of_entry(&name);
@@ -161,7 +163,8 @@ pub fn build_plan(module: &Module, sizes: PlanSizes) -> Result<Plan, String> {
                 by_value.insert(c.result(k).map_err(|e| e.to_string())?.to_raw().ptr as usize, id);
                 results.push(id);
             }
-            launches.push(Launch { kernel, args: operands, results });
+            let row_wise = row_wise.get(&kernel).copied().unwrap_or(false);
+            launches.push(Launch { row_wise, ..Launch::new(kernel, operands, results) });
         }
         let mut entry = EntryPlan { name, sizes, bounds, buffers, launches, outputs, arena_bytes: 0 };
         place_arena(&mut entry);

@@ -292,6 +292,39 @@ pub fn shaped_like(name: &str, r: usize) -> Option<usize> {
     }
 }
 
+/// Whether `kernel` works row by row ([`v3c_runtime::plan::Launch::row_wise`]): its ops are all
+/// norms, untransposed projections, heads, elementwise ops and per-row quantization, and its inputs
+/// and results are dynamic in their leading dim alone (the rows), every result so. Any other op
+/// (attention, RoPE's positions, routing, a reshape or a split) makes it not row-wise.
+pub fn kernel_row_wise(kernel: &OperationRef) -> bool {
+    const ROW_WISE: &[&str] =
+        &["v3.rms_norm", "v3.linear", "v3.fp8_linear", "v3.lm_head", "v3.add", "v3.silu_mul", "v3.quantize_fp8"];
+    let Some(block) = kernel.region(0).ok().and_then(|r| r.first_block()) else { return false };
+    let rows_only = |t: melior::ir::Type| {
+        Shape::of(t).is_some_and(|s| s.dims.iter().skip(1).all(Option::is_some) && !s.dims.is_empty())
+    };
+    let rows_led = |t: melior::ir::Type| Shape::of(t).is_some_and(|s| s.dims.first() == Some(&None));
+    if !(0..block.argument_count()).all(|i| block.argument(i).is_ok_and(|a| rows_only(a.r#type()))) {
+        return false;
+    }
+    let mut op = block.first_operation();
+    while let Some(o) = op {
+        op = o.next_in_block();
+        let name = o.name().as_string_ref().as_str().unwrap_or_default().to_string();
+        if name == "func.return" {
+            let results: Vec<_> = (0..o.operand_count()).filter_map(|k| o.operand(k).ok()).collect();
+            return !results.is_empty() && results.iter().all(|v| rows_only(v.r#type()) && rows_led(v.r#type()));
+        }
+        let transposed = ["transpose_a", "transpose_b"]
+            .iter()
+            .any(|key| o.attribute(key).ok().and_then(crate::mlir::bool_value).unwrap_or(false));
+        if !ROW_WISE.contains(&name.as_str()) || transposed {
+            return false;
+        }
+    }
+    false
+}
+
 /// For each result of `kernel`: the input it updates in place, if any. A `cache_write` result whose
 /// cache is a kernel argument is that argument's buffer with one row per sequence written: the plan
 /// binds both to the same buffer (decode caches are never copied).

@@ -189,9 +189,10 @@ impl<'p> BoundPlan<'p> {
         self.sizes
     }
 
-    fn raw(&mut self, id: usize) -> Result<RawBuffer, String> {
+    /// Buffer `id` as launch `launch` sees it ([`crate::plan::Launch::view`]).
+    fn raw(&mut self, id: usize, launch: usize) -> Result<RawBuffer, String> {
         let b = &self.plan.buffers[id];
-        let shape = shape_at(&b.dims, self.sizes);
+        let (shape, offset) = self.plan.launches[launch].view(b, self.sizes);
         let ptr = match &b.kind {
             BufferKind::Input { name } => {
                 self.owned.get_mut(name).map(HostBuffer::ptr_mut).ok_or(format!("input {name}"))?
@@ -205,6 +206,8 @@ impl<'p> BoundPlan<'p> {
                 (self.arena.as_mut_ptr() as *mut u8).add(*offset as usize) as *mut ()
             },
         };
+        // SAFETY: the rows a launch sees lie inside the buffer.
+        let ptr = unsafe { (ptr as *mut u8).add(offset as usize) as *mut () };
         Ok(RawBuffer { ptr, shape, element: b.dtype.clone() })
     }
 
@@ -220,7 +223,7 @@ impl<'p> BoundPlan<'p> {
     /// The buffers of launch `i`: its arguments then its results.
     pub fn buffers(&mut self, i: usize) -> Result<Vec<RawBuffer>, String> {
         let l = &self.plan.launches[i];
-        l.args.iter().chain(&l.results).map(|&id| self.raw(id)).collect()
+        l.args.iter().chain(&l.results).map(|&id| self.raw(id, i)).collect()
     }
 
     /// The outputs named in `wanted` (or the rows it names: [`crate::plan::LAST_ROW`]), copied out.

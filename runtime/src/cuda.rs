@@ -479,7 +479,11 @@ impl GpuArtifact {
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
         held.check_resident(entry, plan, inputs, resident)?;
         *self.last_inputs.borrow_mut() = None;
-        let staged = self.stage(plan, pruned.is_some(), inputs, resident)?;
+        let key = match pruned {
+            Some(_) => crate::plan::run_label(entry, wanted, carry),
+            None => entry.to_string(),
+        };
+        let staged = self.stage(plan, &key, inputs, resident)?;
         let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
         let graphs = self.graphs(entry);
         if let Some(dir) = std::env::var_os("V3R_DUMP_DIR") {
@@ -536,8 +540,8 @@ impl GpuArtifact {
             }
         }
         *self.held.borrow_mut() = held;
-        // A run that left its logits out has none to take the argmax of.
-        if pruned.is_none() || crate::plan::kept_outputs(wanted, carry).contains(&"logits") {
+        // A run that left its logits out (or all but their last row) has none to take the argmax of.
+        if pruned.is_none() || crate::plan::writes_whole("logits", wanted, carry) {
             *self.last_inputs.borrow_mut() = Some((entry.to_string(), shapes));
         }
         let mut out = HashMap::new();
@@ -563,16 +567,17 @@ impl GpuArtifact {
     /// batch, also after a joining prompt's prefill chunk; every window of a training run), takes
     /// its actions and tensor maps as they are: the expansion is milliseconds of host time a step
     /// (DeepSeek-V3's decode: 1185 launches).
+    ///
+    /// `key` names the run's plan among the entry's ([`crate::plan::run_label`]): a plan left
+    /// short is staged apart from the whole one and from one left short otherwise.
     fn stage(
         &self,
         plan: &EntryPlan,
-        pruned: bool,
+        key: &str,
         inputs: &HashMap<String, HostBuffer>,
         resident: &[&str],
     ) -> Result<std::rc::Rc<Staged>, String> {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
-        // A plan left short is staged apart from the whole one.
-        let key = if pruned { format!("{} (only wanted)", plan.name) } else { plan.name.clone() };
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         // Taken out until the inputs are uploaded: a failed run stages anew.
         let (again, replaced) = match self.staged.borrow_mut().take(&key, &shapes) {
@@ -930,7 +935,11 @@ impl GpuArtifact {
         let full = self.entry_plan(entry)?;
         let pruned = self.run_plans.get(full, wanted, &[]);
         let plan = pruned.as_deref().unwrap_or(full);
-        let staged = self.stage(plan, pruned.is_some(), inputs, &[])?;
+        let key = match pruned {
+            Some(_) => crate::plan::run_label(entry, wanted, &[]),
+            None => entry.to_string(),
+        };
+        let staged = self.stage(plan, &key, inputs, &[])?;
         let graphs = self.graphs(entry);
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);
@@ -979,7 +988,7 @@ impl GpuArtifact {
         self.run(entry, &inputs, &[])?;
         *self.last_inputs.borrow_mut() = None;
         self.held.borrow_mut().clear();
-        let staged = self.stage(plan, false, &inputs, &[])?;
+        let staged = self.stage(plan, entry, &inputs, &[])?;
         let flush = DeviceBuffer::new(256 << 20, "the L2 flush buffer")?;
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
         let (start, end) = (event("cuEventCreate")?, event("cuEventCreate")?);

@@ -402,8 +402,10 @@ impl<'a> Expander<'a> {
                     BufferKind::Weight { name } => bindings.weights.get(name).copied().unwrap_or(0),
                     BufferKind::Arena { offset } => bindings.arena + offset,
                 };
-                let (shape, element) = crate::plan::physical(shape_at(&b.dims, sizes), &b.dtype).map_err(at)?;
-                Ok(Buf { addr, shape, element })
+                // A last-row launch sees the last of the rows alone.
+                let (shape, offset) = l.view(b, sizes);
+                let (shape, element) = crate::plan::physical(shape, &b.dtype).map_err(at)?;
+                Ok(Buf { addr: addr + offset, shape, element })
             };
             // The fused kernel's temporaries, laid out in the shared region as at the planned sizes
             // (temporaries whose launches do not overlap may share bytes).
@@ -426,7 +428,7 @@ impl<'a> Expander<'a> {
                     temps.push(Buf { addr: bindings.temps, shape: vec![0], element });
                     continue;
                 }
-                let shape = t.shape(sizes.rows, &arg, sms)?;
+                let shape = t.shape(if l.last_row { sizes.rows.min(1) } else { sizes.rows }, &arg, sms)?;
                 let bytes = shape.iter().product::<usize>() * element_bytes(&t.dtype)?;
                 if bytes > room[i] {
                     return Err(at(format!(

@@ -235,6 +235,45 @@ pub fn kept_outputs<'a>(wanted: &[&'a str], carry: &[&'a str]) -> Vec<&'a str> {
     wanted.iter().chain(carry).filter(|w| **w != ONLY_WANTED).map(name).collect()
 }
 
+/// The outputs a run wants by their last row alone ([`LAST_ROW`]; not also whole, by
+/// [`NO_ROWS`] or carried): a run that leaves launches out ([`ONLY_WANTED`]) writes only that row
+/// of them where the launches feeding them work row by row ([`EntryPlan::needing`]).
+pub fn last_rows_only<'a>(wanted: &[&'a str], carry: &[&'a str]) -> Vec<&'a str> {
+    let whole = |n: &str| wanted.iter().chain(carry).any(|w| *w == n || w.strip_suffix(NO_ROWS) == Some(n));
+    let mut last: Vec<&str> = wanted.iter().filter_map(|w| w.strip_suffix(LAST_ROW)).filter(|n| !whole(n)).collect();
+    last.sort_unstable();
+    last.dedup();
+    last
+}
+
+/// Whether a run of an entry wanting `wanted` and carrying `carry` writes all of output `name`
+/// (every row): one leaving no launches out, or one keeping it other than by its last row alone.
+pub fn writes_whole(name: &str, wanted: &[&str], carry: &[&str]) -> bool {
+    !wanted.contains(&ONLY_WANTED)
+        || (kept_outputs(wanted, carry).contains(&name) && !last_rows_only(wanted, carry).contains(&name))
+}
+
+/// What names a run's launches among an entry's runs (its plan, [`RunPlans::get`]): the entry's
+/// name, with what a run leaving launches out keeps: `prefill (only kv_cache.0, logits[-1])`.
+pub fn run_label(entry: &str, wanted: &[&str], carry: &[&str]) -> String {
+    if !wanted.contains(&ONLY_WANTED) {
+        return entry.to_string();
+    }
+    let (whole, last) = kept_and_last(wanted, carry);
+    let last = last.iter().map(|n| format!("{n}{LAST_ROW}"));
+    format!("{entry} (only {})", whole.into_iter().chain(last).collect::<Vec<_>>().join(", "))
+}
+
+/// The outputs a run keeps whole and those it keeps by their last row alone, each sorted.
+fn kept_and_last(wanted: &[&str], carry: &[&str]) -> (Vec<String>, Vec<String>) {
+    let last = last_rows_only(wanted, carry);
+    let mut whole: Vec<String> =
+        kept_outputs(wanted, carry).into_iter().filter(|n| !last.contains(n)).map(str::to_string).collect();
+    whole.sort();
+    whole.dedup();
+    (whole, last.into_iter().map(str::to_string).collect())
+}
+
 /// The plans runs that leave launches out run ([`ONLY_WANTED`], [`EntryPlan::needing`]), each made
 /// once per entry and set of kept outputs: a generation asks for the same one every decode step,
 /// and making it copies the plan (DeepSeek-V3's decode: 627 launches, 2963 buffers; ~0.45 ms on
@@ -242,26 +281,26 @@ pub fn kept_outputs<'a>(wanted: &[&'a str], carry: &[&'a str]) -> Vec<&'a str> {
 #[derive(Debug, Default)]
 pub struct RunPlans(std::sync::Mutex<Vec<RunPlan>>);
 
-/// An entry's name, the outputs a run keeps (sorted), the plan it runs (`None`: all of it).
-type RunPlan = (String, Vec<String>, Option<std::sync::Arc<EntryPlan>>);
+/// An entry's name, the outputs a run keeps whole and by their last row (each sorted), the plan it
+/// runs (`None`: all of it).
+type RunPlan = (String, (Vec<String>, Vec<String>), Option<std::sync::Arc<EntryPlan>>);
 
 impl RunPlans {
     /// What a run of `plan` wanting `wanted` and carrying `carry` runs where it leaves launches
-    /// out; `None`: every launch.
+    /// out; `None`: every launch, each whole.
     pub fn get(&self, plan: &EntryPlan, wanted: &[&str], carry: &[&str]) -> Option<std::sync::Arc<EntryPlan>> {
         if !wanted.contains(&ONLY_WANTED) {
             return None;
         }
-        let mut kept: Vec<String> = kept_outputs(wanted, carry).into_iter().map(str::to_string).collect();
-        kept.sort();
-        kept.dedup();
+        let kept = kept_and_last(wanted, carry);
         // A run that panicked holding the lock left the list as it was: whole entries only.
         let mut made = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((_, _, short)) = made.iter().find(|(e, k, _)| *e == plan.name && *k == kept) {
             return short.clone();
         }
-        let names: Vec<&str> = kept.iter().map(String::as_str).collect();
-        let short = plan.needing(&names).map(std::sync::Arc::new);
+        let (whole, last): (Vec<&str>, Vec<&str>) =
+            (kept.0.iter().map(String::as_str).collect(), kept.1.iter().map(String::as_str).collect());
+        let short = plan.needing(&whole, &last).map(std::sync::Arc::new);
         made.push((plan.name.clone(), kept, short.clone()));
         short
     }
@@ -352,43 +391,114 @@ pub struct Launch {
     pub kernel: String,
     pub args: Vec<usize>,
     pub results: Vec<usize>,
+    /// Whether the fused kernel works row by row: each row of its results follows from that row of
+    /// each argument whose leading dim is the rows and from the whole of every other argument (a
+    /// norm, a projection, a model head; not attention, nor the MoE's routed GEMMs). The compiler
+    /// sets it from the kernel's ops; a run wanting only the last row of what such launches feed
+    /// runs them on that row alone ([`EntryPlan::needing`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub row_wise: bool,
+    /// Set in a run's plan only, never written ([`EntryPlan::needing`]): the launch runs on the
+    /// last of its rows alone, each of its buffers whose leading dim is the rows seen as its last
+    /// row ([`Launch::view`]).
+    #[serde(skip)]
+    pub last_row: bool,
 }
 
+impl Launch {
+    /// A launch of `kernel` on `args`, writing `results`, not row-wise.
+    pub fn new(kernel: impl Into<String>, args: Vec<usize>, results: Vec<usize>) -> Launch {
+        Launch { kernel: kernel.into(), args, results, row_wise: false, last_row: false }
+    }
+
+    /// How the launch sees buffer `b` at `sizes`: its shape, and the byte offset of the rows it sees
+    /// in the buffer (a last-row launch sees the last of a rows-led buffer's rows alone: `[1, ..]`,
+    /// or `[0, ..]` of an empty one).
+    pub fn view(&self, b: &Buffer, sizes: Sizes) -> (Vec<usize>, u64) {
+        let mut shape = shape_at(&b.dims, sizes);
+        if !self.last_row || b.dims.first() != Some(&Dim::ROWS) {
+            return (shape, 0);
+        }
+        let rows = shape[0];
+        shape[0] = rows.min(1);
+        let row = tensor_bytes(&shape[1..], &b.dtype).unwrap_or(0);
+        (shape, rows.saturating_sub(1) as u64 * row)
+    }
+}
+
+/// How much of a buffer a run needs written ([`EntryPlan::needing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Need {
+    No,
+    LastRow,
+    Whole,
+}
+
+/// Byte alignment of the rows a last-row launch starts at ([`EntryPlan::needing`]): the GPU
+/// kernels' TMA descriptors and vector accesses take 16-byte aligned rows.
+pub const ROW_ALIGN: u64 = 16;
+
 impl EntryPlan {
-    /// The plan with only the launches the outputs named in `kept` need, `None` where that is
-    /// every launch. Walking back from the last launch, one is needed where it writes a buffer a
-    /// needed launch reads or a kept output, writes anything but the arena (a decode's cache rows,
-    /// in place), or writes nothing; then its arguments are needed. The other outputs are left
-    /// unwritten.
-    pub fn needing(&self, kept: &[&str]) -> Option<EntryPlan> {
-        let mut needed = vec![false; self.buffers.len()];
+    /// The plan with only the launches the outputs named in `kept` (whole) and `last_rows` (their
+    /// last row) need, `None` where that is every launch, each whole. Walking back from the last
+    /// launch, one is needed where it writes a buffer a needed launch reads or a kept output,
+    /// writes anything but the arena (a decode's cache rows, in place), or writes nothing; then
+    /// its arguments are needed. A row-wise launch ([`Launch::row_wise`]) whose results are needed
+    /// by their last row alone runs on that row ([`Launch::last_row`]), and needs only the last
+    /// row of its rows-led arguments: a prompt's chunk wanting its last token's logits runs the
+    /// final norm and the head on one row (DeepSeek-V3's head over 4096 rows is 7.6 TFLOP). The
+    /// other outputs, and the other rows of those wanted by their last, are left unwritten.
+    pub fn needing(&self, kept: &[&str], last_rows: &[&str]) -> Option<EntryPlan> {
+        let mut need = vec![Need::No; self.buffers.len()];
+        let raise = |need: &mut [Need], id: usize, to: Need| {
+            if let Some(n) = need.get_mut(id) {
+                *n = (*n).max(to);
+            }
+        };
         for (name, id) in &self.outputs {
             if kept.contains(&name.as_str()) {
-                if let Some(n) = needed.get_mut(*id) {
-                    *n = true;
-                }
+                raise(&mut need, *id, Need::Whole);
+            } else if last_rows.contains(&name.as_str()) {
+                raise(&mut need, *id, Need::LastRow);
             }
         }
-        let mut keep = vec![false; self.launches.len()];
-        for (i, l) in self.launches.iter().enumerate().rev() {
+        let mut launches = Vec::new();
+        for l in self.launches.iter().rev() {
             let side_effect = l.results.is_empty()
                 || l.results
                     .iter()
                     .any(|&r| !matches!(self.buffers.get(r).map(|b| &b.kind), Some(BufferKind::Arena { .. })));
-            if side_effect || l.results.iter().any(|&r| needed[r]) {
-                keep[i] = true;
-                for &a in &l.args {
-                    if let Some(n) = needed.get_mut(a) {
-                        *n = true;
-                    }
-                }
+            let most = l.results.iter().map(|&r| need.get(r).copied().unwrap_or(Need::Whole)).max();
+            if !side_effect && most.is_none_or(|n| n == Need::No) {
+                continue;
             }
+            let last_row = !side_effect && most == Some(Need::LastRow) && self.runs_on_rows(l);
+            for &a in &l.args {
+                let by_rows = last_row && self.buffers.get(a).is_some_and(|b| b.dims.first() == Some(&Dim::ROWS));
+                raise(&mut need, a, if by_rows { Need::LastRow } else { Need::Whole });
+            }
+            launches.push(Launch { last_row, ..l.clone() });
         }
-        if keep.iter().all(|&k| k) {
+        if launches.len() == self.launches.len() && launches.iter().all(|l| !l.last_row) {
             return None;
         }
-        let launches = self.launches.iter().zip(&keep).filter(|(_, &k)| k).map(|(l, _)| l.clone()).collect();
+        launches.reverse();
         Some(EntryPlan { launches, ..self.clone() })
+    }
+
+    /// Whether launch `l` may run on its last row alone: row-wise, every result led by the rows,
+    /// and every rows-led buffer it reads or writes rows of static width in whole [`ROW_ALIGN`]s.
+    fn runs_on_rows(&self, l: &Launch) -> bool {
+        let rows_led = |id: &usize| self.buffers.get(*id).is_some_and(|b| b.dims.first() == Some(&Dim::ROWS));
+        let aligned = |id: &usize| {
+            let b = &self.buffers[*id];
+            let fixed = b.dims[1..].iter().all(|d| d.rows == 0 && d.context == 0 && d.pages == 0);
+            fixed && tensor_bytes(&b.shape[1..], &b.dtype).is_some_and(|n| n % ROW_ALIGN == 0)
+        };
+        l.row_wise
+            && !l.results.is_empty()
+            && l.results.iter().all(rows_led)
+            && l.args.iter().chain(&l.results).filter(|id| rows_led(id)).all(aligned)
     }
 
     /// The input buffer named `name`.
@@ -655,8 +765,7 @@ mod tests {
         let arena = |id| buffer(id, BufferKind::Arena { offset: 16 * id as u64 });
         let cache = buffer(1, BufferKind::Input { name: "cache".into() });
         let x = buffer(0, BufferKind::Input { name: "x".into() });
-        let launch =
-            |kernel: &str, args: Vec<usize>, results: Vec<usize>| Launch { kernel: kernel.into(), args, results };
+        let launch = |kernel: &str, args: Vec<usize>, results: Vec<usize>| Launch::new(kernel, args, results);
         let plan = EntryPlan {
             name: "prefill".into(),
             sizes: Sizes { rows: 4, context: 0, pages: 0 },
@@ -677,7 +786,7 @@ mod tests {
             arena_bytes: 112,
         };
         let kernels = |kept: &[&str]| -> Vec<String> {
-            plan.needing(kept).map_or(vec!["all".into()], |p| p.launches.into_iter().map(|l| l.kernel).collect())
+            plan.needing(kept, &[]).map_or(vec!["all".into()], |p| p.launches.into_iter().map(|l| l.kernel).collect())
         };
         assert_eq!(kernels(&["logits"]), ["norm", "cache_write", "proj", "residual", "head", "barrier"]);
         assert_eq!(kernels(&[]), ["norm", "cache_write", "barrier"]);
@@ -686,13 +795,109 @@ mod tests {
         // Made once per entry and set of kept outputs, however asked.
         let plans = RunPlans::default();
         let short = plans.get(&plan, &["logits[:0]", ONLY_WANTED], &["cache"]).unwrap();
-        let again = plans.get(&plan, &[ONLY_WANTED, "cache", "logits[-1]"], &[]).unwrap();
+        let again = plans.get(&plan, &[ONLY_WANTED, "cache", "logits"], &[]).unwrap();
         assert!(std::sync::Arc::ptr_eq(&short, &again));
         assert_eq!(short.launches.len(), 6);
+        // By its last row: another run's plan (no launch of this one is row-wise, so the same
+        // launches, each whole).
+        let last = plans.get(&plan, &[ONLY_WANTED, "cache", "logits[-1]"], &[]).unwrap();
+        assert!(!std::sync::Arc::ptr_eq(&short, &last));
+        assert_eq!(last.launches, short.launches);
         assert!(plans.get(&plan, &["logits"], &[]).is_none(), "a run that does not ask leaves nothing out");
         assert!(plans.get(&plan, &["logits", "mtp_logits", ONLY_WANTED], &[]).is_none());
         assert_eq!(kept_outputs(&["logits[-1]", ONLY_WANTED], &["cache"]), ["logits", "cache"]);
         assert_eq!(kept_outputs(&["logits[:0]", "mtp_logits"], &[]), ["logits", "mtp_logits"]);
+    }
+
+    #[test]
+    fn a_run_wanting_an_outputs_last_row_runs_the_row_wise_launches_feeding_it_on_that_row() {
+        let buffer = |id: usize, kind: BufferKind, dims: Vec<Dim>, dtype: &str| {
+            let shape = shape_at(&dims, Sizes::new(4, 0));
+            let bytes = tensor_bytes(&shape, dtype).unwrap();
+            Buffer { id, kind, dims, shape, dtype: dtype.into(), bytes }
+        };
+        let input = |name: &str| BufferKind::Input { name: name.into() };
+        let weight = |name: &str| BufferKind::Weight { name: name.into() };
+        let arena = |offset: u64| BufferKind::Arena { offset };
+        let rows = |width: usize| vec![Dim::ROWS, Dim::fixed(width)];
+        let row_wise = |kernel: &str, args: Vec<usize>, results: Vec<usize>| Launch {
+            row_wise: true,
+            ..Launch::new(kernel, args, results)
+        };
+        let plan = |vocab: usize| EntryPlan {
+            name: "prefill".into(),
+            sizes: Sizes::new(4, 0),
+            bounds: BTreeMap::new(),
+            buffers: vec![
+                buffer(0, input("tokens"), vec![Dim::ROWS], "i64"),
+                buffer(1, weight("embed"), vec![Dim::fixed(vocab), Dim::fixed(16)], "f32"),
+                buffer(2, arena(0), rows(16), "f32"),
+                buffer(3, arena(256), rows(16), "f32"),
+                buffer(4, arena(512), rows(16), "bf16"),
+                buffer(5, arena(768), rows(vocab), "f32"),
+                buffer(6, weight("norm"), vec![Dim::fixed(16)], "f32"),
+            ],
+            launches: vec![
+                row_wise("embed", vec![0, 1], vec![2]),
+                Launch::new("attention", vec![2], vec![3]),
+                row_wise("norm", vec![3, 6], vec![4]),
+                row_wise("head", vec![4, 1], vec![5]),
+            ],
+            outputs: vec![("logits".into(), 5), ("hidden".into(), 3)],
+            arena_bytes: 1024,
+        };
+        let narrowed = |plan: &EntryPlan, kept: &[&str], last: &[&str]| -> Vec<String> {
+            let short = plan.needing(kept, last).expect("a plan left short");
+            short.launches.iter().map(|l| format!("{}{}", l.kernel, if l.last_row { "[-1]" } else { "" })).collect()
+        };
+        let p = plan(8);
+        assert_eq!(narrowed(&p, &[], &["logits"]), ["embed", "attention", "norm[-1]", "head[-1]"]);
+        // The attention's result is the rows it mixes; a whole output stops the narrowing there.
+        assert_eq!(narrowed(&p, &["hidden"], &["logits"]), ["embed", "attention", "norm[-1]", "head[-1]"]);
+        assert!(p.needing(&["logits"], &[]).is_none());
+        assert_eq!(narrowed(&p, &[], &["hidden"]), ["embed", "attention"]);
+        // A row of 3 f32 (12 bytes) does not start 16-byte aligned: that head runs whole, and the
+        // norm whose every row it reads with it: the whole plan.
+        assert!(plan(3).needing(&[], &["logits"]).is_none());
+
+        // How a last-row launch sees its buffers: the rows-led ones by their last row.
+        let short = p.needing(&[], &["logits"]).unwrap();
+        let head = &short.launches[3];
+        let sizes = Sizes::new(3, 0);
+        assert_eq!(head.view(&p.buffers[4], sizes), (vec![1, 16], 2 * 32));
+        assert_eq!(head.view(&p.buffers[5], sizes), (vec![1, 8], 2 * 32));
+        assert_eq!(head.view(&p.buffers[1], sizes), (vec![8, 16], 0));
+        assert_eq!(head.view(&p.buffers[5], Sizes::new(0, 0)), (vec![0, 8], 0));
+        assert_eq!(short.launches[1].view(&p.buffers[3], sizes), (vec![3, 16], 0));
+        // `plan.json` never holds a run's narrowing.
+        let json = serde_json::to_string(&short.launches).unwrap();
+        assert!(json.contains(r#""row_wise":true"#) && !json.contains("last_row"), "{json}");
+        let back: Vec<Launch> = serde_json::from_str(&json).unwrap();
+        assert!(back.iter().all(|l| !l.last_row) && back[3].row_wise && !back[1].row_wise);
+
+        // What a wanted list asks: the last row alone unless the output is also wanted whole,
+        // by no rows (a device argmax reads every row) or carried.
+        let plans = RunPlans::default();
+        let last = plans.get(&p, &["logits[-1]", ONLY_WANTED], &[]).unwrap();
+        assert!(last.launches[3].last_row);
+        for (wanted, carry) in [
+            (&["logits[-1]", "logits", ONLY_WANTED][..], &[][..]),
+            (&["logits[-1]", "logits[:0]", ONLY_WANTED], &[]),
+            (&["logits[-1]", ONLY_WANTED], &["logits"]),
+        ] {
+            assert!(plans.get(&p, wanted, carry).is_none(), "{wanted:?} carrying {carry:?}");
+            assert!(writes_whole("logits", wanted, carry));
+        }
+        assert_eq!(last_rows_only(&["logits[-1]", "hidden[-1]", "hidden", ONLY_WANTED], &[]), ["logits"]);
+        assert!(!writes_whole("logits", &["logits[-1]", ONLY_WANTED], &[]));
+        assert!(writes_whole("logits", &["logits[-1]"], &[]), "a run leaving nothing out writes every row");
+        assert!(!writes_whole("logits", &["hidden", ONLY_WANTED], &[]));
+        assert_eq!(run_label("prefill", &["logits[-1]"], &[]), "prefill");
+        assert_eq!(
+            run_label("prefill", &["logits[-1]", ONLY_WANTED, "kv_cache.0"], &["kv_cache.1"]),
+            "prefill (only kv_cache.0, kv_cache.1, logits[-1])"
+        );
+        assert_eq!(run_label("prefill", &["logits[:0]", ONLY_WANTED], &[]), "prefill (only logits)");
     }
 
     #[test]
@@ -810,7 +1015,7 @@ mod tests {
                     dtype: "i64".into(),
                     bytes: 32,
                 }],
-                launches: vec![Launch { kernel: "embed_0".into(), args: vec![0], results: vec![] }],
+                launches: vec![Launch::new("embed_0", vec![0], vec![])],
                 outputs: vec![],
                 arena_bytes: 0,
             }],
