@@ -404,6 +404,7 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
         more.insert(c.to_string(), cpu[c].clone());
     }
     let gpu = run("prefill", &more, &wanted);
+    let second_prefill = gpu.clone();
     let chunk = program.run("prefill", &more, &wanted).unwrap();
     for name in wanted {
         compare(&format!("prefill after 6 {name}"), &gpu[name], &chunk[name]);
@@ -443,6 +444,32 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     let host: Vec<i32> =
         rows.chunks(vocab).map(|r| v3c_models::reference::Sampler::new(0.0, 1.0, 0).sample(r) as i32).collect();
     assert_eq!(idx, host);
+    // A prompt's last chunk wanting its last row of logits alone: the head's GEMM runs on that
+    // row (its A and output one row, at the last row's addresses) and gives the whole run's bits.
+    let only = v3c_runtime::plan::ONLY_WANTED;
+    let last_only = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp", "logits[-1]", only];
+    let narrowed = emulator.run("prefill", &more, &last_only, None).unwrap();
+    assert_eq!(narrowed["logits[-1]"], second_prefill["logits"].rows(2, 1));
+    for c in caches {
+        assert_eq!(narrowed[c], second_prefill[c], "{c} of a run narrowed to the last row of logits");
+    }
+    let full = emulator.expander().entry("prefill").unwrap();
+    let plan = full.needing(&caches, &["logits"]).unwrap();
+    let (actions, _) =
+        emulator.expander().expand(&plan, v3c_runtime::plan::Sizes::new(3, 6), emulator.bindings(), 132).unwrap();
+    let (_, id) = plan.outputs.iter().find(|(n, _)| n == "logits").unwrap();
+    let logits_at = emulator.bindings().address(&plan.buffers[*id].kind).unwrap();
+    let operands: Vec<(u64, &[usize])> = actions
+        .iter()
+        .filter_map(|a| match a {
+            v3c_runtime::gpu::Action::Kernel(k) => Some(&k.operands),
+            _ => None,
+        })
+        .flatten()
+        .map(|b| (b.addr, &b.shape[..]))
+        .collect();
+    assert!(operands.contains(&(logits_at + (2 * vocab * 4) as u64, &[1, vocab][..])), "the head's last row");
+    assert!(!operands.contains(&(logits_at, &[3, vocab][..])), "the head over every row");
     // `v3c emulate` from the command line: the same prefill's logits as the CPU backend's, a dump
     // `dump_compare.py` finds identical to itself (the script's comparison, with the standard library only).
     let (emulated, cli_dump) = (dir.path().join("emulated.safetensors"), dir.path().join("cli-dump"));

@@ -94,8 +94,8 @@ def main():
     results["prefill"] = []
     for tokens in (int(t) for t in filter(None, args.prefill.split(","))):
         try:
-            # The head over the last row (`logits_to_keep=1`, what a server's last chunk needs), then
-            # over every row (0), as v3r's chunk still runs it.
+            # The head over the last row (`logits_to_keep=1`, what a server's last chunk needs and
+            # v3r's runs), then over every row (0), as v3r's chunk ran it until 2026-12-06.
             point = {"tokens": tokens, "context": 0}
             for keep, key in ((1, ""), (0, "_all_rows")):
                 with torch.no_grad():
