@@ -892,6 +892,11 @@ fn check_tensor_core_prefill(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: bo
             worst = worst.max(compare(&format!("prefill after 6 {name}"), &gpu[name], &chunk[name]));
         }
         assert_eq!(argmax(&gpu["logits"]), argmax(&chunk["logits"]));
+        // The same chunk as a prompt's last runs it: the head's GEMM on the last row alone (its A
+        // and output TMA descriptors at that row), the whole run's bits.
+        let last_only = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp", "logits[-1]", v3c_runtime::plan::ONLY_WANTED];
+        let narrowed = emulator.run("prefill", &more, &last_only, None).unwrap();
+        assert_eq!(narrowed["logits[-1]"], gpu["logits"].rows(2, 1), "the last row of a run narrowed to it");
         eprintln!("worst relative difference {worst:.3e}");
         assert!(worst <= tolerance, "{worst}");
         // The 1x128 quantization's |max| scan reads 32 adjacent columns a warp: the norms' shared
