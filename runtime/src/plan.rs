@@ -446,8 +446,9 @@ impl EntryPlan {
     /// its arguments are needed. A row-wise launch ([`Launch::row_wise`]) whose results are needed
     /// by their last row alone runs on that row ([`Launch::last_row`]), and needs only the last
     /// row of its rows-led arguments: a prompt's chunk wanting its last token's logits runs the
-    /// final norm and the head on one row (DeepSeek-V3's head over 4096 rows is 7.6 TFLOP). The
-    /// other outputs, and the other rows of those wanted by their last, are left unwritten.
+    /// head (and, where nothing else reads it, the final norm) on one row; DeepSeek-V3's head over
+    /// 4096 rows is 2 x 7.6 TFLOP (its f32 rows as bf16 hi + lo). The other outputs, and the other
+    /// rows of those wanted by their last, are left unwritten.
     pub fn needing(&self, kept: &[&str], last_rows: &[&str]) -> Option<EntryPlan> {
         let mut need = vec![Need::No; self.buffers.len()];
         let raise = |need: &mut [Need], id: usize, to: Need| {
