@@ -293,17 +293,18 @@ pub fn shaped_like(name: &str, r: usize) -> Option<usize> {
 }
 
 /// Whether `kernel` works row by row ([`v3c_runtime::plan::Launch::row_wise`]): its ops are all
-/// norms, untransposed projections, heads, elementwise ops and per-row quantization, and its inputs
-/// and results are dynamic in their leading dim alone (the rows), every result so. Any other op
-/// (attention, RoPE's positions, routing, a reshape or a split) makes it not row-wise.
+/// norms, projections and heads (their weights static), elementwise ops and per-row (1 x group)
+/// quantization, and its inputs and results are dynamic in their leading dim alone (the rows),
+/// every result so. Any other op (attention, RoPE's positions, routing, a reshape or a split, a
+/// product of two activations) makes it not row-wise.
 pub fn kernel_row_wise(kernel: &OperationRef) -> bool {
-    const ROW_WISE: &[&str] =
-        &["v3.rms_norm", "v3.linear", "v3.fp8_linear", "v3.lm_head", "v3.add", "v3.silu_mul", "v3.quantize_fp8"];
     let Some(block) = kernel.region(0).ok().and_then(|r| r.first_block()) else { return false };
+    let shape = |t: melior::ir::Type| Shape::of(t);
     let rows_only = |t: melior::ir::Type| {
-        Shape::of(t).is_some_and(|s| s.dims.iter().skip(1).all(Option::is_some) && !s.dims.is_empty())
+        shape(t).is_some_and(|s| !s.dims.is_empty() && s.dims.iter().skip(1).all(Option::is_some))
     };
-    let rows_led = |t: melior::ir::Type| Shape::of(t).is_some_and(|s| s.dims.first() == Some(&None));
+    let rows_led = |t: melior::ir::Type| shape(t).is_some_and(|s| s.dims.first() == Some(&None));
+    let fixed = |t: melior::ir::Type| shape(t).is_some_and(|s| s.dims.iter().all(Option::is_some));
     if !(0..block.argument_count()).all(|i| block.argument(i).is_ok_and(|a| rows_only(a.r#type()))) {
         return false;
     }
@@ -311,14 +312,27 @@ pub fn kernel_row_wise(kernel: &OperationRef) -> bool {
     while let Some(o) = op {
         op = o.next_in_block();
         let name = o.name().as_string_ref().as_str().unwrap_or_default().to_string();
+        let operands: Vec<_> = (0..o.operand_count()).filter_map(|k| o.operand(k).ok()).collect();
         if name == "func.return" {
-            let results: Vec<_> = (0..o.operand_count()).filter_map(|k| o.operand(k).ok()).collect();
-            return !results.is_empty() && results.iter().all(|v| rows_only(v.r#type()) && rows_led(v.r#type()));
+            return !operands.is_empty() && operands.iter().all(|v| rows_only(v.r#type()) && rows_led(v.r#type()));
         }
-        let transposed = ["transpose_a", "transpose_b"]
-            .iter()
-            .any(|key| o.attribute(key).ok().and_then(crate::mlir::bool_value).unwrap_or(false));
-        if !ROW_WISE.contains(&name.as_str()) || transposed {
+        // The operands that are rows (the rest: weights, which must be static).
+        let rows = match name.as_str() {
+            "v3.rms_norm" | "v3.lm_head" | "v3.quantize_fp8" => 1,
+            "v3.add" | "v3.silu_mul" => 2,
+            // [x, x_scale?, w, w_scale?]
+            "v3.linear" => {
+                let segments = o.attribute("operandSegmentSizes").map(|a| a.to_string()).unwrap_or_default();
+                let x_scale = segments.split(':').nth(1).and_then(|s| s.split(',').nth(1)).map(|s| s.trim());
+                if x_scale == Some("1") {
+                    2
+                } else {
+                    1
+                }
+            }
+            _ => return false,
+        };
+        if operands.len() < rows || !operands[rows..].iter().all(|v| fixed(v.r#type())) {
             return false;
         }
     }
@@ -415,6 +429,56 @@ mod tests {
             ("grads", vec![vec![(0, 0), (1, 0)]]),
         ];
         let want: Vec<(String, Vec<Vec<(usize, usize)>>)> = want.into_iter().map(|(n, c)| (n.to_string(), c)).collect();
+        assert_eq!(found, want);
+    }
+
+    #[test]
+    fn kernels_of_norms_projections_and_heads_over_their_rows_are_row_wise() {
+        let text = r#"
+  func.func private @head(%x: tensor<?x96xf32>, %n: tensor<96xbf16>, %w: tensor<320x96xbf16>) -> tensor<?x320xf32> {
+    %0 = "v3.rms_norm"(%x, %n) {eps = 1.0e-06 : f32} : (tensor<?x96xf32>, tensor<96xbf16>) -> tensor<?x96xf32>
+    %1 = "v3.lm_head"(%0, %w) : (tensor<?x96xf32>, tensor<320x96xbf16>) -> tensor<?x320xf32>
+    return %1 : tensor<?x320xf32>
+  }
+  func.func private @residual(%x: tensor<?x96xf32>, %w: tensor<96x96xbf16>, %r: tensor<?x96xf32>) -> tensor<?x96xf32> {
+    %0 = "v3.linear"(%x, %w) {operandSegmentSizes = array<i32: 1, 0, 1, 0>} : (tensor<?x96xf32>, tensor<96x96xbf16>) -> tensor<?x96xf32>
+    %1 = "v3.add"(%r, %0) : (tensor<?x96xf32>, tensor<?x96xf32>) -> tensor<?x96xf32>
+    return %1 : tensor<?x96xf32>
+  }
+  func.func private @activation_weight(%x: tensor<?x96xf32>, %w: tensor<?x96xf32>) -> tensor<?x96xf32> {
+    %0 = "v3.linear"(%x, %w) {operandSegmentSizes = array<i32: 1, 0, 1, 0>} : (tensor<?x96xf32>, tensor<?x96xf32>) -> tensor<?x96xf32>
+    return %0 : tensor<?x96xf32>
+  }
+  func.func private @q_rope(%x: tensor<?x48xf32>, %w: tensor<48xbf16>, %p: tensor<?xi64>) -> tensor<?x48xf32> {
+    %0 = "v3.rms_norm"(%x, %w) {eps = 1.0e-06 : f32} : (tensor<?x48xf32>, tensor<48xbf16>) -> tensor<?x48xf32>
+    %1 = "v3.rope"(%0, %p) {attention_factor = 1.0 : f32, dim = 48 : i64, interleave = true, inv_freq = array<f32: 1.0>, theta = 1.0e+04 : f64} : (tensor<?x48xf32>, tensor<?xi64>) -> tensor<?x48xf32>
+    return %1 : tensor<?x48xf32>
+  }
+  func.func private @wide(%x: tensor<?x?xf32>, %y: tensor<?x?xf32>) -> tensor<?x?xf32> {
+    %0 = "v3.add"(%x, %y) : (tensor<?x?xf32>, tensor<?x?xf32>) -> tensor<?x?xf32>
+    return %0 : tensor<?x?xf32>
+  }
+"#;
+        let context = crate::mlir::new_context();
+        v3c_dialects::load(&context).unwrap();
+        let module = crate::mlir::parse_module(&context, text, "kernels.mlir").unwrap();
+        let mut found = Vec::new();
+        let mut f = module.body().first_operation();
+        while let Some(func) = f {
+            found.push((func.attribute("sym_name").map(crate::mlir::attribute_text).unwrap(), kernel_row_wise(&func)));
+            f = func.next_in_block();
+        }
+        let want = [
+            ("head", true),
+            ("residual", true),
+            // A product with another activation's rows mixes rows.
+            ("activation_weight", false),
+            // RoPE is not among the row-wise ops (its positions are rows, but it is left out).
+            ("q_rope", false),
+            // Rows of a dynamic width: a row's bytes are not fixed.
+            ("wide", false),
+        ];
+        let want: Vec<(String, bool)> = want.iter().map(|(n, r)| (n.to_string(), *r)).collect();
         assert_eq!(found, want);
     }
 }
