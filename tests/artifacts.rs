@@ -864,8 +864,20 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
         .collect();
     assert_eq!(points, [(4, 0), (16, 0), (4, 8), (16, 8)]);
     assert!(json["chunks"][3]["tokens_per_s"].as_f64().unwrap() > 0.0 && json["weights"] == "checkpoint", "{json}");
+    assert!(json["chunks"][3].get("all_launches").is_none(), "{json}");
     let default = run_binary_env("v3r", &["bench-prefill", wide.to_str().unwrap(), "--random-weights", "2"], &env);
     assert!(text(&default.stdout).contains("prefill    16 tokens after     0 cached: "), "{}", text(&default.stderr));
+    // Every launch over the whole chunk (the head over every row, the MTP module's tail): the A/B
+    // of what a prompt's last chunk leaves out, marked in the JSON.
+    let every = run_binary_env(
+        "v3r",
+        &[&bench[..], &["--tokens", "4", "--all-launches", "--out", chunks.to_str().unwrap()]].concat(),
+        &env,
+    );
+    assert!(every.status.success(), "{}", text(&every.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&chunks).unwrap()).unwrap();
+    assert_eq!(json["chunks"][0]["all_launches"], true, "{json}");
+    assert!(json["chunks"][0]["median_ms"].as_f64().unwrap() > 0.0, "{json}");
     for (flag, value, said) in [
         (
             "--tokens",

@@ -359,6 +359,12 @@ struct BenchPrefillArgs {
     /// Write the figures as JSON here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Time every launch of the prefill entry, each over the whole chunk: the MTP module's
+    /// attention, experts and head, and the model head over every row (how chunks ran before
+    /// 2026-12-06). By default a chunk runs what a prompt's last chunk runs: the launches its
+    /// caches and its last row of logits need, the head on that row alone.
+    #[arg(long)]
+    all_launches: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -2418,10 +2424,13 @@ fn bench_prefill(args: &BenchPrefillArgs) -> Result<(), Failure> {
             // What a prompt's last chunk runs: its caches written, the last row's logits.
             let logits = format!("logits{}", v3c_runtime::plan::LAST_ROW);
             let caches = plan.bounds.keys().filter(|n| n.starts_with("kv_cache."));
-            let wanted: Vec<&str> =
-                caches.map(String::as_str).chain([logits.as_str(), v3c_runtime::plan::ONLY_WANTED]).collect();
+            let only = (!args.all_launches).then_some(v3c_runtime::plan::ONLY_WANTED);
+            let wanted: Vec<&str> = caches.map(String::as_str).chain([logits.as_str()]).chain(only).collect();
             let what = format!("prefill {t:5} tokens after {context:5} cached");
-            let point = serde_json::json!({"tokens": t, "context": context});
+            let mut point = serde_json::json!({"tokens": t, "context": context});
+            if args.all_launches {
+                point["all_launches"] = true.into();
+            }
             report.push(time_point(
                 program.as_ref(),
                 ("prefill", &inputs, &wanted),
