@@ -372,8 +372,8 @@ mod tests {
     use super::*;
     use melior::ir::block::BlockLike;
 
-    /// The input equalities of each function of `text` (kernels in the `v3` dialect), by name.
-    fn equalities(text: &str) -> Vec<(String, Vec<Vec<(usize, usize)>>)> {
+    /// `of` each function of `text` (kernels in the `v3` dialect), by name.
+    fn each_kernel<T>(text: &str, of: impl Fn(&OperationRef) -> T) -> Vec<(String, T)> {
         let context = crate::mlir::new_context();
         v3c_dialects::load(&context).unwrap();
         let module = crate::mlir::parse_module(&context, text, "kernels.mlir").unwrap();
@@ -381,10 +381,15 @@ mod tests {
         let mut f = module.body().first_operation();
         while let Some(func) = f {
             let name = func.attribute("sym_name").map(crate::mlir::attribute_text).unwrap();
-            found.push((name, kernel_shapes(&func).unwrap().1));
+            found.push((name, of(&func)));
             f = func.next_in_block();
         }
         found
+    }
+
+    /// The input equalities of each function of `text`, by name.
+    fn equalities(text: &str) -> Vec<(String, Vec<Vec<(usize, usize)>>)> {
+        each_kernel(text, |func| kernel_shapes(func).unwrap().1)
     }
 
     #[test]
@@ -459,15 +464,7 @@ mod tests {
     return %0 : tensor<?x?xf32>
   }
 "#;
-        let context = crate::mlir::new_context();
-        v3c_dialects::load(&context).unwrap();
-        let module = crate::mlir::parse_module(&context, text, "kernels.mlir").unwrap();
-        let mut found = Vec::new();
-        let mut f = module.body().first_operation();
-        while let Some(func) = f {
-            found.push((func.attribute("sym_name").map(crate::mlir::attribute_text).unwrap(), kernel_row_wise(&func)));
-            f = func.next_in_block();
-        }
+        let found = each_kernel(text, kernel_row_wise);
         let want = [
             ("head", true),
             ("residual", true),
