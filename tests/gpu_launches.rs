@@ -455,21 +455,7 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     }
     let full = emulator.expander().entry("prefill").unwrap();
     let plan = full.needing(&caches, &["logits"]).unwrap();
-    let (actions, _) =
-        emulator.expander().expand(&plan, v3c_runtime::plan::Sizes::new(3, 6), emulator.bindings(), 132).unwrap();
-    let (_, id) = plan.outputs.iter().find(|(n, _)| n == "logits").unwrap();
-    let logits_at = emulator.bindings().address(&plan.buffers[*id].kind).unwrap();
-    let operands: Vec<(u64, &[usize])> = actions
-        .iter()
-        .filter_map(|a| match a {
-            v3c_runtime::gpu::Action::Kernel(k) => Some(&k.operands),
-            _ => None,
-        })
-        .flatten()
-        .map(|b| (b.addr, &b.shape[..]))
-        .collect();
-    assert!(operands.contains(&(logits_at + (2 * vocab * 4) as u64, &[1, vocab][..])), "the head's last row");
-    assert!(!operands.contains(&(logits_at, &[3, vocab][..])), "the head over every row");
+    assert_head_on_last_row(&emulator, &plan, Sizes::new(3, 6));
     // `v3c emulate` from the command line: the same prefill's logits as the CPU backend's, a dump
     // `dump_compare.py` finds identical to itself (the script's comparison, with the standard library only).
     let (emulated, cli_dump) = (dir.path().join("emulated.safetensors"), dir.path().join("cli-dump"));
@@ -688,6 +674,81 @@ fn moonlight_shaped_models_lower_for_sm90a_and_give_the_cpu_backends_logits() {
             assert!(worst <= 1e-5 * largest, "fp8 {fp8}: {worst} of {largest}");
         }
         std::fs::remove_dir_all(&ckpt).unwrap();
+    }
+}
+
+/// That `plan`'s head, expanded at `sizes`, writes the last row of `logits` alone (an operand of one
+/// row at that row's address, none of every row).
+fn assert_head_on_last_row(
+    emulator: &v3c_compiler::emulate::Emulator,
+    plan: &v3c_runtime::plan::EntryPlan,
+    sizes: Sizes,
+) {
+    let (_, id) = plan.outputs.iter().find(|(n, _)| n == "logits").unwrap();
+    let head = plan.launches.iter().filter(|l| l.results.contains(id)).cloned().collect();
+    let head = v3c_runtime::plan::EntryPlan { launches: head, ..plan.clone() };
+    let (actions, _) = emulator.expander().expand(&head, sizes, emulator.bindings(), 132).unwrap();
+    let logits = &plan.buffers[*id];
+    let at = emulator.bindings().address(&logits.kind).unwrap();
+    let (rows, vocab) = (sizes.rows, logits.shape[1]);
+    let operands: Vec<(u64, &[usize])> = actions
+        .iter()
+        .filter_map(|a| match a {
+            v3c_runtime::gpu::Action::Kernel(k) => Some(&k.operands),
+            _ => None,
+        })
+        .flatten()
+        .map(|b| (b.addr, &b.shape[..]))
+        .collect();
+    assert!(operands.contains(&(at + ((rows - 1) * vocab * 4) as u64, &[1, vocab][..])), "{operands:?}");
+    assert!(!operands.contains(&(at, &[rows, vocab][..])), "the head over every row: {operands:?}");
+}
+
+/// A model without an MTP module whose last layer is dense (the 4-layer slice's end is the same
+/// but for its experts): a prompt's chunk wanting its last row of logits runs the last layer's MLP
+/// — its norm and quantization, SwiGLU, the down projection and residual — the final norm and the
+/// head on that row, each launch's rows, temporaries and TMA descriptors at the last row. (Not the
+/// output projection: its A's 1x128 scales are 8 bytes a row here, two heads of 128, and rows
+/// must start 16-byte aligned; hidden 512 makes the MLP's 16.) Emulated, and with every kernel's
+/// PTX simulated, its row is the whole run's, bit for bit, and so are its caches.
+#[test]
+fn a_chunk_wanting_its_last_row_runs_a_dense_last_layers_tail_on_that_row() {
+    use std::collections::HashMap;
+    use v3c_runtime::host::{HostBuffer, HostData};
+    let dir = tempfile::tempdir().unwrap();
+    let changed =
+        [("num_nextn_predict_layers", 0.into()), ("first_k_dense_replace", 2.into()), ("hidden_size", 512.into())];
+    let ckpt = small_checkpoint_with(dir.path(), true, &changed);
+    let (out, _) = compile_default(&ckpt, dir.path(), &[]);
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let width = checkpoint_config(&ckpt).latent_dim();
+    let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
+    let caches = ["kv_cache.0", "kv_cache.1"];
+    let mut inputs = HashMap::new();
+    inputs.insert("tokens".to_string(), ids(vec![3, 90, 27, 311, 243, 7]));
+    inputs.insert("positions".to_string(), ids((0..6).collect()));
+    for c in caches {
+        inputs.insert(c.to_string(), HostBuffer { shape: vec![0, width], data: HostData::F32(Vec::new()) });
+    }
+    for ptx in [false, true] {
+        let context = v3c_compiler::mlir::new_context();
+        let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+        let mut emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+        if ptx {
+            emulator.simulate_ptx(v3c_compiler::emulate::Checks { reversed: false, races: true });
+        }
+        let plan = emulator.expander().entry("prefill").unwrap().needing(&caches, &["logits"]).unwrap();
+        let narrowed: Vec<&str> = plan.launches.iter().filter(|l| l.last_row).map(|l| l.kernel.as_str()).collect();
+        assert_eq!(narrowed, ["norm_quantize_0", "swiglu_0", "gemm_residual_1", "rms_norm_0", "lm_head_0"]);
+        assert_head_on_last_row(&emulator, &plan, Sizes::new(6, 0));
+        let whole = emulator.run("prefill", &inputs, &["logits", "kv_cache.0", "kv_cache.1"], None).unwrap();
+        let last_only = ["kv_cache.0", "kv_cache.1", "logits[-1]", v3c_runtime::plan::ONLY_WANTED];
+        let last = emulator.run("prefill", &inputs, &last_only, None).unwrap();
+        assert_eq!(last["logits[-1]"], whole["logits"].rows(5, 1), "ptx {ptx}");
+        for c in caches {
+            assert_eq!(last[c], whole[c], "{c}, ptx {ptx}");
+        }
     }
 }
 
