@@ -197,6 +197,7 @@ fn v3r_info_validates_artifacts_file_by_file() {
         "kernels: 17 (every file's sha256 verified)",
         "runs here: yes",
         " launches of 17 kernels at the planned sizes, each as its kernel's code says it takes",
+        "a prompt's last chunk (its caches, its last row of logits): 40 launches, on its last row alone: lm_head_0",
     ] {
         assert!(report.contains(want), "{want}: {report}");
     }
@@ -1862,6 +1863,13 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         "{stdout}"
     );
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
+    // A prompt's last chunk: the MTP module's tail left out, the head on the chunk's last row.
+    assert!(
+        stdout.contains(
+            "\n  a prompt's last chunk (its caches, its last row of logits): 618 launches, on its last row alone: lm_head_0\n"
+        ),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(
             "tokens picked on the device: greedy by rows_argmax_d129280_t1024, sampled by rows_sample_d129280_t256"

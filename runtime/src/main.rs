@@ -907,6 +907,18 @@ fn info(args: &InfoArgs) -> Result<(), String> {
         if e.bounds.contains_key(v3c_runtime::plan::PAGE_POOL) {
             entry["cache_pool_pages"] = e.sizes.pages.into();
         }
+        // What a prompt's last chunk runs: its caches and the last row of its logits.
+        let last_chunk = (e.name == "prefill" && e.outputs.iter().any(|(n, _)| n == "logits")).then(|| {
+            let caches: Vec<&str> =
+                e.outputs.iter().map(|(n, _)| n.as_str()).filter(|n| n.starts_with("kv_cache.")).collect();
+            let short = e.needing(&caches, &["logits"]);
+            let launches = short.as_ref().map_or(&e.launches, |p| &p.launches);
+            let on_row: Vec<&str> = launches.iter().filter(|l| l.last_row).map(|l| l.kernel.as_str()).collect();
+            (launches.len(), on_row.join(", "))
+        });
+        if let Some((launches, on_row)) = &last_chunk {
+            entry["last_chunk"] = serde_json::json!({ "launches": launches, "on_last_row": on_row });
+        }
         entries.push(entry);
         // Caches other than f32: how the entry's attention reads them.
         let pages = a.lowering.as_ref().and_then(|l| l.cache_rows_multiple);
@@ -940,6 +952,13 @@ fn info(args: &InfoArgs) -> Result<(), String> {
             e.sizes.rows,
             e.sizes.context
         ));
+        if let Some((launches, on_row)) = last_chunk {
+            let on_row = if on_row.is_empty() { "none".to_string() } else { on_row };
+            line(format!(
+                "  a prompt's last chunk (its caches, its last row of logits): {launches} launches, on its last \
+                 row alone: {on_row}"
+            ));
+        }
     }
     put("entries", entries.into());
     line(format!("kernels: {} (every file's sha256 verified)", m.kernels.len()));
