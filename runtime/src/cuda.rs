@@ -479,10 +479,7 @@ impl GpuArtifact {
         let mut held = std::mem::take(&mut *self.held.borrow_mut());
         held.check_resident(entry, plan, inputs, resident)?;
         *self.last_inputs.borrow_mut() = None;
-        let key = match pruned {
-            Some(_) => crate::plan::run_label(entry, wanted, carry),
-            None => entry.to_string(),
-        };
+        let key = stage_key(entry, pruned.is_some(), wanted, carry);
         let staged = self.stage(plan, &key, inputs, resident)?;
         let sync_each = std::env::var("V3R_SYNC_EACH").is_ok_and(|v| v == "1");
         let graphs = self.graphs(entry);
@@ -580,7 +577,7 @@ impl GpuArtifact {
         crate::cpu::check_id_inputs(inputs, self.vocab)?;
         let shapes: InputShapes = inputs.iter().map(|(n, b)| (n.clone(), b.shape.clone())).collect();
         // Taken out until the inputs are uploaded: a failed run stages anew.
-        let (again, replaced) = match self.staged.borrow_mut().take(&key, &shapes) {
+        let (again, replaced) = match self.staged.borrow_mut().take(key, &shapes) {
             Ok(run) => (Some(run), None),
             Err(replaced) => (None, replaced),
         };
@@ -603,7 +600,7 @@ impl GpuArtifact {
             unsafe { result::memcpy_htod_sync(dst, &bytes) }.map_err(cuda(&format!("uploading input {name}")))?;
         }
         if let Some(staged) = again {
-            self.staged.borrow_mut().keep(&key, shapes, staged.clone());
+            self.staged.borrow_mut().keep(key, shapes, staged.clone());
             return Ok(staged);
         }
         // Tensor maps: all of the run's in one upload.
@@ -629,7 +626,7 @@ impl GpuArtifact {
             unsafe { result::memcpy_htod_sync(maps.ptr, &encoded) }.map_err(cuda("uploading tensor maps"))?;
         }
         let staged = std::rc::Rc::new(Staged { actions, maps_base: maps.ptr, first_map, maps });
-        self.staged.borrow_mut().keep(&key, shapes, staged.clone());
+        self.staged.borrow_mut().keep(key, shapes, staged.clone());
         Ok(staged)
     }
 
@@ -935,10 +932,7 @@ impl GpuArtifact {
         let full = self.entry_plan(entry)?;
         let pruned = self.run_plans.get(full, wanted, &[]);
         let plan = pruned.as_deref().unwrap_or(full);
-        let key = match pruned {
-            Some(_) => crate::plan::run_label(entry, wanted, &[]),
-            None => entry.to_string(),
-        };
+        let key = stage_key(entry, pruned.is_some(), wanted, &[]);
         let staged = self.stage(plan, &key, inputs, &[])?;
         let graphs = self.graphs(entry);
         let event = |what: &str| result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(cuda(what));
@@ -1176,6 +1170,15 @@ impl ScoreLayout {
             crate::session::Scores { row, top: (0..alternatives).map_while(alternative).collect() }
         };
         (0..self.rows).map(row).collect()
+    }
+}
+
+/// What a run of `entry` is staged under ([`GpuArtifact::stage`]): the entry's name for its whole
+/// plan, what the run keeps for a plan left short (`pruned`; [`crate::plan::run_label`]).
+fn stage_key(entry: &str, pruned: bool, wanted: &[&str], carry: &[&str]) -> String {
+    match pruned {
+        true => crate::plan::run_label(entry, wanted, carry),
+        false => entry.to_string(),
     }
 }
 
