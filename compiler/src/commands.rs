@@ -689,6 +689,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let done = std::sync::atomic::AtomicUsize::new(0);
     let mut choose = v3c_compiler::tune::ModelChooser::new(&device, db.as_ref());
+    // Prefill GEMMs get kernels of their own for runs of fewer rows, as many as the plan's rows reach.
+    choose.prefill_rows = v3c_compiler::tune::prefill_rows(o.sizes.rows);
     if o.attention.fp8_cache && sm90::CacheFormats::of(&module, o.attention).decode != sm90::rows::CacheRows::Fp8 {
         return Err(
             "--kv-cache fp8: the fp8 cache is read by the tensor-core decode attention, and this model's decode \
@@ -751,24 +753,33 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     let mut reported = std::collections::HashSet::new();
     // What the manifest records of each choice.
     let mut choices = Vec::new();
-    let mut chose = |kernel: &str, dims: String, signature: String, regime: &str, config: &str, source: &str| {
-        eprintln!("compile: {kernel} ({dims}) {regime} -> {config} [{source}]");
-        choices.push(v3c_runtime::artifact::TuningChoice {
-            kernel: kernel.to_string(),
-            signature,
-            regime: regime.to_string(),
-            config: config.to_string(),
-            source: source.to_string(),
-        });
-    };
-    for (g, [decode, prefill]) in lowered.gemms.iter().map(|(g, k)| (g, k)).chain(step_gemms) {
+    // (`regime`: and with prefill's kernels for smaller runs, the most rows this one takes.)
+    let mut chose =
+        |kernel: &str, dims: String, signature: String, regime: (&str, Option<usize>), config: &str, source: &str| {
+            let (regime, up_to_rows) = regime;
+            let rows = up_to_rows.map_or(String::new(), |r| format!(" up to {r} rows"));
+            eprintln!("compile: {kernel} ({dims}) {regime}{rows} -> {config} [{source}]");
+            choices.push(v3c_runtime::artifact::TuningChoice {
+                kernel: kernel.to_string(),
+                signature,
+                regime: regime.to_string(),
+                up_to_rows,
+                config: config.to_string(),
+                source: source.to_string(),
+            });
+        };
+    for (g, kernels) in lowered.gemms.iter().map(|(g, k)| (g, k)).chain(step_gemms) {
         if !reported.insert(&g.kernel) {
             continue;
         }
-        // The regimes its entries run it in (a configuration was chosen for those only).
-        for (regime, m, kernel) in
-            [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
-        {
+        // The regimes its entries run it in (a configuration was chosen for those only), and
+        // prefill's smaller runs.
+        let under = kernels.prefill_under.iter().map(|(m, k)| (("prefill", Some(*m)), *m, k));
+        let regimes = [
+            (("decode", None), v3c_compiler::tune::DECODE_M, &kernels.decode),
+            (("prefill", None), v3c_compiler::tune::PREFILL_M, &kernels.prefill),
+        ];
+        for (regime, m, kernel) in regimes.into_iter().chain(under) {
             if let Some(source) = choose.source_of(&g.kernel, m, kernel) {
                 let signature = v3c_compiler::tune::GemmShape::of(g, m).signature();
                 chose(&g.kernel, g.dims(), signature, regime, kernel, &source);
@@ -782,7 +793,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             let (kernel, heads, _) = step.kernel.attention().expect("an attention launch");
             let key = v3c_compiler::tune::ModelChooser::attention_key(fused, &shape);
             if let Some(source) = choose.source_of(&key, shape.rows(), &kernel) {
-                chose(fused, format!("{heads} heads"), shape.signature(), shape.regime(), &kernel, &source);
+                chose(fused, format!("{heads} heads"), shape.signature(), (shape.regime(), None), &kernel, &source);
             }
         }
     }
@@ -799,16 +810,17 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             }
         })
     });
-    for (name, [decode, prefill], kernel) in tuned_rows.chain(step_rows) {
-        for (regime, m, config) in
-            [("decode", v3c_compiler::tune::DECODE_M, decode), ("prefill", v3c_compiler::tune::PREFILL_M, prefill)]
-        {
+    for (name, kernels, kernel) in tuned_rows.chain(step_rows) {
+        for (regime, m, config) in [
+            ("decode", v3c_compiler::tune::DECODE_M, &kernels.decode),
+            ("prefill", v3c_compiler::tune::PREFILL_M, &kernels.prefill),
+        ] {
             let (Some(source), Some(shape)) =
                 (choose.source_of(&name, m, config), v3c_compiler::tune::rows::RowShape::of(kernel, m))
             else {
                 continue;
             };
-            chose(&name, format!("d {}", kernel.d), shape.signature(), regime, config, &source);
+            chose(&name, format!("d {}", kernel.d), shape.signature(), (regime, None), config, &source);
         }
     }
     // The sampling argmax: one kernel, its width for decode's rows.
@@ -817,11 +829,15 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         argmax.as_ref().and_then(|k| Some((k, choose.source_of(sm90::ARGMAX, m, &k.kernel_name())?)))
     {
         let signature = v3c_compiler::tune::rows::RowShape::of(k, m).map(|s| s.signature()).unwrap_or_default();
-        chose(sm90::ARGMAX, format!("d {}", k.d), signature, "decode", &k.kernel_name(), &source);
+        chose(sm90::ARGMAX, format!("d {}", k.d), signature, ("decode", None), &k.kernel_name(), &source);
     }
     // A kernel per regime, as the regimes it runs in (a configuration was chosen for those only).
-    let regimes = |name: &str, [decode, prefill]: &[String; 2]| {
+    let regimes = |name: &str, kernels: &sm90::RegimeKernels| {
         let ran = |m: usize| choose.source(name, m).is_some();
+        let (decode, mut prefill) = (&kernels.decode, kernels.prefill.clone());
+        for (rows, kernel) in &kernels.prefill_under {
+            prefill.push_str(&format!("; up to {rows} rows {kernel}"));
+        }
         match (ran(v3c_compiler::tune::DECODE_M), ran(v3c_compiler::tune::PREFILL_M)) {
             (true, false) => format!("decode {decode}"),
             (false, true) => format!("prefill {prefill}"),
@@ -855,8 +871,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .enumerate()
             .map(|(i, (step, gemm))| {
                 // A step of one regime: its kernel there.
-                let per_regime = |name: &str, kernels: &[String; 2]| match step.only {
-                    Some(r) => format!("{} only {}", r.name(), kernels[r.index()]),
+                let per_regime = |name: &str, kernels: &sm90::RegimeKernels| match step.only {
+                    Some(r) => format!("{} only {}", r.name(), kernels.of(r)),
                     None => regimes(name, kernels),
                 };
                 match (&step.kernel, gemm) {
@@ -969,13 +985,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
 /// (`regimes`: its [decode, prefill] kernels, when decode's takes other rows a block).
 fn row_blocks(
     k: &v3c_compiler::conversion::sm90::rows::RowKernel,
-    regimes: Option<&[String; 2]>,
+    regimes: Option<&v3c_compiler::conversion::sm90::RegimeKernels>,
 ) -> v3c_runtime::lowering::Blocks {
     use v3c_compiler::conversion::sm90::rows::RowKernel;
     let position = k.rows_argument().and_then(|rows| k.arguments().iter().position(|(n, _)| *n == rows));
     let rows_of = |name: &String| RowKernel::from_name(name).map(|r| r.rows_per_block());
     let (decode, prefill) = match regimes {
-        Some([decode, prefill]) => (rows_of(decode), rows_of(prefill)),
+        Some(k) => (rows_of(&k.decode), rows_of(&k.prefill)),
         None => (None, None),
     };
     let rows_per_block = prefill.unwrap_or_else(|| k.rows_per_block());
@@ -1129,7 +1145,7 @@ fn write_gpu_artifact(
     let mut fused = Vec::new();
     // A single GEMM: its operands are the fused kernel's arguments in the GEMM's roles, then its
     // output (the result, or a temporary whose column ranges are the results).
-    for (g, [decode, prefill]) in &lowered.gemms {
+    for (g, kernels) in &lowered.gemms {
         let mut operands = vec![OperandSpec::Arg(g.a)];
         let a_scale = g.a_scale.map(|s| {
             operands.push(OperandSpec::Arg(s));
@@ -1167,7 +1183,7 @@ fn write_gpu_artifact(
         fused.push(FusedLowering {
             fused: g.kernel.clone(),
             launches: vec![LaunchSpec {
-                kernel: KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
+                kernel: kernels.choice(),
                 operands,
                 blocks: Blocks::GemmUnits,
                 gemm: Some(gemm_spec(g, weights, 0, a_scale, residual)),
@@ -1179,8 +1195,8 @@ fn write_gpu_artifact(
         });
     }
     // A kernel, or (a tuned reduction) one per regime.
-    let choice = |one: String, regimes: Option<&[String; 2]>| match regimes {
-        Some([decode, prefill]) => KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
+    let choice = |one: String, regimes: Option<&v3c_compiler::conversion::sm90::RegimeKernels>| match regimes {
+        Some(kernels) => kernels.choice(),
         None => KernelChoice::One(one),
     };
     for (name, launch) in &lowered.rows {
@@ -1213,8 +1229,8 @@ fn write_gpu_artifact(
                     attention: None,
                     only: step.only,
                 },
-                (StepKernel::Gemm(g), Some([decode, prefill])) => LaunchSpec {
-                    kernel: KernelChoice::PerRegime { decode: decode.clone(), prefill: prefill.clone() },
+                (StepKernel::Gemm(g), Some(kernels)) => LaunchSpec {
+                    kernel: kernels.choice(),
                     operands,
                     blocks: Blocks::GemmUnits,
                     gemm: Some(gemm_spec(g, g.weights.clone(), g.a, g.a_scale, g.residual)),

@@ -678,6 +678,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
     let h200 = target::DeviceModel::by_name("H200").unwrap();
     let mut choose = v3c_compiler::tune::ModelChooser::new(&h200, None);
+    // As `v3c compile` plans it: prefill chunks of up to 4096 rows, its GEMMs picked again for fewer.
+    choose.prefill_rows = v3c_compiler::tune::prefill_rows(v3c_compiler::tune::PREFILL_M);
     let attention = sm90::AttentionKernels::default();
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (lowered, ()) = sm90::compile_model(
@@ -703,13 +705,28 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert!(gemm("gemm_residual_1").is_some());
     // The cost model's picks: decode kernels on 64-row tiles (split K where the tiles are too few
     // to stream the weights on every SM), prefill kernels with two consumer warpgroups.
-    for (g, [decode, prefill]) in &lowered.gemms {
+    // Smaller prefill runs: kernels of their own where the cost model picks others for their rows,
+    // each bound's differing from the next larger's.
+    for (g, kernels) in &lowered.gemms {
+        let (decode, prefill) = (&kernels.decode, &kernels.prefill);
         let (d, p) = (GemmConfig::from_name(decode).unwrap(), GemmConfig::from_name(prefill).unwrap());
         assert_eq!(d.block_m, 64, "{}: {decode}", g.kernel);
         assert!(p.consumers == 2 && !p.split_k, "{}: {prefill}", g.kernel);
         assert_eq!((d.residual, p.residual), (g.residual.is_some(), g.residual.is_some()));
+        let bounds: Vec<usize> = kernels.prefill_under.iter().map(|(rows, _)| *rows).collect();
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]) && bounds.iter().all(|&b| (64..4096).contains(&b)));
+        let mut next = kernels.prefill_under.iter().map(|(_, k)| k).skip(1).chain([prefill]);
+        for (rows, kernel) in &kernels.prefill_under {
+            assert_ne!(Some(kernel), next.next(), "{} up to {rows} rows", g.kernel);
+            assert_eq!(GemmConfig::from_name(kernel).unwrap().residual, g.residual.is_some());
+        }
     }
-    let (_, [proj_decode, _]) = &lowered.gemms[0];
+    // The q_a | kv_a projection (N 2112) at 128 rows: 17 tiles of 256 rows would leave the
+    // SMs idle, its own pick splits K.
+    let (_, proj_kernels) = &lowered.gemms[0];
+    let (_, at_128) = &proj_kernels.prefill_under.iter().find(|(rows, _)| *rows >= 128).unwrap();
+    assert!(GemmConfig::from_name(at_128).unwrap().split_k, "{proj_kernels:?}");
+    let proj_decode = &proj_kernels.decode;
     assert!(GemmConfig::from_name(proj_decode).unwrap().split_k, "17 tiles of N 2112 need a K split: {proj_decode}");
     for k in lowered.kernels.iter().filter(|k| k.name.starts_with("gemm_")) {
         assert!(k.ptx.contains("wgmma.mma_async"), "{}", k.name);
@@ -819,7 +836,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(head.steps.len(), 2);
     let StepKernel::Gemm(g) = &head.steps[1].kernel else { panic!("a GEMM") };
     assert_eq!((g.n, g.k, g.a, g.a2), (129280, 7168, 0, Some(1)));
-    assert!(picks[1].as_ref().unwrap().iter().all(|k| k.trim_end_matches("_kp").ends_with("_a2")), "{:?}", picks[1]);
+    let head_kernels = picks[1].as_ref().unwrap();
+    assert!(head_kernels.names().iter().all(|k| k.trim_end_matches("_kp").ends_with("_a2")), "{head_kernels:?}");
     let (dispatch, picks) = compound("moe_dispatch_0").expect("routing lowers to launches");
     // Decode: the logits' pieces on the CUDA cores, the selection summing them. Prefill: the
     // activations split into bf16 hi + lo, the gate's dual-A GEMM into whole logits, the selection
@@ -829,7 +847,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     assert_eq!(only, [decode, decode, prefill, prefill, prefill, None]);
     let StepKernel::Gemm(g) = &dispatch.steps[3].kernel else { panic!("the gate's GEMM") };
     assert_eq!((g.n, g.k, g.a, g.a2, &g.weights[..]), (256, 7168, 0, Some(1), &[(2, None)][..]));
-    assert!(picks[3].as_ref().unwrap()[1].trim_end_matches("_kp").ends_with("_a2"), "{:?}", picks[3]);
+    assert!(picks[3].as_ref().unwrap().prefill.trim_end_matches("_kp").ends_with("_a2"), "{:?}", picks[3]);
     let names: Vec<String> = [0, 1, 2, 4]
         .map(|i| match &dispatch.steps[i].kernel {
             StepKernel::Row(k) => k.kernel_name(),
@@ -846,8 +864,8 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
         ]
     );
     // The decode-only rows launch decode's forms (a token a block), the prefill-only selection prefill's.
-    assert_eq!(picks[1].as_ref().unwrap()[0], "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256");
-    assert_eq!(picks[4].as_ref().unwrap()[1], "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1");
+    assert_eq!(picks[1].as_ref().unwrap().decode, "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256");
+    assert_eq!(picks[4].as_ref().unwrap().prefill, "rows_route_e256_k8_g8_kg4_s2p5e0_norm_t256_b8_p1");
     // The MoE grouped GEMMs: the tokens' rows copied into expert order, the contiguous gate|up over
     // 257 groups (256 routed + 1 shared), then the down projection scattering into the residual.
     let (gate_up, picks) = compound("moe_gate_up_quantize_0").expect("the gate/up grouped GEMM");
@@ -857,12 +875,12 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     let gr = g.grouped.as_ref().unwrap();
     assert_eq!((g.n, g.k, gr.groups, gr.routed, gr.weights.len()), (4096, 7168, 257, 256, 2));
     assert_eq!(gr.grouping, v3c_compiler::conversion::sm90::gemm::GemmGrouping::Contiguous);
-    assert!(picks[1].as_ref().unwrap()[0].trim_end_matches("_kp").ends_with("_contig"), "{:?}", picks[1]);
+    assert!(picks[1].as_ref().unwrap().decode.trim_end_matches("_kp").ends_with("_contig"), "{:?}", picks[1]);
     let (down, picks) = compound("moe_down_0").expect("the down grouped GEMM");
     let StepKernel::Gemm(g) = &down.steps[1].kernel else { panic!("a GEMM") };
     assert!(g.grouped.as_ref().unwrap().scatter && g.grouped.as_ref().unwrap().row_scale.is_some());
     assert!(
-        picks[1].as_ref().unwrap()[0].trim_end_matches("_kp").ends_with("_contig_rowscale_scatter"),
+        picks[1].as_ref().unwrap().decode.trim_end_matches("_kp").ends_with("_contig_rowscale_scatter"),
         "{:?}",
         picks[1]
     );

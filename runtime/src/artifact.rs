@@ -150,6 +150,10 @@ pub struct TuningChoice {
     pub signature: String,
     /// `decode` or `prefill`.
     pub regime: String,
+    /// Prefill's kernel for runs of at most this many rows (a GEMM's smaller prefill runs,
+    /// [`crate::lowering::KernelChoice::PerRegime`]'s `prefill_under`); absent: the regime's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_to_rows: Option<usize>,
     /// The kernel compiled (`gemm_fp8_f32_64x128x128_s4`, `mla_decode_kv512_r64_p64_s2`).
     pub config: String,
     pub source: String,

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::abi::{element_name, memref, memref_into, Buf, GemmOperands, KernelAbi, KernelLaunch, SplitScratch};
 use crate::artifact::Artifact;
 use crate::host::{HostBuffer, HostData};
-use crate::lowering::{Blocks, FusedLowering, KernelChoice, LaunchSpec, OperandSpec, Regime, RopeTableSpec};
+use crate::lowering::{Blocks, FusedLowering, LaunchSpec, OperandSpec, Regime, RopeTableSpec};
 use crate::plan::{shape_at, BufferKind, EntryPlan, Sizes, ARENA_ALIGN};
 use crate::prepare::Stacked;
 
@@ -480,16 +480,8 @@ impl<'a> Expander<'a> {
                         }
                     });
                 }
-                let kernel = match &spec.kernel {
-                    KernelChoice::One(k) => k.as_str(),
-                    KernelChoice::PerRegime { decode: d, prefill: p } => {
-                        if decode {
-                            d.as_str()
-                        } else {
-                            p.as_str()
-                        }
-                    }
-                };
+                // A GEMM picked per prefill rows: the kernel for this run's rows.
+                let kernel = spec.kernel.for_run(regime, if l.last_row { sizes.rows.min(1) } else { sizes.rows });
                 let abi = self.abis.get(kernel).ok_or_else(|| at(format!("kernel {kernel} is not in the manifest")))?;
                 match abi {
                     KernelAbi::Memrefs { ranks } => {
@@ -687,6 +679,9 @@ impl<'a> Expander<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExpansionCheck {
     pub launches: usize,
+    /// Prefill runs checked beside the planned sizes: at each row count below which a GEMM
+    /// launches another kernel ([`crate::lowering::KernelChoice::prefill_bounds`]).
+    pub smaller_runs: usize,
     pub kernels: usize,
     pub weight_bytes: usize,
     pub prepared_bytes: usize,
@@ -757,7 +752,17 @@ impl Expander<'_> {
             let ptx = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             declared.insert(&k.name, crate::abi::ptx_entry_params(&ptx, &k.name)?);
         }
-        let planned: Vec<(&str, Sizes)> = artifact.plan.entries.iter().map(|e| (e.name.as_str(), e.sizes)).collect();
+        let mut planned: Vec<(&str, Sizes)> =
+            artifact.plan.entries.iter().map(|e| (e.name.as_str(), e.sizes)).collect();
+        // And each prefill entry at the rows below which its GEMMs launch smaller kernels.
+        let bounds: std::collections::BTreeSet<usize> =
+            (self.fused.values()).flat_map(|f| f.launches.iter().flat_map(|l| l.kernel.prefill_bounds())).collect();
+        for e in artifact.plan.entries.iter().filter(|e| Regime::of_entry(&e.name) == Regime::Prefill) {
+            let below = bounds.iter().filter(|&&rows| rows < e.sizes.rows);
+            let before = planned.len();
+            planned.extend(below.map(|&rows| (e.name.as_str(), Sizes { rows, ..e.sizes })));
+            report.smaller_runs += planned.len() - before;
+        }
         let mut kernels = std::collections::BTreeSet::new();
         for &(entry, at) in planned.iter().chain(more) {
             let plan = self.entry(entry)?;

@@ -171,15 +171,62 @@ impl FusedLowering {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum KernelChoice {
     One(String),
-    PerRegime { decode: String, prefill: String },
+    PerRegime {
+        decode: String,
+        prefill: String,
+        /// A GEMM's kernels for prefill runs of fewer rows, by the most rows each takes, ascending:
+        /// a run of `R` rows (1 on its last row alone) launches the first whose `rows` is at least
+        /// `R`, else `prefill` (picked for the regime's most rows). A prompt's short chunk, a speculative
+        /// draft's few tokens and a chunk's head on its last row then run tiles and K splits picked
+        /// for their rows. A reader that ignores it launches `prefill` at every size: slower, the
+        /// same results.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        prefill_under: Vec<RowsKernel>,
+    },
+}
+
+/// A kernel for runs of at most `rows` rows ([`KernelChoice::PerRegime`]'s `prefill_under`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowsKernel {
+    pub rows: usize,
+    pub kernel: String,
 }
 
 impl KernelChoice {
+    /// A kernel per regime, and none for smaller prefill runs.
+    pub fn per_regime(decode: impl Into<String>, prefill: impl Into<String>) -> KernelChoice {
+        KernelChoice::PerRegime { decode: decode.into(), prefill: prefill.into(), prefill_under: Vec::new() }
+    }
+
     /// Every kernel name it may launch.
     pub fn names(&self) -> Vec<&str> {
         match self {
             KernelChoice::One(k) => vec![k],
-            KernelChoice::PerRegime { decode, prefill } => vec![decode, prefill],
+            KernelChoice::PerRegime { decode, prefill, prefill_under } => {
+                let mut names = vec![decode.as_str(), prefill.as_str()];
+                names.extend(prefill_under.iter().map(|k| k.kernel.as_str()));
+                names
+            }
+        }
+    }
+
+    /// The kernel a run in `regime` over `rows` rows launches.
+    pub fn for_run(&self, regime: Regime, rows: usize) -> &str {
+        match self {
+            KernelChoice::One(k) => k,
+            KernelChoice::PerRegime { decode, .. } if regime == Regime::Decode => decode,
+            KernelChoice::PerRegime { prefill, prefill_under, .. } => {
+                prefill_under.iter().find(|k| rows <= k.rows).map_or(prefill, |k| &k.kernel)
+            }
+        }
+    }
+
+    /// The most rows of a prefill run below which it launches another kernel than at the planned
+    /// rows: what an expansion check must also reach.
+    pub fn prefill_bounds(&self) -> Vec<usize> {
+        match self {
+            KernelChoice::One(_) => Vec::new(),
+            KernelChoice::PerRegime { prefill_under, .. } => prefill_under.iter().map(|k| k.rows).collect(),
         }
     }
 }
@@ -745,9 +792,36 @@ mod tests {
     }
 
     #[test]
+    fn a_prefill_run_launches_the_kernel_picked_for_its_rows() {
+        use super::*;
+        let under = [(64, "gemm_s"), (512, "gemm_m")].map(|(rows, k)| RowsKernel { rows, kernel: k.into() });
+        let choice = KernelChoice::PerRegime {
+            decode: "gemm_d".into(),
+            prefill: "gemm_l".into(),
+            prefill_under: under.to_vec(),
+        };
+        let prefill = |rows| choice.for_run(Regime::Prefill, rows);
+        assert_eq!(
+            [prefill(1), prefill(64), prefill(65), prefill(512), prefill(513), prefill(4096)],
+            ["gemm_s", "gemm_s", "gemm_m", "gemm_m", "gemm_l", "gemm_l"]
+        );
+        // Decode's kernel whatever the rows; the bounds an expansion check reaches; every name.
+        assert_eq!((choice.for_run(Regime::Decode, 1), choice.for_run(Regime::Decode, 4096)), ("gemm_d", "gemm_d"));
+        assert_eq!(choice.prefill_bounds(), [64, 512]);
+        assert_eq!(choice.names(), ["gemm_d", "gemm_l", "gemm_s", "gemm_m"]);
+        // Written only where there are smaller kernels; a lowering without them reads back as none.
+        let text = serde_json::to_string(&choice).unwrap();
+        assert!(text.contains(r#""prefill_under":[{"rows":64,"kernel":"gemm_s"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<KernelChoice>(&text).unwrap(), choice);
+        let plain = KernelChoice::per_regime("gemm_d", "gemm_l");
+        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"PerRegime":{"decode":"gemm_d","prefill":"gemm_l"}}"#);
+        assert_eq!((plain.for_run(Regime::Prefill, 1), plain.prefill_bounds()), ("gemm_l", vec![]));
+    }
+
+    #[test]
     fn launches_must_name_listed_kernels_and_defined_operands() {
         let launch = |kernel: &str, operands: Vec<OperandSpec>| LaunchSpec {
-            kernel: KernelChoice::PerRegime { decode: kernel.into(), prefill: "gemm_b".into() },
+            kernel: KernelChoice::per_regime(kernel, "gemm_b"),
             operands,
             blocks: Blocks::GemmUnits,
             gemm: None,

@@ -1017,8 +1017,12 @@ fn info(args: &InfoArgs) -> Result<(), String> {
                     }),
                 );
                 let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                let smaller = match c.smaller_runs {
+                    0 => String::new(),
+                    n => format!(" and {n} smaller prefill runs' (where GEMMs take kernels picked for fewer rows)"),
+                };
                 line(format!(
-                    "launches: {} template launches of {} kernels at the planned sizes, each as its PTX declares",
+                    "launches: {} template launches of {} kernels at the planned sizes{smaller}, each as its PTX declares",
                     c.launches, c.kernels
                 ));
                 line(format!(
@@ -1056,7 +1060,11 @@ fn info(args: &InfoArgs) -> Result<(), String> {
     for c in &m.tuning.choices {
         // The source's first clause: `tuning database: 0.0150 ms measured on H200 ...` or `cost model: ...`.
         let source = c.source.split(" at ").next().unwrap_or_default();
-        line(format!("  {} {} [{}] -> {} ({source})", c.regime, c.kernel, c.signature, c.config));
+        let regime = match c.up_to_rows {
+            Some(rows) => format!("{} (up to {rows} rows)", c.regime),
+            None => c.regime.clone(),
+        };
+        line(format!("  {regime} {} [{}] -> {} ({source})", c.kernel, c.signature, c.config));
     }
     if let Some(t) = &m.training {
         put("training", serde_json::to_value(t).unwrap_or_default());

@@ -245,16 +245,57 @@ pub fn compile_attention(
 /// Orders the configurations to try for each tunable kernel of a model ([`crate::tune::ModelChooser`]:
 /// the cost model and the tuning database).
 pub trait Chooser {
-    /// GEMM `kernel` at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`]).
+    /// GEMM `kernel` at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`],
+    /// or one of [`Chooser::prefill_rows`]).
     fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig>;
+    /// The rows below [`crate::tune::PREFILL_M`] at which a GEMM prefill runs gets kernels of its
+    /// own, ascending ([`RegimeKernels::prefill_under`]); none: prefill's kernel at every size.
+    fn prefill_rows(&self) -> Vec<usize> {
+        Vec::new()
+    }
     /// The attention launch of fused kernel `fused` on `shape`.
     fn attention(&mut self, fused: &str, shape: &AttentionShape) -> Vec<AttentionConfig>;
     /// The reduction `name` (a fused row kernel, or `<fused>.<step>`) on `shape`.
     fn rows(&mut self, name: &str, shape: &RowShape) -> Vec<rows::RowKernel>;
 }
 
-/// The kernels of one GEMM for [decode, prefill].
-pub type RegimeKernels = [String; 2];
+/// The kernels of one GEMM (or a reduction the tuner widens) per regime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegimeKernels {
+    pub decode: String,
+    pub prefill: String,
+    /// A GEMM's kernels for prefill runs of fewer rows: (the most rows each takes, kernel),
+    /// ascending, each differing from the next larger one's ([`Chooser::prefill_rows`];
+    /// [`v3c_runtime::lowering::KernelChoice::PerRegime`]).
+    pub prefill_under: Vec<(usize, String)>,
+}
+
+impl RegimeKernels {
+    /// The kernel of `regime` (prefill's at its most rows).
+    pub fn of(&self, regime: v3c_runtime::lowering::Regime) -> &str {
+        match regime {
+            v3c_runtime::lowering::Regime::Decode => &self.decode,
+            v3c_runtime::lowering::Regime::Prefill => &self.prefill,
+        }
+    }
+
+    /// Every kernel it names.
+    pub fn names(&self) -> Vec<&str> {
+        let under = self.prefill_under.iter().map(|(_, k)| k.as_str());
+        [self.decode.as_str(), self.prefill.as_str()].into_iter().chain(under).collect()
+    }
+
+    /// How the lowering names them.
+    pub fn choice(&self) -> v3c_runtime::lowering::KernelChoice {
+        v3c_runtime::lowering::KernelChoice::PerRegime {
+            decode: self.decode.clone(),
+            prefill: self.prefill.clone(),
+            prefill_under: (self.prefill_under.iter())
+                .map(|(rows, kernel)| v3c_runtime::lowering::RowsKernel { rows: *rows, kernel: kernel.clone() })
+                .collect(),
+        }
+    }
+}
 
 /// Where MLA attention runs on sm_90a.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -401,7 +442,7 @@ pub struct ModelKernels {
     /// or write them are to say so.
     pub caches: CacheFormats,
     /// Per fused kernel mapped onto the GEMM template: its GEMM and its [decode, prefill] kernels.
-    pub gemms: Vec<(lower::GemmKernel, [String; 2])>,
+    pub gemms: Vec<(lower::GemmKernel, RegimeKernels)>,
     /// The distinct template kernels, compiled (and assembled when ptxas was given).
     pub kernels: Vec<GpuKernel>,
     /// Per fused kernel mapped onto a row kernel: (fused kernel, its launch).
@@ -615,11 +656,12 @@ impl ModelKernels {
         for (m, runs) in [crate::tune::DECODE_M, crate::tune::PREFILL_M].into_iter().zip(regimes) {
             picked.push(if runs { Some(pick(m)?) } else { None });
         }
-        match &picked[..] {
-            [Some(decode), Some(prefill)] => Ok([decode.clone(), prefill.clone()]),
-            [Some(one), None] | [None, Some(one)] => Ok([one.clone(), one.clone()]),
+        let (decode, prefill) = match &picked[..] {
+            [Some(decode), Some(prefill)] => (decode.clone(), prefill.clone()),
+            [Some(one), None] | [None, Some(one)] => (one.clone(), one.clone()),
             _ => unreachable!("at least one regime"),
-        }
+        };
+        Ok(RegimeKernels { decode, prefill, prefill_under: Vec::new() })
     }
 
     /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in the first of `choose`'s
@@ -639,12 +681,27 @@ impl ModelKernels {
         if let Some(chosen) = self.chosen_gemms.get(&key) {
             return Ok(chosen.clone());
         }
-        let chosen = Self::per_regime(regimes, |m| {
+        let smaller = choose.prefill_rows();
+        let mut pick = |m: usize| -> Result<String, Sm90Error> {
             let preferences = choose.gemm(g, m);
             let compiles = preferences.iter().map(|c| (c.register_form(), Job::Gemm(*c))).collect();
             let i = self.first_unspilled(&g.kernel, "", compiles, context, target, ptxas, progress)?;
             Ok(preferences[i].kernel_name())
-        })?;
+        };
+        let mut chosen = Self::per_regime(regimes, &mut pick)?;
+        // Prefill's smaller runs, from the most rows down: a bound is kept where its kernel is not
+        // the one the next larger bound (or prefill's own) launches.
+        if regimes[1] || regimes == [false, false] {
+            let mut under: Vec<(usize, String)> = Vec::new();
+            for m in smaller.into_iter().rev() {
+                let kernel = pick(m)?;
+                if &kernel != under.last().map_or(&chosen.prefill, |(_, k)| k) {
+                    under.push((m, kernel));
+                }
+            }
+            under.reverse();
+            chosen.prefill_under = under;
+        }
         self.chosen_gemms.insert(key, chosen.clone());
         Ok(chosen)
     }
@@ -808,9 +865,8 @@ pub fn gemm_as_compiled(
     let mut out = ModelKernels::default();
     let decode = m == crate::tune::DECODE_M;
     let regimes = [decode, !decode];
-    let [decode_kernel, prefill_kernel] =
-        out.gemm_kernels(context, g, &device.target, ptxas, &mut choose, regimes, &mut |_| {})?;
-    let name = if decode { decode_kernel } else { prefill_kernel };
+    let kernels = out.gemm_kernels(context, g, &device.target, ptxas, &mut choose, regimes, &mut |_| {})?;
+    let name = if decode { kernels.decode } else { kernels.prefill };
     let source = choose.source_of(&g.kernel, m, &name).unwrap_or_default();
     let kernel = out.kernels.into_iter().find(|k| k.name == name).expect("the kernel chosen is compiled");
     Ok((kernel, source, out.passed_over))
@@ -883,6 +939,10 @@ enum Answer {
 }
 
 impl Chooser for KeptAnswers<'_> {
+    fn prefill_rows(&self) -> Vec<usize> {
+        self.inner.prefill_rows()
+    }
+
     fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig> {
         let inner = &mut self.inner;
         match self.answers.entry(format!("gemm {kernel:?} {m}")).or_insert_with(|| Answer::Gemm(inner.gemm(kernel, m)))
@@ -1033,8 +1093,8 @@ fn walk(
         }
         match lower::gemm_of_kernel(&f) {
             Ok(g) => {
-                let [decode, prefill] = out.gemm_kernels(context, &g, target, ptxas, choose, runs, &mut progress)?;
-                out.gemms.push((g, [decode, prefill]));
+                let kernels = out.gemm_kernels(context, &g, target, ptxas, choose, runs, &mut progress)?;
+                out.gemms.push((g, kernels));
             }
             // A kernel that starts like a row kernel is named by the row template's reason.
             Err(why) => {
