@@ -1895,8 +1895,10 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     let json = run_binary("v3r", &["info", out_dir.to_str().unwrap(), "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     // Decode's 1300 launches, prefill's 1421 (a launch of a regime runs in its entries only), the
-    // argmax, the sampling and the scoring kernel.
-    assert_eq!(report["launch_check"]["launches"], 2724, "{report}");
+    // argmax, the sampling and the scoring kernel; and prefill's 1421 again at each of the 6 row
+    // counts below which a GEMM launches a kernel picked for fewer rows (64 .. 2048).
+    assert_eq!(report["launch_check"]["smaller_runs"], 6, "{report}");
+    assert_eq!(report["launch_check"]["launches"], 2724 + 6 * 1421, "{report}");
     assert_eq!(report["device_picks"]["sample"], "rows_sample_d129280_t256", "{report}");
     assert_eq!(report["device_scores"], "rows_scores_d129280_t256", "{report}");
     assert_eq!(report["entries"][1]["name"], "decode");

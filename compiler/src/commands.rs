@@ -779,7 +779,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             (("decode", None), v3c_compiler::tune::DECODE_M, &kernels.decode),
             (("prefill", None), v3c_compiler::tune::PREFILL_M, &kernels.prefill),
         ];
-        for (regime, m, kernel) in regimes.into_iter().chain(under) {
+        let ran = regimes.into_iter().zip(kernels.runs).filter_map(|(r, runs)| runs.then_some(r));
+        for (regime, m, kernel) in ran.chain(under) {
             if let Some(source) = choose.source_of(&g.kernel, m, kernel) {
                 let signature = v3c_compiler::tune::GemmShape::of(g, m).signature();
                 chose(&g.kernel, g.dims(), signature, regime, kernel, &source);
@@ -811,10 +812,11 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         })
     });
     for (name, kernels, kernel) in tuned_rows.chain(step_rows) {
-        for (regime, m, config) in [
+        let regimes = [
             ("decode", v3c_compiler::tune::DECODE_M, &kernels.decode),
             ("prefill", v3c_compiler::tune::PREFILL_M, &kernels.prefill),
-        ] {
+        ];
+        for (regime, m, config) in regimes.into_iter().zip(kernels.runs).filter_map(|(r, runs)| runs.then_some(r)) {
             let (Some(source), Some(shape)) =
                 (choose.source_of(&name, m, config), v3c_compiler::tune::rows::RowShape::of(kernel, m))
             else {
@@ -832,15 +834,19 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         chose(sm90::ARGMAX, format!("d {}", k.d), signature, ("decode", None), &k.kernel_name(), &source);
     }
     // A kernel per regime, as the regimes it runs in (a configuration was chosen for those only).
-    let regimes = |name: &str, kernels: &sm90::RegimeKernels| {
-        let ran = |m: usize| choose.source(name, m).is_some();
-        let (decode, mut prefill) = (&kernels.decode, kernels.prefill.clone());
+    // (Prefill's kernel, then those of its smaller runs.)
+    let prefill_kernels = |kernels: &sm90::RegimeKernels| {
+        let mut prefill = kernels.prefill.clone();
         for (rows, kernel) in &kernels.prefill_under {
             prefill.push_str(&format!("; up to {rows} rows {kernel}"));
         }
-        match (ran(v3c_compiler::tune::DECODE_M), ran(v3c_compiler::tune::PREFILL_M)) {
-            (true, false) => format!("decode {decode}"),
-            (false, true) => format!("prefill {prefill}"),
+        prefill
+    };
+    let regimes = |kernels: &sm90::RegimeKernels| {
+        let (decode, prefill) = (&kernels.decode, prefill_kernels(kernels));
+        match kernels.runs {
+            [true, false] => format!("decode {decode}"),
+            [false, true] => format!("prefill {prefill}"),
             _ => format!("decode {decode}, prefill {prefill}"),
         }
     };
@@ -859,7 +865,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             ),
             n => format!("{n} blocks per row"),
         };
-        let kernel = lowered.row_regimes.get(fused).map_or_else(|| row.kernel.kernel_name(), |k| regimes(fused, k));
+        let kernel = lowered.row_regimes.get(fused).map_or_else(|| row.kernel.kernel_name(), regimes);
         eprintln!("compile: {fused} -> {kernel} [row kernel, {blocks}{table}]");
     }
     for (fused, steps, picked) in &lowered.compound {
@@ -868,21 +874,21 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
             .steps
             .iter()
             .zip(picked)
-            .enumerate()
-            .map(|(i, (step, gemm))| {
+            .map(|(step, gemm)| {
                 // A step of one regime: its kernel there.
-                let per_regime = |name: &str, kernels: &sm90::RegimeKernels| match step.only {
+                let per_regime = |kernels: &sm90::RegimeKernels| match step.only {
+                    Some(Regime::Prefill) => format!("prefill only {}", prefill_kernels(kernels)),
                     Some(r) => format!("{} only {}", r.name(), kernels.of(r)),
-                    None => regimes(name, kernels),
+                    None => regimes(kernels),
                 };
                 match (&step.kernel, gemm) {
                     (StepKernel::Row(k), None) => match step.only {
                         Some(r) => format!("{} only {}", r.name(), k.kernel_name()),
                         None => k.kernel_name(),
                     },
-                    (StepKernel::Row(_), Some(kernels)) => per_regime(&format!("{fused}.{i}"), kernels),
+                    (StepKernel::Row(_), Some(kernels)) => per_regime(kernels),
                     (StepKernel::Gemm(g), Some(kernels)) => {
-                        let regimes = per_regime(&g.kernel, kernels);
+                        let regimes = per_regime(kernels);
                         match &g.grouped {
                             Some(gr) => format!("grouped GEMM over {} experts, {} ({regimes})", gr.groups, g.dims()),
                             None => format!("GEMM {} ({regimes})", g.dims()),

@@ -586,6 +586,16 @@ pub struct RopeTableSpec {
 }
 
 impl Lowering {
+    /// Every GEMM's prefill kernel at every run's rows: the kernels for smaller runs left out
+    /// (`v3r bench-prefill --plan-rows-kernels`: how chunks ran before they had them).
+    pub fn without_smaller_prefill_kernels(&mut self) {
+        for l in self.kernels.iter_mut().flat_map(|f| &mut f.launches) {
+            if let KernelChoice::PerRegime { prefill_under, .. } = &mut l.kernel {
+                prefill_under.clear();
+            }
+        }
+    }
+
     /// Why these launches cannot run: an operand out of range, or a kernel the manifest does not
     /// list (`known`).
     pub fn check(&self, known: &dyn Fn(&str) -> bool) -> Result<(), String> {

@@ -365,6 +365,11 @@ struct BenchPrefillArgs {
     /// caches and its last row of logits need, the head on that row alone.
     #[arg(long)]
     all_launches: bool,
+    /// Launch each GEMM's kernel picked for the plan's rows at every chunk length (how chunks ran
+    /// before 2026-12-07). By default a chunk of T tokens launches the kernels `v3c compile` picked
+    /// for T's power-of-two bucket (`v3r info` lists them: `prefill (up to N rows)`).
+    #[arg(long)]
+    plan_rows_kernels: bool,
     /// CUDA device ordinal (GPU artifacts).
     #[arg(long, value_name = "ORDINAL", default_value_t = 0)]
     device: usize,
@@ -1010,7 +1015,7 @@ fn info(args: &InfoArgs) -> Result<(), String> {
                 put(
                     "launch_check",
                     serde_json::json!({
-                        "checked": true, "launches": c.launches, "kernels": c.kernels,
+                        "checked": true, "launches": c.launches, "kernels": c.kernels, "smaller_runs": c.smaller_runs,
                         "device_bytes": { "weights": c.weight_bytes, "relaid": c.prepared_bytes,
                                           "arena": c.arena_bytes, "inputs": c.input_bytes,
                                           "temporaries": c.temp_bytes },
@@ -2407,7 +2412,10 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
 /// `v3r bench-prefill`: chunks of a prompt's prefill timed at (tokens, cached rows) points.
 fn bench_prefill(args: &BenchPrefillArgs) -> Result<(), Failure> {
     use v3c_runtime::host::{HostBuffer, HostData};
-    let (a, plan, kind) = open_bench(&args.artifact, "prefill", args.device)?;
+    let (mut a, plan, kind) = open_bench(&args.artifact, "prefill", args.device)?;
+    if let (true, Some(lowering)) = (args.plan_rows_kernels, a.lowering.as_mut()) {
+        lowering.without_smaller_prefill_kernels();
+    }
     let (rows, plan_context) = (plan.sizes.rows, plan.sizes.context);
     let chunks = if args.tokens.is_empty() { vec![rows] } else { args.tokens.clone() };
     if let Some(&t) = chunks.iter().find(|&&t| t == 0 || t > rows) {
@@ -2457,6 +2465,9 @@ fn bench_prefill(args: &BenchPrefillArgs) -> Result<(), Failure> {
             let mut point = serde_json::json!({"tokens": t, "context": context});
             if args.all_launches {
                 point["all_launches"] = true.into();
+            }
+            if args.plan_rows_kernels {
+                point["plan_rows_kernels"] = true.into();
             }
             report.push(time_point(
                 program.as_ref(),

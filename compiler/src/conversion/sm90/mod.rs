@@ -268,6 +268,9 @@ pub struct RegimeKernels {
     /// ascending, each differing from the next larger one's ([`Chooser::prefill_rows`];
     /// [`v3c_runtime::lowering::KernelChoice::PerRegime`]).
     pub prefill_under: Vec<(usize, String)>,
+    /// The regimes it was picked for, `[decode, prefill]` (a regime it never runs in names the
+    /// other's kernel).
+    pub runs: [bool; 2],
 }
 
 impl RegimeKernels {
@@ -661,7 +664,7 @@ impl ModelKernels {
             [Some(one), None] | [None, Some(one)] => (one.clone(), one.clone()),
             _ => unreachable!("at least one regime"),
         };
-        Ok(RegimeKernels { decode, prefill, prefill_under: Vec::new() })
+        Ok(RegimeKernels { decode, prefill, prefill_under: Vec::new(), runs: regimes })
     }
 
     /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in the first of `choose`'s
@@ -691,7 +694,7 @@ impl ModelKernels {
         let mut chosen = Self::per_regime(regimes, &mut pick)?;
         // Prefill's smaller runs, from the most rows down: a bound is kept where its kernel is not
         // the one the next larger bound (or prefill's own) launches.
-        if regimes[1] || regimes == [false, false] {
+        if chosen.runs[1] {
             let mut under: Vec<(usize, String)> = Vec::new();
             for m in smaller.into_iter().rev() {
                 let kernel = pick(m)?;
