@@ -29,7 +29,8 @@
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, its decode
 #    kernels one by one (`v3r bench-kernels`), its prefill in chunks of 1024 and 4096 tokens (`v3r
-#    bench-prefill`; at 4096 also with `--all-launches`, the head over every row; and transformers' 4096), a serving
+#    bench-prefill`; at 4096 also with `--all-launches`, the head over every row; at 128 and 512 with
+#    and without `--plan-rows-kernels`, the GEMMs' 4096-row kernels; and transformers' 4096), a serving
 #    load on it (`v3r bench-serve`: requests joining a running batch, then with `--every-slot` — idle
 #    slots' rows run too, the former steps; and prompts sharing a system
 #    prompt, its rows reused or not), and transformers'
@@ -640,6 +641,16 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
           && timeout 45 "$v3r" bench-prefill "$slice/sm90p" --random-weights 1 --tokens 4096 --reps 5 --all-launches \
           --out "$out/prefill_slice_all.json" 2>&1 | tee -a "$log"; then
         row "5. prefill, every launch whole (v3r)" "ok" "$(grep -o 'prefill  4096 tokens after     0 cached: .*' "$log" | tail -1) (prefill_slice_all.json)"
+      fi
+      # The A/B of the GEMM kernels picked for fewer rows: short chunks, then the same with the
+      # kernels picked for 4096 rows.
+      if [ $((570 - SECONDS)) -ge 280 ] \
+          && timeout 45 "$v3r" bench-prefill "$slice/sm90p" --random-weights 1 --tokens 128,512 --reps 5 \
+          --out "$out/prefill_slice_short.json" 2>&1 | tee -a "$log" \
+          && timeout 45 "$v3r" bench-prefill "$slice/sm90p" --random-weights 1 --tokens 128,512 --reps 5 \
+          --plan-rows-kernels --out "$out/prefill_slice_short_planrows.json" 2>&1 | tee -a "$log"; then
+        row "5. prefill, short chunks: own kernels, then 4096's (v3r)" "ok" \
+          "$(grep -o 'prefill   128 tokens after     0 cached: [^,]*' "$log" | tail -2 | tr '\n' ' ')(prefill_slice_short*.json)"
       fi
     else
       row "5. prefill (v3r)" "FAILED" "see check.log"
