@@ -168,6 +168,11 @@ pub fn m_bucket(m: usize) -> usize {
     m.max(1).next_power_of_two()
 }
 
+/// The least share of the time a smaller prefill bucket's own GEMM kernel must save, on the cost
+/// model, over the kernel the next larger bucket launches ([`ModelChooser`]'s
+/// [`worth_own`](crate::conversion::sm90::Chooser::worth_own)).
+pub const OWN_KERNEL_GAIN: f64 = 0.05;
+
 /// The rows below [`PREFILL_M`] at which a compile for prefill runs of at most `rows` rows picks a
 /// GEMM's kernels again ([`crate::conversion::sm90::Chooser::prefill_rows`]): the powers of two
 /// from [`DECODE_M`] whose runs (`m / 2 < R <= m`; the first: `R <= DECODE_M`) such a run may be.
@@ -684,6 +689,21 @@ impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
         self.prefill_rows.clone()
     }
 
+    /// A measured winner at `m` (the database's) gets its kernel; the cost model's first only when
+    /// it expects it [`OWN_KERNEL_GAIN`] faster at `m` rows than `larger` (the model is within 1.43x
+    /// of run 1's timings: a few percent is not worth a kernel).
+    fn worth_own(&mut self, kernel: &GemmKernel, m: usize, own: &str, larger: &str) -> bool {
+        if self.kept(&kernel.kernel, m).is_some_and(|s| s.source.starts_with("tuning database")) {
+            return true;
+        }
+        let (Some(own), Some(larger)) = (GemmConfig::from_name(own), GemmConfig::from_name(larger)) else {
+            return true;
+        };
+        let shape = GemmShape::of(kernel, m);
+        estimate(&shape, &own, self.device).micros
+            <= (1.0 - OWN_KERNEL_GAIN) * estimate(&shape, &larger, self.device).micros
+    }
+
     fn gemm(&mut self, kernel: &GemmKernel, m: usize) -> Vec<GemmConfig> {
         let choice = choose(kernel, m, self.device, self.db);
         self.keep(&kernel.kernel, m, format!("M {m}"), choice, GemmConfig::kernel_name)
@@ -748,6 +768,39 @@ mod tests {
         let big_at_128 = estimate(&shape(128, 2112, 7168), &at_4096[0].config, &h200);
         assert!(at_128[0].config.split_k && !at_4096[0].config.split_k);
         assert!(at_128[0].micros < 0.6 * big_at_128.micros, "{} vs {}", at_128[0].micros, big_at_128.micros);
+        // A kernel of its own where the model expects it 5% faster than the larger bucket's; a
+        // measured winner always.
+        use crate::conversion::sm90::Chooser as _;
+        let kernel = GemmKernel {
+            kernel: "mla_projections_0".into(),
+            input: GemmInput::Fp8,
+            output: GemmOutput::F32,
+            n: 2112,
+            k: 7168,
+            a: 0,
+            a_scale: Some(1),
+            weights: vec![(2, Some(3))],
+            residual: None,
+            results: vec![(0, 2112)],
+            grouped: None,
+            fixed_m: None,
+            k_range: None,
+            a2: None,
+        };
+        let mut chooser = ModelChooser::new(&h200, None);
+        let (own, big) = (at_128[0].config.kernel_name(), at_4096[0].config.kernel_name());
+        assert!(chooser.worth_own(&kernel, 128, &own, &big));
+        assert!(!chooser.worth_own(&kernel, 128, &big, &own), "the 4096-row pick is slower at 128 rows");
+        // 64 rows: the 64-row pick against the 128-row one's, within 5% on the model.
+        let (at_64, own_at_64) = (rank(&shape(64, 2112, 7168), &h200), &at_128[0].config);
+        let near = estimate(&shape(64, 2112, 7168), own_at_64, &h200).micros / at_64[0].micros;
+        assert!(near < 1.05, "{near}");
+        assert!(!chooser.worth_own(&kernel, 64, &at_64[0].config.kernel_name(), &own));
+        let mut db = db::TuningDb::new();
+        db.insert(measured(&shape(64, 2112, 7168), &h200, &at_64[0].config.kernel_name(), 0.01));
+        let mut measured_chooser = ModelChooser::new(&h200, Some(&db));
+        let preferences = measured_chooser.gemm(&kernel, 64);
+        assert!(measured_chooser.worth_own(&kernel, 64, &preferences[0].kernel_name(), &own));
     }
 
     #[test]

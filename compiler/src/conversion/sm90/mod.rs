@@ -253,6 +253,12 @@ pub trait Chooser {
     fn prefill_rows(&self) -> Vec<usize> {
         Vec::new()
     }
+    /// Whether prefill runs of `m` rows (one of [`Chooser::prefill_rows`]) are to launch GEMM
+    /// `kernel`'s configuration `own` rather than `larger`, the one runs of the next larger bucket
+    /// launch (each a kernel name); yes unless the chooser says the gain is not worth a kernel.
+    fn worth_own(&mut self, _kernel: &lower::GemmKernel, _m: usize, _own: &str, _larger: &str) -> bool {
+        true
+    }
     /// The attention launch of fused kernel `fused` on `shape`.
     fn attention(&mut self, fused: &str, shape: &AttentionShape) -> Vec<AttentionConfig>;
     /// The reduction `name` (a fused row kernel, or `<fused>.<step>`) on `shape`.
@@ -685,20 +691,27 @@ impl ModelKernels {
             return Ok(chosen.clone());
         }
         let smaller = choose.prefill_rows();
-        let mut pick = |m: usize| -> Result<String, Sm90Error> {
-            let preferences = choose.gemm(g, m);
+        // The first of `preferences` that compiles (with ptxas: without spilling).
+        let mut compile = |preferences: Vec<gemm::GemmConfig>| -> Result<String, Sm90Error> {
             let compiles = preferences.iter().map(|c| (c.register_form(), Job::Gemm(*c))).collect();
             let i = self.first_unspilled(&g.kernel, "", compiles, context, target, ptxas, progress)?;
             Ok(preferences[i].kernel_name())
         };
-        let mut chosen = Self::per_regime(regimes, &mut pick)?;
-        // Prefill's smaller runs, from the most rows down: a bound is kept where its kernel is not
-        // the one the next larger bound (or prefill's own) launches.
+        let mut chosen = Self::per_regime(regimes, |m| compile(choose.gemm(g, m)))?;
+        // Prefill's smaller runs, from the most rows down: a bound gets a kernel of its own where
+        // the chooser's first is not the one the next larger bound (or prefill's own) launches and
+        // is worth it; nothing is compiled for a bound that keeps the larger one's.
         if chosen.runs[1] {
             let mut under: Vec<(usize, String)> = Vec::new();
             for m in smaller.into_iter().rev() {
-                let kernel = pick(m)?;
-                if &kernel != under.last().map_or(&chosen.prefill, |(_, k)| k) {
+                let preferences = choose.gemm(g, m);
+                let larger = under.last().map_or(&chosen.prefill, |(_, k)| k).clone();
+                let Some(first) = preferences.first().map(|c| c.kernel_name()) else { continue };
+                if first == larger || !choose.worth_own(g, m, &first, &larger) {
+                    continue;
+                }
+                let kernel = compile(preferences)?;
+                if kernel != larger {
                     under.push((m, kernel));
                 }
             }
@@ -944,6 +957,10 @@ enum Answer {
 impl Chooser for KeptAnswers<'_> {
     fn prefill_rows(&self) -> Vec<usize> {
         self.inner.prefill_rows()
+    }
+
+    fn worth_own(&mut self, kernel: &lower::GemmKernel, m: usize, own: &str, larger: &str) -> bool {
+        self.inner.worth_own(kernel, m, own, larger)
     }
 
     fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig> {
