@@ -432,6 +432,33 @@ fn tuning_covers_the_training_step() {
     candidates_launch_as_their_ptx_declares(&cands);
 }
 
+/// `v3c tune --prefill-rows`: the GEMMs prefill runs, tuned at those buckets too (where `v3c
+/// compile` picks kernels for shorter chunks); a row count that is no bucket is refused.
+#[test]
+fn tuning_covers_the_smaller_prefill_buckets_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let cands = dir.path().join("cands");
+    let args = ["tune", "--model", "deepseek-v3-tiny", "--top", "1", "--only", "gemm", "--prefill-rows", "128,512"];
+    let out = run_binary("v3c", &[&args[..], &["--emit-candidates", cands.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cands.join("candidates.json")).unwrap()).unwrap();
+    let problems = manifest["problems"].as_array().unwrap();
+    let rows_of = |kernel: &str| -> Vec<u64> {
+        problems.iter().filter(|p| p["kernel"] == kernel).map(|p| p["m"].as_u64().unwrap()).collect()
+    };
+    let signatures: std::collections::BTreeSet<&str> = problems.iter().map(|p| p["kernel"].as_str().unwrap()).collect();
+    for signature in &signatures {
+        let rows = rows_of(signature);
+        // Prefill's (4096) at 128 and 512 too; decode's alone at 64.
+        assert_eq!(rows.contains(&4096), rows.contains(&128) && rows.contains(&512), "{signature}: {rows:?}");
+    }
+    assert!(signatures.iter().any(|s| rows_of(s).contains(&128)), "{signatures:?}");
+    let bad = run_binary("v3c", &["tune", "--model", "deepseek-v3-tiny", "--prefill-rows", "100"]);
+    let err = text(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("100: a bucket is a power of two from 64 to 2048"), "{err}");
+}
+
 #[test]
 fn tuning_database_steers_compile() {
     let dir = tempfile::tempdir().unwrap();

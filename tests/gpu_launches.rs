@@ -360,15 +360,7 @@ fn the_gpu_launches_emulated_on_the_host_give_the_cpu_backends_logits() {
     // The CPU backend on the same checkpoint, fp8.
     let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
-    let program = v3c_compiler::cpu_backend::CpuProgram::new(
-        &cpu_context,
-        &config,
-        &v3c_models::Entry::ALL,
-        false,
-        v3c_models::Precision::Fp8,
-        &checkpoint,
-    )
-    .unwrap();
+    let program = cpu_program(&cpu_context, &config, &checkpoint, true);
     let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
     let width = config.latent_dim();
     let caches = ["kv_cache.0", "kv_cache.1", "kv_cache.mtp"];
@@ -856,6 +848,18 @@ fn checkpoint_config(ckpt: &std::path::Path) -> v3c_models::config::ModelConfig 
         .unwrap()
 }
 
+/// The CPU backend over every entry of `checkpoint` (`config`'s), the fp8 graph or the f32 one.
+fn cpu_program<'c>(
+    context: &'c melior::Context,
+    config: &v3c_models::config::ModelConfig,
+    checkpoint: &v3c_models::checkpoint::Checkpoint,
+    fp8: bool,
+) -> v3c_compiler::cpu_backend::CpuProgram<'c> {
+    let precision = if fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 };
+    v3c_compiler::cpu_backend::CpuProgram::new(context, config, &v3c_models::Entry::ALL, false, precision, checkpoint)
+        .unwrap()
+}
+
 /// The small model (fp8 or bf16 weights) compiled for sm_90a with the defaults (and `extra`
 /// arguments): `check` gets the host emulation of its launches (`ptx`: every launch's PTX
 /// simulated), the CPU backend on the same checkpoint, its config and the compile's report.
@@ -883,15 +887,7 @@ fn with_default_artifact<R>(
     }
     let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
-    let program = v3c_compiler::cpu_backend::CpuProgram::new(
-        &cpu_context,
-        &config,
-        &v3c_models::Entry::ALL,
-        false,
-        if fp8 { v3c_models::Precision::Fp8 } else { v3c_models::Precision::F32 },
-        &checkpoint,
-    )
-    .unwrap();
+    let program = cpu_program(&cpu_context, &config, &checkpoint, fp8);
     check(&mut emulator, &program, &config, &err)
 }
 
@@ -1361,15 +1357,7 @@ fn a_prefill_chunk_launches_the_gemm_kernels_picked_for_its_rows() {
     // 100 tokens: the 128-row bucket's kernels, then the 4096-row ones, each kernel's PTX simulated.
     let config = checkpoint_config(&ckpt);
     let cpu_context = v3c_compiler::mlir::new_context();
-    let program = v3c_compiler::cpu_backend::CpuProgram::new(
-        &cpu_context,
-        &config,
-        &v3c_models::Entry::ALL,
-        false,
-        v3c_models::Precision::Fp8,
-        &checkpoint,
-    )
-    .unwrap();
+    let program = cpu_program(&cpu_context, &config, &checkpoint, true);
     let ids = |v: Vec<i64>| HostBuffer { shape: vec![v.len()], data: HostData::I64(v) };
     let tokens: Vec<i64> = (0..101).map(|i| (i * 37 + 11) % 512).collect();
     let mut inputs = HashMap::new();

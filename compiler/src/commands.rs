@@ -1602,6 +1602,9 @@ pub struct TuneOptions<'a> {
     pub train: Option<v3c_models::train::TrainConfig>,
     /// Only the problems whose signature contains one of these (none: every problem).
     pub only: &'a [String],
+    /// Rows below [`v3c_compiler::tune::PREFILL_M`] to tune the prefill GEMMs at too (compile's
+    /// buckets for shorter chunks, [`v3c_compiler::tune::prefill_rows`]).
+    pub prefill_rows: &'a [usize],
 }
 
 /// An attention launch of the model the tuner measures: its fused kernel, its problem at the
@@ -1670,13 +1673,15 @@ impl ModelProblems {
 /// The model's tunable kernels with the graph `precision` picks — or its training step's, with
 /// `train` — as `compile` sees them (sm_90a mapping): its GEMMs (whole fused kernels, and the GEMM steps of multi-launch ones, the grouped
 /// MoE GEMMs among them), each with the Ms of the regimes its entries run it in
-/// ([`v3c_compiler::conversion::sm90::regimes`]); its tensor-core attention launches (decode's
+/// ([`v3c_compiler::conversion::sm90::regimes`]), and those prefill runs at each of `prefill_rows`
+/// too; its tensor-core attention launches (decode's
 /// also over the fp8 cache, which `--kv-cache fp8` compiles); its reductions at the rows of the
 /// regimes they run in (distinct problems once).
 fn model_problems(
     model: &str,
     precision: Option<v3c_models::Precision>,
     train: Option<&v3c_models::train::TrainConfig>,
+    prefill_rows: &[usize],
 ) -> Result<ModelProblems, String> {
     use melior::ir::block::BlockLike;
     use melior::ir::operation::OperationLike;
@@ -1763,14 +1768,23 @@ fn model_problems(
                     }
                 }
             }
+            // Prefill's GEMMs at the smaller buckets asked for too.
+            let with_smaller = |mut runs: Vec<usize>| {
+                if runs.contains(&v3c_compiler::tune::PREFILL_M) {
+                    runs.extend(prefill_rows.iter().filter(|m| !runs.contains(m)).collect::<Vec<_>>());
+                }
+                runs
+            };
             if let Ok(g) = lower::gemm_of_kernel(&f) {
-                gemms.push((g, runs));
+                gemms.push((g, with_smaller(runs)));
             } else if let Ok(steps) = lower::mla_prefill_steps(&f, v3c_compiler::conversion::sm90::rows::CacheRows::F32)
                 .or_else(|_| lower::steps_of_kernel(&f))
             {
                 // (The prefill attention's kv_b GEMM whichever --prefill-attention compile takes.)
                 gemms.extend(steps.steps.into_iter().filter_map(|s| match s.kernel {
-                    lower::StepKernel::Gemm(g) => Some((g, step_runs(s.only))).filter(|(_, runs)| !runs.is_empty()),
+                    lower::StepKernel::Gemm(g) => {
+                        Some((g, with_smaller(step_runs(s.only)))).filter(|(_, runs)| !runs.is_empty())
+                    }
                     lower::StepKernel::Row(_) | lower::StepKernel::MlaPrefill(_) | lower::StepKernel::MlaDecode(_) => {
                         None
                     }
@@ -1808,7 +1822,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         let path = o.tuning.ok_or("--report: name the database with --tuning FILE")?;
         let db = TuningDb::read(path)?;
         let ModelProblems { gemms, attention, rows } =
-            model_problems(o.model, o.precision, o.train.as_ref())?.only(o.only)?;
+            model_problems(o.model, o.precision, o.train.as_ref(), o.prefill_rows)?.only(o.only)?;
         println!(
             "{:<20} {:>6} {:<44} {:>10} {:>10} {:>8}  winner",
             "kernel", "M", "signature", "default ms", "tuned ms", "speedup"
@@ -1890,7 +1904,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
         return Err(format!("{}: already exists (candidates are written into a new directory)", dir.display()));
     }
     let ModelProblems { gemms, attention, rows } =
-        model_problems(o.model, o.precision, o.train.as_ref())?.only(o.only)?;
+        model_problems(o.model, o.precision, o.train.as_ref(), o.prefill_rows)?.only(o.only)?;
     // Distinct problems: several kernels of the model may share a signature.
     let mut problems: Vec<(GemmShape, Vec<String>)> = Vec::new();
     for (g, runs) in &gemms {

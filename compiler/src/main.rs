@@ -485,6 +485,23 @@ struct TuneArgs {
     /// "gemm fp8"`): re-tune a few kernels, or report on them.
     #[arg(long, value_name = "PATTERN")]
     only: Vec<String>,
+    /// Also tune the GEMMs prefill runs at these rows, comma-separated powers of two from 64 to
+    /// 2048: the buckets at which `v3c compile` picks kernels for shorter chunks. A bucket with no
+    /// database entry takes the cost model's pick.
+    #[arg(long, value_name = "ROWS,..", value_delimiter = ',', value_parser = prefill_bucket)]
+    prefill_rows: Vec<usize>,
+}
+
+/// A `--prefill-rows` bucket: a power of two from [`v3c_compiler::tune::DECODE_M`] below
+/// [`v3c_compiler::tune::PREFILL_M`].
+fn prefill_bucket(s: &str) -> Result<usize, String> {
+    let rows: usize = s.parse().map_err(|_| format!("'{s}' is not a number of rows"))?;
+    let (low, high) = (v3c_compiler::tune::DECODE_M, v3c_compiler::tune::PREFILL_M);
+    if rows.is_power_of_two() && (low..high).contains(&rows) {
+        Ok(rows)
+    } else {
+        Err(format!("{rows}: a bucket is a power of two from {low} to {} (compile picks kernels there)", high / 2))
+    }
 }
 
 #[derive(Args)]
@@ -705,6 +722,7 @@ fn main() -> ExitCode {
                 ..Default::default()
             }),
             only: &a.only,
+            prefill_rows: &a.prefill_rows,
         }),
     };
     if stores_kernels {
