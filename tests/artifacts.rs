@@ -885,6 +885,7 @@ fn v3r_runs_a_cpu_artifact_like_v3c_run() {
             "--tokens 17: the prefill plan takes 1..=16 tokens a chunk (compile with a larger --max-rows)",
         ),
         ("--context", "25", "--context 25: the prefill plan holds 0..=24 cached rows"),
+        ("--plan-rows-kernels", "--reps=1", "is a cpu artifact; its GEMMs have no kernels picked per rows"),
     ] {
         let out = run_binary_env(
             "v3r",

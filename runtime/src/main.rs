@@ -2413,8 +2413,15 @@ fn bench_decode(args: &BenchDecodeArgs) -> Result<(), Failure> {
 fn bench_prefill(args: &BenchPrefillArgs) -> Result<(), Failure> {
     use v3c_runtime::host::{HostBuffer, HostData};
     let (mut a, plan, kind) = open_bench(&args.artifact, "prefill", args.device)?;
-    if let (true, Some(lowering)) = (args.plan_rows_kernels, a.lowering.as_mut()) {
-        lowering.without_smaller_prefill_kernels();
+    match (args.plan_rows_kernels, a.lowering.as_mut()) {
+        (true, Some(lowering)) => lowering.without_smaller_prefill_kernels(),
+        (true, None) => {
+            return Err(Failure::Other(format!(
+                "--plan-rows-kernels: {} is a cpu artifact; its GEMMs have no kernels picked per rows",
+                args.artifact.display()
+            )))
+        }
+        (false, _) => {}
     }
     let (rows, plan_context) = (plan.sizes.rows, plan.sizes.context);
     let chunks = if args.tokens.is_empty() { vec![rows] } else { args.tokens.clone() };
