@@ -2195,6 +2195,8 @@ fn gpu_stages_of_a_template_kernel() {
     assert!(dump.starts_with("// ----- stage fused: gemm_residual_0\n"), "{dump}");
     assert_eq!(dump.matches("// ----- stage nvvm: gemm_fp8_f32_").count(), 2, "decode and prefill kernels");
     assert!(dump.contains("decode launches gemm_fp8_f32_64x") && dump.contains("(cost model: "), "{dump}");
+    // And the kernels of shorter prefill chunks (o_proj at up to 128 rows splits K).
+    assert!(dump.contains("\n// a prefill chunk of up to 128 rows launches gemm_fp8_f32_128x64x128_"), "{dump}");
     let typo =
         run_binary("v3c", &["dump-ir", "--stage", "ptx", "--kernel", "gemm_bf16_f32_128x128x64", "--layers", "0..1"]);
     assert_eq!(typo.status.code(), Some(1));

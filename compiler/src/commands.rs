@@ -475,6 +475,14 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 g.k,
                 g.weights.len(),
             ));
+            // Shorter prefill chunks' kernels, named (`--kernel NAME --stage ptx` prints one).
+            let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
+            let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
+            let buckets =
+                sm90::prefill_buckets_as_compiled(context, &g, &device, ptxas.as_ref()).map_err(|e| e.to_string())?;
+            for (rows, name, source) in buckets {
+                text.push_str(&format!("// a prefill chunk of up to {rows} rows launches {name} ({source})\n"));
+            }
             text.push_str(&decode_text);
             text.push_str(&prefill_text);
             write_stdout(&text);

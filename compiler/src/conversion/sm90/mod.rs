@@ -888,6 +888,29 @@ pub fn gemm_as_compiled(
     Ok((kernel, source, out.passed_over))
 }
 
+/// The kernels `v3c compile` gives GEMM `g`'s shorter prefill runs on `device` without a tuning
+/// database, for a plan of [`crate::tune::PREFILL_M`] rows ([`RegimeKernels::prefill_under`]):
+/// per bucket kept, the most rows it takes, its kernel and where the choice came from.
+pub fn prefill_buckets_as_compiled(
+    context: &Context,
+    g: &lower::GemmKernel,
+    device: &crate::target::DeviceModel,
+    ptxas: Option<&FoundTool>,
+) -> Result<Vec<(usize, String, String)>, Sm90Error> {
+    let mut choose = crate::tune::ModelChooser::new(device, None);
+    choose.prefill_rows = crate::tune::prefill_rows(crate::tune::PREFILL_M);
+    let mut out = ModelKernels::default();
+    let kernels = out.gemm_kernels(context, g, &device.target, ptxas, &mut choose, [false, true], &mut |_| {})?;
+    Ok(kernels
+        .prefill_under
+        .into_iter()
+        .map(|(rows, name)| {
+            let source = choose.source_of(&g.kernel, rows, &name).unwrap_or_default();
+            (rows, name, source)
+        })
+        .collect())
+}
+
 /// What the tuner and the manifest call the sampling argmax ([`ModelKernels::sampling_argmax`]).
 pub const ARGMAX: &str = "argmax";
 
