@@ -697,7 +697,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let done = std::sync::atomic::AtomicUsize::new(0);
     let mut choose = v3c_compiler::tune::ModelChooser::new(&device, db.as_ref());
-    // Prefill GEMMs get kernels of their own for runs of fewer rows, as many as the plan's rows reach.
+    // Prefill GEMMs picked for the plan's rows (at most 4096), and again for runs of fewer.
+    choose.prefill_m = v3c_compiler::tune::prefill_m(o.sizes.rows);
     choose.prefill_rows = v3c_compiler::tune::prefill_rows(o.sizes.rows);
     if o.attention.fp8_cache && sm90::CacheFormats::of(&module, o.attention).decode != sm90::rows::CacheRows::Fp8 {
         return Err(
@@ -785,7 +786,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         let under = kernels.prefill_under.iter().map(|(m, k)| (("prefill", Some(*m)), *m, k));
         let regimes = [
             (("decode", None), v3c_compiler::tune::DECODE_M, &kernels.decode),
-            (("prefill", None), v3c_compiler::tune::PREFILL_M, &kernels.prefill),
+            (("prefill", None), kernels.prefill_m, &kernels.prefill),
         ];
         let ran = regimes.into_iter().zip(kernels.runs).filter_map(|(r, runs)| runs.then_some(r));
         for (regime, m, kernel) in ran.chain(under) {
@@ -822,7 +823,7 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     for (name, kernels, kernel) in tuned_rows.chain(step_rows) {
         let regimes = [
             ("decode", v3c_compiler::tune::DECODE_M, &kernels.decode),
-            ("prefill", v3c_compiler::tune::PREFILL_M, &kernels.prefill),
+            ("prefill", kernels.prefill_m, &kernels.prefill),
         ];
         for (regime, m, config) in regimes.into_iter().zip(kernels.runs).filter_map(|(r, runs)| runs.then_some(r)) {
             let (Some(source), Some(shape)) =

@@ -217,8 +217,8 @@ struct CompileArgs {
     /// a prefill's chunk of the prompt, a decode's sequences (unless --max-batch). Default: for a
     /// GPU, prompts in chunks of 4096 tokens (the rows its prefill kernels are picked and tuned
     /// for) and decode steps of 64 sequences; for the cpu target and --train windows, 64. A GPU's
-    /// prefill GEMMs also get kernels picked for fewer rows (64, 128, .. 2048, as far as N
-    /// reaches): a shorter chunk launches those of the smallest that holds it.
+    /// prefill GEMMs are picked for N's power of two (64 to 4096) and again for each smaller one
+    /// from 64: a shorter chunk launches the kernels of the smallest that holds it.
     #[arg(long, value_parser = plan_rows, value_name = "N")]
     max_rows: Option<usize>,
     /// Most sequences one decode step takes (default: --max-rows when given, else 64). With a

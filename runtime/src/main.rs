@@ -365,9 +365,10 @@ struct BenchPrefillArgs {
     /// caches and its last row of logits need, the head on that row alone.
     #[arg(long)]
     all_launches: bool,
-    /// Launch each GEMM's kernel picked for the plan's rows at every chunk length (how chunks ran
+    /// Launch each GEMM's kernel picked for the plan's rows at every chunk length (as chunks ran
     /// before 2026-12-07). By default a chunk of T tokens launches the kernels `v3c compile` picked
-    /// for T's power-of-two bucket (`v3r info` lists them: `prefill (up to N rows)`).
+    /// for the smallest power-of-two bucket that holds T (`v3r info` lists them: `prefill (up to N
+    /// rows)`).
     #[arg(long)]
     plan_rows_kernels: bool,
     /// CUDA device ordinal (GPU artifacts).

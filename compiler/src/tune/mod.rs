@@ -173,16 +173,21 @@ pub fn m_bucket(m: usize) -> usize {
 /// [`worth_own`](crate::conversion::sm90::Chooser::worth_own)).
 pub const OWN_KERNEL_GAIN: f64 = 0.05;
 
-/// The rows below [`PREFILL_M`] at which a compile for prefill runs of at most `rows` rows picks a
+/// The rows below [`prefill_m`] at which a compile for prefill runs of at most `rows` rows picks a
 /// GEMM's kernels again ([`crate::conversion::sm90::Chooser::prefill_rows`]): the powers of two
-/// from [`DECODE_M`] whose runs (`m / 2 < R <= m`; the first: `R <= DECODE_M`) such a run may be.
+/// from [`DECODE_M`] below it.
 /// A prompt's short chunk, a speculative draft's few tokens and a head on its last row then run
 /// the tiles and K splits picked for their rows rather than for 4096: on the H200's cost model a
 /// GEMM of N 2112, K 7168 at 128 rows takes 36.4 us with the 4096-row pick, 19.2 us with its own.
 pub fn prefill_rows(rows: usize) -> Vec<usize> {
-    std::iter::successors(Some(DECODE_M), |m| Some(m * 2))
-        .take_while(|&m| m < PREFILL_M && (m == DECODE_M || m / 2 < rows))
-        .collect()
+    std::iter::successors(Some(DECODE_M), |m| Some(m * 2)).take_while(|&m| m < prefill_m(rows)).collect()
+}
+
+/// The rows a compile for prefill runs of at most `rows` rows picks a GEMM's prefill kernel at: the
+/// power of two that holds them, from [`DECODE_M`] to [`PREFILL_M`] (a plan of more rows runs its
+/// chunks above 4096 on the 4096-row pick). A plan of 256 rows picks at 256, not at rows it never runs.
+pub fn prefill_m(rows: usize) -> usize {
+    m_bucket(rows).clamp(DECODE_M, PREFILL_M)
 }
 
 /// Every configuration of the GEMM template for `shape` that fits `target` (validate passes).
@@ -633,9 +638,11 @@ pub struct Source {
 pub struct ModelChooser<'a> {
     pub device: &'a DeviceModel,
     pub db: Option<&'a db::TuningDb>,
-    /// The rows below [`PREFILL_M`] prefill GEMMs get kernels picked at ([`prefill_rows`]; none by
-    /// default).
+    /// The rows below [`Self::prefill_m`] prefill GEMMs get kernels picked at ([`prefill_rows`];
+    /// none by default).
     pub prefill_rows: Vec<usize>,
+    /// The rows prefill GEMMs' own kernels are picked at ([`prefill_m`]; [`PREFILL_M`] by default).
+    pub prefill_m: usize,
     pub sources: Vec<Source>,
     /// `entry for <kernel> at <M> ignored: <why>`, one per entry not used.
     pub ignored: Vec<String>,
@@ -643,7 +650,14 @@ pub struct ModelChooser<'a> {
 
 impl<'a> ModelChooser<'a> {
     pub fn new(device: &'a DeviceModel, db: Option<&'a db::TuningDb>) -> ModelChooser<'a> {
-        ModelChooser { device, db, prefill_rows: Vec::new(), sources: Vec::new(), ignored: Vec::new() }
+        ModelChooser {
+            device,
+            db,
+            prefill_rows: Vec::new(),
+            prefill_m: PREFILL_M,
+            sources: Vec::new(),
+            ignored: Vec::new(),
+        }
     }
 
     /// What an attention launch's choice is kept under: its fused kernel and its signature (a
@@ -687,6 +701,10 @@ impl<'a> ModelChooser<'a> {
 impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
     fn prefill_rows(&self) -> Vec<usize> {
         self.prefill_rows.clone()
+    }
+
+    fn prefill_m(&self) -> usize {
+        self.prefill_m
     }
 
     /// A measured winner at `m` (the database's) gets its kernel; the cost model's first only when
@@ -755,12 +773,14 @@ mod tests {
 
     #[test]
     fn smaller_prefill_runs_are_picked_at_the_powers_of_two_a_plan_reaches() {
-        assert_eq!(prefill_rows(4096), [64, 128, 256, 512, 1024, 2048]);
-        assert_eq!(prefill_rows(100_000), [64, 128, 256, 512, 1024, 2048]);
-        // Runs of up to 256 rows: 129..256 is the last bucket they reach.
-        assert_eq!(prefill_rows(256), [64, 128, 256]);
-        assert_eq!(prefill_rows(257), [64, 128, 256, 512]);
-        assert_eq!((prefill_rows(1), prefill_rows(64)), (vec![64], vec![64]));
+        assert_eq!((prefill_m(4096), prefill_rows(4096)), (4096, vec![64, 128, 256, 512, 1024, 2048]));
+        assert_eq!((prefill_m(100_000), prefill_rows(100_000)), (4096, vec![64, 128, 256, 512, 1024, 2048]));
+        // A plan of 256 rows: its prefill kernels picked at 256, again at 64 and 128.
+        assert_eq!((prefill_m(256), prefill_rows(256)), (256, vec![64, 128]));
+        assert_eq!((prefill_m(257), prefill_rows(257)), (512, vec![64, 128, 256]));
+        // Up to 64 rows: one pick, at 64 (the tiles' least M).
+        assert_eq!((prefill_m(1), prefill_rows(1)), (64, vec![]));
+        assert_eq!((prefill_m(64), prefill_rows(64)), (64, vec![]));
         // The q_a | kv_a projection at 128 rows: the 4096-row pick's 17 tiles of 256 rows leave
         // most SMs idle; the pick for 128 rows splits K, in about half the time on the cost model.
         let h200 = DeviceModel::by_name("H200").unwrap();

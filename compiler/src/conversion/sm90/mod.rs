@@ -253,6 +253,11 @@ pub trait Chooser {
     fn prefill_rows(&self) -> Vec<usize> {
         Vec::new()
     }
+    /// The rows a GEMM's prefill kernel is picked at: [`crate::tune::PREFILL_M`], or a plan's
+    /// fewer rows ([`crate::tune::prefill_m`]).
+    fn prefill_m(&self) -> usize {
+        crate::tune::PREFILL_M
+    }
     /// Whether prefill runs of `m` rows (one of [`Chooser::prefill_rows`]) are to launch GEMM
     /// `kernel`'s configuration `own` rather than `larger`, the one runs of the next larger bucket
     /// launch (each a kernel name); yes unless the chooser says the gain is not worth a kernel.
@@ -277,7 +282,12 @@ pub struct RegimeKernels {
     /// The regimes it was picked for, `[decode, prefill]` (a regime it never runs in names the
     /// other's kernel).
     pub runs: [bool; 2],
+    /// The rows prefill's kernel was picked at ([`Chooser::prefill_m`]).
+    pub prefill_m: usize,
 }
+
+/// The Ms of `[decode, prefill]` the reductions and routing are picked at.
+const REGIME_MS: [usize; 2] = [crate::tune::DECODE_M, crate::tune::PREFILL_M];
 
 impl RegimeKernels {
     /// The kernel of `regime` (prefill's at its most rows).
@@ -655,14 +665,16 @@ impl ModelKernels {
     }
 
     /// [decode, prefill] kernels: `pick(m)` per regime it runs in (`regimes`, [`Regimes`]; none:
-    /// both, as a kernel every entry calls); a regime it never runs in names the other's kernel.
+    /// both, as a kernel every entry calls) at that regime's M of `ms`; a regime it never runs in
+    /// names the other's kernel.
     fn per_regime(
         regimes: [bool; 2],
+        ms: [usize; 2],
         mut pick: impl FnMut(usize) -> Result<String, Sm90Error>,
     ) -> Result<RegimeKernels, Sm90Error> {
         let regimes = if regimes == [false, false] { [true, true] } else { regimes };
         let mut picked = Vec::new();
-        for (m, runs) in [crate::tune::DECODE_M, crate::tune::PREFILL_M].into_iter().zip(regimes) {
+        for (m, runs) in ms.into_iter().zip(regimes) {
             picked.push(if runs { Some(pick(m)?) } else { None });
         }
         let (decode, prefill) = match &picked[..] {
@@ -670,7 +682,7 @@ impl ModelKernels {
             [Some(one), None] | [None, Some(one)] => (one.clone(), one.clone()),
             _ => unreachable!("at least one regime"),
         };
-        Ok(RegimeKernels { decode, prefill, prefill_under: Vec::new(), runs: regimes })
+        Ok(RegimeKernels { decode, prefill, prefill_under: Vec::new(), runs: regimes, prefill_m: ms[1] })
     }
 
     /// The [decode, prefill] kernels of GEMM `g`: per regime it runs in the first of `choose`'s
@@ -697,7 +709,8 @@ impl ModelKernels {
             let i = self.first_unspilled(&g.kernel, "", compiles, context, target, ptxas, progress)?;
             Ok(preferences[i].kernel_name())
         };
-        let mut chosen = Self::per_regime(regimes, |m| compile(choose.gemm(g, m)))?;
+        let ms = [crate::tune::DECODE_M, choose.prefill_m()];
+        let mut chosen = Self::per_regime(regimes, ms, |m| compile(choose.gemm(g, m)))?;
         // Prefill's smaller runs, from the most rows down: a bound gets a kernel of its own where
         // the chooser's first is not the one the next larger bound (or prefill's own) launches and
         // is worth it; nothing is compiled for a bound that keeps the larger one's.
@@ -838,7 +851,7 @@ impl ModelKernels {
         // Routing: decode's few tokens a block (its logits' blocks spread over splits and experts
         // too), prefill's several (each gate value read once for them).
         if matches!(k.op, rows::RowOp::Route { .. } | rows::RowOp::RouteLogits { .. }) {
-            return Self::per_regime(regimes, |m| {
+            return Self::per_regime(regimes, REGIME_MS, |m| {
                 let mut op = k.op;
                 if m == crate::tune::DECODE_M {
                     match &mut op {
@@ -857,7 +870,7 @@ impl ModelKernels {
             self.row_kernel(context, k, target, ptxas, progress)?;
             return Ok(None);
         }
-        Self::per_regime(regimes, |m| {
+        Self::per_regime(regimes, REGIME_MS, |m| {
             let shape = RowShape::of(k, m).expect("a tuned row kernel");
             Ok(self.first_row_kernel(context, name, &shape, target, ptxas, choose, progress)?.kernel_name())
         })
@@ -980,6 +993,10 @@ enum Answer {
 impl Chooser for KeptAnswers<'_> {
     fn prefill_rows(&self) -> Vec<usize> {
         self.inner.prefill_rows()
+    }
+
+    fn prefill_m(&self) -> usize {
+        self.inner.prefill_m()
     }
 
     fn worth_own(&mut self, kernel: &lower::GemmKernel, m: usize, own: &str, larger: &str) -> bool {
