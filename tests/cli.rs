@@ -1890,6 +1890,14 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
         "{stdout}"
     );
     assert!(stdout.contains("entry decode: 627 launches"), "{stdout}");
+    // Shorter prefill chunks' kernels: o_proj at up to 128 rows splits K.
+    assert!(
+        stdout.contains(
+            "\n  prefill (up to 128 rows) gemm_residual_0 [gemm fp8->f32 n7168 k16384 +residual] -> \
+             gemm_fp8_f32_128x64x128_s4_splitk_res_kp (cost model: "
+        ),
+        "{stdout}"
+    );
     // A prompt's last chunk: the MTP module's tail left out, the head on the chunk's last row.
     assert!(
         stdout.contains(
