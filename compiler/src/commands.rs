@@ -475,14 +475,6 @@ fn dump_kernel(o: &DumpIrOptions, context: &melior::Context, kernel: &str) -> Re
                 g.k,
                 g.weights.len(),
             ));
-            // Shorter prefill chunks' kernels, named (`--kernel NAME --stage ptx` prints one).
-            let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
-            let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
-            let buckets =
-                sm90::prefill_buckets_as_compiled(context, &g, &device, ptxas.as_ref()).map_err(|e| e.to_string())?;
-            for (rows, name, source) in buckets {
-                text.push_str(&format!("// a prefill chunk of up to {rows} rows launches {name} ({source})\n"));
-            }
             text.push_str(&decode_text);
             text.push_str(&prefill_text);
             write_stdout(&text);
@@ -536,11 +528,15 @@ fn gemm_as_compiled(
     use v3c_compiler::conversion::sm90;
     let ptxas = v3c_compiler::toolchain::find(v3c_compiler::toolchain::Tool::Ptxas).ok();
     let device = v3c_compiler::target::DeviceModel::by_name("H200")?;
-    let (kernel, source, passed_over) =
+    let sm90::GemmAsCompiled { kernel, source, passed_over, smaller } =
         sm90::gemm_as_compiled(context, g, m, &device, ptxas.as_ref()).map_err(|e| e.to_string())?;
     let name = kernel.name.clone();
     let passed: String = passed_over.iter().map(|(name, why)| format!("// {name} passed over: {why}\n")).collect();
-    Ok((name, source, passed + &gpu_kernel_text(o.stage, Ok(kernel))?))
+    // Shorter prefill chunks' kernels, named (`--kernel NAME --stage ptx` prints one).
+    let smaller: String = (smaller.iter())
+        .map(|(rows, name, source)| format!("// a prefill chunk of up to {rows} rows launches {name} ({source})\n"))
+        .collect();
+    Ok((name, source, smaller + &passed + &gpu_kernel_text(o.stage, Ok(kernel))?))
 }
 
 /// `dump-ir --stage gpu|nvvm|ptx`: a Hopper template kernel through its stages: the gpu/nvgpu/nvvm
@@ -783,13 +779,9 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         }
         // The regimes its entries run it in (a configuration was chosen for those only), and
         // prefill's smaller runs.
-        let under = kernels.prefill_under.iter().map(|(m, k)| (("prefill", Some(*m)), *m, k));
-        let regimes = [
-            (("decode", None), v3c_compiler::tune::DECODE_M, &kernels.decode),
-            (("prefill", None), kernels.prefill_m, &kernels.prefill),
-        ];
-        let ran = regimes.into_iter().zip(kernels.runs).filter_map(|(r, runs)| runs.then_some(r));
-        for (regime, m, kernel) in ran.chain(under) {
+        let picked = kernels.picked().into_iter().map(|(r, m, k)| ((r.name(), None), m, k));
+        let under = kernels.prefill_under.iter().map(|(m, k)| (("prefill", Some(*m)), *m, k.as_str()));
+        for (regime, m, kernel) in picked.chain(under) {
             if let Some(source) = choose.source_of(&g.kernel, m, kernel) {
                 let signature = v3c_compiler::tune::GemmShape::of(g, m).signature();
                 chose(&g.kernel, g.dims(), signature, regime, kernel, &source);
@@ -821,17 +813,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
         })
     });
     for (name, kernels, kernel) in tuned_rows.chain(step_rows) {
-        let regimes = [
-            ("decode", v3c_compiler::tune::DECODE_M, &kernels.decode),
-            ("prefill", kernels.prefill_m, &kernels.prefill),
-        ];
-        for (regime, m, config) in regimes.into_iter().zip(kernels.runs).filter_map(|(r, runs)| runs.then_some(r)) {
+        for (regime, m, config) in kernels.picked() {
             let (Some(source), Some(shape)) =
                 (choose.source_of(&name, m, config), v3c_compiler::tune::rows::RowShape::of(kernel, m))
             else {
                 continue;
             };
-            chose(&name, format!("d {}", kernel.d), shape.signature(), (regime, None), config, &source);
+            chose(&name, format!("d {}", kernel.d), shape.signature(), (regime.name(), None), config, &source);
         }
     }
     // The sampling argmax: one kernel, its width for decode's rows.

@@ -248,8 +248,8 @@ pub trait Chooser {
     /// GEMM `kernel` at `m` rows (decode: [`crate::tune::DECODE_M`], prefill: [`crate::tune::PREFILL_M`],
     /// or one of [`Chooser::prefill_rows`]).
     fn gemm(&mut self, kernel: &lower::GemmKernel, m: usize) -> Vec<gemm::GemmConfig>;
-    /// The rows below [`crate::tune::PREFILL_M`] at which a GEMM prefill runs gets kernels of its
-    /// own, ascending ([`RegimeKernels::prefill_under`]); none: prefill's kernel at every size.
+    /// The rows below [`Chooser::prefill_m`] at which a GEMM prefill runs gets kernels of its own,
+    /// ascending ([`RegimeKernels::prefill_under`]); none: prefill's kernel at every size.
     fn prefill_rows(&self) -> Vec<usize> {
         Vec::new()
     }
@@ -296,6 +296,16 @@ impl RegimeKernels {
             v3c_runtime::lowering::Regime::Decode => &self.decode,
             v3c_runtime::lowering::Regime::Prefill => &self.prefill,
         }
+    }
+
+    /// Per regime it was picked for: the regime, the M it was picked at, its kernel.
+    pub fn picked(&self) -> Vec<(v3c_runtime::lowering::Regime, usize, &str)> {
+        use v3c_runtime::lowering::Regime;
+        let all = [
+            (Regime::Decode, crate::tune::DECODE_M, self.decode.as_str()),
+            (Regime::Prefill, self.prefill_m, self.prefill.as_str()),
+        ];
+        all.into_iter().zip(self.runs).filter_map(|(picked, runs)| runs.then_some(picked)).collect()
     }
 
     /// Every kernel it names.
@@ -882,46 +892,43 @@ impl ModelKernels {
 /// prefill: [`crate::tune::PREFILL_M`]) on `device` without a tuning database: the first of the
 /// cost model's configurations that compiles (with ptxas: assembles without spills or serialized
 /// wgmma), tried as [`compile_model`] tries them; with where the choice came from and the
-/// configurations passed over before it (name, why). `v3c dump-ir` shows this one.
+/// configurations passed over before it (name, why). `v3c dump-ir` shows this one. At prefill's
+/// M, also the kernels of shorter prefill runs ([`RegimeKernels::prefill_under`], for a plan of
+/// that many rows): per bucket kept, the most rows it takes, its kernel and where it came from.
 pub fn gemm_as_compiled(
     context: &Context,
     g: &lower::GemmKernel,
     m: usize,
     device: &crate::target::DeviceModel,
     ptxas: Option<&FoundTool>,
-) -> Result<(GpuKernel, String, Vec<(String, String)>), Sm90Error> {
+) -> Result<GemmAsCompiled, Sm90Error> {
     let mut choose = crate::tune::ModelChooser::new(device, None);
     let mut out = ModelKernels::default();
     let decode = m == crate::tune::DECODE_M;
+    if !decode {
+        choose.prefill_m = m;
+        choose.prefill_rows = crate::tune::prefill_rows(m);
+    }
     let regimes = [decode, !decode];
     let kernels = out.gemm_kernels(context, g, &device.target, ptxas, &mut choose, regimes, &mut |_| {})?;
+    let smaller = (kernels.prefill_under.iter())
+        .map(|(rows, name)| (*rows, name.clone(), choose.source_of(&g.kernel, *rows, name).unwrap_or_default()))
+        .collect();
     let name = if decode { kernels.decode } else { kernels.prefill };
     let source = choose.source_of(&g.kernel, m, &name).unwrap_or_default();
     let kernel = out.kernels.into_iter().find(|k| k.name == name).expect("the kernel chosen is compiled");
-    Ok((kernel, source, out.passed_over))
+    Ok(GemmAsCompiled { kernel, source, passed_over: out.passed_over, smaller })
 }
 
-/// The kernels `v3c compile` gives GEMM `g`'s shorter prefill runs on `device` without a tuning
-/// database, for a plan of [`crate::tune::PREFILL_M`] rows ([`RegimeKernels::prefill_under`]):
-/// per bucket kept, the most rows it takes, its kernel and where the choice came from.
-pub fn prefill_buckets_as_compiled(
-    context: &Context,
-    g: &lower::GemmKernel,
-    device: &crate::target::DeviceModel,
-    ptxas: Option<&FoundTool>,
-) -> Result<Vec<(usize, String, String)>, Sm90Error> {
-    let mut choose = crate::tune::ModelChooser::new(device, None);
-    choose.prefill_rows = crate::tune::prefill_rows(crate::tune::PREFILL_M);
-    let mut out = ModelKernels::default();
-    let kernels = out.gemm_kernels(context, g, &device.target, ptxas, &mut choose, [false, true], &mut |_| {})?;
-    Ok(kernels
-        .prefill_under
-        .into_iter()
-        .map(|(rows, name)| {
-            let source = choose.source_of(&g.kernel, rows, &name).unwrap_or_default();
-            (rows, name, source)
-        })
-        .collect())
+/// What [`gemm_as_compiled`] found.
+pub struct GemmAsCompiled {
+    pub kernel: GpuKernel,
+    /// Where the choice came from.
+    pub source: String,
+    /// Configurations passed over before it: (name, why).
+    pub passed_over: Vec<(String, String)>,
+    /// Prefill's: the kernels of shorter runs, (the most rows each takes, name, source).
+    pub smaller: Vec<(usize, String, String)>,
 }
 
 /// What the tuner and the manifest call the sampling argmax ([`ModelKernels::sampling_argmax`]).
