@@ -193,7 +193,8 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             }
             Op::CacheWrite => ops::cache_write(o(0), o(1), o(2), r, context, location)?,
             Op::MoeRoute(rt) => {
-                ops::moe_route(o(0), o(1), o(2), &route_attributes(rt), r, result_types[1], context, location)?
+                let bias = (node.inputs.len() > 2).then(|| o(2));
+                ops::moe_route(o(0), o(1), bias, &route_attributes(rt), r, result_types[1], context, location)?
             }
             Op::MoeExperts { num_experts, fp8_activations } => {
                 let [g_b, u_b, d_b] = stacked[&i];
@@ -440,6 +441,7 @@ fn route_attributes(rt: &v3c_models::graph::Routing) -> ops::RouteAttributes {
         topk_group: rt.topk_group,
         norm_topk_prob: rt.norm_topk_prob,
         routed_scaling_factor: rt.routed_scaling_factor,
+        softmax: rt.scoring == v3c_models::config::Scoring::Softmax,
     }
 }
 

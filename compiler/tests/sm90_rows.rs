@@ -11,8 +11,33 @@ fn kernels() -> Vec<RowKernel> {
     // DeepSeek-V3's routing selection, `tokens` a block, over the logits' 16 pieces.
     let route = |tokens| {
         let (top_k, n_group, topk_group, pieces) = (8, 8, 4, ROUTER_SPLITS);
-        let op = RowOp::Route { experts: 256, top_k, n_group, topk_group, norm: true, scale: 2.5, tokens, pieces };
+        let op = RowOp::Route {
+            experts: 256,
+            top_k,
+            n_group,
+            topk_group,
+            norm: true,
+            scale: 2.5,
+            tokens,
+            pieces,
+            softmax: false,
+        };
         RowKernel::new(op, 256, "f32")
+    };
+    // DeepSeek-V2-Lite's: a softmax over 64 experts, 6 picked from one group.
+    let softmax_route = |tokens, pieces| {
+        let op = RowOp::Route {
+            experts: 64,
+            top_k: 6,
+            n_group: 1,
+            topk_group: 1,
+            norm: false,
+            scale: 1.0,
+            tokens,
+            pieces,
+            softmax: true,
+        };
+        RowKernel::new(op, 64, "f32")
     };
     vec![
         RowKernel::new(RowOp::Embed, 7168, "bf16"),
@@ -53,6 +78,8 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::RouteLogits { experts: 256, tokens: 8 }, 7168, "bf16"),
         route(1),
         route(8),
+        softmax_route(1, ROUTER_SPLITS),
+        softmax_route(8, 1),
         RowKernel::new(RowOp::Dispatch { experts: 256, shared: 1 }, 257, "f32"),
         RowKernel::new(RowOp::SplitBf16, 7168, "f32"),
         RowKernel::new(RowOp::SplitBf16T, 7168, "f32"),

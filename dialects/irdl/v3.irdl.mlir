@@ -101,6 +101,8 @@ irdl.dialect @v3 {
   }
 
   // sigmoid(x @ gate^T) + bias -> group-limited top-k -> (indices [T, K] i32, weights [T, K] f32).
+  // With the attribute scoring = "softmax" (DeepSeek-V2) and no bias: softmax(x @ gate^T), groups
+  // scored by their best expert, the picks' scores as weights.
   irdl.operation @moe_route {
     %x = irdl.base "!builtin.tensor"
     %gate = irdl.base "!builtin.tensor"
@@ -112,7 +114,7 @@ irdl.dialect @v3 {
     %topk_group = irdl.base "#builtin.integer"
     %norm_topk_prob = irdl.base "#builtin.integer"
     %routed_scaling_factor = irdl.base "#builtin.float"
-    irdl.operands(x: %x, gate: %gate, bias: %bias)
+    irdl.operands(x: %x, gate: %gate, bias: optional %bias)
     irdl.results(indices: %indices, weights: %weights)
     irdl.attributes { "top_k" = %top_k, "n_group" = %n_group, "topk_group" = %topk_group, "norm_topk_prob" = %norm_topk_prob, "routed_scaling_factor" = %routed_scaling_factor }
   }
@@ -141,6 +143,7 @@ irdl.dialect @v3 {
   // experts 0..E-1 routed, E..E+S-1 the shared experts (every token, weight 1). Results:
   // offsets [E+S+1] i32 (rows of expert e: offsets[e]..offsets[e+1]), rows [T, K+S] i32 and
   // row_weights [T, K+S] f32, both read flat: row r of the permuted activations is token rows[r].
+  // Routing as moe_route's (no bias with scoring = "softmax").
   irdl.operation @moe_dispatch {
     %x = irdl.base "!builtin.tensor"
     %gate = irdl.base "!builtin.tensor"
@@ -154,7 +157,7 @@ irdl.dialect @v3 {
     %norm_topk_prob = irdl.base "#builtin.integer"
     %routed_scaling_factor = irdl.base "#builtin.float"
     %num_shared = irdl.base "#builtin.integer"
-    irdl.operands(x: %x, gate: %gate, bias: %bias)
+    irdl.operands(x: %x, gate: %gate, bias: optional %bias)
     irdl.results(offsets: %offsets, rows: %rows, row_weights: %row_weights)
     irdl.attributes { "top_k" = %top_k, "n_group" = %n_group, "topk_group" = %topk_group, "norm_topk_prob" = %norm_topk_prob, "routed_scaling_factor" = %routed_scaling_factor, "num_shared" = %num_shared }
   }

@@ -253,31 +253,41 @@ pub struct RouteAttributes {
     pub topk_group: usize,
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f32,
+    /// DeepSeek-V2's softmax routing (attribute `scoring = "softmax"`, no bias operand); absent:
+    /// DeepSeek-V3's sigmoid with the bias.
+    pub softmax: bool,
 }
 
-/// Creates `v3.moe_route`: sigmoid scores, biased group-limited top-k, normalized weights.
+/// Creates `v3.moe_route`: sigmoid scores, biased group-limited top-k, normalized weights (or,
+/// with `softmax` and no bias, DeepSeek-V2's softmax routing).
+#[allow(clippy::too_many_arguments)]
 pub fn moe_route<'c>(
     x: Value<'c, '_>,
     gate: Value<'c, '_>,
-    bias: Value<'c, '_>,
+    bias: Option<Value<'c, '_>>,
     a: &RouteAttributes,
     indices: Type<'c>,
     weights: Type<'c>,
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
-    build("moe_route", &[x, gate, bias], &[indices, weights], &route_attrs(c, a), c, l)
+    let operands: Vec<Value> = [x, gate].into_iter().chain(bias).collect();
+    build("moe_route", &operands, &[indices, weights], &route_attrs(c, a), c, l)
 }
 
 /// The routing attributes `moe_route` and `moe_dispatch` share.
-fn route_attrs<'c>(c: &'c Context, a: &RouteAttributes) -> [(&'static str, Attribute<'c>); 5] {
-    [
+fn route_attrs<'c>(c: &'c Context, a: &RouteAttributes) -> Vec<(&'static str, Attribute<'c>)> {
+    let mut attrs = vec![
         ("top_k", i64_attr(c, a.top_k as i64)),
         ("n_group", i64_attr(c, a.n_group as i64)),
         ("topk_group", i64_attr(c, a.topk_group as i64)),
         ("norm_topk_prob", bool_attr(c, a.norm_topk_prob)),
         ("routed_scaling_factor", f32_attr(c, a.routed_scaling_factor)),
-    ]
+    ];
+    if a.softmax {
+        attrs.push(("scoring", str_attr(c, "softmax")));
+    }
+    attrs
 }
 
 /// Expert weights stacked over experts, with block scales when fp8.
@@ -321,16 +331,17 @@ pub fn moe_experts<'c, 'a>(
 pub fn moe_dispatch<'c>(
     x: Value<'c, '_>,
     gate: Value<'c, '_>,
-    bias: Value<'c, '_>,
+    bias: Option<Value<'c, '_>>,
     a: &RouteAttributes,
     num_shared: usize,
     [offsets, rows, row_weights]: [Type<'c>; 3],
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
-    let mut attrs = route_attrs(c, a).to_vec();
+    let mut attrs = route_attrs(c, a);
     attrs.push(("num_shared", i64_attr(c, num_shared as i64)));
-    build("moe_dispatch", &[x, gate, bias], &[offsets, rows, row_weights], &attrs, c, l)
+    let operands: Vec<Value> = [x, gate].into_iter().chain(bias).collect();
+    build("moe_dispatch", &operands, &[offsets, rows, row_weights], &attrs, c, l)
 }
 
 /// A weight with its block scales when fp8.

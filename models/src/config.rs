@@ -9,8 +9,12 @@
 //! the experts the group limit allows, sizes whose tensors the kernels' 32-bit coordinates cannot
 //! address, ...).
 //!
-//! Not handled: configs of other architectures (DeepSeek-V2's `topk_method: greedy`, softmax
-//! scoring), attention biases, RoPE types other than default and YaRN.
+//! DeepSeek-V2's configs (`model_type: deepseek_v2`: the same MLA and MoE, routed by a softmax
+//! over the experts, `topk_method` `greedy` or `group_limited_greedy`, no MTP) are read too; their
+//! routing is [`Scoring::Softmax`].
+//!
+//! Not handled: attention biases, RoPE types other than default and YaRN, V2's `moe_layer_freq`
+//! other than 1.
 
 use std::path::Path;
 
@@ -55,6 +59,20 @@ pub struct Fp8Quantization {
     pub weight_block: [usize; 2],
 }
 
+/// How a MoE layer scores its experts and picks a token's `num_experts_per_tok` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// DeepSeek-V3 (`scoring_func: sigmoid`, `topk_method: noaux_tc`): sigmoid affinities; the
+    /// selection ranks affinity + the gate's `e_score_correction_bias` (loss-free balancing), a
+    /// group by the sum of its top two.
+    Sigmoid,
+    /// DeepSeek-V2 (`model_type: deepseek_v2`): a softmax over the experts; no bias; a group by its
+    /// best expert (`group_limited_greedy`; `greedy` is one group). The weights are the selected
+    /// scores times `routed_scaling_factor`.
+    Softmax,
+}
+
 /// Everything the DeepSeek-V3 definition needs to know about one model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
@@ -77,6 +95,8 @@ pub struct ModelConfig {
     pub num_experts_per_tok: usize,
     pub n_group: usize,
     pub topk_group: usize,
+    /// The routing rule: DeepSeek-V3's or DeepSeek-V2's.
+    pub scoring: Scoring,
     pub first_k_dense_replace: usize,
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f32,
@@ -125,9 +145,10 @@ impl ModelConfig {
 
     /// The config in the hub's `config.json` spelling (`rope_theta` + `rope_scaling`).
     pub fn to_hf_json(&self) -> Value {
+        let v2 = self.scoring == Scoring::Softmax;
         let mut m = serde_json::json!({
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
+            "architectures": [if v2 { "DeepseekV2ForCausalLM" } else { "DeepseekV3ForCausalLM" }],
+            "model_type": if v2 { "deepseek_v2" } else { "deepseek_v3" },
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -144,13 +165,17 @@ impl ModelConfig {
             "qk_rope_head_dim": self.qk_rope_head_dim,
             "v_head_dim": self.v_head_dim,
             "qk_nope_head_dim": self.qk_nope_head_dim,
-            "topk_method": "noaux_tc",
+            "topk_method": match (v2, self.n_group) {
+                (false, _) => "noaux_tc",
+                (true, 1) => "greedy",
+                (true, _) => "group_limited_greedy",
+            },
             "n_group": self.n_group,
             "topk_group": self.topk_group,
             "num_experts_per_tok": self.num_experts_per_tok,
             "first_k_dense_replace": self.first_k_dense_replace,
             "norm_topk_prob": self.norm_topk_prob,
-            "scoring_func": "sigmoid",
+            "scoring_func": if v2 { "softmax" } else { "sigmoid" },
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
@@ -304,7 +329,7 @@ impl ModelConfig {
                 );
             }
             let per_group = self.n_routed_experts / self.n_group;
-            if per_group < 2 {
+            if per_group < 2 && self.scoring == Scoring::Sigmoid {
                 return fail(
                     "n_group",
                     format!(
@@ -325,6 +350,12 @@ impl ModelConfig {
                     ),
                 );
             }
+        }
+        if self.num_nextn_predict_layers > 0 && self.scoring == Scoring::Softmax {
+            return fail(
+                "num_nextn_predict_layers",
+                format!("{}: deepseek_v2 has no MTP module", self.num_nextn_predict_layers),
+            );
         }
         if self.num_nextn_predict_layers > 1 {
             return fail(
@@ -524,28 +555,23 @@ impl Reader<'_> {
     }
 
     fn parse(&self) -> Result<ModelConfig, ConfigError> {
-        match self.str_opt("model_type")? {
-            Some("deepseek_v3") => {}
+        let v2 = match self.str_opt("model_type")? {
+            Some("deepseek_v3") => false,
+            Some("deepseek_v2") => true,
             Some(other) => {
-                return Err(self.err("model_type", format!("'{other}' is not supported (expected 'deepseek_v3')")))
+                return Err(self.err(
+                    "model_type",
+                    format!("'{other}' is not supported (expected 'deepseek_v3' or 'deepseek_v2')"),
+                ))
             }
-            None => return Err(self.err("model_type", "missing (expected 'deepseek_v3')")),
-        }
+            None => return Err(self.err("model_type", "missing (expected 'deepseek_v3' or 'deepseek_v2')")),
+        };
         if let Some(act) = self.str_opt("hidden_act")? {
             if act != "silu" {
                 return Err(self.err("hidden_act", format!("'{act}' is not supported (expected 'silu')")));
             }
         }
-        if let Some(s) = self.str_opt("scoring_func")? {
-            if s != "sigmoid" {
-                return Err(self.err("scoring_func", format!("'{s}' is not supported (expected 'sigmoid')")));
-            }
-        }
-        if let Some(s) = self.str_opt("topk_method")? {
-            if s != "noaux_tc" {
-                return Err(self.err("topk_method", format!("'{s}' is not supported (expected 'noaux_tc')")));
-            }
-        }
+        let (scoring, grouped) = self.routing(v2)?;
         if self.bool_or("attention_bias", false)? {
             return Err(self.err("attention_bias", "true is not supported (DeepSeek-V3 has no attention biases)"));
         }
@@ -576,8 +602,10 @@ impl Reader<'_> {
             n_routed_experts,
             n_shared_experts: self.usize_or("n_shared_experts", 0)?,
             num_experts_per_tok: self.usize_or("num_experts_per_tok", 0)?,
-            n_group: self.usize_or("n_group", 1)?,
-            topk_group: self.usize_or("topk_group", 1)?,
+            // `greedy` picks from every expert: one group, whatever the config says of groups.
+            n_group: if grouped { self.usize_or("n_group", 1)? } else { 1 },
+            topk_group: if grouped { self.usize_or("topk_group", 1)? } else { 1 },
+            scoring,
             first_k_dense_replace: self.usize_or("first_k_dense_replace", 0)?,
             norm_topk_prob: self.bool_or("norm_topk_prob", false)?,
             routed_scaling_factor,
@@ -591,6 +619,59 @@ impl Reader<'_> {
             bos_token_id: self.token_opt("bos_token_id")?,
             eos_token_id: self.token_opt("eos_token_id")?,
         })
+    }
+
+    /// The routing rule and whether it limits a token to groups of experts. DeepSeek-V3:
+    /// `scoring_func: sigmoid`, `topk_method: noaux_tc` (the defaults). DeepSeek-V2: a softmax
+    /// (transformers' `DeepseekV2` ignores `scoring_func`; any other value is refused here),
+    /// `topk_method` `greedy` (the default) or `group_limited_greedy`.
+    fn routing(&self, v2: bool) -> Result<(Scoring, bool), ConfigError> {
+        let scoring_func = self.str_opt("scoring_func")?;
+        let topk_method = self.str_opt("topk_method")?;
+        if !v2 {
+            if let Some(s) = scoring_func.filter(|s| *s != "sigmoid") {
+                return Err(self.err(
+                    "scoring_func",
+                    format!(
+                        "'{s}' is not supported for deepseek_v3 (expected 'sigmoid'; softmax routing is deepseek_v2's)"
+                    ),
+                ));
+            }
+            if let Some(s) = topk_method.filter(|s| *s != "noaux_tc") {
+                return Err(
+                    self.err("topk_method", format!("'{s}' is not supported for deepseek_v3 (expected 'noaux_tc')"))
+                );
+            }
+            return Ok((Scoring::Sigmoid, true));
+        }
+        if let Some(s) = scoring_func.filter(|s| *s != "softmax") {
+            return Err(
+                self.err("scoring_func", format!("'{s}' is not supported for deepseek_v2 (expected 'softmax')"))
+            );
+        }
+        let grouped = match topk_method.unwrap_or("greedy") {
+            "greedy" => false,
+            "group_limited_greedy" => true,
+            other => {
+                return Err(self.err(
+                    "topk_method",
+                    format!("'{other}' is not supported for deepseek_v2 (expected 'greedy' or 'group_limited_greedy')"),
+                ))
+            }
+        };
+        if self.bool_or("norm_topk_prob", false)? {
+            return Err(self.err(
+                "norm_topk_prob",
+                "true is not supported for deepseek_v2 (transformers' DeepseekV2 scales the softmax scores, never normalizes them)",
+            ));
+        }
+        if let Some(f) = self.usize_opt("moe_layer_freq")?.filter(|f| *f != 1) {
+            return Err(self.err(
+                "moe_layer_freq",
+                format!("{f} is not supported (expected 1: a MoE layer after each dense one)"),
+            ));
+        }
+        Ok((Scoring::Softmax, grouped))
     }
 
     fn rope(&self, max_position_embeddings: usize) -> Result<RopeConfig, ConfigError> {

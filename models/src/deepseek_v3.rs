@@ -21,7 +21,7 @@
 
 use std::ops::Range;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Scoring};
 use crate::dtype::DType;
 use crate::graph::{AttentionForm, Builder, Dim, Graph, GraphError, Routing, ValueId, WeightFormat};
 use crate::rope;
@@ -423,13 +423,21 @@ impl<'a> ModelBuilder<'a> {
         let c = self.c;
         let (d, e, inter) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
         let gate = self.b.param(&format!("{p}.gate.weight"), &[e, d], WeightFormat::Dense(self.dense_dtype()))?;
-        let bias = self.b.param(&format!("{p}.gate.e_score_correction_bias"), &[e], WeightFormat::Dense(DType::F32))?;
+        let bias = match c.scoring {
+            Scoring::Sigmoid => Some(self.b.param(
+                &format!("{p}.gate.e_score_correction_bias"),
+                &[e],
+                WeightFormat::Dense(DType::F32),
+            )?),
+            Scoring::Softmax => None,
+        };
         let routing = Routing {
             top_k: c.num_experts_per_tok,
             n_group: c.n_group,
             topk_group: c.topk_group,
             norm_topk_prob: c.norm_topk_prob,
             routed_scaling_factor: c.routed_scaling_factor,
+            scoring: c.scoring,
         };
         let (idx, w) = self.b.moe_route(x, gate, bias, routing)?;
         let mut experts = Vec::with_capacity(e);

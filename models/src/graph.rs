@@ -132,6 +132,8 @@ pub struct Routing {
     pub topk_group: usize,
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f32,
+    /// DeepSeek-V3's sigmoid and bias, or DeepSeek-V2's softmax (no bias input).
+    pub scoring: crate::config::Scoring,
 }
 
 /// Rotary embedding attributes: which dims rotate, how pairs are formed, the frequencies' source.
@@ -166,7 +168,8 @@ pub enum Op {
     AttentionDecode { form: AttentionForm, scale: f32, kv_lora_rank: usize },
     /// (cache `[B, S, C]`, entries `[B, C]`, positions `[B]`) -> cache with row `positions[b]` of sequence b replaced.
     CacheWrite,
-    /// (x `[T, D]`, gate `[E, D]`, bias `[E]`) -> (indices `[T, K]` i32, weights `[T, K]` f32).
+    /// (x `[T, D]`, gate `[E, D]`, bias `[E]`) -> (indices `[T, K]` i32, weights `[T, K]` f32); a
+    /// softmax routing ([`crate::config::Scoring::Softmax`]) has no bias input.
     MoeRoute(Routing),
     /// (x [T, D], indices [T, K], weights [T, K], then gate_e [I, D], up_e [I, D], down_e [D, I] for each
     /// expert e) -> `[T, D]` = `sum_k weights[t,k] * Expert_{indices[t,k]}(x[t])`; experts are SwiGLU.
@@ -625,18 +628,28 @@ impl Builder {
         &mut self,
         x: ValueId,
         gate: ValueId,
-        bias: ValueId,
+        bias: Option<ValueId>,
         routing: Routing,
     ) -> Result<(ValueId, ValueId), GraphError> {
         self.expect_float("moe_route", x, "input")?;
-        let (xt, gt, bt) = (self.ty(x), self.ty(gate), self.ty(bias));
-        if xt.rank() != 2
-            || gt.rank() != 2
-            || bt.rank() != 1
-            || xt.shape[1] != gt.shape[1]
-            || gt.shape[0] != bt.shape[0]
-        {
-            return Self::err("moe_route", format!("input {xt}, gate {gt}, bias {bt} do not fit"));
+        let (xt, gt) = (self.ty(x), self.ty(gate));
+        if xt.rank() != 2 || gt.rank() != 2 || xt.shape[1] != gt.shape[1] {
+            return Self::err("moe_route", format!("input {xt}, gate {gt} do not fit"));
+        }
+        match (bias, routing.scoring) {
+            (Some(bias), crate::config::Scoring::Sigmoid) => {
+                let bt = self.ty(bias);
+                if bt.rank() != 1 || gt.shape[0] != bt.shape[0] {
+                    return Self::err("moe_route", format!("gate {gt}, bias {bt} do not fit"));
+                }
+            }
+            (None, crate::config::Scoring::Softmax) => {}
+            (_, scoring) => {
+                return Self::err(
+                    "moe_route",
+                    format!("{scoring:?} scoring with bias {bias:?} (sigmoid takes one, softmax none)"),
+                )
+            }
         }
         let e = gt.shape[0].clone().fixed().unwrap_or(0);
         if routing.n_group == 0 || e % routing.n_group != 0 || routing.top_k > e || routing.topk_group > routing.n_group
@@ -647,7 +660,7 @@ impl Builder {
         let k = Dim::Fixed(routing.top_k);
         let out = self.push(
             Op::MoeRoute(routing),
-            vec![x, gate, bias],
+            [x, gate].into_iter().chain(bias).collect(),
             vec![TensorType::new(vec![t.clone(), k.clone()], DType::I32), TensorType::new(vec![t, k], DType::F32)],
         );
         Ok((out[0], out[1]))

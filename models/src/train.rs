@@ -610,6 +610,12 @@ pub struct TrainingGraph {
 /// graph with f32 weights, the next-token (and MTP) cross-entropy, the balance losses, and
 /// [`backward`].
 pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<TrainingGraph, TrainError> {
+    if config.scoring == crate::config::Scoring::Softmax && config.first_k_dense_replace < config.num_hidden_layers {
+        return Err(TrainError::Invalid(format!(
+            "{}: training a softmax-routed model (deepseek_v2) is not supported: its routing gradient and balance losses are DeepSeek-V3's",
+            config.name
+        )));
+    }
     let mtp = config.num_nextn_predict_layers > 0 && train.mtp_weight > 0.0;
     let options =
         BuildOptions { dense_f32_weights: true, skip_mtp: !mtp, fp8_training: train.fp8, ..Default::default() };

@@ -266,12 +266,13 @@ fn rewrite(context: &Context, block: &BlockRef, m: MlirOperation) -> Result<(), 
         topk_group: attr_number(route, "topk_group").ok_or("moe_route without topk_group")? as usize,
         norm_topk_prob: attr_text(route, "norm_topk_prob").as_deref() == Some("true"),
         routed_scaling_factor: attr_number(route, "routed_scaling_factor").ok_or("moe_route without a factor")? as f32,
+        softmax: attr_text(route, "scoring").is_some_and(|s| s.contains("softmax")),
     };
     let r = operands(route);
     let dispatch = v3::moe_dispatch(
         value(r[0]),
         value(r[1]),
-        value(r[2]),
+        r.get(2).map(|&b| value(b)),
         &route_attrs,
         num_shared,
         [

@@ -1,6 +1,7 @@
 //! The reference implementation of every op, on plain f32 slices: obviously correct first, fast only
 //! where it is free (matmuls split rows across threads).
 
+use crate::config::Scoring;
 use crate::dtype::{f32_to_f8e4m3, f8e4m3_to_f32, F8E4M3_MAX};
 use crate::graph::{AttentionForm, Routing};
 
@@ -520,17 +521,42 @@ pub fn mla(
     out
 }
 
+/// A token's softmax over its router logits, as every backend computes it: `exp(l - max)` over the
+/// sum of those in expert order.
+pub fn softmax_scores(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    let ex: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let sum = ex.iter().fold(0.0f32, |a, &v| a + v);
+    ex.iter().map(|v| v / sum).collect()
+}
+
 /// Routing for one token (spec section 4): returns (expert indices, weights), best first.
+/// DeepSeek-V3 ([`Scoring::Sigmoid`]): selection on sigmoid + `bias`, a group scored by its top
+/// two. DeepSeek-V2 ([`Scoring::Softmax`], `bias` empty): selection on the softmax, a group scored
+/// by its best.
 pub fn route(logits: &[f32], bias: &[f32], r: &Routing) -> (Vec<usize>, Vec<f32>) {
     let e = logits.len();
     let per_group = e / r.n_group;
-    let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
-    let sb: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+    let (s, sb) = match r.scoring {
+        Scoring::Sigmoid => {
+            let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+            let sb = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+            (s, sb)
+        }
+        Scoring::Softmax => {
+            let s = softmax_scores(logits);
+            (s.clone(), s)
+        }
+    };
     let mut group_scores: Vec<(f32, usize)> = (0..r.n_group)
         .map(|g| {
             let mut v: Vec<f32> = sb[g * per_group..(g + 1) * per_group].to_vec();
             v.sort_by(|a, b| b.total_cmp(a));
-            (v[0] + v.get(1).copied().unwrap_or(0.0), g)
+            let score = match r.scoring {
+                Scoring::Sigmoid => v[0] + v.get(1).copied().unwrap_or(0.0),
+                Scoring::Softmax => v[0],
+            };
+            (score, g)
         })
         .collect();
     group_scores.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -605,7 +631,7 @@ mod tests {
         fn routing_invariants(logits in prop::collection::vec(-4.0f32..4.0, 16), bias in prop::collection::vec(-0.5f32..0.5, 16),
                               top_k in 1usize..=8, norm in any::<bool>()) {
             // 4 groups of 4, keep 2 groups: at most 8 experts are reachable.
-            let r = Routing { top_k, n_group: 4, topk_group: 2, norm_topk_prob: norm, routed_scaling_factor: 2.5 };
+            let r = Routing { top_k, n_group: 4, topk_group: 2, norm_topk_prob: norm, routed_scaling_factor: 2.5, scoring: Scoring::Sigmoid };
             let (idx, w) = route(&logits, &bias, &r);
             prop_assert_eq!(idx.len(), top_k);
             let mut uniq = idx.clone(); uniq.sort(); uniq.dedup();
@@ -616,6 +642,28 @@ mod tests {
                 prop_assert!((w.iter().sum::<f32>() - 2.5).abs() < 1e-4);
             }
             prop_assert!(w.iter().all(|x| *x > 0.0));
+        }
+
+        #[test]
+        fn softmax_routing_picks_the_best_scores_in_the_best_groups(logits in prop::collection::vec(-4.0f32..4.0, 16), top_k in 1usize..=4) {
+            // DeepSeek-V2's group_limited_greedy: 4 groups of 4, a group scored by its best expert.
+            let r = Routing { top_k, n_group: 4, topk_group: 2, norm_topk_prob: false, routed_scaling_factor: 1.5, scoring: Scoring::Softmax };
+            let (idx, w) = route(&logits, &[], &r);
+            let s = softmax_scores(&logits);
+            prop_assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            let best = |g: usize| s[g * 4..g * 4 + 4].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut order: Vec<usize> = (0..4).collect();
+            order.sort_by(|&a, &b| best(b).total_cmp(&best(a)).then(a.cmp(&b)));
+            let mut want: Vec<usize> = (0..16).filter(|i| order[..2].contains(&(i / 4))).collect();
+            want.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+            prop_assert_eq!(&idx[..], &want[..top_k]);
+            for (i, wi) in idx.iter().zip(&w) { prop_assert_eq!(*wi, s[*i] * 1.5); }
+            // greedy: one group, the plain top k of the softmax.
+            let greedy = Routing { n_group: 1, topk_group: 1, ..r };
+            let (gi, _) = route(&logits, &[], &greedy);
+            let mut all: Vec<usize> = (0..16).collect();
+            all.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+            prop_assert_eq!(&gi[..], &all[..top_k]);
         }
 
         #[test]

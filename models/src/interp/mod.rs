@@ -252,7 +252,8 @@ impl Interpreter {
                 one(Tensor::f32(a[0].shape.clone(), cache))
             }
             Op::MoeRoute(r) => {
-                let (x, gate, bias) = (f(0)?, f(1)?, f(2)?);
+                let (x, gate) = (f(0)?, f(1)?);
+                let bias = if a.len() > 2 { f(2)? } else { &[] };
                 let (e, d) = (a[1].shape[0], a[1].shape[1]);
                 let t = x.len() / d;
                 let logits = kernels::router_logits(x, gate, t, d, e);

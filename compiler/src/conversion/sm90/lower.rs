@@ -1036,7 +1036,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         }
         ["moe_dispatch", "func.return"] => {
             let dispatch = &ops[0];
-            let wired = (0..3).all(|i| operand(dispatch, i).is_ok_and(|v| is_arg(v, i)))
+            let count = dispatch.operand_count();
+            let wired = (2..=3).contains(&count)
+                && (0..count).all(|i| operand(dispatch, i).is_ok_and(|v| is_arg(v, i)))
                 && (0..3).all(|i| operand(&ops[1], i).is_ok_and(|v| result(dispatch, i).is_ok_and(|r| raw(v) == r)));
             if !wired {
                 return Err("moe_dispatch with its operands in another order".into());
@@ -1058,6 +1060,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 (d, &gate.element),
                 [Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Temp(0), Operand::Temp(1)],
                 2,
+                count == 3,
             )?;
             steps.push(Step {
                 only: None,
@@ -1468,6 +1471,7 @@ pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
         tokens: super::rows::route_tokens(experts, n_group, top_k),
         pieces: ROUTER_SPLITS,
+        softmax: o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax")),
     })
 }
 
@@ -1490,9 +1494,15 @@ pub(super) fn route_steps(
     (d, element): (usize, &str),
     operands: [Operand; 5],
     first_temp: usize,
+    biased: bool,
 ) -> Result<(Vec<Step>, Vec<Temp>), String> {
     let op = route_op(o, experts)?;
+    if matches!(op, RowOp::Route { softmax, .. } if softmax == biased) {
+        return Err(format!("{name}: routing with{} a bias operand", if biased { "" } else { "out" }));
+    }
     let [x, gate, bias, idx, w] = operands;
+    // The selection's operands: the logits, the bias (sigmoid routing), the picks.
+    let select = |logits: Operand| if biased { vec![logits, bias, idx, w] } else { vec![logits, idx, w] };
     // As many rows as x (the MTP module's fewer than the run's: the selection walks its operand's
     // rows).
     let per_row = |cols: usize, element: &str| match x {
@@ -1509,11 +1519,7 @@ pub(super) fn route_steps(
             kernel: StepKernel::Row(RowKernel::new(logits, d, element)),
             operands: vec![x, gate, parts],
         },
-        Step {
-            only: decode,
-            kernel: StepKernel::Row(RowKernel::new(op, experts, "f32")),
-            operands: vec![parts, bias, idx, w],
-        },
+        Step { only: decode, kernel: StepKernel::Row(RowKernel::new(op, experts, "f32")), operands: select(parts) },
     ];
     let mut temps = vec![per_row(ROUTER_SPLITS * experts, "f32")];
     if tensor_cores {
@@ -1551,7 +1557,7 @@ pub(super) fn route_steps(
             Step {
                 only: prefill,
                 kernel: StepKernel::Row(RowKernel::new(whole_op, experts, "f32")),
-                operands: vec![whole, bias, idx, w],
+                operands: select(whole),
             },
         ]);
     }

@@ -266,7 +266,8 @@ fn moe_route(body: &Body) -> Result<Steps, String> {
     }
     let experts = gate.dims.first().copied().flatten().ok_or("a dynamic expert count")?;
     let operands = [Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Result(0), Operand::Result(1)];
-    let (steps, temps) = route_steps(o, &body.name, experts, (width(&x)?, &gate.element), operands, 0)?;
+    let biased = o.operand_count() > 2;
+    let (steps, temps) = route_steps(o, &body.name, experts, (width(&x)?, &gate.element), operands, 0, biased)?;
     Ok(Steps { steps, temps, rope_table: None })
 }
 

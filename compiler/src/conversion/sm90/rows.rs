@@ -138,6 +138,10 @@ pub enum RowOp {
     ///
     /// `pieces`: the pieces per logit in `parts [rows, pieces * experts]` — [`ROUTER_SPLITS`] from
     /// [`RowOp::RouteLogits`], or 1: whole logits (prefill's gate GEMM on the tensor cores).
+    ///
+    /// `softmax` (DeepSeek-V2, `_sm`): no bias argument; the scores are each token's softmax over
+    /// its logits (a warp a token: the max and the sum by butterflies), the selection is on them and
+    /// a group scores its best expert.
     Route {
         experts: usize,
         top_k: usize,
@@ -147,6 +151,7 @@ pub enum RowOp {
         scale: f32,
         tokens: usize,
         pieces: usize,
+        softmax: bool,
     },
     /// The counting sort of the routed (token, expert) pairs by expert (one block; the pairs cut
     /// into chunks a thread each counts, then places in order): `offsets [experts + shared + 1]`, per sorted row its token
@@ -367,9 +372,10 @@ impl RowKernel {
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
                 format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}{f32_graph}")
             }
-            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens, pieces } => {
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens, pieces, softmax } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
                 let norm = if norm { "_norm" } else { "" };
+                let norm = if softmax { format!("_sm{norm}") } else { norm.to_string() };
                 let tokens = if tokens == 1 { String::new() } else { format!("_b{tokens}") };
                 let pieces = if pieces == ROUTER_SPLITS { String::new() } else { format!("_p{pieces}") };
                 format!("rows_route_e{experts}_k{top_k}_g{n_group}_kg{topk_group}_s{scale}{norm}_t{t}{tokens}{pieces}")
@@ -457,12 +463,17 @@ impl RowKernel {
                     [rest @ .., b] if b.starts_with('b') => (rest, number(b, 'b')?),
                     rest => (rest, 1),
                 };
+                let (softmax, rest) = match rest {
+                    ["sm", rest @ ..] => (true, rest),
+                    rest => (false, rest),
+                };
                 let (norm, t) = match rest {
                     ["norm", t] => (true, t),
                     [t] => (false, t),
                     _ => return None,
                 };
                 let op = RowOp::Route {
+                    softmax,
                     experts: number(e, 'e')?,
                     top_k: number(k, 'k')?,
                     n_group: number(g, 'g')?,
@@ -780,12 +791,14 @@ impl RowKernel {
                 ("gate", format!("memref<?x?x{w}>")),
                 ("parts", "memref<?x?xf32>".into()),
             ],
-            RowOp::Route { .. } => vec![
-                ("parts", "memref<?x?xf32>".to_string()),
-                ("bias", "memref<?xf32>".into()),
-                ("idx", "memref<?x?xi32>".into()),
-                ("w", "memref<?x?xf32>".into()),
-            ],
+            RowOp::Route { softmax, .. } => {
+                let mut args = vec![("parts", "memref<?x?xf32>".to_string()), ("bias", "memref<?xf32>".into())];
+                if softmax {
+                    args.pop();
+                }
+                args.extend([("idx", "memref<?x?xi32>".into()), ("w", "memref<?x?xf32>".into())]);
+                args
+            }
             RowOp::Dispatch { .. } => vec![
                 ("idx", "memref<?x?xi32>".to_string()),
                 ("w", "memref<?x?xf32>".into()),
@@ -1060,7 +1073,7 @@ impl RowKernel {
                 return Err(format!("{name}: {tokens} tokens a block of {} threads", self.threads));
             }
         }
-        if let RowOp::Route { experts, top_k, n_group, topk_group, pieces, .. } = self.op {
+        if let RowOp::Route { experts, top_k, n_group, topk_group, pieces, softmax, .. } = self.op {
             if pieces != 1 && pieces != ROUTER_SPLITS {
                 return Err(format!("{name}: logits in {pieces} pieces (1, or the router's {ROUTER_SPLITS} splits)"));
             }
@@ -1070,7 +1083,7 @@ impl RowKernel {
             }
             if n_group == 0
                 || experts % n_group != 0
-                || per < 2
+                || (per < 2 && !softmax)
                 || topk_group == 0
                 || topk_group > n_group
                 || top_k == 0
@@ -1938,7 +1951,7 @@ scf.for %q = %tid to %cWork step %cT {{
                 phases.push(store);
                 phases
             }
-            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens, pieces } => {
+            RowOp::Route { experts, top_k, n_group, topk_group, norm, scale, tokens, pieces, softmax } => {
                 let per = experts / n_group;
                 let (acc, flag, gflag) = (sh("sh_acc"), sh("sh_flag"), sh("sh_gflag"));
                 let (sb, gscore, w_ty) = (sh("sh_sb"), sh("sh_gscore"), sh("sh_w"));
@@ -1974,16 +1987,23 @@ scf.for %q = %tid to %all step %cT {{
     %a2 = arith.addf %a, %pv : f32
     scf.yield %a2 : f32
   }}
-  %neg = arith.negf %logit : f32
+{score}}}
+",
+                    score = if softmax {
+                        format!("  memref.store %logit, %sh_acc[%q] : {acc}\n")
+                    } else {
+                        format!(
+                            "  %neg = arith.negf %logit : f32
 {exp}  %den = arith.addf %one, %ex : f32
   %s = arith.divf %one, %den : f32
   %b = memref.load %bias[%e] : memref<?xf32>
   %sbv = arith.addf %s, %b : f32
   memref.store %s, %sh_acc[%q] : {acc}
   memref.store %sbv, %sh_sb[%q] : {sb}
-}}
 ",
-                    exp = exp(lowering, "%neg", "%ex"),
+                            exp = exp(lowering, "%neg", "%ex")
+                        )
+                    },
                 );
                 // 4: a thread per token selects, as the reference sorts: group scores (top two), the
                 // best groups, the best experts in them (strictly greater wins: ties to the lower
@@ -2045,7 +2065,7 @@ scf.if %mine {{
       %nb = arith.select %gta, %a, %nb0 : f32
       scf.yield %na, %nb : f32, f32
     }}
-    %gs = arith.addf %top#0, %top#1 : f32
+    %gs = arith.addf %top#0, {second} : f32
     %gg = arith.addi %tg, %g : index
     memref.store %gs, %sh_gscore[%gg] : {gscore}
   }}
@@ -2096,16 +2116,17 @@ scf.if %mine {{
   {weights}}}
 ",
                     scale_bits = scale.to_bits(),
+                    second = if softmax { "%zero" } else { "%top#1" },
                 );
+                let shape = RouteShape { experts, n_group, topk_group, top_k, threads: self.threads, softmax };
                 let select = match lowering {
-                    Lowering::Gpu => route_select_warp(
-                        RouteShape { experts, n_group, topk_group, top_k, threads: self.threads },
-                        scale,
-                        &weights,
-                        (&sb, &acc, &w_ty),
-                    ),
+                    Lowering::Gpu => route_select_warp(shape, scale, &weights, (&sb, &acc, &w_ty)),
                     Lowering::Cpu => select,
                 };
+                if softmax {
+                    let scores = route_softmax(lowering, experts, self.threads, (&acc, &sb));
+                    return vec![clear, logits, scores, select];
+                }
                 vec![clear, logits, select]
             }
             RowOp::Dispatch { experts, shared } => {
@@ -4511,6 +4532,83 @@ struct RouteShape {
     topk_group: usize,
     top_k: usize,
     threads: usize,
+    /// A group's score is its best expert's (DeepSeek-V2), not its top two's sum.
+    softmax: bool,
+}
+
+/// DeepSeek-V2's scores: each token's softmax over its logits in `sh_acc`, written over them and
+/// into `sh_sb` (what the selection ranks). On the GPU a warp takes a token (the block's warps its
+/// tokens in turn): lane l its experts l, l + 32, ..., the max and then the sum of `exp(l - max)`
+/// by butterflies. On the CPU a thread takes a token, summing in expert order (the reference's).
+fn route_softmax(lowering: Lowering, experts: usize, threads: usize, (acc, sb): (&str, &str)) -> String {
+    let (first, step, per_token) = match lowering {
+        Lowering::Gpu => ("%warp", format!("%cNW = arith.constant {} : index", threads / 32), "%lane, %lanes"),
+        Lowering::Cpu => ("%tid", "%cNW = arith.constant 1000000000 : index".to_string(), "%c0, %c1"),
+    };
+    let (lo, by) = per_token.split_once(", ").expect("two values");
+    let butterfly = |value: &str, op: &str, out: &str| match lowering {
+        Lowering::Gpu => {
+            let mut t = String::new();
+            let mut v = value.to_string();
+            for o in [16, 8, 4, 2, 1] {
+                let combine = match op {
+                    // max: the larger (no libdevice call).
+                    "max" => format!(
+                        "  %{out}{o}_gt = arith.cmpf ogt, %{out}{o}_x, {v} : f32\n  %{out}{o} = arith.select %{out}{o}_gt, %{out}{o}_x, {v} : f32\n"
+                    ),
+                    _ => format!("  %{out}{o} = arith.addf {v}, %{out}{o}_x : f32\n"),
+                };
+                let _ = write!(
+                    t,
+                    "  %{out}{o}_o = arith.constant {o} : i32
+  %{out}{o}_x, %{out}{o}_ok = gpu.shuffle xor {v}, %{out}{o}_o, %width : f32
+{combine}"
+                );
+                v = format!("%{out}{o}");
+            }
+            let _ = writeln!(t, "  %{out} = arith.addf {v}, %zero : f32");
+            t
+        }
+        Lowering::Cpu => format!("  %{out} = arith.addf {value}, %zero : f32\n"),
+    };
+    format!(
+        "%lanes = arith.constant 32 : index
+%width = arith.constant 32 : i32
+%lane = arith.remui %tid, %lanes : index
+%warp = arith.divui %tid, %lanes : index
+{step}
+%ninf = arith.constant 0xFF800000 : f32
+%cE = arith.constant {experts} : index
+scf.for %tt = {first} to %ntok step %cNW {{
+  %te = arith.muli %tt, %cE : index
+  %mx0 = scf.for %e = {lo} to %cE step {by} iter_args(%m = %ninf) -> (f32) {{
+    %i = arith.addi %te, %e : index
+    %v = memref.load %sh_acc[%i] : {acc}
+    %gt = arith.cmpf ogt, %v, %m : f32
+    %m2 = arith.select %gt, %v, %m : f32
+    scf.yield %m2 : f32
+  }}
+{max}  %sum0 = scf.for %e = {lo} to %cE step {by} iter_args(%a = %zero) -> (f32) {{
+    %i = arith.addi %te, %e : index
+    %v = memref.load %sh_acc[%i] : {acc}
+    %d = arith.subf %v, %mx : f32
+{exp}    memref.store %x, %sh_acc[%i] : {acc}
+    %a2 = arith.addf %a, %x : f32
+    scf.yield %a2 : f32
+  }}
+{sum}  scf.for %e = {lo} to %cE step {by} {{
+    %i = arith.addi %te, %e : index
+    %x = memref.load %sh_acc[%i] : {acc}
+    %q = arith.divf %x, %sum : f32
+    memref.store %q, %sh_acc[%i] : {acc}
+    memref.store %q, %sh_sb[%i] : {sb}
+  }}
+}}
+",
+        max = butterfly("%mx0", "max", "mx"),
+        exp = exp(lowering, "%d", "%x"),
+        sum = butterfly("%sum0", "add", "sum"),
+    )
 }
 
 /// Routing's selection on the GPU: a warp per token (a block's warps take its tokens in turn), where
@@ -4522,7 +4620,7 @@ struct RouteShape {
 /// index, as in the reference's order — as lane 0 has it. Lane 0 writes the picks and `weights`
 /// (the normalization: `sh_w`, `%tk`, `%trow`). Non-NaN scores give the CPU lowering's picks.
 fn route_select_warp(shape: RouteShape, scale: f32, weights: &str, (sb, acc, w_ty): (&str, &str, &str)) -> String {
-    let RouteShape { experts, n_group, topk_group, top_k, threads } = shape;
+    let RouteShape { experts, n_group, topk_group, top_k, threads, softmax } = shape;
     let per = experts / n_group;
     let m_count = experts.div_ceil(32);
     let mut t = format!(
@@ -4609,7 +4707,9 @@ fn route_select_warp(shape: RouteShape, scale: f32, weights: &str, (sb, acc, w_t
             );
             (a, b) = (format!("%{p}_a"), format!("%{p}_b"));
         }
-        let _ = writeln!(t, "  %gs{g} = arith.addf {a}, {b} : f32");
+        // DeepSeek-V2: the group's best alone.
+        let second = if softmax { "%zero" } else { &b };
+        let _ = writeln!(t, "  %gs{g} = arith.addf {a}, {second} : f32");
     }
     // The best groups, as the reference picks them (every lane alike).
     let mut kept: Vec<String> = vec!["%false".to_string(); n_group];
@@ -6001,22 +6101,30 @@ mod tests {
         // splits of 6 and 7 (the last ones shorter), of 132 (a chunk of 128 and one of 4; the last
         // split's 120). Experts: 16, 96 (a tile of 64 and a partial one), Kimi K2's 384 in one group.
         assert_eq!((route_tokens(16, 4, 4), route_tokens(256, 8, 8), route_tokens(384, 1, 8)), (8, 8, 8));
+        // DeepSeek-V2's softmax routing (the last flag): V2-Lite's one group of 64 experts, groups of
+        // four scored by their best, groups of one.
         let cases = [
-            (96, true, 4, 4, 2, 16),
-            (100, false, 3, 8, 3, 16),
-            (100, true, 8, 1, 1, 384),
-            (2100, true, 4, 4, 2, 16),
-            (100, false, 6, 6, 3, 96),
+            (96, true, 4, 4, 2, 16, false),
+            (100, false, 3, 8, 3, 16, false),
+            (100, true, 8, 1, 1, 384, false),
+            (2100, true, 4, 4, 2, 16, false),
+            (100, false, 6, 6, 3, 96, false),
+            (100, false, 6, 1, 1, 64, true),
+            (96, false, 4, 4, 2, 16, true),
+            (100, false, 3, 16, 4, 16, true),
         ]
         .into_iter()
         .flat_map(|c| [(c, 1), (c, route_tokens(c.5, c.3, c.2))]);
-        for ((d, norm, top_k, n_group, topk_group, experts), tokens) in cases {
+        for ((d, norm, top_k, n_group, topk_group, experts, softmax), tokens) in cases {
+            let scoring =
+                if softmax { v3c_models::config::Scoring::Softmax } else { v3c_models::config::Scoring::Sigmoid };
             let r = v3c_models::graph::Routing {
                 top_k,
                 n_group,
                 topk_group,
                 norm_topk_prob: norm,
                 routed_scaling_factor: 2.5,
+                scoring,
             };
             let x = values(rows * d, 20, 2.0);
             let gate32 = values(experts * d, 21, 0.5);
@@ -6032,15 +6140,26 @@ mod tests {
             // Decode's logits take 4 tokens a block where its selection takes one.
             let logits_tokens = if tokens == 1 { ROUTE_DECODE_TOKENS } else { tokens };
             let logits_kernel = RowKernel::new(RowOp::RouteLogits { experts, tokens: logits_tokens }, d, "bf16");
-            let op =
-                RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens, pieces: ROUTER_SPLITS };
+            let op = RowOp::Route {
+                experts,
+                top_k,
+                n_group,
+                topk_group,
+                norm,
+                scale: 2.5,
+                tokens,
+                pieces: ROUTER_SPLITS,
+                softmax,
+            };
             let kernel = RowKernel::new(op, experts, "f32");
             // Prefill's selection over whole logits (its gate GEMM's).
             let whole = RowKernel::new(
-                RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens, pieces: 1 },
+                RowOp::Route { experts, top_k, n_group, topk_group, norm, scale: 2.5, tokens, pieces: 1, softmax },
                 experts,
                 "f32",
             );
+            // Softmax routing has no bias argument.
+            let bias_arg = |b: &mut Vec<f32>| (!softmax).then(|| raw(b, &[experts], "f32"));
             for k in [&logits_kernel, &kernel, &whole] {
                 assert_eq!(RowKernel::from_name(&k.kernel_name()), Some(k.clone()));
                 assert!(k.shared_memory_bytes() <= STATIC_SHARED_LIMIT, "{}", k.kernel_name());
@@ -6077,22 +6196,19 @@ mod tests {
                     "{lowering} {}: the pieces",
                     logits_kernel.kernel_name()
                 );
-                run(
-                    &kernel,
-                    &[
-                        raw(&mut parts, &parts_shape, "f32"),
-                        raw(&mut bias, &[experts], "f32"),
-                        raw(&mut idx, &[rows, top_k], "i32"),
-                        raw(&mut w, &[rows, top_k], "f32"),
-                    ],
-                    blocks,
-                );
+                let bufs: Vec<RawBuffer> = [Some(raw(&mut parts, &parts_shape, "f32")), bias_arg(&mut bias)]
+                    .into_iter()
+                    .flatten()
+                    .chain([raw(&mut idx, &[rows, top_k], "i32"), raw(&mut w, &[rows, top_k], "f32")])
+                    .collect();
+                run(&kernel, &bufs, blocks);
                 (idx, w)
             };
             let (mut idx, mut w) = pieces("CPU", &|k, b, _| run_cpu(k, b));
             let logits = kernels::router_logits(&x, &g_ref, rows, d, experts);
             for t in 0..rows {
-                let (want_idx, want_w) = kernels::route(&logits[t * experts..(t + 1) * experts], &bias, &r);
+                let bias: &[f32] = if softmax { &[] } else { &bias };
+                let (want_idx, want_w) = kernels::route(&logits[t * experts..(t + 1) * experts], bias, &r);
                 let got: Vec<usize> = idx[t * top_k..(t + 1) * top_k].iter().map(|&i| i as usize).collect();
                 assert_eq!(got, want_idx, "token {t} (norm {norm}): experts");
                 assert_eq!(&w[t * top_k..(t + 1) * top_k], &want_w[..], "token {t} (norm {norm}): weights");
@@ -6111,12 +6227,11 @@ mod tests {
             for (lowering, simulated) in [("CPU", false), ("PTX", true)] {
                 let (mut l, mut b) = (logits.clone(), bias.clone());
                 let (mut wi, mut ww) = (vec![-1i32; rows * top_k], vec![f32::NAN; rows * top_k]);
-                let bufs = [
-                    raw(&mut l, &[rows, experts], "f32"),
-                    raw(&mut b, &[experts], "f32"),
-                    raw(&mut wi, &[rows, top_k], "i32"),
-                    raw(&mut ww, &[rows, top_k], "f32"),
-                ];
+                let bufs: Vec<RawBuffer> = [Some(raw(&mut l, &[rows, experts], "f32")), bias_arg(&mut b)]
+                    .into_iter()
+                    .flatten()
+                    .chain([raw(&mut wi, &[rows, top_k], "i32"), raw(&mut ww, &[rows, top_k], "f32")])
+                    .collect();
                 if simulated {
                     run_simulated(&whole, &bufs, rows.div_ceil(tokens));
                 } else {

@@ -94,7 +94,7 @@ impl Emitter {
         shared: usize,
         x: &(String, Shape),
         gate: &(String, Shape),
-        bias: &(String, Shape),
+        bias: Option<&(String, Shape)>,
         outs: [(&str, &Shape); 3],
     ) {
         let experts = gate.1.dims[0].unwrap_or(0);

@@ -339,14 +339,14 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 let r = route_spec(&o).map_err(lowering)?;
                 let (idx_dest, idx_shape) = (dests[0].1.clone(), dests[0].2.clone());
                 let (w_dest, w_shape) = (dests[1].1.clone(), dests[1].2.clone());
-                e.route(&r, &args[0], &args[1], &args[2], (&idx_dest, &idx_shape), (&w_dest, &w_shape));
+                e.route(&r, &args[0], &args[1], args.get(2), (&idx_dest, &idx_shape), (&w_dest, &w_shape));
             }
             "moe_dispatch" => {
                 let r = route_spec(&o).map_err(lowering)?;
                 let shared = int_attr(&o, "num_shared").unwrap_or(0) as usize;
                 let outs = [(&dests[0].1, &dests[0].2), (&dests[1].1, &dests[1].2), (&dests[2].1, &dests[2].2)];
                 let outs = outs.map(|(d, s)| (d.as_str(), s));
-                e.dispatch(&r, shared, &args[0], &args[1], &args[2], outs);
+                e.dispatch(&r, shared, &args[0], &args[1], args.get(2), outs);
             }
             "moe_gate_up" | "moe_down" => {
                 e.partitioned = true;
@@ -606,6 +606,7 @@ fn route_spec(o: &OperationRef) -> Result<RouteSpec, String> {
         n_group: int("n_group")?,
         topk_group: int("topk_group")?,
         norm: o.attribute("norm_topk_prob").ok().and_then(crate::mlir::bool_value).unwrap_or(false),
+        softmax: o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax")),
         factor: o
             .attribute("routed_scaling_factor")
             .map(|a| a.to_string())

@@ -1,7 +1,8 @@
 //! MoE routing: the gate GEMM (the dense GEMM template), the sigmoid and the bias (row templates),
 //! then the group-limited top-k selection as scf loops over each token's experts (a selection is
 //! a sequence of data-dependent picks, not a tensor computation to tile); `moe_dispatch` builds on
-//! it.
+//! it. DeepSeek-V2's softmax routing takes each token's softmax in scf loops too (max, then the
+//! exponentials summed in expert order: the reference's order) and scores a group by its best.
 
 use super::*;
 
@@ -12,6 +13,8 @@ pub(super) struct RouteSpec {
     pub(super) topk_group: usize,
     pub(super) norm: bool,
     pub(super) factor: String,
+    /// DeepSeek-V2's softmax scores, no bias, groups by their best expert.
+    pub(super) softmax: bool,
 }
 
 impl Emitter {
@@ -23,7 +26,7 @@ impl Emitter {
         r: &RouteSpec,
         x: &(String, Shape),
         gate: &(String, Shape),
-        bias: &(String, Shape),
+        bias: Option<&(String, Shape)>,
         idx_out: (&str, &Shape),
         w_out: (&str, &Shape),
     ) {
@@ -36,14 +39,19 @@ impl Emitter {
         let logits = (self.alloc(&scores_shape, x), scores_shape.clone());
         self.gemm_vectorized(x, gate, &logits.0, &scores_shape);
         let scores = self.alloc(&scores_shape, x);
-        let ins = [self.same_index(&logits)];
-        let sigmoid = "%n = arith.negf %a : f32\n%e = math.exp %n : f32\n%den = arith.addf %one, %e : f32\n%r = arith.divf %one, %den : f32";
-        self.row_generic((&scores, &s_ty), &scores_shape, &ins, ("%a: f32", sigmoid, "%r"));
         let cand = self.alloc(&scores_shape, x);
-        let ins = [self.same_index(&(scores.clone(), scores_shape.clone())), self.indexed_by(bias, 2, &[1])];
-        let biased = format!("{}\n%r = arith.addf %a, %bf : f32", load_f32(&bias.1.element, "%bv", "%bf"));
-        let args = format!("%a: f32, %bv: {}", bias.1.element);
-        self.row_generic((&cand, &s_ty), &scores_shape, &ins, (&args, &biased, "%r"));
+        match bias.filter(|_| !r.softmax) {
+            Some(bias) => {
+                let ins = [self.same_index(&logits)];
+                let sigmoid = "%n = arith.negf %a : f32\n%e = math.exp %n : f32\n%den = arith.addf %one, %e : f32\n%r = arith.divf %one, %den : f32";
+                self.row_generic((&scores, &s_ty), &scores_shape, &ins, ("%a: f32", sigmoid, "%r"));
+                let ins = [self.same_index(&(scores.clone(), scores_shape.clone())), self.indexed_by(bias, 2, &[1])];
+                let biased = format!("{}\n%r = arith.addf %a, %bf : f32", load_f32(&bias.1.element, "%bv", "%bf"));
+                let args = format!("%a: f32, %bv: {}", bias.1.element);
+                self.row_generic((&cand, &s_ty), &scores_shape, &ins, (&args, &biased, "%r"));
+            }
+            None => self.softmax_scores(&logits.0, [&scores, &cand], e_count, &s_ty, &x.0, &memref(&x.1)),
+        }
         let x_ty = memref(&x.1);
         let (i_ty, w_ty) = (memref(idx_out.1), memref(w_out.1));
         let norm = if r.norm {
@@ -79,7 +87,7 @@ impl Emitter {
           }}
           %two = arith.cmpi ugt, %cpg, %c1 : index
           %second = arith.select %two, %top#1, %zero : f32
-          %gsum = arith.addf %top#0, %second : f32
+          {group_score}
           memref.store %gsum, %gs[%g] : memref<{ng}xf32>
         }}
         // Keep the best topk_group groups: pick them one by one, marking picked groups -inf and
@@ -148,7 +156,51 @@ impl Emitter {
             idx = idx_out.0,
             wout = w_out.0,
             norm = norm.replace("WOUT", w_out.0).replace("WTY", &w_ty),
+            group_score = if r.softmax {
+                "%gsum = arith.addf %top#0, %zero : f32"
+            } else {
+                "%gsum = arith.addf %top#0, %second : f32"
+            },
         );
         self.line(&text);
+    }
+
+    /// Each token's softmax over its `e` logits into `outs` (scores and the selection's copy), as
+    /// [`v3c_models::interp::kernels::softmax_scores`] takes it: the max, `exp(l - max)` summed in
+    /// expert order, each divided by the sum.
+    fn softmax_scores(&mut self, logits: &str, outs: [&str; 2], e: usize, s_ty: &str, x: &str, x_ty: &str) {
+        let [scores, cand] = outs;
+        self.line(&format!(
+            "scf.execute_region {{
+      %c0 = arith.constant 0 : index
+      %c1 = arith.constant 1 : index
+      %ce = arith.constant {e} : index
+      %ninf = arith.constant 0xFF800000 : f32
+      %nt = memref.dim {x}, %c0 : {x_ty}
+      scf.for %t = %c0 to %nt step %c1 {{
+        %mx = scf.for %e = %c0 to %ce step %c1 iter_args(%m = %ninf) -> (f32) {{
+          %v = memref.load {logits}[%t, %e] : {s_ty}
+          %gt = arith.cmpf ogt, %v, %m : f32
+          %m2 = arith.select %gt, %v, %m : f32
+          scf.yield %m2 : f32
+        }}
+        %sum = scf.for %e = %c0 to %ce step %c1 iter_args(%a = %zero) -> (f32) {{
+          %v = memref.load {logits}[%t, %e] : {s_ty}
+          %d = arith.subf %v, %mx : f32
+          %x = math.exp %d : f32
+          memref.store %x, {scores}[%t, %e] : {s_ty}
+          %a2 = arith.addf %a, %x : f32
+          scf.yield %a2 : f32
+        }}
+        scf.for %e = %c0 to %ce step %c1 {{
+          %x = memref.load {scores}[%t, %e] : {s_ty}
+          %q = arith.divf %x, %sum : f32
+          memref.store %q, {scores}[%t, %e] : {s_ty}
+          memref.store %q, {cand}[%t, %e] : {s_ty}
+        }}
+      }}
+      scf.yield
+    }}"
+        ));
     }
 }

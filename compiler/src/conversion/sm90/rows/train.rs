@@ -3237,6 +3237,7 @@ mod tests {
                 topk_group: 1,
                 norm_topk_prob: norm,
                 routed_scaling_factor: 2.5,
+                scoring: v3c_models::config::Scoring::Sigmoid,
             };
             let mut dw = values(t * k, 17, 1.0);
             let mut want = Vec::new();
