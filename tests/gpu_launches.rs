@@ -1408,3 +1408,72 @@ fn a_prefill_chunk_launches_the_gemm_kernels_picked_for_its_rows() {
     let same = greedy(&own).iter().zip(greedy(&cpu)).filter(|(a, b)| **a == *b).count();
     assert!(diff(&own, &cpu) <= 0.15 * scale && same >= 95, "{} of {scale}, {same} of 100", diff(&own, &cpu));
 }
+
+/// A DeepSeek-V2 model (softmax routing, `group_limited_greedy`, no router bias, no MTP; bf16
+/// weights) compiled for sm_90a: its emulated sessions (the row attention kernels) generate the
+/// cpu artifact's greedy tokens, for one prompt alone and for two in a batch, through prefill
+/// chunks of 8 rows and decode steps over the pool of pages — decode routing's logits in pieces,
+/// prefill's from the tensor-core gate GEMM.
+#[test]
+fn deepseek_v2_models_generate_the_cpu_artifacts_tokens_on_sm90a() {
+    use v3c_runtime::session::{generate, generate_batch, ArtifactSession};
+    let dir = tempfile::tempdir().unwrap();
+    let changed = [
+        ("model_type", "deepseek_v2".into()),
+        ("scoring_func", "softmax".into()),
+        ("topk_method", "group_limited_greedy".into()),
+        ("num_nextn_predict_layers", 0.into()),
+        ("norm_topk_prob", false.into()),
+        ("routed_scaling_factor", 16.0.into()),
+    ];
+    let ckpt = small_checkpoint_with(dir.path(), false, &changed);
+    let config = checkpoint_config(&ckpt);
+    assert_eq!(config.scoring, v3c_models::config::Scoring::Softmax);
+    let attention = ["--prefill-attention", "rows", "--decode-attention", "rows"];
+    let (out, err) = compile_within(&ckpt, dir.path(), 128, &attention);
+    assert!(err.contains("_sm_t"), "the softmax routing kernels: {err}");
+    let cpu_out = dir.path().join("cpu");
+    let compiled = run_binary(
+        "v3c",
+        &[
+            "compile",
+            "--model",
+            ckpt.to_str().unwrap(),
+            "--target",
+            "cpu",
+            "--max-rows",
+            "8",
+            "--max-context",
+            "128",
+            "--out",
+            cpu_out.to_str().unwrap(),
+        ],
+    );
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let artifact = v3c_runtime::artifact::Artifact::open(&out).unwrap();
+    let checkpoint = v3c_models::checkpoint::Checkpoint::open(&ckpt).unwrap();
+    let cpu =
+        v3c_runtime::cpu::CpuArtifact::load(v3c_runtime::artifact::Artifact::open(&cpu_out).unwrap(), &ckpt).unwrap();
+    let context = v3c_compiler::mlir::new_context();
+    let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
+    let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
+    let program = v3c_compiler::emulate::EmulatedProgram::new(emulator);
+    let prompts = vec![
+        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
+        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
+    ];
+    let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
+    let batch = generate_batch(&program, &prompts, 24, &mut [greedy(), greedy()], None).unwrap();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let want =
+            generate(&mut ArtifactSession::new(&cpu, prompt.len() + 24).unwrap(), prompt, 24, &mut greedy(), None)
+                .unwrap()
+                .tokens;
+        let alone =
+            generate(&mut ArtifactSession::new(&program, prompt.len() + 24).unwrap(), prompt, 24, &mut greedy(), None)
+                .unwrap()
+                .tokens;
+        assert_eq!(alone, want, "prompt {i} alone");
+        assert_eq!(batch[i].tokens, want, "prompt {i} in the batch");
+    }
+}

@@ -923,7 +923,45 @@ mod tests {
                 with(DEEPSEEK_V3_TINY_JSON, |m| {
                     m.insert("model_type".into(), "llama".into());
                 }),
-                "config.json: model_type: 'llama' is not supported (expected 'deepseek_v3')",
+                "config.json: model_type: 'llama' is not supported (expected 'deepseek_v3' or 'deepseek_v2')",
+            ),
+            (
+                with(DEEPSEEK_V3_TINY_JSON, |m| {
+                    m.insert("scoring_func".into(), "softmax".into());
+                }),
+                "config.json: scoring_func: 'softmax' is not supported for deepseek_v3 (expected 'sigmoid'; softmax \
+                 routing is deepseek_v2's)",
+            ),
+            (
+                with(&v2_tiny(), |m| {
+                    m.insert("scoring_func".into(), "sigmoid".into());
+                }),
+                "config.json: scoring_func: 'sigmoid' is not supported for deepseek_v2 (expected 'softmax')",
+            ),
+            (
+                with(&v2_tiny(), |m| {
+                    m.insert("topk_method".into(), "noaux_tc".into());
+                }),
+                "config.json: topk_method: 'noaux_tc' is not supported for deepseek_v2 (expected 'greedy' or \
+                 'group_limited_greedy')",
+            ),
+            (
+                with(&v2_tiny(), |m| {
+                    m.insert("norm_topk_prob".into(), true.into());
+                }),
+                "config.json: norm_topk_prob: true is not supported for deepseek_v2",
+            ),
+            (
+                with(&v2_tiny(), |m| {
+                    m.insert("moe_layer_freq".into(), 2.into());
+                }),
+                "config.json: moe_layer_freq: 2 is not supported (expected 1",
+            ),
+            (
+                with(&v2_tiny(), |m| {
+                    m.insert("num_nextn_predict_layers".into(), 1.into());
+                }),
+                "config.json: num_nextn_predict_layers: 1: deepseek_v2 has no MTP module",
             ),
             (
                 with(DEEPSEEK_V3_TINY_JSON, |m| {
@@ -1037,6 +1075,43 @@ mod tests {
             let msg = err(&text);
             assert!(msg.starts_with(expected), "expected '{expected}', got '{msg}'");
         }
+    }
+
+    /// The tiny preset as a DeepSeek-V2 config (`greedy`, no MTP).
+    fn v2_tiny() -> String {
+        with(DEEPSEEK_V3_TINY_JSON, |m| {
+            m.insert("model_type".into(), "deepseek_v2".into());
+            m.insert("architectures".into(), serde_json::json!(["DeepseekV2ForCausalLM"]));
+            for k in ["scoring_func", "topk_method", "num_nextn_predict_layers", "norm_topk_prob"] {
+                m.remove(k);
+            }
+        })
+    }
+
+    #[test]
+    fn deepseek_v2_configs_route_by_softmax() {
+        // greedy (the default): one group, whatever n_group says; V2's defaults elsewhere.
+        let c = ModelConfig::from_json_str(&v2_tiny(), "config.json").unwrap();
+        assert_eq!((c.scoring, c.n_group, c.topk_group, c.num_nextn_predict_layers), (Scoring::Softmax, 1, 1, 0));
+        assert!(!c.norm_topk_prob);
+        // group_limited_greedy keeps the groups, and groups of one expert are allowed (a group is
+        // scored by its best).
+        let grouped = with(&v2_tiny(), |m| {
+            m.insert("topk_method".into(), "group_limited_greedy".into());
+            m.insert("n_group".into(), 8.into());
+            m.insert("topk_group".into(), 3.into());
+        });
+        let g = ModelConfig::from_json_str(&grouped, "config.json").unwrap();
+        assert_eq!((g.scoring, g.n_group, g.topk_group), (Scoring::Softmax, 8, 3));
+        // Both round-trip through the hub spelling (what a manifest records).
+        for c in [c, g] {
+            let text = c.to_hf_json().to_string();
+            assert!(text.contains("\"model_type\":\"deepseek_v2\"") && text.contains("\"scoring_func\":\"softmax\""));
+            let back = ModelConfig::from_json_str(&text, "config.json").unwrap();
+            assert_eq!(ModelConfig { name: c.name.clone(), ..back }, c);
+        }
+        // DeepSeek-V3's stays sigmoid.
+        assert_eq!(ModelConfig::preset("deepseek-v3").unwrap().scoring, Scoring::Sigmoid);
     }
 
     #[test]
