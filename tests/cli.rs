@@ -936,9 +936,14 @@ fn full_width_models_compile_for_sm90a() {
     let dir = tempfile::tempdir().unwrap();
     let v3 = two_layer_model(dir.path(), "v3", serde_json::json!({}));
     let moonlight = two_layer_model(dir.path(), "moonlight", moonlight_shape());
-    for (model, extra) in
-        [(&v3, &["--train", "--precision", "fp8"][..]), (&v3, &["--train", "--precision", "f32"]), (&moonlight, &[])]
-    {
+    // DeepSeek-V2-Lite whole (bf16: the f32 graph; softmax routing over 64 experts, 16 heads).
+    let v2_lite = "deepseek-v2-lite".to_string();
+    for (model, extra) in [
+        (&v3, &["--train", "--precision", "fp8"][..]),
+        (&v3, &["--train", "--precision", "f32"]),
+        (&moonlight, &[]),
+        (&v2_lite, &[]),
+    ] {
         let out =
             run_binary("v3c", &[&["compile", "--model", model.as_str(), "--target", "sm_90a"][..], extra].concat());
         let err = text(&out.stderr);

@@ -125,7 +125,7 @@ pub const MAX_EXPERTS: usize = 65536;
 pub const MAX_HEAD_DIM: usize = 65536;
 
 /// Built-in model names for `--model`.
-pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny"];
+pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny", "deepseek-v2-lite"];
 
 impl ModelConfig {
     /// q/k head dim (nope + rope), 192 for V3.
@@ -211,6 +211,7 @@ impl ModelConfig {
         let text = match name {
             "deepseek-v3" => DEEPSEEK_V3_JSON,
             "deepseek-v3-tiny" => DEEPSEEK_V3_TINY_JSON,
+            "deepseek-v2-lite" => DEEPSEEK_V2_LITE_JSON,
             _ => {
                 return Err(ConfigError {
                     source_name: "--model".into(),
@@ -828,6 +829,60 @@ pub const DEEPSEEK_V3_JSON: &str = r#"{
   }
 }"#;
 
+/// DeepSeek-V2-Lite (15.7B, 2.4B active; bf16 weights), as in the released `config.json`: MLA
+/// without q LoRA, 64 routed experts picked by a softmax (6 a token, `greedy`), 2 shared ones.
+pub const DEEPSEEK_V2_LITE_JSON: &str = r#"{
+  "architectures": ["DeepseekV2ForCausalLM"],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "aux_loss_alpha": 0.001,
+  "bos_token_id": 100000,
+  "eos_token_id": 100001,
+  "first_k_dense_replace": 1,
+  "hidden_act": "silu",
+  "hidden_size": 2048,
+  "initializer_range": 0.02,
+  "intermediate_size": 10944,
+  "kv_lora_rank": 512,
+  "max_position_embeddings": 163840,
+  "model_type": "deepseek_v2",
+  "moe_intermediate_size": 1408,
+  "moe_layer_freq": 1,
+  "n_group": 1,
+  "n_routed_experts": 64,
+  "n_shared_experts": 2,
+  "norm_topk_prob": false,
+  "num_attention_heads": 16,
+  "num_experts_per_tok": 6,
+  "num_hidden_layers": 27,
+  "num_key_value_heads": 16,
+  "pretraining_tp": 1,
+  "q_lora_rank": null,
+  "qk_nope_head_dim": 128,
+  "qk_rope_head_dim": 64,
+  "rms_norm_eps": 1e-06,
+  "rope_scaling": {
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "factor": 40,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+    "original_max_position_embeddings": 4096,
+    "type": "yarn"
+  },
+  "rope_theta": 10000,
+  "routed_scaling_factor": 1.0,
+  "scoring_func": "softmax",
+  "seq_aux": true,
+  "tie_word_embeddings": false,
+  "topk_group": 1,
+  "topk_method": "greedy",
+  "torch_dtype": "bfloat16",
+  "use_cache": true,
+  "v_head_dim": 128,
+  "vocab_size": 102400
+}"#;
+
 /// A small config with every feature of the full one (MLA with q LoRA, dense + MoE layers, grouped
 /// routing with bias, shared expert, YaRN, MTP) for tests and demos. Sizes are deliberately not
 /// multiples of 128 so fp8 blocks are ragged.
@@ -893,6 +948,22 @@ mod tests {
         assert_eq!((y.factor, y.original_max_position_embeddings), (40.0, 4096));
         assert_eq!(c.quantization, Some(Fp8Quantization { weight_block: [128, 128] }));
         assert!(c.rope.interleave);
+    }
+
+    #[test]
+    fn v2_lite_preset_has_the_published_shapes() {
+        let c = ModelConfig::preset("deepseek-v2-lite").unwrap();
+        assert_eq!(
+            (c.scoring, c.n_routed_experts, c.num_experts_per_tok, c.n_shared_experts),
+            (Scoring::Softmax, 64, 6, 2)
+        );
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.q_lora_rank), (2048, 27, 16, None));
+        assert_eq!((c.latent_dim(), c.moe_intermediate_size, c.vocab_size), (576, 1408, 102400));
+        assert!(!c.is_moe_layer(0) && c.is_moe_layer(1));
+        assert_eq!(
+            (c.quantization.clone(), c.weight_dtype, c.num_nextn_predict_layers),
+            (None, crate::dtype::DType::BF16, 0)
+        );
     }
 
     #[test]
