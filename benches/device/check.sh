@@ -184,8 +184,9 @@ elif [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\
   # 1e-2 of them, argmax equal on every row; fp8 no further from them than twice the fp8 reference,
   # argmax equal to that reference on every row whose top-two margin is over twice their largest
   # difference (fp8 rounding ties flip bytes that spread to a few percent: the host's PTX simulation,
-  # 7e-2) — and beside it, the host emulation of the same artifact.
-  for f in gpu_bf16 gpu_fp8_v3dims; do
+  # 7e-2) — and beside it, the host emulation of the same artifact. v2_grouped_yarn_bf16 is DeepSeek-V2
+  # (transformers' DeepseekV2ForCausalLM: softmax routing), held as bf16.
+  for f in gpu_bf16 gpu_fp8_v3dims v2_grouped_yarn_bf16; do
     h="$root/.device/hf/$f" label="3c. transformers, ${f#gpu_}"
     if [ -d "$h/sm90" ] && V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$h/sm90" --weights "$h/ckpt" --tokens "$(cat "$h/tokens.txt")" \
         --out "$out/hf_${f}_logits.safetensors" 2>&1 | tee -a "$log"; then

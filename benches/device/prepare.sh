@@ -138,11 +138,12 @@ echo "3 17 42 5 9 11 2 250 31" > .device/e2e/bf16/prompt.txt
 target/release/v3c logits --model-dir .device/e2e/bf16/ckpt --tokens "$(cat .device/e2e/bf16/prompt.txt)" --backend cpu \
   --out .device/e2e/bf16/expected_logits.safetensors 2>/dev/null
 # Transformers' own logits through sm_90a (check.sh 3c): the HF fixtures the sm_90a lowering takes —
-# `gpu_bf16` (the f32 graph) and `gpu_fp8_v3dims` (fp8, DeepSeek-V3's head dims) — compiled with the
+# `gpu_bf16` (the f32 graph), `gpu_fp8_v3dims` (fp8, DeepSeek-V3's head dims) and
+# `v2_grouped_yarn_bf16` (DeepSeek-V2: softmax routing, the f32 graph) — compiled with the
 # defaults, with their checkpoints, tokens and transformers' logits (expected.safetensors), the fp8
 # reference's logits (`v3c logits --precision fp8`) and the host emulation's of the artifact.
 rm -rf .device/hf && mkdir -p .device/hf
-for f in gpu_bf16 gpu_fp8_v3dims; do
+for f in gpu_bf16 gpu_fp8_v3dims v2_grouped_yarn_bf16; do
   src=tests/fixtures/hf/$f dst=.device/hf/$f
   mkdir -p "$dst/ckpt"
   cp "$src/config.json" "$src/model.safetensors" "$dst/ckpt/"
