@@ -357,9 +357,14 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                     topk_group: num("topk_group") as usize,
                     norm_topk_prob: attr("norm_topk_prob") == "true",
                     routed_scaling_factor: num("routed_scaling_factor"),
+                    scoring: match o.attribute("scoring") {
+                        Ok(_) => v3c_models::config::Scoring::Softmax,
+                        Err(_) => v3c_models::config::Scoring::Sigmoid,
+                    },
                 };
                 let shared = num("num_shared") as usize;
-                let (x, gate, bias) = (&args[0], &args[1], &args[2]);
+                let no_bias = (Vec::new(), Vec::new());
+                let (x, gate, bias) = (&args[0], &args[1], args.get(2).unwrap_or(&no_bias));
                 let (e, d) = (gate.1[0], gate.1[1]);
                 let t = x.1[0];
                 let logits = kernels::matmul_nt(&x.0, &gate.0, t, d, e);

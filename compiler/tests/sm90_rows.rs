@@ -358,9 +358,10 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 // Cleared; per gate tile (a loop): the tile loaded, the sums; the pieces stored.
                 assert_eq!(kernel.ptx.matches("bar.sync").count(), 3, "{name}: barriers")
             }
-            RowOp::Route { .. } => {
-                // Flags cleared; the logits and scores; the selection.
-                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2, "{name}: barriers")
+            RowOp::Route { softmax, .. } => {
+                // Flags cleared; the logits and scores (softmax: the logits, then each token's
+                // softmax); the selection.
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), 2 + softmax as usize, "{name}: barriers")
             }
             RowOp::Dispatch { .. } => {
                 // Counts cleared, counted per chunk, totalled, scanned, placed.
