@@ -13,8 +13,12 @@ fn tiny() -> ModelConfig {
 }
 
 fn block_ir(block: Block, entry: Entry, layer: usize) -> String {
+    block_ir_of(&tiny(), block, entry, layer)
+}
+
+fn block_ir_of(config: &ModelConfig, block: Block, entry: Entry, layer: usize) -> String {
     let context = v3c_compiler::mlir::new_context();
-    let graph = build_block(&tiny(), block, entry, layer, &BuildOptions::default()).unwrap();
+    let graph = build_block(config, block, entry, layer, &BuildOptions::default()).unwrap();
     let module = v3c_compiler::import::import(&context, &[(entry.name(), &graph)]).unwrap();
     v3c_compiler::mlir::verify(&context, &module, "snapshot").unwrap();
     v3c_compiler::verify::verify_shapes(&module).unwrap();
@@ -41,6 +45,16 @@ fn dense_mlp() {
 #[test]
 fn moe() {
     insta::assert_snapshot!(block_ir(Block::Moe, Entry::Prefill, 1));
+}
+
+/// DeepSeek-V2's MoE block: `moe_route` with `scoring = "softmax"` and no bias operand.
+#[test]
+fn moe_softmax_routing() {
+    let mut v2 = tiny();
+    (v2.scoring, v2.n_group, v2.topk_group, v2.norm_topk_prob) = (v3c_models::config::Scoring::Softmax, 1, 1, false);
+    let ir = block_ir_of(&v2, Block::Moe, Entry::Prefill, 1);
+    assert!(ir.contains("scoring = \"softmax\"") && !ir.contains("e_score_correction_bias"));
+    insta::assert_snapshot!(ir);
 }
 
 #[test]
@@ -80,7 +94,8 @@ fn fp8_linear_and_experts_carry_block_scales() {
     assert!(ir.contains("fp8_activations = true"));
 }
 
-/// `v3c dump-ir --model deepseek-v3 --stage v3` output is accepted by stock `mlir-opt`.
+/// `v3c dump-ir --model deepseek-v3 --stage v3` output is accepted by stock `mlir-opt` (and
+/// DeepSeek-V2-Lite's, with its bias-less softmax routing).
 #[test]
 fn full_model_ir_is_accepted_by_stock_mlir_opt() {
     let mlir_opt = Path::new("/usr/lib/llvm-22/bin/mlir-opt");
@@ -100,14 +115,27 @@ fn full_model_ir_is_accepted_by_stock_mlir_opt() {
     let file = dir.path().join("v3.mlir");
     std::fs::write(&file, &ir).unwrap();
     let irdl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dialects/irdl/v3.irdl.mlir");
-    let check = Command::new(mlir_opt)
-        .arg(format!("--irdl-file={}", irdl.display()))
-        .arg(&file)
-        .arg("-o")
-        .arg("/dev/null")
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "mlir-opt rejected the IR: {}", String::from_utf8_lossy(&check.stderr));
+    let out = v3c_tests::run_binary("v3c", &["dump-ir", "--model", "deepseek-v2-lite", "--stage", "v3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v2 = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(v2.matches("scoring = \"softmax\"").count(), 2 * 26, "26 MoE layers in both entries");
+    let v2_file = dir.path().join("v2.mlir");
+    std::fs::write(&v2_file, &v2).unwrap();
+    for file in [&file, &v2_file] {
+        let check = Command::new(mlir_opt)
+            .arg(format!("--irdl-file={}", irdl.display()))
+            .arg(file)
+            .arg("-o")
+            .arg("/dev/null")
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "mlir-opt rejected {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
 }
 
 /// `form-kernels` moves every op into exactly one kernel and launches each kernel where its ops
@@ -126,7 +154,9 @@ fn every_op_lands_in_exactly_one_launched_kernel() {
         }
         m
     }
-    for config in [tiny(), ModelConfig::preset("deepseek-v3").unwrap()] {
+    for config in
+        [tiny(), ModelConfig::preset("deepseek-v3").unwrap(), ModelConfig::preset("deepseek-v2-lite").unwrap()]
+    {
         for entry in Entry::ALL {
             let context = v3c_compiler::mlir::new_context();
             let mut v3 =
