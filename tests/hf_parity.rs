@@ -149,7 +149,7 @@ struct TorchGradCase {
     config: v3c_models::config::ModelConfig,
 }
 
-fn torch_grad_case() -> TorchGradCase {
+fn torch_grad_case(fixture: &str) -> TorchGradCase {
     use std::collections::HashMap;
     use v3c_models::autodiff::backward;
     use v3c_models::config::ModelConfig;
@@ -157,7 +157,7 @@ fn torch_grad_case() -> TorchGradCase {
     use v3c_models::graph::{Builder, Dim};
     use v3c_models::tensor::Tensor;
 
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/grads_f32");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf").join(fixture);
     let (_, _, tokens, p0) = expectations(&dir);
     let grads = Checkpoint::open_file(&dir.join("grads.safetensors")).unwrap();
     let config = ModelConfig::from_path(&dir).unwrap();
@@ -211,18 +211,29 @@ fn check_against_torch(
     worst
 }
 
+/// The fixtures with torch autograd's gradients: DeepSeek-V3's, and DeepSeek-V2's (through its
+/// softmax router).
+const GRAD_FIXTURES: [&str; 2] = ["grads_f32", "v2_grads_f32"];
+
 /// v3c's autodiff (the reference interpreter running the backward graph of the DeepSeek-V3 prefill
 /// entry with a mean cross-entropy loss) against torch autograd on transformers' model: the loss
-/// and every parameter's gradient (fixture `grads_f32`), relative error per parameter.
+/// and every parameter's gradient (fixtures `grads_f32`, `v2_grads_f32`), relative error per parameter.
 #[test]
 fn autodiff_gradients_match_torch_autograd() {
-    let case = torch_grad_case();
-    let interp = v3c_models::interp::Interpreter::new(case.graph.clone(), &case.checkpoint).unwrap();
-    let mut wanted: Vec<&str> = case.names.iter().map(String::as_str).collect();
-    wanted.push("loss");
-    let out = interp.run(&case.inputs, &wanted).unwrap();
-    let worst = check_against_torch(&case, &out, "reference");
-    eprintln!("autodiff vs torch: {} gradients, worst relative error {:.2e} ({})", case.names.len(), worst.0, worst.1);
+    for fixture in GRAD_FIXTURES {
+        let case = torch_grad_case(fixture);
+        let interp = v3c_models::interp::Interpreter::new(case.graph.clone(), &case.checkpoint).unwrap();
+        let mut wanted: Vec<&str> = case.names.iter().map(String::as_str).collect();
+        wanted.push("loss");
+        let out = interp.run(&case.inputs, &wanted).unwrap();
+        let worst = check_against_torch(&case, &out, "reference");
+        eprintln!(
+            "{fixture}: autodiff vs torch: {} gradients, worst relative error {:.2e} ({})",
+            case.names.len(),
+            worst.0,
+            worst.1
+        );
+    }
 }
 
 /// The next link of the chain: the same backward graph compiled by the CPU backend (the training
@@ -230,28 +241,30 @@ fn autodiff_gradients_match_torch_autograd() {
 #[test]
 fn cpu_backend_gradients_match_torch_autograd() {
     use v3c_models::train::StepBackend;
-    let case = torch_grad_case();
-    let context = v3c_compiler::mlir::new_context();
-    let mut cpu = v3c_compiler::cpu_backend::CpuTrainStep::for_graph(
-        &context,
-        &case.graph,
-        &case.config,
-        None,
-        &mut |_, _, _| {},
-    )
-    .unwrap();
-    let params = v3c_models::train::load_params(&case.config, &case.checkpoint).unwrap();
-    cpu.load(&case.graph, &params).unwrap();
-    let mut wanted: Vec<&str> = case.names.iter().map(String::as_str).collect();
-    wanted.push("loss");
-    let out = cpu.run(&case.inputs, &wanted).unwrap();
-    let worst = check_against_torch(&case, &out, "cpu backend");
-    eprintln!(
-        "cpu backend vs torch: {} gradients, worst relative error {:.2e} ({})",
-        case.names.len(),
-        worst.0,
-        worst.1
-    );
+    for fixture in GRAD_FIXTURES {
+        let case = torch_grad_case(fixture);
+        let context = v3c_compiler::mlir::new_context();
+        let mut cpu = v3c_compiler::cpu_backend::CpuTrainStep::for_graph(
+            &context,
+            &case.graph,
+            &case.config,
+            None,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let params = v3c_models::train::load_params(&case.config, &case.checkpoint).unwrap();
+        cpu.load(&case.graph, &params).unwrap();
+        let mut wanted: Vec<&str> = case.names.iter().map(String::as_str).collect();
+        wanted.push("loss");
+        let out = cpu.run(&case.inputs, &wanted).unwrap();
+        let worst = check_against_torch(&case, &out, "cpu backend");
+        eprintln!(
+            "{fixture}: cpu backend vs torch: {} gradients, worst relative error {:.2e} ({})",
+            case.names.len(),
+            worst.0,
+            worst.1
+        );
+    }
 }
 
 /// The GPU end of the oracle chain, without a GPU: the two fixtures the sm_90a lowering takes

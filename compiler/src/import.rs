@@ -309,11 +309,15 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
                 let dl = match &node.op {
                     Op::MoeRouteGrad(rt) => {
                         let a = route_attributes(rt);
-                        ops::route_logits_grad([logits, o(3), o(4)], &a, logits_ty, context, location)?
+                        ops::route_logits_grad([logits, o(2), o(3)], &a, logits_ty, context, location)?
                     }
-                    Op::BalanceLoss { alpha } => ops::balance_loss(logits, o(2), *alpha, false, r, context, location)?,
-                    Op::BalanceLossGrad { alpha } => {
-                        ops::balance_loss(logits, o(2), *alpha, true, logits_ty, context, location)?
+                    Op::BalanceLoss { alpha, scoring } => {
+                        let softmax = *scoring == v3c_models::config::Scoring::Softmax;
+                        ops::balance_loss(logits, o(2), *alpha, false, softmax, r, context, location)?
+                    }
+                    Op::BalanceLossGrad { alpha, scoring } => {
+                        let softmax = *scoring == v3c_models::config::Scoring::Softmax;
+                        ops::balance_loss(logits, o(2), *alpha, true, softmax, logits_ty, context, location)?
                     }
                     _ => unreachable!("matched above"),
                 };

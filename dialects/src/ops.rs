@@ -663,18 +663,25 @@ pub fn route_logits_grad<'c>(
 }
 
 /// Creates `v3.balance_loss` (`grad` false: the `[1]` loss) or `v3.balance_loss_grad` (`grad`
-/// true: d loss / d router logits).
+/// true: d loss / d router logits); `softmax`: DeepSeek-V2's affinities (attribute `scoring =
+/// "softmax"`), else DeepSeek-V3's sigmoid.
+#[allow(clippy::too_many_arguments)]
 pub fn balance_loss<'c>(
     logits: Value<'c, '_>,
     indices: Value<'c, '_>,
     alpha: f32,
     grad: bool,
+    softmax: bool,
     out: Type<'c>,
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
     let name = if grad { "balance_loss_grad" } else { "balance_loss" };
-    build(name, &[logits, indices], &[out], &[("alpha", f32_attr(c, alpha))], c, l)
+    let mut attrs = vec![("alpha", f32_attr(c, alpha))];
+    if softmax {
+        attrs.push(("scoring", str_attr(c, "softmax")));
+    }
+    build(name, &[logits, indices], &[out], &attrs, c, l)
 }
 
 /// Creates `v3.moe_experts_grad` (f32, or `fp8`: the recipe's e4m3 GEMMs on f32 masters):

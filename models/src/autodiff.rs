@@ -103,11 +103,11 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
                 let d = b.cross_entropy_grad(inp(0), inp(1), *weight)?;
                 add_grad(&mut grads, &mut b, inp(0), d)?;
             }
-            Op::BalanceLoss { alpha } => {
+            Op::BalanceLoss { alpha, scoring } => {
                 if !seeded.contains(&node.outputs[0]) {
                     return Err(unsupported());
                 }
-                let (dx, dgate) = b.balance_loss_grad(inp(0), inp(1), inp(2), *alpha)?;
+                let (dx, dgate) = b.balance_loss_grad(inp(0), inp(1), inp(2), *alpha, *scoring)?;
                 add_grad(&mut grads, &mut b, inp(0), dx)?;
                 add_grad(&mut grads, &mut b, inp(1), dgate)?;
             }
@@ -203,7 +203,7 @@ pub fn backward(graph: Graph, loss: ValueId) -> Result<Graph, GraphError> {
             Op::MoeRoute(routing) => {
                 // Only the weights carry a gradient (the indices are a selection).
                 let Some(g) = dy(1, &grads) else { continue };
-                let (dx, dgate) = b.moe_route_grad([inp(0), inp(1), inp(2), node.outputs[0]], g, routing)?;
+                let (dx, dgate) = b.moe_route_grad([inp(0), inp(1), node.outputs[0]], g, routing)?;
                 add_grad(&mut grads, &mut b, inp(0), dx)?;
                 add_grad(&mut grads, &mut b, inp(1), dgate)?;
             }
@@ -444,7 +444,7 @@ mod tests {
                 .collect();
             assert!(!routes.is_empty());
             for (x, gate, idx) in routes {
-                let bal = b.balance_loss(x, gate, idx, balance).unwrap();
+                let bal = b.balance_loss(x, gate, idx, balance, crate::config::Scoring::Sigmoid).unwrap();
                 loss = b.add(loss, bal).unwrap();
             }
         }

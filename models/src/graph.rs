@@ -215,9 +215,9 @@ pub enum Op {
     /// (x, the output gradients that exist) -> dx of `split(x)` along `axis`; a piece without a
     /// gradient (`present` false) contributes zeros.
     SplitGrad { axis: usize, sizes: Vec<usize>, present: Vec<bool> },
-    /// (x, gate, bias, indices, d weights) -> (dx, d gate) of `moe_route`: through the selected
-    /// experts' sigmoid scores and their normalization (the selection itself passes no gradient;
-    /// the bias is set by the load-balancing rule, not by gradients).
+    /// (x, gate, indices, d weights) -> (dx, d gate) of `moe_route`: through the selected
+    /// experts' sigmoid scores and their normalization, or their softmax scores (the selection
+    /// itself passes no gradient; a bias is set by the load-balancing rule, not by gradients).
     MoeRouteGrad(Routing),
     /// (x, indices, weights, dy, then gate_e, up_e, down_e per expert) -> (dx, d weights, then
     /// d gate_e, d up_e, d down_e per expert) of `moe_experts` (f32).
@@ -226,9 +226,11 @@ pub enum Op {
     /// DeepSeek-V3's complementary sequence-wise balance loss of one MoE layer, (x [T, D], gate [E, D],
     /// indices `[T, K]`) -> `[1]`: `alpha * sum_i f_i P_i` with `f_i = E / (K T) * (tokens routed to i)`
     /// and `P_i = mean_t s_i,t / sum_j s_j,t` over the sigmoid affinities `s = sigmoid(x gate^T)`.
-    BalanceLoss { alpha: f32 },
+    /// With [`crate::config::Scoring::Softmax`] (DeepSeek-V2's expert-level balance loss) the
+    /// affinities are the softmax.
+    BalanceLoss { alpha: f32, scoring: crate::config::Scoring },
     /// (x, gate, indices) -> (dx, d gate) of `balance_loss` (through P; f is a count).
-    BalanceLossGrad { alpha: f32 },
+    BalanceLossGrad { alpha: f32, scoring: crate::config::Scoring },
     /// The training Fprop of DeepSeek-V3's FP8 recipe, (x [.., K] f32, w [N, K] f32 master) -> y:
     /// `x W^T` with x quantized 1x128 along K and W 128x128 (e4m3), f32 accumulation promoted per
     /// 128-wide K block with both scales.
@@ -969,15 +971,15 @@ impl Builder {
         Ok(self.push1(Op::SplitGrad { axis, sizes: sizes.to_vec(), present }, inputs, ty))
     }
 
-    /// `(dx, d gate)` of `moe_route(x, gate, bias)` for the routing-weight gradient `d_weights`.
+    /// `(dx, d gate)` of `moe_route(x, gate, ..)` for the routing-weight gradient `d_weights`.
     pub fn moe_route_grad(
         &mut self,
-        [x, gate, bias, indices]: [ValueId; 4],
+        [x, gate, indices]: [ValueId; 3],
         d_weights: ValueId,
         routing: &Routing,
     ) -> Result<(ValueId, ValueId), GraphError> {
         let tys = [x, gate].map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32));
-        let out = self.push(Op::MoeRouteGrad(routing.clone()), vec![x, gate, bias, indices, d_weights], tys.to_vec());
+        let out = self.push(Op::MoeRouteGrad(routing.clone()), vec![x, gate, indices, d_weights], tys.to_vec());
         Ok((out[0], out[1]))
     }
 
@@ -1007,6 +1009,7 @@ impl Builder {
         gate: ValueId,
         indices: ValueId,
         alpha: f32,
+        scoring: crate::config::Scoring,
     ) -> Result<ValueId, GraphError> {
         let (xt, gt, it) = (self.ty(x), self.ty(gate), self.ty(indices));
         if xt.rank() != 2
@@ -1018,7 +1021,7 @@ impl Builder {
             return Self::err("balance_loss", format!("x, gate, indices: {}", shapes(&[xt, gt, it])));
         }
         Ok(self.push1(
-            Op::BalanceLoss { alpha },
+            Op::BalanceLoss { alpha, scoring },
             vec![x, gate, indices],
             TensorType::new(vec![Dim::Fixed(1)], DType::F32),
         ))
@@ -1031,9 +1034,10 @@ impl Builder {
         gate: ValueId,
         indices: ValueId,
         alpha: f32,
+        scoring: crate::config::Scoring,
     ) -> Result<(ValueId, ValueId), GraphError> {
         let tys = [x, gate].map(|v| TensorType::new(self.ty(v).shape.clone(), DType::F32));
-        let out = self.push(Op::BalanceLossGrad { alpha }, vec![x, gate, indices], tys.to_vec());
+        let out = self.push(Op::BalanceLossGrad { alpha, scoring }, vec![x, gate, indices], tys.to_vec());
         Ok((out[0], out[1]))
     }
 

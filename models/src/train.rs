@@ -610,12 +610,6 @@ pub struct TrainingGraph {
 /// graph with f32 weights, the next-token (and MTP) cross-entropy, the balance losses, and
 /// [`backward`].
 pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<TrainingGraph, TrainError> {
-    if config.scoring == crate::config::Scoring::Softmax && config.first_k_dense_replace < config.num_hidden_layers {
-        return Err(TrainError::Invalid(format!(
-            "{}: training a softmax-routed model (deepseek_v2) is not supported: its routing gradient and balance losses are DeepSeek-V3's",
-            config.name
-        )));
-    }
     let mtp = config.num_nextn_predict_layers > 0 && train.mtp_weight > 0.0;
     let options =
         BuildOptions { dense_f32_weights: true, skip_mtp: !mtp, fp8_training: train.fp8, ..Default::default() };
@@ -627,7 +621,8 @@ pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<Train
     let mut routed = Vec::new();
     for node in &forward.nodes {
         if let Op::MoeRoute(_) = node.op {
-            if let Op::Param { name, .. } = &forward.producer(node.inputs[2]).op {
+            // (Softmax routing has no bias to update.)
+            if let Some(Op::Param { name, .. }) = node.inputs.get(2).map(|&b| &forward.producer(b).op) {
                 routes.push((name.clone(), node.outputs[0]));
             }
             routed.push((node.inputs[0], node.inputs[1], node.outputs[0]));
@@ -643,7 +638,7 @@ pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<Train
     }
     if train.balance_alpha > 0.0 {
         for (x, gate, indices) in routed {
-            let balance = b.balance_loss(x, gate, indices, train.balance_alpha)?;
+            let balance = b.balance_loss(x, gate, indices, train.balance_alpha, config.scoring)?;
             loss = b.add(loss, balance)?;
         }
     }

@@ -330,6 +330,17 @@ pub fn mla_grad(
 /// Gradients of [`route`] for one row: the d logits `[E]` for the routing-weight gradient `dw` of
 /// the selected experts `idx` (zero for the others: the selection passes no gradient).
 pub fn route_grad(logits: &[f32], idx: &[usize], dw: &[f32], r: &Routing) -> Vec<f32> {
+    if r.scoring == Scoring::Softmax {
+        // w_k = f s_{i_k}: ds_{i_k} = f dw_k, then through the softmax, dl_j = s_j (ds_j - sum_m ds_m s_m).
+        let s = softmax_scores(logits);
+        let ds: Vec<f32> = dw.iter().map(|g| r.routed_scaling_factor * g).collect();
+        let cross = idx.iter().zip(&ds).fold(0.0f32, |a, (&i, d)| a + d * s[i]);
+        let mut dl: Vec<f32> = s.iter().map(|v| -v * cross).collect();
+        for (&i, d) in idx.iter().zip(&ds) {
+            dl[i] += s[i] * d;
+        }
+        return dl;
+    }
     let s: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
     let sel: Vec<f32> = idx.iter().map(|&i| s[i]).collect();
     let f = r.routed_scaling_factor;
@@ -350,7 +361,11 @@ pub fn route_grad(logits: &[f32], idx: &[usize], dw: &[f32], r: &Routing) -> Vec
 
 /// The sequence-wise balance loss over `t` tokens (see `Op::BalanceLoss`) from the router logits
 /// [T, E] and the selected experts [T, K], and its gradient with respect to the logits.
-pub fn balance_loss(logits: &[f32], idx: &[i32], e: usize, k: usize, alpha: f32) -> (f32, Vec<f32>) {
+///
+/// Softmax scoring (DeepSeek-V2): the affinities are `exp(l - max)` (normalized by their sum as the
+/// sigmoid's are), and their gradient to the logits is `s_j` times the gradient to `s_j`: the sum
+/// `sum_m ds_m s_m` that the softmax's Jacobian subtracts is 0 here (`sum_m (f_m - weighted) s_m`).
+pub fn balance_loss(logits: &[f32], idx: &[i32], e: usize, k: usize, alpha: f32, scoring: Scoring) -> (f32, Vec<f32>) {
     let t = logits.len() / e;
     let mut f = vec![0.0f64; e];
     for &i in idx {
@@ -359,14 +374,25 @@ pub fn balance_loss(logits: &[f32], idx: &[i32], e: usize, k: usize, alpha: f32)
     let mut loss = 0.0f64;
     let mut dl = vec![0.0f32; logits.len()];
     for tok in 0..t {
-        let s: Vec<f64> = logits[tok * e..(tok + 1) * e].iter().map(|&l| 1.0 / (1.0 + (-l as f64).exp())).collect();
+        let row = &logits[tok * e..(tok + 1) * e];
+        let s: Vec<f64> = match scoring {
+            Scoring::Sigmoid => row.iter().map(|&l| 1.0 / (1.0 + (-l as f64).exp())).collect(),
+            Scoring::Softmax => {
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
+                row.iter().map(|&l| (l as f64 - max).exp()).collect()
+            }
+        };
         let sum: f64 = s.iter().sum();
         // loss += alpha / T * sum_i f_i s_i / sum; d/ds_j = alpha / T * (f_j - sum_i f_i s_i / sum) / sum.
         let weighted: f64 = f.iter().zip(&s).map(|(a, b)| a * b).sum::<f64>() / sum;
         loss += alpha as f64 / t as f64 * weighted;
         for j in 0..e {
             let ds = alpha as f64 / t as f64 * (f[j] - weighted) / sum;
-            dl[tok * e + j] = (ds * s[j] * (1.0 - s[j])) as f32;
+            let g = ds * s[j];
+            dl[tok * e + j] = match scoring {
+                Scoring::Sigmoid => g * (1.0 - s[j]),
+                Scoring::Softmax => g,
+            } as f32;
         }
     }
     (loss as f32, dl)
@@ -683,7 +709,7 @@ mod tests {
     #[test]
     fn balance_loss_is_alpha_when_routing_follows_uniform_affinities() {
         // Equal logits: P_i = 1/E for all i, and sum_i f_i = E, so the loss is alpha whatever the routing.
-        let (loss, _) = balance_loss(&[0.3; 12], &[0, 1, 0, 2, 0, 3], 4, 2, 0.5);
+        let (loss, _) = balance_loss(&[0.3; 12], &[0, 1, 0, 2, 0, 3], 4, 2, 0.5, Scoring::Sigmoid);
         assert!((loss - 0.5).abs() < 1e-6, "{loss}");
     }
 
@@ -692,19 +718,52 @@ mod tests {
         let (t, e, k, alpha) = (4, 8, 2, 1.0);
         let logits: Vec<f32> = (0..t * e).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 4.0).collect();
         let idx = [0, 3, 3, 5, 0, 3, 7, 1];
-        let (_, grad) = balance_loss(&logits, &idx, e, k, alpha);
-        let max = grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-        assert!(max > 1e-3, "{max}");
-        for i in 0..logits.len() {
-            let h = 1e-2;
-            let at = |d: f32| {
-                let mut l = logits.clone();
-                l[i] += d;
-                balance_loss(&l, &idx, e, k, alpha).0 as f64
-            };
-            let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
-            assert!((fd - grad[i]).abs() < 1e-3 * max + 1e-6, "logit {i}: {fd} vs {}", grad[i]);
+        for scoring in [Scoring::Sigmoid, Scoring::Softmax] {
+            let (_, grad) = balance_loss(&logits, &idx, e, k, alpha, scoring);
+            let max = grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+            assert!(max > 1e-3, "{max}");
+            for i in 0..logits.len() {
+                let h = 1e-2;
+                let at = |d: f32| {
+                    let mut l = logits.clone();
+                    l[i] += d;
+                    balance_loss(&l, &idx, e, k, alpha, scoring).0 as f64
+                };
+                let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
+                assert!((fd - grad[i]).abs() < 1e-3 * max + 1e-6, "{scoring:?} logit {i}: {fd} vs {}", grad[i]);
+            }
         }
+    }
+
+    /// Softmax routing's gradient (DeepSeek-V2) against finite differences of `sum_k dw_k w_k` with
+    /// the selection held (every logit moves every softmax score).
+    #[test]
+    fn softmax_route_gradient_matches_finite_differences() {
+        let logits: Vec<f32> = (0..8).map(|i| ((i * 37 % 23) as f32 / 23.0 - 0.5) * 3.0).collect();
+        let r = Routing {
+            top_k: 3,
+            n_group: 1,
+            topk_group: 1,
+            norm_topk_prob: false,
+            routed_scaling_factor: 1.5,
+            scoring: Scoring::Softmax,
+        };
+        let (idx, _) = route(&logits, &[], &r);
+        let dw = [0.7f32, -1.3, 0.4];
+        let grad = route_grad(&logits, &idx, &dw, &r);
+        let objective = |l: &[f32]| -> f64 {
+            let s = softmax_scores(l);
+            idx.iter().zip(&dw).map(|(&i, g)| (*g as f64) * 1.5 * s[i] as f64).sum()
+        };
+        for i in 0..logits.len() {
+            let h = 1e-3;
+            let (mut up, mut down) = (logits.clone(), logits.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = ((objective(&up) - objective(&down)) / (2.0 * h as f64)) as f32;
+            assert!((fd - grad[i]).abs() < 2e-3, "logit {i}: {fd} vs {}", grad[i]);
+        }
+        assert!(grad.iter().all(|g| *g != 0.0), "every logit gets a gradient: {grad:?}");
     }
 
     /// The FP8 training GEMMs equal the product of their dequantized operands (so the tiles are the

@@ -486,11 +486,11 @@ impl Interpreter {
                 one(Tensor::f32(shape.clone(), v))
             }
             Op::MoeRouteGrad(r) => {
-                let (x, gate, dw) = (f(0)?, f(1)?, f(4)?);
+                let (x, gate, dw) = (f(0)?, f(1)?, f(3)?);
                 let (e, d) = (a[1].shape[0], a[1].shape[1]);
                 let t = x.len() / d;
-                let TensorData::I32(idx) = &a[3].data else { return Err(op_err(node, "indices must be i32")) };
-                let k = a[3].shape[1];
+                let TensorData::I32(idx) = &a[2].data else { return Err(op_err(node, "indices must be i32")) };
+                let k = a[2].shape[1];
                 let logits = kernels::router_logits(x, gate, t, d, e);
                 let mut dl = Vec::with_capacity(t * e);
                 for tok in 0..t {
@@ -563,13 +563,13 @@ impl Interpreter {
                 out.extend(dparams.into_iter().enumerate().map(|(p, v)| Tensor::f32(a[4 + p].shape.clone(), v)));
                 Ok(out)
             }
-            Op::BalanceLoss { alpha } | Op::BalanceLossGrad { alpha } => {
+            Op::BalanceLoss { alpha, scoring } | Op::BalanceLossGrad { alpha, scoring } => {
                 let (x, gate) = (f(0)?, f(1)?);
                 let (e, d) = (a[1].shape[0], a[1].shape[1]);
                 let t = x.len() / d;
                 let TensorData::I32(idx) = &a[2].data else { return Err(op_err(node, "indices must be i32")) };
                 let logits = kernels::router_logits(x, gate, t, d, e);
-                let (loss, dl) = kernels::balance_loss(&logits, idx, e, a[2].shape[1], *alpha);
+                let (loss, dl) = kernels::balance_loss(&logits, idx, e, a[2].shape[1], *alpha, *scoring);
                 match node.op {
                     Op::BalanceLoss { .. } => one(Tensor::f32(vec![1], vec![loss])),
                     _ => Ok(router_logits_grad(&dl, x, gate, &a[0].shape, &a[1].shape)),

@@ -195,7 +195,8 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
                     .ok()
                     .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
                     .unwrap_or(1.0);
-                let op = TrainRow::RouteGrad { norm: flag(o, "norm_topk_prob"), scale };
+                let softmax = o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax"));
+                let op = TrainRow::RouteGrad { norm: flag(o, "norm_topk_prob"), scale, softmax };
                 Ok(launch(train_kernel(op, width(&logits)?, "f32"), in_order().collect()))
             }
             "split_grad" => {
@@ -1202,6 +1203,7 @@ fn balance_loss(body: &Body) -> Result<Steps, String> {
         .ok_or("balance loss without alpha")?;
     let experts = width(&logits)?;
     let grad = body.names[0] == "balance_loss_grad";
+    let softmax = o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax"));
     let row = |op| StepKernel::Row(train_kernel(op, experts, "f32"));
     let mut steps =
         vec![Step { only: None, kernel: row(TrainRow::ExpertFreq), operands: vec![Operand::Arg(1), Operand::Temp(0)] }];
@@ -1209,14 +1211,14 @@ fn balance_loss(body: &Body) -> Result<Steps, String> {
     if grad {
         steps.push(Step {
             only: None,
-            kernel: row(TrainRow::BalanceRows { grad: true, alpha }),
+            kernel: row(TrainRow::BalanceRows { grad: true, alpha, softmax }),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Result(0)],
         });
     } else {
         temps.push(Temp::per_row(1, 1, "f32"));
         steps.push(Step {
             only: None,
-            kernel: row(TrainRow::BalanceRows { grad: false, alpha }),
+            kernel: row(TrainRow::BalanceRows { grad: false, alpha, softmax }),
             operands: vec![Operand::Arg(0), Operand::Temp(0), Operand::Temp(1)],
         });
         steps.push(Step {

@@ -503,11 +503,12 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             }
             "route_logits_grad" => {
                 let r = route_spec(&o).map_err(lowering)?;
-                e.route_logits_grad([&args[0], &args[1], &args[2]], (r.norm, &r.factor), &dest, &rshape);
+                e.route_logits_grad([&args[0], &args[1], &args[2]], (r.norm, &r.factor, r.softmax), &dest, &rshape);
             }
             "balance_loss" | "balance_loss_grad" => {
                 let alpha = train::float_attr(&o, "alpha").ok_or_else(|| lowering(format!("{full} without alpha")))?;
-                e.balance_loss((&args[0], &args[1]), &alpha, kind == "balance_loss_grad", &dest, &rshape);
+                let softmax = o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax"));
+                e.balance_loss((&args[0], &args[1]), (&alpha, softmax), kind == "balance_loss_grad", &dest, &rshape);
             }
             _ => return Err(CpuError::Unsupported(full)),
         }

@@ -662,15 +662,82 @@ scf.yield",
     /// The routing's gradient to its logits, per row as the reference's `route_grad`: sigmoid
     /// scores, the selected ones' gradient through their normalization (when normalized) and the
     /// routed scaling factor, then through the sigmoid into the selected logits.
+    ///
+    /// `softmax` (DeepSeek-V2): each row's softmax, `ds_k = factor dw_k` and
+    /// `dl_j = s_j (ds_j - sum_k ds_k s_{i_k})`, in the reference's order.
     pub(super) fn route_logits_grad(
         &mut self,
         [logits, idx, dw]: [&(String, Shape); 3],
-        (norm, factor): (bool, &str),
+        (norm, factor, softmax): (bool, &str, bool),
         dest: &str,
         out: &Shape,
     ) {
         let (l_ty, i_ty, w_ty, o_ty) = (memref(&logits.1), memref(&idx.1), memref(&dw.1), memref(out));
         let (l, idx, dw) = (&logits.0, &idx.0, &dw.0);
+        if softmax {
+            let text = format!(
+                "%rl_c0 = arith.constant 0 : index
+%rl_c1 = arith.constant 1 : index
+%rl_ninf = arith.constant 0xFF800000 : f32
+%rl_f = arith.constant {factor} : f32
+%rl_T = memref.dim {l}, %rl_c0 : {l_ty}
+%rl_E = memref.dim {l}, %rl_c1 : {l_ty}
+%rl_K = memref.dim {idx}, %rl_c1 : {i_ty}
+%rl_s = memref.alloc(%rl_E) : memref<?xf32>
+scf.for %rl_t = %rl_c0 to %rl_T step %rl_c1 {{
+  %rl_mx = scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 iter_args(%rl_m = %rl_ninf) -> (f32) {{
+    %rl_v = memref.load {l}[%rl_t, %rl_j] : {l_ty}
+    %rl_gt = arith.cmpf ogt, %rl_v, %rl_m : f32
+    %rl_m2 = arith.select %rl_gt, %rl_v, %rl_m : f32
+    scf.yield %rl_m2 : f32
+  }}
+  %rl_sum = scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 iter_args(%rl_a = %zero) -> (f32) {{
+    %rl_v = memref.load {l}[%rl_t, %rl_j] : {l_ty}
+    %rl_d = arith.subf %rl_v, %rl_mx : f32
+    %rl_x = math.exp %rl_d : f32
+    memref.store %rl_x, %rl_s[%rl_j] : memref<?xf32>
+    %rl_a2 = arith.addf %rl_a, %rl_x : f32
+    scf.yield %rl_a2 : f32
+  }}
+  scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 {{
+    %rl_x = memref.load %rl_s[%rl_j] : memref<?xf32>
+    %rl_q = arith.divf %rl_x, %rl_sum : f32
+    memref.store %rl_q, %rl_s[%rl_j] : memref<?xf32>
+  }}
+  %rl_cross = scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 iter_args(%rl_a = %zero) -> (f32) {{
+    %rl_e32 = memref.load {idx}[%rl_t, %rl_k] : {i_ty}
+    %rl_e = arith.index_cast %rl_e32 : i32 to index
+    %rl_gv = memref.load {dw}[%rl_t, %rl_k] : {w_ty}
+    %rl_ds = arith.mulf %rl_f, %rl_gv : f32
+    %rl_sv = memref.load %rl_s[%rl_e] : memref<?xf32>
+    %rl_p = arith.mulf %rl_ds, %rl_sv : f32
+    %rl_a2 = arith.addf %rl_a, %rl_p : f32
+    scf.yield %rl_a2 : f32
+  }}
+  scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 {{
+    %rl_sv = memref.load %rl_s[%rl_j] : memref<?xf32>
+    %rl_ns = arith.negf %rl_sv : f32
+    %rl_v = arith.mulf %rl_ns, %rl_cross : f32
+    memref.store %rl_v, {dest}[%rl_t, %rl_j] : {o_ty}
+  }}
+  scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 {{
+    %rl_e32 = memref.load {idx}[%rl_t, %rl_k] : {i_ty}
+    %rl_e = arith.index_cast %rl_e32 : i32 to index
+    %rl_gv = memref.load {dw}[%rl_t, %rl_k] : {w_ty}
+    %rl_ds = arith.mulf %rl_f, %rl_gv : f32
+    %rl_sv = memref.load %rl_s[%rl_e] : memref<?xf32>
+    %rl_p = arith.mulf %rl_sv, %rl_ds : f32
+    %rl_old = memref.load {dest}[%rl_t, %rl_e] : {o_ty}
+    %rl_new = arith.addf %rl_old, %rl_p : f32
+    memref.store %rl_new, {dest}[%rl_t, %rl_e] : {o_ty}
+  }}
+}}
+memref.dealloc %rl_s : memref<?xf32>
+scf.yield"
+            );
+            self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
+            return;
+        }
         let ds = if norm {
             format!(
                 "%rl_ss = scf.for %rl_k = %rl_c0 to %rl_K step %rl_c1 iter_args(%rl_a = %rl_nz) -> (f32) {{
@@ -753,10 +820,13 @@ scf.yield",
     /// false: into `dest` [1]) or its gradient to the logits (`grad` true: into `dest` [T, E]), in
     /// f64 as the reference's `balance_loss`: f_i accumulated per routed slot, per token the
     /// sigmoid scores, their sum and the f-weighted mean.
+    ///
+    /// `softmax` (DeepSeek-V2): the affinities `exp(l - max)` per token, their gradient to the logits
+    /// `ds_j s_j` (the reference's `balance_loss`).
     pub(super) fn balance_loss(
         &mut self,
         (logits, idx): (&(String, Shape), &(String, Shape)),
-        alpha: &str,
+        (alpha, softmax): (&str, bool),
         grad: bool,
         dest: &str,
         out: &Shape,
@@ -773,12 +843,16 @@ scf.yield",
   %bl_a = arith.mulf %bl_at, %bl_fw : f64
   %bl_ds = arith.divf %bl_a, %bl_sum : f64
   %bl_p = arith.mulf %bl_ds, %bl_sg : f64
-  %bl_oms = arith.subf %bl_od, %bl_sg : f64
-  %bl_q = arith.mulf %bl_p, %bl_oms : f64
+{jacobian}
   %bl_q32 = arith.truncf %bl_q : f64 to f32
   memref.store %bl_q32, {dest}[%bl_t, %bl_j] : {o_ty}
 }}
-scf.yield %bl_acc : f64"
+scf.yield %bl_acc : f64",
+                jacobian = if softmax {
+                    "  %bl_q = arith.addf %bl_p, %bl_nzd : f64"
+                } else {
+                    "  %bl_oms = arith.subf %bl_od, %bl_sg : f64\n  %bl_q = arith.mulf %bl_p, %bl_oms : f64"
+                },
             )
         } else {
             "%bl_term = arith.mulf %bl_at, %bl_wtd : f64\n%bl_acc2 = arith.addf %bl_acc, %bl_term : f64\nscf.yield %bl_acc2 : f64"
@@ -822,14 +896,9 @@ scf.for %bl_t = %bl_c0 to %bl_T step %bl_c1 {{
   }}
 }}
 %bl_loss = scf.for %bl_t = %bl_c0 to %bl_T step %bl_c1 iter_args(%bl_acc = %bl_zd) -> (f64) {{
-  %bl_sum = scf.for %bl_j = %bl_c0 to %bl_E step %bl_c1 iter_args(%bl_a = %bl_nzd) -> (f64) {{
+{max}  %bl_sum = scf.for %bl_j = %bl_c0 to %bl_E step %bl_c1 iter_args(%bl_a = %bl_nzd) -> (f64) {{
     %bl_lv = memref.load {l}[%bl_t, %bl_j] : {l_ty}
-    %bl_n32 = arith.negf %bl_lv : f32
-    %bl_n = arith.extf %bl_n32 : f32 to f64
-    %bl_x = math.exp %bl_n : f64
-    %bl_den = arith.addf %bl_od, %bl_x : f64
-    %bl_sv = arith.divf %bl_od, %bl_den : f64
-    memref.store %bl_sv, %bl_s[%bl_j] : memref<?xf64>
+{score}    memref.store %bl_sv, %bl_s[%bl_j] : memref<?xf64>
     %bl_a2 = arith.addf %bl_a, %bl_sv : f64
     scf.yield %bl_a2 : f64
   }}
@@ -848,6 +917,26 @@ memref.dealloc %bl_f : memref<?xf64>
 memref.dealloc %bl_s : memref<?xf64>
 scf.yield",
             per_token = indent(&per_token, 2),
+            max = if softmax {
+                format!(
+                    "  %bl_ninf = arith.constant 0xFFF0000000000000 : f64
+  %bl_mx = scf.for %bl_j = %bl_c0 to %bl_E step %bl_c1 iter_args(%bl_m = %bl_ninf) -> (f64) {{
+    %bl_lv = memref.load {l}[%bl_t, %bl_j] : {l_ty}
+    %bl_ld = arith.extf %bl_lv : f32 to f64
+    %bl_gt = arith.cmpf ogt, %bl_ld, %bl_m : f64
+    %bl_m2 = arith.select %bl_gt, %bl_ld, %bl_m : f64
+    scf.yield %bl_m2 : f64
+  }}
+"
+                )
+            } else {
+                String::new()
+            },
+            score = if softmax {
+                "    %bl_ld = arith.extf %bl_lv : f32 to f64\n    %bl_d = arith.subf %bl_ld, %bl_mx : f64\n    %bl_sv = math.exp %bl_d : f64\n"
+            } else {
+                "    %bl_n32 = arith.negf %bl_lv : f32\n    %bl_n = arith.extf %bl_n32 : f32 to f64\n    %bl_x = math.exp %bl_n : f64\n    %bl_den = arith.addf %bl_od, %bl_x : f64\n    %bl_sv = arith.divf %bl_od, %bl_den : f64\n"
+            },
         );
         self.line(&format!("scf.execute_region {{\n{}\n    }}", indent(&text, 6)));
     }

@@ -221,12 +221,15 @@ pub enum TrainRow {
     /// sum(freq * s) / sum(s)` (sums sequential in the reference's order, by one thread), then
     /// `grad`: `dl = alpha / T * (freq - weighted) / sum(s) * s * (1 - s)`; else `weighted`
     /// into `loss_rows` (their mean times alpha is the loss: [`TrainRow::LossMean`]).
-    BalanceRows { grad: bool, alpha: f32 },
+    /// `softmax` (DeepSeek-V2, `_sm`): `s = exp(logits - max)`, and `dl` without the `(1 - s)`.
+    BalanceRows { grad: bool, alpha: f32, softmax: bool },
     /// The router logits' gradient per token (`d` = E) from the routing weights' gradient
     /// `dw [T, K]` of the selected experts `idx [T, K]`: zero but at the selected experts, where
     /// `scale * (dw / S - sum(dw * s) / S^2) * s * (1 - s)` (`norm`: normalized weights, `S` the
     /// selected scores' sum + 1e-20; else `scale * dw * s * (1 - s)`), by one thread per token.
-    RouteGrad { norm: bool, scale: f32 },
+    /// `softmax` (DeepSeek-V2, `_sm`): `s` the row's softmax and `dl_j = s_j (ds_j - sum_k ds_k
+    /// s_{i_k})` with `ds = scale * dw` at the selected experts: every logit gets a gradient.
+    RouteGrad { norm: bool, scale: f32, softmax: bool },
     /// Naive-form MLA attention, one block per (group of `group` queries, head) — the CUDA-core
     /// baseline ([`super::mla_train`]: each key's loads serve the group); blocks head-major (as
     /// the backward's), so that those running together read one head's keys and values, which L2
@@ -435,12 +438,21 @@ impl TrainRow {
             }
             TrainRow::LossMean { weight } => format!("rows_lossmean_d{d}_w{}_t{t}", spelled(weight)),
             TrainRow::ExpertFreq => format!("rows_expertfreq_d{d}_t{t}"),
-            TrainRow::BalanceRows { grad, alpha } => {
-                format!("rows_balance_d{d}_a{}_t{t}_{}", spelled(alpha), if grad { "grad" } else { "loss" })
-            }
-            TrainRow::RouteGrad { norm, scale } => {
-                format!("rows_routegrad_d{d}_s{}_t{t}{}", spelled(scale), if norm { "_norm" } else { "" })
-            }
+            TrainRow::BalanceRows { grad, alpha, softmax } => format!(
+                "rows_balance_d{d}_a{}_t{t}_{}{}",
+                spelled(alpha),
+                if grad { "grad" } else { "loss" },
+                if softmax { "_sm" } else { "" }
+            ),
+            TrainRow::RouteGrad { norm, scale, softmax } => format!(
+                "rows_routegrad_d{d}_s{}_t{t}{}",
+                spelled(scale),
+                match (norm, softmax) {
+                    (true, _) => "_norm",
+                    (false, true) => "_sm",
+                    (false, false) => "",
+                }
+            ),
             TrainRow::IdRank => format!("rows_idrank_d{d}_t{t}"),
             TrainRow::EmbedGrad => format!("rows_embedgrad_d{d}_t{t}"),
             TrainRow::GradAccum { first } => format!("rows_gradacc_d{d}_t{t}{}", if first { "_first" } else { "" }),
@@ -595,17 +607,23 @@ impl TrainRow {
                 kernel(TrainRow::LossMean { weight: unspelled(w.strip_prefix('w')?)? }, d, "f32", t)
             }
             ["expertfreq", d, t] => kernel(TrainRow::ExpertFreq, d, "f32", t),
-            ["balance", d, a, t, mode] => {
+            ["balance", d, a, t, mode, rest @ ..] => {
                 let grad = match *mode {
                     "grad" => true,
                     "loss" => false,
                     _ => return None,
                 };
-                kernel(TrainRow::BalanceRows { grad, alpha: unspelled(a.strip_prefix('a')?)? }, d, "f32", t)
+                let (alpha, softmax) = (unspelled(a.strip_prefix('a')?)?, suffix(rest, "sm")?);
+                kernel(TrainRow::BalanceRows { grad, alpha, softmax }, d, "f32", t)
             }
             ["routegrad", d, sc, t, rest @ ..] => {
-                let norm = suffix(rest, "norm")?;
-                kernel(TrainRow::RouteGrad { norm, scale: unspelled(sc.strip_prefix('s')?)? }, d, "f32", t)
+                let (norm, softmax) = match rest {
+                    ["norm"] => (true, false),
+                    ["sm"] => (false, true),
+                    [] => (false, false),
+                    _ => return None,
+                };
+                kernel(TrainRow::RouteGrad { norm, scale: unspelled(sc.strip_prefix('s')?)?, softmax }, d, "f32", t)
             }
             ["idrank", d, t] => kernel(TrainRow::IdRank, d, "f32", t),
             ["embedgrad", d, t] => kernel(TrainRow::EmbedGrad, d, "f32", t),
@@ -1551,17 +1569,46 @@ scf.if %first {{
                 );
                 vec![chunks.clear(), chunks.walk(""), chunks.totals(&freq)]
             }
-            TrainRow::BalanceRows { grad, .. } => {
+            TrainRow::BalanceRows { grad, softmax, .. } => {
                 let e = indent2(&exp(lowering, "%neg", "%ex"));
-                let sigmoid = format!(
-                    "  %l = memref.load %logits[%row, %j] : {m}
+                let sigmoid = if softmax {
+                    // exp(l - max): `%neg` is the difference here.
+                    format!(
+                        "  %l = memref.load %logits[%row, %j] : {m}
+  %neg = arith.subf %l, %mx : f32
+{e}  %s = arith.addf %ex, %zero : f32
+"
+                    )
+                } else {
+                    format!(
+                        "  %l = memref.load %logits[%row, %j] : {m}
   %neg = arith.negf %l : f32
 {e}  %den = arith.addf %one, %ex : f32
   %s = arith.divf %one, %den : f32
 "
-                );
+                    )
+                };
+                let max = if softmax {
+                    format!(
+                        "%ninf = arith.constant 0xFF800000 : f32
+%mx = scf.for %j = %c0 to %cD step %c1 iter_args(%m = %ninf) -> (f32) {{
+  %l = memref.load %logits[%row, %j] : {m}
+  %gt = arith.cmpf ogt, %l, %m : f32
+  %m2 = arith.select %gt, %l, %m : f32
+  scf.yield %m2 : f32
+}}
+"
+                    )
+                } else {
+                    String::new()
+                };
+                let jacobian = if softmax {
+                    "  %g = arith.addf %dss, %zero : f32\n"
+                } else {
+                    "  %oms = arith.subf %one, %s : f32\n  %g = arith.mulf %dss, %oms : f32\n"
+                };
                 let sums = format!(
-                    "%sums:2 = scf.for %j = %c0 to %cD step %c1 iter_args(%a = %zero, %b = %zero) -> (f32, f32) {{
+                    "{max}%sums:2 = scf.for %j = %c0 to %cD step %c1 iter_args(%a = %zero, %b = %zero) -> (f32, f32) {{
 {sigmoid}  %f = memref.load %freq[%j] : memref<?xf32>
   %fs = arith.mulf %f, %s : f32
   %a2 = arith.addf %a, %s : f32
@@ -1583,10 +1630,8 @@ scf.for %j = %tid to %cD step %cT {{
   %fw = arith.subf %f, %weighted : f32
   %atf = arith.mulf %at, %fw : f32
   %ds = arith.divf %atf, %sums#0 : f32
-  %oms = arith.subf %one, %s : f32
   %dss = arith.mulf %ds, %s : f32
-  %g = arith.mulf %dss, %oms : f32
-  memref.store %g, %dl[%row, %j] : {m}
+{jacobian}  memref.store %g, %dl[%row, %j] : {m}
 }}
 "
                     )]
@@ -1600,6 +1645,61 @@ scf.if %first {{
                         indent2(&sums)
                     )]
                 }
+            }
+            TrainRow::RouteGrad { softmax: true, .. } => {
+                let e = indent2(&indent2(&exp(lowering, "%neg", "%ex")));
+                vec![format!(
+                    "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %K = memref.dim %idx, %c1 : memref<?x?xi32>
+  %ninf = arith.constant 0xFF800000 : f32
+  %mx = scf.for %j = %c0 to %cD step %c1 iter_args(%m = %ninf) -> (f32) {{
+    %l = memref.load %logits[%row, %j] : {m}
+    %gt = arith.cmpf ogt, %l, %m : f32
+    %m2 = arith.select %gt, %l, %m : f32
+    scf.yield %m2 : f32
+  }}
+  %sum = scf.for %j = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %l = memref.load %logits[%row, %j] : {m}
+    %neg = arith.subf %l, %mx : f32
+{e}    memref.store %ex, %dl[%row, %j] : {m}
+    %a2 = arith.addf %a, %ex : f32
+    scf.yield %a2 : f32
+  }}
+  %cross = scf.for %k = %c0 to %K step %c1 iter_args(%a = %zero) -> (f32) {{
+    %e_i32 = memref.load %idx[%row, %k] : memref<?x?xi32>
+    %e = arith.index_cast %e_i32 : i32 to index
+    %x = memref.load %dl[%row, %e] : {m}
+    %s = arith.divf %x, %sum : f32
+    %g = memref.load %dw[%row, %k] : {m}
+    %ds = arith.mulf %fScale, %g : f32
+    %p = arith.mulf %ds, %s : f32
+    %a2 = arith.addf %a, %p : f32
+    scf.yield %a2 : f32
+  }}
+  scf.for %j = %c0 to %cD step %c1 {{
+    %x = memref.load %dl[%row, %j] : {m}
+    %s = arith.divf %x, %sum : f32
+    %ns = arith.negf %s : f32
+    %v = arith.mulf %ns, %cross : f32
+    memref.store %v, %dl[%row, %j] : {m}
+  }}
+  scf.for %k = %c0 to %K step %c1 {{
+    %e_i32 = memref.load %idx[%row, %k] : memref<?x?xi32>
+    %e = arith.index_cast %e_i32 : i32 to index
+    %l = memref.load %logits[%row, %e] : {m}
+    %neg = arith.subf %l, %mx : f32
+{e}    %s = arith.divf %ex, %sum : f32
+    %g = memref.load %dw[%row, %k] : {m}
+    %ds = arith.mulf %fScale, %g : f32
+    %p = arith.mulf %s, %ds : f32
+    %old = memref.load %dl[%row, %e] : {m}
+    %new = arith.addf %old, %p : f32
+    memref.store %new, %dl[%row, %e] : {m}
+  }}
+}}
+"
+                )]
             }
             TrainRow::RouteGrad { norm, .. } => {
                 let e = indent2(&indent2(&exp(lowering, "%neg", "%ex")));
@@ -3202,61 +3302,91 @@ mod tests {
     /// reference's f64 computation, and the router logits' gradient against its `route_grad`.
     #[test]
     fn balance_and_routing_gradient_rows_match_the_reference() {
+        use v3c_models::config::Scoring;
         let (t, e, k, alpha) = (7, 16, 3, 0.3f32);
         let mut logits = values(t * e, 16, 6.0);
         let mut idx: Vec<i32> = (0..t * k).map(|i| ((i * 5 + i / k) % e) as i32).collect();
-        let (want_loss, want_dl) = kernels::balance_loss(&logits, &idx, e, k, alpha);
-        let mut freq = vec![f32::NAN; e + 5];
-        run_cpu(&kernel(TrainRow::ExpertFreq, e), &[raw(&mut idx, &[t, k], "i32"), raw(&mut freq, &[e + 5], "f32")]);
-        let mut dl = vec![f32::NAN; t * e];
-        let grad = kernel(TrainRow::BalanceRows { grad: true, alpha }, e);
-        run_cpu(
-            &grad,
-            &[raw(&mut logits, &[t, e], "f32"), raw(&mut freq, &[e + 5], "f32"), raw(&mut dl, &[t, e], "f32")],
-        );
-        let scale = want_dl.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        for (i, (a, b)) in dl.iter().zip(&want_dl).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * scale, "balance dl[{i}] {a} vs {b}");
-        }
-        let mut per_token = vec![f32::NAN; t];
-        let rows_kernel = kernel(TrainRow::BalanceRows { grad: false, alpha }, e);
-        run_cpu(
-            &rows_kernel,
-            &[raw(&mut logits, &[t, e], "f32"), raw(&mut freq, &[e + 5], "f32"), raw(&mut per_token, &[t], "f32")],
-        );
-        let mut loss = vec![f32::NAN];
-        run_cpu(
-            &kernel(TrainRow::LossMean { weight: alpha }, 1),
-            &[raw(&mut logits, &[t, e], "f32"), raw(&mut per_token, &[t], "f32"), raw(&mut loss, &[1], "f32")],
-        );
-        assert!((loss[0] - want_loss).abs() <= 1e-5 * want_loss.abs(), "balance loss {} vs {want_loss}", loss[0]);
-        for norm in [true, false] {
-            let routing = v3c_models::graph::Routing {
-                top_k: k,
-                n_group: 1,
-                topk_group: 1,
-                norm_topk_prob: norm,
-                routed_scaling_factor: 2.5,
-                scoring: v3c_models::config::Scoring::Sigmoid,
-            };
-            let mut dw = values(t * k, 17, 1.0);
-            let mut want = Vec::new();
-            for r in 0..t {
-                let sel: Vec<usize> = idx[r * k..(r + 1) * k].iter().map(|&i| i as usize).collect();
-                want.extend(kernels::route_grad(&logits[r * e..(r + 1) * e], &sel, &dw[r * k..(r + 1) * k], &routing));
-            }
-            let route = kernel(TrainRow::RouteGrad { norm, scale: 2.5 }, e);
-            let mut got = vec![f32::NAN; t * e];
+        // DeepSeek-V3's sigmoid affinities, then DeepSeek-V2's softmax.
+        for softmax in [false, true] {
+            let scoring = if softmax { Scoring::Softmax } else { Scoring::Sigmoid };
+            let (want_loss, want_dl) = kernels::balance_loss(&logits, &idx, e, k, alpha, scoring);
+            let mut freq = vec![f32::NAN; e + 5];
             run_cpu(
-                &route,
-                &[
-                    raw(&mut logits, &[t, e], "f32"),
-                    raw(&mut idx, &[t, k], "i32"),
-                    raw(&mut dw, &[t, k], "f32"),
-                    raw(&mut got, &[t, e], "f32"),
-                ],
+                &kernel(TrainRow::ExpertFreq, e),
+                &[raw(&mut idx, &[t, k], "i32"), raw(&mut freq, &[e + 5], "f32")],
             );
-            assert_eq!(got, want, "{}", route.kernel_name());
+            let mut dl = vec![f32::NAN; t * e];
+            let grad = kernel(TrainRow::BalanceRows { grad: true, alpha, softmax }, e);
+            run_cpu(
+                &grad,
+                &[raw(&mut logits, &[t, e], "f32"), raw(&mut freq, &[e + 5], "f32"), raw(&mut dl, &[t, e], "f32")],
+            );
+            let scale = want_dl.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (i, (a, b)) in dl.iter().zip(&want_dl).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * scale, "{scoring:?} balance dl[{i}] {a} vs {b}");
+            }
+            let mut per_token = vec![f32::NAN; t];
+            let rows_kernel = kernel(TrainRow::BalanceRows { grad: false, alpha, softmax }, e);
+            run_cpu(
+                &rows_kernel,
+                &[raw(&mut logits, &[t, e], "f32"), raw(&mut freq, &[e + 5], "f32"), raw(&mut per_token, &[t], "f32")],
+            );
+            let mut loss = vec![f32::NAN];
+            run_cpu(
+                &kernel(TrainRow::LossMean { weight: alpha }, 1),
+                &[raw(&mut logits, &[t, e], "f32"), raw(&mut per_token, &[t], "f32"), raw(&mut loss, &[1], "f32")],
+            );
+            assert!((loss[0] - want_loss).abs() <= 1e-5 * want_loss.abs(), "balance loss {} vs {want_loss}", loss[0]);
+            // (Softmax routing is never normalized.)
+            for norm in [true, false].into_iter().filter(|n| !(softmax && *n)) {
+                let routing = v3c_models::graph::Routing {
+                    top_k: k,
+                    n_group: 1,
+                    topk_group: 1,
+                    norm_topk_prob: norm,
+                    routed_scaling_factor: 2.5,
+                    scoring,
+                };
+                let mut dw = values(t * k, 17, 1.0);
+                let mut want = Vec::new();
+                for r in 0..t {
+                    let sel: Vec<usize> = idx[r * k..(r + 1) * k].iter().map(|&i| i as usize).collect();
+                    want.extend(kernels::route_grad(
+                        &logits[r * e..(r + 1) * e],
+                        &sel,
+                        &dw[r * k..(r + 1) * k],
+                        &routing,
+                    ));
+                }
+                let route = kernel(TrainRow::RouteGrad { norm, scale: 2.5, softmax }, e);
+                let mut got = vec![f32::NAN; t * e];
+                run_cpu(
+                    &route,
+                    &[
+                        raw(&mut logits, &[t, e], "f32"),
+                        raw(&mut idx, &[t, k], "i32"),
+                        raw(&mut dw, &[t, k], "f32"),
+                        raw(&mut got, &[t, e], "f32"),
+                    ],
+                );
+                assert_eq!(got, want, "{}", route.kernel_name());
+                // The PTX: within the GPU's exp.
+                let mut simulated = vec![f32::NAN; t * e];
+                run_simulated(
+                    &route,
+                    &[
+                        raw(&mut logits, &[t, e], "f32"),
+                        raw(&mut idx, &[t, k], "i32"),
+                        raw(&mut dw, &[t, k], "f32"),
+                        raw(&mut simulated, &[t, e], "f32"),
+                    ],
+                    t,
+                );
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (i, (a, b)) in simulated.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{} (PTX) dl[{i}] {a} vs {b}", route.kernel_name());
+                }
+            }
         }
     }
 
