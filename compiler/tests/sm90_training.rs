@@ -109,12 +109,23 @@ fn whole_step_with(
     flash: bool,
 ) -> (BTreeSet<String>, BTreeSet<String>, f32) {
     let (config, trainer, _dir) = trainer_with(dense, fp8, flash);
+    whole_step_of(&config, &trainer, tokens, tolerance, flash)
+}
+
+/// [`whole_step_with`] for `trainer` (of `config`).
+fn whole_step_of(
+    config: &ModelConfig,
+    trainer: &Trainer,
+    tokens: usize,
+    tolerance: f32,
+    flash: bool,
+) -> (BTreeSet<String>, BTreeSet<String>, f32) {
     let context = v3c_compiler::mlir::new_context();
-    let mut cpu = CpuTrainStep::new(&context, &trainer, None).unwrap();
+    let mut cpu = CpuTrainStep::new(&context, trainer, None).unwrap();
     cpu.load(trainer.graph(), &trainer.params).unwrap();
     let names: Vec<String> = trainer.graph().outputs.iter().map(|(n, _)| n.clone()).collect();
     let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
-    let inputs = trainer.window_inputs(&window(&config, tokens)).unwrap();
+    let inputs = trainer.window_inputs(&window(config, tokens)).unwrap();
     let want = cpu.run(&inputs, &wanted).unwrap();
     let mut rows = HostRows::new(&context);
     rows.flash_attention = flash;
@@ -225,6 +236,36 @@ fn the_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
                 assert!(lowered.contains(kernel), "{kernel}: {lowered:?}");
             }
         }
+    }
+}
+
+/// DeepSeek-V2's training step (the tiny model's shape routed by a softmax, `group_limited_greedy`,
+/// no bias, no MTP; balance loss 0.3 over the softmax affinities): through its sm_90a launches —
+/// the routing, the router's gradient and the balance loss's rows with `_sm` — as the CPU backend.
+#[test]
+fn the_v2_training_step_through_its_sm90a_launches_equals_the_cpu_backend() {
+    let mut j: serde_json::Value = serde_json::from_str(v3c_models::config::DEEPSEEK_V3_TINY_JSON).unwrap();
+    for (k, v) in [
+        ("model_type", serde_json::Value::from("deepseek_v2")),
+        ("scoring_func", "softmax".into()),
+        ("topk_method", "group_limited_greedy".into()),
+        ("num_nextn_predict_layers", 0.into()),
+        ("norm_topk_prob", false.into()),
+    ] {
+        j[k] = v;
+    }
+    let config = ModelConfig::from_json_str(&j.to_string(), "tiny-v2-train").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    v3c_models::init::write_random_checkpoint(&config, &ckpt, 7).unwrap();
+    let checkpoint = Checkpoint::open(&ckpt).unwrap();
+    let train = TrainConfig { balance_alpha: 0.3, mtp_weight: 0.0, ..Default::default() };
+    let trainer = Trainer::new(&config, load_params(&config, &checkpoint).unwrap(), train).unwrap();
+    let (lowered, kept, worst) = whole_step_of(&config, &trainer, 9, F32_TENSOR_CORES, false);
+    eprintln!("DeepSeek-V2, 9 tokens: {} kernels as sm_90a launches; worst {worst:e}", lowered.len());
+    assert!(kept.is_empty(), "kernels without an sm_90a lowering: {kept:?}");
+    for kernel in ["moe_route_0", "balance_loss_0", "balance_loss_grad_0", "route_logits_grad_0"] {
+        assert!(lowered.contains(kernel), "{kernel}: {lowered:?}");
     }
 }
 

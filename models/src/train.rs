@@ -206,7 +206,8 @@ pub struct Trainer {
     pub m: HashMap<String, Vec<f32>>,
     pub v: HashMap<String, Vec<f32>>,
     pub step: usize,
-    /// Per MoE layer: the routing bias parameter and the graph output of its expert indices.
+    /// Per MoE layer: the routing bias parameter (softmax routing: the gate's name, no parameter)
+    /// and the graph output of its expert indices.
     routes: Vec<(String, String)>,
     trained: Vec<String>,
     /// The MTP module is trained (loss = next-token CE + mtp_weight x MTP CE).
@@ -598,7 +599,8 @@ pub struct TrainingGraph {
     /// Forward pass, loss (output `loss`), expert indices of each MoE layer (`route.<i>`) and the
     /// backward pass (`grad.<parameter>`).
     pub graph: Graph,
-    /// Per MoE layer: the routing bias parameter and the graph output of its expert indices.
+    /// Per MoE layer: the routing bias parameter (softmax routing: the gate's name, no parameter)
+    /// and the graph output of its expert indices.
     pub routes: Vec<(String, String)>,
     /// The parameters that get gradients.
     pub trained: Vec<String>,
@@ -621,9 +623,15 @@ pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<Train
     let mut routed = Vec::new();
     for node in &forward.nodes {
         if let Op::MoeRoute(_) = node.op {
-            // (Softmax routing has no bias to update.)
-            if let Some(Op::Param { name, .. }) = node.inputs.get(2).map(|&b| &forward.producer(b).op) {
-                routes.push((name.clone(), node.outputs[0]));
+            // The layer's bias; softmax routing has none to update, so its loads are kept under the
+            // gate's name (not a parameter: the balancing update passes it by).
+            let named = |i: usize| match node.inputs.get(i).map(|&v| &forward.producer(v).op) {
+                Some(Op::Param { name, .. }) => Some(name.clone()),
+                _ => None,
+            };
+            let label = named(2).or_else(|| named(1).map(|gate| gate.trim_end_matches(".weight").to_string()));
+            if let Some(label) = label {
+                routes.push((label, node.outputs[0]));
             }
             routed.push((node.inputs[0], node.inputs[1], node.outputs[0]));
         }
