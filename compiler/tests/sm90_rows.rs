@@ -398,6 +398,8 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     TrainRow::RmsNormGrad { .. } => 1 + tree,
                     // Max, then the sum: each a strided pass and a tree, then the last phase.
                     TrainRow::CrossEntropy { .. } => 2 * (1 + tree),
+                    // (Softmax routing's gradient: one phase by one thread a token.)
+                    TrainRow::RouteGrad { softmax: true, .. } => 0,
                     TrainRow::RouteGrad { .. }
                     | TrainRow::PairCombine { .. }
                     | TrainRow::PairGrad { .. }
