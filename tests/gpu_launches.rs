@@ -1159,6 +1159,14 @@ fn check_tensor_core_decode(fp8: bool, fp8_cache: bool, tolerance: f32, ptx: boo
     })
 }
 
+/// The sessions' two prompts (12 and 20 tokens).
+fn two_prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
+        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
+    ]
+}
+
 /// Sessions over the decode pool of pages, emulated on the host: two prompts (12 and 20 tokens) as one
 /// batch, 50 new tokens each — the longer prompt's caches on the pool's first page, the other's on the
 /// next, the longer sequence's second page taken as it crosses row 64 — give each prompt's greedy tokens
@@ -1175,10 +1183,7 @@ fn a_batch_over_the_pool_of_pages_gives_each_prompts_tokens_alone() {
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
     let program = v3c_compiler::emulate::EmulatedProgram::new(emulator);
-    let prompts = vec![
-        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
-        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
-    ];
+    let prompts = two_prompts();
     let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
     let batch = generate_batch(&program, &prompts, 50, &mut [greedy(), greedy()], None).unwrap();
     assert_eq!(batch.iter().map(|g| g.pages).collect::<Vec<_>>(), vec![Some((1, 3)), Some((2, 3))]);
@@ -1277,11 +1282,8 @@ fn a_prompt_joining_over_fp8_cache_rows_gets_its_tokens_alone() {
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
     let device = v3c_compiler::emulate::EmulatedProgram::on_device(emulator);
-    let prompts: Vec<Vec<u32>> = vec![
-        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
-        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
-        (0..30).map(|i| (i * 37 + 11) % 512).collect(),
-    ];
+    let mut prompts = two_prompts();
+    prompts.push((0..30).map(|i| (i * 37 + 11) % 512).collect());
     let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
     let alone: Vec<Vec<u32>> = prompts
         .iter()
@@ -1458,10 +1460,7 @@ fn deepseek_v2_models_generate_the_cpu_artifacts_tokens_on_sm90a() {
     let weights = v3c_runtime::gpu::Weights::Checkpoint(&checkpoint);
     let emulator = v3c_compiler::emulate::Emulator::new(&context, &artifact, &weights).unwrap();
     let program = v3c_compiler::emulate::EmulatedProgram::new(emulator);
-    let prompts = vec![
-        vec![3, 90, 27, 311, 243, 7, 100, 5, 64, 2, 19, 400],
-        vec![8, 1, 77, 500, 23, 42, 9, 9, 13, 250, 31, 6, 17, 88, 120, 3, 55, 71, 2, 10],
-    ];
+    let prompts = two_prompts();
     let greedy = || v3c_models::reference::Sampler::new(0.0, 1.0, 0);
     let batch = generate_batch(&program, &prompts, 24, &mut [greedy(), greedy()], None).unwrap();
     for (i, prompt) in prompts.iter().enumerate() {

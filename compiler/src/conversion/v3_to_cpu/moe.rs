@@ -17,6 +17,38 @@ pub(super) struct RouteSpec {
     pub(super) softmax: bool,
 }
 
+/// The first half of a row's softmax as [`v3c_models::interp::kernels::softmax_scores`] takes
+/// it: `%{p}mx`, the largest value (strictly greater wins), then each `exp(v - max)` stored by
+/// `store(value, index)` and summed in order from 0 into `%{p}sum`; the caller divides. `load(j)`
+/// defines `%{p}v` at index `j`; `(c0, c1, count)` bound the loops.
+pub(super) fn softmax_exp_sum(
+    p: &str,
+    (c0, c1, count): (&str, &str, &str),
+    load: &dyn Fn(&str) -> String,
+    store: &dyn Fn(&str, &str) -> String,
+) -> String {
+    let j = format!("%{p}j");
+    format!(
+        "%{p}ninf = arith.constant 0xFF800000 : f32
+%{p}mx = scf.for {j} = {c0} to {count} step {c1} iter_args(%{p}m = %{p}ninf) -> (f32) {{
+  {load_j}
+  %{p}gt = arith.cmpf ogt, %{p}v, %{p}m : f32
+  %{p}m2 = arith.select %{p}gt, %{p}v, %{p}m : f32
+  scf.yield %{p}m2 : f32
+}}
+%{p}sum = scf.for {j} = {c0} to {count} step {c1} iter_args(%{p}a = %zero) -> (f32) {{
+  {load_j}
+  %{p}d = arith.subf %{p}v, %{p}mx : f32
+  %{p}x = math.exp %{p}d : f32
+  {store_j}
+  %{p}a2 = arith.addf %{p}a, %{p}x : f32
+  scf.yield %{p}a2 : f32
+}}",
+        load_j = load(&j),
+        store_j = store(&format!("%{p}x"), &j),
+    )
+}
+
 impl Emitter {
     /// Group-limited top-k routing (spec section 4): the affinities of all tokens through the
     /// transform-dialect templates, then the selection one token at a time. Ties go to the lower
@@ -170,31 +202,23 @@ impl Emitter {
     /// expert order, each divided by the sum.
     fn softmax_scores(&mut self, logits: &str, outs: [&str; 2], e: usize, s_ty: &str, x: &str, x_ty: &str) {
         let [scores, cand] = outs;
+        let exp_sum = softmax_exp_sum(
+            "sm_",
+            ("%c0", "%c1", "%ce"),
+            &|j| format!("%sm_v = memref.load {logits}[%t, {j}] : {s_ty}"),
+            &|x, j| format!("memref.store {x}, {scores}[%t, {j}] : {s_ty}"),
+        );
         self.line(&format!(
             "scf.execute_region {{
       %c0 = arith.constant 0 : index
       %c1 = arith.constant 1 : index
       %ce = arith.constant {e} : index
-      %ninf = arith.constant 0xFF800000 : f32
       %nt = memref.dim {x}, %c0 : {x_ty}
       scf.for %t = %c0 to %nt step %c1 {{
-        %mx = scf.for %e = %c0 to %ce step %c1 iter_args(%m = %ninf) -> (f32) {{
-          %v = memref.load {logits}[%t, %e] : {s_ty}
-          %gt = arith.cmpf ogt, %v, %m : f32
-          %m2 = arith.select %gt, %v, %m : f32
-          scf.yield %m2 : f32
-        }}
-        %sum = scf.for %e = %c0 to %ce step %c1 iter_args(%a = %zero) -> (f32) {{
-          %v = memref.load {logits}[%t, %e] : {s_ty}
-          %d = arith.subf %v, %mx : f32
-          %x = math.exp %d : f32
-          memref.store %x, {scores}[%t, %e] : {s_ty}
-          %a2 = arith.addf %a, %x : f32
-          scf.yield %a2 : f32
-        }}
+{exp_sum}
         scf.for %e = %c0 to %ce step %c1 {{
           %x = memref.load {scores}[%t, %e] : {s_ty}
-          %q = arith.divf %x, %sum : f32
+          %q = arith.divf %x, %sm_sum : f32
           memref.store %q, {scores}[%t, %e] : {s_ty}
           memref.store %q, {cand}[%t, %e] : {s_ty}
         }}

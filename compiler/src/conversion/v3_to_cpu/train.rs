@@ -675,30 +675,22 @@ scf.yield",
         let (l_ty, i_ty, w_ty, o_ty) = (memref(&logits.1), memref(&idx.1), memref(&dw.1), memref(out));
         let (l, idx, dw) = (&logits.0, &idx.0, &dw.0);
         if softmax {
+            let exp_sum = super::moe::softmax_exp_sum(
+                "rl_",
+                ("%rl_c0", "%rl_c1", "%rl_E"),
+                &|j| format!("%rl_v = memref.load {l}[%rl_t, {j}] : {l_ty}"),
+                &|x, j| format!("memref.store {x}, %rl_s[{j}] : memref<?xf32>"),
+            );
             let text = format!(
                 "%rl_c0 = arith.constant 0 : index
 %rl_c1 = arith.constant 1 : index
-%rl_ninf = arith.constant 0xFF800000 : f32
 %rl_f = arith.constant {factor} : f32
 %rl_T = memref.dim {l}, %rl_c0 : {l_ty}
 %rl_E = memref.dim {l}, %rl_c1 : {l_ty}
 %rl_K = memref.dim {idx}, %rl_c1 : {i_ty}
 %rl_s = memref.alloc(%rl_E) : memref<?xf32>
 scf.for %rl_t = %rl_c0 to %rl_T step %rl_c1 {{
-  %rl_mx = scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 iter_args(%rl_m = %rl_ninf) -> (f32) {{
-    %rl_v = memref.load {l}[%rl_t, %rl_j] : {l_ty}
-    %rl_gt = arith.cmpf ogt, %rl_v, %rl_m : f32
-    %rl_m2 = arith.select %rl_gt, %rl_v, %rl_m : f32
-    scf.yield %rl_m2 : f32
-  }}
-  %rl_sum = scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 iter_args(%rl_a = %zero) -> (f32) {{
-    %rl_v = memref.load {l}[%rl_t, %rl_j] : {l_ty}
-    %rl_d = arith.subf %rl_v, %rl_mx : f32
-    %rl_x = math.exp %rl_d : f32
-    memref.store %rl_x, %rl_s[%rl_j] : memref<?xf32>
-    %rl_a2 = arith.addf %rl_a, %rl_x : f32
-    scf.yield %rl_a2 : f32
-  }}
+{exp_sum}
   scf.for %rl_j = %rl_c0 to %rl_E step %rl_c1 {{
     %rl_x = memref.load %rl_s[%rl_j] : memref<?xf32>
     %rl_q = arith.divf %rl_x, %rl_sum : f32
