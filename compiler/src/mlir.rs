@@ -105,6 +105,12 @@ pub fn bool_value(a: Attribute) -> Option<bool> {
     BoolAttribute::try_from(a).ok().map(|b| b.value())
 }
 
+/// Whether a routing op (`moe_route`, `moe_dispatch`, `route_logits_grad`, `balance_loss*`) is
+/// DeepSeek-V2's softmax routing: its attribute `scoring = "softmax"` (absent: V3's sigmoid).
+pub fn softmax_scoring(op: &melior::ir::operation::OperationRef) -> bool {
+    op.attribute("scoring").is_ok_and(|a| a.to_string() == "\"softmax\"")
+}
+
 /// Parses (and thereby verifies) `text`; `source_name` names the input in errors (a file name).
 pub fn parse_module<'c>(context: &'c Context, text: &str, source_name: &str) -> Result<Module<'c>, MlirError> {
     let (module, diagnostics) = with_diagnostics(context, || Module::parse(context, text));

@@ -1471,7 +1471,7 @@ pub(super) fn route_op(o: &OperationRef, experts: usize) -> Result<RowOp, String
         scale: float_attr(o, "routed_scaling_factor").unwrap_or(1.0),
         tokens: super::rows::route_tokens(experts, n_group, top_k),
         pieces: ROUTER_SPLITS,
-        softmax: o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax")),
+        softmax: crate::mlir::softmax_scoring(o),
     })
 }
 

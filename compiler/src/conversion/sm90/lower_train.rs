@@ -195,7 +195,7 @@ fn row_of_op(body: &Body, o: &OperationRef, name: &str) -> Option<Result<RowLaun
                     .ok()
                     .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
                     .unwrap_or(1.0);
-                let softmax = o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax"));
+                let softmax = crate::mlir::softmax_scoring(o);
                 let op = TrainRow::RouteGrad { norm: flag(o, "norm_topk_prob"), scale, softmax };
                 Ok(launch(train_kernel(op, width(&logits)?, "f32"), in_order().collect()))
             }
@@ -1203,7 +1203,7 @@ fn balance_loss(body: &Body) -> Result<Steps, String> {
         .ok_or("balance loss without alpha")?;
     let experts = width(&logits)?;
     let grad = body.names[0] == "balance_loss_grad";
-    let softmax = o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax"));
+    let softmax = crate::mlir::softmax_scoring(o);
     let row = |op| StepKernel::Row(train_kernel(op, experts, "f32"));
     let mut steps =
         vec![Step { only: None, kernel: row(TrainRow::ExpertFreq), operands: vec![Operand::Arg(1), Operand::Temp(0)] }];

@@ -4541,11 +4541,12 @@ struct RouteShape {
 /// tokens in turn): lane l its experts l, l + 32, ..., the max and then the sum of `exp(l - max)`
 /// by butterflies. On the CPU a thread takes a token, summing in expert order (the reference's).
 fn route_softmax(lowering: Lowering, experts: usize, threads: usize, (acc, sb): (&str, &str)) -> String {
-    let (first, step, per_token) = match lowering {
-        Lowering::Gpu => ("%warp", format!("%cNW = arith.constant {} : index", threads / 32), "%lane, %lanes"),
-        Lowering::Cpu => ("%tid", "%cNW = arith.constant 1000000000 : index".to_string(), "%c0, %c1"),
+    // Tokens: a warp's (strided by the block's warps) or a thread's (by its threads); a token's
+    // experts: the lane's (strided by 32) or all of them.
+    let (first, step, (lo, by)) = match lowering {
+        Lowering::Gpu => ("%warp", format!("%cNW = arith.constant {} : index", threads / 32), ("%lane", "%lanes")),
+        Lowering::Cpu => ("%tid", "%cNW = arith.addi %cT, %c0 : index".to_string(), ("%c0", "%c1")),
     };
-    let (lo, by) = per_token.split_once(", ").expect("two values");
     let butterfly = |value: &str, op: &str, out: &str| match lowering {
         Lowering::Gpu => {
             let mut t = String::new();

@@ -507,7 +507,7 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             }
             "balance_loss" | "balance_loss_grad" => {
                 let alpha = train::float_attr(&o, "alpha").ok_or_else(|| lowering(format!("{full} without alpha")))?;
-                let softmax = o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax"));
+                let softmax = crate::mlir::softmax_scoring(&o);
                 e.balance_loss((&args[0], &args[1]), (&alpha, softmax), kind == "balance_loss_grad", &dest, &rshape);
             }
             _ => return Err(CpuError::Unsupported(full)),
@@ -607,7 +607,7 @@ fn route_spec(o: &OperationRef) -> Result<RouteSpec, String> {
         n_group: int("n_group")?,
         topk_group: int("topk_group")?,
         norm: o.attribute("norm_topk_prob").ok().and_then(crate::mlir::bool_value).unwrap_or(false),
-        softmax: o.attribute("scoring").is_ok_and(|a| a.to_string().contains("softmax")),
+        softmax: crate::mlir::softmax_scoring(&o),
         factor: o
             .attribute("routed_scaling_factor")
             .map(|a| a.to_string())
