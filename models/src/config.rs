@@ -13,6 +13,10 @@
 //! over the experts, `topk_method` `greedy` or `group_limited_greedy`, no MTP) are read too; their
 //! routing is [`Scoring::Softmax`].
 //!
+//! DeepSeek-V3.2's configs (`model_type: deepseek_v32`: V3 with DeepSeek Sparse Attention, a
+//! lightning indexer per MLA layer picking the `index_topk` keys each query attends to) are read
+//! too; see [`SparseIndexer`].
+//!
 //! Not handled: attention biases, RoPE types other than default and YaRN, V2's `moe_layer_freq`
 //! other than 1.
 
@@ -73,6 +77,21 @@ pub enum Scoring {
     Softmax,
 }
 
+/// DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2, `index_n_heads`, `index_head_dim`,
+/// `index_topk`), as transformers' `DeepseekV32Indexer` computes it: per token, `index_n_heads`
+/// queries of `index_head_dim` from the query latent (`indexer.wq_b`), one key from the hidden state
+/// (`indexer.wk`, then a LayerNorm with bias, `indexer.k_norm`), both rotated by the model's RoPE on
+/// their first `qk_rope_head_dim` dims in halves (`rotate_half`, not the MLA's adjacent pairs), and
+/// head weights (`indexer.weights_proj`). A key's score for a query is
+/// `sum_h w_h / sqrt(n_heads) * relu(q_h . k / sqrt(head_dim))`; the query attends to the `topk`
+/// best-scoring keys at or before it (all of them while there are at most `topk`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SparseIndexer {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
+}
+
 /// Everything the DeepSeek-V3 definition needs to know about one model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
@@ -97,6 +116,8 @@ pub struct ModelConfig {
     pub topk_group: usize,
     /// The routing rule: DeepSeek-V3's or DeepSeek-V2's.
     pub scoring: Scoring,
+    /// DeepSeek-V3.2's sparse attention (None: every layer attends densely).
+    pub indexer: Option<SparseIndexer>,
     pub first_k_dense_replace: usize,
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f32,
@@ -125,7 +146,7 @@ pub const MAX_EXPERTS: usize = 65536;
 pub const MAX_HEAD_DIM: usize = 65536;
 
 /// Built-in model names for `--model`.
-pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny", "deepseek-v2-lite"];
+pub const PRESETS: &[&str] = &["deepseek-v3", "deepseek-v3-tiny", "deepseek-v2-lite", "deepseek-v3.2"];
 
 impl ModelConfig {
     /// q/k head dim (nope + rope), 192 for V3.
@@ -138,6 +159,12 @@ impl ModelConfig {
         self.kv_lora_rank + self.qk_rope_head_dim
     }
 
+    /// Width of one token's cache row per layer: the latent, then (DeepSeek-V3.2) the indexer's
+    /// key; 576 for V3, 704 for V3.2.
+    pub fn cache_dim(&self) -> usize {
+        self.latent_dim() + self.indexer.map_or(0, |i| i.head_dim)
+    }
+
     /// Is decoder layer `layer` a MoE layer? (The MTP layer is always MoE.)
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         layer >= self.first_k_dense_replace
@@ -146,9 +173,14 @@ impl ModelConfig {
     /// The config in the hub's `config.json` spelling (`rope_theta` + `rope_scaling`).
     pub fn to_hf_json(&self) -> Value {
         let v2 = self.scoring == Scoring::Softmax;
+        let (architecture, model_type) = match (v2, self.indexer.is_some()) {
+            (true, _) => ("DeepseekV2ForCausalLM", "deepseek_v2"),
+            (false, true) => ("DeepseekV32ForCausalLM", "deepseek_v32"),
+            (false, false) => ("DeepseekV3ForCausalLM", "deepseek_v3"),
+        };
         let mut m = serde_json::json!({
-            "architectures": [if v2 { "DeepseekV2ForCausalLM" } else { "DeepseekV3ForCausalLM" }],
-            "model_type": if v2 { "deepseek_v2" } else { "deepseek_v3" },
+            "architectures": [architecture],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -197,6 +229,11 @@ impl ModelConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
         });
+        if let Some(i) = &self.indexer {
+            m["index_n_heads"] = i.n_heads.into();
+            m["index_head_dim"] = i.head_dim.into();
+            m["index_topk"] = i.topk.into();
+        }
         if let Some(q) = &self.quantization {
             m["quantization_config"] = serde_json::json!({
                 "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -212,6 +249,7 @@ impl ModelConfig {
             "deepseek-v3" => DEEPSEEK_V3_JSON,
             "deepseek-v3-tiny" => DEEPSEEK_V3_TINY_JSON,
             "deepseek-v2-lite" => DEEPSEEK_V2_LITE_JSON,
+            "deepseek-v3.2" => DEEPSEEK_V3_2_JSON,
             _ => {
                 return Err(ConfigError {
                     source_name: "--model".into(),
@@ -348,6 +386,28 @@ impl ModelConfig {
                     format!(
                         "{} must be in 1..={allowed} (the experts in topk_group={} groups of {per_group})",
                         self.num_experts_per_tok, self.topk_group
+                    ),
+                );
+            }
+        }
+        if let Some(i) = &self.indexer {
+            if self.q_lora_rank.is_none() {
+                return fail(
+                    "q_lora_rank",
+                    "null, but DeepSeek Sparse Attention's indexer reads the query latent".into(),
+                );
+            }
+            for (key, v) in [("index_n_heads", i.n_heads), ("index_topk", i.topk)] {
+                if v == 0 {
+                    return fail(key, "must be positive".into());
+                }
+            }
+            if i.head_dim <= self.qk_rope_head_dim {
+                return fail(
+                    "index_head_dim",
+                    format!(
+                        "{} must exceed qk_rope_head_dim {} (the indexer rotates its first qk_rope_head_dim dims)",
+                        i.head_dim, self.qk_rope_head_dim
                     ),
                 );
             }
@@ -556,16 +616,13 @@ impl Reader<'_> {
     }
 
     fn parse(&self) -> Result<ModelConfig, ConfigError> {
-        let v2 = match self.str_opt("model_type")? {
-            Some("deepseek_v3") => false,
-            Some("deepseek_v2") => true,
-            Some(other) => {
-                return Err(self.err(
-                    "model_type",
-                    format!("'{other}' is not supported (expected 'deepseek_v3' or 'deepseek_v2')"),
-                ))
-            }
-            None => return Err(self.err("model_type", "missing (expected 'deepseek_v3' or 'deepseek_v2')")),
+        const EXPECTED: &str = "expected 'deepseek_v3', 'deepseek_v32' or 'deepseek_v2'";
+        let (v2, v32) = match self.str_opt("model_type")? {
+            Some("deepseek_v3") => (false, false),
+            Some("deepseek_v32") => (false, true),
+            Some("deepseek_v2") => (true, false),
+            Some(other) => return Err(self.err("model_type", format!("'{other}' is not supported ({EXPECTED})"))),
+            None => return Err(self.err("model_type", format!("missing ({EXPECTED})"))),
         };
         if let Some(act) = self.str_opt("hidden_act")? {
             if act != "silu" {
@@ -587,6 +644,9 @@ impl Reader<'_> {
             Some(n) => n,
             None => self.usize_or("num_mtp_layers", 0)?,
         };
+        let indexer = if v32 { Some(self.indexer()?) } else { None };
+        // transformers' DeepseekV32Config: 3 dense layers unless said otherwise.
+        let first_k_dense_replace = self.first_dense_layers(num_hidden_layers, if v32 { 3 } else { 0 })?;
         Ok(ModelConfig {
             name: self.source_name.to_string(),
             vocab_size: self.usize("vocab_size")?,
@@ -607,7 +667,8 @@ impl Reader<'_> {
             n_group: if grouped { self.usize_or("n_group", 1)? } else { 1 },
             topk_group: if grouped { self.usize_or("topk_group", 1)? } else { 1 },
             scoring,
-            first_k_dense_replace: self.usize_or("first_k_dense_replace", 0)?,
+            indexer,
+            first_k_dense_replace,
             norm_topk_prob: self.bool_or("norm_topk_prob", false)?,
             routed_scaling_factor,
             rms_norm_eps,
@@ -620,6 +681,45 @@ impl Reader<'_> {
             bos_token_id: self.token_opt("bos_token_id")?,
             eos_token_id: self.token_opt("eos_token_id")?,
         })
+    }
+
+    /// DeepSeek Sparse Attention's indexer (`deepseek_v32`; transformers' defaults where a key is
+    /// missing). Its MLA rotates adjacent pairs whatever `rope_interleave` says (transformers'
+    /// `DeepseekV32Attention`), so `false` there is refused rather than ignored.
+    fn indexer(&self) -> Result<SparseIndexer, ConfigError> {
+        if !self.bool_or("rope_interleave", true)? {
+            return Err(self.err(
+                "rope_interleave",
+                "false is not supported for deepseek_v32 (its MLA rotates adjacent pairs, its indexer halves)",
+            ));
+        }
+        Ok(SparseIndexer {
+            n_heads: self.usize_or("index_n_heads", 64)?,
+            head_dim: self.usize_or("index_head_dim", 128)?,
+            topk: self.usize_or("index_topk", 2048)?,
+        })
+    }
+
+    /// The dense layers before the MoE ones: `first_k_dense_replace`, or transformers 5's
+    /// `mlp_layer_types` (`"dense"` layers, then `"sparse"` ones), which must agree where both are
+    /// given.
+    fn first_dense_layers(&self, layers: usize, default: usize) -> Result<usize, ConfigError> {
+        let first = self.usize_opt("first_k_dense_replace")?;
+        let Some(types) = self.get("mlp_layer_types") else { return Ok(first.unwrap_or(default)) };
+        let bad = |problem: String| self.err("mlp_layer_types", problem);
+        let Some(types) = types.as_array() else { return Err(bad(format!("expected a list, found {types}"))) };
+        let kinds: Vec<&str> = types.iter().map(|v| v.as_str().unwrap_or("?")).collect();
+        let dense = kinds.iter().take_while(|k| **k == "dense").count();
+        if kinds.len() != layers || kinds[dense..].iter().any(|k| *k != "sparse") {
+            return Err(bad(format!(
+                "expected num_hidden_layers ({layers}) entries, \"dense\" ones then \"sparse\" ones, found {:?}",
+                kinds
+            )));
+        }
+        match first {
+            Some(f) if f != dense => Err(bad(format!("{dense} dense layers, but first_k_dense_replace is {f}"))),
+            _ => Ok(dense),
+        }
     }
 
     /// The routing rule and whether it limits a token to groups of experts. DeepSeek-V3:
@@ -829,6 +929,56 @@ pub const DEEPSEEK_V3_JSON: &str = r#"{
   }
 }"#;
 
+/// DeepSeek-V3.2 (685B with its indexers), as in the released `config.json`: DeepSeek-V3 with
+/// DeepSeek Sparse Attention (64 indexer heads of 128, each query attending to its 2048 best keys).
+pub const DEEPSEEK_V3_2_JSON: &str = r#"{
+  "architectures": ["DeepseekV32ForCausalLM"],
+  "model_type": "deepseek_v32",
+  "vocab_size": 129280,
+  "hidden_size": 7168,
+  "intermediate_size": 18432,
+  "moe_intermediate_size": 2048,
+  "moe_layer_freq": 1,
+  "num_hidden_layers": 61,
+  "num_nextn_predict_layers": 1,
+  "num_attention_heads": 128,
+  "num_key_value_heads": 128,
+  "n_shared_experts": 1,
+  "n_routed_experts": 256,
+  "routed_scaling_factor": 2.5,
+  "kv_lora_rank": 512,
+  "q_lora_rank": 1536,
+  "qk_rope_head_dim": 64,
+  "v_head_dim": 128,
+  "qk_nope_head_dim": 128,
+  "index_head_dim": 128,
+  "index_n_heads": 64,
+  "index_topk": 2048,
+  "topk_method": "noaux_tc",
+  "n_group": 8,
+  "topk_group": 4,
+  "num_experts_per_tok": 8,
+  "first_k_dense_replace": 3,
+  "norm_topk_prob": true,
+  "scoring_func": "sigmoid",
+  "hidden_act": "silu",
+  "max_position_embeddings": 163840,
+  "rms_norm_eps": 1e-06,
+  "rope_theta": 10000,
+  "rope_scaling": {
+    "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096, "type": "yarn"
+  },
+  "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16",
+  "bos_token_id": 0,
+  "eos_token_id": 1,
+  "quantization_config": {
+    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+    "weight_block_size": [128, 128]
+  }
+}"#;
+
 /// DeepSeek-V2-Lite (15.7B, 2.4B active; bf16 weights), as in the released `config.json`: MLA
 /// without q LoRA, 64 routed experts picked by a softmax (6 a token, `greedy`), 2 shared ones.
 pub const DEEPSEEK_V2_LITE_JSON: &str = r#"{
@@ -994,7 +1144,7 @@ mod tests {
                 with(DEEPSEEK_V3_TINY_JSON, |m| {
                     m.insert("model_type".into(), "llama".into());
                 }),
-                "config.json: model_type: 'llama' is not supported (expected 'deepseek_v3' or 'deepseek_v2')",
+                "config.json: model_type: 'llama' is not supported (expected 'deepseek_v3', 'deepseek_v32' or 'deepseek_v2')",
             ),
             (
                 with(DEEPSEEK_V3_TINY_JSON, |m| {
@@ -1141,6 +1291,99 @@ mod tests {
             ),
             ("[1, 2]".into(), "config.json: (json): expected a JSON object"),
             ("{".into(), "config.json: (json): not valid JSON"),
+        ];
+        for (text, expected) in cases {
+            let msg = err(&text);
+            assert!(msg.starts_with(expected), "expected '{expected}', got '{msg}'");
+        }
+    }
+
+    #[test]
+    fn v3_2_preset_has_the_published_shapes() {
+        let c = ModelConfig::preset("deepseek-v3.2").unwrap();
+        assert_eq!(c.indexer, Some(SparseIndexer { n_heads: 64, head_dim: 128, topk: 2048 }));
+        assert_eq!((c.latent_dim(), c.cache_dim()), (576, 704));
+        let v3 = ModelConfig::preset("deepseek-v3").unwrap();
+        assert_eq!(v3.cache_dim(), 576);
+        // Everything else is DeepSeek-V3's.
+        assert_eq!(ModelConfig { name: c.name.clone(), indexer: c.indexer, weight_dtype: c.weight_dtype, ..v3 }, c);
+    }
+
+    /// The tiny preset as a DeepSeek-V3.2 config.
+    fn v32_tiny() -> String {
+        with(DEEPSEEK_V3_TINY_JSON, |m| {
+            m.insert("model_type".into(), "deepseek_v32".into());
+            m.insert("index_n_heads".into(), 4.into());
+            m.insert("index_head_dim".into(), 32.into());
+            m.insert("index_topk".into(), 6.into());
+        })
+    }
+
+    #[test]
+    fn deepseek_v32_configs_read_the_indexer() {
+        let c = ModelConfig::from_json_str(&v32_tiny(), "config.json").unwrap();
+        assert_eq!(c.indexer, Some(SparseIndexer { n_heads: 4, head_dim: 32, topk: 6 }));
+        assert_eq!(c.cache_dim(), c.latent_dim() + 32);
+        let text = c.to_hf_json().to_string();
+        assert!(text.contains("\"model_type\":\"deepseek_v32\"") && text.contains("\"index_topk\":6"));
+        let back = ModelConfig::from_json_str(&text, "config.json").unwrap();
+        assert_eq!(ModelConfig { name: c.name.clone(), ..back }, c);
+        // transformers' defaults for missing keys: 64 heads of 128, 2048 keys; 3 dense layers.
+        let defaults = with(&v32_tiny(), |m| {
+            for k in ["index_n_heads", "index_head_dim", "index_topk", "first_k_dense_replace"] {
+                m.remove(k);
+            }
+        });
+        let d = ModelConfig::from_json_str(&defaults, "config.json").unwrap();
+        assert_eq!(d.indexer, Some(SparseIndexer { n_heads: 64, head_dim: 128, topk: 2048 }));
+        assert_eq!(d.first_k_dense_replace, 3);
+        // transformers 5's mlp_layer_types says which layers are dense.
+        let typed = with(&v32_tiny(), |m| {
+            m.remove("first_k_dense_replace");
+            m.insert("mlp_layer_types".into(), serde_json::json!(["dense", "dense", "sparse"]));
+        });
+        assert_eq!(ModelConfig::from_json_str(&typed, "config.json").unwrap().first_k_dense_replace, 2);
+    }
+
+    #[test]
+    fn bad_v32_configs_name_the_key() {
+        let cases: Vec<(String, &str)> = vec![
+            (
+                with(&v32_tiny(), |m| {
+                    m.insert("q_lora_rank".into(), Value::Null);
+                }),
+                "config.json: q_lora_rank: null, but DeepSeek Sparse Attention's indexer reads the query latent",
+            ),
+            (
+                with(&v32_tiny(), |m| {
+                    m.insert("index_head_dim".into(), 16.into());
+                }),
+                "config.json: index_head_dim: 16 must exceed qk_rope_head_dim 16",
+            ),
+            (
+                with(&v32_tiny(), |m| {
+                    m.insert("index_topk".into(), 0.into());
+                }),
+                "config.json: index_topk: must be positive",
+            ),
+            (
+                with(&v32_tiny(), |m| {
+                    m.insert("rope_interleave".into(), false.into());
+                }),
+                "config.json: rope_interleave: false is not supported for deepseek_v32",
+            ),
+            (
+                with(&v32_tiny(), |m| {
+                    m.insert("mlp_layer_types".into(), serde_json::json!(["dense", "sparse", "dense"]));
+                }),
+                "config.json: mlp_layer_types: expected num_hidden_layers (3) entries, \"dense\" ones then",
+            ),
+            (
+                with(&v32_tiny(), |m| {
+                    m.insert("mlp_layer_types".into(), serde_json::json!(["dense", "dense", "sparse"]));
+                }),
+                "config.json: mlp_layer_types: 2 dense layers, but first_k_dense_replace is 1",
+            ),
         ];
         for (text, expected) in cases {
             let msg = err(&text);

@@ -21,7 +21,7 @@
 
 use std::ops::Range;
 
-use crate::config::{ModelConfig, Scoring};
+use crate::config::{ModelConfig, RopeConfig, Scoring, SparseIndexer};
 use crate::dtype::DType;
 use crate::graph::{AttentionForm, Builder, Dim, Graph, GraphError, Routing, ValueId, WeightFormat};
 use crate::rope;
@@ -88,6 +88,9 @@ pub struct BuildOptions {
     /// and the routed experts stay f32.
     pub fp8_training: bool,
 }
+
+/// The indexer's `k_norm` epsilon (transformers' `DeepseekV32Indexer`: `nn.LayerNorm(head_dim, eps=1e-6)`).
+pub const INDEXER_NORM_EPS: f32 = 1e-6;
 
 /// Activation group of fp8 activation quantization (per token per 128 channels).
 pub const FP8_ACTIVATION_GROUP: usize = 128;
@@ -310,7 +313,7 @@ impl<'a> ModelBuilder<'a> {
     }
 
     fn cache_input(&mut self, name: &str) -> Result<ValueId, GraphError> {
-        let width = Dim::Fixed(self.c.latent_dim());
+        let width = Dim::Fixed(self.c.cache_dim());
         let shape = match self.entry {
             Entry::Prefill | Entry::Draft => vec![Dim::dynamic("P"), width],
             Entry::Decode => vec![Dim::dynamic("B"), Dim::dynamic("S"), width],
@@ -374,13 +377,13 @@ impl<'a> ModelBuilder<'a> {
         let (h, dn, dr, dv, kv) =
             (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let rows = self.rows();
-        let q = match c.q_lora_rank {
+        let (q, q_latent) = match c.q_lora_rank {
             Some(r) => {
                 let qa = self.linear(x, &format!("{p}.q_a_proj"), r, c.hidden_size)?;
                 let cq = self.norm(qa, &format!("{p}.q_a_layernorm"), r)?;
-                self.linear(cq, &format!("{p}.q_b_proj"), h * (dn + dr), r)?
+                (self.linear(cq, &format!("{p}.q_b_proj"), h * (dn + dr), r)?, Some(cq))
             }
-            None => self.linear(x, &format!("{p}.q_proj"), h * (dn + dr), c.hidden_size)?,
+            None => (self.linear(x, &format!("{p}.q_proj"), h * (dn + dr), c.hidden_size)?, None),
         };
         let q = self.b.reshape(q, vec![rows.clone(), h.into(), (dn + dr).into()])?;
         let qs = self.b.split(q, 2, &[dn, dr])?;
@@ -389,24 +392,90 @@ impl<'a> ModelBuilder<'a> {
         let kvs = self.b.split(kva, 1, &[kv, dr])?;
         let ckv = self.norm(kvs[0], &format!("{p}.kv_a_layernorm"), kv)?;
         let k_pe = self.b.rope(kvs[1], t.positions, &c.rope)?;
-        let entry = self.b.concat(&[ckv, k_pe], 1)?;
+        let index_key = match c.indexer {
+            Some(i) => Some(self.index_key(x, t, i, &format!("{p}.indexer"))?),
+            None => None,
+        };
+        let row: Vec<ValueId> = [ckv, k_pe].into_iter().chain(index_key).collect();
+        let entry = self.b.concat(&row, 1)?;
         // kv_b_proj feeds the attention core, which runs in f32 (an fp8 weight is dequantized there).
         let kv_b = self.proj(&format!("{p}.kv_b_proj"), h * (dn + dv), kv)?;
         let scale = rope::softmax_scale(c);
-        let (o, new_cache) = match self.entry {
-            Entry::Prefill | Entry::Draft => {
-                let all = self.b.concat(&[cache, entry], 0)?;
-                (self.b.attention(qs[0], q_pe, all, kv_b, self.form, scale, kv)?, all)
-            }
-            Entry::Decode => {
-                let all = self.b.cache_write(cache, entry, t.positions)?;
-                let o = self.b.attention_decode(qs[0], q_pe, all, t.positions, kv_b, self.form, scale, kv)?;
-                (o, all)
+        let decode = self.entry == Entry::Decode;
+        let all = match decode {
+            false => self.b.concat(&[cache, entry], 0)?,
+            true => self.b.cache_write(cache, entry, t.positions)?,
+        };
+        let o = match (c.indexer, decode) {
+            (None, false) => self.b.attention(qs[0], q_pe, all, kv_b, self.form, scale, kv)?,
+            (None, true) => self.b.attention_decode(qs[0], q_pe, all, t.positions, kv_b, self.form, scale, kv)?,
+            // DeepSeek Sparse Attention: a cache row's last `head_dim` columns are the indexer's key.
+            (Some(indexer), _) => {
+                let cq = q_latent.expect("configs with an indexer have a query latent (checked)");
+                let pieces = self.b.split(all, if decode { 2 } else { 1 }, &[kv + dr, indexer.head_dim])?;
+                let selected = self.select_keys(x, cq, t, pieces[1], indexer, &format!("{p}.indexer"))?;
+                let (form, latent) = (self.form, pieces[0]);
+                match decode {
+                    false => self.b.sparse_attention(qs[0], q_pe, latent, kv_b, selected, form, scale, kv)?,
+                    true => self.b.sparse_attention_decode(
+                        qs[0],
+                        q_pe,
+                        latent,
+                        t.positions,
+                        kv_b,
+                        selected,
+                        form,
+                        scale,
+                        kv,
+                    )?,
+                }
             }
         };
         let o = self.b.reshape(o, vec![rows, (h * dv).into()])?;
         let out = self.linear(o, &format!("{p}.o_proj"), c.hidden_size, h * dv)?;
-        Ok((out, new_cache))
+        Ok((out, all))
+    }
+
+    /// The indexer's key of each token: `k_norm(wk(x))` (a LayerNorm with bias), its first
+    /// `qk_rope_head_dim` dims rotated in halves.
+    fn index_key(&mut self, x: ValueId, t: &Tokens, i: SparseIndexer, p: &str) -> Result<ValueId, GraphError> {
+        let k = self.linear(x, &format!("{p}.wk"), i.head_dim, self.c.hidden_size)?;
+        let w = self.plain(&format!("{p}.k_norm.weight"), &[i.head_dim])?;
+        let b = self.plain(&format!("{p}.k_norm.bias"), &[i.head_dim])?;
+        let k = self.b.layer_norm(k, w, b, INDEXER_NORM_EPS)?;
+        self.rotate_halves(k, t, 1, i.head_dim)
+    }
+
+    /// `x`'s first `qk_rope_head_dim` dims along `axis` (the last) rotated by the model's RoPE with
+    /// halves paired (`rotate_half`), as the indexer rotates its queries and keys.
+    fn rotate_halves(&mut self, x: ValueId, t: &Tokens, axis: usize, width: usize) -> Result<ValueId, GraphError> {
+        let dr = self.c.qk_rope_head_dim;
+        let parts = self.b.split(x, axis, &[dr, width - dr])?;
+        let rope = RopeConfig { interleave: false, ..self.c.rope.clone() };
+        let rotated = self.b.rope(parts[0], t.positions, &rope)?;
+        self.b.concat(&[rotated, parts[1]], axis)
+    }
+
+    /// The keys each query attends to (see [`crate::graph::Op::SparseIndex`]): queries from the
+    /// query latent `cq`, head weights from `x`.
+    fn select_keys(
+        &mut self,
+        x: ValueId,
+        cq: ValueId,
+        t: &Tokens,
+        keys: ValueId,
+        i: SparseIndexer,
+        p: &str,
+    ) -> Result<ValueId, GraphError> {
+        let c = self.c;
+        let r = c.q_lora_rank.unwrap_or(0);
+        let q = self.linear(cq, &format!("{p}.wq_b"), i.n_heads * i.head_dim, r)?;
+        let q = self.b.reshape(q, vec![self.rows(), i.n_heads.into(), i.head_dim.into()])?;
+        let q = self.rotate_halves(q, t, 2, i.head_dim)?;
+        let w = self.plain(&format!("{p}.weights_proj.weight"), &[i.n_heads, c.hidden_size])?;
+        let w = self.b.linear(x, w)?;
+        let positions = (self.entry == Entry::Decode).then_some(t.positions);
+        self.b.sparse_index(q, w, keys, positions, i.topk)
     }
 
     /// Dense SwiGLU MLP.
@@ -462,7 +531,7 @@ impl<'a> ModelBuilder<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::graph::Op;
 
@@ -480,6 +549,48 @@ mod tests {
         assert_eq!(names, ["logits", "kv_cache.0", "kv_cache.1", "kv_cache.2", "mtp_logits", "kv_cache.mtp"]);
         assert_eq!(g.ty(g.output("kv_cache.0").unwrap()).to_string(), "[P+T, 48] f32");
         assert_eq!(g.ty(g.output("logits").unwrap()).to_string(), "[T, 320] f32");
+    }
+
+    /// The tiny preset with DeepSeek-V3.2's sparse attention (4 indexer heads of 24, 3 keys a query).
+    pub(crate) fn v32_tiny() -> ModelConfig {
+        let mut c = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+        c.indexer = Some(SparseIndexer { n_heads: 4, head_dim: 24, topk: 3 });
+        c
+    }
+
+    #[test]
+    fn v32_layers_select_their_keys() {
+        let c = v32_tiny();
+        for entry in Entry::ALL {
+            let g = build(&c, entry, &BuildOptions::default()).unwrap();
+            let count = |name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
+            let (index, attention) = match entry {
+                Entry::Decode => ("sparse_index_decode", "sparse_attention_decode"),
+                _ => ("sparse_index", "sparse_attention"),
+            };
+            // 3 layers + the MTP layer, each with its indexer; no dense attention left.
+            assert_eq!((count(index), count(attention), count("layer_norm")), (4, 4, 4), "{entry:?}");
+            assert_eq!(count("attention") + count("attention_decode"), 0);
+            let width = g.ty(g.output("kv_cache.0").unwrap()).shape.last().cloned();
+            assert_eq!(width, Some(Dim::Fixed(c.latent_dim() + 24)));
+        }
+        let names: Vec<String> = build(&c, Entry::Prefill, &BuildOptions::default())
+            .unwrap()
+            .params()
+            .map(|(n, ..)| n.to_string())
+            .filter(|n| n.starts_with("model.layers.0.self_attn.indexer."))
+            .collect();
+        let p = "model.layers.0.self_attn.indexer";
+        assert_eq!(
+            names,
+            [
+                format!("{p}.wk.weight"),
+                format!("{p}.k_norm.weight"),
+                format!("{p}.k_norm.bias"),
+                format!("{p}.wq_b.weight"),
+                format!("{p}.weights_proj.weight")
+            ]
+        );
     }
 
     #[test]

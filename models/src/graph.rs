@@ -168,6 +168,24 @@ pub enum Op {
     AttentionDecode { form: AttentionForm, scale: f32, kv_lora_rank: usize },
     /// (cache `[B, S, C]`, entries `[B, C]`, positions `[B]`) -> cache with row `positions[b]` of sequence b replaced.
     CacheWrite,
+    // --- DeepSeek Sparse Attention (DeepSeek-V3.2; [`crate::config::SparseIndexer`]).
+    /// (x `[.., D]`, w `[D]`, b `[D]`) -> `[.., D]`: `(x - mean) / sqrt(var + eps) * w + b` over the last
+    /// axis (the biased variance), in f32, as `torch.nn.LayerNorm`.
+    LayerNorm { eps: f32 },
+    /// The lightning indexer's key selection over one sequence, (q `[T, Hi, Di]`, w `[T, Hi]`, keys
+    /// `[S, Di]`) -> selected `[T, top_k]` i32. Query t sits at row S - T + t, as in `attention`; a key's
+    /// score is `sum_h w[t,h] / sqrt(Hi) * relu(q[t,h] . key / sqrt(Di))`. A query selects the `top_k`
+    /// best-scoring keys at or before its row (every one of them while there are at most `top_k`; equal
+    /// scores: the earlier key), listed in ascending order, the rest of the row -1.
+    SparseIndex { top_k: usize },
+    /// Decode's selection, one query per sequence: (q `[B, Hi, Di]`, w `[B, Hi]`, keys `[B, S, Di]`,
+    /// positions `[B]`) -> `[B, top_k]` i32 over sequence b's keys `0..=positions[b]`.
+    SparseIndexDecode { top_k: usize },
+    /// `attention` over the selected keys alone: its operands, then selected `[T, K]` (as
+    /// `sparse_index` gives them; -1 entries select nothing).
+    SparseAttention { form: AttentionForm, scale: f32, kv_lora_rank: usize },
+    /// `attention_decode` over the selected keys alone: its operands, then selected `[B, K]`.
+    SparseAttentionDecode { form: AttentionForm, scale: f32, kv_lora_rank: usize },
     /// (x `[T, D]`, gate `[E, D]`, bias `[E]`) -> (indices `[T, K]` i32, weights `[T, K]` f32); a
     /// softmax routing ([`crate::config::Scoring::Softmax`]) has no bias input.
     MoeRoute(Routing),
@@ -256,6 +274,11 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::AttentionDecode { .. } => "attention_decode",
             Op::CacheWrite => "cache_write",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::SparseIndex { .. } => "sparse_index",
+            Op::SparseIndexDecode { .. } => "sparse_index_decode",
+            Op::SparseAttention { .. } => "sparse_attention",
+            Op::SparseAttentionDecode { .. } => "sparse_attention_decode",
             Op::MoeRoute(_) => "moe_route",
             Op::MoeExperts { .. } => "moe_experts",
             Op::SiluMul => "silu_mul",
@@ -523,6 +546,53 @@ impl Builder {
         Ok(self.push1(Op::RmsNorm { eps }, vec![x, w], ty))
     }
 
+    /// `torch.nn.LayerNorm` over the last axis of x with weight w and bias b (see [`Op::LayerNorm`]).
+    pub fn layer_norm(&mut self, x: ValueId, w: ValueId, b: ValueId, eps: f32) -> Result<ValueId, GraphError> {
+        self.expect_float("layer_norm", x, "input")?;
+        let (xt, wt, bt) = (self.ty(x), self.ty(w), self.ty(b));
+        if xt.rank() < 1 || wt.rank() != 1 || xt.last() != &wt.shape[0] || bt.shape != wt.shape {
+            return Self::err("layer_norm", format!("input {xt} does not fit weight {wt} and bias {bt}"));
+        }
+        let ty = TensorType::new(xt.shape.clone(), DType::F32);
+        Ok(self.push1(Op::LayerNorm { eps }, vec![x, w, b], ty))
+    }
+
+    /// The indexer's selection (see [`Op::SparseIndex`]; with `positions`, [`Op::SparseIndexDecode`]:
+    /// q `[B, Hi, Di]`, keys `[B, S, Di]`).
+    pub fn sparse_index(
+        &mut self,
+        q: ValueId,
+        w: ValueId,
+        keys: ValueId,
+        positions: Option<ValueId>,
+        top_k: usize,
+    ) -> Result<ValueId, GraphError> {
+        let op = if positions.is_some() { "sparse_index_decode" } else { "sparse_index" };
+        for (v, what) in [(q, "queries"), (w, "weights"), (keys, "keys")] {
+            self.expect_float(op, v, what)?;
+        }
+        let (qt, wt, kt) = (self.ty(q), self.ty(w), self.ty(keys));
+        let key_rank = if positions.is_some() { 3 } else { 2 };
+        let fits = qt.rank() == 3
+            && wt.rank() == 2
+            && kt.rank() == key_rank
+            && wt.shape[0] == qt.shape[0]
+            && wt.shape[1] == qt.shape[1]
+            && kt.last() == qt.last()
+            && (positions.is_none() || kt.shape[0] == qt.shape[0]);
+        if !fits || top_k == 0 {
+            return Self::err(op, format!("queries {qt}, weights {wt}, keys {kt}, top_k {top_k} do not fit"));
+        }
+        let ty = TensorType::new(vec![qt.shape[0].clone(), top_k.into()], DType::I32);
+        Ok(match positions {
+            None => self.push1(Op::SparseIndex { top_k }, vec![q, w, keys], ty),
+            Some(p) => {
+                self.expect_ids(op, p, "positions")?;
+                self.push1(Op::SparseIndexDecode { top_k }, vec![q, w, keys, p], ty)
+            }
+        })
+    }
+
     /// Rotates the last axis of x `[N, d]` or `[N, H, d]` at `positions` `[N]`.
     pub fn rope(&mut self, x: ValueId, positions: ValueId, rope: &RopeConfig) -> Result<ValueId, GraphError> {
         self.expect_float("rope", x, "input")?;
@@ -593,6 +663,54 @@ impl Builder {
     ) -> Result<ValueId, GraphError> {
         let ty = self.check_mla("attention", q_nope, q_pe, latent, kv_b, kv_lora_rank, false)?;
         Ok(self.push1(Op::Attention { form, scale, kv_lora_rank }, vec![q_nope, q_pe, latent, kv_b], ty))
+    }
+
+    /// MLA over the keys `selected` `[T, K]` picks (see [`Op::SparseAttention`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_attention(
+        &mut self,
+        q_nope: ValueId,
+        q_pe: ValueId,
+        latent: ValueId,
+        kv_b: ValueId,
+        selected: ValueId,
+        form: AttentionForm,
+        scale: f32,
+        kv_lora_rank: usize,
+    ) -> Result<ValueId, GraphError> {
+        let ty = self.check_mla("sparse_attention", q_nope, q_pe, latent, kv_b, kv_lora_rank, false)?;
+        self.check_selected("sparse_attention", q_nope, selected)?;
+        let inputs = vec![q_nope, q_pe, latent, kv_b, selected];
+        Ok(self.push1(Op::SparseAttention { form, scale, kv_lora_rank }, inputs, ty))
+    }
+
+    /// MLA decode over the keys `selected` `[B, K]` picks (see [`Op::SparseAttentionDecode`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_attention_decode(
+        &mut self,
+        q_nope: ValueId,
+        q_pe: ValueId,
+        latent: ValueId,
+        positions: ValueId,
+        kv_b: ValueId,
+        selected: ValueId,
+        form: AttentionForm,
+        scale: f32,
+        kv_lora_rank: usize,
+    ) -> Result<ValueId, GraphError> {
+        self.expect_ids("sparse_attention_decode", positions, "positions")?;
+        let ty = self.check_mla("sparse_attention_decode", q_nope, q_pe, latent, kv_b, kv_lora_rank, true)?;
+        self.check_selected("sparse_attention_decode", q_nope, selected)?;
+        let inputs = vec![q_nope, q_pe, latent, positions, kv_b, selected];
+        Ok(self.push1(Op::SparseAttentionDecode { form, scale, kv_lora_rank }, inputs, ty))
+    }
+
+    fn check_selected(&self, op: &str, q_nope: ValueId, selected: ValueId) -> Result<(), GraphError> {
+        let (qt, st) = (self.ty(q_nope), self.ty(selected));
+        if st.dtype != DType::I32 || st.rank() != 2 || st.shape[0] != qt.shape[0] {
+            return Self::err(op, format!("selected keys {st} do not fit queries {qt}"));
+        }
+        Ok(())
     }
 
     /// MLA decode over per-sequence latent caches (see [`Op::AttentionDecode`]).

@@ -87,7 +87,7 @@ impl Model {
     fn empty_caches(&self, graph: &Graph, inputs: &mut HashMap<String, Tensor>) {
         for (name, _) in &graph.inputs {
             if name.starts_with("kv_cache.") {
-                inputs.insert(name.clone(), Tensor::zeros(vec![0, self.config.latent_dim()]));
+                inputs.insert(name.clone(), Tensor::zeros(vec![0, self.config.cache_dim()]));
             }
         }
     }
@@ -184,7 +184,7 @@ impl<'m> Session<'m> {
         let mut wanted: Vec<&str> = vec!["logits"];
         wanted.extend(cache_names.iter().map(String::as_str));
         let out = self.prefill.run(&inputs, &wanted)?;
-        let c = self.model.config.latent_dim();
+        let c = self.model.config.cache_dim();
         for name in &cache_names {
             let rows = out[name].as_f32().expect("f32 cache");
             let mut cache = vec![0.0f32; self.max_len * c];
@@ -252,6 +252,31 @@ mod tests {
             assert!(diff < 1e-4, "position {}: naive prefill vs absorbed decode differ by {diff}", split - 1 + r);
         }
         assert_eq!(session.position(), tokens.len());
+    }
+
+    /// DeepSeek-V3.2: decode's selection over the cache is prefill's over the prompt, so a session's
+    /// rows are one long prefill's; from the 4th key on, each query drops keys.
+    #[test]
+    fn sparse_prefill_then_decode_matches_one_long_prefill() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = crate::deepseek_v3::tests::v32_tiny();
+        write_random_checkpoint(&c, &dir.path().join("ckpt"), 12).unwrap();
+        let model = Model::open(&dir.path().join("ckpt"), Precision::F32).unwrap();
+        let tokens = [3u32, 17, 250, 9, 44, 101, 7, 2, 66, 12];
+        let full = model.logits(&tokens, 0).unwrap().logits;
+        let full = full.as_f32().unwrap();
+        let v = model.config.vocab_size;
+        let mut session = model.session(16).unwrap();
+        let split = 2;
+        let mut rows = vec![session.prefill(&tokens[..split]).unwrap()];
+        for &t in &tokens[split..] {
+            rows.push(session.decode(t).unwrap());
+        }
+        for (r, row) in rows.iter().enumerate() {
+            let want = &full[(split - 1 + r) * v..(split + r) * v];
+            let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "position {}: sparse prefill vs decode differ by {diff}", split - 1 + r);
+        }
     }
 
     #[test]

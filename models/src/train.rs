@@ -281,7 +281,7 @@ impl Trainer {
         inputs.insert("tokens".to_string(), ids(0));
         inputs.insert("targets".to_string(), ids(1));
         inputs.insert("positions".to_string(), Tensor::i64(vec![t], (0..t as i64).collect()));
-        let empty_cache = || Tensor::f32(vec![0, self.config.latent_dim()], vec![]);
+        let empty_cache = || Tensor::f32(vec![0, self.config.cache_dim()], vec![]);
         for l in 0..self.config.num_hidden_layers {
             inputs.insert(format!("kv_cache.{l}"), empty_cache());
         }

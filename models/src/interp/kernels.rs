@@ -223,6 +223,53 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
+/// `torch.nn.LayerNorm` over rows of `w.len()`: `(x - mean) / sqrt(var + eps) * w + b`, the variance
+/// biased (divided by the row's width), both means in f32.
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut y = vec![0.0f32; x.len()];
+    for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
+        let mean = xr.iter().sum::<f32>() / d as f32;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for i in 0..d {
+            yr[i] = (xr[i] - mean) * inv * w[i] + b[i];
+        }
+    }
+    y
+}
+
+/// The lightning indexer's scores of one query against `keys` (rows of `q`'s width `di`):
+/// `sum_h w[h] / sqrt(heads) * relu(q[h] . key / sqrt(di))`, heads summed in order, as transformers'
+/// `DeepseekV32Indexer` (its Hadamard rotation and fp8 rounding left out, as there).
+pub fn index_scores(q: &[f32], w: &[f32], keys: &[f32], di: usize) -> Vec<f32> {
+    let heads = w.len();
+    let (qk_scale, w_scale) = ((di as f32).powf(-0.5), (heads as f32).powf(-0.5));
+    keys.chunks(di)
+        .map(|k| {
+            (0..heads).fold(0.0f32, |acc, h| {
+                let s = (dot(&q[h * di..(h + 1) * di], k) * qk_scale).max(0.0);
+                acc + w[h] * w_scale * s
+            })
+        })
+        .collect()
+}
+
+/// A query's selection from the scores of the keys it may see: the `top_k` highest (equal scores:
+/// the earlier key), or every key while there are at most `top_k`; ascending, padded with -1 to
+/// `top_k` entries.
+pub fn select_top_keys(scores: &[f32], top_k: usize) -> Vec<i32> {
+    let mut keys: Vec<usize> = (0..scores.len()).collect();
+    if keys.len() > top_k {
+        keys.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        keys.truncate(top_k);
+        keys.sort_unstable();
+    }
+    let mut out: Vec<i32> = keys.into_iter().map(|k| k as i32).collect();
+    out.resize(top_k, -1);
+    out
+}
+
 /// Mean cross-entropy of rows of `logits` (`v` columns) against `targets`, and its gradient
 /// `(softmax - onehot) / rows`; sums in f64.
 pub fn cross_entropy(logits: &[f32], targets: &[i64], v: usize) -> (f32, Vec<f32>) {
@@ -481,6 +528,25 @@ pub fn mla(
     scale: f32,
     form: AttentionForm,
 ) -> Vec<f32> {
+    mla_selected(q_nope, q_pe, latent, kv_b, visible, s, dims, scale, form, None)
+}
+
+/// [`mla`] with each query attending only to the keys its row of `selected` lists (DeepSeek
+/// Sparse Attention; `selected` is `[queries, K]`, -1 entries and keys past the query's last
+/// select nothing): the others' scores are -inf before the softmax.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_selected(
+    q_nope: &[f32],
+    q_pe: &[f32],
+    latent: &[f32],
+    kv_b: &[f32],
+    visible: &[usize],
+    s: usize,
+    dims: MlaDims,
+    scale: f32,
+    form: AttentionForm,
+    selected: Option<&[i32]>,
+) -> Vec<f32> {
     let MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv } = dims;
     let t = visible.len();
     let c = kv + dr;
@@ -503,6 +569,22 @@ pub fn mla(
             let n_keys = last + 1;
             let mut scores = vec![0.0f32; n_keys];
             let o = &mut out[(i * h + head) * dv..(i * h + head + 1) * dv];
+            // Keys the query does not attend to (None: it attends to every one up to `last`).
+            let dropped = selected.map(|sel| {
+                let k = sel.len() / t;
+                let mut drop = vec![true; n_keys];
+                for &j in &sel[i * k..(i + 1) * k] {
+                    if j >= 0 && (j as usize) < n_keys {
+                        drop[j as usize] = false;
+                    }
+                }
+                drop
+            });
+            let mask = |scores: &mut [f32]| {
+                if let Some(drop) = &dropped {
+                    scores.iter_mut().zip(drop).filter(|(_, d)| **d).for_each(|(sc, _)| *sc = f32::NEG_INFINITY);
+                }
+            };
             match &kvb {
                 Some(kvb) => {
                     for (j, sc) in scores.iter_mut().enumerate() {
@@ -510,6 +592,7 @@ pub fn mla(
                         let k_pe = &latent[j * c + kv..(j + 1) * c];
                         *sc = (dot(qn, &row[..dn]) + dot(qp, k_pe)) * scale;
                     }
+                    mask(&mut scores);
                     softmax_in_place(&mut scores);
                     for (j, p) in scores.iter().enumerate() {
                         let v = &kvb[j * h * per_head + head * per_head + dn..j * h * per_head + (head + 1) * per_head];
@@ -530,6 +613,7 @@ pub fn mla(
                         let row = &latent[j * c..(j + 1) * c];
                         *sc = (dot(&q_abs, &row[..kv]) + dot(qp, &row[kv..])) * scale;
                     }
+                    mask(&mut scores);
                     softmax_in_place(&mut scores);
                     let mut o_lat = vec![0.0f32; kv];
                     for (j, p) in scores.iter().enumerate() {
@@ -603,6 +687,32 @@ pub fn route(logits: &[f32], bias: &[f32], r: &Routing) -> (Vec<usize>, Vec<f32>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn layer_norm_matches_a_hand_computed_case() {
+        // Row [1, 2, 3, 6]: mean 3, biased variance (4 + 1 + 0 + 9) / 4 = 3.5.
+        let y = layer_norm(&[1.0, 2.0, 3.0, 6.0], &[1.0, 2.0, 1.0, 0.5], &[0.0, 1.0, -1.0, 0.25], 0.0);
+        let s = 3.5f32.sqrt();
+        let want = [-2.0 / s, -2.0 / s + 1.0, -1.0, 1.5 / s + 0.25];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn the_indexer_keeps_the_best_keys_in_key_order() {
+        // Fewer keys than top_k: every one, padded.
+        assert_eq!(select_top_keys(&[0.5, -1.0], 4), [0, 1, -1, -1]);
+        // More: the best, listed by key; a tie goes to the earlier key.
+        assert_eq!(select_top_keys(&[0.1, 3.0, 0.2, 3.0, 2.0, 0.2], 3), [1, 3, 4]);
+        assert_eq!(select_top_keys(&[0.1, 3.0, 0.2, 3.0, 0.2], 3), [1, 2, 3]);
+        // Scores: two heads of width 2, weights 1 and -2 over sqrt(2); relu per head.
+        let q = [1.0, 0.0, 0.0, 1.0];
+        let scores = index_scores(&q, &[1.0, -2.0], &[2.0, -1.0, 1.0, 1.0], 2);
+        let (qk, w) = (0.5f32.sqrt(), 0.5f32.sqrt());
+        let want = [w * 2.0 * qk, w * qk - 2.0 * w * qk];
+        assert!((scores[0] - want[0]).abs() < 1e-6 && (scores[1] - want[1]).abs() < 1e-6, "{scores:?}");
+    }
 
     #[test]
     fn matmul_matches_a_hand_computed_case() {
@@ -703,6 +813,43 @@ mod tests {
             let a = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Naive);
             let b = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Absorbed);
             for (x, y) in a.iter().zip(&b) { prop_assert!((x - y).abs() < 1e-5, "{} vs {}", x, y); }
+        }
+    }
+
+    #[test]
+    fn sparse_mla_attends_to_the_selected_keys_alone() {
+        let dims = MlaDims { heads: 2, nope: 4, rope: 2, v: 3, kv_lora: 5 };
+        let mut state = 7u64;
+        let mut rnd = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+                })
+                .collect::<Vec<f32>>()
+        };
+        let (t, s, c) = (3, 5, 7);
+        let (qn, qp, lat, kvb) = (rnd(t * 2 * 4), rnd(t * 2 * 2), rnd(s * c), rnd(2 * 7 * 5));
+        let visible = [2, 3, 4];
+        for form in [AttentionForm::Naive, AttentionForm::Absorbed] {
+            // Every key a query sees listed (and entries past it or -1 ignored): the dense attention.
+            let every = [0, 1, 2, -1, 4, 1, 2, 3, 0, 4, 2, 4, 3, 0, 1];
+            let dense = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, form);
+            let all = mla_selected(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, form, Some(&every[..]));
+            assert_eq!(dense, all, "{form}");
+            // One key each: the output is that key's value, whatever the scores.
+            let one = [1, -1, -1, -1, -1, 3, -1, -1, -1, -1, 0, -1, -1, -1, -1];
+            let o = mla_selected(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, form, Some(&one[..]));
+            for (i, key) in [1usize, 3, 0].into_iter().enumerate() {
+                for head in 0..2 {
+                    for e in 0..3 {
+                        let w_uv = &kvb[(head * 7 + 4 + e) * 5..(head * 7 + 5 + e) * 5];
+                        let want = dot(&lat[key * c..key * c + 5], w_uv);
+                        let got = o[(i * 2 + head) * 3 + e];
+                        assert!((got - want).abs() < 1e-6, "{form} query {i} head {head}: {got} vs {want}");
+                    }
+                }
+            }
         }
     }
 

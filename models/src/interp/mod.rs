@@ -195,18 +195,21 @@ impl Interpreter {
                 let positions = a[1].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
                 one(Tensor::f32(a[0].shape.clone(), rotate_rows(f(0)?, &positions, r, false)))
             }
-            Op::Attention { form, scale, kv_lora_rank } => {
+            Op::Attention { form, scale, kv_lora_rank } | Op::SparseAttention { form, scale, kv_lora_rank } => {
                 let dims = mla_dims(a[0], a[1], a[3], *kv_lora_rank);
                 let (t, s) = (a[0].shape[0], a[2].shape[0]);
                 if s < t {
                     return Err(op_err(node, format!("latent has {s} rows for {t} queries")));
                 }
+                let selected = a.get(4).map(|sel| selected_keys(node, sel)).transpose()?;
                 let visible: Vec<usize> = (0..t).map(|i| s - t + i).collect();
-                let o = kernels::mla(f(0)?, f(1)?, f(2)?, f(3)?, &visible, s, dims, *scale, *form);
+                let o = kernels::mla_selected(f(0)?, f(1)?, f(2)?, f(3)?, &visible, s, dims, *scale, *form, selected);
                 one(Tensor::f32(vec![t, dims.heads, dims.v], o))
             }
-            Op::AttentionDecode { form, scale, kv_lora_rank } => {
+            Op::AttentionDecode { form, scale, kv_lora_rank }
+            | Op::SparseAttentionDecode { form, scale, kv_lora_rank } => {
                 let dims = mla_dims(a[0], a[1], a[4], *kv_lora_rank);
+                let selected = a.get(5).map(|sel| selected_keys(node, sel)).transpose()?;
                 let (b, s, c) = (a[2].shape[0], a[2].shape[1], a[2].shape[2]);
                 let positions = a[3].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
                 let (qn, qp, lat, kvb) = (f(0)?, f(1)?, f(2)?, f(4)?);
@@ -220,7 +223,8 @@ impl Interpreter {
                         ));
                     }
                     let rows = &lat[seq * s * c..(seq + 1) * s * c];
-                    out.extend(kernels::mla(
+                    let k = a.get(5).map_or(0, |sel| sel.shape[1]);
+                    out.extend(kernels::mla_selected(
                         &qn[seq * h * dn..(seq + 1) * h * dn],
                         &qp[seq * h * dr..(seq + 1) * h * dr],
                         rows,
@@ -230,9 +234,51 @@ impl Interpreter {
                         dims,
                         *scale,
                         *form,
+                        selected.map(|sel| &sel[seq * k..(seq + 1) * k]),
                     ));
                 }
                 one(Tensor::f32(vec![b, h, dims.v], out))
+            }
+            Op::LayerNorm { eps } => {
+                one(Tensor::f32(a[0].shape.clone(), kernels::layer_norm(f(0)?, f(1)?, f(2)?, *eps)))
+            }
+            Op::SparseIndex { top_k } => {
+                let (q, w, keys) = (f(0)?, f(1)?, f(2)?);
+                let (t, hi, di, s) = (a[0].shape[0], a[0].shape[1], a[0].shape[2], a[2].shape[0]);
+                if s < t {
+                    return Err(op_err(node, format!("{s} keys for {t} queries")));
+                }
+                let mut out = Vec::with_capacity(t * top_k);
+                for i in 0..t {
+                    let seen = &keys[..(s - t + i + 1) * di];
+                    let scores =
+                        kernels::index_scores(&q[i * hi * di..(i + 1) * hi * di], &w[i * hi..(i + 1) * hi], seen, di);
+                    out.extend(kernels::select_top_keys(&scores, *top_k));
+                }
+                one(Tensor { shape: vec![t, *top_k], data: TensorData::I32(out) })
+            }
+            Op::SparseIndexDecode { top_k } => {
+                let (q, w, keys) = (f(0)?, f(1)?, f(2)?);
+                let (hi, di, s) = (a[0].shape[1], a[0].shape[2], a[2].shape[1]);
+                let positions = a[3].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
+                let mut out = Vec::with_capacity(positions.len() * top_k);
+                for (seq, &p) in positions.iter().enumerate() {
+                    if p < 0 || p as usize >= s {
+                        return Err(op_err(
+                            node,
+                            format!("sequence {seq}: position {p} is outside the cache (0..{s})"),
+                        ));
+                    }
+                    let seen = &keys[seq * s * di..(seq * s + p as usize + 1) * di];
+                    let scores = kernels::index_scores(
+                        &q[seq * hi * di..(seq + 1) * hi * di],
+                        &w[seq * hi..(seq + 1) * hi],
+                        seen,
+                        di,
+                    );
+                    out.extend(kernels::select_top_keys(&scores, *top_k));
+                }
+                one(Tensor { shape: vec![positions.len(), *top_k], data: TensorData::I32(out) })
             }
             Op::CacheWrite => {
                 let mut cache = f(0)?.to_vec();
@@ -632,6 +678,14 @@ fn rotate_rows(x: &[f32], positions: &[i64], attrs: &crate::graph::RopeAttrs, in
     x
 }
 
+/// The `[queries, K]` i32 keys a sparse attention's queries select.
+fn selected_keys<'t>(node: &Node, sel: &'t Tensor) -> Result<&'t [i32], InterpError> {
+    match &sel.data {
+        TensorData::I32(v) => Ok(v),
+        _ => Err(op_err(node, format!("selected keys are {}, expected i32", sel.describe()))),
+    }
+}
+
 fn mla_dims(q_nope: &Tensor, q_pe: &Tensor, kv_b: &Tensor, kv_lora: usize) -> kernels::MlaDims {
     let (heads, nope, rope) = (q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]);
     kernels::MlaDims { heads, nope, rope, v: kv_b.shape[0] / heads - nope, kv_lora }
@@ -673,7 +727,10 @@ fn check_input(
 /// The attention form a graph uses (for reports).
 pub fn attention_form(graph: &Graph) -> Option<AttentionForm> {
     graph.nodes.iter().find_map(|n| match n.op {
-        Op::Attention { form, .. } | Op::AttentionDecode { form, .. } => Some(form),
+        Op::Attention { form, .. }
+        | Op::AttentionDecode { form, .. }
+        | Op::SparseAttention { form, .. }
+        | Op::SparseAttentionDecode { form, .. } => Some(form),
         _ => None,
     })
 }
