@@ -21,8 +21,7 @@ fn fixtures() -> Vec<PathBuf> {
     dirs
 }
 
-/// Does the fixture's model use DeepSeek Sparse Attention (DeepSeek-V3.2), which only the reference
-/// interpreter runs so far?
+/// Does the fixture's model use DeepSeek Sparse Attention (DeepSeek-V3.2)?
 fn sparse_attention(dir: &Path) -> bool {
     v3c_models::ModelConfig::from_path(dir).unwrap().indexer.is_some()
 }
@@ -122,12 +121,6 @@ fn cpu_backend_logits_match_transformers() {
     for dir in fixtures() {
         let (name, expected, tokens, p0) = expectations(&dir);
         let model = Model::open(&dir, Precision::F32).unwrap();
-        if sparse_attention(&dir) {
-            // Not lowered yet: refused, naming the op, never run densely.
-            let e = v3c_compiler::cpu_backend::logits(&model, &tokens, p0, None).unwrap_err().to_string();
-            assert!(e.contains("DeepSeek Sparse Attention") && e.contains("not lowered"), "{name}: {e}");
-            continue;
-        }
         let got = v3c_compiler::cpu_backend::logits(&model, &tokens, p0, None).unwrap();
         let want = expected.read("logits").unwrap();
         let diff = max_abs_diff(got.logits.as_f32().unwrap(), want.as_f32().unwrap());

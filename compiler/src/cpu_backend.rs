@@ -293,6 +293,7 @@ impl<'c> CpuProgram<'c> {
                     let n = shape.iter().product();
                     let data = match declared.element.as_str() {
                         "i32" => HostData::I32(vec![0; n]),
+                        "i64" => HostData::I64(vec![0; n]),
                         "f8E4M3FN" => HostData::F8(vec![0; n]),
                         _ => HostData::F32(vec![0.0; n]),
                     };
@@ -467,7 +468,7 @@ pub fn logits(
     let mut inputs = HashMap::new();
     inputs.insert("tokens".to_string(), ids(tokens.iter().map(|&x| x as i64).collect()));
     inputs.insert("positions".to_string(), ids((0..t as i64).map(|i| i + first_position).collect()));
-    let latent = model.config.latent_dim();
+    let latent = model.config.cache_dim();
     for l in (0..model.config.num_hidden_layers).map(|l| format!("kv_cache.{l}")).chain(["kv_cache.mtp".to_string()]) {
         inputs.insert(l, HostBuffer { shape: vec![0, latent], data: HostData::F32(Vec::new()) });
     }
@@ -518,7 +519,7 @@ impl<'c> CpuSession<'c> {
         Ok(CpuSession {
             program,
             caches: HashMap::new(),
-            latent: model.config.latent_dim(),
+            latent: model.config.cache_dim(),
             layers: model.config.num_hidden_layers,
             position: 0,
             max_len,

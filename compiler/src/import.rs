@@ -192,17 +192,12 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
                 ops::attention_decode(o(0), o(1), o(2), o(3), kv_b, kv_b_scale, &a, r, context, location)?
             }
             Op::CacheWrite => ops::cache_write(o(0), o(1), o(2), r, context, location)?,
-            Op::LayerNorm { .. }
-            | Op::SparseIndex { .. }
-            | Op::SparseIndexDecode { .. }
-            | Op::SparseAttention { .. }
-            | Op::SparseAttentionDecode { .. } => {
-                return Err(unsupported(format!(
-                    "{}: DeepSeek Sparse Attention (DeepSeek-V3.2's indexer) is not lowered to the v3 dialect yet; \
-                     the reference interpreter runs it (`v3c run` / `v3c logits` with `--backend reference`)",
-                    node.op.name()
-                )))
+            Op::LayerNorm { eps } => ops::layer_norm([o(0), o(1), o(2)], *eps, r, context, location)?,
+            Op::SparseIndex { top_k } => ops::sparse_index([o(0), o(1), o(2)], None, *top_k, r, context, location)?,
+            Op::SparseIndexDecode { top_k } => {
+                ops::sparse_index([o(0), o(1), o(2)], Some(o(3)), *top_k, r, context, location)?
             }
+            Op::GatherRows => ops::gather_rows(o(0), o(1), [r, result_types[1]], context, location)?,
             Op::MoeRoute(rt) => {
                 let bias = (node.inputs.len() > 2).then(|| o(2));
                 ops::moe_route(o(0), o(1), bias, &route_attributes(rt), r, result_types[1], context, location)?

@@ -188,7 +188,14 @@ fn dim_relations(
             whole(&mut rel, O(0), O(1), op(0));
             whole(&mut rel, O(0), R(0), op(0));
         }
-        "rms_norm" => whole(&mut rel, O(0), R(0), op(0)),
+        "rms_norm" | "layer_norm" => whole(&mut rel, O(0), R(0), op(0)),
+        // (q, w, keys[, positions]) -> selected: a query per row; decode's keys and positions
+        // are its sequence's too (prefill's keys have the cached rows as well).
+        "sparse_index" if operands.len() == 4 => rows(&mut rel, &[O(0), O(1), O(2), O(3), R(0)]),
+        "sparse_index" => rows(&mut rel, &[O(0), O(1), R(0)]),
+        // (latent, selected) -> (rows, last): a query per row; a 3-D latent is the queries' own.
+        "gather_rows" if op(0) == 3 => rows(&mut rel, &[O(0), O(1), R(0), R(1)]),
+        "gather_rows" => rows(&mut rel, &[O(1), R(0), R(1)]),
         // (x, positions): a position per row.
         "rope" | "rope_grad" => {
             whole(&mut rel, O(0), R(0), op(0));
@@ -281,9 +288,11 @@ fn follows(name: &str, r: usize, d: usize, (ta, tb): (bool, bool)) -> Option<(us
     }
 }
 
-/// The operand result `r` of a training op is shaped like (the value it is the gradient of).
+/// The operand result `r` of a training op is shaped like (the value it is the gradient of); the
+/// rows a query selected (`gather_rows`) are its selection's.
 pub fn shaped_like(name: &str, r: usize) -> Option<usize> {
     match name {
+        "v3.gather_rows" => Some(1),
         "v3.rms_norm_grad" | "v3.silu_mul_grad" | "v3.attention_grad" => Some(r),
         "v3.concat_grad" => Some(r + 1),
         // (dx, d weights) of (x, indices, weights, ...); the stacked weight gradients are static.

@@ -100,6 +100,46 @@ irdl.dialect @v3 {
     irdl.results(out: %out)
   }
 
+  // DeepSeek Sparse Attention (DeepSeek-V3.2).
+  // torch.nn.LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b (biased variance).
+  irdl.operation @layer_norm {
+    %x = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %b = irdl.base "!builtin.tensor"
+    %y = irdl.base "!builtin.tensor"
+    %eps = irdl.base "#builtin.float"
+    irdl.operands(x: %x, w: %w, b: %b)
+    irdl.results(y: %y)
+    irdl.attributes { "eps" = %eps }
+  }
+
+  // The lightning indexer's selection: (q [T, H, D], w [T, H], keys [S, D]) -> selected [T, top_k] i32,
+  // query t at row S - T + t; with positions [B] (decode): keys [B, S, D], query b at positions[b].
+  // score = sum_h w[h] / sqrt(H) * relu(q[h] . key / sqrt(D)); the top_k best keys at or before the
+  // query (all while there are at most top_k; ties: the earlier key), ascending, then -1s.
+  irdl.operation @sparse_index {
+    %q = irdl.base "!builtin.tensor"
+    %w = irdl.base "!builtin.tensor"
+    %keys = irdl.base "!builtin.tensor"
+    %positions = irdl.base "!builtin.tensor"
+    %selected = irdl.base "!builtin.tensor"
+    %top_k = irdl.base "#builtin.integer"
+    irdl.operands(q: %q, w: %w, keys: %keys, positions: optional %positions)
+    irdl.results(selected: %selected)
+    irdl.attributes { "top_k" = %top_k }
+  }
+
+  // (latent [S, C] or [T, S, C], selected [T, K] i32) -> (rows [T, K, C], last [T] i64): each query's
+  // selected rows gathered (zeros past them), last = their count - 1.
+  irdl.operation @gather_rows {
+    %latent = irdl.base "!builtin.tensor"
+    %selected = irdl.base "!builtin.tensor"
+    %rows = irdl.base "!builtin.tensor"
+    %last = irdl.base "!builtin.tensor"
+    irdl.operands(latent: %latent, selected: %selected)
+    irdl.results(rows: %rows, last: %last)
+  }
+
   // sigmoid(x @ gate^T) + bias -> group-limited top-k -> (indices [T, K] i32, weights [T, K] f32).
   // With the attribute scoring = "softmax" (DeepSeek-V2) and no bias: softmax(x @ gate^T), groups
   // scored by their best expert, the picks' scores as weights.

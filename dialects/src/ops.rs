@@ -20,6 +20,9 @@ pub const OP_NAMES: &[&str] = &[
     "attention",
     "attention_decode",
     "cache_write",
+    "layer_norm",
+    "sparse_index",
+    "gather_rows",
     "moe_route",
     "moe_experts",
     "moe_dispatch",
@@ -243,6 +246,41 @@ pub fn cache_write<'c>(
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
     build("cache_write", &[cache, entries, positions], &[out], &[], c, l)
+}
+
+/// Creates `v3.layer_norm`: `torch.nn.LayerNorm` with weight `w` and bias `b`.
+pub fn layer_norm<'c>(
+    [x, w, b]: [Value<'c, '_>; 3],
+    eps: f32,
+    y: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("layer_norm", &[x, w, b], &[y], &[("eps", f32_attr(c, eps))], c, l)
+}
+
+/// Creates `v3.sparse_index`: the indexer's `top_k` keys per query (decode's with `positions`).
+pub fn sparse_index<'c>(
+    [q, w, keys]: [Value<'c, '_>; 3],
+    positions: Option<Value<'c, '_>>,
+    top_k: usize,
+    selected: Type<'c>,
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    let operands: Vec<Value> = [q, w, keys].into_iter().chain(positions).collect();
+    build("sparse_index", &operands, &[selected], &[("top_k", i64_attr(c, top_k as i64))], c, l)
+}
+
+/// Creates `v3.gather_rows`: `(rows, last)` of the selected rows.
+pub fn gather_rows<'c>(
+    latent: Value<'c, '_>,
+    selected: Value<'c, '_>,
+    [rows, last]: [Type<'c>; 2],
+    c: &'c Context,
+    l: Location<'c>,
+) -> Result<Operation<'c>, DialectError> {
+    build("gather_rows", &[latent, selected], &[rows, last], &[], c, l)
 }
 
 /// Attributes of `v3.moe_route`.

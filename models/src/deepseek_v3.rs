@@ -410,25 +410,14 @@ impl<'a> ModelBuilder<'a> {
             (None, false) => self.b.attention(qs[0], q_pe, all, kv_b, self.form, scale, kv)?,
             (None, true) => self.b.attention_decode(qs[0], q_pe, all, t.positions, kv_b, self.form, scale, kv)?,
             // DeepSeek Sparse Attention: a cache row's last `head_dim` columns are the indexer's key.
+            // Each query attends to the rows it selected, gathered: MLA decode over them (one
+            // "sequence" of rows a query, its last gathered row its position).
             (Some(indexer), _) => {
                 let cq = q_latent.expect("configs with an indexer have a query latent (checked)");
                 let pieces = self.b.split(all, if decode { 2 } else { 1 }, &[kv + dr, indexer.head_dim])?;
                 let selected = self.select_keys(x, cq, t, pieces[1], indexer, &format!("{p}.indexer"))?;
-                let (form, latent) = (self.form, pieces[0]);
-                match decode {
-                    false => self.b.sparse_attention(qs[0], q_pe, latent, kv_b, selected, form, scale, kv)?,
-                    true => self.b.sparse_attention_decode(
-                        qs[0],
-                        q_pe,
-                        latent,
-                        t.positions,
-                        kv_b,
-                        selected,
-                        form,
-                        scale,
-                        kv,
-                    )?,
-                }
+                let (rows, last) = self.b.gather_rows(pieces[0], selected)?;
+                self.b.attention_decode(qs[0], q_pe, rows, last, kv_b, self.form, scale, kv)?
             }
         };
         let o = self.b.reshape(o, vec![rows, (h * dv).into()])?;
@@ -564,13 +553,10 @@ pub(crate) mod tests {
         for entry in Entry::ALL {
             let g = build(&c, entry, &BuildOptions::default()).unwrap();
             let count = |name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
-            let (index, attention) = match entry {
-                Entry::Decode => ("sparse_index_decode", "sparse_attention_decode"),
-                _ => ("sparse_index", "sparse_attention"),
-            };
-            // 3 layers + the MTP layer, each with its indexer; no dense attention left.
-            assert_eq!((count(index), count(attention), count("layer_norm")), (4, 4, 4), "{entry:?}");
-            assert_eq!(count("attention") + count("attention_decode"), 0);
+            let index = if entry == Entry::Decode { "sparse_index_decode" } else { "sparse_index" };
+            // 3 layers + the MTP layer, each with its indexer; attention over the gathered rows.
+            assert_eq!((count(index), count("gather_rows"), count("layer_norm")), (4, 4, 4), "{entry:?}");
+            assert_eq!((count("attention_decode"), count("attention")), (4, 0));
             let width = g.ty(g.output("kv_cache.0").unwrap()).shape.last().cloned();
             assert_eq!(width, Some(Dim::Fixed(c.latent_dim() + 24)));
         }

@@ -181,11 +181,12 @@ pub enum Op {
     /// Decode's selection, one query per sequence: (q `[B, Hi, Di]`, w `[B, Hi]`, keys `[B, S, Di]`,
     /// positions `[B]`) -> `[B, top_k]` i32 over sequence b's keys `0..=positions[b]`.
     SparseIndexDecode { top_k: usize },
-    /// `attention` over the selected keys alone: its operands, then selected `[T, K]` (as
-    /// `sparse_index` gives them; -1 entries select nothing).
-    SparseAttention { form: AttentionForm, scale: f32, kv_lora_rank: usize },
-    /// `attention_decode` over the selected keys alone: its operands, then selected `[B, K]`.
-    SparseAttentionDecode { form: AttentionForm, scale: f32, kv_lora_rank: usize },
+    /// The rows each query selected, for `attention_decode` over them (sparse MLA: a query attends
+    /// to its gathered rows `0..=last`): (latent `[S, C]`, selected `[T, K]` i32) -> (rows `[T, K, C]`,
+    /// last `[T]` i64) with `rows[t, k] = latent[selected[t, k]]` (zeros for -1) and `last[t]` the
+    /// count of t's selected rows minus one; a 3-D latent `[B, S, C]` is one set of rows per query
+    /// (decode: each sequence's own cache). A query's selection is its valid rows then -1s.
+    GatherRows,
     /// (x `[T, D]`, gate `[E, D]`, bias `[E]`) -> (indices `[T, K]` i32, weights `[T, K]` f32); a
     /// softmax routing ([`crate::config::Scoring::Softmax`]) has no bias input.
     MoeRoute(Routing),
@@ -277,8 +278,7 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::SparseIndex { .. } => "sparse_index",
             Op::SparseIndexDecode { .. } => "sparse_index_decode",
-            Op::SparseAttention { .. } => "sparse_attention",
-            Op::SparseAttentionDecode { .. } => "sparse_attention_decode",
+            Op::GatherRows => "gather_rows",
             Op::MoeRoute(_) => "moe_route",
             Op::MoeExperts { .. } => "moe_experts",
             Op::SiluMul => "silu_mul",
@@ -665,52 +665,22 @@ impl Builder {
         Ok(self.push1(Op::Attention { form, scale, kv_lora_rank }, vec![q_nope, q_pe, latent, kv_b], ty))
     }
 
-    /// MLA over the keys `selected` `[T, K]` picks (see [`Op::SparseAttention`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn sparse_attention(
-        &mut self,
-        q_nope: ValueId,
-        q_pe: ValueId,
-        latent: ValueId,
-        kv_b: ValueId,
-        selected: ValueId,
-        form: AttentionForm,
-        scale: f32,
-        kv_lora_rank: usize,
-    ) -> Result<ValueId, GraphError> {
-        let ty = self.check_mla("sparse_attention", q_nope, q_pe, latent, kv_b, kv_lora_rank, false)?;
-        self.check_selected("sparse_attention", q_nope, selected)?;
-        let inputs = vec![q_nope, q_pe, latent, kv_b, selected];
-        Ok(self.push1(Op::SparseAttention { form, scale, kv_lora_rank }, inputs, ty))
-    }
-
-    /// MLA decode over the keys `selected` `[B, K]` picks (see [`Op::SparseAttentionDecode`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn sparse_attention_decode(
-        &mut self,
-        q_nope: ValueId,
-        q_pe: ValueId,
-        latent: ValueId,
-        positions: ValueId,
-        kv_b: ValueId,
-        selected: ValueId,
-        form: AttentionForm,
-        scale: f32,
-        kv_lora_rank: usize,
-    ) -> Result<ValueId, GraphError> {
-        self.expect_ids("sparse_attention_decode", positions, "positions")?;
-        let ty = self.check_mla("sparse_attention_decode", q_nope, q_pe, latent, kv_b, kv_lora_rank, true)?;
-        self.check_selected("sparse_attention_decode", q_nope, selected)?;
-        let inputs = vec![q_nope, q_pe, latent, positions, kv_b, selected];
-        Ok(self.push1(Op::SparseAttentionDecode { form, scale, kv_lora_rank }, inputs, ty))
-    }
-
-    fn check_selected(&self, op: &str, q_nope: ValueId, selected: ValueId) -> Result<(), GraphError> {
-        let (qt, st) = (self.ty(q_nope), self.ty(selected));
-        if st.dtype != DType::I32 || st.rank() != 2 || st.shape[0] != qt.shape[0] {
-            return Self::err(op, format!("selected keys {st} do not fit queries {qt}"));
+    /// The rows `selected` picks from `latent`, and each query's last (see [`Op::GatherRows`]).
+    pub fn gather_rows(&mut self, latent: ValueId, selected: ValueId) -> Result<(ValueId, ValueId), GraphError> {
+        self.expect_float("gather_rows", latent, "rows")?;
+        let (lt, st) = (self.ty(latent).clone(), self.ty(selected).clone());
+        let per_query = lt.rank() == 3;
+        let fits = st.dtype == DType::I32
+            && st.rank() == 2
+            && (lt.rank() == 2 || (per_query && lt.shape[0] == st.shape[0]))
+            && matches!(st.shape[1], Dim::Fixed(_));
+        if !fits {
+            return Self::err("gather_rows", format!("rows {lt} and selected {st} do not fit"));
         }
-        Ok(())
+        let (t, k) = (st.shape[0].clone(), st.shape[1].clone());
+        let rows = TensorType::new(vec![t.clone(), k, lt.shape[lt.rank() - 1].clone()], DType::F32);
+        let out = self.push(Op::GatherRows, vec![latent, selected], vec![rows, TensorType::new(vec![t], DType::I64)]);
+        Ok((out[0], out[1]))
     }
 
     /// MLA decode over per-sequence latent caches (see [`Op::AttentionDecode`]).

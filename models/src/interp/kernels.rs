@@ -528,25 +528,6 @@ pub fn mla(
     scale: f32,
     form: AttentionForm,
 ) -> Vec<f32> {
-    mla_selected(q_nope, q_pe, latent, kv_b, visible, s, dims, scale, form, None)
-}
-
-/// [`mla`] with each query attending only to the keys its row of `selected` lists (DeepSeek
-/// Sparse Attention; `selected` is `[queries, K]`, -1 entries and keys past the query's last
-/// select nothing): the others' scores are -inf before the softmax.
-#[allow(clippy::too_many_arguments)]
-pub fn mla_selected(
-    q_nope: &[f32],
-    q_pe: &[f32],
-    latent: &[f32],
-    kv_b: &[f32],
-    visible: &[usize],
-    s: usize,
-    dims: MlaDims,
-    scale: f32,
-    form: AttentionForm,
-    selected: Option<&[i32]>,
-) -> Vec<f32> {
     let MlaDims { heads: h, nope: dn, rope: dr, v: dv, kv_lora: kv } = dims;
     let t = visible.len();
     let c = kv + dr;
@@ -569,22 +550,6 @@ pub fn mla_selected(
             let n_keys = last + 1;
             let mut scores = vec![0.0f32; n_keys];
             let o = &mut out[(i * h + head) * dv..(i * h + head + 1) * dv];
-            // Keys the query does not attend to (None: it attends to every one up to `last`).
-            let dropped = selected.map(|sel| {
-                let k = sel.len() / t;
-                let mut drop = vec![true; n_keys];
-                for &j in &sel[i * k..(i + 1) * k] {
-                    if j >= 0 && (j as usize) < n_keys {
-                        drop[j as usize] = false;
-                    }
-                }
-                drop
-            });
-            let mask = |scores: &mut [f32]| {
-                if let Some(drop) = &dropped {
-                    scores.iter_mut().zip(drop).filter(|(_, d)| **d).for_each(|(sc, _)| *sc = f32::NEG_INFINITY);
-                }
-            };
             match &kvb {
                 Some(kvb) => {
                     for (j, sc) in scores.iter_mut().enumerate() {
@@ -592,7 +557,6 @@ pub fn mla_selected(
                         let k_pe = &latent[j * c + kv..(j + 1) * c];
                         *sc = (dot(qn, &row[..dn]) + dot(qp, k_pe)) * scale;
                     }
-                    mask(&mut scores);
                     softmax_in_place(&mut scores);
                     for (j, p) in scores.iter().enumerate() {
                         let v = &kvb[j * h * per_head + head * per_head + dn..j * h * per_head + (head + 1) * per_head];
@@ -613,7 +577,6 @@ pub fn mla_selected(
                         let row = &latent[j * c..(j + 1) * c];
                         *sc = (dot(&q_abs, &row[..kv]) + dot(qp, &row[kv..])) * scale;
                     }
-                    mask(&mut scores);
                     softmax_in_place(&mut scores);
                     let mut o_lat = vec![0.0f32; kv];
                     for (j, p) in scores.iter().enumerate() {
@@ -813,43 +776,6 @@ mod tests {
             let a = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Naive);
             let b = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, AttentionForm::Absorbed);
             for (x, y) in a.iter().zip(&b) { prop_assert!((x - y).abs() < 1e-5, "{} vs {}", x, y); }
-        }
-    }
-
-    #[test]
-    fn sparse_mla_attends_to_the_selected_keys_alone() {
-        let dims = MlaDims { heads: 2, nope: 4, rope: 2, v: 3, kv_lora: 5 };
-        let mut state = 7u64;
-        let mut rnd = |n: usize| {
-            (0..n)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-                })
-                .collect::<Vec<f32>>()
-        };
-        let (t, s, c) = (3, 5, 7);
-        let (qn, qp, lat, kvb) = (rnd(t * 2 * 4), rnd(t * 2 * 2), rnd(s * c), rnd(2 * 7 * 5));
-        let visible = [2, 3, 4];
-        for form in [AttentionForm::Naive, AttentionForm::Absorbed] {
-            // Every key a query sees listed (and entries past it or -1 ignored): the dense attention.
-            let every = [0, 1, 2, -1, 4, 1, 2, 3, 0, 4, 2, 4, 3, 0, 1];
-            let dense = mla(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, form);
-            let all = mla_selected(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, form, Some(&every[..]));
-            assert_eq!(dense, all, "{form}");
-            // One key each: the output is that key's value, whatever the scores.
-            let one = [1, -1, -1, -1, -1, 3, -1, -1, -1, -1, 0, -1, -1, -1, -1];
-            let o = mla_selected(&qn, &qp, &lat, &kvb, &visible, s, dims, 0.3, form, Some(&one[..]));
-            for (i, key) in [1usize, 3, 0].into_iter().enumerate() {
-                for head in 0..2 {
-                    for e in 0..3 {
-                        let w_uv = &kvb[(head * 7 + 4 + e) * 5..(head * 7 + 5 + e) * 5];
-                        let want = dot(&lat[key * c..key * c + 5], w_uv);
-                        let got = o[(i * 2 + head) * 3 + e];
-                        assert!((got - want).abs() < 1e-6, "{form} query {i} head {head}: {got} vs {want}");
-                    }
-                }
-            }
         }
     }
 

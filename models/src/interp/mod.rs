@@ -195,21 +195,18 @@ impl Interpreter {
                 let positions = a[1].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
                 one(Tensor::f32(a[0].shape.clone(), rotate_rows(f(0)?, &positions, r, false)))
             }
-            Op::Attention { form, scale, kv_lora_rank } | Op::SparseAttention { form, scale, kv_lora_rank } => {
+            Op::Attention { form, scale, kv_lora_rank } => {
                 let dims = mla_dims(a[0], a[1], a[3], *kv_lora_rank);
                 let (t, s) = (a[0].shape[0], a[2].shape[0]);
                 if s < t {
                     return Err(op_err(node, format!("latent has {s} rows for {t} queries")));
                 }
-                let selected = a.get(4).map(|sel| selected_keys(node, sel)).transpose()?;
                 let visible: Vec<usize> = (0..t).map(|i| s - t + i).collect();
-                let o = kernels::mla_selected(f(0)?, f(1)?, f(2)?, f(3)?, &visible, s, dims, *scale, *form, selected);
+                let o = kernels::mla(f(0)?, f(1)?, f(2)?, f(3)?, &visible, s, dims, *scale, *form);
                 one(Tensor::f32(vec![t, dims.heads, dims.v], o))
             }
-            Op::AttentionDecode { form, scale, kv_lora_rank }
-            | Op::SparseAttentionDecode { form, scale, kv_lora_rank } => {
+            Op::AttentionDecode { form, scale, kv_lora_rank } => {
                 let dims = mla_dims(a[0], a[1], a[4], *kv_lora_rank);
-                let selected = a.get(5).map(|sel| selected_keys(node, sel)).transpose()?;
                 let (b, s, c) = (a[2].shape[0], a[2].shape[1], a[2].shape[2]);
                 let positions = a[3].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
                 let (qn, qp, lat, kvb) = (f(0)?, f(1)?, f(2)?, f(4)?);
@@ -223,8 +220,7 @@ impl Interpreter {
                         ));
                     }
                     let rows = &lat[seq * s * c..(seq + 1) * s * c];
-                    let k = a.get(5).map_or(0, |sel| sel.shape[1]);
-                    out.extend(kernels::mla_selected(
+                    out.extend(kernels::mla(
                         &qn[seq * h * dn..(seq + 1) * h * dn],
                         &qp[seq * h * dr..(seq + 1) * h * dr],
                         rows,
@@ -234,7 +230,6 @@ impl Interpreter {
                         dims,
                         *scale,
                         *form,
-                        selected.map(|sel| &sel[seq * k..(seq + 1) * k]),
                     ));
                 }
                 one(Tensor::f32(vec![b, h, dims.v], out))
@@ -279,6 +274,32 @@ impl Interpreter {
                     out.extend(kernels::select_top_keys(&scores, *top_k));
                 }
                 one(Tensor { shape: vec![positions.len(), *top_k], data: TensorData::I32(out) })
+            }
+            Op::GatherRows => {
+                let TensorData::I32(selected) = &a[1].data else {
+                    return Err(op_err(node, format!("selected rows are {}, expected i32", a[1].describe())));
+                };
+                let latent = f(0)?;
+                let (c, k) = (a[0].shape[a[0].shape.len() - 1], a[1].shape[1]);
+                let (t, per_query) = (a[1].shape[0], a[0].shape.len() == 3);
+                let s = if per_query { a[0].shape[1] } else { a[0].shape[0] };
+                let (mut rows, mut last) = (vec![0.0f32; t * k * c], Vec::with_capacity(t));
+                for (q, picks) in selected.chunks(k.max(1)).enumerate().take(t) {
+                    let count = picks.iter().take_while(|&&j| j >= 0).count();
+                    if count == 0 || picks[count..].iter().any(|&j| j >= 0) {
+                        return Err(op_err(node, format!("query {q}: selected {picks:?} is not its rows then -1s")));
+                    }
+                    let base = if per_query { q * s } else { 0 };
+                    for (slot, &j) in picks[..count].iter().enumerate() {
+                        if j as usize >= s {
+                            return Err(op_err(node, format!("query {q}: row {j} is outside 0..{s}")));
+                        }
+                        let from = (base + j as usize) * c;
+                        rows[(q * k + slot) * c..(q * k + slot + 1) * c].copy_from_slice(&latent[from..from + c]);
+                    }
+                    last.push(count as i64 - 1);
+                }
+                Ok(vec![Tensor::f32(vec![t, k, c], rows), Tensor::i64(vec![t], last)])
             }
             Op::CacheWrite => {
                 let mut cache = f(0)?.to_vec();
@@ -678,14 +699,6 @@ fn rotate_rows(x: &[f32], positions: &[i64], attrs: &crate::graph::RopeAttrs, in
     x
 }
 
-/// The `[queries, K]` i32 keys a sparse attention's queries select.
-fn selected_keys<'t>(node: &Node, sel: &'t Tensor) -> Result<&'t [i32], InterpError> {
-    match &sel.data {
-        TensorData::I32(v) => Ok(v),
-        _ => Err(op_err(node, format!("selected keys are {}, expected i32", sel.describe()))),
-    }
-}
-
 fn mla_dims(q_nope: &Tensor, q_pe: &Tensor, kv_b: &Tensor, kv_lora: usize) -> kernels::MlaDims {
     let (heads, nope, rope) = (q_nope.shape[1], q_nope.shape[2], q_pe.shape[2]);
     kernels::MlaDims { heads, nope, rope, v: kv_b.shape[0] / heads - nope, kv_lora }
@@ -727,10 +740,7 @@ fn check_input(
 /// The attention form a graph uses (for reports).
 pub fn attention_form(graph: &Graph) -> Option<AttentionForm> {
     graph.nodes.iter().find_map(|n| match n.op {
-        Op::Attention { form, .. }
-        | Op::AttentionDecode { form, .. }
-        | Op::SparseAttention { form, .. }
-        | Op::SparseAttentionDecode { form, .. } => Some(form),
+        Op::Attention { form, .. } | Op::AttentionDecode { form, .. } => Some(form),
         _ => None,
     })
 }

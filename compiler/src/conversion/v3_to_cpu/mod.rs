@@ -52,6 +52,7 @@ mod grouped;
 mod mla;
 mod moe;
 mod rows;
+mod sparse;
 mod train;
 mod train_fp8;
 mod train_moe;
@@ -292,6 +293,20 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
                 e.concat_rows((&args[0], &args[1]), axis, &dest, &rshape);
             }
             "cache_write" => e.cache_write(&args[0], &args[1], &args[2], &dest, &rshape),
+            "layer_norm" => {
+                let eps = o.attribute("eps").map_err(|_| lowering("layer_norm without eps".into()))?.to_string();
+                let eps = eps.split(':').next().unwrap_or("1.0e-6").trim().to_string();
+                e.layer_norm([&args[0], &args[1], &args[2]], &eps, &dest, &rshape).map_err(lowering)?;
+            }
+            "sparse_index" => {
+                let top_k = int_attr(&o, "top_k").ok_or_else(|| lowering("sparse_index without top_k".into()))?;
+                e.sparse_index([&args[0], &args[1], &args[2]], args.get(3), top_k as usize, &dest, &rshape)
+                    .map_err(lowering)?;
+            }
+            "gather_rows" => {
+                let (last, last_shape) = (dests[1].1.clone(), dests[1].2.clone());
+                e.gather_rows(&args[0], &args[1], (&dest, &rshape), (&last, &last_shape)).map_err(lowering)?;
+            }
             "rope" | "rope_grad" => {
                 let (x, positions) = (&args[0], &args[1]);
                 let dim = int_attr(&o, "dim").ok_or_else(|| lowering("rope without dim".into()))? as usize;
