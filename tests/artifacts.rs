@@ -263,6 +263,56 @@ fn v3r_stdin(
     child.wait_with_output().unwrap()
 }
 
+/// DeepSeek-V3.2 (sparse attention) through a cpu artifact: `v3r run` generates the reference
+/// interpreter's greedy tokens (`v3c run`) for a prompt prefilled in chunks of 4 rows (each chunk's
+/// indexer scoring the cached rows before it too) and decoded past `index_topk` (6) keys, alone and
+/// batched with a second prompt.
+#[test]
+fn a_v32_cpu_artifact_generates_the_reference_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/v32_sparse_yarn_bf16");
+    let (art, cache) = (dir.path().join("art"), dir.path().join("cache"));
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let compile = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "cpu", "--max-rows", "4"];
+    let out =
+        run_binary_env("v3c", &[&compile[..], &["--max-context", "32", "--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (first, second) = ("3 17 4 29 11 5 8 2 40 1", "7 7 2 90");
+    let mut alone = Vec::new();
+    for prompt in [first, second] {
+        let common = ["--prompt-tokens", prompt, "--max-new-tokens", "12", "--ignore-eos"];
+        let v3r = run_binary_env(
+            "v3r",
+            &[&["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()][..], &common].concat(),
+            &env,
+        );
+        assert!(v3r.status.success(), "{}", text(&v3r.stderr));
+        let v3c = run_binary_env("v3c", &[&["run", "--model-dir", ckpt.to_str().unwrap()][..], &common].concat(), &env);
+        assert!(v3c.status.success(), "{}", text(&v3c.stderr));
+        assert_eq!(text(&v3r.stdout), text(&v3c.stdout), "{prompt}");
+        assert_eq!(text(&v3r.stdout).split_whitespace().count(), 12);
+        alone.push(text(&v3r.stdout).trim().to_string());
+    }
+    let batch = [
+        "run",
+        art.to_str().unwrap(),
+        "--weights",
+        ckpt.to_str().unwrap(),
+        "--prompt-tokens",
+        first,
+        "--prompt-tokens",
+        second,
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+    ];
+    let together = run_binary_env("v3r", &batch, &env);
+    assert!(together.status.success(), "{}", text(&together.stderr));
+    let rows: Vec<String> = text(&together.stdout).lines().map(|l| l.trim().to_string()).collect();
+    assert_eq!(rows, alone, "batched vs alone");
+}
+
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
 /// longer than the prefill plan's rows is prefilled in chunks, the decode plan runs one sequence over
 /// caches smaller than planned; greedy and seeded sampling agree token for token. Several prompts

@@ -57,6 +57,21 @@ fn moe_softmax_routing() {
     insta::assert_snapshot!(ir);
 }
 
+/// DeepSeek-V3.2's MLA block: the indexer (`layer_norm` of its key, its queries rotated in halves,
+/// `sparse_index`), then `attention_decode` over each query's `gather_rows`; the cache row holds
+/// the indexer's key after the latent.
+#[test]
+fn mla_sparse_attention() {
+    let mut v32 = tiny();
+    v32.indexer = Some(v3c_models::config::SparseIndexer { n_heads: 4, head_dim: 24, topk: 3 });
+    for entry in Entry::ALL {
+        let ir = block_ir_of(&v32, Block::Mla, entry, 0);
+        assert!(ir.contains("v3.sparse_index") && ir.contains("v3.gather_rows") && ir.contains("v3.layer_norm"));
+        assert!(ir.contains("interleave = false") && ir.contains("top_k = 3"));
+        insta::assert_snapshot!(format!("mla_sparse_attention_{}", entry.name()), ir);
+    }
+}
+
 #[test]
 fn mtp() {
     insta::assert_snapshot!(block_ir(Block::Mtp, Entry::Prefill, 3));
@@ -95,7 +110,7 @@ fn fp8_linear_and_experts_carry_block_scales() {
 }
 
 /// `v3c dump-ir --model deepseek-v3 --stage v3` output is accepted by stock `mlir-opt` (and
-/// DeepSeek-V2-Lite's, with its bias-less softmax routing).
+/// DeepSeek-V2-Lite's, with its bias-less softmax routing, and DeepSeek-V3.2's, with its indexers).
 #[test]
 fn full_model_ir_is_accepted_by_stock_mlir_opt() {
     let mlir_opt = Path::new("/usr/lib/llvm-22/bin/mlir-opt");
@@ -121,7 +136,17 @@ fn full_model_ir_is_accepted_by_stock_mlir_opt() {
     assert_eq!(v2.matches("scoring = \"softmax\"").count(), 2 * 26, "26 MoE layers in both entries");
     let v2_file = dir.path().join("v2.mlir");
     std::fs::write(&v2_file, &v2).unwrap();
-    for file in [&file, &v2_file] {
+    let out = v3c_tests::run_binary("v3c", &["dump-ir", "--model", "deepseek-v3.2", "--stage", "v3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v32 = String::from_utf8(out.stdout).unwrap();
+    // Every MLA layer (61 + MTP) of both entries selects its keys and attends to the gathered rows.
+    for op in ["\"v3.sparse_index\"(", "\"v3.gather_rows\"(", "\"v3.layer_norm\"(", "\"v3.attention_decode\"("] {
+        assert_eq!(v32.matches(op).count(), 2 * 62, "{op}");
+    }
+    assert_eq!(v32.matches("\"v3.attention\"(").count(), 0);
+    let v32_file = dir.path().join("v32.mlir");
+    std::fs::write(&v32_file, &v32).unwrap();
+    for file in [&file, &v2_file, &v32_file] {
         let check = Command::new(mlir_opt)
             .arg(format!("--irdl-file={}", irdl.display()))
             .arg(file)
@@ -154,9 +179,8 @@ fn every_op_lands_in_exactly_one_launched_kernel() {
         }
         m
     }
-    for config in
-        [tiny(), ModelConfig::preset("deepseek-v3").unwrap(), ModelConfig::preset("deepseek-v2-lite").unwrap()]
-    {
+    let presets = ["deepseek-v3", "deepseek-v2-lite", "deepseek-v3.2"];
+    for config in [tiny()].into_iter().chain(presets.map(|p| ModelConfig::preset(p).unwrap())) {
         for entry in Entry::ALL {
             let context = v3c_compiler::mlir::new_context();
             let mut v3 =

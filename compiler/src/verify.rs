@@ -175,6 +175,50 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
                 return fail(format!("input {x}, weight {w}, result {r0} do not fit"));
             }
         }
+        "layer_norm" => {
+            let (x, w, b) = (&operands[0], &operands[1], &operands[2]);
+            if w.rank() != 1 || !agree(x.last(), w.dim(0)) || !same_shape(w, b) || !same_shape(x, r0) {
+                return fail(format!("input {x}, weight {w}, bias {b}, result {r0} do not fit"));
+            }
+        }
+        "sparse_index" => {
+            // (q [T, H, D], w [T, H], keys [S, D]) or decode's (.., keys [B, S, D], positions [B]).
+            let (q, w, keys) = (&operands[0], &operands[1], &operands[2]);
+            let top_k = int_attr("top_k").ok_or("missing integer attribute 'top_k'")?;
+            let decode = operands.len() == 4;
+            let fits = q.rank() == 3
+                && w.rank() == 2
+                && keys.rank() == if decode { 3 } else { 2 }
+                && agree(w.dim(0), q.dim(0))
+                && agree(w.dim(1), q.dim(1))
+                && agree(keys.last(), q.dim(2))
+                && (!decode || (agree(keys.dim(0), q.dim(0)) && agree(operands[3].dim(0), q.dim(0))))
+                && r0.rank() == 2
+                && agree(r0.dim(0), q.dim(0))
+                && r0.dim(1) == Some(top_k as usize)
+                && r0.element == "i32";
+            if !fits {
+                return fail(format!("queries {q}, weights {w}, keys {keys}, result {r0} do not fit (top_k {top_k})"));
+            }
+        }
+        "gather_rows" => {
+            // (latent [S, C] or [T, S, C], selected [T, K]) -> (rows [T, K, C], last [T]).
+            let (latent, sel) = (&operands[0], &operands[1]);
+            let last = results.get(1).ok_or("expected two results (rows, last)")?;
+            let fits = sel.rank() == 2
+                && sel.element == "i32"
+                && (latent.rank() == 2 || (latent.rank() == 3 && agree(latent.dim(0), sel.dim(0))))
+                && r0.rank() == 3
+                && agree(r0.dim(0), sel.dim(0))
+                && agree(r0.dim(1), sel.dim(1))
+                && agree(r0.dim(2), latent.last())
+                && last.rank() == 1
+                && agree(last.dim(0), sel.dim(0))
+                && last.element == "i64";
+            if !fits {
+                return fail(format!("latent {latent}, selected {sel}, results {r0} and {last} do not fit"));
+            }
+        }
         "rope" => {
             let (x, p) = (&operands[0], &operands[1]);
             let dim = int_attr("dim").ok_or("missing integer attribute 'dim'")?;
