@@ -1398,3 +1398,161 @@ fn max_or_nan(m: f32, d: f32) -> f32 {
         m.max(d)
     }
 }
+
+/// DeepSeek-V3.2's sparse-attention kernels (the indexer key's `layer_norm`, `sparse_index` in
+/// prefill and decode, `gather_rows` of a shared and of per-sequence latents) equal the reference
+/// interpreter's functions bit for bit: the sums run in its order, and equal scores (a repeated key;
+/// keys every head scores below zero, relu's zeros) go to the earlier key. Queries seeing fewer
+/// keys than `top_k`, exactly as many, and more; decode's positions anywhere in their caches.
+#[test]
+fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
+    let context = v3c_compiler::mlir::new_context();
+    let mut config = ModelConfig::preset("deepseek-v3-tiny").unwrap();
+    let (heads, width, top_k) = (4usize, 24usize, 3usize);
+    config.indexer = Some(v3c_models::config::SparseIndexer { n_heads: heads, head_dim: width, topk: top_k });
+    let module = Driver::quiet().run_model(&context, &config, &Entry::ALL, &BuildOptions::default(), "fused").unwrap();
+    let mut rng = Rng(5);
+    let mut rand = |n: usize| (0..n).map(|_| rng.next() * 4.0).collect::<Vec<f32>>();
+    let f32s = |shape: Vec<usize>, v: Vec<f32>| HostBuffer { shape, data: HostData::F32(v) };
+    let mut seen = Vec::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        let Ok(name) = f.attribute("sym_name") else { continue };
+        let name = name.to_string().trim_matches('"').to_string();
+        let kind = ["layer_norm", "sparse_index", "gather_rows"].into_iter().find(|k| name.starts_with(k));
+        let (Some(kind), true) = (kind, f.attribute(v3c_dialects::KERNEL_ATTR).is_ok()) else { continue };
+        let kernel = CpuKernel::compile(&context, &f).unwrap();
+        let sig = &kernel.signature;
+        let decode = sig.inputs.len() == 4 || sig.inputs[0].dims.len() == 3 && kind == "gather_rows";
+        seen.push((kind, decode));
+        let (t, s) = (5usize, 9usize);
+        let (mut inputs, want): (Vec<HostBuffer>, Vec<(Vec<f32>, Vec<usize>)>) = match kind {
+            "layer_norm" => {
+                let (x, w, b) = (rand(t * width), rand(width), rand(width));
+                let widen = |v: &[f32]| v.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect::<Vec<f32>>();
+                let weight = |v: &[f32]| match sig.inputs[1].element.as_str() {
+                    "bf16" => HostBuffer {
+                        shape: vec![width],
+                        data: HostData::Bf16(v.iter().map(|&x| f32_to_bf16(x)).collect()),
+                    },
+                    _ => f32s(vec![width], v.to_vec()),
+                };
+                let (wf, bf) =
+                    if sig.inputs[1].element == "bf16" { (widen(&w), widen(&b)) } else { (w.clone(), b.clone()) };
+                let want = kernels::layer_norm(&x, &wf, &bf, v3c_models::deepseek_v3::INDEXER_NORM_EPS);
+                // The split of the key into its rotated and plain dims joins the norm's kernel.
+                let mut pieces = Vec::new();
+                let mut at = 0;
+                for out in &sig.outputs {
+                    let n = out.dims[1].unwrap();
+                    let piece = want.chunks(width).flat_map(|row| row[at..at + n].to_vec()).collect();
+                    pieces.push((piece, vec![t, n]));
+                    at += n;
+                }
+                assert_eq!(at, width, "{name}: the norm's outputs are its columns");
+                (vec![f32s(vec![t, width], x), weight(&w), weight(&b)], pieces)
+            }
+            "sparse_index" => {
+                let (mut q, mut w) = (rand(t * heads * width), rand(t * heads));
+                // Keys 3 and 5 equal (equal scores). Query 4: every head one direction u and its
+                // weights positive, and its keys but the first -u: every head's dot below zero, so
+                // all but key 0 score relu's exact zero, and the cut falls among them.
+                let per_seq = if decode { t } else { 1 };
+                let mut keys = rand(per_seq * s * width);
+                let u = q[4 * heads * width..4 * heads * width + width].to_vec();
+                for h in 0..heads {
+                    q[(4 * heads + h) * width..(4 * heads + h + 1) * width].copy_from_slice(&u);
+                    w[4 * heads + h] = w[4 * heads + h].abs() + 0.1;
+                }
+                for b in 0..per_seq {
+                    let row = |j: usize| (b * s + j) * width;
+                    let three = keys[row(3)..row(3) + width].to_vec();
+                    keys[row(5)..row(5) + width].copy_from_slice(&three);
+                    if b == 4 || !decode {
+                        for j in 1..s {
+                            for d in 0..width {
+                                keys[row(j) + d] = -u[d];
+                            }
+                        }
+                    }
+                }
+                // Decode: sequence b at position 0, 2, 3, 8, 5 (fewer, as many, more keys than top_k).
+                let positions: Vec<i64> = vec![0, 2, 3, 8, 5];
+                let mut want = Vec::new();
+                for i in 0..t {
+                    let (base, last) = if decode { (i * s, positions[i] as usize) } else { (0, s - t + i) };
+                    let seen = &keys[base * width..(base + last + 1) * width];
+                    let scores = kernels::index_scores(
+                        &q[i * heads * width..(i + 1) * heads * width],
+                        &w[i * heads..(i + 1) * heads],
+                        seen,
+                        width,
+                    );
+                    want.extend(kernels::select_top_keys(&scores, top_k).into_iter().map(|k| k as f32));
+                }
+                let mut inputs = vec![f32s(vec![t, heads, width], q), f32s(vec![t, heads], w)];
+                if decode {
+                    inputs.push(f32s(vec![t, s, width], keys));
+                    inputs.push(HostBuffer { shape: vec![t], data: HostData::I64(positions) });
+                } else {
+                    inputs.push(f32s(vec![s, width], keys));
+                }
+                (inputs, vec![(want, vec![t, top_k])])
+            }
+            _ => {
+                let c = *sig.inputs[0].dims.last().unwrap();
+                let c = c.unwrap();
+                let per_seq = if decode { t } else { 1 };
+                let latent = rand(per_seq * s * c);
+                let selected: Vec<i32> = vec![0, -1, -1, 2, 4, 8, 1, 3, -1, 0, 1, 2, 7, 8, -1];
+                let (mut rows, mut last) = (vec![0.0f32; t * top_k * c], Vec::new());
+                for i in 0..t {
+                    let picks = &selected[i * top_k..(i + 1) * top_k];
+                    let base = if decode { i * s } else { 0 };
+                    for (slot, &j) in picks.iter().enumerate().filter(|(_, j)| **j >= 0) {
+                        let from = (base + j as usize) * c;
+                        rows[(i * top_k + slot) * c..(i * top_k + slot + 1) * c]
+                            .copy_from_slice(&latent[from..from + c]);
+                    }
+                    last.push(picks.iter().filter(|j| **j >= 0).count() as f32 - 1.0);
+                }
+                let lat_shape = if decode { vec![t, s, c] } else { vec![s, c] };
+                let inputs =
+                    vec![f32s(lat_shape, latent), HostBuffer { shape: vec![t, top_k], data: HostData::I32(selected) }];
+                (inputs, vec![(rows, vec![t, top_k, c]), (last, vec![t])])
+            }
+        };
+        let mut outputs: Vec<HostBuffer> = want
+            .iter()
+            .zip(&sig.outputs)
+            .map(|((v, shape), declared)| HostBuffer {
+                shape: shape.clone(),
+                data: match declared.element.as_str() {
+                    "i32" => HostData::I32(vec![-7; v.len()]),
+                    "i64" => HostData::I64(vec![-7; v.len()]),
+                    _ => HostData::F32(vec![f32::NAN; v.len()]),
+                },
+            })
+            .collect();
+        // SAFETY: the outputs have exactly the shapes the kernel computes (the reference's).
+        unsafe { kernel.run(&mut inputs, &mut outputs) }.unwrap();
+        for (got, (want, _)) in outputs.iter().zip(&want) {
+            assert_eq!(floats(got), *want, "{name}");
+        }
+        if kind == "sparse_index" {
+            // Query 4's picks: key 0, then the earliest of the keys tied at zero.
+            assert_eq!(&want[0].0[4 * top_k..5 * top_k], &[0.0, 1.0, 2.0], "{name}");
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    let expected = [
+        ("gather_rows", false),
+        ("gather_rows", true),
+        ("layer_norm", false),
+        ("sparse_index", false),
+        ("sparse_index", true),
+    ];
+    assert_eq!(seen, expected);
+}
