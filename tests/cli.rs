@@ -1373,6 +1373,50 @@ fn logits_and_run_work_on_a_committed_fixture() {
     assert_eq!(sampled, run(&["--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]));
 }
 
+/// DeepSeek-V3.2 through the CLI: `v3c logits` (reference and cpu backends) gives transformers'
+/// logits for a committed fixture; the sparse attention's kernels have no sm_90a lowering yet, so
+/// compiling for the GPU fails in one line naming them, exit 1, no artifact left; training is
+/// refused by name, no checkpoint left.
+#[test]
+fn deepseek_v32_runs_on_the_cpu_and_is_refused_where_not_lowered() {
+    use v3c_models::checkpoint::Checkpoint;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/v32_sparse_f32");
+    let expected = Checkpoint::open_file(&fixture.join("expected.safetensors")).unwrap();
+    let tokens: Vec<String> =
+        expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|t| t.to_string()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    for backend in ["reference", "cpu"] {
+        let out = dir.path().join(format!("{backend}.safetensors"));
+        let args = ["logits", "--model-dir", fixture.to_str().unwrap(), "--tokens", &tokens.join(" ")];
+        let r = run_binary("v3c", &[&args[..], &["--backend", backend, "--out", out.to_str().unwrap()]].concat());
+        assert!(r.status.success(), "{backend}: {}", text(&r.stderr));
+        let (a, b) = (Checkpoint::open_file(&out).unwrap().read("logits").unwrap(), expected.read("logits").unwrap());
+        let diff =
+            a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0f32, max_or_nan);
+        assert!(diff <= 1e-4, "{backend}: {diff}");
+    }
+    let art = dir.path().join("gpu");
+    let r = run_binary(
+        "v3c",
+        &["compile", "--model", fixture.to_str().unwrap(), "--target", "sm_90a", "--out", art.to_str().unwrap()],
+    );
+    assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+    let said = text(&r.stderr);
+    let errors: Vec<&str> = said.lines().filter(|l| l.starts_with("v3c: error")).collect();
+    assert_eq!(errors.len(), 1, "{said}");
+    assert!(errors[0].starts_with("v3c: error: unsupported on sm_90a: "), "{said}");
+    assert!(errors[0].contains("sparse_index_0 (sparse_index)") && errors[0].contains("gather_rows_0 (gather_rows)"));
+    assert!(!art.exists());
+    let data = dir.path().join("tokens.txt");
+    std::fs::write(&data, (0..64).map(|i| ((i * 7 + 3) % 128).to_string()).collect::<Vec<_>>().join(" ")).unwrap();
+    let trained = dir.path().join("trained");
+    let args = ["train", "--model-dir", fixture.to_str().unwrap(), "--data", data.to_str().unwrap(), "--seq", "8"];
+    let r = run_binary("v3c", &[&args[..], &["--steps", "1", "--out", trained.to_str().unwrap()]].concat());
+    assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+    assert!(text(&r.stderr).contains("training DeepSeek Sparse Attention"), "{}", text(&r.stderr));
+    assert!(!trained.exists());
+}
+
 /// `v3r train` on a training-step artifact (`v3c compile --target cpu --train`) is `v3c train
 /// --backend cpu` without the compiler: the same loss log and a byte-identical checkpoint (the MoE +
 /// MTP tiny model); it resumes, and refuses an inference artifact and windows longer than planned.

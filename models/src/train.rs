@@ -612,6 +612,13 @@ pub struct TrainingGraph {
 /// graph with f32 weights, the next-token (and MTP) cross-entropy, the balance losses, and
 /// [`backward`].
 pub fn training_graph(config: &ModelConfig, train: &TrainConfig) -> Result<TrainingGraph, TrainError> {
+    if let Some(i) = config.indexer {
+        return Err(TrainError::Invalid(format!(
+            "{}: training DeepSeek Sparse Attention (an indexer picking {} keys a query) is not supported yet: \
+             no gradient through the key selection and the gathered rows' attention",
+            config.name, i.topk
+        )));
+    }
     let mtp = config.num_nextn_predict_layers > 0 && train.mtp_weight > 0.0;
     let options =
         BuildOptions { dense_f32_weights: true, skip_mtp: !mtp, fp8_training: train.fp8, ..Default::default() };
@@ -746,6 +753,15 @@ fn run_jobs<F: FnOnce() + Send>(jobs: Vec<F>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparse_attention_models_are_refused_by_name() {
+        let e = training_graph(&crate::deepseek_v3::tests::v32_tiny(), &TrainConfig::default()).err().unwrap();
+        assert!(
+            e.to_string().contains("training DeepSeek Sparse Attention (an indexer picking 3 keys a query)"),
+            "{e}"
+        );
+    }
 
     /// The tiny DeepSeek-V3 without MTP and a random checkpoint of it (seed `seed`), kept in the
     /// returned directory.
