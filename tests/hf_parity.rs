@@ -71,7 +71,7 @@ fn reference_logits_match_transformers() {
 #[test]
 fn v32_fixtures_depend_on_the_key_selection() {
     let sparse: Vec<PathBuf> = fixtures().into_iter().filter(|d| sparse_attention(d)).collect();
-    assert_eq!(sparse.len(), 2, "the v32_* fixtures");
+    assert_eq!(sparse.len(), 3, "the v32_* fixtures");
     for dir in sparse {
         let (name, expected, tokens, p0) = expectations(&dir);
         let dense = tempfile::tempdir().unwrap();
@@ -135,33 +135,38 @@ fn cpu_backend_logits_match_transformers() {
 }
 
 /// In fp8 precision (1x128 activations, 128x128 block-scaled GEMMs) the CPU backend quantizes as
-/// the reference interpreter does: logits within 1e-3 x max|logit| and the same argmax on every row.
+/// the reference interpreter does: logits within 1e-3 x max|logit| and the same argmax on every row
+/// (DeepSeek-V3 with MTP; DeepSeek-V3.2, its indexer's wq_b and wk in e4m3 too).
 #[test]
 fn cpu_backend_fp8_matches_the_reference_fp8() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/fp8_yarn_mtp");
-    let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
-    let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
-    let model = Model::open(&dir, Precision::Fp8).unwrap();
-    let reference = model.logits(&tokens, 0).unwrap();
-    let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap();
-    for (name, a, b) in [
-        ("logits", &reference.logits, &cpu.logits),
-        ("mtp_logits", reference.mtp_logits.as_ref().unwrap(), cpu.mtp_logits.as_ref().unwrap()),
-    ] {
-        let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
-        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(a, b);
-        eprintln!("fp8 {name}: cpu vs reference max |diff| = {diff:.2e} (max |logit| {scale:.2})");
-        assert!(diff <= 1e-3 * scale, "{name}: {diff}");
-        let v = reference.logits.shape[1];
-        let argmax = |r: &[f32]| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
-        for (ra, rb) in a.chunks(v).zip(b.chunks(v)) {
-            assert_eq!(argmax(ra), argmax(rb), "{name}: argmax differs");
+    for fixture in ["fp8_yarn_mtp", "v32_fp8_yarn"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf").join(fixture);
+        let expected = Checkpoint::open_file(&dir.join("expected.safetensors")).unwrap();
+        let tokens: Vec<u32> = expected.read("tokens").unwrap().as_ids().unwrap().iter().map(|&t| t as u32).collect();
+        let model = Model::open(&dir, Precision::Fp8).unwrap();
+        let reference = model.logits(&tokens, 0).unwrap();
+        let cpu = v3c_compiler::cpu_backend::logits(&model, &tokens, 0, None).unwrap();
+        let mut pairs = vec![("logits", &reference.logits, &cpu.logits)];
+        if let (Some(a), Some(b)) = (reference.mtp_logits.as_ref(), cpu.mtp_logits.as_ref()) {
+            pairs.push(("mtp_logits", a, b));
         }
+        assert_eq!(pairs.len(), if fixture == "fp8_yarn_mtp" { 2 } else { 1 });
+        for (name, a, b) in pairs {
+            let (a, b) = (a.as_f32().unwrap(), b.as_f32().unwrap());
+            let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(a, b);
+            eprintln!("{fixture}: fp8 {name}: cpu vs reference max |diff| = {diff:.2e} (max |logit| {scale:.2})");
+            assert!(diff <= 1e-3 * scale, "{fixture}: {name}: {diff}");
+            let v = reference.logits.shape[1];
+            let argmax = |r: &[f32]| r.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+            for (ra, rb) in a.chunks(v).zip(b.chunks(v)) {
+                assert_eq!(argmax(ra), argmax(rb), "{fixture}: {name}: argmax differs");
+            }
+        }
+        // fp8 really differs from f32 (the quantization is exercised, not bypassed).
+        let f32_logits = Model::open(&dir, Precision::F32).unwrap().logits(&tokens, 0).unwrap().logits;
+        assert!(max_abs_diff(f32_logits.as_f32().unwrap(), cpu.logits.as_f32().unwrap()) > 1e-4, "{fixture}");
     }
-    // fp8 really differs from f32 (the quantization is exercised, not bypassed).
-    let f32_logits = Model::open(&dir, Precision::F32).unwrap().logits(&tokens, 0).unwrap().logits;
-    assert!(max_abs_diff(f32_logits.as_f32().unwrap(), cpu.logits.as_f32().unwrap()) > 1e-4);
 }
 
 /// The `grads_f32` fixture's case: the DeepSeek-V3 prefill graph with a mean cross-entropy loss and

@@ -197,7 +197,7 @@ fn import_function<'c>(context: &'c Context, entry: &str, g: &Graph) -> Result<m
             Op::SparseIndexDecode { top_k } => {
                 ops::sparse_index([o(0), o(1), o(2)], Some(o(3)), *top_k, r, context, location)?
             }
-            Op::GatherRows => ops::gather_rows(o(0), o(1), [r, result_types[1]], context, location)?,
+            Op::GatherRows { width } => ops::gather_rows(o(0), o(1), *width, [r, result_types[1]], context, location)?,
             Op::MoeRoute(rt) => {
                 let bias = (node.inputs.len() > 2).then(|| o(2));
                 ops::moe_route(o(0), o(1), bias, &route_attributes(rt), r, result_types[1], context, location)?

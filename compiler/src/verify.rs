@@ -191,7 +191,7 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
                 && keys.rank() == if decode { 3 } else { 2 }
                 && agree(w.dim(0), q.dim(0))
                 && agree(w.dim(1), q.dim(1))
-                && agree(keys.last(), q.dim(2))
+                && keys.last().zip(q.dim(2)).is_none_or(|(c, d)| c >= d)
                 && (!decode || (agree(keys.dim(0), q.dim(0)) && agree(operands[3].dim(0), q.dim(0))))
                 && r0.rank() == 2
                 && agree(r0.dim(0), q.dim(0))
@@ -202,16 +202,18 @@ fn check_op(op: &OperationRef) -> Result<(), String> {
             }
         }
         "gather_rows" => {
-            // (latent [S, C] or [T, S, C], selected [T, K]) -> (rows [T, K, C], last [T]).
+            // (cache [S, C] or [T, S, C], selected [T, K]) -> (rows [T, K, width], last [T]).
             let (latent, sel) = (&operands[0], &operands[1]);
             let last = results.get(1).ok_or("expected two results (rows, last)")?;
+            let width = int_attr("width").ok_or("missing integer attribute 'width'")? as usize;
             let fits = sel.rank() == 2
                 && sel.element == "i32"
                 && (latent.rank() == 2 || (latent.rank() == 3 && agree(latent.dim(0), sel.dim(0))))
                 && r0.rank() == 3
                 && agree(r0.dim(0), sel.dim(0))
                 && agree(r0.dim(1), sel.dim(1))
-                && agree(r0.dim(2), latent.last())
+                && r0.dim(2) == Some(width)
+                && latent.last().is_none_or(|c| c >= width)
                 && last.rank() == 1
                 && agree(last.dim(0), sel.dim(0))
                 && last.element == "i64";

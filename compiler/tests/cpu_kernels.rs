@@ -1458,15 +1458,18 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
                 // Keys 3 and 5 equal (equal scores). Query 4: every head one direction u and its
                 // weights positive, and its keys but the first -u: every head's dot below zero, so
                 // all but key 0 score relu's exact zero, and the cut falls among them.
+                // The cache rows: the latent, then the key (the last `width` columns).
                 let per_seq = if decode { t } else { 1 };
-                let mut keys = rand(per_seq * s * width);
+                let c = sig.inputs[2].dims.last().copied().flatten().unwrap();
+                let lead = c - width;
+                let mut keys = rand(per_seq * s * c);
                 let u = q[4 * heads * width..4 * heads * width + width].to_vec();
                 for h in 0..heads {
                     q[(4 * heads + h) * width..(4 * heads + h + 1) * width].copy_from_slice(&u);
                     w[4 * heads + h] = w[4 * heads + h].abs() + 0.1;
                 }
                 for b in 0..per_seq {
-                    let row = |j: usize| (b * s + j) * width;
+                    let row = |j: usize| (b * s + j) * c + lead;
                     let three = keys[row(3)..row(3) + width].to_vec();
                     keys[row(5)..row(5) + width].copy_from_slice(&three);
                     if b == 4 || !decode {
@@ -1482,45 +1485,48 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
                 let mut want = Vec::new();
                 for i in 0..t {
                     let (base, last) = if decode { (i * s, positions[i] as usize) } else { (0, s - t + i) };
-                    let seen = &keys[base * width..(base + last + 1) * width];
+                    let seen = &keys[base * c..(base + last + 1) * c];
                     let scores = kernels::index_scores(
                         &q[i * heads * width..(i + 1) * heads * width],
                         &w[i * heads..(i + 1) * heads],
                         seen,
+                        c,
                         width,
                     );
                     want.extend(kernels::select_top_keys(&scores, top_k).into_iter().map(|k| k as f32));
                 }
                 let mut inputs = vec![f32s(vec![t, heads, width], q), f32s(vec![t, heads], w)];
                 if decode {
-                    inputs.push(f32s(vec![t, s, width], keys));
+                    inputs.push(f32s(vec![t, s, c], keys));
                     inputs.push(HostBuffer { shape: vec![t], data: HostData::I64(positions) });
                 } else {
-                    inputs.push(f32s(vec![s, width], keys));
+                    inputs.push(f32s(vec![s, c], keys));
                 }
                 (inputs, vec![(want, vec![t, top_k])])
             }
             _ => {
-                let c = *sig.inputs[0].dims.last().unwrap();
-                let c = c.unwrap();
+                // Cache rows of c columns; the first `latent` (the rows' width) gathered.
+                let c = sig.inputs[0].dims.last().copied().flatten().unwrap();
+                let lat = sig.outputs[0].dims[2].unwrap();
+                assert!(lat < c, "{name}: the key columns are left behind");
                 let per_seq = if decode { t } else { 1 };
                 let latent = rand(per_seq * s * c);
                 let selected: Vec<i32> = vec![0, -1, -1, 2, 4, 8, 1, 3, -1, 0, 1, 2, 7, 8, -1];
-                let (mut rows, mut last) = (vec![0.0f32; t * top_k * c], Vec::new());
+                let (mut rows, mut last) = (vec![0.0f32; t * top_k * lat], Vec::new());
                 for i in 0..t {
                     let picks = &selected[i * top_k..(i + 1) * top_k];
                     let base = if decode { i * s } else { 0 };
                     for (slot, &j) in picks.iter().enumerate().filter(|(_, j)| **j >= 0) {
                         let from = (base + j as usize) * c;
-                        rows[(i * top_k + slot) * c..(i * top_k + slot + 1) * c]
-                            .copy_from_slice(&latent[from..from + c]);
+                        rows[(i * top_k + slot) * lat..(i * top_k + slot + 1) * lat]
+                            .copy_from_slice(&latent[from..from + lat]);
                     }
                     last.push(picks.iter().filter(|j| **j >= 0).count() as f32 - 1.0);
                 }
                 let lat_shape = if decode { vec![t, s, c] } else { vec![s, c] };
                 let inputs =
                     vec![f32s(lat_shape, latent), HostBuffer { shape: vec![t, top_k], data: HostData::I32(selected) }];
-                (inputs, vec![(rows, vec![t, top_k, c]), (last, vec![t])])
+                (inputs, vec![(rows, vec![t, top_k, lat]), (last, vec![t])])
             }
         };
         let mut outputs: Vec<HostBuffer> = want

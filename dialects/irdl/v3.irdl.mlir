@@ -113,8 +113,9 @@ irdl.dialect @v3 {
     irdl.attributes { "eps" = %eps }
   }
 
-  // The lightning indexer's selection: (q [T, H, D], w [T, H], keys [S, D]) -> selected [T, top_k] i32,
-  // query t at row S - T + t; with positions [B] (decode): keys [B, S, D], query b at positions[b].
+  // The lightning indexer's selection: (q [T, H, D], w [T, H], rows [S, C]) -> selected [T, top_k] i32,
+  // a row's key its last D columns, query t at row S - T + t; with positions [B] (decode): rows
+  // [B, S, C], query b at positions[b].
   // score = sum_h w[h] / sqrt(H) * relu(q[h] . key / sqrt(D)); the top_k best keys at or before the
   // query (all while there are at most top_k; ties: the earlier key), ascending, then -1s.
   irdl.operation @sparse_index {
@@ -129,15 +130,17 @@ irdl.dialect @v3 {
     irdl.attributes { "top_k" = %top_k }
   }
 
-  // (latent [S, C] or [T, S, C], selected [T, K] i32) -> (rows [T, K, C], last [T] i64): each query's
-  // selected rows gathered (zeros past them), last = their count - 1.
+  // (cache [S, C] or [T, S, C], selected [T, K] i32) -> (rows [T, K, width], last [T] i64): the first
+  // width columns of each query's selected rows gathered (zeros past them), last = their count - 1.
   irdl.operation @gather_rows {
     %latent = irdl.base "!builtin.tensor"
     %selected = irdl.base "!builtin.tensor"
     %rows = irdl.base "!builtin.tensor"
     %last = irdl.base "!builtin.tensor"
+    %width = irdl.base "#builtin.integer"
     irdl.operands(latent: %latent, selected: %selected)
     irdl.results(rows: %rows, last: %last)
+    irdl.attributes { "width" = %width }
   }
 
   // sigmoid(x @ gate^T) + bias -> group-limited top-k -> (indices [T, K] i32, weights [T, K] f32).

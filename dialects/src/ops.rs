@@ -272,15 +272,16 @@ pub fn sparse_index<'c>(
     build("sparse_index", &operands, &[selected], &[("top_k", i64_attr(c, top_k as i64))], c, l)
 }
 
-/// Creates `v3.gather_rows`: `(rows, last)` of the selected rows.
+/// Creates `v3.gather_rows`: `(rows, last)` of the selected rows' first `width` columns.
 pub fn gather_rows<'c>(
     latent: Value<'c, '_>,
     selected: Value<'c, '_>,
+    width: usize,
     [rows, last]: [Type<'c>; 2],
     c: &'c Context,
     l: Location<'c>,
 ) -> Result<Operation<'c>, DialectError> {
-    build("gather_rows", &[latent, selected], &[rows, last], &[], c, l)
+    build("gather_rows", &[latent, selected], &[rows, last], &[("width", i64_attr(c, width as i64))], c, l)
 }
 
 /// Attributes of `v3.moe_route`.

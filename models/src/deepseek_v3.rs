@@ -409,14 +409,13 @@ impl<'a> ModelBuilder<'a> {
         let o = match (c.indexer, decode) {
             (None, false) => self.b.attention(qs[0], q_pe, all, kv_b, self.form, scale, kv)?,
             (None, true) => self.b.attention_decode(qs[0], q_pe, all, t.positions, kv_b, self.form, scale, kv)?,
-            // DeepSeek Sparse Attention: a cache row's last `head_dim` columns are the indexer's key.
-            // Each query attends to the rows it selected, gathered: MLA decode over them (one
-            // "sequence" of rows a query, its last gathered row its position).
+            // DeepSeek Sparse Attention: a cache row's last `head_dim` columns are the indexer's key,
+            // read in place. Each query attends to the latents of the rows it selected, gathered: MLA
+            // decode over them (one "sequence" of rows a query, its last gathered row its position).
             (Some(indexer), _) => {
                 let cq = q_latent.expect("configs with an indexer have a query latent (checked)");
-                let pieces = self.b.split(all, if decode { 2 } else { 1 }, &[kv + dr, indexer.head_dim])?;
-                let selected = self.select_keys(x, cq, t, pieces[1], indexer, &format!("{p}.indexer"))?;
-                let (rows, last) = self.b.gather_rows(pieces[0], selected)?;
+                let selected = self.select_keys(x, cq, t, all, indexer, &format!("{p}.indexer"))?;
+                let (rows, last) = self.b.gather_rows(all, selected, kv + dr)?;
                 self.b.attention_decode(qs[0], q_pe, rows, last, kv_b, self.form, scale, kv)?
             }
         };
@@ -445,14 +444,14 @@ impl<'a> ModelBuilder<'a> {
         self.b.concat(&[rotated, parts[1]], axis)
     }
 
-    /// The keys each query attends to (see [`crate::graph::Op::SparseIndex`]): queries from the
-    /// query latent `cq`, head weights from `x`.
+    /// The keys each query attends to (see [`crate::graph::Op::SparseIndex`]) among the cache's
+    /// `rows`: queries from the query latent `cq`, head weights from `x`.
     fn select_keys(
         &mut self,
         x: ValueId,
         cq: ValueId,
         t: &Tokens,
-        keys: ValueId,
+        rows: ValueId,
         i: SparseIndexer,
         p: &str,
     ) -> Result<ValueId, GraphError> {
@@ -464,7 +463,7 @@ impl<'a> ModelBuilder<'a> {
         let w = self.plain(&format!("{p}.weights_proj.weight"), &[i.n_heads, c.hidden_size])?;
         let w = self.b.linear(x, w)?;
         let positions = (self.entry == Entry::Decode).then_some(t.positions);
-        self.b.sparse_index(q, w, keys, positions, i.topk)
+        self.b.sparse_index(q, w, rows, positions, i.topk)
     }
 
     /// Dense SwiGLU MLP.

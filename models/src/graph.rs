@@ -172,21 +172,23 @@ pub enum Op {
     /// (x `[.., D]`, w `[D]`, b `[D]`) -> `[.., D]`: `(x - mean) / sqrt(var + eps) * w + b` over the last
     /// axis (the biased variance), in f32, as `torch.nn.LayerNorm`.
     LayerNorm { eps: f32 },
-    /// The lightning indexer's key selection over one sequence, (q `[T, Hi, Di]`, w `[T, Hi]`, keys
-    /// `[S, Di]`) -> selected `[T, top_k]` i32. Query t sits at row S - T + t, as in `attention`; a key's
+    /// The lightning indexer's key selection over one sequence, (q `[T, Hi, Di]`, w `[T, Hi]`, cache
+    /// rows `[S, C]`) -> selected `[T, top_k]` i32; a row's key is its last `Di` columns (C >= Di: the
+    /// cache row, latent then key, read in place). Query t sits at row S - T + t, as in `attention`; a key's
     /// score is `sum_h w[t,h] / sqrt(Hi) * relu(q[t,h] . key / sqrt(Di))`. A query selects the `top_k`
     /// best-scoring keys at or before its row (every one of them while there are at most `top_k`; equal
     /// scores: the earlier key), listed in ascending order, the rest of the row -1.
     SparseIndex { top_k: usize },
-    /// Decode's selection, one query per sequence: (q `[B, Hi, Di]`, w `[B, Hi]`, keys `[B, S, Di]`,
+    /// Decode's selection, one query per sequence: (q `[B, Hi, Di]`, w `[B, Hi]`, rows `[B, S, C]`,
     /// positions `[B]`) -> `[B, top_k]` i32 over sequence b's keys `0..=positions[b]`.
     SparseIndexDecode { top_k: usize },
     /// The rows each query selected, for `attention_decode` over them (sparse MLA: a query attends
-    /// to its gathered rows `0..=last`): (latent `[S, C]`, selected `[T, K]` i32) -> (rows `[T, K, C]`,
-    /// last `[T]` i64) with `rows[t, k] = latent[selected[t, k]]` (zeros for -1) and `last[t]` the
-    /// count of t's selected rows minus one; a 3-D latent `[B, S, C]` is one set of rows per query
-    /// (decode: each sequence's own cache). A query's selection is its valid rows then -1s.
-    GatherRows,
+    /// to its gathered rows `0..=last`): (cache `[S, C]`, selected `[T, K]` i32) -> (rows `[T, K, width]`,
+    /// last `[T]` i64) with `rows[t, k]` the first `width` columns of `cache[selected[t, k]]` (the
+    /// latent; zeros for -1) and `last[t]` the count of t's selected rows minus one; a 3-D cache
+    /// `[B, S, C]` is one set of rows per query (decode: each sequence's own). A query's selection is
+    /// its valid rows then -1s.
+    GatherRows { width: usize },
     /// (x `[T, D]`, gate `[E, D]`, bias `[E]`) -> (indices `[T, K]` i32, weights `[T, K]` f32); a
     /// softmax routing ([`crate::config::Scoring::Softmax`]) has no bias input.
     MoeRoute(Routing),
@@ -278,7 +280,7 @@ impl Op {
             Op::LayerNorm { .. } => "layer_norm",
             Op::SparseIndex { .. } => "sparse_index",
             Op::SparseIndexDecode { .. } => "sparse_index_decode",
-            Op::GatherRows => "gather_rows",
+            Op::GatherRows { .. } => "gather_rows",
             Op::MoeRoute(_) => "moe_route",
             Op::MoeExperts { .. } => "moe_experts",
             Op::SiluMul => "silu_mul",
@@ -558,7 +560,7 @@ impl Builder {
     }
 
     /// The indexer's selection (see [`Op::SparseIndex`]; with `positions`, [`Op::SparseIndexDecode`]:
-    /// q `[B, Hi, Di]`, keys `[B, S, Di]`).
+    /// q `[B, Hi, Di]`, rows `[B, S, C]`).
     pub fn sparse_index(
         &mut self,
         q: ValueId,
@@ -578,7 +580,7 @@ impl Builder {
             && kt.rank() == key_rank
             && wt.shape[0] == qt.shape[0]
             && wt.shape[1] == qt.shape[1]
-            && kt.last() == qt.last()
+            && matches!((kt.last(), qt.last()), (Dim::Fixed(c), Dim::Fixed(d)) if c >= d)
             && (positions.is_none() || kt.shape[0] == qt.shape[0]);
         if !fits || top_k == 0 {
             return Self::err(op, format!("queries {qt}, weights {wt}, keys {kt}, top_k {top_k} do not fit"));
@@ -665,21 +667,29 @@ impl Builder {
         Ok(self.push1(Op::Attention { form, scale, kv_lora_rank }, vec![q_nope, q_pe, latent, kv_b], ty))
     }
 
-    /// The rows `selected` picks from `latent`, and each query's last (see [`Op::GatherRows`]).
-    pub fn gather_rows(&mut self, latent: ValueId, selected: ValueId) -> Result<(ValueId, ValueId), GraphError> {
+    /// The first `width` columns of the rows `selected` picks from `latent`, and each query's last
+    /// (see [`Op::GatherRows`]).
+    pub fn gather_rows(
+        &mut self,
+        latent: ValueId,
+        selected: ValueId,
+        width: usize,
+    ) -> Result<(ValueId, ValueId), GraphError> {
         self.expect_float("gather_rows", latent, "rows")?;
         let (lt, st) = (self.ty(latent).clone(), self.ty(selected).clone());
         let per_query = lt.rank() == 3;
         let fits = st.dtype == DType::I32
             && st.rank() == 2
             && (lt.rank() == 2 || (per_query && lt.shape[0] == st.shape[0]))
-            && matches!(st.shape[1], Dim::Fixed(_));
+            && matches!(st.shape[1], Dim::Fixed(_))
+            && matches!(lt.last(), Dim::Fixed(c) if *c >= width && width > 0);
         if !fits {
-            return Self::err("gather_rows", format!("rows {lt} and selected {st} do not fit"));
+            return Self::err("gather_rows", format!("rows {lt}, selected {st} and width {width} do not fit"));
         }
         let (t, k) = (st.shape[0].clone(), st.shape[1].clone());
-        let rows = TensorType::new(vec![t.clone(), k, lt.shape[lt.rank() - 1].clone()], DType::F32);
-        let out = self.push(Op::GatherRows, vec![latent, selected], vec![rows, TensorType::new(vec![t], DType::I64)]);
+        let rows = TensorType::new(vec![t.clone(), k, width.into()], DType::F32);
+        let results = vec![rows, TensorType::new(vec![t], DType::I64)];
+        let out = self.push(Op::GatherRows { width }, vec![latent, selected], results);
         Ok((out[0], out[1]))
     }
 

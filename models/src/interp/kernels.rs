@@ -239,13 +239,15 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
-/// The lightning indexer's scores of one query against `keys` (rows of `q`'s width `di`):
-/// `sum_h w[h] / sqrt(heads) * relu(q[h] . key / sqrt(di))`, heads summed in order, as transformers'
-/// `DeepseekV32Indexer` (its Hadamard rotation and fp8 rounding left out, as there).
-pub fn index_scores(q: &[f32], w: &[f32], keys: &[f32], di: usize) -> Vec<f32> {
+/// The lightning indexer's scores of one query against the keys of `rows` (each `width` wide, its
+/// key the last `di` columns): `sum_h w[h] / sqrt(heads) * relu(q[h] . key / sqrt(di))`, heads summed
+/// in order, as transformers' `DeepseekV32Indexer` (its Hadamard rotation and fp8 rounding left out,
+/// as there).
+pub fn index_scores(q: &[f32], w: &[f32], rows: &[f32], width: usize, di: usize) -> Vec<f32> {
     let heads = w.len();
     let (qk_scale, w_scale) = ((di as f32).powf(-0.5), (heads as f32).powf(-0.5));
-    keys.chunks(di)
+    rows.chunks(width)
+        .map(|row| &row[width - di..])
         .map(|k| {
             (0..heads).fold(0.0f32, |acc, h| {
                 let s = (dot(&q[h * di..(h + 1) * di], k) * qk_scale).max(0.0);
@@ -671,7 +673,8 @@ mod tests {
         assert_eq!(select_top_keys(&[0.1, 3.0, 0.2, 3.0, 0.2], 3), [1, 2, 3]);
         // Scores: two heads of width 2, weights 1 and -2 over sqrt(2); relu per head.
         let q = [1.0, 0.0, 0.0, 1.0];
-        let scores = index_scores(&q, &[1.0, -2.0], &[2.0, -1.0, 1.0, 1.0], 2);
+        // Rows of 3: one leading latent column, then the key.
+        let scores = index_scores(&q, &[1.0, -2.0], &[9.0, 2.0, -1.0, -9.0, 1.0, 1.0], 3, 2);
         let (qk, w) = (0.5f32.sqrt(), 0.5f32.sqrt());
         let want = [w * 2.0 * qk, w * qk - 2.0 * w * qk];
         assert!((scores[0] - want[0]).abs() < 1e-6 && (scores[1] - want[1]).abs() < 1e-6, "{scores:?}");

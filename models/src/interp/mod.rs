@@ -240,21 +240,21 @@ impl Interpreter {
             Op::SparseIndex { top_k } => {
                 let (q, w, keys) = (f(0)?, f(1)?, f(2)?);
                 let (t, hi, di, s) = (a[0].shape[0], a[0].shape[1], a[0].shape[2], a[2].shape[0]);
+                let c = a[2].shape[1];
                 if s < t {
                     return Err(op_err(node, format!("{s} keys for {t} queries")));
                 }
                 let mut out = Vec::with_capacity(t * top_k);
                 for i in 0..t {
-                    let seen = &keys[..(s - t + i + 1) * di];
-                    let scores =
-                        kernels::index_scores(&q[i * hi * di..(i + 1) * hi * di], &w[i * hi..(i + 1) * hi], seen, di);
-                    out.extend(kernels::select_top_keys(&scores, *top_k));
+                    let seen = &keys[..(s - t + i + 1) * c];
+                    let (qi, wi) = (&q[i * hi * di..(i + 1) * hi * di], &w[i * hi..(i + 1) * hi]);
+                    out.extend(kernels::select_top_keys(&kernels::index_scores(qi, wi, seen, c, di), *top_k));
                 }
                 one(Tensor { shape: vec![t, *top_k], data: TensorData::I32(out) })
             }
             Op::SparseIndexDecode { top_k } => {
                 let (q, w, keys) = (f(0)?, f(1)?, f(2)?);
-                let (hi, di, s) = (a[0].shape[1], a[0].shape[2], a[2].shape[1]);
+                let (hi, di, s, c) = (a[0].shape[1], a[0].shape[2], a[2].shape[1], a[2].shape[2]);
                 let positions = a[3].as_ids().ok_or_else(|| op_err(node, "positions must be integers"))?;
                 let mut out = Vec::with_capacity(positions.len() * top_k);
                 for (seq, &p) in positions.iter().enumerate() {
@@ -264,18 +264,13 @@ impl Interpreter {
                             format!("sequence {seq}: position {p} is outside the cache (0..{s})"),
                         ));
                     }
-                    let seen = &keys[seq * s * di..(seq * s + p as usize + 1) * di];
-                    let scores = kernels::index_scores(
-                        &q[seq * hi * di..(seq + 1) * hi * di],
-                        &w[seq * hi..(seq + 1) * hi],
-                        seen,
-                        di,
-                    );
-                    out.extend(kernels::select_top_keys(&scores, *top_k));
+                    let seen = &keys[seq * s * c..(seq * s + p as usize + 1) * c];
+                    let (qi, wi) = (&q[seq * hi * di..(seq + 1) * hi * di], &w[seq * hi..(seq + 1) * hi]);
+                    out.extend(kernels::select_top_keys(&kernels::index_scores(qi, wi, seen, c, di), *top_k));
                 }
                 one(Tensor { shape: vec![positions.len(), *top_k], data: TensorData::I32(out) })
             }
-            Op::GatherRows => {
+            Op::GatherRows { width } => {
                 let TensorData::I32(selected) = &a[1].data else {
                     return Err(op_err(node, format!("selected rows are {}, expected i32", a[1].describe())));
                 };
@@ -283,7 +278,8 @@ impl Interpreter {
                 let (c, k) = (a[0].shape[a[0].shape.len() - 1], a[1].shape[1]);
                 let (t, per_query) = (a[1].shape[0], a[0].shape.len() == 3);
                 let s = if per_query { a[0].shape[1] } else { a[0].shape[0] };
-                let (mut rows, mut last) = (vec![0.0f32; t * k * c], Vec::with_capacity(t));
+                let width = *width;
+                let (mut rows, mut last) = (vec![0.0f32; t * k * width], Vec::with_capacity(t));
                 for (q, picks) in selected.chunks(k.max(1)).enumerate().take(t) {
                     let count = picks.iter().take_while(|&&j| j >= 0).count();
                     if count == 0 || picks[count..].iter().any(|&j| j >= 0) {
@@ -295,11 +291,12 @@ impl Interpreter {
                             return Err(op_err(node, format!("query {q}: row {j} is outside 0..{s}")));
                         }
                         let from = (base + j as usize) * c;
-                        rows[(q * k + slot) * c..(q * k + slot + 1) * c].copy_from_slice(&latent[from..from + c]);
+                        rows[(q * k + slot) * width..(q * k + slot + 1) * width]
+                            .copy_from_slice(&latent[from..from + width]);
                     }
                     last.push(count as i64 - 1);
                 }
-                Ok(vec![Tensor::f32(vec![t, k, c], rows), Tensor::i64(vec![t], last)])
+                Ok(vec![Tensor::f32(vec![t, k, width], rows), Tensor::i64(vec![t], last)])
             }
             Op::CacheWrite => {
                 let mut cache = f(0)?.to_vec();

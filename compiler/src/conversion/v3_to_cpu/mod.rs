@@ -305,6 +305,9 @@ pub fn lower_kernel(kernel: &OperationRef) -> Result<LoweredKernel, CpuError> {
             }
             "gather_rows" => {
                 let (last, last_shape) = (dests[1].1.clone(), dests[1].2.clone());
+                if int_attr(&o, "width").is_none() {
+                    return Err(lowering("gather_rows without width".into()));
+                }
                 e.gather_rows(&args[0], &args[1], (&dest, &rshape), (&last, &last_shape)).map_err(lowering)?;
             }
             "rope" | "rope_grad" => {

@@ -86,7 +86,8 @@ impl Emitter {
     /// summed in order, each `w[h] / sqrt(H) * relu(q[h] . key / sqrt(D))`), then, when more keys
     /// are visible than `top_k`, `top_k` picks of the best free key (strictly greater wins: the
     /// earlier of equal keys) written out in key order; else every visible key, then -1s.
-    /// Prefill: keys `[S, D]`, query t at row S - T + t; decode (`positions`): keys `[B, S, D]`.
+    /// Prefill: cache rows `[S, C]`, query t at row S - T + t; decode (`positions`): `[B, S, C]`; a
+    /// row's key is its last D columns.
     pub(super) fn sparse_index(
         &mut self,
         [q, w, keys]: [&(String, Shape); 3],
@@ -101,11 +102,14 @@ impl Emitter {
         let p = self.scope();
         let (q_ty, w_ty, k_ty, o_ty) = (memref(&q.1), memref(&w.1), memref(&keys.1), memref(out));
         let (qk_scale, w_scale) = (f32_bits((d as f32).powf(-0.5)), f32_bits((h as f32).powf(-0.5)));
+        let Some(key_col) = keys.1.dims.last().copied().flatten().and_then(|c| c.checked_sub(d)) else {
+            return Err(format!("sparse_index of rows {}: expected static rows at least {d} wide", keys.1));
+        };
         let (keys_dim, visible, key_at) = match positions {
             None => (
                 "0",
                 format!("{p}off = arith.subi {p}ns, {p}nt : index\n        {p}last = arith.addi {p}off, {p}t : index"),
-                format!("{}[{p}j, {p}d]", keys.0),
+                format!("{}[{p}j, {p}kc]", keys.0),
             ),
             Some(pos) => (
                 "1",
@@ -115,7 +119,7 @@ impl Emitter {
                     memref(&pos.1),
                     pos.1.element
                 ),
-                format!("{}[{p}t, {p}j, {p}d]", keys.0),
+                format!("{}[{p}t, {p}j, {p}kc]", keys.0),
             ),
         };
         self.line(&format!(
@@ -125,6 +129,7 @@ impl Emitter {
       {p}ckd = arith.constant {keys_dim} : index
       {p}ch = arith.constant {h} : index
       {p}cd = arith.constant {d} : index
+      {p}koff = arith.constant {key_col} : index
       {p}ck = arith.constant {top_k} : index
       {p}qks = arith.constant {qk_scale} : f32
       {p}ws = arith.constant {w_scale} : f32
@@ -143,6 +148,7 @@ impl Emitter {
           {p}s = scf.for {p}h = {p}c0 to {p}ch step {p}c1 iter_args({p}acc = %zero) -> (f32) {{
             {p}dot = scf.for {p}d = {p}c0 to {p}cd step {p}c1 iter_args({p}a = %zero) -> (f32) {{
               {p}qe = memref.load {qv}[{p}t, {p}h, {p}d] : {q_ty}
+              {p}kc = arith.addi {p}d, {p}koff : index
               {p}ke = memref.load {key_at} : {k_ty}
               {p}m = arith.mulf {p}qe, {p}ke : f32
               {p}a2 = arith.addf {p}a, {p}m : f32
@@ -210,9 +216,9 @@ impl Emitter {
         Ok(())
     }
 
-    /// Each query's selected rows (`v3.gather_rows`): row k of query t is `latent[selected[t, k]]`
-    /// (of the query's own rows when the latent is `[T, S, C]`), zeros for -1; `last[t]` the count
-    /// of selected rows minus one.
+    /// Each query's selected rows (`v3.gather_rows`): row k of query t is the first `width` columns
+    /// of `latent[selected[t, k]]` (of the query's own rows when the latent is `[T, S, C]`), zeros
+    /// for -1; `last[t]` the count of selected rows minus one.
     pub(super) fn gather_rows(
         &mut self,
         latent: &(String, Shape),
@@ -220,7 +226,7 @@ impl Emitter {
         (rows, rows_shape): (&str, &Shape),
         (last, last_shape): (&str, &Shape),
     ) -> Result<(), String> {
-        let (Some(k), Some(c)) = (selected.1.dims.get(1).copied().flatten(), latent.1.dims.last().copied().flatten())
+        let (Some(k), Some(c)) = (selected.1.dims.get(1).copied().flatten(), rows_shape.dims.get(2).copied().flatten())
         else {
             return Err(format!("gather_rows of {} by {}: expected static widths", latent.1, selected.1));
         };
