@@ -234,14 +234,17 @@ mod tests {
     fn prefill_then_decode_matches_one_long_prefill() {
         let dir = tempfile::tempdir().unwrap();
         let model = tiny(dir.path(), false);
-        let tokens = [3u32, 17, 250, 9, 44, 101, 7, 2, 66];
-        let full = model.logits(&tokens, 0).unwrap().logits;
+        session_matches_one_prefill(&model, &[3, 17, 250, 9, 44, 101, 7, 2, 66], 5);
+    }
+
+    /// A session's prefill of `tokens[..split]` then decode of the rest gives one long prefill's
+    /// logits row by row (naive prefill vs absorbed decode: within 1e-4).
+    fn session_matches_one_prefill(model: &Model, tokens: &[u32], split: usize) {
+        let full = model.logits(tokens, 0).unwrap().logits;
         let full = full.as_f32().unwrap();
         let v = model.config.vocab_size;
         let mut session = model.session(16).unwrap();
-        let split = 5;
-        let last = session.prefill(&tokens[..split]).unwrap();
-        let mut rows = vec![last];
+        let mut rows = vec![session.prefill(&tokens[..split]).unwrap()];
         for &t in &tokens[split..] {
             rows.push(session.decode(t).unwrap());
         }
@@ -249,7 +252,7 @@ mod tests {
         for (r, row) in rows.iter().enumerate() {
             let want = &full[(split - 1 + r) * v..(split + r) * v];
             let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(diff < 1e-4, "position {}: naive prefill vs absorbed decode differ by {diff}", split - 1 + r);
+            assert!(diff < 1e-4, "position {}: prefill vs decode differ by {diff}", split - 1 + r);
         }
         assert_eq!(session.position(), tokens.len());
     }
@@ -262,21 +265,7 @@ mod tests {
         let c = crate::deepseek_v3::tests::v32_tiny();
         write_random_checkpoint(&c, &dir.path().join("ckpt"), 12).unwrap();
         let model = Model::open(&dir.path().join("ckpt"), Precision::F32).unwrap();
-        let tokens = [3u32, 17, 250, 9, 44, 101, 7, 2, 66, 12];
-        let full = model.logits(&tokens, 0).unwrap().logits;
-        let full = full.as_f32().unwrap();
-        let v = model.config.vocab_size;
-        let mut session = model.session(16).unwrap();
-        let split = 2;
-        let mut rows = vec![session.prefill(&tokens[..split]).unwrap()];
-        for &t in &tokens[split..] {
-            rows.push(session.decode(t).unwrap());
-        }
-        for (r, row) in rows.iter().enumerate() {
-            let want = &full[(split - 1 + r) * v..(split + r) * v];
-            let diff = row.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(diff < 1e-4, "position {}: sparse prefill vs decode differ by {diff}", split - 1 + r);
-        }
+        session_matches_one_prefill(&model, &[3, 17, 250, 9, 44, 101, 7, 2, 66, 12], 2);
     }
 
     #[test]
