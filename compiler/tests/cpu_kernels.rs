@@ -1399,6 +1399,9 @@ fn max_or_nan(m: f32, d: f32) -> f32 {
     }
 }
 
+/// An expected output: its values (ids as floats) and shape.
+type Expected = (Vec<f32>, Vec<usize>);
+
 /// DeepSeek-V3.2's sparse-attention kernels (the indexer key's `layer_norm`, `sparse_index` in
 /// prefill and decode, `gather_rows` of a shared and of per-sequence latents) equal the reference
 /// interpreter's functions bit for bit: the sums run in its order, and equal scores (a repeated key;
@@ -1427,7 +1430,7 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
         let decode = sig.inputs.len() == 4 || sig.inputs[0].dims.len() == 3 && kind == "gather_rows";
         seen.push((kind, decode));
         let (t, s) = (5usize, 9usize);
-        let (mut inputs, want): (Vec<HostBuffer>, Vec<(Vec<f32>, Vec<usize>)>) = match kind {
+        let (mut inputs, want): (Vec<HostBuffer>, Vec<Expected>) = match kind {
             "layer_norm" => {
                 let (x, w, b) = (rand(t * width), rand(width), rand(width));
                 let widen = |v: &[f32]| v.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect::<Vec<f32>>();
