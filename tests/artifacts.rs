@@ -313,6 +313,44 @@ fn a_v32_cpu_artifact_generates_the_reference_tokens() {
     assert_eq!(rows, alone, "batched vs alone");
 }
 
+/// DeepSeek-V3.2 with an MTP module (its layer with an indexer too), compiled for speculative
+/// decoding: one and three chained drafts a pass give the plain greedy tokens (drafts verified by a
+/// sparse prefill over the cache; made-up weights, so most drafts are rejected and both paths run).
+#[test]
+fn a_v32_model_with_mtp_decodes_speculatively_to_the_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/hf/v32_sparse_f32");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    config["num_nextn_predict_layers"] = 1.into();
+    let (model, ckpt, art) = (dir.path().join("model"), dir.path().join("ckpt"), dir.path().join("art"));
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let cache = dir.path().join("cache");
+    let env = [("V3C_KERNEL_CACHE", cache.to_str().unwrap())];
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let init = ["init-weights", "--model", model.to_str().unwrap(), "--out", ckpt.to_str().unwrap()];
+    let out = run_binary_env("v3c", &init, &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let compile = ["compile", "--model", ckpt.to_str().unwrap(), "--target", "cpu", "--speculative"];
+    let out = run_binary_env("v3c", &[&compile[..], &["--out", art.to_str().unwrap()]].concat(), &env);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = |extra: &[&str]| {
+        let args = ["run", art.to_str().unwrap(), "--weights", ckpt.to_str().unwrap()];
+        let common = ["--prompt-tokens", "5 9 17 3 44 100 2 7 61 12", "--max-new-tokens", "20", "--ignore-eos"];
+        let out = run_binary_env("v3r", &[&args[..], &common, extra].concat(), &env);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        (text(&out.stdout), text(&out.stderr))
+    };
+    let (greedy, _) = run(&[]);
+    assert_eq!(greedy.split_whitespace().count(), 20);
+    for extra in [&["--speculative"][..], &["--speculative", "--draft-tokens", "3"]] {
+        let (tokens, said) = run(extra);
+        assert_eq!(tokens, greedy, "{extra:?}");
+        assert!(said.contains("MTP drafts accepted"), "{said}");
+    }
+}
+
 /// `v3r run` generates from a cpu artifact what `v3c run` generates from the checkpoint: a prompt
 /// longer than the prefill plan's rows is prefilled in chunks, the decode plan runs one sequence over
 /// caches smaller than planned; greedy and seeded sampling agree token for token. Several prompts
