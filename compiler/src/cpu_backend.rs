@@ -468,9 +468,9 @@ pub fn logits(
     let mut inputs = HashMap::new();
     inputs.insert("tokens".to_string(), ids(tokens.iter().map(|&x| x as i64).collect()));
     inputs.insert("positions".to_string(), ids((0..t as i64).map(|i| i + first_position).collect()));
-    let latent = model.config.cache_dim();
+    let cache_width = model.config.cache_dim();
     for l in (0..model.config.num_hidden_layers).map(|l| format!("kv_cache.{l}")).chain(["kv_cache.mtp".to_string()]) {
-        inputs.insert(l, HostBuffer { shape: vec![0, latent], data: HostData::F32(Vec::new()) });
+        inputs.insert(l, HostBuffer { shape: vec![0, cache_width], data: HostData::F32(Vec::new()) });
     }
     let mut wanted = vec!["logits"];
     if model.has_mtp {
@@ -489,11 +489,12 @@ pub fn logits(
 }
 
 /// One sequence generated on the CPU backend: prefill once, then one decode step per token, with
-/// the latent KV cache of every layer held as [1, max_len, 576]-style buffers between steps.
+/// every layer's cache held as a [1, max_len, C] buffer between steps (C: the latent, 576 for
+/// DeepSeek-V3, then DeepSeek-V3.2's indexer key: `ModelConfig::cache_dim`).
 pub struct CpuSession<'c> {
     program: CpuProgram<'c>,
     caches: HashMap<String, HostBuffer>,
-    latent: usize,
+    cache_width: usize,
     layers: usize,
     position: usize,
     max_len: usize,
@@ -519,7 +520,7 @@ impl<'c> CpuSession<'c> {
         Ok(CpuSession {
             program,
             caches: HashMap::new(),
-            latent: model.config.cache_dim(),
+            cache_width: model.config.cache_dim(),
             layers: model.config.num_hidden_layers,
             position: 0,
             max_len,
@@ -555,7 +556,7 @@ impl<'c> CpuSession<'c> {
         inputs.insert("tokens".to_string(), Self::ids(tokens.iter().map(|&x| x as i64).collect()));
         inputs.insert("positions".to_string(), Self::ids((0..t as i64).collect()));
         for name in self.cache_names() {
-            inputs.insert(name, HostBuffer { shape: vec![0, self.latent], data: HostData::F32(Vec::new()) });
+            inputs.insert(name, HostBuffer { shape: vec![0, self.cache_width], data: HostData::F32(Vec::new()) });
         }
         let names = self.cache_names();
         let mut wanted: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -563,11 +564,11 @@ impl<'c> CpuSession<'c> {
         let out = self.program.run("prefill", &inputs, &wanted)?;
         for name in &names {
             let HostData::F32(rows) = &out[name].data else { continue };
-            let mut cache = vec![0.0f32; self.max_len * self.latent];
+            let mut cache = vec![0.0f32; self.max_len * self.cache_width];
             cache[..rows.len()].copy_from_slice(rows);
             self.caches.insert(
                 name.clone(),
-                HostBuffer { shape: vec![1, self.max_len, self.latent], data: HostData::F32(cache) },
+                HostBuffer { shape: vec![1, self.max_len, self.cache_width], data: HostData::F32(cache) },
             );
         }
         self.position = t;
