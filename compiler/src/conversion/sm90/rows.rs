@@ -29,8 +29,10 @@ mod mla_mma;
 mod mla_train;
 mod sample;
 mod scores;
+mod sparse;
 mod train;
 pub use sample::NUCLEUS_CAP;
+pub use sparse::SparseRow;
 pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).
@@ -249,6 +251,8 @@ pub enum RowOp {
     Scores,
     /// A kernel of the training step ([`TrainRow`]).
     Train(TrainRow),
+    /// A kernel of DeepSeek-V3.2's sparse attention ([`SparseRow`]).
+    Sparse(SparseRow),
 }
 
 /// A row kernel: its op, the row length and the element type of the table or weight.
@@ -285,6 +289,7 @@ impl RowKernel {
             // A warp per token selects; the logits' tiles are loaded by all.
             RowOp::Route { .. } | RowOp::RouteLogits { .. } => 256,
             RowOp::Train(op) => op.threads(d),
+            RowOp::Sparse(op) => op.threads(d),
             // A thread per column: batch-1 decode's few rows (128 a sequence) over many splits
             // keep the SMs' loads in flight only with wide blocks.
             RowOp::MlaCombine => d.next_power_of_two().clamp(32, 512),
@@ -307,6 +312,7 @@ impl RowKernel {
         match self.op {
             RowOp::Embed => format!("rows_embed_{w}_d{d}_t{t}"),
             RowOp::Train(op) => op.kernel_name(d, w, t),
+            RowOp::Sparse(op) => op.kernel_name(d, w, t),
             RowOp::RmsNorm { eps, keep, quantize } => {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 let mut name = format!("rows_rmsnorm_{w}_d{d}_t{t}_eps{eps}");
@@ -397,7 +403,7 @@ impl RowKernel {
     /// The kernel a [`RowKernel::kernel_name`] names (None: not a row kernel name, or one whose
     /// block size is not valid).
     pub fn from_name(name: &str) -> Option<RowKernel> {
-        if let Some(kernel) = TrainRow::from_name(name) {
+        if let Some(kernel) = TrainRow::from_name(name).or_else(|| SparseRow::from_name(name)) {
             return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
         }
         let rest = name.strip_prefix("rows_")?;
@@ -675,6 +681,7 @@ impl RowKernel {
         let w = &self.weight;
         match self.op {
             RowOp::Train(op) => op.arguments(w),
+            RowOp::Sparse(op) => op.arguments(w),
             RowOp::Embed => vec![
                 ("table", format!("memref<?x?x{w}>")),
                 ("ids", "memref<?xi64>".into()),
@@ -898,6 +905,7 @@ impl RowKernel {
             RowOp::MlaDecode { .. } => "q_nope",
             RowOp::Dispatch { .. } => return None,
             RowOp::Train(op) => return op.rows_argument(),
+            RowOp::Sparse(op) => op.rows_argument(),
         })
     }
 
@@ -932,6 +940,7 @@ impl RowKernel {
         match self.op {
             RowOp::Embed => Vec::new(),
             RowOp::Train(op) => op.shared(self.d, self.threads),
+            RowOp::Sparse(op) => op.shared(self.d, self.threads),
             RowOp::RmsNorm { quantize, .. } => {
                 let mut s = vec![("sh_row", self.d), ("sh_sum", self.threads)];
                 if quantize {
@@ -1035,6 +1044,9 @@ impl RowKernel {
             return Err(format!("{name}: rows of 0 columns"));
         }
         if let RowOp::Train(op) = self.op {
+            op.check(&name, self.d)?;
+        }
+        if let RowOp::Sparse(op) = self.op {
             op.check(&name, self.d)?;
         }
         if self.op == RowOp::Scores {
@@ -1173,6 +1185,9 @@ impl RowKernel {
             let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
         }
         if let RowOp::Train(op) = self.op {
+            s.push_str(&op.constants(self.d));
+        }
+        if let RowOp::Sparse(op) = self.op {
             s.push_str(&op.constants(self.d));
         }
         if let RowOp::MlaDecode { heads, nope, rope, v, context, scale, .. } = self.op {
@@ -1554,6 +1569,7 @@ scf.if %mine {{
         let sh = |name: &str| self.shared_type(name, lowering);
         match self.op {
             RowOp::Train(op) => op.phases(self, lowering),
+            RowOp::Sparse(op) => op.phases(self, lowering),
             RowOp::Sample => sample::phases(self, lowering),
             RowOp::Scores => scores::phases(self, lowering),
             RowOp::MlaAbsorbMma { .. } => {
@@ -3788,6 +3804,9 @@ memref.store %s, %sh_sum[%tid] : {sum}",
     fn prologue(&self) -> String {
         if let RowOp::Train(op) = self.op {
             return op.prologue();
+        }
+        if let RowOp::Sparse(op) = self.op {
+            return op.prologue(self.threads);
         }
         if let Some(a) = self.absorb() {
             return a.prologue(self.d);

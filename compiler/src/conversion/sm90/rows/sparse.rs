@@ -1,0 +1,836 @@
+//! Row kernels of DeepSeek-V3.2's sparse attention (the lightning indexer and what feeds the
+//! attention its selected rows), and the two small ops its MLA adds:
+//! - [`SparseRow::LayerNorm`]: the indexer key's `LayerNorm` with bias, the reference's order
+//!   (both means summed in column order by one thread: the rows are 128 wide);
+//! - [`SparseRow::IndexScores`]: a query's score for every key it may see, one block a query, a
+//!   thread a key: `sum_h w_h / sqrt(H) relu(q_h . k / sqrt(D))`, heads and dims summed in the
+//!   reference's order (its bits on the CPU lowering), the query's heads and weights in shared
+//!   memory, the keys read in place (the last `D` columns of the cache rows);
+//! - [`SparseRow::TopKeys`]: the `top_k` best of those scores, ascending, ties to the earlier key,
+//!   padded with -1 ([`v3c_models::interp::kernels::select_top_keys`]): the threshold is the
+//!   `top_k`-th largest score's total-order key, found bit by bit (32 counting passes over the
+//!   scores, a tree over the threads each), then every key above it and the earliest keys equal to
+//!   it are written in key order (each thread a contiguous chunk, its place from a scan of the
+//!   threads' counts);
+//! - [`SparseRow::GatherRows`]: each query's selected latent rows (the first `d` columns of the
+//!   cache rows), zeros past its selection, and its last valid row's index;
+//! - [`SparseRow::CacheWrite`]: decode's new cache rows written in place at their positions.
+//!
+//! `decode`: the keys are the sessions' caches `[B, S, C]` with a position per query (query b sees
+//! rows `0..=position_b` of sequence b); otherwise (prefill) one sequence's rows `[S, C]` whose last
+//! T are the queries' own (query t sees rows `0..=S - T + t`).
+
+use std::fmt::Write;
+
+use super::{loop_phases, sqrt, tree_phases, Lowering, RowKernel};
+
+/// A sparse-attention row kernel (its `d`: see each).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SparseRow {
+    /// `y = (x - mean) / sqrt(var + eps) * w + b` over rows of `d` (x, w, b, y).
+    LayerNorm { eps: f32 },
+    /// Scores of keys `d` wide (q `[T, heads, d]`, w `[T, heads]`, keys, (positions), scores `[T, S]`).
+    IndexScores { heads: usize, decode: bool },
+    /// The best `d` keys of each row of scores (scores `[T, S]`, (positions), selected `[T, d]` i32).
+    TopKeys { decode: bool },
+    /// Selected rows' first `d` columns (keys, selected `[T, K]` i32, rows `[T K, d]`, last `[T]` i64).
+    GatherRows { decode: bool },
+    /// `cache[b, position_b] = row[b]`, rows of `d` (cache `[B, S, d]`, new `[B, d]`, positions).
+    CacheWrite,
+}
+
+impl SparseRow {
+    pub(super) fn kernel_name(&self, d: usize, weight: &str, threads: usize) -> String {
+        let t = threads;
+        let mode = |decode: bool| if decode { "decode" } else { "prefill" };
+        match *self {
+            SparseRow::LayerNorm { eps } => {
+                let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
+                format!("rows_layernorm_{weight}_d{d}_t{t}_eps{eps}")
+            }
+            SparseRow::IndexScores { heads, decode } => format!("rows_indexscores_d{d}_h{heads}_t{t}_{}", mode(decode)),
+            SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
+            SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
+            SparseRow::CacheWrite => format!("rows_cachewrite_d{d}_t{t}"),
+        }
+    }
+
+    /// The kernel a [`SparseRow::kernel_name`] names (the caller checks that the name round-trips).
+    pub(super) fn from_name(name: &str) -> Option<RowKernel> {
+        let parts: Vec<&str> = name.strip_prefix("rows_")?.split('_').collect();
+        let number = |part: &str, prefix: &str| -> Option<usize> { part.strip_prefix(prefix)?.parse().ok() };
+        let decode = |m: &str| match m {
+            "decode" => Some(true),
+            "prefill" => Some(false),
+            _ => None,
+        };
+        let kernel = |op: SparseRow, d: &str, weight: &str, t: &str| -> Option<RowKernel> {
+            Some(RowKernel {
+                op: super::RowOp::Sparse(op),
+                d: number(d, "d")?,
+                weight: weight.to_string(),
+                threads: number(t, "t")?,
+            })
+        };
+        match parts[..] {
+            ["layernorm", w, d, t, eps] => {
+                let eps = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
+                kernel(SparseRow::LayerNorm { eps }, d, w, t)
+            }
+            ["indexscores", d, h, t, m] => {
+                kernel(SparseRow::IndexScores { heads: number(h, "h")?, decode: decode(m)? }, d, "f32", t)
+            }
+            ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
+            ["gatherrows", d, t, m] => kernel(SparseRow::GatherRows { decode: decode(m)? }, d, "f32", t),
+            ["cachewrite", d, t] => kernel(SparseRow::CacheWrite, d, "f32", t),
+            _ => None,
+        }
+    }
+
+    /// The kernel's arguments in order (name, memref type): inputs, then results.
+    pub(super) fn arguments(&self, weight: &str) -> Vec<(&'static str, String)> {
+        let rows = || "memref<?x?xf32>".to_string();
+        let keys = |decode: bool| if decode { "memref<?x?x?xf32>".to_string() } else { rows() };
+        let positions = ("positions", "memref<?xi64>".to_string());
+        match *self {
+            SparseRow::LayerNorm { .. } => {
+                vec![
+                    ("x", rows()),
+                    ("w", format!("memref<?x{weight}>")),
+                    ("b", format!("memref<?x{weight}>")),
+                    ("y", rows()),
+                ]
+            }
+            SparseRow::IndexScores { decode, .. } => {
+                let mut args = vec![("q", "memref<?x?x?xf32>".to_string()), ("w", rows()), ("keys", keys(decode))];
+                if decode {
+                    args.push(positions);
+                }
+                args.push(("scores", rows()));
+                args
+            }
+            SparseRow::TopKeys { decode } => {
+                let mut args = vec![("scores", rows())];
+                if decode {
+                    args.push(positions);
+                }
+                args.push(("selected", "memref<?x?xi32>".into()));
+                args
+            }
+            SparseRow::GatherRows { decode } => vec![
+                ("keys", keys(decode)),
+                ("selected", "memref<?x?xi32>".into()),
+                ("out", rows()),
+                ("last", "memref<?xi64>".into()),
+            ],
+            SparseRow::CacheWrite => vec![("cache", keys(true)), ("new", rows()), positions],
+        }
+    }
+
+    /// The argument whose first dimension is the grid: a block per row (query).
+    pub(super) fn rows_argument(&self) -> &'static str {
+        match self {
+            SparseRow::LayerNorm { .. } => "x",
+            SparseRow::IndexScores { .. } => "w",
+            SparseRow::TopKeys { .. } => "scores",
+            SparseRow::GatherRows { .. } => "selected",
+            SparseRow::CacheWrite => "new",
+        }
+    }
+
+    /// Shared arrays (name, elements; `sh_cnt`, `sh_hit`, `sh_count`, `sh_off`, `sh_aux` are i32).
+    pub(super) fn shared(&self, d: usize, threads: usize) -> Vec<(&'static str, usize)> {
+        match *self {
+            SparseRow::LayerNorm { .. } => vec![("sh_red", 2)],
+            SparseRow::IndexScores { heads, .. } => vec![("sh_q", heads * d), ("sh_w", heads)],
+            SparseRow::TopKeys { .. } => {
+                vec![
+                    ("sh_aux", 2),
+                    ("sh_cnt", threads),
+                    ("sh_hit", threads),
+                    ("sh_count", threads),
+                    ("sh_off", threads),
+                ]
+            }
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite => Vec::new(),
+        }
+    }
+
+    /// Threads per block.
+    pub(super) fn threads(&self, d: usize) -> usize {
+        match self {
+            // A thread a key (a chunk of keys).
+            SparseRow::IndexScores { .. } | SparseRow::TopKeys { .. } => 256,
+            _ => (d / 8).next_power_of_two().clamp(32, 256),
+        }
+    }
+
+    /// Why the kernel cannot be generated, if it cannot.
+    pub(super) fn check(&self, name: &str, d: usize) -> Result<(), String> {
+        if let SparseRow::IndexScores { heads, .. } = *self {
+            if heads == 0 {
+                return Err(format!("{name}: 0 heads"));
+            }
+        }
+        if let SparseRow::TopKeys { .. } = self {
+            if d > i32::MAX as usize {
+                return Err(format!("{name}: {d} keys to select"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Constants the phases use (beyond `%c0`, `%c1`, `%cT`, `%cD`, `%zero`).
+    pub(super) fn constants(&self, d: usize) -> String {
+        let mut s = String::from(
+            "%c2 = arith.constant 2 : index
+%zero_i64 = arith.constant 0 : i64
+%c0_i32 = arith.constant 0 : i32
+%c1_i32 = arith.constant 1 : i32
+%c31_i32 = arith.constant 31 : i32
+%min_i32 = arith.constant -2147483648 : i32
+%neg1_i32 = arith.constant -1 : i32
+%true = arith.constant true
+",
+        );
+        match *self {
+            SparseRow::LayerNorm { eps } => {
+                let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+                let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (d as f32).to_bits());
+                let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
+            }
+            SparseRow::IndexScores { heads, .. } => {
+                let qk = (d as f32).powf(-0.5);
+                let w = (heads as f32).powf(-0.5);
+                let _ = writeln!(s, "%cH = arith.constant {heads} : index");
+                let _ = writeln!(s, "%cHD = arith.constant {} : index", heads * d);
+                let _ = writeln!(s, "%qk_scale = arith.constant 0x{:08X} : f32", qk.to_bits());
+                let _ = writeln!(s, "%w_scale = arith.constant 0x{:08X} : f32", w.to_bits());
+            }
+            SparseRow::TopKeys { .. } => {
+                let _ = writeln!(s, "%c32 = arith.constant 32 : index");
+                let _ = writeln!(s, "%cK_i32 = arith.constant {d} : i32");
+            }
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite => {}
+        }
+        s
+    }
+
+    /// The keys query `%row` sees: `%nkeys` (and, with keys, `%koff`: the first key column).
+    fn visible(decode: bool, keys: &str, keys_ty: &str, queries: &str) -> String {
+        if decode {
+            format!(
+                "%p64 = memref.load %positions[%row] : memref<?xi64>
+%p_neg = arith.cmpi slt, %p64, %zero_i64 : i64
+%p_idx = arith.index_cast %p64 : i64 to index
+%after = arith.addi %p_idx, %c1 : index
+%slots = memref.dim {keys}, %c1 : {keys_ty}
+%nk0 = arith.minui %after, %slots : index
+%nkeys = arith.select %p_neg, %c0, %nk0 : index
+"
+            )
+        } else {
+            format!(
+                "%slots = memref.dim {keys}, {dim} : {keys_ty}
+%nq = memref.dim {queries}, %c0 : memref<?x?xf32>
+%short = arith.cmpi ult, %slots, %nq : index
+%kfirst0 = arith.subi %slots, %nq : index
+%kfirst = arith.select %short, %c0, %kfirst0 : index
+%after = arith.addi %kfirst, %row : index
+%after1 = arith.addi %after, %c1 : index
+%nkeys = arith.minui %after1, %slots : index
+",
+                dim = if keys == "%scores" { "%c1" } else { "%c0" }
+            )
+        }
+    }
+
+    /// Values every phase of a block uses (`%row` its row).
+    pub(super) fn prologue(&self, threads: usize) -> String {
+        let mut s = format!("%cT_m1b = arith.constant {} : index\n", threads - 1);
+        match *self {
+            SparseRow::IndexScores { decode, .. } => {
+                let keys_ty = if decode { "memref<?x?x?xf32>" } else { "memref<?x?xf32>" };
+                s.push_str(&Self::visible(decode, "%keys", keys_ty, "%w"));
+                let last_dim = if decode { "%c2" } else { "%c1" };
+                let _ = write!(
+                    s,
+                    "%kcols = memref.dim %keys, {last_dim} : {keys_ty}
+%koff = arith.subi %kcols, %cD : index
+"
+                );
+            }
+            SparseRow::TopKeys { decode } => {
+                s.push_str(&Self::visible(decode, "%scores", "memref<?x?xf32>", "%scores"));
+                s.push_str(
+                    "%few = arith.cmpi ule, %nkeys, %cD : index
+%passes = arith.select %few, %c0, %c32 : index
+%chunk0 = arith.addi %nkeys, %cT_m1b : index
+%chunk = arith.divui %chunk0, %cT : index
+",
+                );
+            }
+            SparseRow::GatherRows { decode } => {
+                let (keys_ty, dim) = if decode { ("memref<?x?x?xf32>", "%c1") } else { ("memref<?x?xf32>", "%c0") };
+                let _ = write!(
+                    s,
+                    "%nsel = memref.dim %selected, %c1 : memref<?x?xi32>
+%slots = memref.dim %keys, {dim} : {keys_ty}
+%out0 = arith.muli %row, %nsel : index
+"
+                );
+            }
+            SparseRow::LayerNorm { .. } | SparseRow::CacheWrite => {}
+        }
+        s
+    }
+
+    /// The per-thread bodies, in order (a barrier between consecutive ones).
+    pub(super) fn phases(&self, kernel: &RowKernel, lowering: Lowering) -> Vec<String> {
+        let sh = |name: &str| kernel.shared_type(name, lowering);
+        match *self {
+            SparseRow::LayerNorm { .. } => {
+                let red = sh("sh_red");
+                let w = &kernel.weight;
+                let widen = |v: &str| {
+                    if w == "f32" {
+                        format!("%{v} = memref.load %{v}_m[%i] : memref<?xf32>\n")
+                    } else {
+                        format!("%{v}_raw = memref.load %{v}_m[%i] : memref<?x{w}>\n%{v} = arith.extf %{v}_raw : {w} to f32\n")
+                    }
+                };
+                let params = format!("{}{}", widen("wv"), widen("bv")).replace("%wv_m", "%w").replace("%bv_m", "%b");
+                vec![
+                    // One thread: the mean, then the biased variance, each a sum in column order.
+                    format!(
+                        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %sum = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %x[%row, %i] : memref<?x?xf32>
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  %mean = arith.divf %sum, %fD : f32
+  %sq = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %x[%row, %i] : memref<?x?xf32>
+    %dv = arith.subf %v, %mean : f32
+    %d2 = arith.mulf %dv, %dv : f32
+    %a2 = arith.addf %a, %d2 : f32
+    scf.yield %a2 : f32
+  }}
+  %var = arith.divf %sq, %fD : f32
+  %ve = arith.addf %var, %eps : f32
+{sqrt}  %inv = arith.divf %one, %root : f32
+  memref.store %mean, %sh_red[%c0] : {red}
+  memref.store %inv, %sh_red[%c1] : {red}
+}}
+",
+                        sqrt = indent(&sqrt(lowering, "%ve", "%root"), "  ")
+                    ),
+                    format!(
+                        "%mean = memref.load %sh_red[%c0] : {red}
+%inv = memref.load %sh_red[%c1] : {red}
+scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+{params}  %dv = arith.subf %v, %mean : f32
+  %n = arith.mulf %dv, %inv : f32
+  %nw = arith.mulf %n, %wv : f32
+  %yv = arith.addf %nw, %bv : f32
+  memref.store %yv, %y[%row, %i] : memref<?x?xf32>
+}}
+",
+                        params = indent(&params, "  ")
+                    ),
+                ]
+            }
+            SparseRow::IndexScores { decode, .. } => {
+                let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
+                let key = if decode {
+                    "%k = memref.load %keys[%row, %s, %col] : memref<?x?x?xf32>"
+                } else {
+                    "%k = memref.load %keys[%s, %col] : memref<?x?xf32>"
+                };
+                vec![
+                    format!(
+                        "scf.for %i = %tid to %cHD step %cT {{
+  %h = arith.divui %i, %cD : index
+  %j = arith.remui %i, %cD : index
+  %v = memref.load %q[%row, %h, %j] : memref<?x?x?xf32>
+  memref.store %v, %sh_q[%i] : {q_sh}
+}}
+scf.for %h = %tid to %cH step %cT {{
+  %v = memref.load %w[%row, %h] : memref<?x?xf32>
+  memref.store %v, %sh_w[%h] : {w_sh}
+}}
+"
+                    ),
+                    format!(
+                        "scf.for %s = %tid to %nkeys step %cT {{
+  %acc = scf.for %h = %c0 to %cH step %c1 iter_args(%a = %zero) -> (f32) {{
+    %qb = arith.muli %h, %cD : index
+    %dot = scf.for %j = %c0 to %cD step %c1 iter_args(%dd = %zero) -> (f32) {{
+      %col = arith.addi %koff, %j : index
+      {key}
+      %qi = arith.addi %qb, %j : index
+      %qv = memref.load %sh_q[%qi] : {q_sh}
+      %m = arith.mulf %qv, %k : f32
+      %dd2 = arith.addf %dd, %m : f32
+      scf.yield %dd2 : f32
+    }}
+    %sc = arith.mulf %dot, %qk_scale : f32
+    %pos = arith.cmpf ogt, %sc, %zero : f32
+    %r = arith.select %pos, %sc, %zero : f32
+    %wh = memref.load %sh_w[%h] : {w_sh}
+    %ww = arith.mulf %wh, %w_scale : f32
+    %t = arith.mulf %ww, %r : f32
+    %a2 = arith.addf %a, %t : f32
+    scf.yield %a2 : f32
+  }}
+  memref.store %acc, %scores[%row, %s] : memref<?x?xf32>
+}}
+"
+                    ),
+                ]
+            }
+            SparseRow::TopKeys { .. } => top_keys_phases(kernel.threads, &sh),
+            SparseRow::GatherRows { decode } => {
+                let load = if decode {
+                    "%v = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>"
+                } else {
+                    "%v = memref.load %keys[%j_idx, %col] : memref<?x?xf32>"
+                };
+                vec![format!(
+                    "%cnt = scf.for %slot = %c0 to %nsel step %c1 iter_args(%c = %c0_i32) -> (i32) {{
+  %j = memref.load %selected[%row, %slot] : memref<?x?xi32>
+  %nonneg = arith.cmpi sge, %j, %c0_i32 : i32
+  %j_idx = arith.index_cast %j : i32 to index
+  %inside = arith.cmpi ult, %j_idx, %slots : index
+  %ok = arith.andi %nonneg, %inside : i1
+  %orow = arith.addi %out0, %slot : index
+  scf.for %col = %tid to %cD step %cT {{
+    %val = scf.if %ok -> (f32) {{
+      {load}
+      scf.yield %v : f32
+    }} else {{
+      scf.yield %zero : f32
+    }}
+    memref.store %val, %out[%orow, %col] : memref<?x?xf32>
+  }}
+  %inc = arith.extui %nonneg : i1 to i32
+  %c2n = arith.addi %c, %inc : i32
+  scf.yield %c2n : i32
+}}
+%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %last_i32 = arith.subi %cnt, %c1_i32 : i32
+  %last_v = arith.extsi %last_i32 : i32 to i64
+  memref.store %last_v, %last[%row] : memref<?xi64>
+}}
+"
+                )]
+            }
+            SparseRow::CacheWrite => vec!["%p64 = memref.load %positions[%row] : memref<?xi64>
+%p_pos = arith.cmpi sge, %p64, %zero_i64 : i64
+%p_idx = arith.index_cast %p64 : i64 to index
+%slots = memref.dim %cache, %c1 : memref<?x?x?xf32>
+%inside = arith.cmpi ult, %p_idx, %slots : index
+%ok = arith.andi %p_pos, %inside : i1
+scf.if %ok {
+  scf.for %i = %tid to %cD step %cT {
+    %v = memref.load %new[%row, %i] : memref<?x?xf32>
+    memref.store %v, %cache[%row, %p_idx, %i] : memref<?x?x?xf32>
+  }
+}
+"
+            .to_string()],
+        }
+    }
+}
+
+/// `text` with every line indented by `by`.
+fn indent(text: &str, by: &str) -> String {
+    text.lines().map(|l| format!("{by}{l}\n")).collect()
+}
+
+/// The total-order key of score `%v` as an unsigned i32 (`%u`): larger scores, larger keys.
+const SCORE_KEY: &str = "%bits = arith.bitcast %v : f32 to i32
+%sign = arith.shrsi %bits, %c31_i32 : i32
+%flip = arith.shrui %sign, %c1_i32 : i32
+%k = arith.xori %bits, %flip : i32
+%u = arith.xori %k, %min_i32 : i32
+";
+
+/// [`SparseRow::TopKeys`]' phases: the threshold bit by bit, the threads' counts above and at
+/// it, their scan, then the selection in key order and the padding.
+fn top_keys_phases(threads: usize, sh: &dyn Fn(&str) -> String) -> Vec<String> {
+    let (aux, cnt, hit, count, off) = (sh("sh_aux"), sh("sh_cnt"), sh("sh_hit"), sh("sh_count"), sh("sh_off"));
+    // This thread's chunk of keys `%lo..%hi`.
+    let chunk = "%lo0 = arith.muli %tid, %chunk : index
+%lo = arith.minui %lo0, %nkeys : index
+%hi0 = arith.addi %lo0, %chunk : index
+%hi = arith.minui %hi0, %nkeys : index
+";
+    let key = |indent_by: &str| {
+        indent(&format!("%v = memref.load %scores[%row, %s] : memref<?x?xf32>\n{SCORE_KEY}"), indent_by)
+    };
+    let mut phases = vec![format!(
+        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  memref.store %c0_i32, %sh_aux[%c0] : {aux}
+}}
+"
+    )];
+    let mut pass = vec![format!(
+        "%prefix = memref.load %sh_aux[%c0] : {aux}
+%bi_i = arith.index_cast %bi : index to i32
+%shift = arith.subi %c31_i32, %bi_i : i32
+%bit = arith.shli %c1_i32, %shift : i32
+%cand = arith.ori %prefix, %bit : i32
+{chunk}%n = scf.for %s = %lo to %hi step %c1 iter_args(%c = %c0_i32) -> (i32) {{
+{key}  %ge = arith.cmpi uge, %u, %cand : i32
+  %inc = arith.extui %ge : i1 to i32
+  %c2n = arith.addi %c, %inc : i32
+  scf.yield %c2n : i32
+}}
+memref.store %n, %sh_cnt[%tid] : {cnt}
+",
+        key = key("  ")
+    )];
+    pass.extend(tree_phases(
+        threads,
+        &format!(
+            "%a = memref.load %sh_cnt[%tid] : {cnt}
+%b = memref.load %sh_cnt[%other] : {cnt}
+%ab = arith.addi %a, %b : i32
+memref.store %ab, %sh_cnt[%tid] : {cnt}"
+        ),
+    ));
+    pass.push(format!(
+        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %total = memref.load %sh_cnt[%c0] : {cnt}
+  %enough = arith.cmpi sge, %total, %cK_i32 : i32
+  scf.if %enough {{
+    %prefix = memref.load %sh_aux[%c0] : {aux}
+    %bi_i = arith.index_cast %bi : index to i32
+    %shift = arith.subi %c31_i32, %bi_i : i32
+    %bit = arith.shli %c1_i32, %shift : i32
+    %cand = arith.ori %prefix, %bit : i32
+    memref.store %cand, %sh_aux[%c0] : {aux}
+  }}
+}}
+"
+    ));
+    phases.extend(loop_phases("bi", "passes", pass));
+    // The thread's keys above the threshold and at it (with few keys: every key counts as above).
+    phases.push(format!(
+        "%thr = memref.load %sh_aux[%c0] : {aux}
+{chunk}%n:2 = scf.for %s = %lo to %hi step %c1 iter_args(%g = %c0_i32, %e = %c0_i32) -> (i32, i32) {{
+{key}  %gt0 = arith.cmpi ugt, %u, %thr : i32
+  %gt = arith.ori %gt0, %few : i1
+  %eq0 = arith.cmpi eq, %u, %thr : i32
+  %nfew = arith.xori %few, %true : i1
+  %eq = arith.andi %eq0, %nfew : i1
+  %gi = arith.extui %gt : i1 to i32
+  %ei = arith.extui %eq : i1 to i32
+  %g2 = arith.addi %g, %gi : i32
+  %e2 = arith.addi %e, %ei : i32
+  scf.yield %g2, %e2 : i32, i32
+}}
+memref.store %n#0, %sh_cnt[%tid] : {cnt}
+memref.store %n#1, %sh_hit[%tid] : {hit}
+",
+        key = key("  ")
+    ));
+    // One thread: the exclusive scan of the counts, and the total above the threshold.
+    phases.push(format!(
+        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %tot:2 = scf.for %i = %c0 to %cT step %c1 iter_args(%g = %c0_i32, %e = %c0_i32) -> (i32, i32) {{
+    memref.store %g, %sh_count[%i] : {count}
+    memref.store %e, %sh_off[%i] : {off}
+    %gi = memref.load %sh_cnt[%i] : {cnt}
+    %ei = memref.load %sh_hit[%i] : {hit}
+    %g2 = arith.addi %g, %gi : i32
+    %e2 = arith.addi %e, %ei : i32
+    scf.yield %g2, %e2 : i32, i32
+  }}
+  memref.store %tot#0, %sh_aux[%c1] : {aux}
+}}
+"
+    ));
+    // Each thread's keys in order: above the threshold, or at it while the earlier ones at it
+    // leave room; then the slots past the selection -1.
+    phases.push(format!(
+        "%thr = memref.load %sh_aux[%c0] : {aux}
+%above = memref.load %sh_aux[%c1] : {aux}
+%pre_g = memref.load %sh_count[%tid] : {count}
+%pre_e = memref.load %sh_off[%tid] : {off}
+%room0 = arith.subi %cK_i32, %above : i32
+%room = arith.select %few, %c0_i32, %room0 : i32
+%taken_e = arith.minsi %pre_e, %room : i32
+%slot0 = arith.addi %pre_g, %taken_e : i32
+{chunk}%n:2 = scf.for %s = %lo to %hi step %c1 iter_args(%slot = %slot0, %e = %pre_e) -> (i32, i32) {{
+{key}  %gt0 = arith.cmpi ugt, %u, %thr : i32
+  %gt = arith.ori %gt0, %few : i1
+  %eq0 = arith.cmpi eq, %u, %thr : i32
+  %nfew = arith.xori %few, %true : i1
+  %eq = arith.andi %eq0, %nfew : i1
+  %fits = arith.cmpi slt, %e, %room : i32
+  %eq_in = arith.andi %eq, %fits : i1
+  %take = arith.ori %gt, %eq_in : i1
+  scf.if %take {{
+    %s_i32 = arith.index_cast %s : index to i32
+    %slot_idx = arith.index_cast %slot : i32 to index
+    memref.store %s_i32, %selected[%row, %slot_idx] : memref<?x?xi32>
+  }}
+  %ti = arith.extui %take : i1 to i32
+  %ei = arith.extui %eq : i1 to i32
+  %slot2 = arith.addi %slot, %ti : i32
+  %e2 = arith.addi %e, %ei : i32
+  scf.yield %slot2, %e2 : i32, i32
+}}
+%taken = arith.select %few, %nkeys, %cD : index
+%pad0 = arith.addi %taken, %tid : index
+scf.for %p = %pad0 to %cD step %cT {{
+  memref.store %neg1_i32, %selected[%row, %p] : memref<?x?xi32>
+}}
+",
+        key = key("  ")
+    ));
+    phases
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{raw, run_cpu, run_simulated, values};
+    use super::super::{RowKernel, RowOp};
+    use super::SparseRow;
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    use v3c_models::interp::kernels;
+
+    fn kernel(op: SparseRow, d: usize, weight: &str) -> RowKernel {
+        let k = RowKernel::new(RowOp::Sparse(op), d, weight);
+        assert_eq!(RowKernel::from_name(&k.kernel_name()).as_ref(), Some(&k), "{}", k.kernel_name());
+        k
+    }
+
+    /// The indexer key's LayerNorm (bf16 weight and bias), rows of 128 and of a ragged width:
+    /// the reference's bits through the CPU lowering, and the PTX simulated within rounding.
+    #[test]
+    fn layer_norm_matches_the_reference() {
+        for d in [128, 100] {
+            let rows = 3;
+            let mut x = values(rows * d, 5, 4.0);
+            x[..d].iter_mut().for_each(|v| *v += 30.0);
+            let w: Vec<u16> = values(d, 6, 1.0).iter().map(|v| f32_to_bf16(v + 1.0)).collect();
+            let b: Vec<u16> = values(d, 7, 1.0).iter().map(|&v| f32_to_bf16(v)).collect();
+            let widen = |v: &[u16]| -> Vec<f32> { v.iter().map(|&h| bf16_to_f32(h)).collect() };
+            let want = kernels::layer_norm(&x, &widen(&w), &widen(&b), 1e-6);
+            let k = kernel(SparseRow::LayerNorm { eps: 1e-6 }, d, "bf16");
+            for simulated in [false, true] {
+                let (mut x, mut w, mut b) = (x.clone(), w.clone(), b.clone());
+                let mut y = vec![f32::NAN; rows * d];
+                let buffers = [
+                    raw(&mut x, &[rows, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut b, &[d], "bf16"),
+                    raw(&mut y, &[rows, d], "f32"),
+                ];
+                if simulated {
+                    run_simulated(&k, &buffers, rows);
+                    let worst = y.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(worst <= 1e-5, "d {d}: simulated differs by {worst}");
+                } else {
+                    run_cpu(&k, &buffers);
+                    assert_eq!(y, want, "d {d}");
+                }
+            }
+        }
+    }
+
+    /// Queries, head weights and cache rows (the key the last `di` columns of each `width`) with
+    /// ties: keys 3 and 9 repeat key 1 (equal scores: the earlier wins), and a zero query head.
+    fn indexer_inputs(t: usize, heads: usize, di: usize, rows: usize, width: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let q = values(t * heads * di, 11, 2.0);
+        let w = values(t * heads, 12, 2.0);
+        let mut keys = values(rows * width, 13, 2.0);
+        let per_seq = rows.min(40);
+        for base in (0..rows).step_by(per_seq) {
+            for copy in [3, 9] {
+                if base + copy < rows {
+                    let from = (base + 1) * width;
+                    let row: Vec<f32> = keys[from..from + width].to_vec();
+                    keys[(base + copy) * width..(base + copy + 1) * width].copy_from_slice(&row);
+                }
+            }
+        }
+        (q, w, keys)
+    }
+
+    /// Prefill (one sequence: query t sees rows `0..=S - T + t`) and decode (a cache per query, its
+    /// rows up to its position; one position past the cache, one negative): the CPU lowering's
+    /// scores are the reference's bits and its selection the reference's (ties to the earlier
+    /// key; every key while there are at most top_k); the PTX simulated selects the same keys
+    /// from the same scores, and its scores are the reference's within rounding.
+    #[test]
+    fn indexer_scores_and_selection_match_the_reference() {
+        let (heads, di, width, top_k) = (4, 16, 24, 8);
+        for decode in [false, true] {
+            let (t, s) = (5, 40);
+            let rows = if decode { t * s } else { s };
+            let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
+            // Decode positions: few keys, top_k + 1, the cache's last, past it, negative.
+            let positions: Vec<i64> = vec![2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1];
+            let seen = |i: usize| -> std::ops::Range<usize> {
+                if !decode {
+                    return 0..s - t + i + 1;
+                }
+                let p = positions[i];
+                if p < 0 {
+                    0..0
+                } else {
+                    0..(p as usize + 1).min(s)
+                }
+            };
+            let mut want_scores = vec![0f32; t * s];
+            let mut want_sel = Vec::new();
+            for i in 0..t {
+                let base = if decode { i * s * width } else { 0 };
+                let r = seen(i);
+                let cache = &keys[base + r.start * width..base + r.end * width];
+                let (qi, wi) = (&q[i * heads * di..(i + 1) * heads * di], &w[i * heads..(i + 1) * heads]);
+                let sc = kernels::index_scores(qi, wi, cache, width, di);
+                want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
+                want_sel.extend(kernels::select_top_keys(&sc, top_k));
+            }
+            let scores_k = kernel(SparseRow::IndexScores { heads, decode }, di, "f32");
+            let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
+            let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
+            for simulated in [false, true] {
+                let (mut q, mut w, mut keys, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
+                let mut scores = vec![0f32; t * s];
+                let mut args = vec![
+                    raw(&mut q, &[t, heads, di], "f32"),
+                    raw(&mut w, &[t, heads], "f32"),
+                    raw(&mut keys, &key_shape, "f32"),
+                ];
+                if decode {
+                    args.push(raw(&mut pos, &[t], "i64"));
+                }
+                args.push(raw(&mut scores, &[t, s], "f32"));
+                match simulated {
+                    false => run_cpu(&scores_k, &args),
+                    true => drop(run_simulated(&scores_k, &args, t)),
+                }
+                for i in 0..t {
+                    let r = seen(i);
+                    let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
+                    if simulated {
+                        let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(worst <= 1e-5, "decode {decode} query {i}: {worst}");
+                    } else {
+                        assert_eq!(got, want, "decode {decode} query {i}");
+                    }
+                }
+                // The selection from the reference's scores.
+                let mut scores = want_scores.clone();
+                let mut sel = vec![7i32; t * top_k];
+                let mut pos = positions.clone();
+                let mut args = vec![raw(&mut scores, &[t, s], "f32")];
+                if decode {
+                    args.push(raw(&mut pos, &[t], "i64"));
+                }
+                args.push(raw(&mut sel, &[t, top_k], "i32"));
+                match simulated {
+                    false => run_cpu(&top, &args),
+                    true => drop(run_simulated(&top, &args, t)),
+                }
+                assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
+            }
+        }
+    }
+
+    /// Scores with many equal values, NaN-free extremes, -0 and +0: the selection follows the
+    /// reference's total order with ties to the earlier key, for several top_k and widths of the
+    /// scores (fewer keys than threads, more than one chunk a thread).
+    #[test]
+    fn top_keys_follow_the_total_order_with_ties_to_the_earlier_key() {
+        for (s, top_k, seed) in [(7, 3, 1), (300, 17, 2), (600, 256, 3), (1000, 999, 4), (9, 9, 5)] {
+            let t = 3;
+            let mut scores: Vec<f32> = values(t * s, seed, 8.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
+            scores[0] = -0.0;
+            scores[1.min(s - 1)] = 0.0;
+            scores[s - 1] = f32::INFINITY;
+            scores[s] = f32::NEG_INFINITY;
+            let mut want = Vec::new();
+            for i in 0..t {
+                // Prefill: query i sees the first s - t + i + 1 scores.
+                let n = s - t + i + 1;
+                want.extend(kernels::select_top_keys(&scores[i * s..i * s + n], top_k));
+            }
+            let top = kernel(SparseRow::TopKeys { decode: false }, top_k, "f32");
+            let mut sel = vec![7i32; t * top_k];
+            let mut sc = scores.clone();
+            run_cpu(&top, &[raw(&mut sc, &[t, s], "f32"), raw(&mut sel, &[t, top_k], "i32")]);
+            assert_eq!(sel, want, "s {s} top_k {top_k}");
+        }
+    }
+
+    /// Gathered rows (prefill's shared cache, decode's per-query ones) and the last valid slot:
+    /// the selected rows' first columns, zeros past the selection; decode's cache write lands at
+    /// each position and leaves positions outside the cache alone.
+    #[test]
+    fn gathered_rows_and_cache_writes_match_the_reference() {
+        let (t, k, s, width, d) = (3, 4, 6, 10, 7);
+        for decode in [false, true] {
+            let rows = if decode { t * s } else { s };
+            let keys = values(rows * width, 21, 3.0);
+            let sel: Vec<i32> = vec![0, 2, 5, -1, 1, -1, -1, -1, 3, 4, 1, 0];
+            let mut want = vec![0f32; t * k * d];
+            let mut want_last = Vec::new();
+            for i in 0..t {
+                let picks = &sel[i * k..(i + 1) * k];
+                let count = picks.iter().filter(|&&j| j >= 0).count();
+                want_last.push(count as i64 - 1);
+                for (slot, &j) in picks.iter().enumerate().filter(|(_, &j)| j >= 0) {
+                    let from = ((if decode { i * s } else { 0 }) + j as usize) * width;
+                    want[(i * k + slot) * d..(i * k + slot + 1) * d].copy_from_slice(&keys[from..from + d]);
+                }
+            }
+            let g = kernel(SparseRow::GatherRows { decode }, d, "f32");
+            let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
+            for simulated in [false, true] {
+                let (mut keys, mut sel) = (keys.clone(), sel.clone());
+                let (mut out, mut last) = (vec![f32::NAN; t * k * d], vec![9i64; t]);
+                let args = [
+                    raw(&mut keys, &key_shape, "f32"),
+                    raw(&mut sel, &[t, k], "i32"),
+                    raw(&mut out, &[t * k, d], "f32"),
+                    raw(&mut last, &[t], "i64"),
+                ];
+                match simulated {
+                    false => run_cpu(&g, &args),
+                    true => drop(run_simulated(&g, &args, t)),
+                }
+                assert_eq!((out, last), (want.clone(), want_last.clone()), "decode {decode} simulated {simulated}");
+            }
+        }
+        let (b, c) = (3, 9);
+        let cache0 = values(b * s * c, 22, 1.0);
+        let new = values(b * c, 23, 1.0);
+        let positions = vec![4i64, s as i64, -2];
+        let mut want = cache0.clone();
+        want[4 * c..5 * c].copy_from_slice(&new[..c]);
+        let w = kernel(SparseRow::CacheWrite, c, "f32");
+        for simulated in [false, true] {
+            let (mut cache, mut new, mut pos) = (cache0.clone(), new.clone(), positions.clone());
+            let args = [raw(&mut cache, &[b, s, c], "f32"), raw(&mut new, &[b, c], "f32"), raw(&mut pos, &[b], "i64")];
+            match simulated {
+                false => run_cpu(&w, &args),
+                true => drop(run_simulated(&w, &args, b)),
+            }
+            assert_eq!(cache, want, "simulated {simulated}");
+        }
+    }
+}
