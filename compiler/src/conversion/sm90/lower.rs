@@ -502,6 +502,21 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let (a, b) = (shape(operand(first, 0)?)?, shape(operand(first, 1)?)?);
             let wired = is_arg(operand(first, 0)?, 0) && is_arg(operand(first, 1)?, 1);
             let axis = first.attribute("axis").map(|a| a.to_string()).unwrap_or_default();
+            let rank = a.dims.len();
+            if wired && rank > 2 && b.dims.len() == rank && a.dims[..rank - 1] == b.dims[..rank - 1] {
+                // Along the last axis of heads (`[T, H, d1] + [T, H, d2]`): rows of every head,
+                // joined over the result's rows.
+                let last = format!("{} ", rank - 1);
+                let (d, second) = (a.dims[rank - 1], b.dims[rank - 1]);
+                if let (Some(d), Some(second), true, "f32") = (d, second, axis.starts_with(&last), a.element.as_str()) {
+                    let k = RowKernel::new(RowOp::Train(super::rows::TrainRow::Join { second }), d, "f32");
+                    return Ok(RowLaunch {
+                        kernel: k,
+                        rope_table: None,
+                        operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Result(0)],
+                    });
+                }
+            }
             if !wired || a.element != "f32" || a.dims.len() != 2 || b.dims.len() != 2 || !axis.starts_with("1 ") {
                 return Err("concat that is not of the kernel's two f32 row arguments along columns".into());
             }
@@ -511,9 +526,11 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
         }
         // The training step's kernels; others named by their ops, as a GEMM kernel that does not
         // map is by the op that stops it.
-        _ => super::lower_train::row_of_train_kernel(kernel).unwrap_or_else(|| {
-            Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
-        }),
+        _ => super::lower_sparse::row_of_sparse_kernel(kernel)
+            .or_else(|| super::lower_train::row_of_train_kernel(kernel))
+            .unwrap_or_else(|| {
+                Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
+            }),
     }
 }
 
@@ -1373,9 +1390,11 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
         _ => match gemm_of(kernel, true) {
             // A GEMM on f32 activations with bf16 weights (the f32 graph of a bf16 checkpoint).
             Ok(g) if arg_shape(g.a)?.element == "f32" => Ok(split_bf16_steps(&g, &fused, Vec::new(), None)),
-            _ => super::lower_train::steps_of_train_kernel(kernel).unwrap_or_else(|| {
-                Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
-            }),
+            _ => super::lower_sparse::steps_of_sparse_kernel(kernel)
+                .or_else(|| super::lower_train::steps_of_train_kernel(kernel))
+                .unwrap_or_else(|| {
+                    Err(names.iter().filter(|n| *n != "func.return").cloned().collect::<Vec<_>>().join(" + "))
+                }),
         },
     }
 }
@@ -1386,7 +1405,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
 /// `before`: steps that come first (`g.a` then names one of their temporaries, numbered after the
 /// split's); the output is `into` (a step operand), else the kernel's one result, else a temporary
 /// whose column ranges are copied into the results.
-fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into: Option<Operand>) -> Steps {
+pub(super) fn split_bf16_steps(g: &GemmKernel, fused: &str, before: Vec<(Step, Temp)>, into: Option<Operand>) -> Steps {
     let (n, k) = (g.n, g.k);
     let mut temps = vec![Temp::per_row(1, k, "bf16"), Temp::per_row(1, k, "bf16")];
     let mut steps = Vec::new();

@@ -25,17 +25,17 @@ use super::rows::{Mla, RowKernel, RowOp, TrainRow, GROUP};
 use crate::verify::Shape;
 
 /// A kernel's body: its ops (without the return), the returned values and the arguments.
-struct Body<'c, 'a> {
+pub(super) struct Body<'c, 'a> {
     /// The fused kernel's name.
-    name: String,
-    ops: Vec<OperationRef<'c, 'a>>,
-    names: Vec<String>,
-    returned: Vec<Value<'c, 'a>>,
-    args: Vec<Value<'c, 'a>>,
+    pub(super) name: String,
+    pub(super) ops: Vec<OperationRef<'c, 'a>>,
+    pub(super) names: Vec<String>,
+    pub(super) returned: Vec<Value<'c, 'a>>,
+    pub(super) args: Vec<Value<'c, 'a>>,
 }
 
 impl<'c, 'a> Body<'c, 'a> {
-    fn of(kernel: &OperationRef<'c, 'a>) -> Option<Body<'c, 'a>> {
+    pub(super) fn of(kernel: &OperationRef<'c, 'a>) -> Option<Body<'c, 'a>> {
         let block = kernel.region(0).ok()?.first_block()?;
         let args = (0..block.argument_count()).filter_map(|i| block.argument(i).ok().map(Value::from)).collect();
         let (mut ops, mut returned) = (Vec::new(), Vec::new());
@@ -57,23 +57,23 @@ impl<'c, 'a> Body<'c, 'a> {
     }
 
     /// The argument index `v` is.
-    fn arg(&self, v: Value) -> Option<usize> {
+    pub(super) fn arg(&self, v: Value) -> Option<usize> {
         self.args.iter().position(|a| raw(*a) == raw(v))
     }
 
     /// Whether op `o`'s operands are the kernel's arguments in order.
-    fn operands_are_args(&self, o: &OperationRef) -> bool {
+    pub(super) fn operands_are_args(&self, o: &OperationRef) -> bool {
         (0..o.operand_count()).all(|i| o.operand(i).ok().and_then(|v| self.arg(v)) == Some(i))
     }
 
     /// Whether the kernel returns exactly op `o`'s results, in order.
-    fn returns_results_of(&self, o: &OperationRef) -> bool {
+    pub(super) fn returns_results_of(&self, o: &OperationRef) -> bool {
         self.returned.len() == o.result_count()
             && self.returned.iter().enumerate().all(|(i, v)| o.result(i).is_ok_and(|r| raw(r.into()) == raw(*v)))
     }
 }
 
-fn raw(v: Value) -> usize {
+pub(super) fn raw(v: Value) -> usize {
     v.to_raw().ptr as usize
 }
 
@@ -81,16 +81,16 @@ fn shape(v: Value) -> Result<Shape, String> {
     Shape::of(v.r#type()).ok_or_else(|| "a non-tensor value".to_string())
 }
 
-fn operand_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {
+pub(super) fn operand_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {
     shape(o.operand(i).map_err(|e| e.to_string())?)
 }
 
-fn result_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {
+pub(super) fn result_shape(o: &OperationRef, i: usize) -> Result<Shape, String> {
     shape(o.result(i).map_err(|e| e.to_string())?.into())
 }
 
 /// The static last dimension of a shape (the row width of its 2-D view).
-fn width(s: &Shape) -> Result<usize, String> {
+pub(super) fn width(s: &Shape) -> Result<usize, String> {
     s.dims.last().copied().flatten().ok_or_else(|| format!("{s} has a dynamic width"))
 }
 
@@ -98,7 +98,7 @@ fn flag(o: &OperationRef, name: &str) -> bool {
     o.attribute(name).ok().and_then(crate::mlir::bool_value).unwrap_or(false)
 }
 
-fn int_attr(o: &OperationRef, name: &str) -> Option<i64> {
+pub(super) fn int_attr(o: &OperationRef, name: &str) -> Option<i64> {
     o.attribute(name).ok().and_then(crate::mlir::int_value)
 }
 
@@ -1255,7 +1255,7 @@ fn concat_rows(body: &Body) -> Result<Steps, String> {
 }
 
 /// Where the kernel returns value `v` (as which result), if it does.
-fn returned_as(body: &Body, v: Value) -> Option<usize> {
+pub(super) fn returned_as(body: &Body, v: Value) -> Option<usize> {
     body.returned.iter().position(|r| raw(*r) == raw(v))
 }
 
@@ -1547,8 +1547,16 @@ fn matmul_steps(
 
 fn linear_pieces(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     let (linear, split) = (&body.ops[0], body.ops.last().expect("a split"));
-    if linear.operand_count() != 2 || !all_f32(linear) || !body.operands_are_args(linear) {
-        return Err("a linear with pieces that is not of two f32 matrices".into());
+    // Or the fp8 graph's: e4m3 activations and weights with their scales (inference's projections).
+    let fp8 = linear.operand_count() == 4
+        && operand_shape(linear, 0).is_ok_and(|s| s.element == "f8E4M3FN")
+        && operand_shape(linear, 2).is_ok_and(|s| s.element == "f8E4M3FN");
+    // Or the f32 graph's of a bf16 checkpoint: f32 activations, bf16 weights (split hi + lo).
+    let bf16 = linear.operand_count() == 2
+        && operand_shape(linear, 0).is_ok_and(|s| s.element == "f32")
+        && operand_shape(linear, 1).is_ok_and(|s| s.element == "bf16");
+    if !(fp8 || bf16 || linear.operand_count() == 2 && all_f32(linear)) || !body.operands_are_args(linear) {
+        return Err("a linear with pieces that is not of two f32 matrices or an fp8 or bf16 projection".into());
     }
     let whole =
         if body.ops.len() == 3 { body.ops[1].result(0) } else { linear.result(0) }.map_err(|e| e.to_string())?;
@@ -1564,20 +1572,52 @@ fn linear_pieces(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     // Rows of the split's input: the linear's output, or its heads when it was reshaped.
     let stride = width(&whole_shape)?;
     let (mut temps, mut steps) = (Vec::new(), Vec::new());
+    if bf16 {
+        // The split's hi and lo are temporaries 0 and 1; the GEMM's output the next.
+        let k = width(&operand_shape(linear, 0)?)?;
+        let g = GemmKernel {
+            kernel: format!("{}.gemm", body.name),
+            input: GemmInput::Bf16,
+            output: GemmOutput::F32,
+            n,
+            k,
+            a: 0,
+            a_scale: None,
+            weights: vec![(1, None)],
+            residual: None,
+            results: vec![(0, n)],
+            grouped: None,
+            fixed_m: None,
+            k_range: None,
+            a2: None,
+        };
+        let split = super::lower::split_bf16_steps(&g, &body.name, Vec::new(), Some(Operand::Temp(2)));
+        temps = split.temps;
+        steps = split.steps;
+    }
     let returned_whole = returned_as(body, whole.into());
     // The matmul writes the output as [T, n]: straight into the result when that is its shape.
     let target = match returned_whole {
-        Some(i) if whole_shape.dims.len() == 2 => Operand::Result(i),
+        Some(i) if whole_shape.dims.len() == 2 && !bf16 => Operand::Result(i),
         _ => {
             temps.push(Temp::per_row(1, n, "f32"));
-            Operand::Temp(0)
+            Operand::Temp(temps.len() - 1)
         }
     };
-    let (x, w) = (operand_shape(linear, 0)?, operand_shape(linear, 1)?);
+    if fp8 {
+        let k = width(&operand_shape(linear, 0)?)?;
+        let g = GemmKernel::fp8(format!("{}.gemm", body.name), n, k);
+        let operands = vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Arg(3), target];
+        steps.push(Step { only: None, kernel: StepKernel::Gemm(g), operands });
+    }
+    let (x, w) = (operand_shape(linear, 0)?, operand_shape(linear, if fp8 { 2 } else { 1 })?);
     let (x, w) = ((Operand::Arg(0), &x), (Operand::Arg(1), &w));
-    match tensor_cores.then(|| matmul_steps(&body.name, x, w, (false, true), target, &mut temps)) {
-        Some(Ok(tensor_cores)) => steps.extend(tensor_cores),
-        _ => {
+    match (!fp8 && !bf16)
+        .then(|| tensor_cores.then(|| matmul_steps(&body.name, x, w, (false, true), target, &mut temps)))
+    {
+        None => {}
+        Some(Some(Ok(tensor_cores))) => steps.extend(tensor_cores),
+        Some(_) => {
             let op = TrainRow::Matmul { transpose_a: false, transpose_b: true };
             let matmul = StepKernel::Row(train_kernel(op, n, "f32"));
             steps.push(Step { only: None, kernel: matmul, operands: vec![Operand::Arg(0), Operand::Arg(1), target] });

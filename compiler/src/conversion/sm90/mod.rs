@@ -10,6 +10,7 @@
 pub mod gemm;
 pub mod host;
 pub mod lower;
+pub mod lower_sparse;
 pub mod lower_train;
 pub mod mla;
 pub mod rows;
@@ -372,6 +373,10 @@ impl CacheFormats {
     /// The caches `module`'s attention kernels take with `attention`'s choices.
     pub fn of(module: &Module, attention: AttentionKernels) -> CacheFormats {
         use rows::CacheRows::{Bf16, Fp8, F32};
+        // DeepSeek-V3.2: the indexer and the row gather read f32 rows, the key beside the latent.
+        if lower_sparse::has_sparse_attention(module) {
+            return CacheFormats::default();
+        }
         // Per kind (prefill, decode): attention kernels, those the tensor cores take over bf16
         // caches, and over fp8 rows.
         let mut counts = [(0, 0, 0); 2];
@@ -408,6 +413,9 @@ impl CacheFormats {
 /// do ([`CacheFormats`]).
 pub fn row_launch(f: &OperationRef, caches: CacheFormats) -> Result<lower::RowLaunch, String> {
     let mut launch = lower::row_of_kernel(f)?;
+    if launch.kernel.op == rows::RowOp::Sparse(rows::SparseRow::CacheWrite) && caches.paged_decode() {
+        return Err("cache_write into paged cache rows".into());
+    }
     if let rows::RowOp::Latent { append, ref mut cache, .. } = launch.kernel.op {
         *cache = if append { caches.prefill } else { caches.decode };
         // Decode's pool of pages: the block table, the argument the plan appends

@@ -132,7 +132,8 @@ impl SparseRow {
         match self {
             SparseRow::LayerNorm { .. } => "x",
             SparseRow::IndexScores { .. } => "w",
-            SparseRow::TopKeys { .. } => "scores",
+            // Its rows (the MTP module's queries may be fewer than the scores' rows).
+            SparseRow::TopKeys { .. } => "selected",
             SparseRow::GatherRows { .. } => "selected",
             SparseRow::CacheWrite => "new",
         }
@@ -217,7 +218,7 @@ impl SparseRow {
     }
 
     /// The keys query `%row` sees: `%nkeys` (and, with keys, `%koff`: the first key column).
-    fn visible(decode: bool, keys: &str, keys_ty: &str, queries: &str) -> String {
+    fn visible(decode: bool, keys: &str, keys_ty: &str, (queries, queries_ty): (&str, &str)) -> String {
         if decode {
             format!(
                 "%p64 = memref.load %positions[%row] : memref<?xi64>
@@ -232,7 +233,7 @@ impl SparseRow {
         } else {
             format!(
                 "%slots = memref.dim {keys}, {dim} : {keys_ty}
-%nq = memref.dim {queries}, %c0 : memref<?x?xf32>
+%nq = memref.dim {queries}, %c0 : {queries_ty}
 %short = arith.cmpi ult, %slots, %nq : index
 %kfirst0 = arith.subi %slots, %nq : index
 %kfirst = arith.select %short, %c0, %kfirst0 : index
@@ -251,7 +252,7 @@ impl SparseRow {
         match *self {
             SparseRow::IndexScores { decode, .. } => {
                 let keys_ty = if decode { "memref<?x?x?xf32>" } else { "memref<?x?xf32>" };
-                s.push_str(&Self::visible(decode, "%keys", keys_ty, "%w"));
+                s.push_str(&Self::visible(decode, "%keys", keys_ty, ("%w", "memref<?x?xf32>")));
                 let last_dim = if decode { "%c2" } else { "%c1" };
                 let _ = write!(
                     s,
@@ -261,7 +262,7 @@ impl SparseRow {
                 );
             }
             SparseRow::TopKeys { decode } => {
-                s.push_str(&Self::visible(decode, "%scores", "memref<?x?xf32>", "%scores"));
+                s.push_str(&Self::visible(decode, "%scores", "memref<?x?xf32>", ("%selected", "memref<?x?xi32>")));
                 s.push_str(
                     "%few = arith.cmpi ule, %nkeys, %cD : index
 %passes = arith.select %few, %c0, %c32 : index

@@ -1,0 +1,228 @@
+//! DeepSeek-V3.2's `fused`-stage kernels -> sm_90a launches ([`super::rows::SparseRow`] and the
+//! inference rows where one fits):
+//! - `layer_norm` (the indexer key's), alone or split into its rotated and plain halves: the row,
+//!   then each half copied out of it;
+//! - `sparse_index`: the indexer's scores of every visible key into a temporary `[T, S]` (S the
+//!   keys' rows), then the top keys of each row of it;
+//! - `gather_rows`: each query's selected latent rows, the attention's keys and values;
+//! - `cache_write` (decode's new cache rows: the latent row and the indexer key side by side);
+//! - the latent row with the indexer key: `rms_norm(latent)`, `rope(k_pe)`, their concatenation
+//!   and the key after them -> the norm row, the RoPE row, two joins.
+//!
+//! The decode attention over the gathered rows is the CUDA-core MLA row ([`super::rows::RowOp::MlaDecode`],
+//! a query its own sequence of selected rows): a model with sparse attention keeps its caches in
+//! f32 rows, as the indexer and the gather read them ([`has_sparse_attention`]).
+
+use melior::ir::block::BlockLike;
+use melior::ir::operation::{OperationLike, OperationRef};
+use melior::ir::Module;
+
+use super::lower::{rope_table_of, Operand, RowLaunch, Step, StepKernel, Steps, Temp, TempDim};
+use super::lower_train::{int_attr, operand_shape, raw, result_shape, returned_as, width, Body};
+use super::rows::{RowKernel, RowOp, SparseRow, TrainRow};
+
+/// Whether `module` has a kernel with DeepSeek-V3.2's key selection.
+pub fn has_sparse_attention(module: &Module) -> bool {
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() && Body::of(&f).is_some_and(|b| b.names == ["sparse_index"]) {
+            return true;
+        }
+    }
+    false
+}
+
+fn eps_of(o: &OperationRef) -> Result<f32, String> {
+    o.attribute("eps")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+        .ok_or_else(|| "a norm without an eps".to_string())
+}
+
+/// A `layer_norm` of the kernel's (x, w, b) arguments: its row kernel.
+fn layer_norm_kernel(body: &Body) -> Result<RowKernel, String> {
+    let o = &body.ops[0];
+    if o.operand_count() != 3 || !body.operands_are_args(o) {
+        return Err("layer_norm of values other than the kernel's (x, w, b) arguments".into());
+    }
+    let (x, w) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+    if x.element != "f32" || x.dims.len() != 2 {
+        return Err(format!("layer_norm of {x} (the row kernels read f32 rows)"));
+    }
+    Ok(RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: eps_of(o)? }), width(&w)?, &w.element))
+}
+
+/// The sparse-attention kernel `kernel` as one row launch (`None`: not one of its ops).
+pub fn row_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, String>> {
+    let body = Body::of(kernel)?;
+    let [name] = &body.names[..] else { return None };
+    let o = &body.ops[0];
+    let launch = |k: RowKernel, operands: Vec<Operand>| RowLaunch { kernel: k, rope_table: None, operands };
+    let in_order = || (0..o.operand_count()).map(Operand::Arg).chain((0..o.result_count()).map(Operand::Result));
+    let row = || -> Result<RowLaunch, String> {
+        if !body.operands_are_args(o) || !body.returns_results_of(o) {
+            return Err(format!("{name} with its operands or results in another order"));
+        }
+        match name.as_str() {
+            "layer_norm" => Ok(launch(layer_norm_kernel(&body)?, in_order().collect())),
+            "gather_rows" => {
+                let (keys, selected) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+                let w = int_attr(o, "width").ok_or("gather_rows without a width")? as usize;
+                if keys.element != "f32" || selected.element != "i32" || w > width(&keys)? {
+                    return Err(format!("gather_rows of {w} columns from {keys} by {selected}"));
+                }
+                let decode = keys.dims.len() == 3;
+                Ok(launch(
+                    RowKernel::new(RowOp::Sparse(SparseRow::GatherRows { decode }), w, "f32"),
+                    in_order().collect(),
+                ))
+            }
+            "cache_write" => {
+                let (cache, new) = (operand_shape(o, 0)?, operand_shape(o, 1)?);
+                if cache.element != "f32" || cache.dims.len() != 3 || new.dims.len() != 2 {
+                    return Err(format!("cache_write of {new} into {cache} (f32 rows into [B, S, C])"));
+                }
+                // The cache is updated in place: its result is its argument.
+                let k = RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), width(&cache)?, "f32");
+                Ok(launch(k, (0..3).map(Operand::Arg).collect()))
+            }
+            _ => Err(name.clone()),
+        }
+    };
+    matches!(name.as_str(), "layer_norm" | "gather_rows" | "cache_write").then(row)
+}
+
+/// The sparse-attention kernel `kernel` as several launches (`None`: not one of these kernels).
+pub fn steps_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<Steps, String>> {
+    let body = Body::of(kernel)?;
+    let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
+    match names[..] {
+        ["layer_norm", "split"] => Some(layer_norm_split(&body)),
+        ["sparse_index"] => Some(sparse_index(&body)),
+        ["rms_norm", "rope", "concat", "concat"] => Some(latent_with_key(&body)),
+        _ => None,
+    }
+}
+
+/// `layer_norm` split along its columns: the row into a temporary, each returned piece copied out.
+fn layer_norm_split(body: &Body) -> Result<Steps, String> {
+    let (norm, split) = (&body.ops[0], &body.ops[1]);
+    let k = layer_norm_kernel(body)?;
+    let chained = split.operand(0).is_ok_and(|v| norm.result(0).is_ok_and(|r| raw(r.into()) == raw(v)));
+    if !chained || int_attr(split, "axis") != Some(1) {
+        return Err("a split of another value than the layer_norm's rows".into());
+    }
+    let d = k.d;
+    let mut steps = vec![Step {
+        only: None,
+        kernel: StepKernel::Row(k),
+        operands: vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2), Operand::Temp(0)],
+    }];
+    let mut start = 0;
+    for piece in 0..split.result_count() {
+        let w = width(&result_shape(split, piece)?)?;
+        let r = split.result(piece).map_err(|e| e.to_string())?;
+        if let Some(i) = returned_as(body, r.into()) {
+            let copy = RowKernel::new(RowOp::Train(TrainRow::Columns { start, stride: d }), w, "f32");
+            steps.push(Step {
+                only: None,
+                kernel: StepKernel::Row(copy),
+                operands: vec![Operand::Temp(0), Operand::Result(i)],
+            });
+        }
+        start += w;
+    }
+    if steps.len() != body.returned.len() + 1 {
+        return Err("a layer_norm returning values other than its pieces".into());
+    }
+    Ok(Steps { steps, temps: vec![Temp::per_row(1, d, "f32")], rope_table: None })
+}
+
+/// `sparse_index`: the scores, then the selection.
+fn sparse_index(body: &Body) -> Result<Steps, String> {
+    let o = &body.ops[0];
+    if !body.operands_are_args(o) || !body.returns_results_of(o) {
+        return Err("sparse_index with its operands or results in another order".into());
+    }
+    let (q, keys) = (operand_shape(o, 0)?, operand_shape(o, 2)?);
+    let decode = o.operand_count() == 4;
+    let top_k = int_attr(o, "top_k").ok_or("sparse_index without top_k")? as usize;
+    let heads = q.dims.get(1).copied().flatten().ok_or("sparse_index with dynamic heads")?;
+    let di = width(&q)?;
+    if q.element != "f32"
+        || keys.element != "f32"
+        || keys.dims.len() != if decode { 3 } else { 2 }
+        || di > width(&keys)?
+    {
+        return Err(format!("sparse_index of {q} over {keys}"));
+    }
+    let scores = RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads, decode }), di, "f32");
+    let top = RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), top_k, "f32");
+    let mut score_ops = vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2)];
+    let mut top_ops = vec![Operand::Temp(0)];
+    if decode {
+        score_ops.push(Operand::Arg(3));
+        top_ops.push(Operand::Arg(3));
+    }
+    score_ops.push(Operand::Temp(0));
+    top_ops.push(Operand::Result(0));
+    // A row of scores per query, a column per key row (the cache's, or the sequence's).
+    let key_rows = TempDim::Arg { arg: 2, dim: usize::from(decode), align: 1, div: 1 };
+    Ok(Steps {
+        steps: vec![
+            Step { only: None, kernel: StepKernel::Row(scores), operands: score_ops },
+            Step { only: None, kernel: StepKernel::Row(top), operands: top_ops },
+        ],
+        temps: vec![Temp::shaped(vec![TempDim::Rows(1), key_rows], "f32")],
+        rope_table: None,
+    })
+}
+
+/// V3.2's latent row: `concat(concat(rms_norm(latent, w), rope(k_pe, positions)), key)` over the
+/// arguments (latent, w, k_pe, positions, key), returned (the cache store is a kernel of its own).
+fn latent_with_key(body: &Body) -> Result<Steps, String> {
+    let (norm, rope, join, join2) = (&body.ops[0], &body.ops[1], &body.ops[2], &body.ops[3]);
+    let arg = |o: &OperationRef, i: usize, a: usize| o.operand(i).is_ok_and(|v| body.arg(v) == Some(a));
+    let from = |o: &OperationRef, i: usize, p: &OperationRef| {
+        o.operand(i).is_ok_and(|v| p.result(0).is_ok_and(|r| raw(r.into()) == raw(v)))
+    };
+    let wired = arg(norm, 0, 0)
+        && arg(norm, 1, 1)
+        && arg(rope, 0, 2)
+        && arg(rope, 1, 3)
+        && from(join, 0, norm)
+        && from(join, 1, rope)
+        && from(join2, 0, join)
+        && arg(join2, 1, 4)
+        && body.returns_results_of(join2);
+    if !wired {
+        return Err(
+            "rms_norm + rope + concat + concat not in the latent row's (latent, w, k_pe, positions, key) order".into(),
+        );
+    }
+    let (latent, w, k_pe, key) =
+        (operand_shape(norm, 0)?, operand_shape(norm, 1)?, operand_shape(rope, 0)?, operand_shape(join2, 1)?);
+    if [&latent, &k_pe, &key].iter().any(|s| s.element != "f32" || s.dims.len() != 2) {
+        return Err("a latent row of non-f32 values".into());
+    }
+    let (d, r, kd) = (width(&w)?, width(&k_pe)?, width(&key)?);
+    let (table, interleave) = rope_table_of(rope)?;
+    if table.dim != r {
+        return Err(format!("rope of width {} on k_pe of {r}", table.dim));
+    }
+    let row = |k: RowKernel, operands: Vec<Operand>| Step { only: None, kernel: StepKernel::Row(k), operands };
+    let norm_k = RowKernel::new(RowOp::RmsNorm { eps: eps_of(norm)?, keep: true, quantize: false }, d, &w.element);
+    let rope_k = RowKernel::new(RowOp::Train(TrainRow::Rope { heads: 1, interleave, inverse: false }), r, "f32");
+    let join_k = |a: usize, b: usize| RowKernel::new(RowOp::Train(TrainRow::Join { second: b }), a, "f32");
+    Ok(Steps {
+        steps: vec![
+            row(norm_k, vec![Operand::Arg(0), Operand::Arg(1), Operand::Temp(0)]),
+            row(rope_k, vec![Operand::Arg(2), Operand::Arg(3), Operand::RopeTable, Operand::Temp(1)]),
+            row(join_k(d, r), vec![Operand::Temp(0), Operand::Temp(1), Operand::Temp(2)]),
+            row(join_k(d + r, kd), vec![Operand::Temp(2), Operand::Arg(4), Operand::Result(0)]),
+        ],
+        temps: vec![Temp::per_row(1, d, "f32"), Temp::per_row(1, r, "f32"), Temp::per_row(1, d + r, "f32")],
+        rope_table: Some(table),
+    })
+}
