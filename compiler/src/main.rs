@@ -15,8 +15,8 @@ mod commands;
 /// Compile DeepSeek-V3 model graphs through MLIR into PTX kernels for NVIDIA Hopper (sm_90a).
 ///
 /// A model (the built-in `deepseek-v3` definition, the small `deepseek-v3-tiny`, DeepSeek-V2's
-/// `deepseek-v2-lite`, DeepSeek-V3.2's `deepseek-v3.2` with sparse attention (cpu target only so
-/// far), or a Hugging Face checkpoint directory of any of these architectures) is imported into the `v3` MLIR dialect, fused into kernels (MLA low-rank
+/// `deepseek-v2-lite`, DeepSeek-V3.2's `deepseek-v3.2` with sparse attention, or a Hugging Face
+/// checkpoint directory of any of these architectures) is imported into the `v3` MLIR dialect, fused into kernels (MLA low-rank
 /// projections, MoE gather/scatter, FP8 block-scaled matmuls), lowered to PTX, and written as an
 /// artifact directory that `v3r` runs. Every stage can be dumped (`v3c dump-ir`, V3C_DUMP_DIR).
 #[derive(Parser)]
