@@ -114,17 +114,36 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::Sample, 129_280, "f32"),
         RowKernel::new(RowOp::Scores, 129_280, "f32"),
         RowKernel::new(
-            RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: false },
+            RowOp::MlaDecode {
+                heads: 128,
+                nope: 128,
+                rope: 64,
+                v: 128,
+                context: 8192,
+                scale: 0.1352,
+                prefill: false,
+                selected: false,
+            },
             512,
             "f8E4M3FN",
         ),
         RowKernel::new(
-            RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill: true },
+            RowOp::MlaDecode {
+                heads: 128,
+                nope: 128,
+                rope: 64,
+                v: 128,
+                context: 8192,
+                scale: 0.1352,
+                prefill: true,
+                selected: false,
+            },
             512,
             "f8E4M3FN",
         ),
     ]
     .into_iter()
+    .chain(sparse_attention_kernels())
     .chain(training_kernels())
     .chain(tuned_norms())
     .collect()
@@ -241,6 +260,32 @@ fn training_kernels() -> Vec<RowKernel> {
     kernels
 }
 
+/// DeepSeek-V3.2's at the full model's sizes: the indexer key's LayerNorm, the scores and the top
+/// keys (64 heads of 128, 2048 keys), decode's cache write (704-wide rows), the selected rows'
+/// gather and the attention reading them in place.
+fn sparse_attention_kernels() -> Vec<RowKernel> {
+    use sm90::rows::SparseRow;
+    let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
+    for decode in [false, true] {
+        kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode }), 128, "f32"));
+        kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), 2048, "f32"));
+        kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherRows { decode }), 576, "f32"));
+        let attention = RowOp::MlaDecode {
+            heads: 128,
+            nope: 128,
+            rope: 64,
+            v: 128,
+            context: 8192,
+            scale: 0.1352,
+            prefill: !decode,
+            selected: true,
+        };
+        kernels.push(RowKernel::new(attention, 512, "f8E4M3FN"));
+    }
+    kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), 704, "f32"));
+    kernels
+}
+
 #[test]
 fn row_kernels_compile_to_sm90a_without_spills() {
     let context = v3c_compiler::mlir::new_context();
@@ -315,6 +360,23 @@ fn row_kernels_compile_to_sm90a_without_spills() {
             RowOp::MlaCombine => {
                 assert!(!kernel.ptx.contains("bar.sync"), "{name}: one phase");
                 assert!(kernel.ptx.contains("ex2.approx.ftz.f32"), "{name}: exp");
+            }
+            RowOp::Sparse(op) => {
+                use sm90::rows::SparseRow;
+                let barriers = kernel.ptx.matches("bar.sync").count();
+                match op {
+                    // One thread's sums, then the columns.
+                    SparseRow::LayerNorm { .. } => assert_eq!(barriers, 1, "{name}"),
+                    // The query into shared memory, then a thread a key.
+                    SparseRow::IndexScores { .. } => assert_eq!(barriers, 1, "{name}"),
+                    // The pass loop: a count, a tree, the decision (each iteration ending in a
+                    // barrier); the first phase, the chunks' counts, the scan, the writes.
+                    SparseRow::TopKeys { .. } => {
+                        let tree = k.threads.trailing_zeros() as usize;
+                        assert_eq!(barriers, 2 + tree + 3, "{name}");
+                    }
+                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite => assert_eq!(barriers, 0, "{name}"),
+                }
             }
             RowOp::MlaDecode { .. } => {
                 // Three phases, loops over the key chunks of 2, 3 and 4 phases (each iteration

@@ -34,3 +34,21 @@ func.func @residual(%h: tensor<?x64xf32>, %a: tensor<?x32xf32>, %w: tensor<64x32
   %q, %s = "v3.quantize_fp8"(%x) {group = 128 : i64} : (tensor<?x64xf32>) -> (tensor<?x64xf8E4M3FN>, tensor<?x1xf32>)
   return %q, %s : tensor<?x64xf8E4M3FN>, tensor<?x1xf32>
 }
+
+// -----
+// DeepSeek-V3.2: the selected rows' gather joins the attention that alone reads them (its output
+// quantized in the same kernel); a gather whose rows something else reads too stays a kernel.
+func.func @sparse(%lat: tensor<?x48xf32>, %sel: tensor<?x4xi32>, %qn: tensor<?x2x16xf32>, %qp: tensor<?x2x8xf32>, %kvb: tensor<64x32xf8E4M3FN> {v3.param = "kv_b_proj.weight"}, %kvs: tensor<1x1xf32> {v3.param = "kv_b_proj.weight_scale_inv"}) -> (tensor<?x32xf8E4M3FN>, tensor<?x1xf32>) {
+  %rows, %last = "v3.gather_rows"(%lat, %sel) {width = 40 : i64} : (tensor<?x48xf32>, tensor<?x4xi32>) -> (tensor<?x4x40xf32>, tensor<?xi64>)
+  %o = "v3.attention_decode"(%qn, %qp, %rows, %last, %kvb, %kvs) {form = "absorbed", kv_lora_rank = 32 : i64, scale = 0.25 : f32} : (tensor<?x2x16xf32>, tensor<?x2x8xf32>, tensor<?x4x40xf32>, tensor<?xi64>, tensor<64x32xf8E4M3FN>, tensor<1x1xf32>) -> tensor<?x2x16xf32>
+  %f = "v3.reshape"(%o) : (tensor<?x2x16xf32>) -> tensor<?x32xf32>
+  %q, %s = "v3.quantize_fp8"(%f) {group = 128 : i64} : (tensor<?x32xf32>) -> (tensor<?x32xf8E4M3FN>, tensor<?x1xf32>)
+  return %q, %s : tensor<?x32xf8E4M3FN>, tensor<?x1xf32>
+}
+
+// -----
+func.func @sparse_rows_kept(%lat: tensor<?x48xf32>, %sel: tensor<?x4xi32>, %qn: tensor<?x2x16xf32>, %qp: tensor<?x2x8xf32>, %kvb: tensor<64x32xbf16> {v3.param = "kv_b_proj.weight"}) -> (tensor<?x2x16xf32>, tensor<?x4x40xf32>) {
+  %rows, %last = "v3.gather_rows"(%lat, %sel) {width = 40 : i64} : (tensor<?x48xf32>, tensor<?x4xi32>) -> (tensor<?x4x40xf32>, tensor<?xi64>)
+  %o = "v3.attention_decode"(%qn, %qp, %rows, %last, %kvb) {form = "absorbed", kv_lora_rank = 32 : i64, scale = 0.25 : f32} : (tensor<?x2x16xf32>, tensor<?x2x8xf32>, tensor<?x4x40xf32>, tensor<?xi64>, tensor<64x32xbf16>) -> tensor<?x2x16xf32>
+  return %o, %rows : tensor<?x2x16xf32>, tensor<?x4x40xf32>
+}

@@ -6,14 +6,17 @@
 //! 2. residual add: a linear (o_proj, down_proj) whose result is added to the residual stream takes
 //!    the add into its epilogue; for MoE, the shared expert's down projection also takes the add of
 //!    the routed experts' output (the combine) and the residual add;
-//! 3. fp8: `quantize_fp8` joins the kernel producing its input (1x128 quantization in that
+//! 3. sparse attention (DeepSeek-V3.2): `gather_rows` whose rows only the `attention_decode` after
+//!    it reads joins it (`sparse_attention`: the attention reads the selected rows in place, the
+//!    gathered rows are never written);
+//! 4. fp8: `quantize_fp8` joins the kernel producing its input (1x128 quantization in that
 //!    kernel's epilogue: RMSNorm, SwiGLU, attention).
 //! Matches that cannot be scheduled as one launch are left alone.
 
 use melior::ir::operation::OperationRef;
 use melior::Context;
 
-use super::op_graph::{Groups, OpGraph};
+use super::op_graph::{Groups, OpGraph, Source};
 use super::PassError;
 
 fn sole_user(g: &OpGraph, op: usize) -> Option<usize> {
@@ -62,7 +65,18 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
             groups.try_new(g, "gemm_residual", &[linear, add]);
         }
     }
-    // 3. fp8 activation quantization in the producer's epilogue (through views: a reshape of the
+    // 3. The selected rows' gather into the attention over them.
+    for gather in 0..n {
+        if g.ops[gather].name != "gather_rows" || groups.group_of(gather).is_some() {
+            continue;
+        }
+        let [att] = g.all_users(gather)[..] else { continue };
+        let reads = |k: usize, r: usize| matches!(g.ops[att].operands.get(k), Some(Source::Op(p, x)) if *p == gather && *x == r);
+        if g.ops[att].name == "attention_decode" && reads(2, 0) && reads(3, 1) {
+            groups.try_new(g, "sparse_attention", &[gather, att]);
+        }
+    }
+    // 4. fp8 activation quantization in the producer's epilogue (through views: a reshape of the
     //    attention output is the attention kernel's own layout).
     for q in 0..n {
         if g.ops[q].name != "quantize_fp8" || groups.group_of(q).is_some() {

@@ -467,7 +467,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let v = rows / heads - nope;
             let scale = float_attr(att, "scale").ok_or("attention without a scale")?;
             // Contexts up to 8192 rows: the scores live in shared memory (32 KB).
-            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill };
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill, selected: false };
             Ok(plain(RowKernel::new(op, kv, "f8E4M3FN")))
         }
         [kind @ ("attention_decode" | "attention"), "reshape", "func.return"] => {
@@ -495,7 +495,7 @@ pub fn row_of_kernel(kernel: &OperationRef) -> Result<RowLaunch, String> {
             let (rows, kv) = (dim(&kvb, 0)?, dim(&kvb, 1)?);
             let v = rows / heads - nope;
             let scale = float_attr(att, "scale").ok_or("attention without a scale")?;
-            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill };
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill, selected: false };
             Ok(plain(RowKernel::new(op, kv, "bf16")))
         }
         ["concat", "func.return"] => {
@@ -1629,7 +1629,7 @@ pub(super) fn rope_table_of(rope: &OperationRef) -> Result<(RopeTable, bool), St
 /// 1x128 operand (`rows_fp8latent`), the rope key's bf16 as it is.
 pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result<Steps, String> {
     let launch = row_of_kernel(kernel)?;
-    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: true, .. } = launch.kernel.op else {
+    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: true, selected: false, .. } = launch.kernel.op else {
         return Err("not a prefill attention".into());
     };
     let fp8 = launch.kernel.weight == "f8E4M3FN";
@@ -1743,7 +1743,7 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
 pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps, String> {
     use Operand::{Arg, Result as Out, Temp as T};
     let launch = row_of_kernel(kernel)?;
-    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, .. } = launch.kernel.op else {
+    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, selected: false, .. } = launch.kernel.op else {
         return Err("not a decode attention".into());
     };
     // The f32 graph's: bf16 kv_b, the heads' outputs in f32 (no scales, no quantization).

@@ -56,6 +56,10 @@ fn layer_norm_kernel(body: &Body) -> Result<RowKernel, String> {
 /// The sparse-attention kernel `kernel` as one row launch (`None`: not one of its ops).
 pub fn row_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, String>> {
     let body = Body::of(kernel)?;
+    let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
+    if let ["gather_rows", "attention_decode", "reshape", rest @ ..] = &names[..] {
+        return matches!(rest, [] | ["quantize_fp8"]).then(|| selected_attention(&body));
+    }
     let [name] = &body.names[..] else { return None };
     let o = &body.ops[0];
     let launch = |k: RowKernel, operands: Vec<Operand>| RowLaunch { kernel: k, rope_table: None, operands };
@@ -91,6 +95,63 @@ pub fn row_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, S
         }
     };
     matches!(name.as_str(), "layer_norm" | "gather_rows" | "cache_write").then(row)
+}
+
+/// The attention over each query's selected rows (`gather_rows` then the absorbed
+/// `attention_decode` over them, its output reshaped to token rows, and quantized 1x128 in the fp8
+/// graph) as the MLA row reading the selected rows in place: the gathered rows are never written.
+fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
+    let (gather, att, reshape) = (&body.ops[0], &body.ops[1], &body.ops[2]);
+    let quant = body.ops.get(3);
+    let arg = |o: &OperationRef, i: usize| o.operand(i).ok().and_then(|v| body.arg(v));
+    let from = |o: &OperationRef, i: usize, p: &OperationRef, r: usize| {
+        o.operand(i).is_ok_and(|v| p.result(r).is_ok_and(|x| raw(x.into()) == raw(v)))
+    };
+    let form = att.attribute("form").map(|a| a.to_string()).unwrap_or_default();
+    let fp8 = quant.is_some();
+    let wired = att.operand_count() == if fp8 { 6 } else { 5 }
+        && form.contains("absorbed")
+        && from(att, 2, gather, 0)
+        && from(att, 3, gather, 1)
+        && from(reshape, 0, att, 0)
+        && quant.is_none_or(|q| from(q, 0, reshape, 0))
+        && body.returns_results_of(quant.unwrap_or(reshape));
+    let (keys, selected) = (arg(gather, 0), arg(gather, 1));
+    let (q_nope, q_pe, kv_b) = (arg(att, 0), arg(att, 1), arg(att, 4));
+    let kv_scale = if fp8 { arg(att, 5).map(Some) } else { Some(None) };
+    let (Some(keys), Some(selected), Some(q_nope), Some(q_pe), Some(kv_b), Some(kv_scale), true) =
+        (keys, selected, q_nope, q_pe, kv_b, kv_scale, wired)
+    else {
+        return Err("gather_rows + attention_decode not over the kernel's arguments".into());
+    };
+    let (qn, qp, rows, kvb) =
+        (operand_shape(att, 0)?, operand_shape(att, 1)?, operand_shape(gather, 0)?, operand_shape(att, 4)?);
+    if kvb.element != if fp8 { "f8E4M3FN" } else { "bf16" } || qn.element != "f32" || rows.element != "f32" {
+        return Err(format!("attention over selected rows of {} with {} kv_b", rows.element, kvb.element));
+    }
+    let dim = |s: &crate::verify::Shape, i: usize| s.dims.get(i).copied().flatten().ok_or("a dynamic attention dim");
+    let (heads, nope, rope) = (dim(&qn, 1)?, dim(&qn, 2)?, dim(&qp, 2)?);
+    let (kv_rows, kv) = (dim(&kvb, 0)?, dim(&kvb, 1)?);
+    let v = kv_rows / heads - nope;
+    if kv + rope > width(&rows)? {
+        return Err(format!(
+            "attention over rows of {} columns with a latent of {kv} and a rope key of {rope}",
+            width(&rows)?
+        ));
+    }
+    let scale = att
+        .attribute("scale")
+        .ok()
+        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
+        .ok_or("attention without a scale")?;
+    let prefill = rows.dims.len() == 2;
+    let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill, selected: true };
+    let kernel = RowKernel::new(op, kv, if fp8 { "f8E4M3FN" } else { "bf16" });
+    let mut operands =
+        vec![Operand::Arg(q_nope), Operand::Arg(q_pe), Operand::Arg(keys), Operand::Arg(selected), Operand::Arg(kv_b)];
+    operands.extend(kv_scale.map(Operand::Arg));
+    operands.extend((0..body.returned.len()).map(Operand::Result));
+    Ok(RowLaunch { kernel, rope_table: None, operands })
 }
 
 /// The sparse-attention kernel `kernel` as several launches (`None`: not one of these kernels).

@@ -183,7 +183,19 @@ pub enum RowOp {
     /// `prefill`: the queries are the last T of the latent's S rows (causal: query i sees rows
     /// `0..=S - T + i`; the cache argument is the latent `[S, kv + rope]`, no positions) — the
     /// absorbed form for prefill too (the reference runs the naive one: equal up to rounding).
-    MlaDecode { heads: usize, nope: usize, rope: usize, v: usize, context: usize, scale: f32, prefill: bool },
+    /// `selected` (DeepSeek-V3.2's sparse attention): query b's keys are the rows `selected[b, j]`
+    /// (`[T, K]` i32, its selection then -1s) of the cache, read in place — `[S, C]` one
+    /// sequence's rows (`prefill`) or `[B, S, C]` a cache per query — instead of positions.
+    MlaDecode {
+        heads: usize,
+        nope: usize,
+        rope: usize,
+        v: usize,
+        context: usize,
+        scale: f32,
+        prefill: bool,
+        selected: bool,
+    },
     /// The combine step of split-K attention ([`super::mla`]): per row, the splits' normalized
     /// outputs `o_part [splits, rows, d]` weighted by `exp(lse_z - max_z lse_z)` (`lse [splits,
     /// rows]`, natural log, `-inf` for a split without keys) over the weights' sum, into `out
@@ -371,9 +383,14 @@ impl RowKernel {
             RowOp::SplitBf16 => format!("rows_splitbf16_d{d}_t{t}"),
             RowOp::SplitBf16T => format!("rows_splitbf16t_d{d}_t{t}"),
             RowOp::Concat { second } => format!("rows_concat_d{d}_b{second}_t{t}"),
-            RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill } => {
+            RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill, selected } => {
                 let scale = format!("{scale:e}").replace('-', "m").replace('.', "p");
-                let kind = if prefill { "mlaprefill" } else { "mladecode" };
+                let kind = match (prefill, selected) {
+                    (true, false) => "mlaprefill",
+                    (false, false) => "mladecode",
+                    (true, true) => "mlaprefillsel",
+                    (false, true) => "mladecodesel",
+                };
                 // bf16 kv_b: the f32 graph's (f32 output, no quantization).
                 let f32_graph = if w == "bf16" { "_bf16" } else { "" };
                 format!("rows_{kind}_h{heads}_n{nope}_r{rope}_v{v}_kv{d}_c{context}_s{scale}_t{t}{f32_graph}")
@@ -497,11 +514,13 @@ impl RowKernel {
                 weight: "f32".into(),
                 threads: number(t, 't')?,
             }),
-            (kind @ ("mladecode" | "mlaprefill"), [h, n, r, v, kv, c, sc, t, f32_graph @ ..])
-                if f32_graph.is_empty() || f32_graph == ["bf16"] =>
-            {
+            (
+                kind @ ("mladecode" | "mlaprefill" | "mladecodesel" | "mlaprefillsel"),
+                [h, n, r, v, kv, c, sc, t, f32_graph @ ..],
+            ) if f32_graph.is_empty() || f32_graph == ["bf16"] => {
                 let op = RowOp::MlaDecode {
-                    prefill: kind == "mlaprefill",
+                    prefill: kind.starts_with("mlaprefill"),
+                    selected: kind.ends_with("sel"),
                     heads: number(h, 'h')?,
                     nope: number(n, 'n')?,
                     rope: number(r, 'r')?,
@@ -735,12 +754,16 @@ impl RowKernel {
                 ("hi", "memref<?x?xbf16>".into()),
                 ("lo", "memref<?x?xbf16>".into()),
             ],
-            RowOp::MlaDecode { prefill, .. } => {
+            RowOp::MlaDecode { prefill, selected, .. } => {
                 let mut args = vec![("q_nope", "memref<?x?x?xf32>".to_string()), ("q_pe", "memref<?x?x?xf32>".into())];
                 if prefill {
                     args.push(("cache", "memref<?x?xf32>".into()));
                 } else {
                     args.push(("cache", "memref<?x?x?xf32>".into()));
+                }
+                if selected {
+                    args.push(("selected", "memref<?x?xi32>".into()));
+                } else if !prefill {
                     args.push(("positions", "memref<?xi64>".into()));
                 }
                 args.extend(self.kv_b_arguments());
@@ -2485,14 +2508,16 @@ vector.store %l4_{u}, %lo[%row, %i{u}] {{alignment = 8 : i64}} : memref<?x?xbf16
                     ),
                 )]
             }
-            RowOp::MlaDecode { prefill, .. } => {
+            RowOp::MlaDecode { prefill, selected, .. } => {
                 let t = |n: &str| sh(n);
-                // A latent row's element: [b, j, col] of the decode caches, [j, col] of the prefill latent.
+                // A latent row's element: [b, j, col] of the decode caches, [j, col] of the prefill
+                // latent; selected keys: row `%jr` (the key's selected row, see below) for `%j`.
+                let j = if selected { "%jr" } else { "%j" };
                 let lat = |col: &str| {
                     if prefill {
-                        format!("%cache[%j, {col}] : memref<?x?xf32>")
+                        format!("%cache[{j}, {col}] : memref<?x?xf32>")
                     } else {
-                        format!("%cache[%b, %j, {col}] : memref<?x?x?xf32>")
+                        format!("%cache[%b, {j}, {col}] : memref<?x?x?xf32>")
                     }
                 };
                 let weight = |row: &str, col: &str, out: &str| self.kv_b_weight(row, col, out, lowering);
@@ -2635,6 +2660,24 @@ scf.for %j = %j_first to %k1 step %cT {{
                     ],
                 ));
                 phases.extend(self.up_v_phases(lowering));
+                if selected {
+                    // Every loop over the keys starts by reading its key's row.
+                    let row = "%jsel = memref.load %selected[%b, %j] : memref<?x?xi32>
+%jsel_i = arith.index_cast %jsel : i32 to index
+%jr = arith.minui %jsel_i, %last_slot : index
+";
+                    for phase in phases.iter_mut().filter(|p| p.contains("scf.for %j = ")) {
+                        let mut text = String::new();
+                        for line in phase.lines() {
+                            text.push_str(line);
+                            text.push('\n');
+                            if line.contains("scf.for %j = ") {
+                                text.push_str(row);
+                            }
+                        }
+                        *phase = text;
+                    }
+                }
                 with_c2(phases)
             }
             RowOp::MlaUpV { tokens, .. } => {
@@ -3830,6 +3873,40 @@ memref.store %s, %sh_sum[%tid] : {sum}",
 %head_row = arith.muli %h, %cPerHead : index
 "
             );
+        }
+        if let RowOp::MlaDecode { prefill, selected: true, .. } = self.op {
+            // Block (query b, head h); keys: the selection's leading rows (its -1s are a suffix: the
+            // count by binary search), each read through `%jr` (see the phases).
+            let (dim, ty) = if prefill { ("%c0", "memref<?x?xf32>") } else { ("%c1", "memref<?x?x?xf32>") };
+            return format!(
+                "%b = arith.divui %row, %cH : index
+%h = arith.remui %row, %cH : index
+%nsel = memref.dim %selected, %c1 : memref<?x?xi32>
+%slots = memref.dim %cache, {dim} : {ty}
+%last_slot = arith.subi %slots, %c1 : index
+%c31_sel = arith.constant 31 : index
+%c30_sel = arith.constant 30 : index
+%c0_sel = arith.constant 0 : i32
+%nkeys = scf.for %bit_i = %c0 to %c31_sel step %c1 iter_args(%pos = %c0) -> (index) {{
+  %shift = arith.subi %c30_sel, %bit_i : index
+  %stride = arith.shli %c1, %shift : index
+  %cand = arith.addi %pos, %stride : index
+  %fits = arith.cmpi ule, %cand, %nsel : index
+  %taken = scf.if %fits -> (i1) {{
+    %at = arith.subi %cand, %c1 : index
+    %v = memref.load %selected[%b, %at] : memref<?x?xi32>
+    %nonneg = arith.cmpi sge, %v, %c0_sel : i32
+    scf.yield %nonneg : i1
+  }} else {{
+    %no = arith.constant false
+    scf.yield %no : i1
+  }}
+  %pos2 = arith.select %taken, %cand, %pos : index
+  scf.yield %pos2 : index
+}}
+%head_row = arith.muli %h, %cPerHead : index
+"
+            ) + MLA_CHUNKS;
         }
         if let RowOp::MlaDecode { prefill: true, .. } = self.op {
             // Block (query b, head h); keys 0..=S - T + b (the queries are the latent's last rows).
@@ -7228,7 +7305,7 @@ mod tests {
         }
         for context in [64, 5] {
             let kernel = RowKernel::new(
-                RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: false },
+                RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: false, selected: false },
                 kv,
                 "bf16",
             );
@@ -7256,7 +7333,7 @@ mod tests {
         let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         for context in [64, 2] {
             let kernel = RowKernel::new(
-                RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: true },
+                RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: true, selected: false },
                 kv,
                 "bf16",
             );
@@ -7317,7 +7394,7 @@ mod tests {
         }
         let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
         for &context in contexts {
-            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill: false };
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale, prefill: false, selected: false };
             let kernel = RowKernel::new(op, kv, "f8E4M3FN");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
             let (mut q, mut qs) = (vec![0u8; b * heads * v], vec![f32::NAN; b * heads]);
@@ -7377,7 +7454,7 @@ mod tests {
         let (want_q, want_s) = kernels::quantize_fp8(&want, heads * v, GROUP);
         let mut first: Option<(Vec<u8>, Vec<f32>)> = None;
         for context in [16, 5, 2, 1] {
-            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: true };
+            let op = RowOp::MlaDecode { heads, nope, rope, v, context, scale: 0.3, prefill: true, selected: false };
             let kernel = RowKernel::new(op, kv, "f8E4M3FN");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()));
             let (mut q, mut qs) = (vec![0u8; t * heads * v], vec![f32::NAN; t * heads]);

@@ -611,7 +611,11 @@ mod tests {
     use v3c_models::interp::kernels;
 
     fn kernel(op: SparseRow, d: usize, weight: &str) -> RowKernel {
-        let k = RowKernel::new(RowOp::Sparse(op), d, weight);
+        kernel_of(RowOp::Sparse(op), d, weight)
+    }
+
+    fn kernel_of(op: RowOp, d: usize, weight: &str) -> RowKernel {
+        let k = RowKernel::new(op, d, weight);
         assert_eq!(RowKernel::from_name(&k.kernel_name()).as_ref(), Some(&k), "{}", k.kernel_name());
         k
     }
@@ -832,6 +836,86 @@ mod tests {
                 true => drop(run_simulated(&w, &args, b)),
             }
             assert_eq!(cache, want, "simulated {simulated}");
+        }
+    }
+
+    /// The MLA row reading each query's selected rows in place (`selected`) equals the same row
+    /// over the rows gathered (keys the gathered rows, positions their last): the reference's bits
+    /// on the CPU lowering, prefill's one sequence and decode's cache per query, selections of
+    /// every length up to K (-1 padded; one empty); the PTX simulated within rounding.
+    #[test]
+    fn mla_attention_over_selected_rows_equals_it_over_gathered_rows() {
+        let (heads, nope, rope, v, kv, k) = (2, 16, 8, 16, 32, 5);
+        let (t, s) = (4, 9);
+        let c = kv + rope + 7;
+        let kvb: Vec<u16> = values(heads * (nope + v) * kv, 31, 1.0).iter().map(|&x| f32_to_bf16(x)).collect();
+        let q_nope = values(t * heads * nope, 32, 2.0);
+        let q_pe = values(t * heads * rope, 33, 2.0);
+        let sel: Vec<i32> = vec![0, 3, 8, 2, 6, 5, -1, -1, -1, -1, 7, 1, 4, -1, -1, -1, -1, -1, -1, -1];
+        for decode in [false, true] {
+            let rows = if decode { t * s } else { s };
+            let cache = values(rows * c, 34, 1.0);
+            // The gathered rows (their first kv + rope columns), each query's own sequence.
+            let mut gathered = vec![0f32; t * k * (kv + rope)];
+            let mut last = vec![0i64; t];
+            for i in 0..t {
+                let picks = &sel[i * k..(i + 1) * k];
+                last[i] = picks.iter().filter(|&&j| j >= 0).count() as i64 - 1;
+                for (slot, &j) in picks.iter().enumerate().filter(|(_, &j)| j >= 0) {
+                    let from = ((if decode { i * s } else { 0 }) + j as usize) * c;
+                    let to = (i * k + slot) * (kv + rope);
+                    gathered[to..to + kv + rope].copy_from_slice(&cache[from..from + kv + rope]);
+                }
+            }
+            let op = |prefill: bool, selected: bool| RowOp::MlaDecode {
+                heads,
+                nope,
+                rope,
+                v,
+                context: 4,
+                scale: 0.3,
+                prefill,
+                selected,
+            };
+            let (mut qn, mut qp, mut w) = (q_nope.clone(), q_pe.clone(), kvb.clone());
+            let mut want = vec![f32::NAN; t * heads * v];
+            let (mut g, mut l) = (gathered.clone(), last.clone());
+            run_cpu(
+                &RowKernel::new(op(false, false), kv, "bf16"),
+                &[
+                    raw(&mut qn, &[t, heads, nope], "f32"),
+                    raw(&mut qp, &[t, heads, rope], "f32"),
+                    raw(&mut g, &[t, k, kv + rope], "f32"),
+                    raw(&mut l, &[t], "i64"),
+                    raw(&mut w, &[heads * (nope + v), kv], "bf16"),
+                    raw(&mut want, &[t, heads * v], "f32"),
+                ],
+            );
+            assert!(want[..(t - 1) * heads * v].iter().all(|x| x.is_finite()));
+            let kernel = kernel_of(op(!decode, true), kv, "bf16");
+            let cache_shape: Vec<usize> = if decode { vec![t, s, c] } else { vec![s, c] };
+            for simulated in [false, true] {
+                let (mut qn, mut qp, mut w, mut cache, mut sel) =
+                    (q_nope.clone(), q_pe.clone(), kvb.clone(), cache.clone(), sel.clone());
+                let mut out = vec![f32::NAN; t * heads * v];
+                let args = [
+                    raw(&mut qn, &[t, heads, nope], "f32"),
+                    raw(&mut qp, &[t, heads, rope], "f32"),
+                    raw(&mut cache, &cache_shape, "f32"),
+                    raw(&mut sel, &[t, k], "i32"),
+                    raw(&mut w, &[heads * (nope + v), kv], "bf16"),
+                    raw(&mut out, &[t, heads * v], "f32"),
+                ];
+                if simulated {
+                    run_simulated(&kernel, &args, t * heads);
+                    let worst = out.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(worst <= 1e-5, "decode {decode}: simulated differs by {worst}");
+                } else {
+                    run_cpu(&kernel, &args);
+                    let same = out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "decode {decode}: {out:?} vs {want:?}");
+                }
+            }
         }
     }
 }
