@@ -113,34 +113,8 @@ fn kernels() -> Vec<RowKernel> {
         RowKernel::new(RowOp::Argmax, 129_280, "f32"),
         RowKernel::new(RowOp::Sample, 129_280, "f32"),
         RowKernel::new(RowOp::Scores, 129_280, "f32"),
-        RowKernel::new(
-            RowOp::MlaDecode {
-                heads: 128,
-                nope: 128,
-                rope: 64,
-                v: 128,
-                context: 8192,
-                scale: 0.1352,
-                prefill: false,
-                selected: false,
-            },
-            512,
-            "f8E4M3FN",
-        ),
-        RowKernel::new(
-            RowOp::MlaDecode {
-                heads: 128,
-                nope: 128,
-                rope: 64,
-                v: 128,
-                context: 8192,
-                scale: 0.1352,
-                prefill: true,
-                selected: false,
-            },
-            512,
-            "f8E4M3FN",
-        ),
+        RowKernel::new(v3_attention(false, false), 512, "f8E4M3FN"),
+        RowKernel::new(v3_attention(true, false), 512, "f8E4M3FN"),
     ]
     .into_iter()
     .chain(sparse_attention_kernels())
@@ -260,6 +234,11 @@ fn training_kernels() -> Vec<RowKernel> {
     kernels
 }
 
+/// DeepSeek-V3's MLA row (its head dims and softmax scale), over keys by position or `selected`.
+fn v3_attention(prefill: bool, selected: bool) -> RowOp {
+    RowOp::MlaDecode { heads: 128, nope: 128, rope: 64, v: 128, context: 8192, scale: 0.1352, prefill, selected }
+}
+
 /// DeepSeek-V3.2's at the full model's sizes: the indexer key's LayerNorm, the scores and the top
 /// keys (64 heads of 128, 2048 keys), decode's cache write (704-wide rows), the selected rows'
 /// gather and the attention reading them in place.
@@ -270,17 +249,7 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode }), 128, "f32"));
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), 2048, "f32"));
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherRows { decode }), 576, "f32"));
-        let attention = RowOp::MlaDecode {
-            heads: 128,
-            nope: 128,
-            rope: 64,
-            v: 128,
-            context: 8192,
-            scale: 0.1352,
-            prefill: !decode,
-            selected: true,
-        };
-        kernels.push(RowKernel::new(attention, 512, "f8E4M3FN"));
+        kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));
     }
     kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), 704, "f32"));
     kernels

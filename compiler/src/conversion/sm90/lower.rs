@@ -88,6 +88,11 @@ impl GemmKernel {
         }
     }
 
+    /// A bf16 GEMM into f32 over step operands: A at 0, B at 1, the output (all `n` columns) last.
+    pub fn bf16(kernel: String, n: usize, k: usize) -> GemmKernel {
+        GemmKernel { input: GemmInput::Bf16, a_scale: None, weights: vec![(1, None)], ..GemmKernel::fp8(kernel, n, k) }
+    }
+
     /// Its problem in words: `N 7168 K 2048` (M: the run's rows), or Wgrad's `M 7168 N 2048 K
     /// tokens` (`K an expert's pairs` over a K range from the device).
     pub fn dims(&self) -> String {
@@ -321,7 +326,7 @@ impl RowLaunch {
 }
 
 /// A float attribute's value (`1.000000e+00 : f32`).
-fn float_attr(o: &OperationRef, name: &str) -> Option<f32> {
+pub(super) fn float_attr(o: &OperationRef, name: &str) -> Option<f32> {
     o.attribute(name).ok()?.to_string().split(':').next()?.trim().parse().ok()
 }
 

@@ -17,7 +17,7 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::Module;
 
-use super::lower::{rope_table_of, Operand, RowLaunch, Step, StepKernel, Steps, Temp, TempDim};
+use super::lower::{float_attr, rope_table_of, Operand, RowLaunch, Step, StepKernel, Steps, Temp, TempDim};
 use super::lower_train::{int_attr, operand_shape, raw, result_shape, returned_as, width, Body};
 use super::rows::{RowKernel, RowOp, SparseRow, TrainRow};
 
@@ -34,10 +34,7 @@ pub fn has_sparse_attention(module: &Module) -> bool {
 }
 
 fn eps_of(o: &OperationRef) -> Result<f32, String> {
-    o.attribute("eps")
-        .ok()
-        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
-        .ok_or_else(|| "a norm without an eps".to_string())
+    float_attr(o, "eps").ok_or_else(|| "a norm without an eps".to_string())
 }
 
 /// A `layer_norm` of the kernel's (x, w, b) arguments: its row kernel.
@@ -139,11 +136,7 @@ fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
             width(&rows)?
         ));
     }
-    let scale = att
-        .attribute("scale")
-        .ok()
-        .and_then(|a| a.to_string().split(':').next().and_then(|n| n.trim().parse::<f32>().ok()))
-        .ok_or("attention without a scale")?;
+    let scale = float_attr(att, "scale").ok_or("attention without a scale")?;
     let prefill = rows.dims.len() == 2;
     let op = RowOp::MlaDecode { heads, nope, rope, v, context: 8192, scale, prefill, selected: true };
     let kernel = RowKernel::new(op, kv, if fp8 { "f8E4M3FN" } else { "bf16" });

@@ -1575,22 +1575,7 @@ fn linear_pieces(body: &Body, tensor_cores: bool) -> Result<Steps, String> {
     if bf16 {
         // The split's hi and lo are temporaries 0 and 1; the GEMM's output the next.
         let k = width(&operand_shape(linear, 0)?)?;
-        let g = GemmKernel {
-            kernel: format!("{}.gemm", body.name),
-            input: GemmInput::Bf16,
-            output: GemmOutput::F32,
-            n,
-            k,
-            a: 0,
-            a_scale: None,
-            weights: vec![(1, None)],
-            residual: None,
-            results: vec![(0, n)],
-            grouped: None,
-            fixed_m: None,
-            k_range: None,
-            a2: None,
-        };
+        let g = GemmKernel::bf16(format!("{}.gemm", body.name), n, k);
         let split = super::lower::split_bf16_steps(&g, &body.name, Vec::new(), Some(Operand::Temp(2)));
         temps = split.temps;
         steps = split.steps;
