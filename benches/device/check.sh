@@ -21,7 +21,9 @@
 #    the host; sampled at a temperature: tokens drawn on the device against drawn on the host), then
 #    the default tensor-core attention (flash prefill, split-K decode): logits (5e-2, argmax) and
 #    launch by launch, its pool of pages (a batch, and three prompts two at a time — the third
-#    joining the running batch — as each alone, by `v3r run --batch 2` and `v3r serve`); 3b. `v3r train` of the tiny model's sm_90a
+#    joining the running batch — as each alone, by `v3r run --batch 2` and `v3r serve`); 3d.
+#    DeepSeek-V3.2's sparse attention (the small model with an indexer): logits and greedy tokens
+#    against the CPU backend's; 3b. `v3r train` of the tiny model's sm_90a
 #    training-step artifacts (f32 and the FP8 recipe; AdamW on the device; and with 64-wide heads,
 #    attention on the flash kernels: f32wide) against the cpu artifacts' loss logs, tokens/s;
 #    4. its kernels timed (`v3r bench-kernels`);
@@ -180,6 +182,27 @@ elif [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\
   else
     row "3. bf16 checkpoint logits" "FAILED" "v3r logits failed or no .device/e2e/bf16 (check.log)"
   fi
+  # 3d. DeepSeek-V3.2 (sparse attention: the indexer's scores, top keys, the attention over the
+  # selected rows in place): the small model's logits (fp8: 5e-2 and argmax, as the V3 model's; the
+  # f32 graph of its bf16 checkpoint: 1e-3 — the host emulation of both: 6e-6 of the largest) and 16
+  # greedy tokens (decode's indexer over the growing cache) against the CPU backend's.
+  for v in fp8 bf16; do
+    d="$e2e/v32/$v" label="3d. V3.2 sparse, $v"
+    tol=$([ "$v" = fp8 ] && echo 5e-2 || echo 1e-3)
+    if [ -d "$d/sm90" ] && V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$d/sm90" --weights "$d/ckpt" \
+        --tokens "$(cat "$e2e/bf16/prompt.txt")" --out "$out/v32_${v}_logits.safetensors" 2>&1 | tee -a "$log"; then
+      if compare_logits "$out/v32_${v}_logits.safetensors" "$d/expected_logits.safetensors" "$out/v32_$v.json" "$tol"; then
+        detail=$(python3 -c "import json;d=json.load(open('$out/v32_$v.json'));print(f\"rel {d['rel']:.1e}, argmax {d['argmax_equal_rows']}/{d['rows']}\")")
+        if timeout 60 "$v3r" run "$d/sm90" --weights "$d/ckpt" --prompt-tokens "$(cat "$e2e/v32/prompt.txt")" \
+            --max-new-tokens 16 --ignore-eos > "$out/v32_${v}_tokens.txt" 2>>"$log" \
+            && cmp -s "$out/v32_${v}_tokens.txt" "$d/expected_tokens.txt"; then
+          row "$label" "ok" "logits $detail; 16/16 greedy tokens"
+        else row "$label" "DIFFERS" "logits $detail; tokens: v32_${v}_tokens.txt vs the CPU backend's"; fi
+      else row "$label" "FAILED" "see v32_$v.json, check.log"; fi
+    else
+      row "$label" "FAILED" "v3r logits failed or no .device/e2e/v32 (check.log names the kernel)"
+    fi
+  done
   # 3c. Transformers' logits (tests/fixtures/hf, prepare.sh): the f32 graph (bf16 checkpoint) within
   # 1e-2 of them, argmax equal on every row; fp8 no further from them than twice the fp8 reference,
   # argmax equal to that reference on every row whose top-two margin is over twice their largest

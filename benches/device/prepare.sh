@@ -137,6 +137,30 @@ target/release/v3c compile --model .device/e2e/bf16/ckpt --target sm_90a --max-r
 echo "3 17 42 5 9 11 2 250 31" > .device/e2e/bf16/prompt.txt
 target/release/v3c logits --model-dir .device/e2e/bf16/ckpt --tokens "$(cat .device/e2e/bf16/prompt.txt)" --backend cpu \
   --out .device/e2e/bf16/expected_logits.safetensors 2>/dev/null
+# DeepSeek-V3.2 (sparse attention, check.sh 3d): the same small model with a lightning indexer of 4
+# heads picking 4 of each query's keys (tests/gpu_launches.rs's), as an fp8 and a bf16 checkpoint,
+# compiled for sm_90a, with the CPU backend's logits for a 9-token prompt (most queries see more than 4
+# keys) and its 16 greedy tokens after a 12-token prompt (decode's indexer over the growing cache).
+mkdir -p .device/e2e/v32/config
+python3 - .device/e2e/config/config.json .device/e2e/v32/config/config.json <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_n_heads=4,
+         index_head_dim=128, index_topk=4)
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/v32/prompt.txt
+for v in fp8 bf16; do
+  flag=$([ "$v" = fp8 ] && echo --fp8 || true)
+  target/release/v3c init-weights --model .device/e2e/v32/config --out .device/e2e/v32/$v/ckpt $flag --seed 4 >/dev/null 2>&1
+  target/release/v3c compile --model .device/e2e/v32/$v/ckpt --target sm_90a --max-rows 16 --max-context 64 \
+    --out .device/e2e/v32/$v/sm90 --force 2>/dev/null
+  precision=$([ "$v" = fp8 ] && echo fp8 || echo f32)
+  target/release/v3c logits --model-dir .device/e2e/v32/$v/ckpt --tokens "$(cat .device/e2e/bf16/prompt.txt)" \
+    --backend cpu --precision "$precision" --out .device/e2e/v32/$v/expected_logits.safetensors 2>/dev/null
+  target/release/v3c run --model-dir .device/e2e/v32/$v/ckpt --prompt-tokens "$(cat .device/e2e/v32/prompt.txt)" \
+    --max-new-tokens 16 --backend cpu --precision "$precision" --ignore-eos > .device/e2e/v32/$v/expected_tokens.txt 2>/dev/null
+done
 # Transformers' own logits through sm_90a (check.sh 3c): the HF fixtures the sm_90a lowering takes —
 # `gpu_bf16` (the f32 graph), `gpu_fp8_v3dims` (fp8, DeepSeek-V3's head dims) and
 # `v2_grouped_yarn_bf16` (DeepSeek-V2: softmax routing, the f32 graph) — compiled with the
