@@ -1375,7 +1375,8 @@ fn logits_and_run_work_on_a_committed_fixture() {
 
 /// DeepSeek-V3.2 through the CLI: `v3c logits` (reference and cpu backends) gives transformers'
 /// logits for a committed fixture; the built-in `deepseek-v3.2` lowers for sm_90a (its indexer's
-/// kernels at full size among them); training is refused by name, no checkpoint left.
+/// kernels at full size among them), an fp8 cache is refused in one line; training is refused by
+/// name, no checkpoint left.
 #[test]
 fn deepseek_v32_runs_on_the_cpu_lowers_for_sm90a_and_refuses_training() {
     use v3c_models::checkpoint::Checkpoint;
@@ -1405,6 +1406,10 @@ fn deepseek_v32_runs_on_the_cpu_lowers_for_sm90a_and_refuses_training() {
     ] {
         assert!(said.contains(kernel), "{kernel}: {said}");
     }
+    // Its caches hold f32 rows (the indexer reads its keys beside the latent): no fp8 cache.
+    let r = run_binary("v3c", &["compile", "--model", "deepseek-v3.2", "--target", "sm_90a", "--kv-cache", "fp8"]);
+    assert_eq!(r.status.code(), Some(1), "{}", text(&r.stderr));
+    assert!(text(&r.stderr).contains("sparse attention reads f32 cache rows"), "{}", text(&r.stderr));
     let data = dir.path().join("tokens.txt");
     std::fs::write(&data, (0..64).map(|i| ((i * 7 + 3) % 128).to_string()).collect::<Vec<_>>().join(" ")).unwrap();
     let trained = dir.path().join("trained");

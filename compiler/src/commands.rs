@@ -696,6 +696,13 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     // Prefill GEMMs picked for the plan's rows (at most 4096), and again for runs of fewer.
     choose.prefill_m = v3c_compiler::tune::prefill_m(o.sizes.rows);
     choose.prefill_rows = v3c_compiler::tune::prefill_rows(o.sizes.rows);
+    if o.attention.fp8_cache && sm90::lower_sparse::has_sparse_attention(&module) {
+        return Err(
+            "--kv-cache fp8: DeepSeek-V3.2's sparse attention reads f32 cache rows (the indexer's keys beside \
+                    the latent); compile it without --kv-cache"
+                .into(),
+        );
+    }
     if o.attention.fp8_cache && sm90::CacheFormats::of(&module, o.attention).decode != sm90::rows::CacheRows::Fp8 {
         return Err(
             "--kv-cache fp8: the fp8 cache is read by the tensor-core decode attention, and this model's decode \
