@@ -1549,6 +1549,29 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
             eprintln!("fp8 {fp8} {what}: {w} of {largest}");
             assert!(w <= 1e-5 * largest, "fp8 {fp8} {what}: {w} of {largest}");
         }
+        // Decode: 8 greedy steps through the tensor-core attention over pages of the selected rows
+        // (the default) and through the CUDA-core row reading them in place: the CPU backend's tokens.
+        assert!(err.contains("rows_gatherpages_d192_t32 -> mla_decode_kv128_r64_p64_s4_serial"), "{err}");
+        let args =
+            ["run", "--model-dir", model, "--prompt-tokens", tokens, "--max-new-tokens", "8", "--backend", "cpu"];
+        let ran = run_binary("v3c", &[&args[..], &["--precision", precision, "--ignore-eos"]].concat());
+        assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+        let want_tokens = String::from_utf8_lossy(&ran.stdout).trim().to_string();
+        let rows_art = p(&format!("rows{fp8}"));
+        let rows = [&compile[..], &["--decode-attention", "rows", "--out", &rows_art]].concat();
+        assert!(run_binary("v3c", &rows).status.success());
+        for art in [&art, &rows_art] {
+            let args =
+                ["emulate", art, "--weights", model, "--tokens", tokens, "--decode-steps", "8", "--out", &emulated];
+            let ran = run_binary("v3c", &args);
+            let said = String::from_utf8_lossy(&ran.stderr).to_string();
+            assert!(ran.status.success(), "{said}");
+            let got: Vec<&str> = said
+                .lines()
+                .filter_map(|l| l.strip_prefix("emulated decode step ")?.split_once(": token ")?.1.split(' ').next())
+                .collect();
+            assert_eq!(got.join(" "), want_tokens, "fp8 {fp8}, {art}");
+        }
         // Every key kept (top 16 of at most 9): other logits.
         std::fs::remove_dir_all(&ckpt).unwrap();
         let dense = small_checkpoint_seeded(dir.path(), fp8, &v32(16), 4);

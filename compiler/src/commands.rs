@@ -1320,7 +1320,13 @@ fn write_gpu_artifact(
         })
         .chain(lowered.compound.iter().filter_map(|(name, steps, _)| {
             steps.steps.iter().find_map(|s| match &s.kernel {
-                StepKernel::MlaDecode(d) => Some((name.as_str(), if d.config.fp8_cache { fp8 } else { "bf16" })),
+                // (Over the caches themselves: V3.2's reads its own pages of the selected rows.)
+                StepKernel::MlaDecode(d)
+                    if matches!(s.operands.get(1), Some(v3c_compiler::conversion::sm90::lower::Operand::Arg(_))) =>
+                {
+                    Some((name.as_str(), if d.config.fp8_cache { fp8 } else { "bf16" }))
+                }
+                StepKernel::MlaDecode(_) => None,
                 StepKernel::Row(k) => match k.op {
                     RowOp::MlaKeys { cache: CacheRows::Bf16, .. } => Some((name.as_str(), "bf16")),
                     RowOp::MlaKeys { cache: CacheRows::Fp8, .. } => Some((name.as_str(), fp8)),

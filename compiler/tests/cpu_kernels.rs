@@ -270,6 +270,27 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                 s[axis] += b.1[axis];
                 vec![(v, s)]
             }
+            "v3.gather_rows" => {
+                // Each query's selected rows' first `width` columns (zeros past its selection),
+                // and its last valid slot.
+                let width: usize =
+                    o.attribute("width").unwrap().to_string().split(':').next().unwrap().trim().parse().unwrap();
+                let (keys, selected) = (&args[0], &args[1]);
+                let (t, k, c) = (selected.1[0], selected.1[1], *keys.1.last().unwrap());
+                let per_query = keys.1.len() == 3;
+                let (mut rows, mut last) = (vec![0.0f32; t * k * width], Vec::new());
+                for i in 0..t {
+                    let picks = &selected.0[i * k..(i + 1) * k];
+                    let base = if per_query { i * keys.1[1] } else { 0 };
+                    for (slot, &j) in picks.iter().enumerate().filter(|(_, &j)| j >= 0.0) {
+                        let from = (base + j as usize) * c;
+                        rows[(i * k + slot) * width..(i * k + slot + 1) * width]
+                            .copy_from_slice(&keys.0[from..from + width]);
+                    }
+                    last.push(picks.iter().filter(|&&j| j >= 0.0).count() as f32 - 1.0);
+                }
+                vec![(rows, vec![t, k, width]), (last, vec![t])]
+            }
             "v3.cache_write" => {
                 let (cache, entries, positions) = (&args[0], &args[1], &args[2]);
                 let (sl, c) = (cache.1[1], cache.1[2]);
@@ -1403,8 +1424,9 @@ fn max_or_nan(m: f32, d: f32) -> f32 {
 type Expected = (Vec<f32>, Vec<usize>);
 
 /// DeepSeek-V3.2's sparse-attention kernels (the indexer key's `layer_norm`, `sparse_index` in
-/// prefill and decode, `gather_rows` of a shared and of per-sequence latents) equal the reference
-/// interpreter's functions bit for bit: the sums run in its order, and equal scores (a repeated key;
+/// prefill and decode, the attention over each query's selected rows of a shared and of
+/// per-sequence latents: `gather_rows` fused into it) equal the reference interpreter's functions
+/// bit for bit: the sums run in its order, and equal scores (a repeated key;
 /// keys every head scores below zero, relu's zeros) go to the earlier key. Queries seeing fewer
 /// keys than `top_k`, exactly as many, and more; decode's positions anywhere in their caches.
 #[test]
@@ -1423,11 +1445,12 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
         op = f.next_in_block();
         let Ok(name) = f.attribute("sym_name") else { continue };
         let name = name.to_string().trim_matches('"').to_string();
-        let kind = ["layer_norm", "sparse_index", "gather_rows"].into_iter().find(|k| name.starts_with(k));
+        let kind = ["layer_norm", "sparse_index", "sparse_attention"].into_iter().find(|k| name.starts_with(k));
         let (Some(kind), true) = (kind, f.attribute(v3c_dialects::KERNEL_ATTR).is_ok()) else { continue };
         let kernel = CpuKernel::compile(&context, &f).unwrap();
         let sig = &kernel.signature;
-        let decode = sig.inputs.len() == 4 || sig.inputs[0].dims.len() == 3 && kind == "gather_rows";
+        let decode = sig.inputs.len() == 4 && kind == "sparse_index"
+            || sig.inputs[0].dims.len() == 3 && kind == "sparse_attention";
         seen.push((kind, decode));
         let (t, s) = (5usize, 9usize);
         let (mut inputs, want): (Vec<HostBuffer>, Vec<Expected>) = match kind {
@@ -1508,28 +1531,27 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
                 (inputs, vec![(want, vec![t, top_k])])
             }
             _ => {
-                // Cache rows of c columns; the first `latent` (the rows' width) gathered.
+                // The cache rows (c columns: the latent, then the indexer key), each query's
+                // selection (-1 padded), then the attention's own inputs (queries, kv_b).
                 let c = sig.inputs[0].dims.last().copied().flatten().unwrap();
-                let lat = sig.outputs[0].dims[2].unwrap();
-                assert!(lat < c, "{name}: the key columns are left behind");
                 let per_seq = if decode { t } else { 1 };
-                let latent = rand(per_seq * s * c);
-                let selected: Vec<i32> = vec![0, -1, -1, 2, 4, 8, 1, 3, -1, 0, 1, 2, 7, 8, -1];
-                let (mut rows, mut last) = (vec![0.0f32; t * top_k * lat], Vec::new());
-                for i in 0..t {
-                    let picks = &selected[i * top_k..(i + 1) * top_k];
-                    let base = if decode { i * s } else { 0 };
-                    for (slot, &j) in picks.iter().enumerate().filter(|(_, j)| **j >= 0) {
-                        let from = (base + j as usize) * c;
-                        rows[(i * top_k + slot) * lat..(i * top_k + slot + 1) * lat]
-                            .copy_from_slice(&latent[from..from + lat]);
-                    }
-                    last.push(picks.iter().filter(|j| **j >= 0).count() as f32 - 1.0);
-                }
                 let lat_shape = if decode { vec![t, s, c] } else { vec![s, c] };
-                let inputs =
-                    vec![f32s(lat_shape, latent), HostBuffer { shape: vec![t, top_k], data: HostData::I32(selected) }];
-                (inputs, vec![(rows, vec![t, top_k, lat]), (last, vec![t])])
+                let selected: Vec<i32> = vec![0, -1, -1, 2, 4, 8, 1, 3, -1, 0, 1, 2, 7, 8, -1];
+                let mut inputs = vec![
+                    f32s(lat_shape, rand(per_seq * s * c)),
+                    HostBuffer { shape: vec![t, top_k], data: HostData::I32(selected) },
+                ];
+                for input in &sig.inputs[2..] {
+                    let shape: Vec<usize> = input.dims.iter().map(|d| d.unwrap_or(t)).collect();
+                    let values = rand(shape.iter().product());
+                    inputs.push(match input.element.as_str() {
+                        "bf16" => {
+                            HostBuffer { shape, data: HostData::Bf16(values.iter().map(|&x| f32_to_bf16(x)).collect()) }
+                        }
+                        _ => f32s(shape, values),
+                    });
+                }
+                (inputs.clone(), reference(&f, &inputs))
             }
         };
         let mut outputs: Vec<HostBuffer> = want
@@ -1557,9 +1579,9 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
     seen.sort();
     seen.dedup();
     let expected = [
-        ("gather_rows", false),
-        ("gather_rows", true),
         ("layer_norm", false),
+        ("sparse_attention", false),
+        ("sparse_attention", true),
         ("sparse_index", false),
         ("sparse_index", true),
     ];

@@ -241,7 +241,7 @@ fn v3_attention(prefill: bool, selected: bool) -> RowOp {
 
 /// DeepSeek-V3.2's at the full model's sizes: the indexer key's LayerNorm, the scores and the top
 /// keys (64 heads of 128, 2048 keys), decode's cache write (704-wide rows), the selected rows'
-/// gather and the attention reading them in place.
+/// gather, the attention reading them in place, and decode's pages of them for the tensor cores.
 fn sparse_attention_kernels() -> Vec<RowKernel> {
     use sm90::rows::SparseRow;
     let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
@@ -252,6 +252,7 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
         kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));
     }
     kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), 704, "f32"));
+    kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherPages), 576, "f32"));
     kernels
 }
 
@@ -344,7 +345,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                         let tree = k.threads.trailing_zeros() as usize;
                         assert_eq!(barriers, 2 + tree + 3, "{name}");
                     }
-                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite => assert_eq!(barriers, 0, "{name}"),
+                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite | SparseRow::GatherPages => {
+                        assert_eq!(barriers, 0, "{name}")
+                    }
                 }
             }
             RowOp::MlaDecode { .. } => {

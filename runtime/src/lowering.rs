@@ -462,6 +462,13 @@ pub enum TempDim {
         heads: usize,
         table: usize,
     },
+    /// The same splits over the keys each sequence may have: dim `dim` of argument `arg` (sparse
+    /// attention: the selection `[B, K]` a query's keys come from).
+    SplitsOver {
+        heads: usize,
+        arg: usize,
+        dim: usize,
+    },
 }
 
 /// Most splits of split-K decode attention.
@@ -525,6 +532,10 @@ impl TempSpec {
                     TempDim::Splits { heads, table } => {
                         let pages = *arg(table)?.get(1).ok_or_else(|| format!("argument {table} is not [B, pages]"))?;
                         Ok(attention_splits(rows, heads, pages * crate::abi::PAGE_ROWS, sms))
+                    }
+                    TempDim::SplitsOver { heads, arg: i, dim } => {
+                        let keys = *arg(i)?.get(dim).ok_or_else(|| format!("argument {i} has no dim {dim}"))?;
+                        Ok(attention_splits(rows, heads, keys.next_multiple_of(crate::abi::PAGE_ROWS), sms))
                     }
                 })
                 .collect();

@@ -147,6 +147,81 @@ fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
     Ok(RowLaunch { kernel, rope_table: None, operands })
 }
 
+/// Decode's attention over each query's selected rows on the tensor cores: the split-K attention
+/// kernel of DeepSeek-V3's decode ([`super::lower::mla_decode_steps`]) over pages that hold each
+/// query's selected rows — the queries absorbed (bf16), the selected rows gathered into 64-row
+/// bf16 pages with a block table and lengths ([`SparseRow::GatherPages`]), the split-K attention,
+/// the splits merged, each head's output through `W_UV` (quantized 1x128 in the fp8 graph). The
+/// numerics of V3's tensor-core decode (keys, queries and P in bf16). `Err`: not this kernel, or
+/// shapes the templates do not take.
+pub fn sparse_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
+    use super::rows::{HEAD_TOKENS, PAGE_ROWS};
+    use Operand::{Arg, Temp as T};
+    let body = Body::of(kernel).ok_or("a kernel without a body")?;
+    if !matches!(body.names.first().map(String::as_str), Some("gather_rows")) {
+        return Err("not an attention over selected rows".into());
+    }
+    let launch = selected_attention(&body)?;
+    let RowOp::MlaDecode { heads, nope, rope, v, scale, prefill: false, selected: true, .. } = launch.kernel.op else {
+        return Err("not a decode attention over selected rows".into());
+    };
+    let weight = launch.kernel.weight.clone();
+    let fp8 = weight == "f8E4M3FN";
+    let kv = launch.kernel.d;
+    let cluster = super::mla::MlaDecodeConfig::cluster_for(heads);
+    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache: false, cluster, serial: true };
+    config.validate(&crate::target::SM90A)?;
+    if fp8 && v != super::rows::GROUP {
+        return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
+    }
+    // The launch's operands: q_nope, q_pe, keys, selected, kv_b (and its scales), the outputs.
+    let ops = &launch.operands;
+    let (q_nope, q_pe, keys, selected) = (ops[0], ops[1], ops[2], ops[3]);
+    let Arg(selected_arg) = selected else { return Err("a selection that is not an argument".into()) };
+    let weights: Vec<Operand> = ops[4..if fp8 { 6 } else { 5 }].to_vec();
+    let outs: Vec<Operand> = ops[weights.len() + 4..].to_vec();
+    let width = kv + rope;
+    let k = operand_shape(&body.ops[0], 1)?.dims.get(1).copied().flatten().ok_or("a selection of dynamic width")?;
+    let page_rows = k.div_ceil(PAGE_ROWS) * PAGE_ROWS;
+    let splits = TempDim::SplitsOver { heads, arg: selected_arg, dim: 1 };
+    let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
+    let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
+    let tensor_cores = |op: RowOp, else_op: RowOp| {
+        let mma = RowKernel::new(op, kv, &weight);
+        match mma.validate(&crate::target::SM90A) {
+            Ok(()) => StepKernel::Row(mma),
+            Err(_) => row(else_op, kv, &weight),
+        }
+    };
+    let absorb = tensor_cores(
+        RowOp::MlaAbsorbMma { heads, nope, rope, v },
+        RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS },
+    );
+    let up_v = tensor_cores(RowOp::MlaUpVMma { heads, nope, v }, RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS });
+    Ok(Steps {
+        temps: vec![
+            Temp::per_row(heads, width, "bf16"),
+            Temp::per_row(page_rows, width, "bf16"),
+            Temp::per_row(1, page_rows / PAGE_ROWS, "i32"),
+            Temp::shaped(vec![TempDim::Rows(1)], "i32"),
+            Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
+            Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
+            Temp::per_row(heads, kv, "f32"),
+        ],
+        steps: vec![
+            step(absorb, [vec![q_nope, q_pe], weights.clone(), vec![T(0)]].concat()),
+            step(row(RowOp::Sparse(SparseRow::GatherPages), width, "f32"), vec![keys, selected, T(1), T(2), T(3)]),
+            step(
+                StepKernel::MlaDecode(super::lower::MlaDecodeLaunch { config, heads, scale }),
+                vec![T(0), T(1), T(2), T(3), T(4), T(5)],
+            ),
+            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(4), T(5), T(6)]),
+            step(up_v, [vec![T(6)], weights, outs].concat()),
+        ],
+        rope_table: None,
+    })
+}
+
 /// The sparse-attention kernel `kernel` as several launches (`None`: not one of these kernels).
 pub fn steps_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<Steps, String>> {
     let body = Body::of(kernel)?;

@@ -441,7 +441,14 @@ pub fn tensor_core_attention(
         .flatten()
         .or_else(|| prefill.then(|| lower_train::flash_attention_steps(f).and_then(Result::ok)).flatten());
     let fp8 = caches.decode == rows::CacheRows::Fp8;
-    steps.or_else(|| caches.paged_decode().then(|| lower::mla_decode_steps(f, fp8).ok()).flatten())
+    steps
+        .or_else(|| caches.paged_decode().then(|| lower::mla_decode_steps(f, fp8).ok()).flatten())
+        // DeepSeek-V3.2's decode: the selected rows gathered into pages the same kernel reads.
+        .or_else(|| {
+            (attention.decode == AttentionKernel::TensorCores)
+                .then(|| lower_sparse::sparse_decode_steps(f).ok())
+                .flatten()
+        })
 }
 
 /// Per fused kernel of a module, the regimes its GEMMs run in: [a decode entry calls it, another

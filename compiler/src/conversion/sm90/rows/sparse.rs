@@ -37,6 +37,11 @@ pub enum SparseRow {
     GatherRows { decode: bool },
     /// `cache[b, position_b] = row[b]`, rows of `d` (cache `[B, S, d]`, new `[B, d]`, positions).
     CacheWrite,
+    /// Decode's selected rows as the tensor-core attention's pages: query b's `K` selected rows of
+    /// its cache (`[B, S, C]`, their first `d` columns rounded to bf16) as pages `b P .. (b + 1) P`
+    /// of `pages [B P 64, d]` (P = ceil(K / 64); the rows past its selection zeros), its block table
+    /// row `table[b] = b P ..` and its length `lengths[b]` (keys, selected, pages, table, lengths).
+    GatherPages,
 }
 
 impl SparseRow {
@@ -52,6 +57,7 @@ impl SparseRow {
             SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
             SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
             SparseRow::CacheWrite => format!("rows_cachewrite_d{d}_t{t}"),
+            SparseRow::GatherPages => format!("rows_gatherpages_d{d}_t{t}"),
         }
     }
 
@@ -83,6 +89,7 @@ impl SparseRow {
             ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
             ["gatherrows", d, t, m] => kernel(SparseRow::GatherRows { decode: decode(m)? }, d, "f32", t),
             ["cachewrite", d, t] => kernel(SparseRow::CacheWrite, d, "f32", t),
+            ["gatherpages", d, t] => kernel(SparseRow::GatherPages, d, "f32", t),
             _ => None,
         }
     }
@@ -124,6 +131,13 @@ impl SparseRow {
                 ("last", "memref<?xi64>".into()),
             ],
             SparseRow::CacheWrite => vec![("cache", keys(true)), ("new", rows()), positions],
+            SparseRow::GatherPages => vec![
+                ("keys", keys(true)),
+                ("selected", "memref<?x?xi32>".into()),
+                ("pages", "memref<?x?xbf16>".into()),
+                ("table", "memref<?x?xi32>".into()),
+                ("lengths", "memref<?xi32>".into()),
+            ],
         }
     }
 
@@ -134,7 +148,7 @@ impl SparseRow {
             SparseRow::IndexScores { .. } => "w",
             // Its rows (the MTP module's queries may be fewer than the scores' rows).
             SparseRow::TopKeys { .. } => "selected",
-            SparseRow::GatherRows { .. } => "selected",
+            SparseRow::GatherRows { .. } | SparseRow::GatherPages => "selected",
             SparseRow::CacheWrite => "new",
         }
     }
@@ -153,7 +167,7 @@ impl SparseRow {
                     ("sh_off", threads),
                 ]
             }
-            SparseRow::GatherRows { .. } | SparseRow::CacheWrite => Vec::new(),
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite | SparseRow::GatherPages => Vec::new(),
         }
     }
 
@@ -213,6 +227,14 @@ impl SparseRow {
                 let _ = writeln!(s, "%cK_i32 = arith.constant {d} : i32");
             }
             SparseRow::GatherRows { .. } | SparseRow::CacheWrite => {}
+            SparseRow::GatherPages => s.push_str(
+                "%c64 = arith.constant 64 : index
+%c63 = arith.constant 63 : index
+%c16_i32 = arith.constant 16 : i32
+%c7fff_i32 = arith.constant 32767 : i32
+%zero_bf16 = arith.constant 0.0 : bf16
+",
+            ),
         }
         s
     }
@@ -281,6 +303,15 @@ impl SparseRow {
 "
                 );
             }
+            SparseRow::GatherPages => s.push_str(
+                "%nsel = memref.dim %selected, %c1 : memref<?x?xi32>
+%slots = memref.dim %keys, %c1 : memref<?x?x?xf32>
+%npages0 = arith.addi %nsel, %c63 : index
+%npages = arith.divui %npages0, %c64 : index
+%prows = arith.muli %npages, %c64 : index
+%out0 = arith.muli %row, %prows : index
+",
+            ),
             SparseRow::LayerNorm { .. } | SparseRow::CacheWrite => {}
         }
         s
@@ -430,6 +461,46 @@ scf.if %first {{
 "
                 )]
             }
+            SparseRow::GatherPages => vec![format!(
+                "%cnt = scf.for %slot = %c0 to %prows step %c1 iter_args(%c = %c0_i32) -> (i32) {{
+  %in_sel = arith.cmpi ult, %slot, %nsel : index
+  %j = scf.if %in_sel -> (i32) {{
+    %v = memref.load %selected[%row, %slot] : memref<?x?xi32>
+    scf.yield %v : i32
+  }} else {{
+    scf.yield %neg1_i32 : i32
+  }}
+  %nonneg = arith.cmpi sge, %j, %c0_i32 : i32
+  %j_idx = arith.index_cast %j : i32 to index
+  %inside = arith.cmpi ult, %j_idx, %slots : index
+  %ok = arith.andi %nonneg, %inside : i1
+  %orow = arith.addi %out0, %slot : index
+  scf.for %col = %tid to %cD step %cT {{
+    %val = scf.if %ok -> (bf16) {{
+      %x = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>
+{round}      scf.yield %xb : bf16
+    }} else {{
+      scf.yield %zero_bf16 : bf16
+    }}
+    memref.store %val, %pages[%orow, %col] : memref<?x?xbf16>
+  }}
+  %inc = arith.extui %nonneg : i1 to i32
+  %c2n = arith.addi %c, %inc : i32
+  scf.yield %c2n : i32
+}}
+scf.for %p = %tid to %npages step %cT {{
+  %page0 = arith.muli %row, %npages : index
+  %page = arith.addi %page0, %p : index
+  %page_i32 = arith.index_cast %page : index to i32
+  memref.store %page_i32, %table[%row, %p] : memref<?x?xi32>
+}}
+%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  memref.store %cnt, %lengths[%row] : memref<?xi32>
+}}
+",
+                round = indent(&super::round_bf16("%x", "%xb"), "    ")
+            )],
             SparseRow::CacheWrite => vec!["%p64 = memref.load %positions[%row] : memref<?xi64>
 %p_pos = arith.cmpi sge, %p64, %zero_i64 : i64
 %p_idx = arith.index_cast %p64 : i64 to index
@@ -820,6 +891,43 @@ mod tests {
                 }
                 assert_eq!((out, last), (want.clone(), want_last.clone()), "decode {decode} simulated {simulated}");
             }
+        }
+        // The same selection as the tensor-core attention's pages (decode's caches): 64 rows a
+        // query (one page for 4 keys), the selected rows' first d columns in bf16, zeros after.
+        let keys = values(t * s * width, 24, 3.0);
+        let sel: Vec<i32> = vec![0, 2, 5, -1, 1, -1, -1, -1, 3, 4, 1, 0];
+        let (mut want, mut want_table, mut want_len) = (vec![0u16; t * 64 * d], Vec::new(), Vec::new());
+        for i in 0..t {
+            let picks = &sel[i * k..(i + 1) * k];
+            want_len.push(picks.iter().filter(|&&j| j >= 0).count() as i32);
+            want_table.push(i as i32);
+            for (slot, &j) in picks.iter().enumerate().filter(|(_, &j)| j >= 0) {
+                let from = (i * s + j as usize) * width;
+                for col in 0..d {
+                    want[(i * 64 + slot) * d + col] = f32_to_bf16(keys[from + col]);
+                }
+            }
+        }
+        let g = kernel(SparseRow::GatherPages, d, "f32");
+        for simulated in [false, true] {
+            let (mut keys, mut sel) = (keys.clone(), sel.clone());
+            let (mut pages, mut table, mut lengths) = (vec![0xFFFFu16; t * 64 * d], vec![-7i32; t], vec![-7i32; t]);
+            let args = [
+                raw(&mut keys, &[t, s, width], "f32"),
+                raw(&mut sel, &[t, k], "i32"),
+                raw(&mut pages, &[t * 64, d], "bf16"),
+                raw(&mut table, &[t, 1], "i32"),
+                raw(&mut lengths, &[t], "i32"),
+            ];
+            match simulated {
+                false => run_cpu(&g, &args),
+                true => drop(run_simulated(&g, &args, t)),
+            }
+            assert_eq!(
+                (pages, table, lengths),
+                (want.clone(), want_table.clone(), want_len.clone()),
+                "simulated {simulated}"
+            );
         }
         let (b, c) = (3, 9);
         let cache0 = values(b * s * c, 22, 1.0);
