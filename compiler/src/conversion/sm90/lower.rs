@@ -1745,6 +1745,33 @@ pub fn mla_prefill_steps(kernel: &OperationRef, cache_rows: CacheRows) -> Result
 /// queries and P in bf16, kv_b's products' inputs rounded to bf16 (the CUDA-core row keeps the
 /// reference's f32). `Err`: not this kernel, or
 /// shapes the templates do not take.
+/// Decode attention's row kernels around the split-K kernel: the queries' absorption into the
+/// latent (`q_nope W_UK`) and the heads' latent outputs through `W_UV` — kv_b's products on the
+/// tensor cores where the head's widths fit the blocks' operands, else on the CUDA cores.
+pub(super) fn absorb_and_up_v(
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    kv: usize,
+    weight: &str,
+) -> (StepKernel, StepKernel) {
+    use super::rows::HEAD_TOKENS;
+    let tensor_cores = |op: RowOp, else_op: RowOp| {
+        let mma = RowKernel::new(op, kv, weight);
+        match mma.validate(&crate::target::SM90A) {
+            Ok(()) => StepKernel::Row(mma),
+            Err(_) => StepKernel::Row(RowKernel::new(else_op, kv, weight)),
+        }
+    };
+    let absorb = tensor_cores(
+        RowOp::MlaAbsorbMma { heads, nope, rope, v },
+        RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS },
+    );
+    let up_v = tensor_cores(RowOp::MlaUpVMma { heads, nope, v }, RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS });
+    (absorb, up_v)
+}
+
 pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps, String> {
     use Operand::{Arg, Result as Out, Temp as T};
     let launch = row_of_kernel(kernel)?;
@@ -1773,24 +1800,11 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
         false => (vec![Arg(kv_b)], vec![Out(0)]),
     };
     let width = kv + rope;
-    use super::rows::{HEAD_TOKENS, PAGE_ROWS as page};
+    use super::rows::PAGE_ROWS as page;
     let splits = TempDim::Splits { heads, table };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
-    // kv_b's products on the tensor cores where the head's widths fit the blocks' operands, else
-    // on the CUDA cores.
-    let tensor_cores = |op: RowOp, else_op: RowOp| {
-        let mma = RowKernel::new(op, kv, &weight);
-        match mma.validate(&crate::target::SM90A) {
-            Ok(()) => StepKernel::Row(mma),
-            Err(_) => row(else_op, kv, &weight),
-        }
-    };
-    let absorb = tensor_cores(
-        RowOp::MlaAbsorbMma { heads, nope, rope, v },
-        RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS },
-    );
-    let up_v = tensor_cores(RowOp::MlaUpVMma { heads, nope, v }, RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS });
+    let (absorb, up_v) = absorb_and_up_v(heads, nope, rope, v, kv, &weight);
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),

@@ -155,7 +155,7 @@ fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
 /// numerics of V3's tensor-core decode (keys, queries and P in bf16). `Err`: not this kernel, or
 /// shapes the templates do not take.
 pub fn sparse_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
-    use super::rows::{HEAD_TOKENS, PAGE_ROWS};
+    use super::rows::PAGE_ROWS;
     use Operand::{Arg, Temp as T};
     let body = Body::of(kernel).ok_or("a kernel without a body")?;
     if !matches!(body.names.first().map(String::as_str), Some("gather_rows")) {
@@ -186,18 +186,7 @@ pub fn sparse_decode_steps(kernel: &OperationRef) -> Result<Steps, String> {
     let splits = TempDim::SplitsOver { heads, arg: selected_arg, dim: 1 };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
-    let tensor_cores = |op: RowOp, else_op: RowOp| {
-        let mma = RowKernel::new(op, kv, &weight);
-        match mma.validate(&crate::target::SM90A) {
-            Ok(()) => StepKernel::Row(mma),
-            Err(_) => row(else_op, kv, &weight),
-        }
-    };
-    let absorb = tensor_cores(
-        RowOp::MlaAbsorbMma { heads, nope, rope, v },
-        RowOp::MlaAbsorb { heads, nope, rope, v, tokens: HEAD_TOKENS },
-    );
-    let up_v = tensor_cores(RowOp::MlaUpVMma { heads, nope, v }, RowOp::MlaUpV { heads, nope, v, tokens: HEAD_TOKENS });
+    let (absorb, up_v) = super::lower::absorb_and_up_v(heads, nope, rope, v, kv, &weight);
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),

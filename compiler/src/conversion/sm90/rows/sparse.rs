@@ -427,68 +427,24 @@ scf.for %h = %tid to %cH step %cT {{
             SparseRow::TopKeys { .. } => top_keys_phases(kernel.threads, &sh),
             SparseRow::GatherRows { decode } => {
                 let load = if decode {
-                    "%v = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>"
+                    "%v = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>\n"
                 } else {
-                    "%v = memref.load %keys[%j_idx, %col] : memref<?x?xf32>"
+                    "%v = memref.load %keys[%j_idx, %col] : memref<?x?xf32>\n"
                 };
+                let pick = "%j = memref.load %selected[%row, %slot] : memref<?x?xi32>\n";
                 vec![format!(
-                    "%cnt = scf.for %slot = %c0 to %nsel step %c1 iter_args(%c = %c0_i32) -> (i32) {{
-  %j = memref.load %selected[%row, %slot] : memref<?x?xi32>
-  %nonneg = arith.cmpi sge, %j, %c0_i32 : i32
-  %j_idx = arith.index_cast %j : i32 to index
-  %inside = arith.cmpi ult, %j_idx, %slots : index
-  %ok = arith.andi %nonneg, %inside : i1
-  %orow = arith.addi %out0, %slot : index
-  scf.for %col = %tid to %cD step %cT {{
-    %val = scf.if %ok -> (f32) {{
-      {load}
-      scf.yield %v : f32
-    }} else {{
-      scf.yield %zero : f32
-    }}
-    memref.store %val, %out[%orow, %col] : memref<?x?xf32>
-  }}
-  %inc = arith.extui %nonneg : i1 to i32
-  %c2n = arith.addi %c, %inc : i32
-  scf.yield %c2n : i32
-}}
-%first = arith.cmpi eq, %tid, %c0 : index
+                    "{}%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
   %last_i32 = arith.subi %cnt, %c1_i32 : i32
   %last_v = arith.extsi %last_i32 : i32 to i64
   memref.store %last_v, %last[%row] : memref<?xi64>
 }}
-"
+",
+                    selected_rows("%nsel", pick, load, ("f32", "%zero", "%out"))
                 )]
             }
             SparseRow::GatherPages => vec![format!(
-                "%cnt = scf.for %slot = %c0 to %prows step %c1 iter_args(%c = %c0_i32) -> (i32) {{
-  %in_sel = arith.cmpi ult, %slot, %nsel : index
-  %j = scf.if %in_sel -> (i32) {{
-    %v = memref.load %selected[%row, %slot] : memref<?x?xi32>
-    scf.yield %v : i32
-  }} else {{
-    scf.yield %neg1_i32 : i32
-  }}
-  %nonneg = arith.cmpi sge, %j, %c0_i32 : i32
-  %j_idx = arith.index_cast %j : i32 to index
-  %inside = arith.cmpi ult, %j_idx, %slots : index
-  %ok = arith.andi %nonneg, %inside : i1
-  %orow = arith.addi %out0, %slot : index
-  scf.for %col = %tid to %cD step %cT {{
-    %val = scf.if %ok -> (bf16) {{
-      %x = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>
-{round}      scf.yield %xb : bf16
-    }} else {{
-      scf.yield %zero_bf16 : bf16
-    }}
-    memref.store %val, %pages[%orow, %col] : memref<?x?xbf16>
-  }}
-  %inc = arith.extui %nonneg : i1 to i32
-  %c2n = arith.addi %c, %inc : i32
-  scf.yield %c2n : i32
-}}
-scf.for %p = %tid to %npages step %cT {{
+                "{}scf.for %p = %tid to %npages step %cT {{
   %page0 = arith.muli %row, %npages : index
   %page = arith.addi %page0, %p : index
   %page_i32 = arith.index_cast %page : index to i32
@@ -499,7 +455,22 @@ scf.if %first {{
   memref.store %cnt, %lengths[%row] : memref<?xi32>
 }}
 ",
-                round = indent(&super::round_bf16("%x", "%xb"), "    ")
+                selected_rows(
+                    "%prows",
+                    "%in_sel = arith.cmpi ult, %slot, %nsel : index
+%j = scf.if %in_sel -> (i32) {
+  %v = memref.load %selected[%row, %slot] : memref<?x?xi32>
+  scf.yield %v : i32
+} else {
+  scf.yield %neg1_i32 : i32
+}
+",
+                    &format!(
+                        "%x = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>\n{}",
+                        super::round_bf16("%x", "%xb")
+                    ),
+                    ("bf16", "%zero_bf16", "%pages")
+                )
             )],
             SparseRow::CacheWrite => vec!["%p64 = memref.load %positions[%row] : memref<?xi64>
 %p_pos = arith.cmpi sge, %p64, %zero_i64 : i64
@@ -517,6 +488,37 @@ scf.if %ok {
             .to_string()],
         }
     }
+}
+
+/// A block's pass over its query's selected slots `0..{bound}` (`pick` defines `%j`, the slot's
+/// row or -1): row `%j`'s columns (`load` defines `%v` from `%j_idx`, `%col`) stored to row `%out0
+/// + %slot` of `out` as `ty` (`zero` where the slot selects no row of the keys), the selected
+/// slots counted into `%cnt` (i32).
+fn selected_rows(bound: &str, pick: &str, load: &str, (ty, zero, out): (&str, &str, &str)) -> String {
+    let store = if ty == "bf16" { "%xb" } else { "%v" };
+    format!(
+        "%cnt = scf.for %slot = %c0 to {bound} step %c1 iter_args(%c = %c0_i32) -> (i32) {{
+{pick}  %nonneg = arith.cmpi sge, %j, %c0_i32 : i32
+  %j_idx = arith.index_cast %j : i32 to index
+  %inside = arith.cmpi ult, %j_idx, %slots : index
+  %ok = arith.andi %nonneg, %inside : i1
+  %orow = arith.addi %out0, %slot : index
+  scf.for %col = %tid to %cD step %cT {{
+    %val = scf.if %ok -> ({ty}) {{
+{load}      scf.yield {store} : {ty}
+    }} else {{
+      scf.yield {zero} : {ty}
+    }}
+    memref.store %val, {out}[%orow, %col] : memref<?x?x{ty}>
+  }}
+  %inc = arith.extui %nonneg : i1 to i32
+  %c2n = arith.addi %c, %inc : i32
+  scf.yield %c2n : i32
+}}
+",
+        pick = indent(pick, "  "),
+        load = indent(load, "      ")
+    )
 }
 
 /// `text` with every line indented by `by`.
@@ -681,6 +683,15 @@ mod tests {
     use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
     use v3c_models::interp::kernels;
 
+    /// `kernel` over `args` through its CPU lowering, or (`simulated`) its PTX in the simulator
+    /// over `rows` blocks' rows.
+    fn run(kernel: &RowKernel, args: &[v3c_runtime::host::RawBuffer], rows: usize, simulated: bool) {
+        match simulated {
+            false => run_cpu(kernel, args),
+            true => drop(run_simulated(kernel, args, rows)),
+        }
+    }
+
     fn kernel(op: SparseRow, d: usize, weight: &str) -> RowKernel {
         kernel_of(RowOp::Sparse(op), d, weight)
     }
@@ -795,10 +806,7 @@ mod tests {
                     args.push(raw(&mut pos, &[t], "i64"));
                 }
                 args.push(raw(&mut scores, &[t, s], "f32"));
-                match simulated {
-                    false => run_cpu(&scores_k, &args),
-                    true => drop(run_simulated(&scores_k, &args, t)),
-                }
+                run(&scores_k, &args, t, simulated);
                 for i in 0..t {
                     let r = seen(i);
                     let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
@@ -818,10 +826,7 @@ mod tests {
                     args.push(raw(&mut pos, &[t], "i64"));
                 }
                 args.push(raw(&mut sel, &[t, top_k], "i32"));
-                match simulated {
-                    false => run_cpu(&top, &args),
-                    true => drop(run_simulated(&top, &args, t)),
-                }
+                run(&top, &args, t, simulated);
                 assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
             }
         }
@@ -885,10 +890,7 @@ mod tests {
                     raw(&mut out, &[t * k, d], "f32"),
                     raw(&mut last, &[t], "i64"),
                 ];
-                match simulated {
-                    false => run_cpu(&g, &args),
-                    true => drop(run_simulated(&g, &args, t)),
-                }
+                run(&g, &args, t, simulated);
                 assert_eq!((out, last), (want.clone(), want_last.clone()), "decode {decode} simulated {simulated}");
             }
         }
@@ -919,10 +921,7 @@ mod tests {
                 raw(&mut table, &[t, 1], "i32"),
                 raw(&mut lengths, &[t], "i32"),
             ];
-            match simulated {
-                false => run_cpu(&g, &args),
-                true => drop(run_simulated(&g, &args, t)),
-            }
+            run(&g, &args, t, simulated);
             assert_eq!(
                 (pages, table, lengths),
                 (want.clone(), want_table.clone(), want_len.clone()),
@@ -939,10 +938,7 @@ mod tests {
         for simulated in [false, true] {
             let (mut cache, mut new, mut pos) = (cache0.clone(), new.clone(), positions.clone());
             let args = [raw(&mut cache, &[b, s, c], "f32"), raw(&mut new, &[b, c], "f32"), raw(&mut pos, &[b], "i64")];
-            match simulated {
-                false => run_cpu(&w, &args),
-                true => drop(run_simulated(&w, &args, b)),
-            }
+            run(&w, &args, b, simulated);
             assert_eq!(cache, want, "simulated {simulated}");
         }
     }
