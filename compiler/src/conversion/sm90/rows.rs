@@ -954,6 +954,7 @@ impl RowKernel {
             RowOp::MlaAbsorbMma { heads, .. } => heads * (self.d / mla_mma::Absorb::columns(self.d)),
             RowOp::RouteLogits { experts, .. } => ROUTER_SPLITS * experts.div_ceil(ROUTE_EXPERT_TILE),
             RowOp::Train(op) => op.blocks_per_row(self.d),
+            RowOp::Sparse(op) => op.blocks_per_row(),
             _ => 1,
         }
     }

@@ -2,8 +2,9 @@
 //! attention its selected rows), and the two small ops its MLA adds:
 //! - [`SparseRow::LayerNorm`]: the indexer key's `LayerNorm` with bias, the reference's order
 //!   (both means summed in column order by one thread: the rows are 128 wide);
-//! - [`SparseRow::IndexScores`]: a query's score for every key it may see, one block a query, a
-//!   thread a key: `sum_h w_h / sqrt(H) relu(q_h . k / sqrt(D))`, heads and dims summed in the
+//! - [`SparseRow::IndexScores`]: a query's score for every key it may see, [`SCORE_PARTS`] blocks a
+//!   query (each every `SCORE_PARTS`-th run of a block's width of keys: decode's few queries still
+//!   fill the SMs), a thread a key: `sum_h w_h / sqrt(H) relu(q_h . k / sqrt(D))`, heads and dims summed in the
 //!   reference's order (its bits on the CPU lowering), the query's heads and weights in shared
 //!   memory, the keys read in place (the last `D` columns of the cache rows);
 //! - [`SparseRow::TopKeys`]: the `top_k` best of those scores, ascending, ties to the earlier key,
@@ -23,6 +24,9 @@
 use std::fmt::Write;
 
 use super::{loop_phases, sqrt, tree_phases, Lowering, RowKernel};
+
+/// Blocks a query's scores take ([`SparseRow::IndexScores`]).
+pub const SCORE_PARTS: usize = 8;
 
 /// A sparse-attention row kernel (its `d`: see each).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -153,6 +157,14 @@ impl SparseRow {
         }
     }
 
+    /// Blocks per row of the rows argument.
+    pub(super) fn blocks_per_row(&self) -> usize {
+        match self {
+            SparseRow::IndexScores { .. } => SCORE_PARTS,
+            _ => 1,
+        }
+    }
+
     /// Shared arrays (name, elements; `sh_cnt`, `sh_hit`, `sh_count`, `sh_off`, `sh_aux` are i32).
     pub(super) fn shared(&self, d: usize, threads: usize) -> Vec<(&'static str, usize)> {
         match *self {
@@ -240,10 +252,10 @@ impl SparseRow {
     }
 
     /// The keys query `%row` sees: `%nkeys` (and, with keys, `%koff`: the first key column).
-    fn visible(decode: bool, keys: &str, keys_ty: &str, (queries, queries_ty): (&str, &str)) -> String {
+    fn visible(decode: bool, keys: &str, keys_ty: &str, (queries, queries_ty): (&str, &str), query: &str) -> String {
         if decode {
             format!(
-                "%p64 = memref.load %positions[%row] : memref<?xi64>
+                "%p64 = memref.load %positions[{query}] : memref<?xi64>
 %p_neg = arith.cmpi slt, %p64, %zero_i64 : i64
 %p_idx = arith.index_cast %p64 : i64 to index
 %after = arith.addi %p_idx, %c1 : index
@@ -259,7 +271,7 @@ impl SparseRow {
 %short = arith.cmpi ult, %slots, %nq : index
 %kfirst0 = arith.subi %slots, %nq : index
 %kfirst = arith.select %short, %c0, %kfirst0 : index
-%after = arith.addi %kfirst, %row : index
+%after = arith.addi %kfirst, {query} : index
 %after1 = arith.addi %after, %c1 : index
 %nkeys = arith.minui %after1, %slots : index
 ",
@@ -274,7 +286,17 @@ impl SparseRow {
         match *self {
             SparseRow::IndexScores { decode, .. } => {
                 let keys_ty = if decode { "memref<?x?x?xf32>" } else { "memref<?x?xf32>" };
-                s.push_str(&Self::visible(decode, "%keys", keys_ty, ("%w", "memref<?x?xf32>")));
+                // Block `%row`: query `%qrow`, part `%part` of its keys.
+                let _ = write!(
+                    s,
+                    "%cParts = arith.constant {SCORE_PARTS} : index
+%qrow = arith.divui %row, %cParts : index
+%part = arith.remui %row, %cParts : index
+%part_t = arith.muli %part, %cT : index
+%key_stride = arith.muli %cT, %cParts : index
+"
+                );
+                s.push_str(&Self::visible(decode, "%keys", keys_ty, ("%w", "memref<?x?xf32>"), "%qrow"));
                 let last_dim = if decode { "%c2" } else { "%c1" };
                 let _ = write!(
                     s,
@@ -284,7 +306,13 @@ impl SparseRow {
                 );
             }
             SparseRow::TopKeys { decode } => {
-                s.push_str(&Self::visible(decode, "%scores", "memref<?x?xf32>", ("%selected", "memref<?x?xi32>")));
+                s.push_str(&Self::visible(
+                    decode,
+                    "%scores",
+                    "memref<?x?xf32>",
+                    ("%selected", "memref<?x?xi32>"),
+                    "%row",
+                ));
                 s.push_str(
                     "%few = arith.cmpi ule, %nkeys, %cD : index
 %passes = arith.select %few, %c0, %c32 : index
@@ -378,7 +406,7 @@ scf.for %i = %tid to %cD step %cT {{
             SparseRow::IndexScores { decode, .. } => {
                 let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
                 let key = if decode {
-                    "%k = memref.load %keys[%row, %s, %col] : memref<?x?x?xf32>"
+                    "%k = memref.load %keys[%qrow, %s, %col] : memref<?x?x?xf32>"
                 } else {
                     "%k = memref.load %keys[%s, %col] : memref<?x?xf32>"
                 };
@@ -387,17 +415,18 @@ scf.for %i = %tid to %cD step %cT {{
                         "scf.for %i = %tid to %cHD step %cT {{
   %h = arith.divui %i, %cD : index
   %j = arith.remui %i, %cD : index
-  %v = memref.load %q[%row, %h, %j] : memref<?x?x?xf32>
+  %v = memref.load %q[%qrow, %h, %j] : memref<?x?x?xf32>
   memref.store %v, %sh_q[%i] : {q_sh}
 }}
 scf.for %h = %tid to %cH step %cT {{
-  %v = memref.load %w[%row, %h] : memref<?x?xf32>
+  %v = memref.load %w[%qrow, %h] : memref<?x?xf32>
   memref.store %v, %sh_w[%h] : {w_sh}
 }}
 "
                     ),
                     format!(
-                        "scf.for %s = %tid to %nkeys step %cT {{
+                        "%s0 = arith.addi %part_t, %tid : index
+scf.for %s = %s0 to %nkeys step %key_stride {{
   %acc = scf.for %h = %c0 to %cH step %c1 iter_args(%a = %zero) -> (f32) {{
     %qb = arith.muli %h, %cD : index
     %dot = scf.for %j = %c0 to %cD step %c1 iter_args(%dd = %zero) -> (f32) {{
@@ -418,7 +447,7 @@ scf.for %h = %tid to %cH step %cT {{
     %a2 = arith.addf %a, %t : f32
     scf.yield %a2 : f32
   }}
-  memref.store %acc, %scores[%row, %s] : memref<?x?xf32>
+  memref.store %acc, %scores[%qrow, %s] : memref<?x?xf32>
 }}
 "
                     ),
@@ -764,7 +793,8 @@ mod tests {
     fn indexer_scores_and_selection_match_the_reference() {
         let (heads, di, width, top_k) = (4, 16, 24, 8);
         for decode in [false, true] {
-            let (t, s) = (5, 40);
+            // Keys past one block's width: every part of a query's blocks has some.
+            let (t, s) = (5, 2200);
             let rows = if decode { t * s } else { s };
             let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
             // Decode positions: few keys, top_k + 1, the cache's last, past it, negative.
@@ -806,7 +836,7 @@ mod tests {
                     args.push(raw(&mut pos, &[t], "i64"));
                 }
                 args.push(raw(&mut scores, &[t, s], "f32"));
-                run(&scores_k, &args, t, simulated);
+                run(&scores_k, &args, t * super::SCORE_PARTS, simulated);
                 for i in 0..t {
                     let r = seen(i);
                     let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
