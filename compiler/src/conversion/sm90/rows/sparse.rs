@@ -555,6 +555,15 @@ fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
 
+/// A key's class against the threshold `%thr` (`%u` its key): `%gt` above it, `%eq` at it (with
+/// few keys, `%few`: every key above).
+const CLASSIFY: &str = "  %gt0 = arith.cmpi ugt, %u, %thr : i32
+  %gt = arith.ori %gt0, %few : i1
+  %eq0 = arith.cmpi eq, %u, %thr : i32
+  %nfew = arith.xori %few, %true : i1
+  %eq = arith.andi %eq0, %nfew : i1
+";
+
 /// The total-order key of score `%v` as an unsigned i32 (`%u`): larger scores, larger keys.
 const SCORE_KEY: &str = "%bits = arith.bitcast %v : f32 to i32
 %sign = arith.shrsi %bits, %c31_i32 : i32
@@ -583,13 +592,17 @@ scf.if %first {{
 }}
 "
     )];
-    let mut pass = vec![format!(
+    // This pass's candidate threshold: the threshold so far with bit `31 - %bi` set.
+    let candidate = format!(
         "%prefix = memref.load %sh_aux[%c0] : {aux}
 %bi_i = arith.index_cast %bi : index to i32
 %shift = arith.subi %c31_i32, %bi_i : i32
 %bit = arith.shli %c1_i32, %shift : i32
 %cand = arith.ori %prefix, %bit : i32
-{chunk}%n = scf.for %s = %lo to %hi step %c1 iter_args(%c = %c0_i32) -> (i32) {{
+"
+    );
+    let mut pass = vec![format!(
+        "{candidate}{chunk}%n = scf.for %s = %lo to %hi step %c1 iter_args(%c = %c0_i32) -> (i32) {{
 {key}  %ge = arith.cmpi uge, %u, %cand : i32
   %inc = arith.extui %ge : i1 to i32
   %c2n = arith.addi %c, %inc : i32
@@ -614,27 +627,18 @@ scf.if %first {{
   %total = memref.load %sh_cnt[%c0] : {cnt}
   %enough = arith.cmpi sge, %total, %cK_i32 : i32
   scf.if %enough {{
-    %prefix = memref.load %sh_aux[%c0] : {aux}
-    %bi_i = arith.index_cast %bi : index to i32
-    %shift = arith.subi %c31_i32, %bi_i : i32
-    %bit = arith.shli %c1_i32, %shift : i32
-    %cand = arith.ori %prefix, %bit : i32
-    memref.store %cand, %sh_aux[%c0] : {aux}
+{candidate_in}    memref.store %cand, %sh_aux[%c0] : {aux}
   }}
 }}
-"
+",
+        candidate_in = indent(&candidate, "    ")
     ));
     phases.extend(loop_phases("bi", "passes", pass));
     // The thread's keys above the threshold and at it (with few keys: every key counts as above).
     phases.push(format!(
         "%thr = memref.load %sh_aux[%c0] : {aux}
 {chunk}%n:2 = scf.for %s = %lo to %hi step %c1 iter_args(%g = %c0_i32, %e = %c0_i32) -> (i32, i32) {{
-{key}  %gt0 = arith.cmpi ugt, %u, %thr : i32
-  %gt = arith.ori %gt0, %few : i1
-  %eq0 = arith.cmpi eq, %u, %thr : i32
-  %nfew = arith.xori %few, %true : i1
-  %eq = arith.andi %eq0, %nfew : i1
-  %gi = arith.extui %gt : i1 to i32
+{key}{CLASSIFY}  %gi = arith.extui %gt : i1 to i32
   %ei = arith.extui %eq : i1 to i32
   %g2 = arith.addi %g, %gi : i32
   %e2 = arith.addi %e, %ei : i32
@@ -674,12 +678,7 @@ scf.if %first {{
 %taken_e = arith.minsi %pre_e, %room : i32
 %slot0 = arith.addi %pre_g, %taken_e : i32
 {chunk}%n:2 = scf.for %s = %lo to %hi step %c1 iter_args(%slot = %slot0, %e = %pre_e) -> (i32, i32) {{
-{key}  %gt0 = arith.cmpi ugt, %u, %thr : i32
-  %gt = arith.ori %gt0, %few : i1
-  %eq0 = arith.cmpi eq, %u, %thr : i32
-  %nfew = arith.xori %few, %true : i1
-  %eq = arith.andi %eq0, %nfew : i1
-  %fits = arith.cmpi slt, %e, %room : i32
+{key}{CLASSIFY}  %fits = arith.cmpi slt, %e, %room : i32
   %eq_in = arith.andi %eq, %fits : i1
   %take = arith.ori %gt, %eq_in : i1
   scf.if %take {{
