@@ -1072,6 +1072,7 @@ fn write_gpu_artifact(
                 kv: c.kv,
                 rope: c.rope,
                 fp8_cache: c.fp8_cache,
+                selected: c.selected,
             }));
         }
         if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {
@@ -1321,8 +1322,13 @@ fn write_gpu_artifact(
         .chain(lowered.compound.iter().filter_map(|(name, steps, _)| {
             steps.steps.iter().find_map(|s| match &s.kernel {
                 // (Over the caches themselves: V3.2's reads its own pages of the selected rows.)
+                // (The selected rows' kernel reads f32 key rows: not a cache of its own format.)
                 StepKernel::MlaDecode(d)
-                    if matches!(s.operands.get(1), Some(v3c_compiler::conversion::sm90::lower::Operand::Arg(_))) =>
+                    if !d.config.selected
+                        && matches!(
+                            s.operands.get(1),
+                            Some(v3c_compiler::conversion::sm90::lower::Operand::Arg(_))
+                        ) =>
                 {
                     Some((name.as_str(), if d.config.fp8_cache { fp8 } else { "bf16" }))
                 }
@@ -1731,6 +1737,10 @@ fn model_problems(
                 else {
                     continue;
                 };
+                // The selected rows' attention is one kernel: nothing to measure it against.
+                if matches!(shape, AttentionShape::Selected { .. }) {
+                    continue;
+                }
                 // And the fp8 cache's decode kernel, where the rows take it.
                 let shapes = [Some(shape), shape.fp8_cache(&v3c_compiler::target::SM90A)];
                 for shape in shapes.into_iter().flatten() {
@@ -2069,6 +2079,7 @@ pub fn tune(o: &TuneOptions) -> Result<(), String> {
                 "kind": "decode", "heads": heads, "kv": kv, "rope": rope, "fp8_cache": fp8_cache,
                 "context": context, "scale": a.scale,
             }),
+            AttentionShape::Selected { .. } => return Err(format!("{}: not a tunable kernel", a.shape.signature())),
             AttentionShape::Prefill { heads, qk, v, .. } => {
                 let mut problem = serde_json::json!({
                     "kind": "prefill", "heads": heads, "qk": qk, "v": v, "scale": a.scale,

@@ -140,6 +140,22 @@ pub unsafe fn emulate_prefill(l: &KernelLaunch, kind: v3c_runtime::abi::FlashKin
 /// first after them), the cache is decoded as the kernel decodes each page — `bf16(e4m3 * scale)`
 /// — into a bf16 copy the same function reads.
 pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
+    if l.tensor_maps.len() == 1 {
+        // The attention over the selected rows: q's map, then keys, selection, outputs, lse.
+        let v = values_after_maps(l, 1)?;
+        if v.len() != 7 + 7 + 9 + 7 + 3 {
+            return Err(format!("{}: {} parameters after the tensor map", l.kernel, v.len()));
+        }
+        let memref = |at: usize, rank: usize, element: &str| RawBuffer {
+            ptr: v[at + 1] as *mut (),
+            shape: v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect(),
+            element: element.into(),
+        };
+        let bufs =
+            [mapped(l, 0)?, memref(0, 2, "f32"), memref(7, 2, "i32"), memref(14, 3, "f32"), memref(23, 2, "f32")];
+        let (heads, scale) = (v[31] as usize, f32::from_bits(v[32] as u32));
+        return crate::conversion::sm90::host::mla_decode_selected(heads, scale, &bufs);
+    }
     let fp8 = l.tensor_maps.len() == 3;
     let maps = if fp8 { 3 } else { 2 };
     let v = values_after_maps(l, maps)?;
@@ -948,7 +964,7 @@ mod tests {
             buf(o_part.as_mut_ptr() as *const u8, &[splits, b * per, kv], "f32"),
             buf(lse.as_mut_ptr() as *const u8, &[splits, b * per], "f32"),
         ];
-        let abi = MlaDecodeAbi { kv, rope, fp8_cache };
+        let abi = MlaDecodeAbi { kv, rope, fp8_cache, selected: false };
         let launch = abi.launch("mla_decode", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
         run(&launch.unwrap());
         let (mut err2, mut norm2) = (0f64, 0f64);
@@ -984,6 +1000,152 @@ mod tests {
             }
         }
         ((err2 / norm2).sqrt(), lse)
+    }
+
+    /// DeepSeek-V3.2's attention over each query's selected rows, launched as the runtime makes it:
+    /// f32 key rows of 704 columns (NaN past the 576 the attention reads, and in row 0, which no
+    /// query selects: a row gathered past a selection reads row 0 and must be zeroed), 4 queries of
+    /// `heads` heads selecting 200 (three pages and 8 keys), 1, 64 and no rows (ascending, -1
+    /// padded, out of key order with one another), 2 splits; run by `run`: the relative
+    /// (Frobenius) error of the merged splits against float64 attention over the selected rows
+    /// rounded to bf16, and the log-sum-exps.
+    fn selected_case(heads: usize, run: impl FnOnce(&KernelLaunch)) -> (f64, Vec<f32>) {
+        let (kv, rope, cols, keys_n, k_width, splits) = (512, 64, 704, 300, 200, 2);
+        let (width, scale, t_count) = (kv + rope, 0.07f32, 4);
+        let mut keys = values(keys_n * cols, 5, 6.0);
+        for (r, row) in keys.chunks_exact_mut(cols).enumerate() {
+            row[width..].fill(f32::NAN);
+            if r == 0 {
+                row.fill(f32::NAN);
+            }
+        }
+        let counts = [200usize, 1, 64, 0];
+        let mut selected = vec![-1i32; t_count * k_width];
+        for (t, &n) in counts.iter().enumerate() {
+            // Distinct rows 1..300 (7 is prime to 299), ascending.
+            let mut rows: Vec<i32> = (0..n).map(|i| 1 + ((i * 7 + t * 31) % (keys_n - 1)) as i32).collect();
+            rows.sort_unstable();
+            selected[t * k_width..][..n].copy_from_slice(&rows);
+        }
+        let q: Vec<u16> =
+            values(t_count * heads * width, 6, 2.0).iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
+        let all = t_count * heads;
+        let mut o_part = vec![f32::NAN; splits * all * kv];
+        let mut lse = vec![f32::NAN; splits * all];
+        let buf = |addr: *const u8, shape: &[usize], element: &'static str| Buf {
+            addr: addr as u64,
+            shape: shape.to_vec(),
+            element,
+        };
+        let ops = [
+            buf(q.as_ptr() as *const u8, &[all, width], "bf16"),
+            buf(keys.as_ptr() as *const u8, &[keys_n, cols], "f32"),
+            buf(selected.as_ptr() as *const u8, &[t_count, k_width], "i32"),
+            buf(o_part.as_mut_ptr() as *const u8, &[splits, all, kv], "f32"),
+            buf(lse.as_mut_ptr() as *const u8, &[splits, all], "f32"),
+        ];
+        let abi = MlaDecodeAbi { kv, rope, fp8_cache: false, selected: true };
+        run(&abi
+            .launch_selected("mla_decode_sel", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4]], heads, scale)
+            .unwrap());
+        let bf = |x: f32| v3c_models::dtype::bf16_to_f32(v3c_models::dtype::f32_to_bf16(x)) as f64;
+        let (mut err2, mut norm2) = (0f64, 0f64);
+        for (t, &n) in counts.iter().enumerate() {
+            let rows: Vec<usize> = selected[t * k_width..][..n].iter().map(|&r| r as usize).collect();
+            for h in 0..heads {
+                let r = t * heads + h;
+                let lz: Vec<f64> = (0..splits).map(|z| lse[z * all + r] as f64).collect();
+                if n == 0 {
+                    continue;
+                }
+                let qv = |c: usize| v3c_models::dtype::bf16_to_f32(q[r * width + c]) as f64;
+                let s: Vec<f64> = rows
+                    .iter()
+                    .map(|&k| (0..width).map(|c| qv(c) * bf(keys[k * cols + c])).sum::<f64>() * scale as f64)
+                    .collect();
+                let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+                let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let top = lz.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                let wz: Vec<f64> = lz.iter().map(|&x| if x.is_finite() { (x - top).exp() } else { 0.0 }).collect();
+                for c in 0..kv {
+                    let want: f64 =
+                        rows.iter().zip(&s).map(|(&k, &sk)| (sk - m).exp() * bf(keys[k * cols + c])).sum::<f64>() / l;
+                    let got = (0..splits).map(|z| wz[z] * o_part[(z * all + r) * kv + c] as f64).sum::<f64>()
+                        / wz.iter().sum::<f64>();
+                    err2 += (got - want).powi(2);
+                    norm2 += want.powi(2);
+                }
+            }
+        }
+        ((err2 / norm2).sqrt(), lse)
+    }
+
+    /// The selected rows' launch emulated from its parameters (the host's attention over them) and
+    /// DeepSeek-V3.2's kernel (`_sel`, 128 heads: two blocks a query; and 64 heads) simulated from
+    /// its PTX, the threads run both ways (races checked): float64 attention over the selected rows
+    /// within bf16's rounding of q and P; a query selecting one row leaves its second split empty.
+    #[test]
+    fn selected_rows_attention_simulated_from_its_ptx_computes_attention() {
+        use crate::conversion::sm90::mla::MlaDecodeConfig;
+        // SAFETY: every address is one of the case's vectors, of the launch's shapes.
+        let (rel, lse) = selected_case(128, |l| unsafe { emulate_decode(l).unwrap() });
+        eprintln!("selected rows' attention (host) vs float64: relative error {rel:.2e} (Frobenius)");
+        assert!(rel <= 1e-3, "relative error {rel:.2e}");
+        // Query 1's one row: its second split is empty; query 3 selects nothing: neither has keys.
+        let no_keys = |i: usize| lse[i].is_infinite() && lse[i] < 0.0;
+        assert!(no_keys(4 * 128 + 128), "one row: its second split is empty");
+        assert!((0..2).all(|z| no_keys(z * 4 * 128 + 3 * 128)), "no rows: no split has keys");
+        let context = crate::mlir::new_context();
+        let config = MlaDecodeConfig::DEEPSEEK_V32_SELECTED;
+        let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
+        let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
+        for (heads, reversed) in [(128, false), (128, true), (64, false)] {
+            let (rel, lse) = selected_case(heads, |l| {
+                // SAFETY: the case's vectors, of the launch's shapes.
+                let stats = unsafe {
+                    simulate_launch(
+                        &module.kernels[0],
+                        l,
+                        kernel.threads,
+                        kernel.shared_memory_bytes,
+                        None,
+                        v3c_ptxsim::Checks { reversed, races: !reversed },
+                    )
+                }
+                .unwrap();
+                eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
+            });
+            eprintln!("{} ({heads} heads, threads reversed: {reversed}): relative error {rel:.2e}", kernel.name);
+            assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
+            let no_keys = |i: usize| lse[i].is_infinite() && lse[i] < 0.0;
+            assert!(no_keys(4 * heads + heads) && (0..2).all(|z| no_keys(z * 4 * heads + 3 * heads)));
+        }
+        // Its synchronization is what the race check asks for: without the proxy fences the
+        // tensor cores read the gathered rows (and P) unfenced; without the block barriers
+        // warpgroup 1 gathers into a buffer the tensor cores still read.
+        let race = |ptx: &str| -> String {
+            let module = v3c_ptxsim::Module::parse(ptx).unwrap();
+            let mut err = String::new();
+            selected_case(64, |l| {
+                // SAFETY: the case's vectors, of the launch's shapes.
+                let r = unsafe {
+                    simulate_launch(
+                        &module.kernels[0],
+                        l,
+                        kernel.threads,
+                        kernel.shared_memory_bytes,
+                        None,
+                        Checks { reversed: false, races: true },
+                    )
+                };
+                err = r.err().unwrap_or_default();
+            });
+            err
+        };
+        let unfenced = race(&kernel.ptx.replace("fence.proxy.async.shared::cta;", ""));
+        assert!(unfenced.contains("without a fence.proxy.async"), "{unfenced}");
+        let unordered = race(&kernel.ptx.replace("bar.sync", "membar.cta;//"));
+        assert!(unordered.contains("data race on shared byte"), "{unordered}");
     }
 
     /// The fp8-cache decode launch emulated from its parameters: its splits merged equal float64

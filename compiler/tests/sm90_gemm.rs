@@ -401,7 +401,7 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         MlaDecodeConfig::DEEPSEEK_V3,
         MlaDecodeConfig { serial: false, ..MlaDecodeConfig::DEEPSEEK_V3 },
         MlaDecodeConfig { cluster: 1, ..MlaDecodeConfig::DEEPSEEK_V3 },
-        MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false, cluster: 1, serial: false },
+        MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false, cluster: 1, serial: false, selected: false },
         fp8,
     ] {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));

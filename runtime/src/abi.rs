@@ -82,6 +82,10 @@ pub struct MlaDecodeAbi {
     /// The cache's rows are [`crate::plan::LATENT_FP8`]'s bytes (the kernel's `_fp8` variant).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fp8_cache: bool,
+    /// DeepSeek-V3.2's kernel over each query's selected rows (`_sel`): no pages — f32 key rows
+    /// and the selection ([`Self::launch_selected`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub selected: bool,
 }
 
 impl MlaDecodeAbi {
@@ -178,6 +182,72 @@ impl MlaDecodeAbi {
             grid_y: os[0],
             params,
             tensor_maps: maps,
+            operands: ops.iter().map(|b| (*b).clone()).collect(),
+        })
+    }
+}
+
+impl MlaDecodeAbi {
+    /// The launch over `[q, keys, selected, o_part, lse]` of the kernel over each query's selected
+    /// rows: absorbed queries `[T H, kv + rope]` (bf16; a query's H heads its rows), the key rows
+    /// `[S, C]` (f32, `C >= kv + rope` and a multiple of 4: rows are read 16 bytes at a time), the
+    /// selection `[T, K]` (i32: rows of the keys, ascending, -1 padded), the splits' outputs
+    /// `[Z, T H, kv]` and log-sum-exps `[Z, T H]` (f32): the queries' tensor map (64 x 64 boxes),
+    /// the memrefs, H, the heads, the scale's bits; `T ceil(H / 64)` x Z blocks.
+    pub fn launch_selected(
+        &self,
+        kernel: &str,
+        ops: [&Buf; 5],
+        heads: usize,
+        scale: f32,
+    ) -> Result<KernelLaunch, String> {
+        let fail = |what: String| format!("{kernel}: {what}");
+        let [q, keys, selected, o_part, lse] = ops;
+        let width = self.kv + self.rope;
+        let (qs, ks, ss) = (
+            q.shape_at_rank(2).map_err(fail)?,
+            keys.shape_at_rank(2).map_err(fail)?,
+            selected.shape_at_rank(2).map_err(fail)?,
+        );
+        let (os, ls) = (o_part.shape_at_rank(3).map_err(fail)?, lse.shape_at_rank(2).map_err(fail)?);
+        let t = ss[0];
+        let fine = self.selected
+            && !self.fp8_cache
+            && q.element == "bf16"
+            && keys.element == "f32"
+            && selected.element == "i32"
+            && qs[1] == width
+            && ks[1] >= width
+            && ks[1] % 4 == 0
+            && heads > 0
+            && qs[0] == t * heads
+            && os == [os[0], qs[0], self.kv]
+            && ls == [os[0], qs[0]]
+            && os[0] > 0;
+        if !fine {
+            return Err(fail(format!(
+                "q {qs:?} {}, keys {ks:?} {}, selection {ss:?} {}, o_part {os:?}, lse {ls:?} for rows of {width} \
+                 and {heads} heads",
+                q.element, keys.element, selected.element
+            )));
+        }
+        let map = TensorMapSpec::new(q.addr, [qs[0], width], "bf16", [PREFILL_BOX; 2]);
+        map.check().map_err(fail)?;
+        let mut params = vec![Param::TensorMap(0)];
+        for (buf, rank) in [(keys, 2), (selected, 2), (o_part, 3), (lse, 2)] {
+            memref_into(&mut params, buf, rank).map_err(fail)?;
+        }
+        params.extend([
+            Param::Value(heads as u64),
+            Param::Value(heads as u64),
+            Param::Value(u64::from(scale.to_bits())),
+        ]);
+        Ok(KernelLaunch {
+            kernel: kernel.to_string(),
+            grid: t * heads.div_ceil(PREFILL_BOX),
+            grid_y: os[0],
+            params,
+            tensor_maps: vec![map],
             operands: ops.iter().map(|b| (*b).clone()).collect(),
         })
     }
@@ -853,7 +923,8 @@ mod tests {
         assert_eq!(zero.check(), Err("a GEMM's block_m of 0".to_string()));
         let odd = KernelAbi::Gemm(GemmAbi { grouping: "sorted".into(), ..abi(&[]) });
         assert_eq!(odd.check(), Err("a GEMM of fp8 -> f32, sorted grouping".to_string()));
-        let decode = |kv, rope| KernelAbi::MlaDecode(MlaDecodeAbi { kv, rope, fp8_cache: false }).check();
+        let decode =
+            |kv, rope| KernelAbi::MlaDecode(MlaDecodeAbi { kv, rope, fp8_cache: false, selected: false }).check();
         assert_eq!(decode(512, 64), Ok(()));
         assert_eq!(
             decode(96, 64),
@@ -996,7 +1067,7 @@ mod tests {
     /// as memrefs, rows per sequence, heads, the scale's bits; `B ceil(R / 64)` x splits blocks.
     #[test]
     fn decode_attention_launches_over_pages_and_splits() {
-        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false };
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: false };
         let (b, heads, splits, pages) = (3, 128, 4, 10);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
         let cache = buf(0x2000, &[b * pages, 64, 576], "bf16");
@@ -1025,7 +1096,7 @@ mod tests {
     /// maps (the row's pitch) and the scales' memref (rows 164 floats apart); a bf16 cache refused.
     #[test]
     fn fp8_decode_attention_reads_one_buffer_of_packed_rows() {
-        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true };
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true, selected: false };
         let (b, heads, splits, pages) = (2, 16, 3, 4);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
         let cache = buf(0x20000, &[b * pages, 64, 656], "i8");

@@ -529,6 +529,14 @@ impl<'a> Expander<'a> {
                         let att = spec
                             .attention
                             .ok_or_else(|| at(format!("{kernel}: an attention launch without its parameters")))?;
+                        if let ([q, keys, selected, o_part, lse], true) = (&ops[..], a.selected) {
+                            if q.elements() == 0 {
+                                continue;
+                            }
+                            let l = a.launch_selected(kernel, [q, keys, selected, o_part, lse], att.heads, att.scale);
+                            actions.push(Action::Kernel(l.map_err(at)?));
+                            continue;
+                        }
                         let [q, cache, table, seqlens, o_part, lse] = &ops[..] else {
                             return Err(at(format!(
                                 "{kernel}: {} operands (q, cache, table, lengths, o, lse)",

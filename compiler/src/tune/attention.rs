@@ -51,19 +51,24 @@ pub enum AttentionShape {
     /// `v`-wide values: the kernel `mode` says (inference's forward, a training step's forward with
     /// log-sum-exps, or one of its gradients).
     Prefill { heads: usize, qk: usize, v: usize, tokens: usize, mode: FlashMode },
+    /// Attention over each query's selected rows (DeepSeek-V3.2's prefill, the `_sel` kernel):
+    /// `tokens` queries of `heads` rows each, each over `keys` rows of `kv + rope` columns that
+    /// the kernel gathers (f32 rows, rounded to bf16 into shared memory). One kernel: nothing to
+    /// tune, a cost to report.
+    Selected { heads: usize, kv: usize, rope: usize, tokens: usize, keys: usize },
 }
 
 impl AttentionShape {
-    /// The decode launch's problem at `sequences` sequences of [`DECODE_CONTEXT`] keys.
+    /// The decode launch's problem at `sequences` sequences of [`DECODE_CONTEXT`] keys, or of the
+    /// selection's width where one bounds them (DeepSeek-V3.2's decode); the `_sel` kernel's at
+    /// `sequences` queries.
     pub fn decode(launch: &MlaDecodeLaunch, sequences: usize) -> AttentionShape {
         let c = &launch.config;
-        AttentionShape::Decode {
-            heads: launch.heads,
-            kv: c.kv,
-            rope: c.rope,
-            fp8_cache: c.fp8_cache,
-            sequences,
-            context: DECODE_CONTEXT,
+        let (heads, kv, rope) = (launch.heads, c.kv, c.rope);
+        let context = launch.selection.unwrap_or(DECODE_CONTEXT);
+        match c.selected {
+            true => AttentionShape::Selected { heads, kv, rope, tokens: sequences, keys: context },
+            false => AttentionShape::Decode { heads, kv, rope, fp8_cache: c.fp8_cache, sequences, context },
         }
     }
 
@@ -78,6 +83,8 @@ impl AttentionShape {
     pub fn of_step(kernel: &crate::conversion::sm90::lower::StepKernel) -> Option<AttentionShape> {
         use crate::conversion::sm90::lower::StepKernel;
         match kernel {
+            // V3.2's prefill over its selected rows at prefill's tokens.
+            StepKernel::MlaDecode(a) if a.config.selected => Some(AttentionShape::decode(a, PREFILL_M)),
             StepKernel::MlaDecode(a) => Some(AttentionShape::decode(a, DECODE_M)),
             // Training's at its windows of PREFILL_M tokens too.
             StepKernel::MlaPrefill(a) => Some(AttentionShape::prefill(a, PREFILL_M)),
@@ -86,12 +93,17 @@ impl AttentionShape {
     }
 
     /// What the tuning database keys it by (with [`Self::bucket`]): `mla_decode kv512 r64 h128`
-    /// (` fp8cache`), `mla_prefill qk192 v128 h128`; training's `mla_prefill_lse ...`, `mla_gradq
-    /// ...`, `mla_gradk ...`, `mla_gradv ...`.
+    /// (` fp8cache`; ` k2048` over a selection's 2048 keys, not [`DECODE_CONTEXT`]'s), `mla_prefill
+    /// qk192 v128 h128`; training's `mla_prefill_lse ...`, `mla_gradq ...`, `mla_gradk ...`,
+    /// `mla_gradv ...`; `mla_decode_sel kv512 r64 h128 k2048` (the selected rows').
     pub fn signature(&self) -> String {
         match *self {
-            AttentionShape::Decode { heads, kv, rope, fp8_cache, .. } => {
-                format!("mla_decode kv{kv} r{rope} h{heads}{}", if fp8_cache { " fp8cache" } else { "" })
+            AttentionShape::Decode { heads, kv, rope, fp8_cache, context, .. } => {
+                let keys = if context != DECODE_CONTEXT { format!(" k{context}") } else { String::new() };
+                format!("mla_decode kv{kv} r{rope} h{heads}{}{keys}", if fp8_cache { " fp8cache" } else { "" })
+            }
+            AttentionShape::Selected { heads, kv, rope, keys, .. } => {
+                format!("mla_decode_sel kv{kv} r{rope} h{heads} k{keys}")
             }
             AttentionShape::Prefill { heads, qk, v, mode, .. } => {
                 let kernel = match mode {
@@ -110,7 +122,7 @@ impl AttentionShape {
     pub fn rows(&self) -> usize {
         match *self {
             AttentionShape::Decode { sequences, .. } => sequences,
-            AttentionShape::Prefill { tokens, .. } => tokens,
+            AttentionShape::Prefill { tokens, .. } | AttentionShape::Selected { tokens, .. } => tokens,
         }
     }
 
@@ -123,7 +135,7 @@ impl AttentionShape {
     pub fn regime(&self) -> &'static str {
         match self {
             AttentionShape::Decode { .. } => "decode",
-            AttentionShape::Prefill { .. } => "prefill",
+            AttentionShape::Prefill { .. } | AttentionShape::Selected { .. } => "prefill",
         }
     }
 
@@ -152,10 +164,21 @@ impl AttentionShape {
         match *self {
             AttentionShape::Decode { heads, kv, rope, fp8_cache, .. } => {
                 let cluster = MlaDecodeConfig::cluster_for(heads);
-                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial: false })
+                AttentionConfig::Decode(MlaDecodeConfig {
+                    kv,
+                    rope,
+                    stages,
+                    fp8_cache,
+                    cluster,
+                    serial: false,
+                    selected: false,
+                })
             }
             AttentionShape::Prefill { qk, v, mode, .. } => {
                 AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode })
+            }
+            AttentionShape::Selected { kv, rope, .. } => {
+                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, ..MlaDecodeConfig::DEEPSEEK_V32_SELECTED })
             }
         }
     }
@@ -165,7 +188,7 @@ impl AttentionShape {
     /// bf16 page buffers: [`MlaDecodeConfig::serial`]).
     pub fn configs(&self, stages: usize) -> Vec<AttentionConfig> {
         match self.config(stages) {
-            AttentionConfig::Decode(c) => {
+            AttentionConfig::Decode(c) if !c.selected => {
                 let clusters = if c.cluster > 1 { vec![1, c.cluster] } else { vec![1] };
                 let serial = if stages >= 2 && !c.fp8_cache { vec![false, true] } else { vec![false] };
                 serial
@@ -293,6 +316,9 @@ const CUDA_OPS_PER_SM_US: f64 = 128.0 * 1.8e3;
 /// and per latent element of the fp8 cache's conversion (cvt, scale, cvt, shared store).
 const SOFTMAX_OPS: f64 = 12.0;
 const FP8_CONVERT_OPS: f64 = 4.0;
+/// Operations per element the selected rows' gather spends (its share of a 16-byte load, the
+/// position's and entry's arithmetic, the bf16 rounding, the swizzled store).
+const GATHER_OPS: f64 = 3.0;
 /// L2's bandwidth as a multiple of DRAM's (what prefill's re-read keys and values stream at).
 const L2_PER_DRAM: f64 = 2.5;
 /// The share of a step's load a ring loading one step ahead leaves exposed (further ahead:
@@ -426,6 +452,36 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
                 config: *config,
                 blocks,
                 splits: 1,
+                per_sm,
+                step_us,
+                micros: compute.max(memory) + LAUNCH_US,
+                bound: if compute >= memory { "compute" } else { "memory" },
+            }
+        }
+        AttentionShape::Selected { heads, kv, rope, tokens, keys } => {
+            let width = kv + rope;
+            let splits = v3c_runtime::lowering::attention_splits(tokens, heads, keys.next_multiple_of(PAGE), sms);
+            let blocks = tokens * heads.div_ceil(PAGE) * splits;
+            let pages = keys.div_ceil(PAGE).div_ceil(splits);
+            // Decode's products and softmax a page; warpgroup 1 gathers the next page meanwhile:
+            // its f32 rows from L2 (the keys' rows stay there across the queries) and rounded to
+            // bf16 into shared memory on its half of the CUDA cores, hidden behind warpgroup 0's
+            // scores and softmax but for what they leave of it; then both multiply P V.
+            let (scores, values) = ((2 * PAGE * PAGE * width, PAGE), (2 * PAGE * PAGE * kv, (kv / 2).min(256)));
+            let softmax = (PAGE * PAGE) as f64 * SOFTMAX_OPS / ops_us;
+            let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
+            let gather = (PAGE * width * 4) as f64 / l2_us + (PAGE * width) as f64 * GATHER_OPS / (ops_us / 2.0);
+            let step_us = (tensor_us(&[scores]) + softmax).max(gather) + tensor_us(&[values]);
+            let compute = blocks.div_ceil(slots) as f64 * (pages as f64 * step_us + WAVE_US);
+            // From DRAM: the key rows once (about a row a query), the queries, the splits' outputs.
+            let bytes = (tokens * width * 4) as f64
+                + (tokens * heads * width * 2) as f64
+                + (splits * tokens * heads * (kv + 1) * 4) as f64;
+            let memory = bytes / dram_us;
+            AttentionEstimate {
+                config: *config,
+                blocks,
+                splits,
                 per_sm,
                 step_us,
                 micros: compute.max(memory) + LAUNCH_US,

@@ -731,7 +731,9 @@ impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
         let choice = attention::choose(shape, self.device, self.db);
         let at = match shape {
             attention::AttentionShape::Decode { sequences, .. } => format!("{sequences} sequences"),
-            attention::AttentionShape::Prefill { tokens, .. } => format!("{tokens} tokens"),
+            attention::AttentionShape::Prefill { tokens, .. } | attention::AttentionShape::Selected { tokens, .. } => {
+                format!("{tokens} tokens")
+            }
         };
         self.keep(&Self::attention_key(fused, shape), shape.rows(), at, choice, attention::AttentionConfig::kernel_name)
     }

@@ -132,6 +132,8 @@ impl<'c> HostRows<'c> {
                     super::mla::FlashMode::Lse => vec![2, 2, 2, 2, 1],
                     super::mla::FlashMode::Grad(_) => vec![2, 2, 2, 2, 1, 1, 2],
                 },
+                // q, keys, selection, split outputs, lse (the selected rows').
+                StepKernel::MlaDecode(a) if a.config.selected => vec![2, 2, 2, 3, 2],
                 // q, cache, table, lengths, split outputs, lse.
                 StepKernel::MlaDecode(_) => vec![2, 2, 2, 1, 3, 2],
             };
@@ -184,7 +186,12 @@ impl<'c> HostRows<'c> {
                     }
                 },
                 // SAFETY: as above.
-                StepKernel::MlaDecode(a) => unsafe { mla_decode(a.heads, a.scale, &raw)? },
+                StepKernel::MlaDecode(a) => unsafe {
+                    match a.config.selected {
+                        true => mla_decode_selected(a.heads, a.scale, &raw)?,
+                        false => mla_decode(a.heads, a.scale, &raw)?,
+                    }
+                },
             }
         }
         Ok(temps)
@@ -522,6 +529,66 @@ pub unsafe fn mla_decode(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result
                     .map(|&r| query.iter().zip(&cv[r * width..][..width]).map(|(a, b)| a * b).sum::<f32>() * scale)
                     .collect();
                 let (m, l) = softmax_pv(&mut s, |i| &cv[key_rows[i] * width..][..kv], out);
+                l_out[z * all + row] = m + l.ln();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the attention over each query's selected rows computes ([`super::mla::MlaDecodeConfig::selected`])
+/// over `[q, keys, selected, o_part, lse]`: query t's rows (its `heads` rows of q) see the key rows
+/// its row of the selection names before the first -1 (rounded to bf16, as the kernel gathers
+/// them), split into the splits' runs of 64-key pages as [`mla_decode`]'s pages.
+///
+/// # Safety
+/// The buffers address their shapes' elements.
+pub unsafe fn mla_decode_selected(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result<(), String> {
+    use v3c_models::dtype::{bf16_to_f32, f32_to_bf16};
+    let [q, keys, selected, o_part, lse] = bufs else {
+        return Err(format!("attention over selected rows of {} operands", bufs.len()));
+    };
+    let (width, cols) = (q.shape[1], keys.shape[1]);
+    let (t_count, k_width) = (selected.shape[0], selected.shape[1]);
+    let (splits, kv) = (o_part.shape[0], o_part.shape[2]);
+    let heads = heads.max(1);
+    if q.shape[0] != t_count * heads || width > cols {
+        return Err(format!("q {:?}, keys {:?}, selection {:?}", q.shape, keys.shape, selected.shape));
+    }
+    let qv: Vec<f32> =
+        std::slice::from_raw_parts(q.ptr as *const u16, q.shape[0] * width).iter().map(|&x| bf16_to_f32(x)).collect();
+    let kf = std::slice::from_raw_parts(keys.ptr as *const f32, keys.shape[0] * cols);
+    let sel = std::slice::from_raw_parts(selected.ptr as *const i32, t_count * k_width);
+    let o = std::slice::from_raw_parts_mut(o_part.ptr as *mut f32, o_part.shape.iter().product());
+    let l_out = std::slice::from_raw_parts_mut(lse.ptr as *mut f32, lse.shape.iter().product());
+    let all = q.shape[0];
+    for t in 0..t_count {
+        let row_sel = &sel[t * k_width..][..k_width];
+        let len = row_sel.iter().position(|&k| k < 0).unwrap_or(k_width);
+        let mut rows = Vec::with_capacity(len * width);
+        for &k in &row_sel[..len] {
+            let k = k as usize;
+            if k >= keys.shape[0] {
+                return Err(format!("query {t} selects row {k} of {}", keys.shape[0]));
+            }
+            rows.extend(kf[k * cols..][..width].iter().map(|&x| bf16_to_f32(f32_to_bf16(x))));
+        }
+        let per = len.div_ceil(64).div_ceil(splits.max(1));
+        for h in 0..heads {
+            let row = t * heads + h;
+            let query = &qv[row * width..][..width];
+            for z in 0..splits {
+                let (k0, k1) = ((z * per * 64).min(len), ((z + 1) * per * 64).min(len));
+                let out = &mut o[(z * all + row) * kv..][..kv];
+                out.fill(0.0);
+                if k0 >= k1 {
+                    l_out[z * all + row] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let mut s: Vec<f32> = (k0..k1)
+                    .map(|j| query.iter().zip(&rows[j * width..][..width]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                    .collect();
+                let (m, l) = softmax_pv(&mut s, |i| &rows[(k0 + i) * width..][..kv], out);
                 l_out[z * all + row] = m + l.ln();
             }
         }

@@ -651,6 +651,9 @@ pub struct MlaDecodeLaunch {
     pub config: super::mla::MlaDecodeConfig,
     pub heads: usize,
     pub scale: f32,
+    /// The most keys a query attends where a selection bounds them (DeepSeek-V3.2: its top-k
+    /// width); None: the cache's context.
+    pub selection: Option<usize>,
 }
 
 impl StepKernel {
@@ -1783,7 +1786,8 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
     let cluster = super::mla::MlaDecodeConfig::cluster_for(heads);
-    let config = super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache, cluster, serial: !fp8_cache };
+    let config =
+        super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache, cluster, serial: !fp8_cache, selected: false };
     config.validate(&crate::target::SM90A)?;
     if fp8_cache && v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_none_or(|r| r.latent != kv) {
         return Err(format!("an fp8 cache of rows of {kv} + {rope} (a rope key of 64)"));
@@ -1817,7 +1821,7 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
             step(absorb, [vec![Arg(q_nope), Arg(q_pe)], weights.clone(), vec![T(0)]].concat()),
             step(row(RowOp::MlaLengths, page, "f32"), vec![Arg(positions), Arg(table), T(1)]),
             step(
-                StepKernel::MlaDecode(MlaDecodeLaunch { config, heads, scale }),
+                StepKernel::MlaDecode(MlaDecodeLaunch { config, heads, scale, selection: None }),
                 vec![T(0), Arg(cache), Arg(table), T(1), T(2), T(3)],
             ),
             step(row(RowOp::MlaCombine, kv, "f32"), vec![T(2), T(3), T(4)]),

@@ -99,13 +99,25 @@ pub struct MlaDecodeConfig {
     /// and the fp8 cache always run the serial loop (the flag is refused there: it would name the
     /// same kernel twice).
     pub serial: bool,
+    /// DeepSeek-V3.2's attention over each query's selected rows (`_sel`): no paged cache — the
+    /// keys are f32 rows (`[S, C]`, `C >= kv + rope`) and each sequence (one query token's heads)
+    /// reads the rows its row of the selection (`[T, K]` i32, ascending, -1 padded) names, in
+    /// that order. The threads gather a page of 64 selected rows, rounded to bf16, into a ring of
+    /// two buffers — warpgroup 1 the next page while warpgroup 0 scores this one — where the
+    /// tensor cores read them as they read a cache page ([`Emitter::selected_loop`]). Two buffers,
+    /// the bf16 layout, no cluster (nothing to multicast: no TMA loads a page), not `_serial`.
+    pub selected: bool,
 }
 
 impl MlaDecodeConfig {
+    /// DeepSeek-V3.2's attention over the selected rows ([`Self::selected`]): V3's widths.
+    pub const DEEPSEEK_V32_SELECTED: MlaDecodeConfig =
+        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 1, serial: false, selected: true };
+
     /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers in the serial loop, a bf16
     /// cache, its 128 heads' two blocks a sequence in a cluster (the cost model's pick).
     pub const DEEPSEEK_V3: MlaDecodeConfig =
-        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2, serial: true };
+        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2, serial: true, selected: false };
 
     /// The cluster a launch of `heads` query rows per token takes: 2 when a sequence's rows fill
     /// an even number of 64-row blocks whatever its tokens (heads a multiple of 128), else 1.
@@ -118,12 +130,14 @@ impl MlaDecodeConfig {
     }
 
     /// `mla_decode_kv512_r64_p64_s2_cl2_serial` (`_cl2`: clusters of 2; `_serial`: the serial loop
-    /// of a deeper ring, [`Self::serial`]; `_fp8`: the fp8 cache).
+    /// of a deeper ring, [`Self::serial`]; `_fp8`: the fp8 cache; `_sel`: the selected rows,
+    /// [`Self::selected`]).
     pub fn kernel_name(&self) -> String {
         let fp8 = if self.fp8_cache { "_fp8" } else { "" };
+        let sel = if self.selected { "_sel" } else { "" };
         let serial = if self.serial { "_serial" } else { "" };
         let cluster = if self.cluster != 1 { format!("_cl{}", self.cluster) } else { String::new() };
-        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{cluster}{serial}{fp8}", self.kv, self.rope, self.stages)
+        format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{cluster}{serial}{fp8}{sel}", self.kv, self.rope, self.stages)
     }
 
     /// The configuration a [`Self::kernel_name`] names.
@@ -131,6 +145,10 @@ impl MlaDecodeConfig {
         let rest = name.strip_prefix("mla_decode_kv")?;
         let (kv, rest) = rest.split_once("_r")?;
         let (rope, rest) = rest.split_once(&format!("_p{PAGE}_s"))?;
+        let (rest, selected) = match rest.strip_suffix("_sel") {
+            Some(rest) => (rest, true),
+            None => (rest, false),
+        };
         let (rest, fp8_cache) = match rest.strip_suffix("_fp8") {
             Some(rest) => (rest, true),
             None => (rest, false),
@@ -145,7 +163,7 @@ impl MlaDecodeConfig {
             None => (rest, 1),
         };
         let (kv, rope, stages) = (number(kv)?, number(rope)?, number(stages)?);
-        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial };
+        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial, selected };
         (config.kernel_name() == name).then_some(config)
     }
 
@@ -204,7 +222,7 @@ impl MlaDecodeConfig {
     /// this one is multiplied) of the bf16 cache (the fp8 cache's pages are converted into one
     /// buffer both products read), unless [`Self::serial`].
     pub fn pipelined(&self) -> bool {
-        self.stages >= 2 && !self.fp8_cache && !self.serial
+        self.stages >= 2 && !self.fp8_cache && !self.serial && !self.selected
     }
 
     /// Pages the ring loads ahead of the one the block waits for next: a buffer is refilled when
@@ -252,6 +270,12 @@ impl MlaDecodeConfig {
             return Err(format!(
                 "{name}: `_serial` with {} (its page loop is the serial one already: name it without)",
                 if self.fp8_cache { "the fp8 cache" } else { "one page buffer" }
+            ));
+        }
+        if self.selected && (self.stages != 2 || self.fp8_cache || self.cluster != 1 || self.serial) {
+            return Err(format!(
+                "{name}: the selected rows' kernel takes two page buffers of bf16 rows, no cluster and its own loop \
+                 (`_s2_sel`)"
             ));
         }
         let what = format!(
@@ -306,6 +330,10 @@ impl Emitter {
         let c = &self.c;
         let fp8_args = if c.fp8_cache { "%rope_ptr: !llvm.ptr, %kv_scale: memref<?x?xf32>, " } else { "" };
         let tmap8 = "!tmap8 = !nvgpu.tensormap.descriptor<tensor = memref<64x128xi8, 3>, swizzle = none, l2promo = none, oob = zero, interleave = none>\n";
+        let keys = match c.selected {
+            true => "%keys: memref<?x?xf32>, %selected: memref<?x?xi32>".to_string(),
+            false => format!("%kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>"),
+        };
         let head = module_head(
             &c.kernel_name(),
             c.stages,
@@ -313,8 +341,8 @@ impl Emitter {
             self.empty_arrivals(),
             if c.fp8_cache { tmap8 } else { "" },
             &format!(
-                "%q_ptr: !llvm.ptr, %kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>, \
-                 %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, %rows_per_sequence: index, %heads: index, %scale: f32"
+                "%q_ptr: !llvm.ptr, {keys}, %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, \
+                 %rows_per_sequence: index, %heads: index, %scale: f32"
             ),
         );
         let mut body = format!("{}{}{}", self.prelude(), self.main_loop(), self.epilogue());
@@ -344,9 +372,7 @@ impl Emitter {
   %r_first = arith.muli %rb, %c{PAGE} : index
   %seq_row0 = arith.muli %seq, %rows_per_sequence : index
   %row0 = arith.addi %seq_row0, %r_first : index
-  %len_i = memref.load %seqlens[%seq] : memref<?xi32>
-  %len = arith.index_cast %len_i : i32 to index
-  %pages = arith.ceildivui %len, %c{PAGE} : index
+{len}  %pages = arith.ceildivui %len, %c{PAGE} : index
   %per = arith.ceildivui %pages, %splits : index
   %p0_raw = arith.muli %z, %per : index
   %p0 = arith.minui %p0_raw, %pages : index
@@ -355,6 +381,11 @@ impl Emitter {
   %np = arith.subi %p1, %p0 : index
 {cluster}{barriers}",
             consts = kernel_constants(),
+            len = if c.selected {
+                SELECTED_COUNT
+            } else {
+                "  %len_i = memref.load %seqlens[%seq] : memref<?xi32>\n  %len = arith.index_cast %len_i : i32 to index\n"
+            },
             // The cluster's blocks: this one's rank, the other's, both in the multicasts' mask.
             cluster = if c.cluster > 1 {
                 "  %rank_i32 = nvvm.read.ptx.sreg.cluster.ctaid.x : i32
@@ -371,13 +402,15 @@ impl Emitter {
                 c.cluster,
                 self.empty_arrivals(),
                 c.query_bytes(),
-                if c.fp8_cache {
-                    &[("%kv_map", "!tmap8"), ("%rope_map", "!tmap")][..]
-                } else {
-                    &[("%kv_map", "!tmap")][..]
+                match (c.selected, c.fp8_cache) {
+                    (true, _) => &[][..],
+                    (false, true) => &[("%kv_map", "!tmap8"), ("%rope_map", "!tmap")][..],
+                    (false, false) => &[("%kv_map", "!tmap")][..],
                 }
             ),
-            kv_maps = if c.fp8_cache {
+            kv_maps = if c.selected {
+                ""
+            } else if c.fp8_cache {
                 "  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap8\n  %rope_map = builtin.unrealized_conversion_cast %rope_ptr : !llvm.ptr to !tmap\n"
             } else {
                 "  %kv_map = builtin.unrealized_conversion_cast %kv_ptr : !llvm.ptr to !tmap\n"
@@ -392,15 +425,20 @@ impl Emitter {
                 col = k * CHUNK
             );
         }
-        let _ = writeln!(
-            t,
-            "    %pro = arith.minui %np, %c{stages} : index
+        if c.selected {
+            // The threads gather the pages ([`Self::selected_loop`]).
+            t.push_str("  }\n");
+        } else {
+            let _ = writeln!(
+                t,
+                "    %pro = arith.minui %np, %c{stages} : index
     scf.for %j = %c0 to %pro step %c1 {{
 {}
     }}
   }}",
-            indent(&self.load_page("%j", "%j"), 6)
-        );
+                indent(&self.load_page("%j", "%j"), 6)
+            );
+        }
         let _ = writeln!(
             t,
             "{coords}  %trow = arith.addi %trow0, %c0 : index
@@ -660,7 +698,9 @@ gpu.barrier
     /// warpgroup 0 score the next page while this one's values are multiplied, else
     /// [`Self::serial_loop`].
     fn main_loop(&self) -> String {
-        if self.c.pipelined() {
+        if self.c.selected {
+            self.selected_loop()
+        } else if self.c.pipelined() {
             self.pipelined_loop()
         } else {
             self.serial_loop()
@@ -682,8 +722,8 @@ gpu.barrier
 
     /// Warpgroup 0's whole page `j` (its buffer at `%page_addr`, which `setup` may define): S, the
     /// online softmax, P and the rows' rescale factors stored; yields the rows' maxima and partial
-    /// sums as `<name>:4` (warpgroup 1: `stats_in`'s).
-    fn score_page(&self, name: &str, j: &str, stats_in: &str, setup: &str) -> String {
+    /// sums as `<name>:4` (warpgroup 1: `stats_in`'s, after `other`: its work meanwhile).
+    fn score_page(&self, name: &str, j: &str, stats_in: &str, setup: &str, other: &str) -> String {
         let mut scores = indent(setup, 4) + "\n";
         let s = self.scores(&mut scores, "%page_addr");
         let stores = format!("{}{}", store_p(&format!("%c{}", self.c.p_offset())), store_rows("%alpha"));
@@ -693,8 +733,10 @@ gpu.barrier
 {scores}
   scf.yield %m0, %m1, %l0, %l1 : f32, f32, f32, f32
 }} else {{
+{other}
   scf.yield {stats_in} : f32, f32, f32, f32
 }}",
+            other = indent(other, 2),
         )
     }
 
@@ -753,7 +795,7 @@ gpu.barrier
     nvvm.fence.proxy {{kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}}
     gpu.barrier
 {}",
-            indent(&self.score_page("%stats", "%j", "%m0_in, %m1_in, %l0_in, %l1_in", ""), 4),
+            indent(&self.score_page("%stats", "%j", "%m0_in, %m1_in, %l0_in, %l1_in", "", ""), 4),
             indent(&load_rows("%ra"), 4)
         );
         // Both warpgroups: the accumulators rescaled, then P V into each one's half of the
@@ -768,6 +810,149 @@ gpu.barrier
             o.push("%sc_next".into());
         }
         t.push_str(&tile_loop_tail("%np", c.stages, &self.refill_page(), &o, &types));
+        t
+    }
+
+    /// The page loop over the selected rows ([`MlaDecodeConfig::selected`]): the block gathers page
+    /// 0 into buffer 0 before the loop; at page `j` warpgroup 0 scores it ([`Self::score_page`])
+    /// while warpgroup 1 gathers page `j + 1` into the other buffer ([`Self::gather_page`]); after
+    /// a proxy fence (the gathered rows are generic-proxy stores the tensor cores read) and a block
+    /// barrier both rescale their accumulators and multiply P by their halves of the values, then
+    /// a block barrier frees the buffer for page `j + 2`. Rows past the selection are gathered as
+    /// zeros (their P of 0 then multiplies zeros), so no tail is zeroed.
+    fn selected_loop(&self) -> String {
+        let c = &self.c;
+        let accs = c.accumulators();
+        let (iter, types) = loop_carried(accs, NO_KEYS_YET);
+        let fence = "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}";
+        let mut t = format!(
+            "  %has_pages = arith.cmpi ugt, %np, %c0 : index
+  scf.if %has_pages {{
+{first}
+  }}
+  {fence}
+  gpu.barrier
+  %res:{n} = scf.for %j = %c0 to %np step %c1 iter_args({iter}) -> ({types}) {{
+    %st = arith.remui %j, %c2 : index
+    %st_off = arith.muli %st, %c{stage_bytes} : index
+    %st_off64 = arith.index_cast %st_off : index to i64
+    %st_rel = arith.addi %st_off64, %c{q_bytes}_i64 : i64
+    %stage_addr = arith.addi %smem_base, %st_rel : i64
+{page_addr}
+",
+            first = indent(&self.gather_page("%c0", "%c0", "%tid", THREADS), 4),
+            n = types.len(),
+            iter = iter.join(", "),
+            types = types.join(", "),
+            stage_bytes = c.stage_bytes(),
+            q_bytes = c.query_bytes(),
+            page_addr = indent(&lane0_broadcast("%page_addr", "%stage_addr"), 4),
+        );
+        let next = format!(
+            "%nj = arith.addi %j, %c1 : index
+%has_next = arith.cmpi ult, %nj, %np : index
+scf.if %has_next {{
+  %nst = arith.subi %c1, %st : index
+  %nst_off = arith.muli %nst, %c{stage_bytes} : index
+  %wg_tid = arith.subi %tid, %c{half} : index
+{gather}
+}}",
+            stage_bytes = c.stage_bytes(),
+            half = THREADS / 2,
+            gather = indent(&self.gather_page("%nj", "%nst_off", "%wg_tid", THREADS / 2), 2),
+        );
+        let _ = writeln!(
+            t,
+            "{}
+    {fence}
+    gpu.barrier
+{}",
+            indent(&self.score_page("%stats", "%j", "%m0_in, %m1_in, %l0_in, %l1_in", "", &next), 4),
+            indent(&load_rows("%ra"), 4)
+        );
+        let (rescaled, mut o) = rescale(accs, "%ra");
+        t.push_str(&indent(&rescaled, 4));
+        t.push_str("\n    %v_addr = arith.addi %page_addr, %cw_bytes64 : i64\n");
+        pv_products(&mut t, "%v_addr", 0, &mut o);
+        o.extend((0..4).map(|i| format!("%stats#{i}")));
+        t.push_str(
+            "    nvvm.wgmma.commit.group.sync.aligned
+    nvvm.wgmma.wait.group.sync.aligned 0
+    gpu.barrier
+",
+        );
+        t.push_str(&loop_yield(&o, &types));
+        t
+    }
+
+    /// The split's page `j` of selected rows gathered by `threads` threads (`tid` their index from
+    /// 0) into the page buffer `buf_off` bytes into the ring: row r of the page is the keys' row the
+    /// selection names at position `64 (p0 + j) + r` (zeros past the selection's `%len`), rounded
+    /// to bf16 (`cvt.rn.bf16x2.f32`) in the 128-byte-swizzled chunks a page of the cache has.
+    /// A thread takes 4 columns at a time (one 16-byte load; a warp reads 512 contiguous bytes of
+    /// a row), several at once — every load first, each independent of the others (the selection's
+    /// entry read at a clamped position, a key of 0 where it is past the selection, the value then
+    /// replaced by zeros) — then the 8-byte stores.
+    fn gather_page(&self, j: &str, buf_off: &str, tid: &str, threads: usize) -> String {
+        let c = &self.c;
+        let quads = c.dim() / 4;
+        let per_thread = PAGE * quads / threads;
+        let unroll = [8, 4, 2, 1].into_iter().find(|u| per_thread.is_multiple_of(*u)).unwrap_or(1);
+        let mut t = format!(
+            "%gp_first_p = arith.addi %p0, {j} : index
+%gp_first = arith.muli %gp_first_p, %c{PAGE} : index
+%gp_off64 = arith.index_cast {buf_off} : index to i64
+%gp_rel = arith.addi %gp_off64, %c{q_bytes}_i64 : i64
+%gp_base = arith.addi %smem_base, %gp_rel : i64
+%gp_last = arith.subi %sel_k, %c1 : index
+scf.for %gi = %c0 to %c{per_thread} step %c{unroll} {{
+",
+            q_bytes = c.query_bytes(),
+        );
+        for k in 0..unroll {
+            let _ = writeln!(
+                t,
+                "  %gu{k}_i = arith.addi %gi, %c{k} : index
+  %gu{k}_t = arith.muli %gu{k}_i, %c{threads} : index
+  %gu{k} = arith.addi {tid}, %gu{k}_t : index
+  %gr{k} = arith.divui %gu{k}, %c{quads} : index
+  %gq{k} = arith.remui %gu{k}, %c{quads} : index
+  %gpos{k} = arith.addi %gp_first, %gr{k} : index
+  %gin{k} = arith.cmpi ult, %gpos{k}, %len : index
+  %gposc{k} = arith.minui %gpos{k}, %gp_last : index
+  %gkey{k}_i = memref.load %selected[%seq, %gposc{k}] : memref<?x?xi32>
+  %gkey{k}_n = arith.maxsi %gkey{k}_i, %c0_i32 : i32
+  %gkey{k} = arith.index_cast %gkey{k}_n : i32 to index
+  %gcol{k} = arith.muli %gq{k}, %c4 : index
+  %gv{k} = vector.load %keys[%gkey{k}, %gcol{k}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>"
+            );
+        }
+        for k in 0..unroll {
+            let _ = writeln!(
+                t,
+                "  %gb{k} = arith.truncf %gv{k} : vector<4xf32> to vector<4xbf16>
+  %gw{k}_v = llvm.bitcast %gb{k} : vector<4xbf16> to i64
+  %gw{k} = arith.select %gin{k}, %gw{k}_v, %c0_i64 : i64
+  %gch{k} = arith.divui %gcol{k}, %c{CHUNK} : index
+  %gcc{k} = arith.remui %gcol{k}, %c{CHUNK} : index
+  %gun{k} = arith.divui %gcc{k}, %c8 : index
+  %ghalf{k} = arith.remui %gcc{k}, %c8 : index
+  %grm{k} = arith.remui %gr{k}, %c8 : index
+  %gsw{k} = arith.xori %gun{k}, %grm{k} : index
+  %gob{k} = arith.muli %gch{k}, %c{CHUNK_BYTES} : index
+  %gor{k} = arith.muli %gr{k}, %c128 : index
+  %gos{k} = arith.muli %gsw{k}, %c16 : index
+  %goh{k} = arith.muli %ghalf{k}, %c2 : index
+  %go1_{k} = arith.addi %gob{k}, %gor{k} : index
+  %go2_{k} = arith.addi %go1_{k}, %gos{k} : index
+  %go{k} = arith.addi %go2_{k}, %goh{k} : index
+  %go{k}_64 = arith.index_cast %go{k} : index to i64
+  %ga{k} = arith.addi %gp_base, %go{k}_64 : i64
+  %gp{k} = llvm.inttoptr %ga{k} : i64 to !llvm.ptr<3>
+  llvm.store %gw{k}, %gp{k} {{alignment = 8 : i64}} : i64, !llvm.ptr<3>"
+            );
+        }
+        t.push_str("}");
         t
     }
 
@@ -796,7 +981,7 @@ gpu.barrier
 {first}
 ",
             zero = indent(&self.zero_tail("%c0", "%c0", false), 4),
-            first = indent(&self.score_page("%first", "%c0", &NO_KEYS_YET.join(", "), &first_page), 2),
+            first = indent(&self.score_page("%first", "%c0", &NO_KEYS_YET.join(", "), &first_page, ""), 2),
         );
         let (iter, types) = loop_carried(accs, ["%first#0", "%first#1", "%first#2", "%first#3"]);
         t.push_str(&tile_loop_head("%np", &iter, &types, c.stages, c.stage_bytes(), c.query_bytes()));
@@ -2197,6 +2382,27 @@ fn shared_memory_and_barriers(
     )
 }
 
+/// The selected rows' kernel's `%len`: how many of the sequence's selection (its row of
+/// `%selected`, `%sel_k` wide) are kept — the entries before the first -1, found by binary search
+/// (the kept ones lead, ascending).
+const SELECTED_COUNT: &str = "  %sel_k = memref.dim %selected, %c1 : memref<?x?xi32>
+  %sel_n:2 = scf.while (%lo = %c0, %hi = %sel_k) : (index, index) -> (index, index) {
+    %sel_go = arith.cmpi ult, %lo, %hi : index
+    scf.condition(%sel_go) %lo, %hi : index, index
+  } do {
+  ^bb0(%blo: index, %bhi: index):
+    %bsum = arith.addi %blo, %bhi : index
+    %bmid = arith.divui %bsum, %c2 : index
+    %bv = memref.load %selected[%seq, %bmid] : memref<?x?xi32>
+    %bkept = arith.cmpi sge, %bv, %c0_i32 : i32
+    %bmid1 = arith.addi %bmid, %c1 : index
+    %nlo = arith.select %bkept, %bmid1, %blo : index
+    %nhi = arith.select %bkept, %bhi, %bmid : index
+    scf.yield %nlo, %nhi : index, index
+  }
+  %len = arith.addi %sel_n#0, %c0 : index
+";
+
 /// The rows' maxima and partial sums before any key: -inf, -inf, 0, 0.
 const NO_KEYS_YET: [&str; 4] = ["%ninf", "%ninf", "%zero", "%zero"];
 
@@ -2985,5 +3191,22 @@ mod tests {
         assert!(err.contains("a rope width of 32"), "{err}");
         assert_eq!(c.grid(5, 128, 3), (10, 3));
         assert_eq!(c.grid(2, 16, 1), (2, 1));
+        // The selected rows' kernel: two buffers, no cluster, its own loop (a buffer gathered a
+        // page ahead).
+        let sel = MlaDecodeConfig::DEEPSEEK_V32_SELECTED;
+        assert_eq!(sel.kernel_name(), "mla_decode_kv512_r64_p64_s2_sel");
+        assert_eq!(MlaDecodeConfig::from_name(&sel.kernel_name()), Some(sel));
+        assert_eq!((sel.pipelined(), sel.loads_ahead(), sel.shared_memory_bytes()), (false, 1, 229_632));
+        assert!(sel.validate(&SM90A).is_ok());
+        for bad in [
+            MlaDecodeConfig { stages: 1, ..sel },
+            MlaDecodeConfig { cluster: 2, ..sel },
+            MlaDecodeConfig { serial: true, ..sel },
+            MlaDecodeConfig { fp8_cache: true, ..sel },
+        ] {
+            let err = bad.validate(&SM90A).unwrap_err();
+            assert!(err.contains("the selected rows' kernel takes two page buffers"), "{err}");
+        }
+        assert_eq!(MlaDecodeConfig::from_name("mla_decode_kv512_r64_p64_s2_sel_fp8"), None);
     }
 }

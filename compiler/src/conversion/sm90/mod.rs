@@ -443,11 +443,10 @@ pub fn tensor_core_attention(
     let fp8 = caches.decode == rows::CacheRows::Fp8;
     steps
         .or_else(|| caches.paged_decode().then(|| lower::mla_decode_steps(f, fp8).ok()).flatten())
-        // DeepSeek-V3.2's decode: the selected rows gathered into pages the same kernel reads.
+        // DeepSeek-V3.2's: the attention over each query's selected rows.
         .or_else(|| {
-            (attention.decode == AttentionKernel::TensorCores)
-                .then(|| lower_sparse::sparse_decode_steps(f).ok())
-                .flatten()
+            let decode = attention.decode == AttentionKernel::TensorCores;
+            lower_sparse::sparse_attention_steps(f, prefill, decode).ok()
         })
 }
 
