@@ -183,27 +183,29 @@ elif [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\
     row "3. bf16 checkpoint logits" "FAILED" "v3r logits failed or no .device/e2e/bf16 (check.log)"
   fi
   # 3d. DeepSeek-V3.2 (sparse attention: the indexer's scores, top keys, the attention over the
-  # selected rows): the small model's logits (fp8: 5e-2 and argmax, as the V3 model's; the f32 graph
-  # of its bf16 checkpoint: 1e-3 — the host emulation of both: 6e-6 of the largest), 16 greedy
-  # tokens (decode's indexer over the growing cache) with decode's attention on the CUDA-core row
-  # against the CPU backend's, and on the tensor cores (the default: bf16 pages of the selected
-  # rows) against the host emulation's of that artifact (fp8: 13 of 16 equal to the CPU backend's).
+  # selected rows): the small model's logits with the attention on the CUDA-core rows against the
+  # CPU backend's (fp8: 5e-2 and argmax, as the V3 model's; the f32 graph of its bf16 checkpoint:
+  # 1e-3 — the host emulation of both: 6e-6 of the largest) and on the tensor cores (the default:
+  # bf16 keys, queries and P) against the host emulation's of that artifact; 16 greedy tokens
+  # (decode's indexer over the growing cache) from each artifact, against the CPU backend's and the
+  # emulation's (fp8: 13 of 16 equal to the CPU backend's).
   for v in fp8 bf16; do
     d="$e2e/v32/$v" label="3d. V3.2 sparse, $v"
     tol=$([ "$v" = fp8 ] && echo 5e-2 || echo 1e-3)
-    if [ -d "$d/sm90" ] && V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$d/sm90" --weights "$d/ckpt" \
-        --tokens "$(cat "$e2e/bf16/prompt.txt")" --out "$out/v32_${v}_logits.safetensors" 2>&1 | tee -a "$log"; then
-      if compare_logits "$out/v32_${v}_logits.safetensors" "$d/expected_logits.safetensors" "$out/v32_$v.json" "$tol"; then
-        detail=$(python3 -c "import json;d=json.load(open('$out/v32_$v.json'));print(f\"rel {d['rel']:.1e}, argmax {d['argmax_equal_rows']}/{d['rows']}\")")
-        tokens() { timeout 60 "$v3r" run "$d/$1" --weights "$d/ckpt" --prompt-tokens "$(cat "$e2e/v32/prompt.txt")" \
-            --max-new-tokens 16 --ignore-eos > "$out/v32_${v}_$1_tokens.txt" 2>>"$log" \
-            && cmp -s "$out/v32_${v}_$1_tokens.txt" "$2"; }
-        if tokens sm90rows "$d/expected_tokens.txt" && tokens sm90 "$d/emulated_tokens.txt"; then
-          row "$label" "ok" "logits $detail; 16/16 greedy tokens (rows: the CPU backend's; tensor cores: emulated)"
-        else row "$label" "DIFFERS" "logits $detail; tokens: v32_${v}_*_tokens.txt vs the expected"; fi
-      else row "$label" "FAILED" "see v32_$v.json, check.log"; fi
+    logits() { V3R_SYNC_EACH=1 timeout 60 "$v3r" logits "$d/$1" --weights "$d/ckpt" \
+        --tokens "$(cat "$e2e/bf16/prompt.txt")" --out "$out/v32_${v}_$1_logits.safetensors" 2>&1 | tee -a "$log" \
+        && compare_logits "$out/v32_${v}_$1_logits.safetensors" "$2" "$out/v32_${v}_$1.json" "$tol"; }
+    if [ -d "$d/sm90" ] && logits sm90rows "$d/expected_logits.safetensors" \
+        && logits sm90 "$d/emulated_logits.safetensors"; then
+      detail=$(python3 -c "import json;r,t=(json.load(open(f'$out/v32_${v}_{k}.json')) for k in ('sm90rows','sm90'));print(f\"rows rel {r['rel']:.1e}, argmax {r['argmax_equal_rows']}/{r['rows']}; tensor cores vs emulated rel {t['rel']:.1e}\")")
+      tokens() { timeout 60 "$v3r" run "$d/$1" --weights "$d/ckpt" --prompt-tokens "$(cat "$e2e/v32/prompt.txt")" \
+          --max-new-tokens 16 --ignore-eos > "$out/v32_${v}_$1_tokens.txt" 2>>"$log" \
+          && cmp -s "$out/v32_${v}_$1_tokens.txt" "$2"; }
+      if tokens sm90rows "$d/expected_tokens.txt" && tokens sm90 "$d/emulated_tokens.txt"; then
+        row "$label" "ok" "logits $detail; 16/16 greedy tokens (rows: the CPU backend's; tensor cores: emulated)"
+      else row "$label" "DIFFERS" "logits $detail; tokens: v32_${v}_*_tokens.txt vs the expected"; fi
     else
-      row "$label" "FAILED" "v3r logits failed or no .device/e2e/v32 (check.log names the kernel)"
+      row "$label" "FAILED" "v3r logits failed or differ (v32_${v}_*.json, check.log), or no .device/e2e/v32"
     fi
   done
   # 3c. Transformers' logits (tests/fixtures/hf, prepare.sh): the f32 graph (bf16 checkpoint) within

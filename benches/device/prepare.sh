@@ -153,18 +153,21 @@ echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/v32/prompt.txt
 for v in fp8 bf16; do
   flag=$([ "$v" = fp8 ] && echo --fp8 || true)
   target/release/v3c init-weights --model .device/e2e/v32/config --out .device/e2e/v32/$v/ckpt $flag --seed 4 >/dev/null 2>&1
-  # Decode's attention on the tensor cores (the default: pages of the selected rows) and on the
-  # CUDA-core row (the reference's f32: its tokens comparable with the CPU backend's).
+  # The attention on the tensor cores (the default: prefill's kernel gathering each query's selected
+  # rows, decode's over pages of them) and on the CUDA-core rows (the reference's f32: logits and
+  # tokens comparable with the CPU backend's).
   target/release/v3c compile --model .device/e2e/v32/$v/ckpt --target sm_90a --max-rows 16 --max-context 64 \
     --out .device/e2e/v32/$v/sm90 --force 2>/dev/null
   target/release/v3c compile --model .device/e2e/v32/$v/ckpt --target sm_90a --max-rows 16 --max-context 64 \
-    --decode-attention rows --out .device/e2e/v32/$v/sm90rows --force 2>/dev/null
+    --prefill-attention rows --decode-attention rows --out .device/e2e/v32/$v/sm90rows --force 2>/dev/null
   precision=$([ "$v" = fp8 ] && echo fp8 || echo f32)
   target/release/v3c logits --model-dir .device/e2e/v32/$v/ckpt --tokens "$(cat .device/e2e/bf16/prompt.txt)" \
     --backend cpu --precision "$precision" --out .device/e2e/v32/$v/expected_logits.safetensors 2>/dev/null
   target/release/v3c run --model-dir .device/e2e/v32/$v/ckpt --prompt-tokens "$(cat .device/e2e/v32/prompt.txt)" \
     --max-new-tokens 16 --backend cpu --precision "$precision" --ignore-eos > .device/e2e/v32/$v/expected_tokens.txt 2>/dev/null
-  # The host emulation's tokens through the tensor-core decode (bf16 keys, queries and P).
+  # The host emulation's logits and tokens through the tensor-core attention (bf16 keys, queries, P).
+  target/release/v3c emulate .device/e2e/v32/$v/sm90 --weights .device/e2e/v32/$v/ckpt \
+    --tokens "$(cat .device/e2e/bf16/prompt.txt)" --out .device/e2e/v32/$v/emulated_logits.safetensors >/dev/null 2>&1
   target/release/v3c emulate .device/e2e/v32/$v/sm90 --weights .device/e2e/v32/$v/ckpt \
     --tokens "$(cat .device/e2e/v32/prompt.txt)" --decode-steps 16 --out .device/e2e/v32/$v/emulated.safetensors 2>&1 \
     | sed -n 's/^emulated decode step [0-9]*: token \([0-9]*\).*/\1/p' | paste -sd' ' > .device/e2e/v32/$v/emulated_tokens.txt

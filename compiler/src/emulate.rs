@@ -968,6 +968,7 @@ mod tests {
         let launch = abi.launch("mla_decode", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
         run(&launch.unwrap());
         let (mut err2, mut norm2) = (0f64, 0f64);
+        let splits_of = Splits { o_part: &o_part, lse: &lse, all: b * per, kv };
         for seq in 0..b {
             let keys: Vec<usize> =
                 (0..lens[seq] as usize).map(|j| table[seq * pages + j / 64] as usize * 64 + j % 64).collect();
@@ -975,31 +976,54 @@ mod tests {
                 let r = seq * per + row;
                 let keys = &keys[..keys.len() + row / heads + 1 - tokens];
                 let qv = |c: usize| v3c_models::dtype::bf16_to_f32(q[r * width + c]) as f64;
-                let s: Vec<f64> = keys
-                    .iter()
-                    .map(|&k| (0..width).map(|c| qv(c) * decoded[k * width + c] as f64).sum::<f64>() * scale as f64)
-                    .collect();
-                let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
-                let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                // The splits merged by their log-sum-exps.
-                let lz: Vec<f64> = (0..splits).map(|z| lse[z * b * per + r] as f64).collect();
-                let top = lz.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-                let wz: Vec<f64> = lz.iter().map(|&x| if x.is_finite() { (x - top).exp() } else { 0.0 }).collect();
-                for c in 0..kv {
-                    let want: f64 = keys
-                        .iter()
-                        .zip(&s)
-                        .map(|(&k, &sk)| (sk - m).exp() * decoded[k * width + c] as f64)
-                        .sum::<f64>()
-                        / l;
-                    let got = (0..splits).map(|z| wz[z] * o_part[(z * b * per + r) * kv + c] as f64).sum::<f64>()
-                        / wz.iter().sum::<f64>();
-                    err2 += (got - want).powi(2);
-                    norm2 += want.powi(2);
-                }
+                let (e, n) = splits_of.error(r, width, scale, qv, keys, |k, c| decoded[k * width + c] as f64);
+                (err2, norm2) = (err2 + e, norm2 + n);
             }
         }
         ((err2 / norm2).sqrt(), lse)
+    }
+
+    /// The splits' outputs `o_part [Z, all, kv]` and log-sum-exps `lse [Z, all]` of a split-K
+    /// attention launch.
+    struct Splits<'a> {
+        o_part: &'a [f32],
+        lse: &'a [f32],
+        all: usize,
+        kv: usize,
+    }
+
+    impl Splits<'_> {
+        /// Row `r`'s splits merged by their log-sum-exps against float64 attention of its query
+        /// (`query(c)`, `width` columns) over the rows `keys` (`key(k, c)`; the values their first
+        /// `kv` columns): the squared error and the squared norm of the wanted output.
+        fn error(
+            &self,
+            r: usize,
+            width: usize,
+            scale: f32,
+            query: impl Fn(usize) -> f64,
+            keys: &[usize],
+            key: impl Fn(usize, usize) -> f64,
+        ) -> (f64, f64) {
+            let splits = self.lse.len() / self.all;
+            let s: Vec<f64> =
+                keys.iter().map(|&k| (0..width).map(|c| query(c) * key(k, c)).sum::<f64>() * scale as f64).collect();
+            let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+            let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            let lz: Vec<f64> = (0..splits).map(|z| self.lse[z * self.all + r] as f64).collect();
+            let top = lz.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+            let wz: Vec<f64> = lz.iter().map(|&x| if x.is_finite() { (x - top).exp() } else { 0.0 }).collect();
+            let (mut err2, mut norm2) = (0f64, 0f64);
+            for c in 0..self.kv {
+                let want: f64 = keys.iter().zip(&s).map(|(&k, &sk)| (sk - m).exp() * key(k, c)).sum::<f64>() / l;
+                let got =
+                    (0..splits).map(|z| wz[z] * self.o_part[(z * self.all + r) * self.kv + c] as f64).sum::<f64>()
+                        / wz.iter().sum::<f64>();
+                err2 += (got - want).powi(2);
+                norm2 += want.powi(2);
+            }
+            (err2, norm2)
+        }
     }
 
     /// DeepSeek-V3.2's attention over each query's selected rows, launched as the runtime makes it:
@@ -1050,31 +1074,15 @@ mod tests {
             .unwrap());
         let bf = |x: f32| v3c_models::dtype::bf16_to_f32(v3c_models::dtype::f32_to_bf16(x)) as f64;
         let (mut err2, mut norm2) = (0f64, 0f64);
-        for (t, &n) in counts.iter().enumerate() {
+        let splits_of = Splits { o_part: &o_part, lse: &lse, all, kv };
+        // A query without rows has no attention to compare (the callers check its lse).
+        for (t, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
             let rows: Vec<usize> = selected[t * k_width..][..n].iter().map(|&r| r as usize).collect();
             for h in 0..heads {
                 let r = t * heads + h;
-                let lz: Vec<f64> = (0..splits).map(|z| lse[z * all + r] as f64).collect();
-                if n == 0 {
-                    continue;
-                }
                 let qv = |c: usize| v3c_models::dtype::bf16_to_f32(q[r * width + c]) as f64;
-                let s: Vec<f64> = rows
-                    .iter()
-                    .map(|&k| (0..width).map(|c| qv(c) * bf(keys[k * cols + c])).sum::<f64>() * scale as f64)
-                    .collect();
-                let m = s.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
-                let l: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                let top = lz.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-                let wz: Vec<f64> = lz.iter().map(|&x| if x.is_finite() { (x - top).exp() } else { 0.0 }).collect();
-                for c in 0..kv {
-                    let want: f64 =
-                        rows.iter().zip(&s).map(|(&k, &sk)| (sk - m).exp() * bf(keys[k * cols + c])).sum::<f64>() / l;
-                    let got = (0..splits).map(|z| wz[z] * o_part[(z * all + r) * kv + c] as f64).sum::<f64>()
-                        / wz.iter().sum::<f64>();
-                    err2 += (got - want).powi(2);
-                    norm2 += want.powi(2);
-                }
+                let (e, n) = splits_of.error(r, width, scale, qv, &rows, |k, c| bf(keys[k * cols + c]));
+                (err2, norm2) = (err2 + e, norm2 + n);
             }
         }
         ((err2 / norm2).sqrt(), lse)

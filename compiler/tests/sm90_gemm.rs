@@ -389,7 +389,10 @@ fn assert_interior_tiles_unmasked(kernel: &sm90::GpuKernel, config: &sm90::mla::
 /// the first warpgroup's, the page's 64 keys) and the 4 HGMMA.64x256 of P V (4 k16 steps over the
 /// warpgroup's half of the values, transposed B) — twice each where warpgroup 0 runs a page ahead
 /// —, TMA loads (multicast in a cluster: each block half of a page's boxes, in the prologue's loads
-/// and the refill's), no spills; the fp8 cache's pages are converted 16 bytes at a time.
+/// and the refill's), no spills; the fp8 cache's pages are converted 16 bytes at a time. DeepSeek-V3.2's
+/// `_sel` kernel gathers its pages itself: the query tile's TMA loads alone, the selected rows' f32
+/// read 16 bytes a load (a batch of them issued in the prologue's gather and in warpgroup 1's), each
+/// 4 columns rounded in two bf16 pairs and stored as one 8-byte shared store.
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -403,8 +406,18 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         MlaDecodeConfig { cluster: 1, ..MlaDecodeConfig::DEEPSEEK_V3 },
         MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false, cluster: 1, serial: false, selected: false },
         fp8,
+        MlaDecodeConfig::DEEPSEEK_V32_SELECTED,
     ] {
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        let tma = kernel.ptx.matches("cp.async.bulk.tensor.2d").count();
+        let gathers = (kernel.ptx.matches("ld.global.v4.b32").count(), kernel.ptx.matches("st.shared.b64").count());
+        if config.selected {
+            assert_eq!(tma, config.dim() / 64, "{}: the query tile's boxes alone", kernel.name);
+            // 36 quads a thread of the block (4 a batch), 72 of warpgroup 1 (8 a batch).
+            assert_eq!(gathers, (4 + 8, 4 + 8), "{}: 16-byte loads, 8-byte stores", kernel.name);
+        } else {
+            assert!(tma > config.dim() / 64 && gathers == (0, 0), "{}: {tma} TMA loads, {gathers:?}", kernel.name);
+        }
         let converts = kernel.ptx.contains("cvt.rn.f16x2.e4m3x2");
         assert_eq!(converts, config.fp8_cache, "{}: the fp8 cache's conversion", kernel.name);
         // The conversion moves 16 bytes at a time: a unit of 16 e4m3 in, its 16 bf16 out as two
@@ -421,7 +434,8 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         // A page ahead (two page buffers or more, the bf16 cache): S of page 0 before the loop and
         // of the next page in it, P V in each warpgroup's branch.
         let copies = if config.pipelined() { 2 } else { 1 };
-        assert_eq!(config.pipelined(), config.stages >= 2 && !config.fp8_cache && !config.serial, "{}", kernel.name);
+        let pipelined = config.stages >= 2 && !config.fp8_cache && !config.serial && !config.selected;
+        assert_eq!(config.pipelined(), pipelined, "{}", kernel.name);
         assert_attention_tensor_core_code(
             &kernel,
             (copies * config.dim() / 16, 64),

@@ -652,6 +652,30 @@ mod tests {
         assert_eq!(rank(&prefill(4096), &h200), p, "deterministic");
     }
 
+    /// DeepSeek-V3.2's attention over 2048 selected keys a query: decode's (V3's kernel over pages
+    /// of them) keyed and costed at those keys, not V3's context; prefill's `_sel` kernel its one
+    /// candidate, compute-bound at 4096 tokens, its FLOPs (scores and values of 2048 keys a head) at
+    /// most of the tensor cores' peak.
+    #[test]
+    fn the_selected_rows_attention_is_costed_at_the_selections_keys() {
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let v32 =
+            AttentionShape::Decode { heads: 128, kv: 512, rope: 64, fp8_cache: false, sequences: 64, context: 2048 };
+        assert_eq!(v32.signature(), "mla_decode kv512 r64 h128 k2048");
+        assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
+        let (short, long) = (rank(&v32, &h200)[0].micros, rank(&decode(false, 64), &h200)[0].micros);
+        assert!(short < long * 0.7, "{short} vs {long}");
+        let shape = AttentionShape::Selected { heads: 128, kv: 512, rope: 64, tokens: 4096, keys: 2048 };
+        assert_eq!((shape.signature(), shape.regime()), ("mla_decode_sel kv512 r64 h128 k2048".into(), "prefill"));
+        let space: Vec<String> = candidates(&shape, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
+        assert_eq!(space, ["mla_decode_kv512_r64_p64_s2_sel"]);
+        let e = &rank(&shape, &h200)[0];
+        assert_eq!((e.blocks, e.splits, e.bound), (4096 * 2, 1, "compute"));
+        let flops = 2.0 * 4096.0 * 128.0 * 2048.0 * (576.0 + 512.0);
+        let tflops = flops / (e.micros * 1e-6) / 1e12;
+        assert!((100.0..900.0).contains(&tflops), "{tflops}");
+    }
+
     fn entry(shape: &AttentionShape, winner: &str, device: &DeviceModel) -> db::DbEntry {
         db::DbEntry {
             compiler_version: env!("CARGO_PKG_VERSION").into(),

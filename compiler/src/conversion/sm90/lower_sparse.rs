@@ -9,9 +9,10 @@
 //! - the latent row with the indexer key: `rms_norm(latent)`, `rope(k_pe)`, their concatenation
 //!   and the key after them -> the norm row, the RoPE row, two joins.
 //!
-//! The decode attention over the gathered rows is the CUDA-core MLA row ([`super::rows::RowOp::MlaDecode`],
-//! a query its own sequence of selected rows): a model with sparse attention keeps its caches in
-//! f32 rows, as the indexer and the gather read them ([`has_sparse_attention`]).
+//! The attention over each query's selected rows is the CUDA-core MLA row reading them in place
+//! ([`super::rows::RowOp::MlaDecode`], a query its own sequence of selected rows), or on the tensor
+//! cores ([`sparse_attention_steps`]): a model with sparse attention keeps its caches in f32 rows,
+//! as the indexer, the gathers and the attention read them ([`has_sparse_attention`]).
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
