@@ -258,7 +258,9 @@ struct CompileArgs {
     /// e4m3 GEMM, as DeepSeek-V3's own naive-form inference; f32 graph: bf16 hi + lo GEMMs) — or
     /// `rows`: the CUDA-core row kernel in the absorbed form, f32 as the reference computes it (to
     /// compare logits tightly). Heads whose widths the kernel does not take stay on the row. The
-    /// fp8 graph's prefill caches are then bf16. With --train, the training step's attention and
+    /// fp8 graph's prefill caches are then bf16. DeepSeek-V3.2's attention over each query's
+    /// selected rows: `tensor-cores` — the absorbed form (as decode's), the kernel gathering the
+    /// rows it reads (bf16 keys, queries and P). With --train, the training step's attention and
     /// its gradient: `tensor-cores` — flash attention forward and FlashAttention-2's backward (dQ,
     /// dK, dV kernels; q, k, v, P and dS in bf16, as DeepSeek-V3's recipe runs attention), or
     /// `rows`: CUDA-core rows in f32, the reference's bits (slow at full width). Default:
