@@ -1575,10 +1575,10 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         let w = worst(&runs[2], &runs[3]);
         eprintln!("fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest}");
         assert!(w <= 1e-5 * largest, "fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest}");
-        // Decode: 8 greedy steps after the tensor cores' prefill through their attention over
-        // pages of the selected rows (the default), and after the rows' prefill through the
-        // CUDA-core row reading them in place: the CPU backend's tokens.
-        assert!(err.contains("rows_gatherpages_d192_t32 -> mla_decode_kv128_r64_p64_s4_serial"), "{err}");
+        // Decode: 8 greedy steps through the tensor cores' attention gathering each query's
+        // selected rows (the default), and through the CUDA-core row reading them in place: the
+        // CPU backend's tokens.
+        assert!(err.contains("sparse_attention_1 (2 heads) decode -> mla_decode_kv128_r64_p64_s2_sel"), "{err}");
         let args =
             ["run", "--model-dir", model, "--prompt-tokens", tokens, "--max-new-tokens", "8", "--backend", "cpu"];
         let ran = run_binary("v3c", &[&args[..], &["--precision", precision, "--ignore-eos"]].concat());

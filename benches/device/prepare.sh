@@ -153,9 +153,9 @@ echo "3 90 27 311 243 7 100 5 64 2 19 400" > .device/e2e/v32/prompt.txt
 for v in fp8 bf16; do
   flag=$([ "$v" = fp8 ] && echo --fp8 || true)
   target/release/v3c init-weights --model .device/e2e/v32/config --out .device/e2e/v32/$v/ckpt $flag --seed 4 >/dev/null 2>&1
-  # The attention on the tensor cores (the default: prefill's kernel gathering each query's selected
-  # rows, decode's over pages of them) and on the CUDA-core rows (the reference's f32: logits and
-  # tokens comparable with the CPU backend's).
+  # The attention on the tensor cores (the default: the kernel gathering each query's selected rows)
+  # and on the CUDA-core rows (the reference's f32: logits and tokens comparable with the CPU
+  # backend's).
   target/release/v3c compile --model .device/e2e/v32/$v/ckpt --target sm_90a --max-rows 16 --max-context 64 \
     --out .device/e2e/v32/$v/sm90 --force 2>/dev/null
   target/release/v3c compile --model .device/e2e/v32/$v/ckpt --target sm_90a --max-rows 16 --max-context 64 \

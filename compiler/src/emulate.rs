@@ -143,7 +143,7 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
     if l.tensor_maps.len() == 1 {
         // The attention over the selected rows: q's map, then keys, selection, outputs, lse.
         let v = values_after_maps(l, 1)?;
-        if v.len() != 7 + 7 + 9 + 7 + 3 {
+        if v.len() != 7 + 7 + 9 + 7 + 4 {
             return Err(format!("{}: {} parameters after the tensor map", l.kernel, v.len()));
         }
         let memref = |at: usize, rank: usize, element: &str| RawBuffer {
@@ -151,9 +151,13 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
             shape: v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect(),
             element: element.into(),
         };
-        let bufs =
-            [mapped(l, 0)?, memref(0, 2, "f32"), memref(7, 2, "i32"), memref(14, 3, "f32"), memref(23, 2, "f32")];
-        let (heads, scale) = (v[31] as usize, f32::from_bits(v[32] as u32));
+        let mut keys = memref(0, 2, "f32");
+        let (heads, scale, seq_rows) = (v[31] as usize, f32::from_bits(v[32] as u32), v[33] as usize);
+        if seq_rows > 0 {
+            // Each query's own rows (decode: its sequence's cache).
+            keys.shape = vec![keys.shape[0] / seq_rows, seq_rows, keys.shape[1]];
+        }
+        let bufs = [mapped(l, 0)?, keys, memref(7, 2, "i32"), memref(14, 3, "f32"), memref(23, 2, "f32")];
         return crate::conversion::sm90::host::mla_decode_selected(heads, scale, &bufs);
     }
     let fp8 = l.tensor_maps.len() == 3;
@@ -1028,21 +1032,24 @@ mod tests {
 
     /// DeepSeek-V3.2's attention over each query's selected rows, launched as the runtime makes it:
     /// f32 key rows of 704 columns (NaN past the 576 the attention reads, and in row 0, which no
-    /// query selects: a row gathered past a selection reads row 0 and must be zeroed), 4 queries of
-    /// `heads` heads selecting 200 (three pages and 8 keys), 1, 64 and no rows (ascending, -1
-    /// padded, out of key order with one another), 2 splits; run by `run`: the relative
-    /// (Frobenius) error of the merged splits against float64 attention over the selected rows
-    /// rounded to bf16, and the log-sum-exps.
-    fn selected_case(heads: usize, run: impl FnOnce(&KernelLaunch)) -> (f64, Vec<f32>) {
+    /// query selects: a row gathered past a selection reads row 0 and must be zeroed) — 300 rows
+    /// every query selects from (prefill), or each query's own 300 (`decode`: its sequence's
+    /// cache) —, 4 queries of `heads` heads selecting 200 (three pages and 8 keys), 1, 64 and no
+    /// rows (ascending, -1 padded, out of key order with one another), 2 splits; run by `run`: the
+    /// relative (Frobenius) error of the merged splits against float64 attention over the selected
+    /// rows rounded to bf16, and the log-sum-exps.
+    fn selected_case(heads: usize, decode: bool, run: impl FnOnce(&KernelLaunch)) -> (f64, Vec<f32>) {
         let (kv, rope, cols, keys_n, k_width, splits) = (512, 64, 704, 300, 200, 2);
         let (width, scale, t_count) = (kv + rope, 0.07f32, 4);
-        let mut keys = values(keys_n * cols, 5, 6.0);
+        let sets = if decode { t_count } else { 1 };
+        let mut keys = values(sets * keys_n * cols, 5, 6.0);
         for (r, row) in keys.chunks_exact_mut(cols).enumerate() {
             row[width..].fill(f32::NAN);
-            if r == 0 {
+            if r % keys_n == 0 {
                 row.fill(f32::NAN);
             }
         }
+        let key_shape = if decode { vec![t_count, keys_n, cols] } else { vec![keys_n, cols] };
         let counts = [200usize, 1, 64, 0];
         let mut selected = vec![-1i32; t_count * k_width];
         for (t, &n) in counts.iter().enumerate() {
@@ -1063,7 +1070,7 @@ mod tests {
         };
         let ops = [
             buf(q.as_ptr() as *const u8, &[all, width], "bf16"),
-            buf(keys.as_ptr() as *const u8, &[keys_n, cols], "f32"),
+            buf(keys.as_ptr() as *const u8, &key_shape, "f32"),
             buf(selected.as_ptr() as *const u8, &[t_count, k_width], "i32"),
             buf(o_part.as_mut_ptr() as *const u8, &[splits, all, kv], "f32"),
             buf(lse.as_mut_ptr() as *const u8, &[splits, all], "f32"),
@@ -1077,7 +1084,8 @@ mod tests {
         let splits_of = Splits { o_part: &o_part, lse: &lse, all, kv };
         // A query without rows has no attention to compare (the callers check its lse).
         for (t, &n) in counts.iter().enumerate().filter(|(_, &n)| n > 0) {
-            let rows: Vec<usize> = selected[t * k_width..][..n].iter().map(|&r| r as usize).collect();
+            let first = if decode { t * keys_n } else { 0 };
+            let rows: Vec<usize> = selected[t * k_width..][..n].iter().map(|&r| first + r as usize).collect();
             for h in 0..heads {
                 let r = t * heads + h;
                 let qv = |c: usize| v3c_models::dtype::bf16_to_f32(q[r * width + c]) as f64;
@@ -1090,25 +1098,28 @@ mod tests {
 
     /// The selected rows' launch emulated from its parameters (the host's attention over them) and
     /// DeepSeek-V3.2's kernel (`_sel`, 128 heads: two blocks a query; and 64 heads) simulated from
-    /// its PTX, the threads run both ways (races checked): float64 attention over the selected rows
-    /// within bf16's rounding of q and P; a query selecting one row leaves its second split empty.
+    /// its PTX, the threads run both ways (races checked), prefill's rows and decode's: float64
+    /// attention over the selected rows within bf16's rounding of q and P; a query selecting one
+    /// row leaves its second split empty.
     #[test]
     fn selected_rows_attention_simulated_from_its_ptx_computes_attention() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         // SAFETY: every address is one of the case's vectors, of the launch's shapes.
-        let (rel, lse) = selected_case(128, |l| unsafe { emulate_decode(l).unwrap() });
-        eprintln!("selected rows' attention (host) vs float64: relative error {rel:.2e} (Frobenius)");
-        assert!(rel <= 1e-3, "relative error {rel:.2e}");
-        // Query 1's one row: its second split is empty; query 3 selects nothing: neither has keys.
-        let no_keys = |i: usize| lse[i].is_infinite() && lse[i] < 0.0;
-        assert!(no_keys(4 * 128 + 128), "one row: its second split is empty");
-        assert!((0..2).all(|z| no_keys(z * 4 * 128 + 3 * 128)), "no rows: no split has keys");
+        for decode in [false, true] {
+            let (rel, lse) = selected_case(128, decode, |l| unsafe { emulate_decode(l).unwrap() });
+            eprintln!("selected rows' attention (host, decode {decode}) vs float64: relative error {rel:.2e}");
+            assert!(rel <= 1e-3, "relative error {rel:.2e}");
+            // Query 1's one row: its second split is empty; query 3 selects nothing: neither has keys.
+            let no_keys = |i: usize| lse[i].is_infinite() && lse[i] < 0.0;
+            assert!(no_keys(4 * 128 + 128), "one row: its second split is empty");
+            assert!((0..2).all(|z| no_keys(z * 4 * 128 + 3 * 128)), "no rows: no split has keys");
+        }
         let context = crate::mlir::new_context();
         let config = MlaDecodeConfig::DEEPSEEK_V32_SELECTED;
         let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
         let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
-        for (heads, reversed) in [(128, false), (128, true), (64, false)] {
-            let (rel, lse) = selected_case(heads, |l| {
+        for (heads, reversed, decode) in [(128, false, false), (128, true, false), (64, false, true)] {
+            let (rel, lse) = selected_case(heads, decode, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
                 let stats = unsafe {
                     simulate_launch(
@@ -1123,7 +1134,10 @@ mod tests {
                 .unwrap();
                 eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
             });
-            eprintln!("{} ({heads} heads, threads reversed: {reversed}): relative error {rel:.2e}", kernel.name);
+            eprintln!(
+                "{} ({heads} heads, reversed {reversed}, decode {decode}): relative error {rel:.2e}",
+                kernel.name
+            );
             assert!(rel <= 1e-3, "{}: relative error {rel:.2e}", kernel.name);
             let no_keys = |i: usize| lse[i].is_infinite() && lse[i] < 0.0;
             assert!(no_keys(4 * heads + heads) && (0..2).all(|z| no_keys(z * 4 * heads + 3 * heads)));
@@ -1134,7 +1148,7 @@ mod tests {
         let race = |ptx: &str| -> String {
             let module = v3c_ptxsim::Module::parse(ptx).unwrap();
             let mut err = String::new();
-            selected_case(64, |l| {
+            selected_case(64, false, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
                 let r = unsafe {
                     simulate_launch(

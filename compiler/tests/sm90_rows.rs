@@ -252,7 +252,6 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
         kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));
     }
     kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), 704, "f32"));
-    kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherPages), 576, "f32"));
     kernels
 }
 
@@ -345,9 +344,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                         let tree = k.threads.trailing_zeros() as usize;
                         assert_eq!(barriers, 2 + tree + 3, "{name}");
                     }
-                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite | SparseRow::GatherPages => {
-                        assert_eq!(barriers, 0, "{name}")
-                    }
+                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite => assert_eq!(barriers, 0, "{name}"),
                 }
             }
             RowOp::MlaDecode { .. } => {

@@ -190,10 +190,12 @@ impl MlaDecodeAbi {
 impl MlaDecodeAbi {
     /// The launch over `[q, keys, selected, o_part, lse]` of the kernel over each query's selected
     /// rows: absorbed queries `[T H, kv + rope]` (bf16; a query's H heads its rows), the key rows
-    /// `[S, C]` (f32, `C >= kv + rope` and a multiple of 4: rows are read 16 bytes at a time), the
-    /// selection `[T, K]` (i32: rows of the keys, ascending, -1 padded), the splits' outputs
-    /// `[Z, T H, kv]` and log-sum-exps `[Z, T H]` (f32): the queries' tensor map (64 x 64 boxes),
-    /// the memrefs, H, the heads, the scale's bits; `T ceil(H / 64)` x Z blocks.
+    /// `[S, C]` every query selects from (prefill), or each query's own `[T, S, C]` (decode: its
+    /// sequence's cache) (f32, `C >= kv + rope` and a multiple of 4: rows are read 16 bytes at a
+    /// time), the selection `[T, K]` (i32: rows of the keys, ascending, -1 padded), the splits'
+    /// outputs `[Z, T H, kv]` and log-sum-exps `[Z, T H]` (f32): the queries' tensor map (64 x 64
+    /// boxes), the memrefs, H, the heads, the scale's bits, the rows a query's keys start apart
+    /// (S, or 0); `T ceil(H / 64)` x Z blocks.
     pub fn launch_selected(
         &self,
         kernel: &str,
@@ -211,7 +213,12 @@ impl MlaDecodeAbi {
         );
         let (os, ls) = (o_part.shape_at_rank(3).map_err(fail)?, lse.shape_at_rank(2).map_err(fail)?);
         let t = ss[0];
+        let seq_rows = match keys.shape[..] {
+            [b, s, _] if b == t => s,
+            _ => 0,
+        };
         let fine = self.selected
+            && (keys.shape.len() == 2 || seq_rows > 0)
             && !self.fp8_cache
             && q.element == "bf16"
             && keys.element == "f32"
@@ -226,9 +233,9 @@ impl MlaDecodeAbi {
             && os[0] > 0;
         if !fine {
             return Err(fail(format!(
-                "q {qs:?} {}, keys {ks:?} {}, selection {ss:?} {}, o_part {os:?}, lse {ls:?} for rows of {width} \
+                "q {qs:?} {}, keys {:?} {}, selection {ss:?} {}, o_part {os:?}, lse {ls:?} for rows of {width} \
                  and {heads} heads",
-                q.element, keys.element, selected.element
+                q.element, keys.shape, keys.element, selected.element
             )));
         }
         let map = TensorMapSpec::new(q.addr, [qs[0], width], "bf16", [PREFILL_BOX; 2]);
@@ -241,6 +248,7 @@ impl MlaDecodeAbi {
             Param::Value(heads as u64),
             Param::Value(heads as u64),
             Param::Value(u64::from(scale.to_bits())),
+            Param::Value(seq_rows as u64),
         ]);
         Ok(KernelLaunch {
             kernel: kernel.to_string(),

@@ -51,24 +51,26 @@ pub enum AttentionShape {
     /// `v`-wide values: the kernel `mode` says (inference's forward, a training step's forward with
     /// log-sum-exps, or one of its gradients).
     Prefill { heads: usize, qk: usize, v: usize, tokens: usize, mode: FlashMode },
-    /// Attention over each query's selected rows (DeepSeek-V3.2's prefill, the `_sel` kernel):
-    /// `tokens` queries of `heads` rows each, each over `keys` rows of `kv + rope` columns that
-    /// the kernel gathers (f32 rows, rounded to bf16 into shared memory). One kernel: nothing to
-    /// tune, a cost to report.
-    Selected { heads: usize, kv: usize, rope: usize, tokens: usize, keys: usize },
+    /// Attention over each query's selected rows (DeepSeek-V3.2's, the `_sel` kernel): `tokens`
+    /// queries of `heads` rows each, each over `keys` rows of `kv + rope` columns that the kernel
+    /// gathers (f32 rows, rounded to bf16 into shared memory) — prefill's from the rows all
+    /// select from, decode's each from its sequence's cache. One kernel: nothing to tune, a cost
+    /// to report.
+    Selected { heads: usize, kv: usize, rope: usize, tokens: usize, keys: usize, prefill: bool },
 }
 
 impl AttentionShape {
     /// The decode launch's problem at `sequences` sequences of [`DECODE_CONTEXT`] keys, or of the
-    /// selection's width where one bounds them (DeepSeek-V3.2's decode); the `_sel` kernel's at
-    /// `sequences` queries.
+    /// selection's width where one bounds them; the `_sel` kernel's at `sequences` queries.
     pub fn decode(launch: &MlaDecodeLaunch, sequences: usize) -> AttentionShape {
         let c = &launch.config;
         let (heads, kv, rope) = (launch.heads, c.kv, c.rope);
-        let context = launch.selection.unwrap_or(DECODE_CONTEXT);
-        match c.selected {
-            true => AttentionShape::Selected { heads, kv, rope, tokens: sequences, keys: context },
-            false => AttentionShape::Decode { heads, kv, rope, fp8_cache: c.fp8_cache, sequences, context },
+        let context = launch.selection.map_or(DECODE_CONTEXT, |s| s.keys);
+        match (c.selected, launch.selection) {
+            (true, Some(s)) => {
+                AttentionShape::Selected { heads, kv, rope, tokens: sequences, keys: s.keys, prefill: s.prefill }
+            }
+            _ => AttentionShape::Decode { heads, kv, rope, fp8_cache: c.fp8_cache, sequences, context },
         }
     }
 
@@ -84,7 +86,9 @@ impl AttentionShape {
         use crate::conversion::sm90::lower::StepKernel;
         match kernel {
             // V3.2's prefill over its selected rows at prefill's tokens.
-            StepKernel::MlaDecode(a) if a.config.selected => Some(AttentionShape::decode(a, PREFILL_M)),
+            StepKernel::MlaDecode(a) if a.selection.is_some_and(|s| s.prefill) => {
+                Some(AttentionShape::decode(a, PREFILL_M))
+            }
             StepKernel::MlaDecode(a) => Some(AttentionShape::decode(a, DECODE_M)),
             // Training's at its windows of PREFILL_M tokens too.
             StepKernel::MlaPrefill(a) => Some(AttentionShape::prefill(a, PREFILL_M)),
@@ -134,8 +138,8 @@ impl AttentionShape {
     /// `decode` or `prefill`.
     pub fn regime(&self) -> &'static str {
         match self {
-            AttentionShape::Decode { .. } => "decode",
-            AttentionShape::Prefill { .. } | AttentionShape::Selected { .. } => "prefill",
+            AttentionShape::Decode { .. } | AttentionShape::Selected { prefill: false, .. } => "decode",
+            AttentionShape::Prefill { .. } | AttentionShape::Selected { prefill: true, .. } => "prefill",
         }
     }
 
@@ -458,7 +462,7 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
                 bound: if compute >= memory { "compute" } else { "memory" },
             }
         }
-        AttentionShape::Selected { heads, kv, rope, tokens, keys } => {
+        AttentionShape::Selected { heads, kv, rope, tokens, keys, prefill } => {
             let width = kv + rope;
             let splits = v3c_runtime::lowering::attention_splits(tokens, heads, keys.next_multiple_of(PAGE), sms);
             let blocks = tokens * heads.div_ceil(PAGE) * splits;
@@ -473,8 +477,11 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let gather = (PAGE * width * 4) as f64 / l2_us + (PAGE * width) as f64 * GATHER_OPS / (ops_us / 2.0);
             let step_us = (tensor_us(&[scores]) + softmax).max(gather) + tensor_us(&[values]);
             let compute = blocks.div_ceil(slots) as f64 * (pages as f64 * step_us + WAVE_US);
-            // From DRAM: the key rows once (about a row a query), the queries, the splits' outputs.
-            let bytes = (tokens * width * 4) as f64
+            // From DRAM: the key rows once (prefill: about a row a query; decode: each query's own
+            // rows, its heads' blocks reading them from L2 after the first), the queries, the
+            // splits' outputs.
+            let rows = if prefill { tokens } else { tokens * keys };
+            let bytes = (rows * width * 4) as f64
                 + (tokens * heads * width * 2) as f64
                 + (splits * tokens * heads * (kv + 1) * 4) as f64;
             let memory = bytes / dram_us;
@@ -665,7 +672,7 @@ mod tests {
         assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
         let (short, long) = (rank(&v32, &h200)[0].micros, rank(&decode(false, 64), &h200)[0].micros);
         assert!(short < long * 0.7, "{short} vs {long}");
-        let shape = AttentionShape::Selected { heads: 128, kv: 512, rope: 64, tokens: 4096, keys: 2048 };
+        let shape = AttentionShape::Selected { heads: 128, kv: 512, rope: 64, tokens: 4096, keys: 2048, prefill: true };
         assert_eq!((shape.signature(), shape.regime()), ("mla_decode_sel kv512 r64 h128 k2048".into(), "prefill"));
         let space: Vec<String> = candidates(&shape, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
         assert_eq!(space, ["mla_decode_kv512_r64_p64_s2_sel"]);

@@ -730,10 +730,12 @@ impl crate::conversion::sm90::Chooser for ModelChooser<'_> {
     fn attention(&mut self, fused: &str, shape: &attention::AttentionShape) -> Vec<attention::AttentionConfig> {
         let choice = attention::choose(shape, self.device, self.db);
         let at = match shape {
-            attention::AttentionShape::Decode { sequences, .. } => format!("{sequences} sequences"),
-            attention::AttentionShape::Prefill { tokens, .. } | attention::AttentionShape::Selected { tokens, .. } => {
-                format!("{tokens} tokens")
+            attention::AttentionShape::Decode { sequences, .. }
+            | attention::AttentionShape::Selected { tokens: sequences, prefill: false, .. } => {
+                format!("{sequences} sequences")
             }
+            attention::AttentionShape::Prefill { tokens, .. }
+            | attention::AttentionShape::Selected { tokens, prefill: true, .. } => format!("{tokens} tokens"),
         };
         self.keep(&Self::attention_key(fused, shape), shape.rows(), at, choice, attention::AttentionConfig::kernel_name)
     }

@@ -132,8 +132,15 @@ impl<'c> HostRows<'c> {
                     super::mla::FlashMode::Lse => vec![2, 2, 2, 2, 1],
                     super::mla::FlashMode::Grad(_) => vec![2, 2, 2, 2, 1, 1, 2],
                 },
-                // q, keys, selection, split outputs, lse (the selected rows').
-                StepKernel::MlaDecode(a) if a.config.selected => vec![2, 2, 2, 3, 2],
+                // q, keys (decode: each query's cache rows, [T, S, C]), selection, split outputs, lse
+                // (the selected rows').
+                StepKernel::MlaDecode(a) if a.config.selected => {
+                    let keys = match step.operands.get(1) {
+                        Some(Operand::Arg(i)) => ins.get(*i).map_or(2, |b| b.shape.len()),
+                        _ => 2,
+                    };
+                    vec![2, keys.clamp(2, 3), 2, 3, 2]
+                }
                 // q, cache, table, lengths, split outputs, lse.
                 StepKernel::MlaDecode(_) => vec![2, 2, 2, 1, 3, 2],
             };
@@ -539,7 +546,8 @@ pub unsafe fn mla_decode(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result
 /// What the attention over each query's selected rows computes ([`super::mla::MlaDecodeConfig::selected`])
 /// over `[q, keys, selected, o_part, lse]`: query t's rows (its `heads` rows of q) see the key rows
 /// its row of the selection names before the first -1 (rounded to bf16, as the kernel gathers
-/// them), split into the splits' runs of 64-key pages as [`mla_decode`]'s pages.
+/// them; keys `[T, S, C]`: its own S rows), split into the splits' runs of 64-key pages as
+/// [`mla_decode`]'s pages.
 ///
 /// # Safety
 /// The buffers address their shapes' elements.
@@ -548,8 +556,13 @@ pub unsafe fn mla_decode_selected(heads: usize, scale: f32, bufs: &[RawBuffer]) 
     let [q, keys, selected, o_part, lse] = bufs else {
         return Err(format!("attention over selected rows of {} operands", bufs.len()));
     };
-    let (width, cols) = (q.shape[1], keys.shape[1]);
+    let (width, cols) = (q.shape[1], keys.shape[keys.shape.len() - 1]);
     let (t_count, k_width) = (selected.shape[0], selected.shape[1]);
+    let (key_rows, seq_rows) = match keys.shape[..] {
+        [b, s, _] if b == t_count => (b * s, s),
+        [rows, _] => (rows, 0),
+        _ => return Err(format!("keys {:?} for {t_count} queries", keys.shape)),
+    };
     let (splits, kv) = (o_part.shape[0], o_part.shape[2]);
     let heads = heads.max(1);
     if q.shape[0] != t_count * heads || width > cols {
@@ -557,7 +570,7 @@ pub unsafe fn mla_decode_selected(heads: usize, scale: f32, bufs: &[RawBuffer]) 
     }
     let qv: Vec<f32> =
         std::slice::from_raw_parts(q.ptr as *const u16, q.shape[0] * width).iter().map(|&x| bf16_to_f32(x)).collect();
-    let kf = std::slice::from_raw_parts(keys.ptr as *const f32, keys.shape[0] * cols);
+    let kf = std::slice::from_raw_parts(keys.ptr as *const f32, key_rows * cols);
     let sel = std::slice::from_raw_parts(selected.ptr as *const i32, t_count * k_width);
     let o = std::slice::from_raw_parts_mut(o_part.ptr as *mut f32, o_part.shape.iter().product());
     let l_out = std::slice::from_raw_parts_mut(lse.ptr as *mut f32, lse.shape.iter().product());
@@ -567,11 +580,12 @@ pub unsafe fn mla_decode_selected(heads: usize, scale: f32, bufs: &[RawBuffer]) 
         let len = row_sel.iter().position(|&k| k < 0).unwrap_or(k_width);
         let mut rows = Vec::with_capacity(len * width);
         for &k in &row_sel[..len] {
-            let k = k as usize;
-            if k >= keys.shape[0] {
-                return Err(format!("query {t} selects row {k} of {}", keys.shape[0]));
+            let (k, own) = (k as usize, if seq_rows > 0 { seq_rows } else { key_rows });
+            if k >= own {
+                return Err(format!("query {t} selects row {k} of {own}"));
             }
-            rows.extend(kf[k * cols..][..width].iter().map(|&x| bf16_to_f32(f32_to_bf16(x))));
+            let at = t * seq_rows + k;
+            rows.extend(kf[at * cols..][..width].iter().map(|&x| bf16_to_f32(f32_to_bf16(x))));
         }
         let per = len.div_ceil(64).div_ceil(splits.max(1));
         for h in 0..heads {

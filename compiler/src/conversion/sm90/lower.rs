@@ -651,9 +651,18 @@ pub struct MlaDecodeLaunch {
     pub config: super::mla::MlaDecodeConfig,
     pub heads: usize,
     pub scale: f32,
-    /// The most keys a query attends where a selection bounds them (DeepSeek-V3.2: its top-k
-    /// width); None: the cache's context.
-    pub selection: Option<usize>,
+    /// The selection that bounds a query's keys (DeepSeek-V3.2's `_sel` kernel); None: the
+    /// cache's context.
+    pub selection: Option<Selection>,
+}
+
+/// What an attention over each query's selected rows attends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Selection {
+    /// The most keys a query attends (DeepSeek-V3.2: its top-k width).
+    pub keys: usize,
+    /// Prefill's (the queries select from the same rows), or decode's (each from its sequence's).
+    pub prefill: bool,
 }
 
 impl StepKernel {

@@ -152,16 +152,15 @@ fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
 /// queries absorbed (bf16), the split-K attention kernel of DeepSeek-V3's decode, the splits
 /// merged, each head's output through `W_UV` (quantized 1x128 in the fp8 graph). The numerics of
 /// V3's tensor-core decode (keys, queries and P in bf16). The attention kernel:
-/// - decode (`decode`): V3's ([`super::lower::mla_decode_steps`]) over pages that hold each query's
-///   selected rows, gathered into 64-row bf16 pages with a block table and lengths
-///   ([`SparseRow::GatherPages`]) — a sequence's few queries' pages are small;
-/// - prefill (`prefill`): its `_sel` variant ([`super::mla::MlaDecodeConfig::selected`]), which
-///   gathers each query's selected rows page by page into shared memory — pages for every query
-///   of a 4096-row prefill would be `[4096, 2048, 576]` bf16, 9.7 GB.
+/// the `_sel` variant of V3's decode kernel ([`super::mla::MlaDecodeConfig::selected`]), which
+/// gathers each query's selected rows page by page into shared memory: prefill's from the rows
+/// every query selects from (pages of them for every query of a 4096-row prefill would be
+/// `[4096, 2048, 576]` bf16, 9.7 GB), decode's from its sequence's cache rows (read once, where
+/// pages gathered first would write and read them again in bf16). Asked for by kind: `prefill`,
+/// `decode`.
 ///
 /// `Err`: not this kernel, not a kind asked for, or shapes the templates do not take.
 pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool) -> Result<Steps, String> {
-    use super::rows::PAGE_ROWS;
     use Operand::{Arg, Temp as T};
     let body = Body::of(kernel).ok_or("a kernel without a body")?;
     if !matches!(body.names.first().map(String::as_str), Some("gather_rows")) {
@@ -181,19 +180,7 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
     let weight = launch.kernel.weight.clone();
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
-    let cluster = super::mla::MlaDecodeConfig::cluster_for(heads);
-    let config = match is_prefill {
-        true => super::mla::MlaDecodeConfig { kv, rope, ..super::mla::MlaDecodeConfig::DEEPSEEK_V32_SELECTED },
-        false => super::mla::MlaDecodeConfig {
-            kv,
-            rope,
-            stages: 2,
-            fp8_cache: false,
-            cluster,
-            serial: true,
-            selected: false,
-        },
-    };
+    let config = super::mla::MlaDecodeConfig { kv, rope, ..super::mla::MlaDecodeConfig::DEEPSEEK_V32_SELECTED };
     config.validate(&crate::target::SM90A)?;
     if fp8 && v != super::rows::GROUP {
         return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
@@ -206,51 +193,29 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
     let outs: Vec<Operand> = ops[weights.len() + 4..].to_vec();
     let width = kv + rope;
     let k = operand_shape(&body.ops[0], 1)?.dims.get(1).copied().flatten().ok_or("a selection of dynamic width")?;
-    let page_rows = k.div_ceil(PAGE_ROWS) * PAGE_ROWS;
     let splits = TempDim::SplitsOver { heads, arg: selected_arg, dim: 1 };
     let row = |op: RowOp, d: usize, weight: &str| StepKernel::Row(RowKernel::new(op, d, weight));
     let step = |kernel: StepKernel, operands: Vec<Operand>| Step { only: None, kernel, operands };
     let (absorb, up_v) = super::lower::absorb_and_up_v(heads, nope, rope, v, kv, &weight);
-    let selection = Some(k);
+    let selection = Some(super::lower::Selection { keys: k, prefill: is_prefill });
     let attention = StepKernel::MlaDecode(super::lower::MlaDecodeLaunch { config, heads, scale, selection });
-    if is_prefill {
-        // The key rows are read 16 bytes at a time.
-        let cols = width_of(&operand_shape(&body.ops[0], 0)?)?;
-        if !cols.is_multiple_of(4) {
-            return Err(format!("selected rows of {cols} columns (a multiple of 4)"));
-        }
-        return Ok(Steps {
-            temps: vec![
-                Temp::per_row(heads, width, "bf16"),
-                Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
-                Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
-                Temp::per_row(heads, kv, "f32"),
-            ],
-            steps: vec![
-                step(absorb, [vec![q_nope, q_pe], weights.clone(), vec![T(0)]].concat()),
-                step(attention, vec![T(0), keys, selected, T(1), T(2)]),
-                step(row(RowOp::MlaCombine, kv, "f32"), vec![T(1), T(2), T(3)]),
-                step(up_v, [vec![T(3)], weights, outs].concat()),
-            ],
-            rope_table: None,
-        });
+    // The key rows are read 16 bytes at a time.
+    let cols = width_of(&operand_shape(&body.ops[0], 0)?)?;
+    if !cols.is_multiple_of(4) {
+        return Err(format!("selected rows of {cols} columns (a multiple of 4)"));
     }
     Ok(Steps {
         temps: vec![
             Temp::per_row(heads, width, "bf16"),
-            Temp::per_row(page_rows, width, "bf16"),
-            Temp::per_row(1, page_rows / PAGE_ROWS, "i32"),
-            Temp::shaped(vec![TempDim::Rows(1)], "i32"),
             Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
             Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
             Temp::per_row(heads, kv, "f32"),
         ],
         steps: vec![
             step(absorb, [vec![q_nope, q_pe], weights.clone(), vec![T(0)]].concat()),
-            step(row(RowOp::Sparse(SparseRow::GatherPages), width, "f32"), vec![keys, selected, T(1), T(2), T(3)]),
-            step(attention, vec![T(0), T(1), T(2), T(3), T(4), T(5)]),
-            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(4), T(5), T(6)]),
-            step(up_v, [vec![T(6)], weights, outs].concat()),
+            step(attention, vec![T(0), keys, selected, T(1), T(2)]),
+            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(1), T(2), T(3)]),
+            step(up_v, [vec![T(3)], weights, outs].concat()),
         ],
         rope_table: None,
     })

@@ -100,9 +100,9 @@ pub struct MlaDecodeConfig {
     /// same kernel twice).
     pub serial: bool,
     /// DeepSeek-V3.2's attention over each query's selected rows (`_sel`): no paged cache — the
-    /// keys are f32 rows (`[S, C]`, `C >= kv + rope`) and each sequence (one query token's heads)
-    /// reads the rows its row of the selection (`[T, K]` i32, ascending, -1 padded) names, in
-    /// that order. The threads gather a page of 64 selected rows, rounded to bf16, into a ring of
+    /// keys are f32 rows (`[S, C]`, `C >= kv + rope`; decode: each sequence's cache rows, `[B, S,
+    /// C]`) and each sequence (one query token's heads) reads the rows its row of the selection
+    /// (`[T, K]` i32, ascending, -1 padded) names, in that order. The threads gather a page of 64 selected rows, rounded to bf16, into a ring of
     /// two buffers — warpgroup 1 the next page while warpgroup 0 scores this one — where the
     /// tensor cores read them as they read a cache page ([`Emitter::selected_loop`]). Two buffers,
     /// the bf16 layout, no cluster (nothing to multicast: no TMA loads a page), not `_serial`.
@@ -303,6 +303,11 @@ impl MlaDecodeConfig {
 /// With the fp8 cache, `%kv_ptr` maps the e4m3 latent `[pages * 64, kv]` (bytes: box `[128, 64
 /// rows]`, no swizzle) and two arguments follow it: `%rope_ptr` (the bf16 rope part `[pages * 64,
 /// rope]`, mapped like the bf16 cache) and `%kv_scale` (f32 `[pages * 64, kv / 128]`).
+///
+/// The selected rows' kernel ([`MlaDecodeConfig::selected`]) takes `%keys` (f32 `[rows, C]`) and
+/// `%selected` (i32 `[sequences, K]`) for `%kv_ptr`, the table and the lengths, and `%seq_rows`
+/// (index, last: the key rows a sequence's entries count from are `seq * seq_rows`) — one token a
+/// sequence.
 pub fn emit(config: &MlaDecodeConfig, target: &GpuTarget) -> Result<String, String> {
     config.validate(target)?;
     Ok(Emitter { c: *config }.module())
@@ -330,6 +335,7 @@ impl Emitter {
         let c = &self.c;
         let fp8_args = if c.fp8_cache { "%rope_ptr: !llvm.ptr, %kv_scale: memref<?x?xf32>, " } else { "" };
         let tmap8 = "!tmap8 = !nvgpu.tensormap.descriptor<tensor = memref<64x128xi8, 3>, swizzle = none, l2promo = none, oob = zero, interleave = none>\n";
+        let seq_rows = if c.selected { ", %seq_rows: index" } else { "" };
         let keys = match c.selected {
             true => "%keys: memref<?x?xf32>, %selected: memref<?x?xi32>".to_string(),
             false => format!("%kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>"),
@@ -342,7 +348,7 @@ impl Emitter {
             if c.fp8_cache { tmap8 } else { "" },
             &format!(
                 "%q_ptr: !llvm.ptr, {keys}, %o_part: memref<?x?x?xf32>, %lse: memref<?x?xf32>, \
-                 %rows_per_sequence: index, %heads: index, %scale: f32"
+                 %rows_per_sequence: index, %heads: index, %scale: f32{seq_rows}"
             ),
         );
         let mut body = format!("{}{}{}", self.prelude(), self.main_loop(), self.epilogue());
@@ -922,7 +928,8 @@ scf.for %gi = %c0 to %c{per_thread} step %c{unroll} {{
   %gposc{k} = arith.minui %gpos{k}, %gp_last : index
   %gkey{k}_i = memref.load %selected[%seq, %gposc{k}] : memref<?x?xi32>
   %gkey{k}_n = arith.maxsi %gkey{k}_i, %c0_i32 : i32
-  %gkey{k} = arith.index_cast %gkey{k}_n : i32 to index
+  %gkey{k}_r = arith.index_cast %gkey{k}_n : i32 to index
+  %gkey{k} = arith.addi %key_row0, %gkey{k}_r : index
   %gcol{k} = arith.muli %gq{k}, %c4 : index
   %gv{k} = vector.load %keys[%gkey{k}, %gcol{k}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>"
             );
@@ -2384,7 +2391,8 @@ fn shared_memory_and_barriers(
 
 /// The selected rows' kernel's `%len`: how many of the sequence's selection (its row of
 /// `%selected`, `%sel_k` wide) are kept — the entries before the first -1, found by binary search
-/// (the kept ones lead, ascending).
+/// (the kept ones lead, ascending); and `%key_row0`, the key row its entries count from (its
+/// sequence's cache rows, `%seq_rows` a sequence; 0 where every query selects from the same rows).
 const SELECTED_COUNT: &str = "  %sel_k = memref.dim %selected, %c1 : memref<?x?xi32>
   %sel_n:2 = scf.while (%lo = %c0, %hi = %sel_k) : (index, index) -> (index, index) {
     %sel_go = arith.cmpi ult, %lo, %hi : index
@@ -2401,6 +2409,7 @@ const SELECTED_COUNT: &str = "  %sel_k = memref.dim %selected, %c1 : memref<?x?x
     scf.yield %nlo, %nhi : index, index
   }
   %len = arith.addi %sel_n#0, %c0 : index
+  %key_row0 = arith.muli %seq, %seq_rows : index
 ";
 
 /// The rows' maxima and partial sums before any key: -inf, -inf, 0, 0.

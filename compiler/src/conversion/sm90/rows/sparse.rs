@@ -41,11 +41,6 @@ pub enum SparseRow {
     GatherRows { decode: bool },
     /// `cache[b, position_b] = row[b]`, rows of `d` (cache `[B, S, d]`, new `[B, d]`, positions).
     CacheWrite,
-    /// Decode's selected rows as the tensor-core attention's pages: query b's `K` selected rows of
-    /// its cache (`[B, S, C]`, their first `d` columns rounded to bf16) as pages `b P .. (b + 1) P`
-    /// of `pages [B P 64, d]` (P = ceil(K / 64); the rows past its selection zeros), its block table
-    /// row `table[b] = b P ..` and its length `lengths[b]` (keys, selected, pages, table, lengths).
-    GatherPages,
 }
 
 impl SparseRow {
@@ -61,7 +56,6 @@ impl SparseRow {
             SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
             SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
             SparseRow::CacheWrite => format!("rows_cachewrite_d{d}_t{t}"),
-            SparseRow::GatherPages => format!("rows_gatherpages_d{d}_t{t}"),
         }
     }
 
@@ -93,7 +87,6 @@ impl SparseRow {
             ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
             ["gatherrows", d, t, m] => kernel(SparseRow::GatherRows { decode: decode(m)? }, d, "f32", t),
             ["cachewrite", d, t] => kernel(SparseRow::CacheWrite, d, "f32", t),
-            ["gatherpages", d, t] => kernel(SparseRow::GatherPages, d, "f32", t),
             _ => None,
         }
     }
@@ -135,13 +128,6 @@ impl SparseRow {
                 ("last", "memref<?xi64>".into()),
             ],
             SparseRow::CacheWrite => vec![("cache", keys(true)), ("new", rows()), positions],
-            SparseRow::GatherPages => vec![
-                ("keys", keys(true)),
-                ("selected", "memref<?x?xi32>".into()),
-                ("pages", "memref<?x?xbf16>".into()),
-                ("table", "memref<?x?xi32>".into()),
-                ("lengths", "memref<?xi32>".into()),
-            ],
         }
     }
 
@@ -152,7 +138,7 @@ impl SparseRow {
             SparseRow::IndexScores { .. } => "w",
             // Its rows (the MTP module's queries may be fewer than the scores' rows).
             SparseRow::TopKeys { .. } => "selected",
-            SparseRow::GatherRows { .. } | SparseRow::GatherPages => "selected",
+            SparseRow::GatherRows { .. } => "selected",
             SparseRow::CacheWrite => "new",
         }
     }
@@ -179,7 +165,7 @@ impl SparseRow {
                     ("sh_off", threads),
                 ]
             }
-            SparseRow::GatherRows { .. } | SparseRow::CacheWrite | SparseRow::GatherPages => Vec::new(),
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite => Vec::new(),
         }
     }
 
@@ -239,14 +225,6 @@ impl SparseRow {
                 let _ = writeln!(s, "%cK_i32 = arith.constant {d} : i32");
             }
             SparseRow::GatherRows { .. } | SparseRow::CacheWrite => {}
-            SparseRow::GatherPages => s.push_str(
-                "%c64 = arith.constant 64 : index
-%c63 = arith.constant 63 : index
-%c16_i32 = arith.constant 16 : i32
-%c7fff_i32 = arith.constant 32767 : i32
-%zero_bf16 = arith.constant 0.0 : bf16
-",
-            ),
         }
         s
     }
@@ -331,15 +309,6 @@ impl SparseRow {
 "
                 );
             }
-            SparseRow::GatherPages => s.push_str(
-                "%nsel = memref.dim %selected, %c1 : memref<?x?xi32>
-%slots = memref.dim %keys, %c1 : memref<?x?x?xf32>
-%npages0 = arith.addi %nsel, %c63 : index
-%npages = arith.divui %npages0, %c64 : index
-%prows = arith.muli %npages, %c64 : index
-%out0 = arith.muli %row, %prows : index
-",
-            ),
             SparseRow::LayerNorm { .. } | SparseRow::CacheWrite => {}
         }
         s
@@ -469,38 +438,9 @@ scf.if %first {{
   memref.store %last_v, %last[%row] : memref<?xi64>
 }}
 ",
-                    selected_rows("%nsel", pick, load, ("f32", "%zero", "%out"))
+                    selected_rows("%nsel", pick, load)
                 )]
             }
-            SparseRow::GatherPages => vec![format!(
-                "{}scf.for %p = %tid to %npages step %cT {{
-  %page0 = arith.muli %row, %npages : index
-  %page = arith.addi %page0, %p : index
-  %page_i32 = arith.index_cast %page : index to i32
-  memref.store %page_i32, %table[%row, %p] : memref<?x?xi32>
-}}
-%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  memref.store %cnt, %lengths[%row] : memref<?xi32>
-}}
-",
-                selected_rows(
-                    "%prows",
-                    "%in_sel = arith.cmpi ult, %slot, %nsel : index
-%j = scf.if %in_sel -> (i32) {
-  %v = memref.load %selected[%row, %slot] : memref<?x?xi32>
-  scf.yield %v : i32
-} else {
-  scf.yield %neg1_i32 : i32
-}
-",
-                    &format!(
-                        "%x = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>\n{}",
-                        super::round_bf16("%x", "%xb")
-                    ),
-                    ("bf16", "%zero_bf16", "%pages")
-                )
-            )],
             SparseRow::CacheWrite => vec!["%p64 = memref.load %positions[%row] : memref<?xi64>
 %p_pos = arith.cmpi sge, %p64, %zero_i64 : i64
 %p_idx = arith.index_cast %p64 : i64 to index
@@ -521,10 +461,9 @@ scf.if %ok {
 
 /// A block's pass over its query's selected slots `0..{bound}` (`pick` defines `%j`, the slot's
 /// row or -1): row `%j`'s columns (`load` defines `%v` from `%j_idx`, `%col`) stored to row `%out0
-/// + %slot` of `out` as `ty` (`zero` where the slot selects no row of the keys), the selected
-/// slots counted into `%cnt` (i32).
-fn selected_rows(bound: &str, pick: &str, load: &str, (ty, zero, out): (&str, &str, &str)) -> String {
-    let store = if ty == "bf16" { "%xb" } else { "%v" };
+/// + %slot` of `%out` (zeros where the slot selects no row of the keys), the selected slots
+/// counted into `%cnt` (i32).
+fn selected_rows(bound: &str, pick: &str, load: &str) -> String {
     format!(
         "%cnt = scf.for %slot = %c0 to {bound} step %c1 iter_args(%c = %c0_i32) -> (i32) {{
 {pick}  %nonneg = arith.cmpi sge, %j, %c0_i32 : i32
@@ -533,12 +472,12 @@ fn selected_rows(bound: &str, pick: &str, load: &str, (ty, zero, out): (&str, &s
   %ok = arith.andi %nonneg, %inside : i1
   %orow = arith.addi %out0, %slot : index
   scf.for %col = %tid to %cD step %cT {{
-    %val = scf.if %ok -> ({ty}) {{
-{load}      scf.yield {store} : {ty}
+    %val = scf.if %ok -> (f32) {{
+{load}      scf.yield %v : f32
     }} else {{
-      scf.yield {zero} : {ty}
+      scf.yield %zero : f32
     }}
-    memref.store %val, {out}[%orow, %col] : memref<?x?x{ty}>
+    memref.store %val, %out[%orow, %col] : memref<?x?xf32>
   }}
   %inc = arith.extui %nonneg : i1 to i32
   %c2n = arith.addi %c, %inc : i32
@@ -922,40 +861,6 @@ mod tests {
                 run(&g, &args, t, simulated);
                 assert_eq!((out, last), (want.clone(), want_last.clone()), "decode {decode} simulated {simulated}");
             }
-        }
-        // The same selection as the tensor-core attention's pages (decode's caches): 64 rows a
-        // query (one page for 4 keys), the selected rows' first d columns in bf16, zeros after.
-        let keys = values(t * s * width, 24, 3.0);
-        let sel: Vec<i32> = vec![0, 2, 5, -1, 1, -1, -1, -1, 3, 4, 1, 0];
-        let (mut want, mut want_table, mut want_len) = (vec![0u16; t * 64 * d], Vec::new(), Vec::new());
-        for i in 0..t {
-            let picks = &sel[i * k..(i + 1) * k];
-            want_len.push(picks.iter().filter(|&&j| j >= 0).count() as i32);
-            want_table.push(i as i32);
-            for (slot, &j) in picks.iter().enumerate().filter(|(_, &j)| j >= 0) {
-                let from = (i * s + j as usize) * width;
-                for col in 0..d {
-                    want[(i * 64 + slot) * d + col] = f32_to_bf16(keys[from + col]);
-                }
-            }
-        }
-        let g = kernel(SparseRow::GatherPages, d, "f32");
-        for simulated in [false, true] {
-            let (mut keys, mut sel) = (keys.clone(), sel.clone());
-            let (mut pages, mut table, mut lengths) = (vec![0xFFFFu16; t * 64 * d], vec![-7i32; t], vec![-7i32; t]);
-            let args = [
-                raw(&mut keys, &[t, s, width], "f32"),
-                raw(&mut sel, &[t, k], "i32"),
-                raw(&mut pages, &[t * 64, d], "bf16"),
-                raw(&mut table, &[t, 1], "i32"),
-                raw(&mut lengths, &[t], "i32"),
-            ];
-            run(&g, &args, t, simulated);
-            assert_eq!(
-                (pages, table, lengths),
-                (want.clone(), want_table.clone(), want_len.clone()),
-                "simulated {simulated}"
-            );
         }
         let (b, c) = (3, 9);
         let cache0 = values(b * s * c, 22, 1.0);
