@@ -1030,6 +1030,34 @@ mod tests {
         }
     }
 
+    /// `kernel`'s launch `l` (`module`: its PTX, parsed) in the simulator, run and checked as
+    /// `checks` says (no memory regions: the tests' vectors are the launch's own).
+    ///
+    /// # Safety
+    /// As [`simulate_launch`]'s.
+    unsafe fn simulate(
+        kernel: &crate::conversion::sm90::GpuKernel,
+        module: &v3c_ptxsim::Module,
+        l: &KernelLaunch,
+        checks: Checks,
+    ) -> Result<v3c_ptxsim::Stats, String> {
+        simulate_launch(&module.kernels[0], l, kernel.threads, kernel.shared_memory_bytes, None, checks)
+    }
+
+    /// [`simulate`] that must pass, its figures printed.
+    ///
+    /// # Safety
+    /// As [`simulate_launch`]'s.
+    unsafe fn simulated(
+        kernel: &crate::conversion::sm90::GpuKernel,
+        module: &v3c_ptxsim::Module,
+        l: &KernelLaunch,
+        checks: Checks,
+    ) {
+        let stats = simulate(kernel, module, l, checks).unwrap();
+        eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
+    }
+
     /// DeepSeek-V3.2's attention over each query's selected rows, launched as the runtime makes it:
     /// f32 key rows of 704 columns (NaN past the 576 the attention reads, and in row 0, which no
     /// query selects: a row gathered past a selection reads row 0 and must be zeroed) — 300 rows
@@ -1121,18 +1149,7 @@ mod tests {
         for (heads, reversed, decode) in [(128, false, false), (128, true, false), (64, false, true)] {
             let (rel, lse) = selected_case(heads, decode, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
-                let stats = unsafe {
-                    simulate_launch(
-                        &module.kernels[0],
-                        l,
-                        kernel.threads,
-                        kernel.shared_memory_bytes,
-                        None,
-                        v3c_ptxsim::Checks { reversed, races: !reversed },
-                    )
-                }
-                .unwrap();
-                eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
+                unsafe { simulated(&kernel, &module, l, Checks { reversed, races: !reversed }) }
             });
             eprintln!(
                 "{} ({heads} heads, reversed {reversed}, decode {decode}): relative error {rel:.2e}",
@@ -1150,16 +1167,7 @@ mod tests {
             let mut err = String::new();
             selected_case(64, false, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
-                let r = unsafe {
-                    simulate_launch(
-                        &module.kernels[0],
-                        l,
-                        kernel.threads,
-                        kernel.shared_memory_bytes,
-                        None,
-                        Checks { reversed: false, races: true },
-                    )
-                };
+                let r = unsafe { simulate(&kernel, &module, l, Checks { reversed: false, races: true }) };
                 err = r.err().unwrap_or_default();
             });
             err
@@ -1204,18 +1212,7 @@ mod tests {
             let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
             let (rel, _) = decode_case(config.kv, config.rope, 128, tokens, fp8_cache, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
-                let stats = unsafe {
-                    simulate_launch(
-                        &module.kernels[0],
-                        l,
-                        kernel.threads,
-                        kernel.shared_memory_bytes,
-                        None,
-                        v3c_ptxsim::Checks { reversed, races: !reversed },
-                    )
-                }
-                .unwrap();
-                eprintln!("{}: {} CTAs, {} instructions simulated", kernel.name, stats.ctas, stats.instructions);
+                unsafe { simulated(&kernel, &module, l, Checks { reversed, races: !reversed }) }
             });
             eprintln!(
                 "{} ({tokens} tokens, threads reversed: {reversed}): relative error {rel:.2e} (Frobenius) vs float64",
@@ -1242,16 +1239,7 @@ mod tests {
             decode_case(config.kv, config.rope, heads, 1, false, |l| {
                 if err.is_empty() {
                     // SAFETY: the case's vectors, of the launch's shapes.
-                    let r = unsafe {
-                        simulate_launch(
-                            &module.kernels[0],
-                            l,
-                            kernel.threads,
-                            kernel.shared_memory_bytes,
-                            None,
-                            Checks { reversed: false, races: true },
-                        )
-                    };
+                    let r = unsafe { simulate(&kernel, &module, l, Checks { reversed: false, races: true }) };
                     err = r.err().unwrap_or_default();
                 }
             });
@@ -1380,24 +1368,10 @@ mod tests {
                     match run {
                         // SAFETY: the vectors above, of the launch's shapes.
                         0 => unsafe { emulate_prefill(&launch, abi.kind).unwrap() },
-                        _ => {
-                            // SAFETY: as above.
-                            let stats = unsafe {
-                                simulate_launch(
-                                    &module.kernels[0],
-                                    &launch,
-                                    kernel.threads,
-                                    kernel.shared_memory_bytes,
-                                    None,
-                                    v3c_ptxsim::Checks { reversed: run == 2, races: run == 1 },
-                                )
-                            }
-                            .unwrap();
-                            eprintln!(
-                                "{}: {} CTAs, {} instructions simulated",
-                                kernel.name, stats.ctas, stats.instructions
-                            );
-                        }
+                        // SAFETY: as above.
+                        _ => unsafe {
+                            simulated(&kernel, &module, &launch, Checks { reversed: run == 2, races: run == 1 })
+                        },
                     }
                     results.push((o, l));
                 }

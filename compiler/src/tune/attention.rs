@@ -354,6 +354,16 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
     // loads no step ahead: one buffer, or a loop a step ahead in two), or hidden behind the
     // steps before it but for a residue.
     let ahead = config.loads_ahead();
+    // The launch: its pipelines' time or its DRAM traffic's, whichever is longer.
+    let finish = |blocks: usize, splits: usize, step_us: f64, compute: f64, memory: f64| AttentionEstimate {
+        config: *config,
+        blocks,
+        splits,
+        per_sm,
+        step_us,
+        micros: compute.max(memory) + LAUNCH_US,
+        bound: if compute >= memory { "compute" } else { "memory" },
+    };
     let step = |latency: f64, load: f64, work: f64| match ahead {
         0 => latency + load + work,
         a => work.max(load) + EXPOSED_AT_TWO / a as f64 * load.min(work),
@@ -396,15 +406,7 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
                 + (sequences * heads * width * 2) as f64
                 + (splits * sequences * heads * (kv + 1) * 4) as f64;
             let memory = bytes / dram_us;
-            AttentionEstimate {
-                config: *config,
-                blocks,
-                splits,
-                per_sm,
-                step_us,
-                micros: compute.max(memory) + LAUNCH_US,
-                bound: if compute >= memory { "compute" } else { "memory" },
-            }
+            finish(blocks, splits, step_us, compute, memory)
         }
         AttentionShape::Prefill { heads, qk, v, tokens, mode } => {
             let queries = 2 * PAGE;
@@ -452,15 +454,7 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             };
             let bytes = (heads * tokens * (read + written)) as f64;
             let memory = bytes / dram_us;
-            AttentionEstimate {
-                config: *config,
-                blocks,
-                splits: 1,
-                per_sm,
-                step_us,
-                micros: compute.max(memory) + LAUNCH_US,
-                bound: if compute >= memory { "compute" } else { "memory" },
-            }
+            finish(blocks, 1, step_us, compute, memory)
         }
         AttentionShape::Selected { heads, kv, rope, tokens, keys, prefill } => {
             let width = kv + rope;
@@ -485,15 +479,7 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
                 + (tokens * heads * width * 2) as f64
                 + (splits * tokens * heads * (kv + 1) * 4) as f64;
             let memory = bytes / dram_us;
-            AttentionEstimate {
-                config: *config,
-                blocks,
-                splits,
-                per_sm,
-                step_us,
-                micros: compute.max(memory) + LAUNCH_US,
-                bound: if compute >= memory { "compute" } else { "memory" },
-            }
+            finish(blocks, splits, step_us, compute, memory)
         }
     }
 }
