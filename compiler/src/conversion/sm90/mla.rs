@@ -44,6 +44,11 @@
 //! Several new tokens per sequence (MTP's speculative decoding) are causal among themselves: token t
 //! of T sees the keys before `len - T + t + 1`.
 //!
+//! DeepSeek-V3.2's sparse attention (`_sel`, [`MlaDecodeConfig::selected`]): each query token is a
+//! sequence whose keys are the rows its selection names, gathered by the block's threads from f32
+//! rows into the page buffers (no TMA can gather rows) — prefill's queries from the same rows,
+//! decode's each from its sequence's cache.
+//!
 //! The fp8 cache option (`fp8_cache`): the latent stored as e4m3 with one f32 scale per row and
 //! 128 columns (the rope part bf16) — 40% less cache traffic; each page is decoded (`cvt.rn.f16x2.e4m3x2`),
 //! scaled and rounded to bf16 into one shared buffer the tensor cores read (wgmma reads e4m3 only
@@ -102,10 +107,11 @@ pub struct MlaDecodeConfig {
     /// DeepSeek-V3.2's attention over each query's selected rows (`_sel`): no paged cache — the
     /// keys are f32 rows (`[S, C]`, `C >= kv + rope`; decode: each sequence's cache rows, `[B, S,
     /// C]`) and each sequence (one query token's heads) reads the rows its row of the selection
-    /// (`[T, K]` i32, ascending, -1 padded) names, in that order. The threads gather a page of 64 selected rows, rounded to bf16, into a ring of
-    /// two buffers — warpgroup 1 the next page while warpgroup 0 scores this one — where the
-    /// tensor cores read them as they read a cache page ([`Emitter::selected_loop`]). Two buffers,
-    /// the bf16 layout, no cluster (nothing to multicast: no TMA loads a page), not `_serial`.
+    /// (`[T, K]` i32, ascending, -1 padded) names, in that order. The threads gather a page of 64
+    /// selected rows, rounded to bf16, into a ring of two buffers — warpgroup 1 the next page
+    /// while warpgroup 0 scores this one — where the tensor cores read them as they read a cache
+    /// page ([`Emitter::selected_loop`]). Two buffers, the bf16 layout, no cluster (nothing to
+    /// multicast: no TMA loads a page), not `_serial`.
     pub selected: bool,
 }
 
