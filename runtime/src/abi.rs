@@ -69,6 +69,10 @@ impl KernelAbi {
                 .map_err(|why| format!("flash attention with {why}")),
             KernelAbi::MlaDecode(a) => multiple("a latent width of", a.kv, 128)
                 .and_then(|_| multiple("a rope width of", a.rope, 64))
+                .and_then(|_| match a.selected && a.fp8_cache {
+                    true => Err("both the selected rows and the fp8 cache (it gathers f32 rows)".to_string()),
+                    false => Ok(()),
+                })
                 .map_err(|why| format!("decode attention with {why}")),
         }
     }
@@ -939,6 +943,8 @@ mod tests {
             Err("decode attention with a latent width of 96 (a positive multiple of 128)".into())
         );
         assert!(decode(512, 0).unwrap_err().contains("a rope width of 0"));
+        let both = KernelAbi::MlaDecode(MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true, selected: true }).check();
+        assert!(both.unwrap_err().contains("both the selected rows and the fp8 cache"));
         let flash = |qk, v| KernelAbi::MlaPrefill(MlaPrefillAbi { qk, v, kind: FlashKind::GradK }).check();
         assert_eq!(flash(192, 128), Ok(()));
         assert!(flash(192, 0).unwrap_err().contains("flash attention with a value width of 0"));
@@ -1098,6 +1104,39 @@ mod tests {
         let contiguous = buf(0x2000, &[b, pages * 64, 576], "bf16");
         let err = a.launch("mla", [&q, &contiguous, &table, &seqlens, &o_part, &lse], heads, 0.25).unwrap_err();
         assert!(err.contains("a pool of pages of 64 rows"), "{err}");
+    }
+
+    /// The attention over selected rows: q's tensor map alone, the keys (prefill's rows `[S, C]`, or
+    /// decode's caches `[T, S, C]`: each query's own S rows, passed last), selection, split outputs
+    /// and lse as memrefs; `T ceil(H / 64)` x splits blocks. Keys of bf16, rows not 16-byte
+    /// multiples, caches of another count of sequences than queries, the fp8 cache: refused.
+    #[test]
+    fn the_selected_rows_attention_launches_over_key_rows() {
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: true };
+        let (t, heads, splits, s, k) = (3, 128, 2, 300, 2048);
+        let q = buf(0x1000, &[t * heads, 576], "bf16");
+        let selected = buf(0x3000, &[t, k], "i32");
+        let o_part = buf(0x5000, &[splits, t * heads, 512], "f32");
+        let lse = buf(0x6000, &[splits, t * heads], "f32");
+        for (shape, seq_rows) in [(vec![s, 704], 0), (vec![t, s, 704], s)] {
+            let keys = buf(0x2000, &shape, "f32");
+            let l = a.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25).unwrap();
+            assert_eq!((l.grid, l.grid_y, l.tensor_maps.len()), (t * 2, splits, 1));
+            assert_eq!(l.params.len(), 1 + 7 + 7 + 9 + 7 + 4);
+            // The keys seen as rows: [T S, C] for decode's caches.
+            assert_eq!(
+                l.params[4..6],
+                [Param::Value((shape[0] * shape.get(2).map_or(1, |_| s)) as u64), Param::Value(704)]
+            );
+            assert_eq!(l.params[l.params.len() - 1], Param::Value(seq_rows as u64));
+        }
+        for (keys, element) in [(vec![s, 704], "bf16"), (vec![s, 702], "f32"), (vec![t + 1, s, 704], "f32")] {
+            let keys = buf(0x2000, &keys, element);
+            assert!(a.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25).is_err(), "{keys:?}");
+        }
+        let fp8 = MlaDecodeAbi { fp8_cache: true, ..a };
+        let keys = buf(0x2000, &[s, 704], "f32");
+        assert!(fp8.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25).is_err());
     }
 
     /// The fp8 cache: one buffer of 656-byte rows seen as the latent's and the RoPE key's tensor
