@@ -217,8 +217,9 @@ impl MlaDecodeAbi {
         );
         let (os, ls) = (o_part.shape_at_rank(3).map_err(fail)?, lse.shape_at_rank(2).map_err(fail)?);
         let t = ss[0];
+        // Decode's caches: query t reads cache t (a cache for every query; more are not read).
         let seq_rows = match keys.shape[..] {
-            [b, s, _] if b == t => s,
+            [b, s, _] if b >= t => s,
             _ => 0,
         };
         let fine = self.selected
@@ -1109,7 +1110,7 @@ mod tests {
     /// The attention over selected rows: q's tensor map alone, the keys (prefill's rows `[S, C]`, or
     /// decode's caches `[T, S, C]`: each query's own S rows, passed last), selection, split outputs
     /// and lse as memrefs; `T ceil(H / 64)` x splits blocks. Keys of bf16, rows not 16-byte
-    /// multiples, caches of another count of sequences than queries, the fp8 cache: refused.
+    /// multiples, fewer caches than queries, the fp8 cache: refused.
     #[test]
     fn the_selected_rows_attention_launches_over_key_rows() {
         let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: true };
@@ -1130,7 +1131,7 @@ mod tests {
             );
             assert_eq!(l.params[l.params.len() - 1], Param::Value(seq_rows as u64));
         }
-        for (keys, element) in [(vec![s, 704], "bf16"), (vec![s, 702], "f32"), (vec![t + 1, s, 704], "f32")] {
+        for (keys, element) in [(vec![s, 704], "bf16"), (vec![s, 702], "f32"), (vec![t - 1, s, 704], "f32")] {
             let keys = buf(0x2000, &keys, element);
             assert!(a.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25).is_err(), "{keys:?}");
         }

@@ -559,7 +559,7 @@ pub unsafe fn mla_decode_selected(heads: usize, scale: f32, bufs: &[RawBuffer]) 
     let (width, cols) = (q.shape[1], keys.shape[keys.shape.len() - 1]);
     let (t_count, k_width) = (selected.shape[0], selected.shape[1]);
     let (key_rows, seq_rows) = match keys.shape[..] {
-        [b, s, _] if b == t_count => (b * s, s),
+        [b, s, _] if b >= t_count => (b * s, s),
         [rows, _] => (rows, 0),
         _ => return Err(format!("keys {:?} for {t_count} queries", keys.shape)),
     };
