@@ -575,26 +575,10 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
   %cv_in = arith.cmpi ult, %cv_r, %cv_valid : index
   %cv_grp = arith.divui %cv_uc, %c8 : index
   %cv_col0 = arith.muli %cv_uc, %c16 : index
-  %cv_chunk = arith.divui %cv_col0, %c64 : index
-  %cv_ccol = arith.remui %cv_col0, %c64 : index
-  %cv_unit0 = arith.divui %cv_ccol, %c8 : index
-  %cv_unit1 = arith.addi %cv_unit0, %c1 : index
-  %cv_rm8 = arith.remui %cv_r, %c8 : index
-  %cv_cbase = arith.muli %cv_chunk, %c{CHUNK_BYTES} : index
+  %cv_col1 = arith.addi %cv_col0, %c8 : index
+{dst0}
+{dst1}
   %cv_rbase = arith.muli %cv_r, %c128 : index
-  %cv_base = arith.addi %cv_cbase, %cv_rbase : index
-  %cv_sw0 = arith.xori %cv_unit0, %cv_rm8 : index
-  %cv_sw1 = arith.xori %cv_unit1, %cv_rm8 : index
-  %cv_o0 = arith.muli %cv_sw0, %c16 : index
-  %cv_o1 = arith.muli %cv_sw1, %c16 : index
-  %cv_d0 = arith.addi %cv_base, %cv_o0 : index
-  %cv_d1 = arith.addi %cv_base, %cv_o1 : index
-  %cv_d0_64 = arith.index_cast %cv_d0 : index to i64
-  %cv_d1_64 = arith.index_cast %cv_d1 : index to i64
-  %cv_a0 = arith.addi %cv_dst, %cv_d0_64 : i64
-  %cv_a1 = arith.addi %cv_dst, %cv_d1_64 : i64
-  %cv_p0 = llvm.inttoptr %cv_a0 : i64 to !llvm.ptr<3>
-  %cv_p1 = llvm.inttoptr %cv_a1 : i64 to !llvm.ptr<3>
   %cv_k = arith.divui %u, %c{THREADS} : index
   %cv_k4 = arith.muli %cv_k, %c4 : index
   %cv_run = arith.divui %sc_lane, %c8 : index
@@ -618,6 +602,8 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
             dst_off = c.converted_offset(),
             units = PAGE * units_per_row,
             box_bytes = PAGE * 128,
+            dst0 = indent(&swizzled_pointer("cv_p0", "%cv_dst", "%cv_r", "%cv_col0"), 2),
+            dst1 = indent(&swizzled_pointer("cv_p1", "%cv_dst", "%cv_r", "%cv_col1"), 2),
         );
         for p in 0..8 {
             // Pair p: bytes 2p, 2p + 1 of the unit (half p mod 2 of its word p / 2) -> columns col0
@@ -655,8 +641,8 @@ scf.for %u = %tid to %c{units} step %c{THREADS} {{
   } else {
     scf.yield %cv_zero_unit, %cv_zero_unit : vector<4xi32>, vector<4xi32>
   }
-  llvm.store %cv_units#0, %cv_p0 {alignment = 16 : i64} : vector<4xi32>, !llvm.ptr<3>
-  llvm.store %cv_units#1, %cv_p1 {alignment = 16 : i64} : vector<4xi32>, !llvm.ptr<3>
+  llvm.store %cv_units#0, %cv_p0ptr {alignment = 16 : i64} : vector<4xi32>, !llvm.ptr<3>
+  llvm.store %cv_units#1, %cv_p1ptr {alignment = 16 : i64} : vector<4xi32>, !llvm.ptr<3>
 }
 nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}
 gpu.barrier
@@ -946,23 +932,12 @@ scf.for %gi = %c0 to %c{per_thread} step %c{unroll} {{
                 "  %gb{k} = arith.truncf %gv{k} : vector<4xf32> to vector<4xbf16>
   %gw{k}_v = llvm.bitcast %gb{k} : vector<4xbf16> to i64
   %gw{k} = arith.select %gin{k}, %gw{k}_v, %c0_i64 : i64
-  %gch{k} = arith.divui %gcol{k}, %c{CHUNK} : index
-  %gcc{k} = arith.remui %gcol{k}, %c{CHUNK} : index
-  %gun{k} = arith.divui %gcc{k}, %c8 : index
-  %ghalf{k} = arith.remui %gcc{k}, %c8 : index
-  %grm{k} = arith.remui %gr{k}, %c8 : index
-  %gsw{k} = arith.xori %gun{k}, %grm{k} : index
-  %gob{k} = arith.muli %gch{k}, %c{CHUNK_BYTES} : index
-  %gor{k} = arith.muli %gr{k}, %c128 : index
-  %gos{k} = arith.muli %gsw{k}, %c16 : index
-  %goh{k} = arith.muli %ghalf{k}, %c2 : index
-  %go1_{k} = arith.addi %gob{k}, %gor{k} : index
-  %go2_{k} = arith.addi %go1_{k}, %gos{k} : index
-  %go{k} = arith.addi %go2_{k}, %goh{k} : index
-  %go{k}_64 = arith.index_cast %go{k} : index to i64
-  %ga{k} = arith.addi %gp_base, %go{k}_64 : i64
-  %gp{k} = llvm.inttoptr %ga{k} : i64 to !llvm.ptr<3>
-  llvm.store %gw{k}, %gp{k} {{alignment = 8 : i64}} : i64, !llvm.ptr<3>"
+{to}
+  llvm.store %gw{k}, %gp{k}ptr {{alignment = 8 : i64}} : i64, !llvm.ptr<3>",
+                to = indent(
+                    &swizzled_pointer(&format!("gp{k}"), "%gp_base", &format!("%gr{k}"), &format!("%gcol{k}")),
+                    2
+                )
             );
         }
         t.push_str("}");
@@ -2392,6 +2367,31 @@ fn shared_memory_and_barriers(
     nvgpu.mbarrier.arrive.expect_tx %bars[%c{stages}], %c{query_bytes} : !bar
 ",
         nbars = stages + 1
+    )
+}
+
+/// `%<p>ptr`: the shared-memory address (from `base`, an i64) of bf16 column `col` (index) of row
+/// `row` of a page in the 128-byte-swizzled 64-column chunks the tensor cores read: its chunk's
+/// (`col / 64`), the row's 128 bytes in it, the 16-byte unit `(col mod 64) / 8` xor `row mod 8`,
+/// the column's bytes in the unit.
+fn swizzled_pointer(p: &str, base: &str, row: &str, col: &str) -> String {
+    format!(
+        "%{p}chunk = arith.divui {col}, %c{CHUNK} : index
+%{p}ccol = arith.remui {col}, %c{CHUNK} : index
+%{p}unit = arith.divui %{p}ccol, %c8 : index
+%{p}within = arith.remui %{p}ccol, %c8 : index
+%{p}rm8 = arith.remui {row}, %c8 : index
+%{p}sw = arith.xori %{p}unit, %{p}rm8 : index
+%{p}cb = arith.muli %{p}chunk, %c{CHUNK_BYTES} : index
+%{p}rb = arith.muli {row}, %c128 : index
+%{p}ub = arith.muli %{p}sw, %c16 : index
+%{p}eb = arith.muli %{p}within, %c2 : index
+%{p}o1 = arith.addi %{p}cb, %{p}rb : index
+%{p}o2 = arith.addi %{p}o1, %{p}ub : index
+%{p}o = arith.addi %{p}o2, %{p}eb : index
+%{p}o64 = arith.index_cast %{p}o : index to i64
+%{p}a = arith.addi {base}, %{p}o64 : i64
+%{p}ptr = llvm.inttoptr %{p}a : i64 to !llvm.ptr<3>"
     )
 }
 
