@@ -7,7 +7,7 @@
 # .device/ (git-ignored, ~59 MB) and packs it as .device.tar.xz (~12 MB); carry that (a device call
 # carries 64 MiB with the working tree): this script unpacks it. Results go to $OUT (else ./device-out/): check.log, doctor.json,
 # ceilings.json, e2e*.json/txt (e2e_bf16.json: the built-in tiny model's bf16 checkpoint), dump_compare.json, hf_gpu_*.json (transformers' fixtures), gemm_<kernel>.json, rows_<kernel>.json, mla.json,
-# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), prefill_slice*.json, serve_slice*.json, serve_sampled*.json, serve_logprobs*.json, e2e_logprobs*.jsonl, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
+# decode_slice*.json (decode_slice_kernels.json: the slice's decode kernels one by one), v32_slice_kernels.json, prefill_slice*.json, serve_slice*.json, serve_sampled*.json, serve_logprobs*.json, e2e_logprobs*.jsonl, train_slice_*.json, tuning.json, perplexity*.json, shared_serve.jsonl.
 #
 # Steps, in this order (correctness first; every step bounded by what is left of 570 s):
 # 1. v3r doctor + the device's two ceilings (copy bandwidth, bf16 matmul via torch);
@@ -30,7 +30,7 @@
 # 2. the GEMM template kernels vs torch (gemm_check.py: correctness, then TFLOP/s); 2c. the row kernels
 #    (rows_check.py); 2d. MLA attention on the tensor cores (mla_check.py; training's flash kernels too);
 # 5. decode steps of a 4-layer full-width slice (random weights) by `v3r bench-decode`, its decode
-#    kernels one by one (`v3r bench-kernels`), its prefill in chunks of 1024 and 4096 tokens (`v3r
+#    kernels one by one (`v3r bench-kernels`; and DeepSeek-V3.2's slice's), its prefill in chunks of 1024 and 4096 tokens (`v3r
 #    bench-prefill`; at 4096 also with `--all-launches`, the head over every row; at 128 and 512 with
 #    and without `--plan-rows-kernels`, the GEMMs' 4096-row kernels; and transformers' 4096), a serving
 #    load on it (`v3r bench-serve`: requests joining a running batch, then with `--every-slot` — idle
@@ -644,6 +644,18 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
       row "5. decode kernels (v3r)" "ok" "$(grep -o 'entry decode: [0-9.]* ms per run' "$log" | tail -1) (decode_slice_kernels.json)"
     else
       row "5. decode kernels (v3r)" "FAILED" "see check.log"
+    fi
+  fi
+  # DeepSeek-V3.2's slice (prepare.sh): its prefill (4096 tokens) and decode (64 x 4096) kernels one
+  # by one, the attention gathering each query's selected rows (`_sel`: the cost model's 6.5 ms a
+  # layer for prefill, 106.5 us for decode, on an H200) and the indexer's scores and top keys.
+  left=$((570 - SECONDS))
+  if [ -d "$root/.device/slice32/sm90" ] && [ "$left" -ge 240 ]; then
+    if timeout 60 "$v3r" bench-kernels "$root/.device/slice32/sm90" --random-weights 1 --reps 5 \
+        --out "$out/v32_slice_kernels.json" 2>&1 | tee -a "$log"; then
+      row "5. V3.2 kernels (v3r)" "ok" "$(grep -o 'mla_decode_kv512_r64_p64_s2_sel *[0-9]* launches *[0-9.]* ms each' "$log" | tail -2 | sed 's/  */ /g' | paste -sd';') (one line an entry: v32_slice_kernels.json)"
+    else
+      row "5. V3.2 kernels (v3r)" "FAILED" "see check.log"
     fi
   fi
   # fp8 decode caches (--kv-cache fp8): the attention streams 656 bytes a cached row instead of 1152.

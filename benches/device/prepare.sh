@@ -299,6 +299,19 @@ target/release/v3c compile --model .device/slice/config --target sm_90a --max-ro
 # of device memory with the weights), the decode plan kept at 64 sequences.
 target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 4096 --max-batch 64 \
   --max-context 4096 --out .device/slice/sm90p --force 2>/dev/null
+# DeepSeek-V3.2's slice (check.sh 5, "V3.2 kernels"): the same 4 layers with its lightning indexer,
+# for prefill chunks of 4096 tokens and decode at 64 sequences x 4096 cache rows; its kernels timed
+# one by one (the indexer's scores and top keys, the attention gathering the selected rows).
+rm -rf .device/slice32 && mkdir -p .device/slice32/config
+python3 - models/src/config.rs .device/slice32/config/config.json <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+c = json.loads(re.search(r'pub const DEEPSEEK_V3_2_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
+c.update(num_hidden_layers=4, num_nextn_predict_layers=0)
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+target/release/v3c compile --model .device/slice32/config --target sm_90a --max-rows 4096 --max-batch 64 \
+  --max-context 4096 --out .device/slice32/sm90 --force 2>/dev/null
 # Training benchmark: DeepSeek-V3's first two layers (both dense: first_k_dense_replace 2 here) at full
 # width, no MTP, as sm_90a training-step artifacts for windows of 256 tokens (the FP8 recipe and f32);
 # `v3r bench-train --random-weights` makes up the f32 masters on the GPU machine (12 GiB).
