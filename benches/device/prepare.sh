@@ -257,17 +257,24 @@ for precision in f32 fp8; do
   find ".device/train/${precision}_expected" -mindepth 1 ! -name loss.csv -delete
   rm -rf ".device/train/${precision}_cpu"
 done
+# `built_in_config CONST OUT KEY=VALUE...`: the built-in config `CONST` of models/src/config.rs with
+# those keys set (values as JSON), written to OUT.
+built_in_config() {
+  local name=$1 out=$2
+  shift 2
+  python3 - models/src/config.rs "$name" "$out" "$@" <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+c = json.loads(re.search(r'pub const %s: &str = r#"(.*?)"#;' % sys.argv[2], text, re.S).group(1))
+c.update({k: json.loads(v) for k, v in (a.split("=", 1) for a in sys.argv[4:])})
+json.dump(c, open(sys.argv[3], "w"), indent=1)
+PY
+}
 # The same model with 64-wide heads (nope, rope, values: widths the flash kernels take), f32: its
 # sm_90a step runs attention and its gradient on the flash kernels in bf16 (`f32wide`; the cpu
 # artifact's attention is f32).
 mkdir -p .device/train/wide_config
-python3 - models/src/config.rs .device/train/wide_config/config.json <<'PY'
-import json, re, sys
-text = open(sys.argv[1]).read()
-c = json.loads(re.search(r'pub const DEEPSEEK_V3_TINY_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
-c.update(qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64)
-json.dump(c, open(sys.argv[2], "w"), indent=1)
-PY
+built_in_config DEEPSEEK_V3_TINY_JSON .device/train/wide_config/config.json qk_nope_head_dim=64 qk_rope_head_dim=64 v_head_dim=64
 target/release/v3c init-weights --model .device/train/wide_config --out .device/train/ckpt_f32wide --seed 5 >/dev/null 2>&1
 for t in sm_90a cpu; do
   target/release/v3c compile --model .device/train/ckpt_f32wide --target "$t" --train --max-rows 32 \
@@ -283,13 +290,7 @@ rm -rf .device/train/f32wide_cpu .device/train/wide_config
 # GiB): `v3r bench-decode --random-weights` makes weights up on the device; hf_decode.py builds the same
 # slice in transformers.
 rm -rf .device/slice && mkdir -p .device/slice/config
-python3 - models/src/config.rs .device/slice/config/config.json <<'PY'
-import json, re, sys
-text = open(sys.argv[1]).read()
-c = json.loads(re.search(r'pub const DEEPSEEK_V3_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
-c.update(num_hidden_layers=4, num_nextn_predict_layers=0)
-json.dump(c, open(sys.argv[2], "w"), indent=1)
-PY
+built_in_config DEEPSEEK_V3_JSON .device/slice/config/config.json num_hidden_layers=4 num_nextn_predict_layers=0
 target/release/v3c compile --model .device/slice/config --target sm_90a --max-rows 64 --max-context 4096 \
   --out .device/slice/sm90 --force 2>/dev/null
 # The same with fp8 decode caches (656-byte rows instead of 1152).
@@ -303,26 +304,14 @@ target/release/v3c compile --model .device/slice/config --target sm_90a --max-ro
 # for prefill chunks of 4096 tokens and decode at 64 sequences x 4096 cache rows; its kernels timed
 # one by one (the indexer's scores and top keys, the attention gathering the selected rows).
 rm -rf .device/slice32 && mkdir -p .device/slice32/config
-python3 - models/src/config.rs .device/slice32/config/config.json <<'PY'
-import json, re, sys
-text = open(sys.argv[1]).read()
-c = json.loads(re.search(r'pub const DEEPSEEK_V3_2_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
-c.update(num_hidden_layers=4, num_nextn_predict_layers=0)
-json.dump(c, open(sys.argv[2], "w"), indent=1)
-PY
+built_in_config DEEPSEEK_V3_2_JSON .device/slice32/config/config.json num_hidden_layers=4 num_nextn_predict_layers=0
 target/release/v3c compile --model .device/slice32/config --target sm_90a --max-rows 4096 --max-batch 64 \
   --max-context 4096 --out .device/slice32/sm90 --force 2>/dev/null
 # Training benchmark: DeepSeek-V3's first two layers (both dense: first_k_dense_replace 2 here) at full
 # width, no MTP, as sm_90a training-step artifacts for windows of 256 tokens (the FP8 recipe and f32);
 # `v3r bench-train --random-weights` makes up the f32 masters on the GPU machine (12 GiB).
 rm -rf .device/train_slice && mkdir -p .device/train_slice/config
-python3 - models/src/config.rs .device/train_slice/config/config.json <<'PY'
-import json, re, sys
-text = open(sys.argv[1]).read()
-c = json.loads(re.search(r'pub const DEEPSEEK_V3_JSON: &str = r#"(.*?)"#;', text, re.S).group(1))
-c.update(num_hidden_layers=2, first_k_dense_replace=2, num_nextn_predict_layers=0)
-json.dump(c, open(sys.argv[2], "w"), indent=1)
-PY
+built_in_config DEEPSEEK_V3_JSON .device/train_slice/config/config.json num_hidden_layers=2 first_k_dense_replace=2 num_nextn_predict_layers=0
 for precision in fp8 f32; do
   target/release/v3c compile --model .device/train_slice/config --target sm_90a --train --max-rows 256 \
     --precision "$precision" --out ".device/train_slice/$precision" --force 2>/dev/null
