@@ -1402,8 +1402,11 @@ fn deepseek_v32_runs_on_the_cpu_lowers_for_sm90a_and_refuses_training() {
     for kernel in [
         "sparse_index_1 -> 2 launches: rows_indexscores_d128_h64_t256_decode -> rows_topkeys_d2048_t256_decode",
         // The attention gathers each query's selected rows itself, prefill's and decode's.
-        "sparse_attention_0 (128 heads) prefill -> mla_decode_kv512_r64_p64_s2_sel [cost model:",
+        // Prefill's from a bf16 copy of the rows every query selects from (`_sel16`).
+        "sparse_attention_0 (128 heads) prefill -> mla_decode_kv512_r64_p64_s2_sel16 [cost model:",
         "sparse_attention_1 (128 heads) decode -> mla_decode_kv512_r64_p64_s2_sel [cost model:",
+        "rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> rows_slice_bf16_d576_o0_t128 -> \
+         mla_decode_kv512_r64_p64_s2_sel16 (128 heads, split K",
         "rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> mla_decode_kv512_r64_p64_s2_sel (128 heads, split K",
         "cache_write_0 -> rows_cachewrite_d704_t128",
     ] {

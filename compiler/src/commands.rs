@@ -1073,6 +1073,7 @@ fn write_gpu_artifact(
                 rope: c.rope,
                 fp8_cache: c.fp8_cache,
                 selected: c.selected,
+                bf16_rows: c.bf16_rows,
             }));
         }
         if let Some(c) = v3c_compiler::conversion::sm90::mla::MlaPrefillConfig::from_name(name) {

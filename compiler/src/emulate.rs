@@ -151,7 +151,9 @@ pub unsafe fn emulate_decode(l: &KernelLaunch) -> Result<(), String> {
             shape: v[at + 3..at + 3 + rank].iter().map(|&d| d as usize).collect(),
             element: element.into(),
         };
-        let mut keys = memref(0, 2, "f32");
+        // The keys' element type is the kernel's (`_sel16`: bf16 rows).
+        let rows16 = crate::conversion::sm90::mla::MlaDecodeConfig::from_name(&l.kernel).is_some_and(|c| c.bf16_rows);
+        let mut keys = memref(0, 2, if rows16 { "bf16" } else { "f32" });
         let (heads, scale, seq_rows) = (v[31] as usize, f32::from_bits(v[32] as u32), v[33] as usize);
         if seq_rows > 0 {
             // Each query's own rows (decode: its sequence's cache).
@@ -968,7 +970,7 @@ mod tests {
             buf(o_part.as_mut_ptr() as *const u8, &[splits, b * per, kv], "f32"),
             buf(lse.as_mut_ptr() as *const u8, &[splits, b * per], "f32"),
         ];
-        let abi = MlaDecodeAbi { kv, rope, fp8_cache, selected: false };
+        let abi = MlaDecodeAbi { kv, rope, fp8_cache, selected: false, bf16_rows: false };
         let launch = abi.launch("mla_decode", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4], &ops[5]], heads, scale);
         run(&launch.unwrap());
         let (mut err2, mut norm2) = (0f64, 0f64);
@@ -1065,8 +1067,9 @@ mod tests {
     /// cache) —, 4 queries of `heads` heads selecting 200 (three pages and 8 keys), 1, 64 and no
     /// rows (ascending, -1 padded, out of key order with one another), 2 splits; run by `run`: the
     /// relative (Frobenius) error of the merged splits against float64 attention over the selected
-    /// rows rounded to bf16, and the log-sum-exps.
-    fn selected_case(heads: usize, decode: bool, run: impl FnOnce(&KernelLaunch)) -> (f64, Vec<f32>) {
+    /// rows rounded to bf16, and the log-sum-exps. `rows16`: the same rows in bf16, launched for
+    /// `_sel16`.
+    fn selected_case(heads: usize, decode: bool, rows16: bool, run: impl FnOnce(&KernelLaunch)) -> (f64, Vec<f32>) {
         let (kv, rope, cols, keys_n, k_width, splits) = (512, 64, 704, 300, 200, 2);
         let (width, scale, t_count) = (kv + rope, 0.07f32, 4);
         let sets = if decode { t_count } else { 1 };
@@ -1096,17 +1099,24 @@ mod tests {
             shape: shape.to_vec(),
             element,
         };
+        let keys16: Vec<u16> = keys.iter().map(|&x| v3c_models::dtype::f32_to_bf16(x)).collect();
         let ops = [
             buf(q.as_ptr() as *const u8, &[all, width], "bf16"),
-            buf(keys.as_ptr() as *const u8, &key_shape, "f32"),
+            match rows16 {
+                true => buf(keys16.as_ptr() as *const u8, &key_shape, "bf16"),
+                false => buf(keys.as_ptr() as *const u8, &key_shape, "f32"),
+            },
             buf(selected.as_ptr() as *const u8, &[t_count, k_width], "i32"),
             buf(o_part.as_mut_ptr() as *const u8, &[splits, all, kv], "f32"),
             buf(lse.as_mut_ptr() as *const u8, &[splits, all], "f32"),
         ];
-        let abi = MlaDecodeAbi { kv, rope, fp8_cache: false, selected: true };
-        run(&abi
-            .launch_selected("mla_decode_sel", [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4]], heads, scale)
-            .unwrap());
+        let abi = MlaDecodeAbi { kv, rope, fp8_cache: false, selected: true, bf16_rows: rows16 };
+        let config = crate::conversion::sm90::mla::MlaDecodeConfig {
+            bf16_rows: rows16,
+            ..crate::conversion::sm90::mla::MlaDecodeConfig::DEEPSEEK_V32_SELECTED
+        };
+        let name = config.kernel_name();
+        run(&abi.launch_selected(&name, [&ops[0], &ops[1], &ops[2], &ops[3], &ops[4]], heads, scale).unwrap());
         let bf = |x: f32| v3c_models::dtype::bf16_to_f32(v3c_models::dtype::f32_to_bf16(x)) as f64;
         let (mut err2, mut norm2) = (0f64, 0f64);
         let splits_of = Splits { o_part: &o_part, lse: &lse, all, kv };
@@ -1125,17 +1135,19 @@ mod tests {
     }
 
     /// The selected rows' launch emulated from its parameters (the host's attention over them) and
-    /// DeepSeek-V3.2's kernel (`_sel`, 128 heads: two blocks a query; and 64 heads) simulated from
-    /// its PTX, the threads run both ways (races checked), prefill's rows and decode's: float64
-    /// attention over the selected rows within bf16's rounding of q and P; a query selecting one
-    /// row leaves its second split empty.
+    /// DeepSeek-V3.2's kernels (`_sel`, 128 heads: two blocks a query; and 64 heads; `_sel16`, of
+    /// bf16 rows) simulated from their PTX, the threads run both ways (races checked), prefill's
+    /// rows and decode's: float64 attention over the selected rows within bf16's rounding of q and
+    /// P; a query selecting one row leaves its second split empty.
     #[test]
     fn selected_rows_attention_simulated_from_its_ptx_computes_attention() {
         use crate::conversion::sm90::mla::MlaDecodeConfig;
         // SAFETY: every address is one of the case's vectors, of the launch's shapes.
-        for decode in [false, true] {
-            let (rel, lse) = selected_case(128, decode, |l| unsafe { emulate_decode(l).unwrap() });
-            eprintln!("selected rows' attention (host, decode {decode}) vs float64: relative error {rel:.2e}");
+        for (decode, rows16) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (rel, lse) = selected_case(128, decode, rows16, |l| unsafe { emulate_decode(l).unwrap() });
+            eprintln!(
+                "selected rows' attention (host, decode {decode}, bf16 rows {rows16}) vs float64: relative error {rel:.2e}"
+            );
             assert!(rel <= 1e-3, "relative error {rel:.2e}");
             // Query 1's one row: its second split is empty; query 3 selects nothing: neither has keys.
             let no_keys = |i: usize| lse[i].is_infinite() && lse[i] < 0.0;
@@ -1146,10 +1158,16 @@ mod tests {
         let config = MlaDecodeConfig::DEEPSEEK_V32_SELECTED;
         let kernel = crate::conversion::sm90::compile_mla(&context, &config, &crate::target::SM90A).unwrap();
         let module = v3c_ptxsim::Module::parse(&kernel.ptx).unwrap();
-        for (heads, reversed, decode) in [(128, false, false), (128, true, false), (64, false, true)] {
-            let (rel, lse) = selected_case(heads, decode, |l| {
+        let config16 = MlaDecodeConfig { bf16_rows: true, ..config };
+        let kernel16 = crate::conversion::sm90::compile_mla(&context, &config16, &crate::target::SM90A).unwrap();
+        let module16 = v3c_ptxsim::Module::parse(&kernel16.ptx).unwrap();
+        let runs = [(128, false, false, false), (128, true, false, false), (64, false, true, false)];
+        let runs16 = [(128, false, false, true), (128, true, false, true)];
+        for (heads, reversed, decode, rows16) in runs.into_iter().chain(runs16) {
+            let (kernel, module) = if rows16 { (&kernel16, &module16) } else { (&kernel, &module) };
+            let (rel, lse) = selected_case(heads, decode, rows16, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
-                unsafe { simulated(&kernel, &module, l, Checks { reversed, races: !reversed }) }
+                unsafe { simulated(kernel, module, l, Checks { reversed, races: !reversed }) }
             });
             eprintln!(
                 "{} ({heads} heads, reversed {reversed}, decode {decode}): relative error {rel:.2e}",
@@ -1165,7 +1183,7 @@ mod tests {
         let race = |ptx: &str| -> String {
             let module = v3c_ptxsim::Module::parse(ptx).unwrap();
             let mut err = String::new();
-            selected_case(64, false, |l| {
+            selected_case(64, false, false, |l| {
                 // SAFETY: the case's vectors, of the launch's shapes.
                 let r = unsafe { simulate(&kernel, &module, l, Checks { reversed: false, races: true }) };
                 err = r.err().unwrap_or_default();

@@ -392,7 +392,8 @@ fn assert_interior_tiles_unmasked(kernel: &sm90::GpuKernel, config: &sm90::mla::
 /// and the refill's), no spills; the fp8 cache's pages are converted 16 bytes at a time. DeepSeek-V3.2's
 /// `_sel` kernel gathers its pages itself: the query tile's TMA loads alone, the selected rows' f32
 /// read 16 bytes a load (a batch of them issued in the prologue's gather and in warpgroup 1's), each
-/// 4 columns rounded in two bf16 pairs and stored as one 8-byte shared store.
+/// 4 columns rounded in two bf16 pairs and stored as one 8-byte shared store; `_sel16`'s bf16 rows
+/// 8 columns a load, stored as they are (16 bytes).
 #[test]
 fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
     use sm90::mla::MlaDecodeConfig;
@@ -404,14 +405,29 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         MlaDecodeConfig::DEEPSEEK_V3,
         MlaDecodeConfig { serial: false, ..MlaDecodeConfig::DEEPSEEK_V3 },
         MlaDecodeConfig { cluster: 1, ..MlaDecodeConfig::DEEPSEEK_V3 },
-        MlaDecodeConfig { kv: 256, rope: 64, stages: 3, fp8_cache: false, cluster: 1, serial: false, selected: false },
+        MlaDecodeConfig {
+            kv: 256,
+            rope: 64,
+            stages: 3,
+            fp8_cache: false,
+            cluster: 1,
+            serial: false,
+            selected: false,
+            bf16_rows: false,
+        },
         fp8,
         MlaDecodeConfig::DEEPSEEK_V32_SELECTED,
+        MlaDecodeConfig { bf16_rows: true, ..MlaDecodeConfig::DEEPSEEK_V32_SELECTED },
     ] {
+        assert_eq!(MlaDecodeConfig::from_name(&config.kernel_name()), Some(config));
         let kernel = sm90::compile_mla(&context, &config, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
         let tma = kernel.ptx.matches("cp.async.bulk.tensor.2d").count();
         let gathers = (kernel.ptx.matches("ld.global.v4.b32").count(), kernel.ptx.matches("st.shared.b64").count());
-        if config.selected {
+        if config.bf16_rows {
+            assert_eq!(tma, config.dim() / 64, "{}: the query tile's boxes alone", kernel.name);
+            // 18 loads a thread of the block, 36 of warpgroup 1 (6 a batch each); 16-byte stores.
+            assert_eq!(gathers, (6 + 6, 0), "{}: 16-byte loads, no 8-byte stores", kernel.name);
+        } else if config.selected {
             assert_eq!(tma, config.dim() / 64, "{}: the query tile's boxes alone", kernel.name);
             // 36 quads a thread of the block (4 a batch), 72 of warpgroup 1 (8 a batch).
             assert_eq!(gathers, (4 + 8, 4 + 8), "{}: 16-byte loads, 8-byte stores", kernel.name);
@@ -424,7 +440,12 @@ fn mla_decode_compiles_to_hgmma_and_tma_without_spills() {
         // units of the swizzled chunk.
         let (loads, stores) =
             (kernel.ptx.matches("ld.shared.v4.b32").count(), kernel.ptx.matches("st.shared.v4.b32").count());
-        assert_eq!((loads, stores), if config.fp8_cache { (1, 2) } else { (0, 0) }, "{}", kernel.name);
+        let want = match (config.fp8_cache, config.bf16_rows) {
+            (true, _) => (1, 2),
+            (false, true) => (0, 6 + 6),
+            (false, false) => (0, 0),
+        };
+        assert_eq!((loads, stores), want, "{}", kernel.name);
         assert!(!kernel.ptx.contains("ld.shared.b16"), "{}: 2-byte shared loads", kernel.name);
         // Boxes a page: the bf16 chunks, or the fp8 latent's 128-byte boxes and the rope's chunks.
         let boxes = if config.fp8_cache { config.kv / 128 + config.rope / 64 } else { config.dim() / 64 };

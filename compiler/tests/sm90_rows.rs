@@ -252,6 +252,8 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
         kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));
     }
     kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), 704, "f32"));
+    // Prefill's key rows in bf16 for the tensor cores' gathers (`_sel16`).
+    kernels.push(RowKernel::new(RowOp::Train(TrainRow::Slice { start: 0 }), 576, "bf16"));
     kernels
 }
 

@@ -69,9 +69,10 @@ impl KernelAbi {
                 .map_err(|why| format!("flash attention with {why}")),
             KernelAbi::MlaDecode(a) => multiple("a latent width of", a.kv, 128)
                 .and_then(|_| multiple("a rope width of", a.rope, 64))
-                .and_then(|_| match a.selected && a.fp8_cache {
-                    true => Err("both the selected rows and the fp8 cache (it gathers f32 rows)".to_string()),
-                    false => Ok(()),
+                .and_then(|_| match (a.selected, a.fp8_cache, a.bf16_rows) {
+                    (true, true, _) => Err("both the selected rows and the fp8 cache (it gathers rows)".to_string()),
+                    (false, _, true) => Err("bf16 rows without the selected rows".to_string()),
+                    _ => Ok(()),
                 })
                 .map_err(|why| format!("decode attention with {why}")),
         }
@@ -90,6 +91,9 @@ pub struct MlaDecodeAbi {
     /// and the selection ([`Self::launch_selected`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub selected: bool,
+    /// The selected rows' kernel reads bf16 key rows (`_sel16`), not f32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16_rows: bool,
 }
 
 impl MlaDecodeAbi {
@@ -195,8 +199,8 @@ impl MlaDecodeAbi {
     /// The launch over `[q, keys, selected, o_part, lse]` of the kernel over each query's selected
     /// rows: absorbed queries `[T H, kv + rope]` (bf16; a query's H heads its rows), the key rows
     /// `[S, C]` every query selects from (prefill), or each query's own `[T, S, C]` (decode: its
-    /// sequence's cache) (f32, `C >= kv + rope` and a multiple of 4: rows are read 16 bytes at a
-    /// time), the selection `[T, K]` (i32: rows of the keys, ascending, -1 padded), the splits'
+    /// sequence's cache) (f32, or bf16 with [`Self::bf16_rows`]; `C >= kv + rope` and a whole
+    /// number of 16 bytes: rows are read 16 bytes at a time), the selection `[T, K]` (i32: rows of the keys, ascending, -1 padded), the splits'
     /// outputs `[Z, T H, kv]` and log-sum-exps `[Z, T H]` (f32): the queries' tensor map (64 x 64
     /// boxes), the memrefs, H, the heads, the scale's bits, the rows a query's keys start apart
     /// (S, or 0); `T ceil(H / 64)` x Z blocks.
@@ -222,15 +226,16 @@ impl MlaDecodeAbi {
             [b, s, _] if b >= t => s,
             _ => 0,
         };
+        let (element, per_16_bytes) = if self.bf16_rows { ("bf16", 8) } else { ("f32", 4) };
         let fine = self.selected
             && (keys.shape.len() == 2 || seq_rows > 0)
             && !self.fp8_cache
             && q.element == "bf16"
-            && keys.element == "f32"
+            && keys.element == element
             && selected.element == "i32"
             && qs[1] == width
             && ks[1] >= width
-            && ks[1] % 4 == 0
+            && ks[1] % per_16_bytes == 0
             && heads > 0
             && qs[0] == t * heads
             && os == [os[0], qs[0], self.kv]
@@ -936,16 +941,21 @@ mod tests {
         assert_eq!(zero.check(), Err("a GEMM's block_m of 0".to_string()));
         let odd = KernelAbi::Gemm(GemmAbi { grouping: "sorted".into(), ..abi(&[]) });
         assert_eq!(odd.check(), Err("a GEMM of fp8 -> f32, sorted grouping".to_string()));
-        let decode =
-            |kv, rope| KernelAbi::MlaDecode(MlaDecodeAbi { kv, rope, fp8_cache: false, selected: false }).check();
+        let decode = |kv, rope| {
+            KernelAbi::MlaDecode(MlaDecodeAbi { kv, rope, fp8_cache: false, selected: false, bf16_rows: false }).check()
+        };
         assert_eq!(decode(512, 64), Ok(()));
         assert_eq!(
             decode(96, 64),
             Err("decode attention with a latent width of 96 (a positive multiple of 128)".into())
         );
         assert!(decode(512, 0).unwrap_err().contains("a rope width of 0"));
-        let both = KernelAbi::MlaDecode(MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true, selected: true }).check();
+        let both =
+            KernelAbi::MlaDecode(MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true, selected: true, bf16_rows: false })
+                .check();
         assert!(both.unwrap_err().contains("both the selected rows and the fp8 cache"));
+        let paged16 = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: false, bf16_rows: true };
+        assert!(KernelAbi::MlaDecode(paged16).check().unwrap_err().contains("bf16 rows without the selected rows"));
         let flash = |qk, v| KernelAbi::MlaPrefill(MlaPrefillAbi { qk, v, kind: FlashKind::GradK }).check();
         assert_eq!(flash(192, 128), Ok(()));
         assert!(flash(192, 0).unwrap_err().contains("flash attention with a value width of 0"));
@@ -1082,7 +1092,7 @@ mod tests {
     /// as memrefs, rows per sequence, heads, the scale's bits; `B ceil(R / 64)` x splits blocks.
     #[test]
     fn decode_attention_launches_over_pages_and_splits() {
-        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: false };
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: false, bf16_rows: false };
         let (b, heads, splits, pages) = (3, 128, 4, 10);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
         let cache = buf(0x2000, &[b * pages, 64, 576], "bf16");
@@ -1109,11 +1119,11 @@ mod tests {
 
     /// The attention over selected rows: q's tensor map alone, the keys (prefill's rows `[S, C]`, or
     /// decode's caches `[T, S, C]`: each query's own S rows, passed last), selection, split outputs
-    /// and lse as memrefs; `T ceil(H / 64)` x splits blocks. Keys of bf16, rows not 16-byte
-    /// multiples, fewer caches than queries, the fp8 cache: refused.
+    /// and lse as memrefs; `T ceil(H / 64)` x splits blocks. Keys of bf16 (f32 for `_sel16`), rows
+    /// not 16-byte multiples, fewer caches than queries, the fp8 cache: refused.
     #[test]
     fn the_selected_rows_attention_launches_over_key_rows() {
-        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: true };
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: false, selected: true, bf16_rows: false };
         let (t, heads, splits, s, k) = (3, 128, 2, 300, 2048);
         let q = buf(0x1000, &[t * heads, 576], "bf16");
         let selected = buf(0x3000, &[t, k], "i32");
@@ -1138,13 +1148,23 @@ mod tests {
         let fp8 = MlaDecodeAbi { fp8_cache: true, ..a };
         let keys = buf(0x2000, &[s, 704], "f32");
         assert!(fp8.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25).is_err());
+        // `_sel16`: bf16 rows, 8 columns to 16 bytes; f32 rows refused.
+        let rows16 = MlaDecodeAbi { bf16_rows: true, ..a };
+        let keys = buf(0x2000, &[s, 576], "bf16");
+        let l = rows16.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25).unwrap();
+        assert_eq!(l.params[4..6], [Param::Value(s as u64), Param::Value(576)]);
+        for (cols, element) in [(576, "f32"), (580, "bf16")] {
+            let keys = buf(0x2000, &[s, cols], element);
+            let refused = rows16.launch_selected("mla", [&q, &keys, &selected, &o_part, &lse], heads, 0.25);
+            assert!(refused.is_err(), "{cols} {element}");
+        }
     }
 
     /// The fp8 cache: one buffer of 656-byte rows seen as the latent's and the RoPE key's tensor
     /// maps (the row's pitch) and the scales' memref (rows 164 floats apart); a bf16 cache refused.
     #[test]
     fn fp8_decode_attention_reads_one_buffer_of_packed_rows() {
-        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true, selected: false };
+        let a = MlaDecodeAbi { kv: 512, rope: 64, fp8_cache: true, selected: false, bf16_rows: false };
         let (b, heads, splits, pages) = (2, 16, 3, 4);
         let q = buf(0x1000, &[b * heads, 576], "bf16");
         let cache = buf(0x20000, &[b * pages, 64, 656], "i8");

@@ -966,7 +966,7 @@ pub fn attention_launch(problem: &Problem, name: &str, addrs: &[u64], sms: usize
         .collect();
     match attention {
         AttentionProblem::Decode { heads, kv, rope, fp8_cache, scale, .. } => {
-            let abi = crate::abi::MlaDecodeAbi { kv, rope, fp8_cache, selected: false };
+            let abi = crate::abi::MlaDecodeAbi { kv, rope, fp8_cache, selected: false, bf16_rows: false };
             abi.launch(name, [&b[0], &b[1], &b[2], &b[3], &b[4], &b[5]], heads, scale)
         }
         AttentionProblem::Prefill { heads, qk, v, scale, flash } => {

@@ -53,10 +53,10 @@ pub enum AttentionShape {
     Prefill { heads: usize, qk: usize, v: usize, tokens: usize, mode: FlashMode },
     /// Attention over each query's selected rows (DeepSeek-V3.2's, the `_sel` kernel): `tokens`
     /// queries of `heads` rows each, each over `keys` rows of `kv + rope` columns that the kernel
-    /// gathers (f32 rows, rounded to bf16 into shared memory) — prefill's from the rows all
-    /// select from, decode's each from its sequence's cache. One kernel: nothing to tune, a cost
-    /// to report.
-    Selected { heads: usize, kv: usize, rope: usize, tokens: usize, keys: usize, prefill: bool },
+    /// gathers (f32 rows, rounded to bf16 into shared memory; `bf16_rows`: bf16 rows, copied) —
+    /// prefill's from the rows all select from, decode's each from its sequence's cache. One
+    /// kernel: nothing to tune, a cost to report.
+    Selected { heads: usize, kv: usize, rope: usize, tokens: usize, keys: usize, prefill: bool, bf16_rows: bool },
 }
 
 impl AttentionShape {
@@ -67,9 +67,15 @@ impl AttentionShape {
         let (heads, kv, rope) = (launch.heads, c.kv, c.rope);
         let context = launch.selection.map_or(DECODE_CONTEXT, |s| s.keys);
         match (c.selected, launch.selection) {
-            (true, Some(s)) => {
-                AttentionShape::Selected { heads, kv, rope, tokens: sequences, keys: s.keys, prefill: s.prefill }
-            }
+            (true, Some(s)) => AttentionShape::Selected {
+                heads,
+                kv,
+                rope,
+                tokens: sequences,
+                keys: s.keys,
+                prefill: s.prefill,
+                bf16_rows: c.bf16_rows,
+            },
             _ => AttentionShape::Decode { heads, kv, rope, fp8_cache: c.fp8_cache, sequences, context },
         }
     }
@@ -99,15 +105,16 @@ impl AttentionShape {
     /// What the tuning database keys it by (with [`Self::bucket`]): `mla_decode kv512 r64 h128`
     /// (` fp8cache`; ` k2048` over a selection's 2048 keys, not [`DECODE_CONTEXT`]'s), `mla_prefill
     /// qk192 v128 h128`; training's `mla_prefill_lse ...`, `mla_gradq ...`, `mla_gradk ...`,
-    /// `mla_gradv ...`; `mla_decode_sel kv512 r64 h128 k2048` (the selected rows').
+    /// `mla_gradv ...`; `mla_decode_sel kv512 r64 h128 k2048` (the selected rows'; ` bf16rows`:
+    /// of bf16 rows).
     pub fn signature(&self) -> String {
         match *self {
             AttentionShape::Decode { heads, kv, rope, fp8_cache, context, .. } => {
                 let keys = if context != DECODE_CONTEXT { format!(" k{context}") } else { String::new() };
                 format!("mla_decode kv{kv} r{rope} h{heads}{}{keys}", if fp8_cache { " fp8cache" } else { "" })
             }
-            AttentionShape::Selected { heads, kv, rope, keys, .. } => {
-                format!("mla_decode_sel kv{kv} r{rope} h{heads} k{keys}")
+            AttentionShape::Selected { heads, kv, rope, keys, bf16_rows, .. } => {
+                format!("mla_decode_sel kv{kv} r{rope} h{heads} k{keys}{}", if bf16_rows { " bf16rows" } else { "" })
             }
             AttentionShape::Prefill { heads, qk, v, mode, .. } => {
                 let kernel = match mode {
@@ -176,14 +183,19 @@ impl AttentionShape {
                     cluster,
                     serial: false,
                     selected: false,
+                    bf16_rows: false,
                 })
             }
             AttentionShape::Prefill { qk, v, mode, .. } => {
                 AttentionConfig::Prefill(MlaPrefillConfig { qk, v, stages, mode })
             }
-            AttentionShape::Selected { kv, rope, .. } => {
-                AttentionConfig::Decode(MlaDecodeConfig { kv, rope, stages, ..MlaDecodeConfig::DEEPSEEK_V32_SELECTED })
-            }
+            AttentionShape::Selected { kv, rope, bf16_rows, .. } => AttentionConfig::Decode(MlaDecodeConfig {
+                kv,
+                rope,
+                stages,
+                bf16_rows,
+                ..MlaDecodeConfig::DEEPSEEK_V32_SELECTED
+            }),
         }
     }
 
@@ -320,7 +332,7 @@ const CUDA_OPS_PER_SM_US: f64 = 128.0 * 1.8e3;
 /// and per latent element of the fp8 cache's conversion (cvt, scale, cvt, shared store).
 const SOFTMAX_OPS: f64 = 12.0;
 const FP8_CONVERT_OPS: f64 = 4.0;
-/// Operations per element the selected rows' gather spends (its share of a 16-byte load, the
+/// Operations per f32 element the selected rows' gather spends (its share of a 16-byte load, the
 /// position's and entry's arithmetic, the bf16 rounding, the swizzled store).
 const GATHER_OPS: f64 = 3.0;
 /// L2's bandwidth as a multiple of DRAM's (what prefill's re-read keys and values stream at).
@@ -456,26 +468,30 @@ pub fn estimate(shape: &AttentionShape, config: &AttentionConfig, device: &Devic
             let memory = bytes / dram_us;
             finish(blocks, 1, step_us, compute, memory)
         }
-        AttentionShape::Selected { heads, kv, rope, tokens, keys, prefill } => {
+        AttentionShape::Selected { heads, kv, rope, tokens, keys, prefill, bf16_rows } => {
             let width = kv + rope;
             let splits = v3c_runtime::lowering::attention_splits(tokens, heads, keys.next_multiple_of(PAGE), sms);
             let blocks = tokens * heads.div_ceil(PAGE) * splits;
             let pages = keys.div_ceil(PAGE).div_ceil(splits);
             // Decode's products and softmax a page; warpgroup 1 gathers the next page meanwhile:
-            // its f32 rows from L2 (the keys' rows stay there across the queries) and rounded to
-            // bf16 into shared memory on its half of the CUDA cores, hidden behind warpgroup 0's
-            // scores and softmax but for what they leave of it; then both multiply P V.
+            // its rows from L2 (the keys' rows stay there across the queries) into shared memory
+            // on its half of the CUDA cores (f32 rows rounded to bf16 on the way, bf16 rows half
+            // the bytes and copied), hidden behind warpgroup 0's scores and softmax but for what
+            // they leave of it; then both multiply P V.
             let (scores, values) = ((2 * PAGE * PAGE * width, PAGE), (2 * PAGE * PAGE * kv, (kv / 2).min(256)));
             let softmax = (PAGE * PAGE) as f64 * SOFTMAX_OPS / ops_us;
             let l2_us = dram_us * L2_PER_DRAM / sms as f64 / per_sm as f64;
-            let gather = (PAGE * width * 4) as f64 / l2_us + (PAGE * width) as f64 * GATHER_OPS / (ops_us / 2.0);
+            // (A 16-byte load's arithmetic and store serve 8 bf16 columns, or 4 f32 ones.)
+            let row_bytes = if bf16_rows { 2 } else { 4 };
+            let gather = (PAGE * width * row_bytes) as f64 / l2_us
+                + (PAGE * width * row_bytes / 4) as f64 * GATHER_OPS / (ops_us / 2.0);
             let step_us = (tensor_us(&[scores]) + softmax).max(gather) + tensor_us(&[values]);
             let compute = blocks.div_ceil(slots) as f64 * (pages as f64 * step_us + WAVE_US);
             // From DRAM: the key rows once (prefill: about a row a query; decode: each query's own
             // rows, its heads' blocks reading them from L2 after the first), the queries, the
             // splits' outputs.
             let rows = if prefill { tokens } else { tokens * keys };
-            let bytes = (rows * width * 4) as f64
+            let bytes = (rows * width * row_bytes) as f64
                 + (tokens * heads * width * 2) as f64
                 + (splits * tokens * heads * (kv + 1) * 4) as f64;
             let memory = bytes / dram_us;
@@ -658,15 +674,41 @@ mod tests {
         assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
         let (short, long) = (rank(&v32, &h200)[0].micros, rank(&decode(false, 64), &h200)[0].micros);
         assert!(short < long * 0.7, "{short} vs {long}");
-        let shape = AttentionShape::Selected { heads: 128, kv: 512, rope: 64, tokens: 4096, keys: 2048, prefill: true };
-        assert_eq!((shape.signature(), shape.regime()), ("mla_decode_sel kv512 r64 h128 k2048".into(), "prefill"));
-        let space: Vec<String> = candidates(&shape, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
+        let f32_rows = AttentionShape::Selected {
+            heads: 128,
+            kv: 512,
+            rope: 64,
+            tokens: 4096,
+            keys: 2048,
+            prefill: true,
+            bf16_rows: false,
+        };
+        assert_eq!(
+            (f32_rows.signature(), f32_rows.regime()),
+            ("mla_decode_sel kv512 r64 h128 k2048".into(), "prefill")
+        );
+        let space: Vec<String> = candidates(&f32_rows, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
         assert_eq!(space, ["mla_decode_kv512_r64_p64_s2_sel"]);
+        // Prefill's bf16 copy of the rows: half the gather's bytes, no rounding on the way.
+        let shape = AttentionShape::Selected {
+            heads: 128,
+            kv: 512,
+            rope: 64,
+            tokens: 4096,
+            keys: 2048,
+            prefill: true,
+            bf16_rows: true,
+        };
+        assert_eq!(shape.signature(), "mla_decode_sel kv512 r64 h128 k2048 bf16rows");
+        let space: Vec<String> = candidates(&shape, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
+        assert_eq!(space, ["mla_decode_kv512_r64_p64_s2_sel16"]);
         let e = &rank(&shape, &h200)[0];
         assert_eq!((e.blocks, e.splits, e.bound), (4096 * 2, 1, "compute"));
         let flops = 2.0 * 4096.0 * 128.0 * 2048.0 * (576.0 + 512.0);
         let tflops = flops / (e.micros * 1e-6) / 1e12;
         assert!((100.0..900.0).contains(&tflops), "{tflops}");
+        let slower = rank(&f32_rows, &h200)[0].micros;
+        assert!(e.micros < slower * 0.8, "{} vs {slower}", e.micros);
     }
 
     fn entry(shape: &AttentionShape, winner: &str, device: &DeviceModel) -> db::DbEntry {

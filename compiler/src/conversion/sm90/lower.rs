@@ -1795,8 +1795,16 @@ pub fn mla_decode_steps(kernel: &OperationRef, fp8_cache: bool) -> Result<Steps,
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
     let cluster = super::mla::MlaDecodeConfig::cluster_for(heads);
-    let config =
-        super::mla::MlaDecodeConfig { kv, rope, stages: 2, fp8_cache, cluster, serial: !fp8_cache, selected: false };
+    let config = super::mla::MlaDecodeConfig {
+        kv,
+        rope,
+        stages: 2,
+        fp8_cache,
+        cluster,
+        serial: !fp8_cache,
+        selected: false,
+        bf16_rows: false,
+    };
     config.validate(&crate::target::SM90A)?;
     if fp8_cache && v3c_runtime::plan::Fp8LatentRow::of(kv + rope).is_none_or(|r| r.latent != kv) {
         return Err(format!("an fp8 cache of rows of {kv} + {rope} (a rope key of 64)"));

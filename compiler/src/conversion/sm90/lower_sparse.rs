@@ -155,9 +155,11 @@ fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
 /// the `_sel` variant of V3's decode kernel ([`super::mla::MlaDecodeConfig::selected`]), which
 /// gathers each query's selected rows page by page into shared memory: prefill's from the rows
 /// every query selects from (pages of them for every query of a 4096-row prefill would be
-/// `[4096, 2048, 576]` bf16, 9.7 GB), decode's from its sequence's cache rows (read once, where
-/// pages gathered first would write and read them again in bf16). Asked for by kind: `prefill`,
-/// `decode`.
+/// `[4096, 2048, 576]` bf16, 9.7 GB) — from their first `kv + rope` columns copied to bf16 first
+/// (`rows_slice_bf16`, then `_sel16`: each row is gathered by many queries, so the gathers read
+/// half the bytes for one conversion) —, decode's from its sequence's cache rows (f32: read once,
+/// where pages gathered first would write and read them again in bf16). Asked for by kind:
+/// `prefill`, `decode`.
 ///
 /// `Err`: not this kernel, not a kind asked for, or shapes the templates do not take.
 pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool) -> Result<Steps, String> {
@@ -180,7 +182,11 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
     let weight = launch.kernel.weight.clone();
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
-    let config = super::mla::MlaDecodeConfig { kv, rope, ..super::mla::MlaDecodeConfig::DEEPSEEK_V32_SELECTED };
+    // Prefill's queries select from the same rows: a bf16 copy of them (written once, gathered by
+    // every query) halves what the gathers read. Decode's read their caches' f32 rows.
+    let bf16_rows = is_prefill;
+    let config =
+        super::mla::MlaDecodeConfig { kv, rope, bf16_rows, ..super::mla::MlaDecodeConfig::DEEPSEEK_V32_SELECTED };
     config.validate(&crate::target::SM90A)?;
     if fp8 && v != super::rows::GROUP {
         return Err(format!("value heads of {v} (one 128-wide quantization group each)"));
@@ -204,21 +210,32 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
     if !cols.is_multiple_of(4) {
         return Err(format!("selected rows of {cols} columns (a multiple of 4)"));
     }
-    Ok(Steps {
-        temps: vec![
-            Temp::per_row(heads, width, "bf16"),
-            Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
-            Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
-            Temp::per_row(heads, kv, "f32"),
-        ],
-        steps: vec![
-            step(absorb, [vec![q_nope, q_pe], weights.clone(), vec![T(0)]].concat()),
-            step(attention, vec![T(0), keys, selected, T(1), T(2)]),
-            step(row(RowOp::MlaCombine, kv, "f32"), vec![T(1), T(2), T(3)]),
-            step(up_v, [vec![T(3)], weights, outs].concat()),
-        ],
-        rope_table: None,
-    })
+    let mut temps = vec![
+        Temp::per_row(heads, width, "bf16"),
+        Temp::shaped(vec![splits, TempDim::Rows(heads), TempDim::Fixed(kv)], "f32"),
+        Temp::shaped(vec![splits, TempDim::Rows(heads)], "f32"),
+        Temp::per_row(heads, kv, "f32"),
+    ];
+    let mut steps = vec![step(absorb, [vec![q_nope, q_pe], weights.clone(), vec![T(0)]].concat())];
+    let keys = match (bf16_rows, keys) {
+        (false, keys) => keys,
+        (true, Arg(arg)) => {
+            // The rows' first kv + rope columns (the latent and the rope key) in bf16.
+            temps.push(Temp::shaped(
+                vec![TempDim::Arg { arg, dim: 0, align: 1, div: 1 }, TempDim::Fixed(width)],
+                "bf16",
+            ));
+            steps.push(step(row(RowOp::Train(TrainRow::Slice { start: 0 }), width, "bf16"), vec![keys, T(4)]));
+            T(4)
+        }
+        (true, _) => return Err("prefill's key rows that are not an argument".into()),
+    };
+    steps.extend([
+        step(attention, vec![T(0), keys, selected, T(1), T(2)]),
+        step(row(RowOp::MlaCombine, kv, "f32"), vec![T(1), T(2), T(3)]),
+        step(up_v, [vec![T(3)], weights, outs].concat()),
+    ]);
+    Ok(Steps { temps, steps, rope_table: None })
 }
 
 /// The sparse-attention kernel `kernel` as several launches (`None`: not one of these kernels).

@@ -46,8 +46,9 @@
 //!
 //! DeepSeek-V3.2's sparse attention (`_sel`, [`MlaDecodeConfig::selected`]): each query token is a
 //! sequence whose keys are the rows its selection names, gathered by the block's threads from f32
-//! rows into the page buffers (no TMA can gather rows) — prefill's queries from the same rows,
-//! decode's each from its sequence's cache.
+//! rows into the page buffers (no TMA can gather rows) — prefill's queries from the same rows (a
+//! bf16 copy of them, `_sel16`: half the bytes, copied as they are), decode's each from its
+//! sequence's cache.
 //!
 //! The fp8 cache option (`fp8_cache`): the latent stored as e4m3 with one f32 scale per row and
 //! 128 columns (the rope part bf16) — 40% less cache traffic; each page is decoded (`cvt.rn.f16x2.e4m3x2`),
@@ -113,17 +114,37 @@ pub struct MlaDecodeConfig {
     /// page ([`Emitter::selected_loop`]). Two buffers, the bf16 layout, no cluster (nothing to
     /// multicast: no TMA loads a page), not `_serial`.
     pub selected: bool,
+    /// The selected rows are bf16 (`_sel16`: prefill's copy of the key rows, `[S, C]` bf16), copied
+    /// into the page buffers as they are — half the bytes of the f32 rows, no rounding on the way.
+    /// Only with [`Self::selected`].
+    pub bf16_rows: bool,
 }
 
 impl MlaDecodeConfig {
     /// DeepSeek-V3.2's attention over the selected rows ([`Self::selected`]): V3's widths.
-    pub const DEEPSEEK_V32_SELECTED: MlaDecodeConfig =
-        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 1, serial: false, selected: true };
+    pub const DEEPSEEK_V32_SELECTED: MlaDecodeConfig = MlaDecodeConfig {
+        kv: 512,
+        rope: 64,
+        stages: 2,
+        fp8_cache: false,
+        cluster: 1,
+        serial: false,
+        selected: true,
+        bf16_rows: false,
+    };
 
     /// DeepSeek-V3's: 512 latent + 64 rope columns, two page buffers in the serial loop, a bf16
     /// cache, its 128 heads' two blocks a sequence in a cluster (the cost model's pick).
-    pub const DEEPSEEK_V3: MlaDecodeConfig =
-        MlaDecodeConfig { kv: 512, rope: 64, stages: 2, fp8_cache: false, cluster: 2, serial: true, selected: false };
+    pub const DEEPSEEK_V3: MlaDecodeConfig = MlaDecodeConfig {
+        kv: 512,
+        rope: 64,
+        stages: 2,
+        fp8_cache: false,
+        cluster: 2,
+        serial: true,
+        selected: false,
+        bf16_rows: false,
+    };
 
     /// The cluster a launch of `heads` query rows per token takes: 2 when a sequence's rows fill
     /// an even number of 64-row blocks whatever its tokens (heads a multiple of 128), else 1.
@@ -137,10 +158,14 @@ impl MlaDecodeConfig {
 
     /// `mla_decode_kv512_r64_p64_s2_cl2_serial` (`_cl2`: clusters of 2; `_serial`: the serial loop
     /// of a deeper ring, [`Self::serial`]; `_fp8`: the fp8 cache; `_sel`: the selected rows,
-    /// [`Self::selected`]).
+    /// [`Self::selected`], `_sel16` of bf16 rows, [`Self::bf16_rows`]).
     pub fn kernel_name(&self) -> String {
         let fp8 = if self.fp8_cache { "_fp8" } else { "" };
-        let sel = if self.selected { "_sel" } else { "" };
+        let sel = match (self.selected, self.bf16_rows) {
+            (false, false) => "",
+            (true, false) => "_sel",
+            (_, true) => "_sel16",
+        };
         let serial = if self.serial { "_serial" } else { "" };
         let cluster = if self.cluster != 1 { format!("_cl{}", self.cluster) } else { String::new() };
         format!("mla_decode_kv{}_r{}_p{PAGE}_s{}{cluster}{serial}{fp8}{sel}", self.kv, self.rope, self.stages)
@@ -151,9 +176,10 @@ impl MlaDecodeConfig {
         let rest = name.strip_prefix("mla_decode_kv")?;
         let (kv, rest) = rest.split_once("_r")?;
         let (rope, rest) = rest.split_once(&format!("_p{PAGE}_s"))?;
-        let (rest, selected) = match rest.strip_suffix("_sel") {
-            Some(rest) => (rest, true),
-            None => (rest, false),
+        let (rest, selected, bf16_rows) = match (rest.strip_suffix("_sel16"), rest.strip_suffix("_sel")) {
+            (Some(rest), _) => (rest, true, true),
+            (None, Some(rest)) => (rest, true, false),
+            (None, None) => (rest, false, false),
         };
         let (rest, fp8_cache) = match rest.strip_suffix("_fp8") {
             Some(rest) => (rest, true),
@@ -169,8 +195,17 @@ impl MlaDecodeConfig {
             None => (rest, 1),
         };
         let (kv, rope, stages) = (number(kv)?, number(rope)?, number(stages)?);
-        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial, selected };
+        let config = MlaDecodeConfig { kv, rope, stages, fp8_cache, cluster, serial, selected, bf16_rows };
         (config.kernel_name() == name).then_some(config)
+    }
+
+    /// The selected rows' element type ([`Self::bf16_rows`]).
+    fn rows_element(&self) -> &'static str {
+        if self.bf16_rows {
+            "bf16"
+        } else {
+            "f32"
+        }
     }
 
     /// Columns of a query or cache row.
@@ -284,6 +319,9 @@ impl MlaDecodeConfig {
                  (`_s2_sel`)"
             ));
         }
+        if self.bf16_rows && !self.selected {
+            return Err(format!("{name}: bf16 rows without the selected rows' kernel (`_sel16`)"));
+        }
         let what = format!(
             "query tile, {} page buffers of {} B, {}P, row statistics, barriers",
             self.stages,
@@ -343,7 +381,7 @@ impl Emitter {
         let tmap8 = "!tmap8 = !nvgpu.tensormap.descriptor<tensor = memref<64x128xi8, 3>, swizzle = none, l2promo = none, oob = zero, interleave = none>\n";
         let seq_rows = if c.selected { ", %seq_rows: index" } else { "" };
         let keys = match c.selected {
-            true => "%keys: memref<?x?xf32>, %selected: memref<?x?xi32>".to_string(),
+            true => format!("%keys: memref<?x?x{}>, %selected: memref<?x?xi32>", c.rows_element()),
             false => format!("%kv_ptr: !llvm.ptr, {fp8_args}%block_table: memref<?x?xi32>, %seqlens: memref<?xi32>"),
         };
         let head = module_head(
@@ -890,12 +928,19 @@ scf.if %has_next {{
     /// A thread takes 4 columns at a time (one 16-byte load; a warp reads 512 contiguous bytes of
     /// a row), several at once — every load first, each independent of the others (the selection's
     /// entry read at a clamped position, a key of 0 where it is past the selection, the value then
-    /// replaced by zeros) — then the 8-byte stores.
+    /// replaced by zeros) — then the 8-byte stores. bf16 rows ([`MlaDecodeConfig::bf16_rows`]): 8
+    /// columns a load, stored as they are (16 bytes, one unit of the swizzle).
     fn gather_page(&self, j: &str, buf_off: &str, tid: &str, threads: usize) -> String {
         let c = &self.c;
-        let quads = c.dim() / 4;
+        let lanes = if c.bf16_rows { 8 } else { 4 };
+        let quads = c.dim() / lanes;
         let per_thread = PAGE * quads / threads;
-        let unroll = [8, 4, 2, 1].into_iter().find(|u| per_thread.is_multiple_of(*u)).unwrap_or(1);
+        let unroll = [8, 6, 4, 2, 1]
+            .into_iter()
+            .filter(|u| c.bf16_rows || *u != 6)
+            .find(|u| per_thread.is_multiple_of(*u))
+            .unwrap_or(1);
+        let elem = c.rows_element();
         let mut t = format!(
             "%gp_first_p = arith.addi %p0, {j} : index
 %gp_first = arith.muli %gp_first_p, %c{PAGE} : index
@@ -922,18 +967,32 @@ scf.for %gi = %c0 to %c{per_thread} step %c{unroll} {{
   %gkey{k}_n = arith.maxsi %gkey{k}_i, %c0_i32 : i32
   %gkey{k}_r = arith.index_cast %gkey{k}_n : i32 to index
   %gkey{k} = arith.addi %key_row0, %gkey{k}_r : index
-  %gcol{k} = arith.muli %gq{k}, %c4 : index
-  %gv{k} = vector.load %keys[%gkey{k}, %gcol{k}] {{alignment = 16 : i64}} : memref<?x?xf32>, vector<4xf32>"
+  %gcol{k} = arith.muli %gq{k}, %c{lanes} : index
+  %gv{k} = vector.load %keys[%gkey{k}, %gcol{k}] {{alignment = 16 : i64}} : memref<?x?x{elem}>, vector<{lanes}x{elem}>"
             );
         }
+        // What a thread stores: 4 bf16 (8 bytes) rounded from f32, or 8 as they are (16 bytes).
+        let (stored, zero, bytes) = match c.bf16_rows {
+            true => ("vector<4xi32>", "%gzero16", 16),
+            false => ("i64", "%c0_i64", 8),
+        };
+        if c.bf16_rows {
+            t.push_str("  %gzero16 = arith.constant dense<0> : vector<4xi32>\n");
+        }
         for k in 0..unroll {
+            let value = match c.bf16_rows {
+                true => format!("  %gw{k}_v = llvm.bitcast %gv{k} : vector<8xbf16> to vector<4xi32>"),
+                false => format!(
+                    "  %gb{k} = arith.truncf %gv{k} : vector<4xf32> to vector<4xbf16>
+  %gw{k}_v = llvm.bitcast %gb{k} : vector<4xbf16> to i64"
+                ),
+            };
             let _ = writeln!(
                 t,
-                "  %gb{k} = arith.truncf %gv{k} : vector<4xf32> to vector<4xbf16>
-  %gw{k}_v = llvm.bitcast %gb{k} : vector<4xbf16> to i64
-  %gw{k} = arith.select %gin{k}, %gw{k}_v, %c0_i64 : i64
+                "{value}
+  %gw{k} = arith.select %gin{k}, %gw{k}_v, {zero} : {stored}
 {to}
-  llvm.store %gw{k}, %gp{k}ptr {{alignment = 8 : i64}} : i64, !llvm.ptr<3>",
+  llvm.store %gw{k}, %gp{k}ptr {{alignment = {bytes} : i64}} : {stored}, !llvm.ptr<3>",
                 to = indent(
                     &swizzled_pointer(&format!("gp{k}"), "%gp_base", &format!("%gr{k}"), &format!("%gcol{k}")),
                     2

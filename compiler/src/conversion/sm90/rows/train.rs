@@ -378,6 +378,8 @@ impl TrainRow {
             }
             TrainRow::Add => format!("rows_add_d{d}_t{t}"),
             TrainRow::AddFlat => format!("rows_addflat_d{d}_t{t}"),
+            // bf16 rows: the selected rows' attention's key rows (`_sel16`).
+            TrainRow::Slice { start } if weight == "bf16" => format!("rows_slice_bf16_d{d}_o{start}_t{t}"),
             TrainRow::Slice { start } => format!("rows_slice_d{d}_o{start}_t{t}"),
             TrainRow::Transpose { start, heads: 0 } => format!("rows_transpose_d{d}_o{start}_t{t}"),
             TrainRow::Transpose { heads, .. } => format!("rows_transpose_d{d}_h{heads}_t{t}"),
@@ -496,6 +498,7 @@ impl TrainRow {
             ["add", d, t] => kernel(TrainRow::Add, d, "f32", t),
             ["addflat", d, t] => kernel(TrainRow::AddFlat, d, "f32", t),
             ["slice", d, o, t] => kernel(TrainRow::Slice { start: number(o, "o")? }, d, "f32", t),
+            ["slice", "bf16", d, o, t] => kernel(TrainRow::Slice { start: number(o, "o")? }, d, "bf16", t),
             ["transpose", d, o, t] if o.starts_with('o') => {
                 kernel(TrainRow::Transpose { start: number(o, "o")?, heads: 0 }, d, "f32", t)
             }
@@ -641,6 +644,7 @@ impl TrainRow {
         match self {
             TrainRow::Matmul { .. } => vec![("a", rows()), ("b", rows()), ("out", rows())],
             TrainRow::Add | TrainRow::Join { .. } => vec![("x1", rows()), ("x2", rows()), ("y", rows())],
+            TrainRow::Slice { .. } if weight == "bf16" => vec![("x", rows()), ("y", "memref<?x?xbf16>".into())],
             TrainRow::Slice { .. } | TrainRow::Transpose { heads: 0, .. } => vec![("x", rows()), ("y", rows())],
             TrainRow::Transpose { .. } => vec![("x", "memref<?x?x?xf32>".into()), ("y", rows())],
             TrainRow::AddFlat => {
@@ -1276,8 +1280,15 @@ scf.for %i = %tid to %cD step %cT {{
                     ),
                 ]
             }
-            TrainRow::Slice { .. } => vec![format!(
-                "%xr = memref.dim %x, %c0 : {m}
+            TrainRow::Slice { .. } => {
+                // bf16 rows: each value rounded to nearest even by its bits.
+                let (round, value, y) = match kernel.weight.as_str() {
+                    "bf16" => (super::round_bf16("%v", "%vb"), "%vb", "memref<?x?xbf16>"),
+                    _ => (String::new(), "%v", m),
+                };
+                let setup = if kernel.weight == "bf16" { super::BF16_CONSTANTS } else { "" };
+                vec![format!(
+                    "{setup}%xr = memref.dim %x, %c0 : {m}
 %inside = arith.cmpi ult, %row, %xr : index
 scf.for %i = %tid to %cD step %cT {{
   %v = scf.if %inside -> (f32) {{
@@ -1287,10 +1298,11 @@ scf.for %i = %tid to %cD step %cT {{
   }} else {{
     scf.yield %zero : f32
   }}
-  memref.store %v, %y[%row, %i] : {m}
+{round}  memref.store {value}, %y[%row, %i] : {y}
 }}
 "
-            )],
+                )]
+            }
             TrainRow::Join { .. } => vec![format!(
                 "scf.for %i = %tid to %cD step %cT {{
   %v = memref.load %x1[%row, %i] : {m}
@@ -3108,6 +3120,13 @@ mod tests {
         let want: Vec<f32> = g.chunks(d).flat_map(|r| r[start..start + width].to_vec()).collect();
         assert!(sliced[..rows * width] == want[..], "slice");
         assert!(sliced[rows * width..].iter().all(|v| *v == 0.0), "slice: zeros past x");
+        // In bf16 (the selected rows' attention's keys): each value rounded to nearest even.
+        let mut sliced16 = vec![0xFFFFu16; rows * width];
+        let slice16 = RowKernel::new(RowOp::Train(TrainRow::Slice { start }), width, "bf16");
+        assert_eq!(RowKernel::from_name(&slice16.kernel_name()), Some(slice16.clone()));
+        run_cpu(&slice16, &[raw(&mut g, &[rows, d], "f32"), raw(&mut sliced16, &[rows, width], "bf16")]);
+        let want16: Vec<u16> = want.iter().map(|&v| v3c_models::dtype::f32_to_bf16(v)).collect();
+        assert!(sliced16 == want16, "slice in bf16");
         let mut joined = vec![f32::NAN; rows * (width + d)];
         run_cpu(
             &kernel(TrainRow::Join { second: d }, width),
