@@ -372,7 +372,7 @@ scf.for %i = %tid to %cD step %cT {{
                     ),
                 ]
             }
-            SparseRow::IndexScores { decode, .. } => {
+            SparseRow::IndexScores { heads, decode } => {
                 let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
                 let key = if decode {
                     "%k = memref.load %keys[%qrow, %s, %col] : memref<?x?x?xf32>"
@@ -393,8 +393,11 @@ scf.for %h = %tid to %cH step %cT {{
 }}
 "
                     ),
-                    format!(
-                        "%s0 = arith.addi %part_t, %tid : index
+                    if kernel.d.is_multiple_of(KEY_CHUNK) {
+                        index_scores_by_pairs(heads, kernel.d, decode, &q_sh, &w_sh)
+                    } else {
+                        format!(
+                            "%s0 = arith.addi %part_t, %tid : index
 scf.for %s = %s0 to %nkeys step %key_stride {{
   %acc = scf.for %h = %c0 to %cH step %c1 iter_args(%a = %zero) -> (f32) {{
     %qb = arith.muli %h, %cD : index
@@ -407,19 +410,14 @@ scf.for %s = %s0 to %nkeys step %key_stride {{
       %dd2 = arith.addf %dd, %m : f32
       scf.yield %dd2 : f32
     }}
-    %sc = arith.mulf %dot, %qk_scale : f32
-    %pos = arith.cmpf ogt, %sc, %zero : f32
-    %r = arith.select %pos, %sc, %zero : f32
-    %wh = memref.load %sh_w[%h] : {w_sh}
-    %ww = arith.mulf %wh, %w_scale : f32
-    %t = arith.mulf %ww, %r : f32
-    %a2 = arith.addf %a, %t : f32
-    scf.yield %a2 : f32
+{score}    scf.yield %a2 : f32
   }}
   memref.store %acc, %scores[%qrow, %s] : memref<?x?xf32>
 }}
-"
-                    ),
+",
+                            score = indent(&head_score("", "%dot", "%h", "%a", "%a2", &w_sh), "    ")
+                        )
+                    },
                 ]
             }
             SparseRow::TopKeys { .. } => top_keys_phases(kernel.threads, &sh),
@@ -490,6 +488,117 @@ fn selected_rows(bound: &str, pick: &str, load: &str) -> String {
 }
 
 /// `text` with every line indented by `by`.
+/// Key columns a step of [`index_scores_by_pairs`] loads (each key's, once for every head).
+const KEY_CHUNK: usize = 4;
+
+/// A head's share of a query's score (the reference's ops, in its order): `{out} = {acc} + w_h /
+/// sqrt(H) * relu(dot * qk_scale)`, `{h}` the head's index. Names start with `{p}`.
+fn head_score(p: &str, dot: &str, h: &str, acc: &str, out: &str, w_sh: &str) -> String {
+    format!(
+        "%{p}sc = arith.mulf {dot}, %qk_scale : f32
+%{p}pos = arith.cmpf ogt, %{p}sc, %zero : f32
+%{p}r = arith.select %{p}pos, %{p}sc, %zero : f32
+%{p}wh = memref.load %sh_w[{h}] : {w_sh}
+%{p}ww = arith.mulf %{p}wh, %w_scale : f32
+%{p}t = arith.mulf %{p}ww, %{p}r : f32
+{out} = arith.addf {acc}, %{p}t : f32
+"
+    )
+}
+
+/// [`SparseRow::IndexScores`]'s scores two keys a thread (each query head's values read from
+/// shared memory once for both), every head's dot product of both carried through the loop over
+/// the key's columns ([`KEY_CHUNK`] a step: each key column read once, not once a head) — `2
+/// heads` accumulators in registers. Part p of a query's blocks takes keys `2 T p + T i + tid`
+/// (`i` 0 and 1) of every `2 T parts`: a query's first `2 T parts` keys fill pairs (a query sees
+/// fewer than its `T parts` threads in most of a prefill). Each dot product is summed in column
+/// order and each score over the heads in order: the reference's operations, in its order.
+fn index_scores_by_pairs(heads: usize, d: usize, decode: bool, q_sh: &str, w_sh: &str) -> String {
+    let load = |k: &str, key: &str, col: &str| match decode {
+        true => format!("{k} = memref.load %keys[%qrow, {key}, {col}] : memref<?x?x?xf32>\n"),
+        false => format!("{k} = memref.load %keys[{key}, {col}] : memref<?x?xf32>\n"),
+    };
+    let mut t = format!("%cChunk = arith.constant {KEY_CHUNK} : index\n");
+    for u in 1..KEY_CHUNK {
+        let _ = writeln!(t, "%cu{u} = arith.constant {u} : index");
+    }
+    for h in 0..heads {
+        let _ = writeln!(t, "%qo{h} = arith.constant {} : index\n%hi{h} = arith.constant {h} : index", h * d);
+    }
+    let keys = ["a", "b"];
+    let dots: Vec<String> = (0..heads).flat_map(|h| keys.map(|k| format!("%d{k}{h}"))).collect();
+    let carried: Vec<String> = dots.iter().map(|d| format!("{d}_in = %zero")).collect();
+    let _ = write!(
+        t,
+        "%pair_stride = arith.muli %key_stride, %c2 : index
+%part_2t = arith.muli %part_t, %c2 : index
+%s0 = arith.addi %part_2t, %tid : index
+scf.for %sa = %s0 to %nkeys step %pair_stride {{
+  %sb_raw = arith.addi %sa, %cT : index
+  %has_b = arith.cmpi ult, %sb_raw, %nkeys : index
+  %sb = arith.select %has_b, %sb_raw, %sa : index
+  %dots:{n} = scf.for %j = %c0 to %cD step %cChunk iter_args({carried}) -> ({types}) {{
+",
+        n = dots.len(),
+        carried = carried.join(", "),
+        types = vec!["f32"; dots.len()].join(", "),
+    );
+    let mut body = String::from("%col0 = arith.addi %koff, %j : index\n");
+    for u in 1..KEY_CHUNK {
+        let _ = writeln!(body, "%col{u} = arith.addi %col0, %cu{u} : index");
+    }
+    for u in 0..KEY_CHUNK {
+        body.push_str(&load(&format!("%ka{u}"), "%sa", &format!("%col{u}")));
+        body.push_str(&load(&format!("%kb{u}"), "%sb", &format!("%col{u}")));
+    }
+    let mut finals = Vec::new();
+    for h in 0..heads {
+        let _ = writeln!(body, "%qh{h}_0 = arith.addi %j, %qo{h} : index");
+        for u in 0..KEY_CHUNK {
+            if u > 0 {
+                let _ = writeln!(body, "%qh{h}_{u} = arith.addi %qh{h}_0, %cu{u} : index");
+            }
+            let _ = writeln!(body, "%q{h}_{u} = memref.load %sh_q[%qh{h}_{u}] : {q_sh}");
+        }
+        for k in keys {
+            let mut sum = format!("%d{k}{h}_in");
+            for u in 0..KEY_CHUNK {
+                let _ = writeln!(
+                    body,
+                    "%m{k}{h}_{u} = arith.mulf %q{h}_{u}, %k{k}{u} : f32\n%s{k}{h}_{u} = arith.addf {sum}, %m{k}{h}_{u} : f32"
+                );
+                sum = format!("%s{k}{h}_{u}");
+            }
+            finals.push(sum);
+        }
+    }
+    let _ = writeln!(body, "scf.yield {} : {}", finals.join(", "), vec!["f32"; finals.len()].join(", "));
+    t.push_str(&indent(&body, "    "));
+    t.push_str("  }\n");
+    let mut scores = String::new();
+    for (ki, k) in keys.iter().enumerate() {
+        let mut acc = "%zero".to_string();
+        for h in 0..heads {
+            let out = format!("%acc{k}{h}");
+            let dot = format!("%dots#{}", 2 * h + ki);
+            scores.push_str(&head_score(&format!("{k}{h}_"), &dot, &format!("%hi{h}"), &acc, &out, w_sh));
+            acc = out;
+        }
+    }
+    let last = heads - 1;
+    let _ = write!(
+        scores,
+        "memref.store %acca{last}, %scores[%qrow, %sa] : memref<?x?xf32>
+scf.if %has_b {{
+  memref.store %accb{last}, %scores[%qrow, %sb] : memref<?x?xf32>
+}}
+"
+    );
+    t.push_str(&indent(&scores, "  "));
+    t.push_str("}\n");
+    t
+}
+
 fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
@@ -729,73 +838,84 @@ mod tests {
     /// from the same scores, and its scores are the reference's within rounding.
     #[test]
     fn indexer_scores_and_selection_match_the_reference() {
-        let (heads, di, width, top_k) = (4, 16, 24, 8);
-        for decode in [false, true] {
-            // Keys past one block's width: every part of a query's blocks has some.
-            let (t, s) = (5, 2200);
-            let rows = if decode { t * s } else { s };
-            let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
-            // Decode positions: few keys, top_k + 1, the cache's last, past it, negative.
-            let positions: Vec<i64> = vec![2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1];
-            let seen = |i: usize| -> std::ops::Range<usize> {
-                if !decode {
-                    return 0..s - t + i + 1;
-                }
-                let p = positions[i];
-                if p < 0 {
-                    0..0
-                } else {
-                    0..(p as usize + 1).min(s)
-                }
-            };
-            let mut want_scores = vec![0f32; t * s];
-            let mut want_sel = Vec::new();
-            for i in 0..t {
-                let base = if decode { i * s * width } else { 0 };
-                let r = seen(i);
-                let cache = &keys[base + r.start * width..base + r.end * width];
-                let (qi, wi) = (&q[i * heads * di..(i + 1) * heads * di], &w[i * heads..(i + 1) * heads]);
-                let sc = kernels::index_scores(qi, wi, cache, width, di);
-                want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
-                want_sel.extend(kernels::select_top_keys(&sc, top_k));
-            }
-            let scores_k = kernel(SparseRow::IndexScores { heads, decode }, di, "f32");
-            let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
-            let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
-            for simulated in [false, true] {
-                let (mut q, mut w, mut keys, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
-                let mut scores = vec![0f32; t * s];
-                let mut args = vec![
-                    raw(&mut q, &[t, heads, di], "f32"),
-                    raw(&mut w, &[t, heads], "f32"),
-                    raw(&mut keys, &key_shape, "f32"),
-                ];
-                if decode {
-                    args.push(raw(&mut pos, &[t], "i64"));
-                }
-                args.push(raw(&mut scores, &[t, s], "f32"));
-                run(&scores_k, &args, t * super::SCORE_PARTS, simulated);
-                for i in 0..t {
-                    let r = seen(i);
-                    let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
-                    if simulated {
-                        let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                        assert!(worst <= 1e-5, "decode {decode} query {i}: {worst}");
-                    } else {
-                        assert_eq!(got, want, "decode {decode} query {i}");
+        // Keys past one block's width (every part of a query's blocks has some, and some threads
+        // a second key); and DeepSeek-V3.2's 64 heads of 128 in its 704-wide cache rows.
+        let cases = [((4, 16, 24, 8), (5, 2200), [false, true].as_slice()), ((64, 128, 704, 16), (2, 512), &[false])];
+        for ((heads, di, width, top_k), (t, s), modes) in cases {
+            for &decode in modes {
+                let rows = if decode { t * s } else { s };
+                let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
+                // Decode positions: few keys, top_k + 1, the cache's last, past it, negative.
+                let positions: Vec<i64> = [2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1][..t].to_vec();
+                let seen = |i: usize| -> std::ops::Range<usize> {
+                    if !decode {
+                        return 0..s - t + i + 1;
                     }
+                    let p = positions[i];
+                    if p < 0 {
+                        0..0
+                    } else {
+                        0..(p as usize + 1).min(s)
+                    }
+                };
+                let mut want_scores = vec![0f32; t * s];
+                let mut want_sel = Vec::new();
+                for i in 0..t {
+                    let base = if decode { i * s * width } else { 0 };
+                    let r = seen(i);
+                    let cache = &keys[base + r.start * width..base + r.end * width];
+                    let (qi, wi) = (&q[i * heads * di..(i + 1) * heads * di], &w[i * heads..(i + 1) * heads]);
+                    let sc = kernels::index_scores(qi, wi, cache, width, di);
+                    want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
+                    want_sel.extend(kernels::select_top_keys(&sc, top_k));
                 }
-                // The selection from the reference's scores.
-                let mut scores = want_scores.clone();
-                let mut sel = vec![7i32; t * top_k];
-                let mut pos = positions.clone();
-                let mut args = vec![raw(&mut scores, &[t, s], "f32")];
-                if decode {
-                    args.push(raw(&mut pos, &[t], "i64"));
+                let scores_k = kernel(SparseRow::IndexScores { heads, decode }, di, "f32");
+                let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
+                let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
+                for simulated in [false, true] {
+                    let (mut q, mut w, mut keys, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
+                    let mut scores = vec![0f32; t * s];
+                    let mut args = vec![
+                        raw(&mut q, &[t, heads, di], "f32"),
+                        raw(&mut w, &[t, heads], "f32"),
+                        raw(&mut keys, &key_shape, "f32"),
+                    ];
+                    if decode {
+                        args.push(raw(&mut pos, &[t], "i64"));
+                    }
+                    args.push(raw(&mut scores, &[t, s], "f32"));
+                    if simulated {
+                        let stats = run_simulated(&scores_k, &args, t * super::SCORE_PARTS);
+                        eprintln!(
+                            "{} (decode {decode}): {} instructions simulated",
+                            scores_k.kernel_name(),
+                            stats.instructions
+                        );
+                    } else {
+                        run_cpu(&scores_k, &args);
+                    }
+                    for i in 0..t {
+                        let r = seen(i);
+                        let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
+                        if simulated {
+                            let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                            assert!(worst <= 1e-5, "decode {decode} query {i}: {worst}");
+                        } else {
+                            assert_eq!(got, want, "decode {decode} query {i}");
+                        }
+                    }
+                    // The selection from the reference's scores.
+                    let mut scores = want_scores.clone();
+                    let mut sel = vec![7i32; t * top_k];
+                    let mut pos = positions.clone();
+                    let mut args = vec![raw(&mut scores, &[t, s], "f32")];
+                    if decode {
+                        args.push(raw(&mut pos, &[t], "i64"));
+                    }
+                    args.push(raw(&mut sel, &[t, top_k], "i32"));
+                    run(&top, &args, t, simulated);
+                    assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
                 }
-                args.push(raw(&mut sel, &[t, top_k], "i32"));
-                run(&top, &args, t, simulated);
-                assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
             }
         }
     }
