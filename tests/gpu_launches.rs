@@ -1524,7 +1524,7 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         let err = String::from_utf8_lossy(&compiled.stderr).to_string();
         assert!(compiled.status.success(), "{err}");
         for kernel in [
-            "rows_indexscores_d128_h4_t256_prefill",
+            "rows_indexscores_d128_h4_k4_t256_prefill",
             "rows_topkeys_d4_t256_decode",
             "-> mla_decode_kv128_r64_p64_s2_sel (2 heads, split K, tensor cores) -> rows_mlacombine_d128_",
             // Prefill's from a bf16 copy of its key rows.

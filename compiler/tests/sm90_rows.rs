@@ -246,7 +246,11 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
     use sm90::rows::SparseRow;
     let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
     for decode in [false, true] {
-        kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode }), 128, "f32"));
+        kernels.push(RowKernel::new(
+            RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode, top_k: 2048 }),
+            128,
+            "f32",
+        ));
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), 2048, "f32"));
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherRows { decode }), 576, "f32"));
         kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));

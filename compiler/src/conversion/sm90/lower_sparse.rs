@@ -302,7 +302,7 @@ fn sparse_index(body: &Body) -> Result<Steps, String> {
     {
         return Err(format!("sparse_index of {q} over {keys}"));
     }
-    let scores = RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads, decode }), di, "f32");
+    let scores = RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k }), di, "f32");
     let top = RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), top_k, "f32");
     let mut score_ops = vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2)];
     let mut top_ops = vec![Operand::Temp(0)];

@@ -3,10 +3,11 @@
 //! - [`SparseRow::LayerNorm`]: the indexer key's `LayerNorm` with bias, the reference's order
 //!   (both means summed in column order by one thread: the rows are 128 wide);
 //! - [`SparseRow::IndexScores`]: a query's score for every key it may see, [`SCORE_PARTS`] blocks a
-//!   query (each every `SCORE_PARTS`-th run of a block's width of keys: decode's few queries still
-//!   fill the SMs), a thread a key: `sum_h w_h / sqrt(H) relu(q_h . k / sqrt(D))`, heads and dims summed in the
+//!   query (each every `SCORE_PARTS`-th run of keys: decode's few queries still fill the SMs), two
+//!   keys a thread: `sum_h w_h / sqrt(H) relu(q_h . k / sqrt(D))`, heads and dims summed in the
 //!   reference's order (its bits on the CPU lowering), the query's heads and weights in shared
-//!   memory, the keys read in place (the last `D` columns of the cache rows);
+//!   memory, the keys read in place (the last `D` columns of the cache rows); none for a query that
+//!   sees at most `top_k` keys (all of them are its selection, whatever their scores);
 //! - [`SparseRow::TopKeys`]: the `top_k` best of those scores, ascending, ties to the earlier key,
 //!   padded with -1 ([`v3c_models::interp::kernels::select_top_keys`]): the threshold is the
 //!   `top_k`-th largest score's total-order key, found bit by bit (32 counting passes over the
@@ -33,8 +34,10 @@ pub const SCORE_PARTS: usize = 8;
 pub enum SparseRow {
     /// `y = (x - mean) / sqrt(var + eps) * w + b` over rows of `d` (x, w, b, y).
     LayerNorm { eps: f32 },
-    /// Scores of keys `d` wide (q `[T, heads, d]`, w `[T, heads]`, keys, (positions), scores `[T, S]`).
-    IndexScores { heads: usize, decode: bool },
+    /// Scores of keys `d` wide (q `[T, heads, d]`, w `[T, heads]`, keys, (positions), scores `[T, S]`)
+    /// for the selection of `top_k` ([`SparseRow::TopKeys`]): a query that sees at most `top_k`
+    /// keys takes all of them whatever their scores, and none of its scores is computed.
+    IndexScores { heads: usize, decode: bool, top_k: usize },
     /// The best `d` keys of each row of scores (scores `[T, S]`, (positions), selected `[T, d]` i32).
     TopKeys { decode: bool },
     /// Selected rows' first `d` columns (keys, selected `[T, K]` i32, rows `[T K, d]`, last `[T]` i64).
@@ -52,7 +55,9 @@ impl SparseRow {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 format!("rows_layernorm_{weight}_d{d}_t{t}_eps{eps}")
             }
-            SparseRow::IndexScores { heads, decode } => format!("rows_indexscores_d{d}_h{heads}_t{t}_{}", mode(decode)),
+            SparseRow::IndexScores { heads, decode, top_k } => {
+                format!("rows_indexscores_d{d}_h{heads}_k{top_k}_t{t}_{}", mode(decode))
+            }
             SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
             SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
             SparseRow::CacheWrite => format!("rows_cachewrite_d{d}_t{t}"),
@@ -81,8 +86,9 @@ impl SparseRow {
                 let eps = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
                 kernel(SparseRow::LayerNorm { eps }, d, w, t)
             }
-            ["indexscores", d, h, t, m] => {
-                kernel(SparseRow::IndexScores { heads: number(h, "h")?, decode: decode(m)? }, d, "f32", t)
+            ["indexscores", d, h, k, t, m] => {
+                let op = SparseRow::IndexScores { heads: number(h, "h")?, decode: decode(m)?, top_k: number(k, "k")? };
+                kernel(op, d, "f32", t)
             }
             ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
             ["gatherrows", d, t, m] => kernel(SparseRow::GatherRows { decode: decode(m)? }, d, "f32", t),
@@ -212,7 +218,8 @@ impl SparseRow {
                 let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (d as f32).to_bits());
                 let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
             }
-            SparseRow::IndexScores { heads, .. } => {
+            SparseRow::IndexScores { heads, top_k, .. } => {
+                let _ = writeln!(s, "%cTopK = arith.constant {top_k} : index");
                 let qk = (d as f32).powf(-0.5);
                 let w = (heads as f32).powf(-0.5);
                 let _ = writeln!(s, "%cH = arith.constant {heads} : index");
@@ -276,10 +283,13 @@ impl SparseRow {
                 );
                 s.push_str(&Self::visible(decode, "%keys", keys_ty, ("%w", "memref<?x?xf32>"), "%qrow"));
                 let last_dim = if decode { "%c2" } else { "%c1" };
+                // A query that sees at most top_k keys: none scored (the selection takes them all).
                 let _ = write!(
                     s,
                     "%kcols = memref.dim %keys, {last_dim} : {keys_ty}
 %koff = arith.subi %kcols, %cD : index
+%scored = arith.cmpi ugt, %nkeys, %cTopK : index
+%nscored = arith.select %scored, %nkeys, %c0 : index
 "
                 );
             }
@@ -372,7 +382,7 @@ scf.for %i = %tid to %cD step %cT {{
                     ),
                 ]
             }
-            SparseRow::IndexScores { heads, decode } => {
+            SparseRow::IndexScores { heads, decode, .. } => {
                 let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
                 let key = if decode {
                     "%k = memref.load %keys[%qrow, %s, %col] : memref<?x?x?xf32>"
@@ -381,15 +391,17 @@ scf.for %i = %tid to %cD step %cT {{
                 };
                 vec![
                     format!(
-                        "scf.for %i = %tid to %cHD step %cT {{
-  %h = arith.divui %i, %cD : index
-  %j = arith.remui %i, %cD : index
-  %v = memref.load %q[%qrow, %h, %j] : memref<?x?x?xf32>
-  memref.store %v, %sh_q[%i] : {q_sh}
-}}
-scf.for %h = %tid to %cH step %cT {{
-  %v = memref.load %w[%qrow, %h] : memref<?x?xf32>
-  memref.store %v, %sh_w[%h] : {w_sh}
+                        "scf.if %scored {{
+  scf.for %i = %tid to %cHD step %cT {{
+    %h = arith.divui %i, %cD : index
+    %j = arith.remui %i, %cD : index
+    %v = memref.load %q[%qrow, %h, %j] : memref<?x?x?xf32>
+    memref.store %v, %sh_q[%i] : {q_sh}
+  }}
+  scf.for %h = %tid to %cH step %cT {{
+    %v = memref.load %w[%qrow, %h] : memref<?x?xf32>
+    memref.store %v, %sh_w[%h] : {w_sh}
+  }}
 }}
 "
                     ),
@@ -398,7 +410,7 @@ scf.for %h = %tid to %cH step %cT {{
                     } else {
                         format!(
                             "%s0 = arith.addi %part_t, %tid : index
-scf.for %s = %s0 to %nkeys step %key_stride {{
+scf.for %s = %s0 to %nscored step %key_stride {{
   %acc = scf.for %h = %c0 to %cH step %c1 iter_args(%a = %zero) -> (f32) {{
     %qb = arith.muli %h, %cD : index
     %dot = scf.for %j = %c0 to %cD step %c1 iter_args(%dd = %zero) -> (f32) {{
@@ -533,9 +545,9 @@ fn index_scores_by_pairs(heads: usize, d: usize, decode: bool, q_sh: &str, w_sh:
         "%pair_stride = arith.muli %key_stride, %c2 : index
 %part_2t = arith.muli %part_t, %c2 : index
 %s0 = arith.addi %part_2t, %tid : index
-scf.for %sa = %s0 to %nkeys step %pair_stride {{
+scf.for %sa = %s0 to %nscored step %pair_stride {{
   %sb_raw = arith.addi %sa, %cT : index
-  %has_b = arith.cmpi ult, %sb_raw, %nkeys : index
+  %has_b = arith.cmpi ult, %sb_raw, %nscored : index
   %sb = arith.select %has_b, %sb_raw, %sa : index
   %dots:{n} = scf.for %j = %c0 to %cD step %cChunk iter_args({carried}) -> ({types}) {{
 ",
@@ -869,12 +881,12 @@ mod tests {
                     want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
                     want_sel.extend(kernels::select_top_keys(&sc, top_k));
                 }
-                let scores_k = kernel(SparseRow::IndexScores { heads, decode }, di, "f32");
+                let scores_k = kernel(SparseRow::IndexScores { heads, decode, top_k }, di, "f32");
                 let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
                 let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
                 for simulated in [false, true] {
                     let (mut q, mut w, mut keys, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
-                    let mut scores = vec![0f32; t * s];
+                    let mut scores = vec![f32::NAN; t * s];
                     let mut args = vec![
                         raw(&mut q, &[t, heads, di], "f32"),
                         raw(&mut w, &[t, heads], "f32"),
@@ -897,24 +909,29 @@ mod tests {
                     for i in 0..t {
                         let r = seen(i);
                         let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
-                        if simulated {
+                        if r.len() <= top_k {
+                            // Every key it sees is selected: no score computed.
+                            assert!(scores[i * s..(i + 1) * s].iter().all(|v| v.is_nan()), "decode {decode} query {i}");
+                        } else if simulated {
                             let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                             assert!(worst <= 1e-5, "decode {decode} query {i}: {worst}");
                         } else {
                             assert_eq!(got, want, "decode {decode} query {i}");
                         }
                     }
-                    // The selection from the reference's scores.
-                    let mut scores = want_scores.clone();
-                    let mut sel = vec![7i32; t * top_k];
-                    let mut pos = positions.clone();
-                    let mut args = vec![raw(&mut scores, &[t, s], "f32")];
-                    if decode {
-                        args.push(raw(&mut pos, &[t], "i64"));
+                    // The selection from the reference's scores, and from the kernel's (the queries
+                    // it computed none for still select every key they see).
+                    for mut scores in [want_scores.clone(), scores] {
+                        let mut sel = vec![7i32; t * top_k];
+                        let mut pos = positions.clone();
+                        let mut args = vec![raw(&mut scores, &[t, s], "f32")];
+                        if decode {
+                            args.push(raw(&mut pos, &[t], "i64"));
+                        }
+                        args.push(raw(&mut sel, &[t, top_k], "i32"));
+                        run(&top, &args, t, simulated);
+                        assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
                     }
-                    args.push(raw(&mut sel, &[t, top_k], "i32"));
-                    run(&top, &args, t, simulated);
-                    assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
                 }
             }
         }
