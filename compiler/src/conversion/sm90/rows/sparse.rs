@@ -384,14 +384,19 @@ scf.for %i = %tid to %cD step %cT {{
             }
             SparseRow::IndexScores { heads, decode, .. } => {
                 let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
+                let pairs = kernel.d.is_multiple_of(KEY_CHUNK);
                 let key = if decode {
                     "%k = memref.load %keys[%qrow, %s, %col] : memref<?x?x?xf32>"
                 } else {
                     "%k = memref.load %keys[%s, %col] : memref<?x?xf32>"
                 };
                 vec![
+                    // A block with keys to score loads its query (its first key: part p's `p T`,
+                    // or `2 p T` two keys a thread).
                     format!(
-                        "scf.if %scored {{
+                        "%part_first = arith.muli %part_t, %c{per_thread} : index
+%busy = arith.cmpi ult, %part_first, %nscored : index
+scf.if %busy {{
   scf.for %i = %tid to %cHD step %cT {{
     %h = arith.divui %i, %cD : index
     %j = arith.remui %i, %cD : index
@@ -403,9 +408,10 @@ scf.for %i = %tid to %cD step %cT {{
     memref.store %v, %sh_w[%h] : {w_sh}
   }}
 }}
-"
+",
+                        per_thread = if pairs { 2 } else { 1 }
                     ),
-                    if kernel.d.is_multiple_of(KEY_CHUNK) {
+                    if pairs {
                         index_scores_by_pairs(heads, kernel.d, decode, &q_sh, &w_sh)
                     } else {
                         format!(
