@@ -674,34 +674,28 @@ mod tests {
         assert_eq!(decode(false, 64).signature(), "mla_decode kv512 r64 h128");
         let (short, long) = (rank(&v32, &h200)[0].micros, rank(&decode(false, 64), &h200)[0].micros);
         assert!(short < long * 0.7, "{short} vs {long}");
-        let f32_rows = AttentionShape::Selected {
+        let selected = |bf16_rows| AttentionShape::Selected {
             heads: 128,
             kv: 512,
             rope: 64,
             tokens: 4096,
             keys: 2048,
             prefill: true,
-            bf16_rows: false,
+            bf16_rows,
         };
+        let space = |s: &AttentionShape| -> Vec<String> {
+            candidates(s, &h200.target).iter().map(AttentionConfig::kernel_name).collect()
+        };
+        let f32_rows = selected(false);
         assert_eq!(
             (f32_rows.signature(), f32_rows.regime()),
             ("mla_decode_sel kv512 r64 h128 k2048".into(), "prefill")
         );
-        let space: Vec<String> = candidates(&f32_rows, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
-        assert_eq!(space, ["mla_decode_kv512_r64_p64_s2_sel"]);
+        assert_eq!(space(&f32_rows), ["mla_decode_kv512_r64_p64_s2_sel"]);
         // Prefill's bf16 copy of the rows: half the gather's bytes, no rounding on the way.
-        let shape = AttentionShape::Selected {
-            heads: 128,
-            kv: 512,
-            rope: 64,
-            tokens: 4096,
-            keys: 2048,
-            prefill: true,
-            bf16_rows: true,
-        };
+        let shape = selected(true);
         assert_eq!(shape.signature(), "mla_decode_sel kv512 r64 h128 k2048 bf16rows");
-        let space: Vec<String> = candidates(&shape, &h200.target).iter().map(AttentionConfig::kernel_name).collect();
-        assert_eq!(space, ["mla_decode_kv512_r64_p64_s2_sel16"]);
+        assert_eq!(space(&shape), ["mla_decode_kv512_r64_p64_s2_sel16"]);
         let e = &rank(&shape, &h200)[0];
         assert_eq!((e.blocks, e.splits, e.bound), (4096 * 2, 1, "compute"));
         let flops = 2.0 * 4096.0 * 128.0 * 2048.0 * (576.0 + 512.0);
