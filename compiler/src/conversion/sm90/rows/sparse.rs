@@ -857,8 +857,14 @@ mod tests {
     #[test]
     fn indexer_scores_and_selection_match_the_reference() {
         // Keys past one block's width (every part of a query's blocks has some, and some threads
-        // a second key); and DeepSeek-V3.2's 64 heads of 128 in its 704-wide cache rows.
-        let cases = [((4, 16, 24, 8), (5, 2200), [false, true].as_slice()), ((64, 128, 704, 16), (2, 512), &[false])];
+        // a second key); DeepSeek-V3.2's 64 heads of 128 in its 704-wide cache rows; and keys of
+        // 10 columns (not whole steps of the two-key loop: a key a thread).
+        let both = [false, true].as_slice();
+        let cases = [
+            ((4, 16, 24, 8), (5, 2200), both),
+            ((64, 128, 704, 16), (2, 512), &[false]),
+            ((3, 10, 17, 5), (4, 600), both),
+        ];
         for ((heads, di, width, top_k), (t, s), modes) in cases {
             for &decode in modes {
                 let rows = if decode { t * s } else { s };
