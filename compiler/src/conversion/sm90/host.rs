@@ -546,8 +546,8 @@ pub unsafe fn mla_decode(heads: usize, scale: f32, bufs: &[RawBuffer]) -> Result
 /// What the attention over each query's selected rows computes ([`super::mla::MlaDecodeConfig::selected`])
 /// over `[q, keys, selected, o_part, lse]`: query t's rows (its `heads` rows of q) see the key rows
 /// its row of the selection names before the first -1 (f32 rows rounded to bf16, as the kernel
-/// gathers them, or bf16 rows; keys `[T, S, C]`: its own S rows), split into the splits' runs of 64-key pages as
-/// [`mla_decode`]'s pages.
+/// gathers them, or bf16 rows; keys `[T, S, C]`: its own S rows), split into the splits' runs of
+/// 64-key pages as [`mla_decode`]'s pages.
 ///
 /// # Safety
 /// The buffers address their shapes' elements.
@@ -570,14 +570,14 @@ pub unsafe fn mla_decode_selected(heads: usize, scale: f32, bufs: &[RawBuffer]) 
     }
     let qv: Vec<f32> =
         std::slice::from_raw_parts(q.ptr as *const u16, q.shape[0] * width).iter().map(|&x| bf16_to_f32(x)).collect();
+    if !matches!(keys.element.as_str(), "bf16" | "f32") {
+        return Err(format!("keys of {}", keys.element));
+    }
     // A key row's value: bf16 rows as they are, f32 rows rounded to bf16 (as the kernel gathers them).
     let key = |at: usize| match keys.element.as_str() {
         "bf16" => bf16_to_f32(*(keys.ptr as *const u16).add(at)),
         _ => bf16_to_f32(f32_to_bf16(*(keys.ptr as *const f32).add(at))),
     };
-    if !matches!(keys.element.as_str(), "bf16" | "f32") {
-        return Err(format!("keys of {}", keys.element));
-    }
     let sel = std::slice::from_raw_parts(selected.ptr as *const i32, t_count * k_width);
     let o = std::slice::from_raw_parts_mut(o_part.ptr as *mut f32, o_part.shape.iter().product());
     let l_out = std::slice::from_raw_parts_mut(lse.ptr as *mut f32, lse.shape.iter().product());

@@ -505,7 +505,6 @@ fn selected_rows(bound: &str, pick: &str, load: &str) -> String {
     )
 }
 
-/// `text` with every line indented by `by`.
 /// Key columns a step of [`index_scores_by_pairs`] loads (each key's, once for every head).
 const KEY_CHUNK: usize = 4;
 
@@ -617,6 +616,7 @@ scf.if %has_b {{
     t
 }
 
+/// `text` with every line indented by `by`.
 fn indent(text: &str, by: &str) -> String {
     text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
