@@ -372,6 +372,45 @@ fn assert_attention_tensor_core_code(
     }
 }
 
+/// DeepSeek-V3.2's indexer scores on the tensor cores (64 heads of 128, prefill and decode): the 24
+/// wgmmas of a 64-key tile (8 steps of hi.hi, hi.lo, lo.hi; A the keys from registers, B the
+/// query's heads K-major) as 24 HGMMA.64x64x16 in the SASS, not serialized, no local memory.
+#[test]
+fn indexer_scores_compile_to_hgmma_without_spills() {
+    use sm90::rows::{RowKernel, RowOp, SparseRow};
+    let context = v3c_compiler::mlir::new_context();
+    let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
+    for decode in [false, true] {
+        let k = RowKernel::new(
+            RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma: true }),
+            128,
+            "f32",
+        );
+        let kernel = sm90::compile_rows(&context, &k, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        // A from registers, B K-major (no transpose).
+        assert_eq!(kernel.ptx.matches("p, 1, 1, 0;").count(), 24, "{}", kernel.name);
+        let Some(ptxas) = &ptxas else {
+            eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
+            continue;
+        };
+        let cubin =
+            target::assemble(&kernel.ptx, &kernel.name, &target::SM90A, ptxas).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cubin.log.contains("wgmma.mma_async instructions are serialized"), "{}: {}", kernel.name, cubin.log);
+        let r = &cubin.kernels[0];
+        eprintln!(
+            "{}: {} registers, spills {}/{}",
+            kernel.name, r.registers, r.spill_stores_bytes, r.spill_loads_bytes
+        );
+        assert_eq!((r.spill_stores_bytes, r.spill_loads_bytes), (0, 0), "{}: spills", kernel.name);
+        if let Some(sass) = sass(&cubin.cubin) {
+            let hgmma = sass.matches("HGMMA.64x64x16.F32.BF16").count();
+            eprintln!("  SASS: {hgmma} x HGMMA.64x64x16.F32.BF16");
+            assert_eq!(hgmma, 24, "{}", kernel.name);
+            assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
+        }
+    }
+}
+
 /// A flash kernel's tile loop takes its interior tiles (every key visible to every row of the
 /// warpgroup) without the per-element masks: the loop's exponentials in two copies, masked and
 /// not; tile 0's before a loop a tile ahead in one, masked. A tile's exponentials: a thread's 32

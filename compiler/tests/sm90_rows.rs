@@ -246,11 +246,10 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
     use sm90::rows::SparseRow;
     let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
     for decode in [false, true] {
-        kernels.push(RowKernel::new(
-            RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode, top_k: 2048 }),
-            128,
-            "f32",
-        ));
+        for mma in [false, true] {
+            let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma };
+            kernels.push(RowKernel::new(RowOp::Sparse(op), 128, "f32"));
+        }
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), 2048, "f32"));
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherRows { decode }), 576, "f32"));
         kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));
@@ -342,8 +341,16 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 match op {
                     // One thread's sums, then the columns.
                     SparseRow::LayerNorm { .. } => assert_eq!(barriers, 1, "{name}"),
-                    // The query into shared memory, then a thread a key.
-                    SparseRow::IndexScores { .. } => assert_eq!(barriers, 1, "{name}"),
+                    // The query into shared memory, then a thread a key (on the tensor cores: 64
+                    // keys a warpgroup, 3 wgmmas a 16-column step, a key's heads joined by two
+                    // shuffles in its quad).
+                    SparseRow::IndexScores { mma, .. } => {
+                        assert_eq!(barriers, 1, "{name}");
+                        let wgmmas = kernel.ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16").count();
+                        assert_eq!(wgmmas, if mma { 3 * k.d / 16 } else { 0 }, "{name}");
+                        assert_eq!(kernel.ptx.matches("shfl.sync.bfly").count(), if mma { 4 } else { 0 }, "{name}");
+                        assert_eq!(kernel.ptx.contains("fence.proxy.async"), mma, "{name}");
+                    }
                     // The pass loop: a count, a tree, the decision (each iteration ending in a
                     // barrier); the first phase, the chunks' counts, the scan, the writes.
                     SparseRow::TopKeys { .. } => {

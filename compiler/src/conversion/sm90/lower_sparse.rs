@@ -3,7 +3,8 @@
 //! - `layer_norm` (the indexer key's), alone or split into its rotated and plain halves: the row,
 //!   then each half copied out of it;
 //! - `sparse_index`: the indexer's scores of every visible key into a temporary `[T, S]` (S the
-//!   keys' rows), then the top keys of each row of it;
+//!   keys' rows), on the tensor cores with the attention ([`tensor_core_index_steps`]) or the CUDA
+//!   cores, then the top keys of each row of it;
 //! - `gather_rows`: each query's selected latent rows, the attention's keys and values;
 //! - `cache_write` (decode's new cache rows: the latent row and the indexer key side by side);
 //! - the latent row with the indexer key: `rms_norm(latent)`, `rope(k_pe)`, their concatenation
@@ -244,7 +245,7 @@ pub fn steps_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<Steps, Str
     let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
     match names[..] {
         ["layer_norm", "split"] => Some(layer_norm_split(&body)),
-        ["sparse_index"] => Some(sparse_index(&body)),
+        ["sparse_index"] => Some(sparse_index(&body, false)),
         ["rms_norm", "rope", "concat", "concat"] => Some(latent_with_key(&body)),
         _ => None,
     }
@@ -284,8 +285,22 @@ fn layer_norm_split(body: &Body) -> Result<Steps, String> {
     Ok(Steps { steps, temps: vec![Temp::per_row(1, d, "f32")], rope_table: None })
 }
 
-/// `sparse_index`: the scores, then the selection.
-fn sparse_index(body: &Body) -> Result<Steps, String> {
+/// `sparse_index` with its scores on the tensor cores ([`SparseRow::IndexScores`] `mma`) where the
+/// attention of its mode is (`prefill`, `decode`: the tensor-core attention's); None for another
+/// kernel, a mode whose attention is on the CUDA cores (the reference's arithmetic throughout),
+/// or a shape the tensor-core kernel does not take (then the CUDA-core kernel scores it).
+pub fn tensor_core_index_steps(kernel: &OperationRef, prefill: bool, decode: bool) -> Option<Steps> {
+    let body = Body::of(kernel)?;
+    if body.names != ["sparse_index"] {
+        return None;
+    }
+    let decode_kernel = body.ops[0].operand_count() == 4;
+    let tensor_cores = if decode_kernel { decode } else { prefill };
+    tensor_cores.then(|| sparse_index(&body, true).ok()).flatten()
+}
+
+/// `sparse_index`: the scores (on the tensor cores: `mma`), then the selection.
+fn sparse_index(body: &Body, mma: bool) -> Result<Steps, String> {
     let o = &body.ops[0];
     if !body.operands_are_args(o) || !body.returns_results_of(o) {
         return Err("sparse_index with its operands or results in another order".into());
@@ -302,7 +317,8 @@ fn sparse_index(body: &Body) -> Result<Steps, String> {
     {
         return Err(format!("sparse_index of {q} over {keys}"));
     }
-    let scores = RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k }), di, "f32");
+    let scores = RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k, mma }), di, "f32");
+    scores.validate(&crate::target::SM90A)?;
     let top = RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), top_k, "f32");
     let mut score_ops = vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2)];
     let mut top_ops = vec![Operand::Temp(0)];

@@ -2688,11 +2688,11 @@ fn pack_pair(word: &str, lo: &str, hi: &str) -> String {
     )
 }
 
-/// One `wgmma.mma_async` m64n`n`k16 (bf16, B `desc_b` transposed: MN-major) with A the four words
-/// `a` of this thread, accumulating into `acc` (a struct of n / 2 f32): `nvvm.wgmma.mma_async`
-/// takes A's descriptor only, so the instruction as inline PTX — the form the NVVM lowering gives
-/// its own — the accumulators tied to the results.
-fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize) -> String {
+/// One `wgmma.mma_async` m64n`n`k16 (bf16, B `desc_b`: MN-major where `trans_b`, else K-major) with
+/// A the four words `a` of this thread, accumulating into `acc` (a struct of n / 2 f32):
+/// `nvvm.wgmma.mma_async` takes A's descriptor only, so the instruction as inline PTX — the form
+/// the NVVM lowering gives its own — the accumulators tied to the results.
+pub(super) fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize, trans_b: bool) -> String {
     let regs = n / 2;
     let wide = format!("!llvm.struct<({})>", vec!["f32"; regs].join(", "));
     let mut t = String::new();
@@ -2703,13 +2703,14 @@ fn wgmma_registers_a(out: &str, a: &[String], desc_b: &str, acc: &str, n: usize)
     }
     let d: Vec<String> = (0..regs).map(|r| format!("${r}")).collect();
     let asm = format!(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{d}}}, {{${a0}, ${a1}, ${a2}, ${a3}}}, ${b}, p, 1, 1, 1;\\n}}",
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\nwgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{d}}}, {{${a0}, ${a1}, ${a2}, ${a3}}}, ${b}, p, 1, 1, {trans};\\n}}",
         d = d.join(", "),
         a0 = regs,
         a1 = regs + 1,
         a2 = regs + 2,
         a3 = regs + 3,
         b = regs + 4,
+        trans = u8::from(trans_b),
     );
     let constraints: Vec<String> = std::iter::repeat_n("=f".to_string(), regs)
         .chain(std::iter::repeat_n("r".to_string(), 4))
@@ -2768,7 +2769,7 @@ fn pv_products_of(t: &mut String, p: Option<&[String]>, v_base: &str, v_offset: 
             let out = format!("%pv{g}_{ks}");
             match p {
                 Some(words) => {
-                    let asm = wgmma_registers_a(&out, &words[4 * ks..4 * ks + 4], &dv, acc, n);
+                    let asm = wgmma_registers_a(&out, &words[4 * ks..4 * ks + 4], &dv, acc, n, true);
                     let _ = writeln!(t, "{}", indent(&asm, 4));
                 }
                 None => {

@@ -448,6 +448,11 @@ pub fn tensor_core_attention(
             let decode = attention.decode == AttentionKernel::TensorCores;
             lower_sparse::sparse_attention_steps(f, prefill, decode).ok()
         })
+        // And its indexer's scores, on the tensor cores with the attention of their mode.
+        .or_else(|| {
+            let decode = attention.decode == AttentionKernel::TensorCores;
+            lower_sparse::tensor_core_index_steps(f, prefill, decode)
+        })
 }
 
 /// Per fused kernel of a module, the regimes its GEMMs run in: [a decode entry calls it, another

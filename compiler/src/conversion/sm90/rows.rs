@@ -24,6 +24,7 @@ use std::fmt::Write;
 
 use v3c_models::interp::kernels::ROUTER_SPLITS;
 
+mod index_mma;
 mod matmul;
 mod mla_mma;
 mod mla_train;

@@ -34,8 +34,8 @@ use crate::conversion::sm90::gemm::{fragment_coordinates, fragment_offset};
 /// Tokens (the wgmma M) and latent columns (N) a block takes.
 pub const TILE: usize = 64;
 /// Bytes of one swizzled 64-column bf16 chunk row, and of the swizzle pattern's 8 rows.
-const ROW_BYTES: usize = 128;
-const PATTERN_BYTES: usize = 8 * ROW_BYTES;
+pub(super) const ROW_BYTES: usize = 128;
+pub(super) const PATTERN_BYTES: usize = 8 * ROW_BYTES;
 
 /// The shape a block's operands take: `nope` rows of the head (the K of the product).
 #[derive(Debug, Clone, Copy)]
@@ -805,7 +805,7 @@ fn weight(bf16_weight: bool, row: &str, col: &str, out: &str, lowering: Lowering
 
 /// `{name}`: the wgmma descriptor of the operand at byte `offset` of the aligned tile (`%mm_addr`):
 /// `%mm_desc` (its high bits) with the address's 16-byte units.
-fn descriptor(name: &str, offset: usize) -> String {
+pub(super) fn descriptor(name: &str, offset: usize) -> String {
     format!(
         "{name}_off = arith.constant {offset} : i64
 {name}_a = arith.addi %mm_addr, {name}_off : i64
@@ -817,11 +817,12 @@ fn descriptor(name: &str, offset: usize) -> String {
 }
 
 /// A proxy fence: the threads' shared-memory writes before the tensor cores' reads.
-const FENCE: &str = "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}\n";
+pub(super) const FENCE: &str =
+    "nvvm.fence.proxy {kind = #nvvm.proxy_kind<async.shared>, space = #nvvm.shared_space<cta>}\n";
 
 /// `%mm_al`: the first 1024-byte boundary in `sh_mma` (a shared address), `%mm_w0` its word index
 /// there, and the constants the phases share.
-fn aligned(sh_mma: &str) -> String {
+pub(super) fn aligned(sh_mma: &str) -> String {
     format!(
         "%mm_c2 = arith.constant 2 : index
 %mm_c16_i32 = arith.constant 16 : i32
@@ -1015,7 +1016,7 @@ fn bf16_pairs(word: &str, bf16_weight: bool, out: &str) -> String {
 /// The loop-invariant part of a bf16 pair's place at columns `col`, `col + 1` of a 64-column
 /// chunk at byte `chunk` of the aligned tile: `%{p}_unit` (16-byte unit before the swizzle) and
 /// `%{p}_base` (the chunk and the pair's bytes within its unit).
-fn column_place(p: &str, chunk: &str, col: &str) -> String {
+pub(super) fn column_place(p: &str, chunk: &str, col: &str) -> String {
     format!(
         "%{p}_unit = arith.divui {col}, %mm_c8 : index
 %{p}_in = arith.remui {col}, %mm_c8 : index
@@ -1027,7 +1028,7 @@ fn column_place(p: &str, chunk: &str, col: &str) -> String {
 
 /// Stores one 32-bit word, or two consecutive ones of a 16-byte unit, at their [`column_place`] `p`
 /// in chunk row `row`, 128-byte swizzled: byte `base + 128 row + 16 (unit ^ row % 8)` on.
-fn row_store(p: &str, row: &str, words: &[&str], sh_mma: &str) -> String {
+pub(super) fn row_store(p: &str, row: &str, words: &[&str], sh_mma: &str) -> String {
     let mut t = format!(
         "%sw_row = arith.muli {row}, %mm_row_bytes : index
 %sw_r8 = arith.remui {row}, %mm_c8 : index
@@ -1070,11 +1071,11 @@ memref.store %sw_f, %sh_mma[%sw_at] : {sh_mma}
 
 /// Two f32 rounded to bf16 (to nearest even) in one i32, `hi` in the high half (the GPU's
 /// `cvt.rn.bf16x2.f32`).
-fn bf16x2(hi: &str, lo: &str) -> String {
+pub(super) fn bf16x2(hi: &str, lo: &str) -> String {
     format!("llvm.inline_asm \"cvt.rn.bf16x2.f32 $0, $1, $2;\", \"=r,f,f\" {hi}, {lo} : (f32, f32) -> i32")
 }
 
-fn indent(text: &str, n: usize) -> String {
+pub(super) fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
     text.lines().map(|l| format!("{pad}{l}\n")).collect()
 }

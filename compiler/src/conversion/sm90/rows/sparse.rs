@@ -7,7 +7,8 @@
 //!   keys a thread: `sum_h w_h / sqrt(H) relu(q_h . k / sqrt(D))`, heads and dims summed in the
 //!   reference's order (its bits on the CPU lowering), the query's heads and weights in shared
 //!   memory, the keys read in place (the last `D` columns of the cache rows); none for a query that
-//!   sees at most `top_k` keys (all of them are its selection, whatever their scores);
+//!   sees at most `top_k` keys (all of them are its selection, whatever their scores). With `mma`
+//!   the same scores on the tensor cores at f32's accuracy ([`super::index_mma`]);
 //! - [`SparseRow::TopKeys`]: the `top_k` best of those scores, ascending, ties to the earlier key,
 //!   padded with -1 ([`v3c_models::interp::kernels::select_top_keys`]): the threshold is the
 //!   `top_k`-th largest score's total-order key, found bit by bit (32 counting passes over the
@@ -24,10 +25,13 @@
 
 use std::fmt::Write;
 
+use super::index_mma::IndexMma;
 use super::{loop_phases, sqrt, tree_phases, Lowering, RowKernel};
 
-/// Blocks a query's scores take ([`SparseRow::IndexScores`]).
+/// Blocks a query's scores take ([`SparseRow::IndexScores`]; on the tensor cores, decode's: each
+/// block stages its query's heads once, and prefill's many queries fill the SMs with 2).
 pub const SCORE_PARTS: usize = 8;
+const PREFILL_MMA_PARTS: usize = 2;
 
 /// A sparse-attention row kernel (its `d`: see each).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,8 +40,9 @@ pub enum SparseRow {
     LayerNorm { eps: f32 },
     /// Scores of keys `d` wide (q `[T, heads, d]`, w `[T, heads]`, keys, (positions), scores `[T, S]`)
     /// for the selection of `top_k` ([`SparseRow::TopKeys`]): a query that sees at most `top_k`
-    /// keys takes all of them whatever their scores, and none of its scores is computed.
-    IndexScores { heads: usize, decode: bool, top_k: usize },
+    /// keys takes all of them whatever their scores, and none of its scores is computed. `mma`: on
+    /// the tensor cores ([`super::index_mma`]), else the CUDA cores in the reference's order.
+    IndexScores { heads: usize, decode: bool, top_k: usize, mma: bool },
     /// The best `d` keys of each row of scores (scores `[T, S]`, (positions), selected `[T, d]` i32).
     TopKeys { decode: bool },
     /// Selected rows' first `d` columns (keys, selected `[T, K]` i32, rows `[T K, d]`, last `[T]` i64).
@@ -55,8 +60,9 @@ impl SparseRow {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 format!("rows_layernorm_{weight}_d{d}_t{t}_eps{eps}")
             }
-            SparseRow::IndexScores { heads, decode, top_k } => {
-                format!("rows_indexscores_d{d}_h{heads}_k{top_k}_t{t}_{}", mode(decode))
+            SparseRow::IndexScores { heads, decode, top_k, mma } => {
+                let mma = if mma { "_mma" } else { "" };
+                format!("rows_indexscores_d{d}_h{heads}_k{top_k}_t{t}_{}{mma}", mode(decode))
             }
             SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
             SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
@@ -86,8 +92,9 @@ impl SparseRow {
                 let eps = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
                 kernel(SparseRow::LayerNorm { eps }, d, w, t)
             }
-            ["indexscores", d, h, k, t, m] => {
-                let op = SparseRow::IndexScores { heads: number(h, "h")?, decode: decode(m)?, top_k: number(k, "k")? };
+            ["indexscores", d, h, k, t, m, ref mma @ ..] if mma.is_empty() || mma == ["mma"] => {
+                let (heads, top_k) = (number(h, "h")?, number(k, "k")?);
+                let op = SparseRow::IndexScores { heads, decode: decode(m)?, top_k, mma: !mma.is_empty() };
                 kernel(op, d, "f32", t)
             }
             ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
@@ -152,6 +159,7 @@ impl SparseRow {
     /// Blocks per row of the rows argument.
     pub(super) fn blocks_per_row(&self) -> usize {
         match self {
+            SparseRow::IndexScores { decode: false, mma: true, .. } => PREFILL_MMA_PARTS,
             SparseRow::IndexScores { .. } => SCORE_PARTS,
             _ => 1,
         }
@@ -161,6 +169,7 @@ impl SparseRow {
     pub(super) fn shared(&self, d: usize, threads: usize) -> Vec<(&'static str, usize)> {
         match *self {
             SparseRow::LayerNorm { .. } => vec![("sh_red", 2)],
+            SparseRow::IndexScores { heads, mma: true, .. } => IndexMma { heads, d }.shared(),
             SparseRow::IndexScores { heads, .. } => vec![("sh_q", heads * d), ("sh_w", heads)],
             SparseRow::TopKeys { .. } => {
                 vec![
@@ -178,6 +187,8 @@ impl SparseRow {
     /// Threads per block.
     pub(super) fn threads(&self, d: usize) -> usize {
         match self {
+            // One warpgroup.
+            SparseRow::IndexScores { mma: true, .. } => super::index_mma::THREADS,
             // A thread a key (a chunk of keys).
             SparseRow::IndexScores { .. } | SparseRow::TopKeys { .. } => 256,
             _ => (d / 8).next_power_of_two().clamp(32, 256),
@@ -186,9 +197,12 @@ impl SparseRow {
 
     /// Why the kernel cannot be generated, if it cannot.
     pub(super) fn check(&self, name: &str, d: usize) -> Result<(), String> {
-        if let SparseRow::IndexScores { heads, .. } = *self {
+        if let SparseRow::IndexScores { heads, mma, .. } = *self {
             if heads == 0 {
                 return Err(format!("{name}: 0 heads"));
+            }
+            if mma {
+                IndexMma { heads, d }.check().map_err(|e| format!("{name}: {e}"))?;
             }
         }
         if let SparseRow::TopKeys { .. } = self {
@@ -274,12 +288,13 @@ impl SparseRow {
                 // Block `%row`: query `%qrow`, part `%part` of its keys.
                 let _ = write!(
                     s,
-                    "%cParts = arith.constant {SCORE_PARTS} : index
+                    "%cParts = arith.constant {parts} : index
 %qrow = arith.divui %row, %cParts : index
 %part = arith.remui %row, %cParts : index
 %part_t = arith.muli %part, %cT : index
 %key_stride = arith.muli %cT, %cParts : index
-"
+",
+                    parts = self.blocks_per_row()
                 );
                 s.push_str(&Self::visible(decode, "%keys", keys_ty, ("%w", "memref<?x?xf32>"), "%qrow"));
                 let last_dim = if decode { "%c2" } else { "%c1" };
@@ -381,6 +396,9 @@ scf.for %i = %tid to %cD step %cT {{
                         params = indent(&params, "  ")
                     ),
                 ]
+            }
+            SparseRow::IndexScores { heads, decode, mma: true, .. } => {
+                IndexMma { heads, d: kernel.d }.phases(decode, lowering, &sh("sh_mma"))
             }
             SparseRow::IndexScores { heads, decode, .. } => {
                 let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
@@ -893,7 +911,7 @@ mod tests {
                     want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
                     want_sel.extend(kernels::select_top_keys(&sc, top_k));
                 }
-                let scores_k = kernel(SparseRow::IndexScores { heads, decode, top_k }, di, "f32");
+                let scores_k = kernel(SparseRow::IndexScores { heads, decode, top_k, mma: false }, di, "f32");
                 let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
                 let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
                 for simulated in [false, true] {
@@ -944,6 +962,139 @@ mod tests {
                         run(&top, &args, t, simulated);
                         assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
                     }
+                }
+            }
+        }
+    }
+
+    /// [`super::super::index_mma`]'s scores, as its doc gives their arithmetic: each (key, head)
+    /// product of the bf16 splits summed per step hi.hi, hi.lo, lo.hi over 16 columns; each lane's
+    /// heads `8 j + 2 q + e` in order from +0; the lanes as `(s0 + s1) + (s2 + s3)`.
+    fn split_scores(q: &[f32], w: &[f32], rows: &[f32], width: usize, di: usize) -> Vec<f32> {
+        let heads = w.len();
+        let n = heads.next_multiple_of(8);
+        let (qk_scale, w_scale) = ((di as f32).powf(-0.5), (heads as f32).powf(-0.5));
+        let split = |x: f32| {
+            let hi = v3c_models::dtype::round_bf16(x);
+            (hi, v3c_models::dtype::round_bf16(x - hi))
+        };
+        rows.chunks(width)
+            .map(|row| &row[width - di..])
+            .map(|k| {
+                let lane = |l: usize| {
+                    let mut s = 0.0f32;
+                    for h in (0..n / 8).flat_map(|j| [8 * j + 2 * l, 8 * j + 2 * l + 1]) {
+                        let mut dot = 0.0f32;
+                        for step in 0..di.div_ceil(16) {
+                            let cols = 16 * step..16 * step + 16;
+                            let kv = |c: usize| split(if c < di { k[c] } else { 0.0 });
+                            let qv = |c: usize| split(if c < di && h < heads { q[h * di + c] } else { 0.0 });
+                            for c in cols.clone() {
+                                dot += kv(c).0 * qv(c).0;
+                            }
+                            for c in cols.clone() {
+                                dot += kv(c).0 * qv(c).1;
+                            }
+                            for c in cols {
+                                dot += kv(c).1 * qv(c).0;
+                            }
+                        }
+                        let ws = if h < heads { w[h] * w_scale } else { 0.0 };
+                        let sc = dot * qk_scale;
+                        s += ws * if sc > 0.0 { sc } else { 0.0 };
+                    }
+                    s
+                };
+                (lane(0) + lane(1)) + (lane(2) + lane(3))
+            })
+            .collect()
+    }
+
+    /// The indexer's scores on the tensor cores, prefill and decode, the shapes of
+    /// [`indexer_scores_and_selection_match_the_reference`] (heads padded to 8, keys of 10 columns
+    /// padded to a 16-column step): the CPU lowering's are [`split_scores`]' bits, the PTX
+    /// simulated within rounding of them, both within 2^-16-ish of the f32 reference's; the
+    /// selection from the kernel's scores equals the reference's.
+    #[test]
+    fn indexer_scores_on_the_tensor_cores_keep_f32_accuracy() {
+        let both = [false, true].as_slice();
+        let cases = [
+            ((4, 16, 24, 8), (5, 2200), both),
+            ((64, 128, 704, 16), (2, 512), &[false]),
+            ((3, 10, 17, 5), (4, 600), both),
+        ];
+        for ((heads, di, width, top_k), (t, s), modes) in cases {
+            for &decode in modes {
+                let rows = if decode { t * s } else { s };
+                let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
+                let positions: Vec<i64> = [2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1][..t].to_vec();
+                let seen = |i: usize| -> std::ops::Range<usize> {
+                    match (decode, positions[i]) {
+                        (false, _) => 0..s - t + i + 1,
+                        (true, p) if p < 0 => 0..0,
+                        (true, p) => 0..(p as usize + 1).min(s),
+                    }
+                };
+                let k = kernel(SparseRow::IndexScores { heads, decode, top_k, mma: true }, di, "f32");
+                assert_eq!(k.threads, 128, "{}", k.kernel_name());
+                let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
+                for simulated in [false, true] {
+                    let (mut qb, mut wb, mut kb, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
+                    let mut scores = vec![f32::NAN; t * s];
+                    let mut args = vec![
+                        raw(&mut qb, &[t, heads, di], "f32"),
+                        raw(&mut wb, &[t, heads], "f32"),
+                        raw(&mut kb, &key_shape, "f32"),
+                    ];
+                    if decode {
+                        args.push(raw(&mut pos, &[t], "i64"));
+                    }
+                    args.push(raw(&mut scores, &[t, s], "f32"));
+                    if simulated {
+                        let stats = run_simulated(&k, &args, t * k.blocks_per_row());
+                        eprintln!(
+                            "{} (decode {decode}): {} instructions simulated",
+                            k.kernel_name(),
+                            stats.instructions
+                        );
+                    } else {
+                        run_cpu(&k, &args);
+                    }
+                    let mut worst = (0f32, 0f32);
+                    for i in 0..t {
+                        let r = seen(i);
+                        if r.len() <= top_k {
+                            assert!(scores[i * s..(i + 1) * s].iter().all(|v| v.is_nan()), "decode {decode} query {i}");
+                            continue;
+                        }
+                        let base = if decode { i * s * width } else { 0 };
+                        let cache = &keys[base + r.start * width..base + r.end * width];
+                        let (qi, wi) = (&q[i * heads * di..(i + 1) * heads * di], &w[i * heads..(i + 1) * heads]);
+                        let model = split_scores(qi, wi, cache, width, di);
+                        let reference = kernels::index_scores(qi, wi, cache, width, di);
+                        let got = &scores[i * s..i * s + r.len()];
+                        assert!(scores[i * s + r.len()..(i + 1) * s].iter().all(|v| v.is_nan()), "past the keys");
+                        let largest = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                        if simulated {
+                            let d = diff(got, &model);
+                            assert!(d <= 1e-6 * largest, "decode {decode} query {i}: {d} of {largest}");
+                        } else {
+                            assert_eq!(got, &model[..], "decode {decode} query {i}");
+                        }
+                        let d = diff(&model, &reference);
+                        assert!(d <= 1e-4 * largest, "decode {decode} query {i}: {d} of {largest} from the reference");
+                        worst = (worst.0.max(d / largest), worst.1.max(largest));
+                        assert_eq!(
+                            kernels::select_top_keys(got, top_k),
+                            kernels::select_top_keys(&reference, top_k),
+                            "decode {decode} query {i}"
+                        );
+                    }
+                    eprintln!(
+                        "heads {heads} d {di} decode {decode}: split vs f32 reference {:.2e} of the largest",
+                        worst.0
+                    );
                 }
             }
         }
