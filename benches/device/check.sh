@@ -649,12 +649,13 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
   # DeepSeek-V3.2's slice (prepare.sh): its prefill (4096 tokens) and decode (64 x 4096) kernels one
   # by one, the attention gathering each query's selected rows (prefill's `_sel16` from a bf16 copy
   # of the rows: the cost model's 3.9 ms a layer; decode's `_sel`, 106.5 us; on an H200) and the
-  # indexer's scores and top keys.
+  # indexer's scores (on the tensor cores: `_mma`, the cost model's 319.9 us a layer for prefill,
+  # 17.0 us for decode) and top keys.
   left=$((570 - SECONDS))
   if [ -d "$root/.device/slice32/sm90" ] && [ "$left" -ge 240 ]; then
     if timeout 60 "$v3r" bench-kernels "$root/.device/slice32/sm90" --random-weights 1 --reps 5 \
         --out "$out/v32_slice_kernels.json" 2>&1 | tee -a "$log"; then
-      row "5. V3.2 kernels (v3r)" "ok" "$(grep -o 'mla_decode_kv512_r64_p64_s2_sel[16]* *[0-9]* launches *[0-9.]* ms each' "$log" | tail -2 | sed 's/  */ /g' | paste -sd';') (one line an entry: v32_slice_kernels.json)"
+      row "5. V3.2 kernels (v3r)" "ok" "$(grep -oE '(mla_decode_kv512_r64_p64_s2_sel[16]*|rows_indexscores_[a-z0-9_]*) *[0-9]* launches *[0-9.]* ms each' "$log" | tail -4 | sed 's/  */ /g' | paste -sd';') (one line an entry: v32_slice_kernels.json)"
     else
       row "5. V3.2 kernels (v3r)" "FAILED" "see check.log"
     fi

@@ -886,10 +886,17 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
                     None => regimes(kernels),
                 };
                 match (&step.kernel, gemm) {
-                    (StepKernel::Row(k), None) => match step.only {
-                        Some(r) => format!("{} only {}", r.name(), k.kernel_name()),
-                        None => k.kernel_name(),
-                    },
+                    (StepKernel::Row(k), None) => {
+                        // DeepSeek-V3.2's indexer scores: the cost model's figure at the plan's rows.
+                        let estimate = v3c_compiler::tune::rows::index_scores_estimate(k, choose.prefill_m, &device)
+                            .map_or(String::new(), |e| {
+                                format!(" [cost model: {:.1} us est., {} pairs, {}-bound]", e.micros, e.pairs, e.bound)
+                            });
+                        match step.only {
+                            Some(r) => format!("{} only {}{estimate}", r.name(), k.kernel_name()),
+                            None => format!("{}{estimate}", k.kernel_name()),
+                        }
+                    }
                     (StepKernel::Row(_), Some(kernels)) => per_regime(kernels),
                     (StepKernel::Gemm(g), Some(kernels)) => {
                         let regimes = per_regime(kernels);

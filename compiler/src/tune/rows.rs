@@ -198,6 +198,67 @@ pub fn rank(shape: &RowShape, device: &DeviceModel) -> Vec<RowEstimate> {
     all
 }
 
+/// The cost model's view of DeepSeek-V3.2's indexer scores ([`SparseRow::IndexScores`]) at the
+/// plan's sizes: not tuned (one configuration a kernel), reported beside the launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexEstimate {
+    /// (query, key) pairs scored and, on the tensor cores, 64-key tiles.
+    pub pairs: usize,
+    pub tiles: usize,
+    pub micros: f64,
+    /// `tensor` (the tensor cores' multiply-adds) or `issue` (the threads' instructions).
+    pub bound: &'static str,
+}
+
+/// Thread instructions a multiply-add of the CUDA-core scores (two keys a thread, 4 columns a step):
+/// the PTX simulator's count at V3.2's sizes (22.0 M for 1023 pairs of 64 heads x 128 columns).
+const CUDA_CORE_INSTRUCTIONS_PER_MAC: f64 = 2.63;
+/// A thread's instructions for a 64-key tile on the tensor cores (the loads, the hi/lo splits, the
+/// heads' terms and shuffles: the PTX simulator's count per added tile at 64 heads x 128 columns,
+/// 498) and per iteration of the query's staging (about 45).
+const MMA_TILE_INSTRUCTIONS: f64 = 500.0;
+const MMA_STAGE_INSTRUCTIONS: f64 = 45.0;
+
+/// The indexer's scores for `prefill_queries` prefill queries over their own keys (query t sees
+/// t + 1), or decode's [`super::DECODE_M`] queries over [`super::attention::DECODE_CONTEXT`] keys
+/// each; a query that sees at most top_k keys scores none. The CUDA-core kernel issues
+/// [`CUDA_CORE_INSTRUCTIONS_PER_MAC`] a (pair, head, column) on the SMs' 128 lanes a clock; the
+/// tensor-core kernel's tiles take the longer of their multiply-adds at the bf16 peak and their
+/// threads' instructions (blocks on an SM overlap one's loads with another's wgmmas), plus each
+/// block's staging of its query. The clock is the bf16 peak's (4096 FLOP a clock an SM).
+pub fn index_scores_estimate(
+    kernel: &RowKernel,
+    prefill_queries: usize,
+    device: &DeviceModel,
+) -> Option<IndexEstimate> {
+    use crate::conversion::sm90::rows::{IndexMma, SparseRow};
+    let RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k, mma }) = kernel.op else {
+        return None;
+    };
+    let seen: Vec<usize> = match decode {
+        true => vec![super::attention::DECODE_CONTEXT; super::DECODE_M],
+        false => (1..=prefill_queries).collect(),
+    };
+    let scored: Vec<usize> = seen.into_iter().filter(|&n| n > top_k).collect();
+    let pairs: usize = scored.iter().sum();
+    let clock = device.bf16_tflops * 1e12 / (f64::from(device.sm_count) * 4096.0);
+    let lanes = f64::from(device.sm_count) * 128.0 * clock;
+    if !mma {
+        let instructions = (pairs * heads * kernel.d) as f64 * CUDA_CORE_INSTRUCTIONS_PER_MAC;
+        let micros = instructions / lanes * 1e6 + LAUNCH_US;
+        return Some(IndexEstimate { pairs, tiles: 0, micros, bound: "issue" });
+    }
+    let shape = IndexMma { heads, d: kernel.d };
+    let tiles: usize = scored.iter().map(|n| n.div_ceil(64)).sum();
+    let blocks = scored.len() * kernel.blocks_per_row();
+    let tensor = (tiles * shape.tile_macs()) as f64 / (device.bf16_tflops * 1e12 / 2.0);
+    let threads = kernel.threads as f64;
+    let per_block = shape.stage_iterations() as f64 * MMA_STAGE_INSTRUCTIONS;
+    let issue = (tiles as f64 * MMA_TILE_INSTRUCTIONS + blocks as f64 * per_block) * threads / lanes;
+    let bound = if tensor >= issue { "tensor" } else { "issue" };
+    Some(IndexEstimate { pairs, tiles, micros: tensor.max(issue) * 1e6 + LAUNCH_US, bound })
+}
+
 /// The candidate set's checksum (see [`super::candidates_sha256`]).
 pub fn candidates_sha256(kernels: &[RowKernel]) -> String {
     let mut names: Vec<String> = kernels.iter().map(RowKernel::kernel_name).collect();
@@ -227,6 +288,31 @@ mod tests {
     fn norm(d: usize, quantize: bool, rows: usize) -> RowShape {
         let op = RowOp::RmsNorm { eps: 1e-6, keep: true, quantize };
         RowShape::of(&RowKernel::new(op, d, "bf16"), rows).unwrap()
+    }
+
+    /// DeepSeek-V3.2's indexer (64 heads of 128, top 2048) at 4096 prefill queries: 6.29 M pairs
+    /// (queries 2048.. score), 99,328 tiles; on the tensor cores bound by them and an order of
+    /// magnitude below the CUDA cores' issue; decode's 64 x 4096 likewise. A prompt of at most
+    /// top_k tokens scores nothing; other kernels have no estimate.
+    #[test]
+    fn the_indexer_on_the_tensor_cores_is_bound_by_them() {
+        use crate::conversion::sm90::rows::SparseRow;
+        let h200 = DeviceModel::by_name("H200").unwrap();
+        let kernel = |decode, mma| {
+            RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma }), 128, "f32")
+        };
+        for decode in [false, true] {
+            let cores = index_scores_estimate(&kernel(decode, false), 4096, &h200).unwrap();
+            let tensor = index_scores_estimate(&kernel(decode, true), 4096, &h200).unwrap();
+            eprintln!("decode {decode}: CUDA cores {cores:?}, tensor cores {tensor:?}");
+            assert_eq!(cores.pairs, if decode { 64 * 4096 } else { (2049..=4096).sum() });
+            assert_eq!(tensor.tiles, if decode { 64 * 64 } else { 64 * (33..=64).sum::<usize>() });
+            assert_eq!(tensor.bound, "tensor");
+            assert!(cores.micros > 10.0 * tensor.micros, "{cores:?} vs {tensor:?}");
+            let short = index_scores_estimate(&kernel(decode, true), 2048, &h200).unwrap();
+            assert_eq!(short.pairs, if decode { tensor.pairs } else { 0 });
+        }
+        assert!(index_scores_estimate(&norm(7168, true, 64).kernel, 4096, &h200).is_none());
     }
 
     #[test]

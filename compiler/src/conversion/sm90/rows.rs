@@ -25,6 +25,7 @@ use std::fmt::Write;
 use v3c_models::interp::kernels::ROUTER_SPLITS;
 
 mod index_mma;
+pub use index_mma::IndexMma;
 mod matmul;
 mod mla_mma;
 mod mla_train;
@@ -33,7 +34,7 @@ mod scores;
 mod sparse;
 mod train;
 pub use sample::NUCLEUS_CAP;
-pub use sparse::SparseRow;
+pub use sparse::{SparseRow, SCORE_PARTS};
 pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).

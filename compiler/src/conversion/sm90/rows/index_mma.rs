@@ -56,8 +56,19 @@ impl IndexMma {
     }
 
     /// 16-column steps of the product (columns past `d` are zeros).
-    fn steps(&self) -> usize {
+    pub fn steps(&self) -> usize {
         self.d.div_ceil(16)
+    }
+
+    /// Multiply-adds the tensor cores run for a tile of keys: 3 products (hi.hi, hi.lo, lo.hi) of
+    /// 64 keys x `n` heads x the steps' columns.
+    pub fn tile_macs(&self) -> usize {
+        3 * TILE * self.n() * 16 * self.steps()
+    }
+
+    /// Iterations of a thread's staging loop (one pair of columns of a head each).
+    pub fn stage_iterations(&self) -> usize {
+        self.n() * self.chunks() * 32 / THREADS
     }
 
     /// 64-column chunks of the staged query: a power of two (a thread's pair of columns the same
@@ -96,7 +107,7 @@ impl IndexMma {
 
     /// The phases (prologue values: `%qrow`, `%part`, `%nscored`, `%koff`): on the GPU the query
     /// staged, then the tiles' products and scores; on the CPU each key's score in the GPU's order.
-    pub fn phases(&self, decode: bool, lowering: Lowering, sh_mma: &str) -> Vec<String> {
+    pub(super) fn phases(&self, decode: bool, lowering: Lowering, sh_mma: &str) -> Vec<String> {
         let busy = format!(
             "%tile_keys = arith.constant {TILE} : index
 %part_first = arith.muli %part, %tile_keys : index
