@@ -867,101 +867,144 @@ mod tests {
         (q, w, keys)
     }
 
-    /// Prefill (one sequence: query t sees rows `0..=S - T + t`) and decode (a cache per query, its
-    /// rows up to its position; one position past the cache, one negative): the CPU lowering's
-    /// scores are the reference's bits and its selection the reference's (ties to the earlier
-    /// key; every key while there are at most top_k); the PTX simulated selects the same keys
-    /// from the same scores, and its scores are the reference's within rounding.
+    /// An indexer problem: `t` queries of `heads` heads of `di` columns over key rows `width` wide
+    /// (the key their last `di` columns), `s` of them (prefill: one sequence, query t sees rows
+    /// `0..=S - T + t`; decode: a cache per query up to its position — few keys, top_k + 1, the
+    /// cache's last, past it, negative), selecting `top_k`.
+    struct IndexerCase {
+        heads: usize,
+        di: usize,
+        width: usize,
+        top_k: usize,
+        t: usize,
+        s: usize,
+        decode: bool,
+        q: Vec<f32>,
+        w: Vec<f32>,
+        keys: Vec<f32>,
+        positions: Vec<i64>,
+    }
+
+    impl IndexerCase {
+        /// Keys past one block's width (every part of a query's blocks has some, and some threads
+        /// a second key); DeepSeek-V3.2's 64 heads of 128 in its 704-wide cache rows; and keys of
+        /// 10 columns (not whole steps of the two-key loop, nor of a 16-column wgmma step) of 3
+        /// heads (not a multiple of 8).
+        fn all() -> Vec<IndexerCase> {
+            let both = [false, true].as_slice();
+            let cases = [
+                ((4, 16, 24, 8), (5, 2200), both),
+                ((64, 128, 704, 16), (2, 512), &[false]),
+                ((3, 10, 17, 5), (4, 600), both),
+            ];
+            let mut all = Vec::new();
+            for ((heads, di, width, top_k), (t, s), modes) in cases {
+                for &decode in modes {
+                    let (q, w, keys) = indexer_inputs(t, heads, di, if decode { t * s } else { s }, width);
+                    let positions = [2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1][..t].to_vec();
+                    all.push(IndexerCase { heads, di, width, top_k, t, s, decode, q, w, keys, positions });
+                }
+            }
+            all
+        }
+
+        /// The rows query `i` sees.
+        fn seen(&self, i: usize) -> std::ops::Range<usize> {
+            match (self.decode, self.positions[i]) {
+                (false, _) => 0..self.s - self.t + i + 1,
+                (true, p) if p < 0 => 0..0,
+                (true, p) => 0..(p as usize + 1).min(self.s),
+            }
+        }
+
+        /// Query `i`'s heads, weights and the key rows it sees.
+        fn query(&self, i: usize) -> (&[f32], &[f32], &[f32]) {
+            let (heads, di, width, r) = (self.heads, self.di, self.width, self.seen(i));
+            let base = if self.decode { i * self.s * width } else { 0 };
+            let cache = &self.keys[base + r.start * width..base + r.end * width];
+            (&self.q[i * heads * di..(i + 1) * heads * di], &self.w[i * heads..(i + 1) * heads], cache)
+        }
+
+        /// The scores `[T, S]` (NaN where none is written) of `kernel` through its CPU lowering,
+        /// or its PTX simulated.
+        fn scores(&self, kernel: &RowKernel, simulated: bool) -> Vec<f32> {
+            let (t, s) = (self.t, self.s);
+            let (mut q, mut w, mut keys, mut pos) =
+                (self.q.clone(), self.w.clone(), self.keys.clone(), self.positions.clone());
+            let key_shape = if self.decode { vec![t, s, self.width] } else { vec![s, self.width] };
+            let mut scores = vec![f32::NAN; t * s];
+            let mut args = vec![
+                raw(&mut q, &[t, self.heads, self.di], "f32"),
+                raw(&mut w, &[t, self.heads], "f32"),
+                raw(&mut keys, &key_shape, "f32"),
+            ];
+            if self.decode {
+                args.push(raw(&mut pos, &[t], "i64"));
+            }
+            args.push(raw(&mut scores, &[t, s], "f32"));
+            if simulated {
+                let stats = run_simulated(kernel, &args, t * kernel.blocks_per_row());
+                let name = kernel.kernel_name();
+                eprintln!("{name} (decode {}): {} instructions simulated", self.decode, stats.instructions);
+            } else {
+                run_cpu(kernel, &args);
+            }
+            scores
+        }
+
+        /// `top`'s selection (`[T, top_k]`) from `scores`.
+        fn select(&self, top: &RowKernel, mut scores: Vec<f32>, simulated: bool) -> Vec<i32> {
+            let (t, top_k) = (self.t, self.top_k);
+            let mut sel = vec![7i32; t * top_k];
+            let mut pos = self.positions.clone();
+            let mut args = vec![raw(&mut scores, &[t, self.s], "f32")];
+            if self.decode {
+                args.push(raw(&mut pos, &[t], "i64"));
+            }
+            args.push(raw(&mut sel, &[t, top_k], "i32"));
+            run(top, &args, t, simulated);
+            sel
+        }
+    }
+
+    /// The CUDA-core scores ([`IndexerCase::all`]): the CPU lowering's are the reference's bits
+    /// and its selection the reference's (ties to the earlier key; every key while there are at
+    /// most top_k); the PTX simulated selects the same keys from the same scores, and its scores
+    /// are the reference's within rounding.
     #[test]
     fn indexer_scores_and_selection_match_the_reference() {
-        // Keys past one block's width (every part of a query's blocks has some, and some threads
-        // a second key); DeepSeek-V3.2's 64 heads of 128 in its 704-wide cache rows; and keys of
-        // 10 columns (not whole steps of the two-key loop: a key a thread).
-        let both = [false, true].as_slice();
-        let cases = [
-            ((4, 16, 24, 8), (5, 2200), both),
-            ((64, 128, 704, 16), (2, 512), &[false]),
-            ((3, 10, 17, 5), (4, 600), both),
-        ];
-        for ((heads, di, width, top_k), (t, s), modes) in cases {
-            for &decode in modes {
-                let rows = if decode { t * s } else { s };
-                let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
-                // Decode positions: few keys, top_k + 1, the cache's last, past it, negative.
-                let positions: Vec<i64> = [2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1][..t].to_vec();
-                let seen = |i: usize| -> std::ops::Range<usize> {
-                    if !decode {
-                        return 0..s - t + i + 1;
-                    }
-                    let p = positions[i];
-                    if p < 0 {
-                        0..0
-                    } else {
-                        0..(p as usize + 1).min(s)
-                    }
-                };
-                let mut want_scores = vec![0f32; t * s];
-                let mut want_sel = Vec::new();
+        for c in IndexerCase::all() {
+            let (t, s, top_k, decode) = (c.t, c.s, c.top_k, c.decode);
+            let mut want_scores = vec![0f32; t * s];
+            let mut want_sel = Vec::new();
+            for i in 0..t {
+                let (qi, wi, cache) = c.query(i);
+                let sc = kernels::index_scores(qi, wi, cache, c.width, c.di);
+                want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
+                want_sel.extend(kernels::select_top_keys(&sc, top_k));
+            }
+            let scores_k = kernel(SparseRow::IndexScores { heads: c.heads, decode, top_k, mma: false }, c.di, "f32");
+            let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
+            for simulated in [false, true] {
+                let scores = c.scores(&scores_k, simulated);
                 for i in 0..t {
-                    let base = if decode { i * s * width } else { 0 };
-                    let r = seen(i);
-                    let cache = &keys[base + r.start * width..base + r.end * width];
-                    let (qi, wi) = (&q[i * heads * di..(i + 1) * heads * di], &w[i * heads..(i + 1) * heads]);
-                    let sc = kernels::index_scores(qi, wi, cache, width, di);
-                    want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
-                    want_sel.extend(kernels::select_top_keys(&sc, top_k));
-                }
-                let scores_k = kernel(SparseRow::IndexScores { heads, decode, top_k, mma: false }, di, "f32");
-                let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
-                let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
-                for simulated in [false, true] {
-                    let (mut q, mut w, mut keys, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
-                    let mut scores = vec![f32::NAN; t * s];
-                    let mut args = vec![
-                        raw(&mut q, &[t, heads, di], "f32"),
-                        raw(&mut w, &[t, heads], "f32"),
-                        raw(&mut keys, &key_shape, "f32"),
-                    ];
-                    if decode {
-                        args.push(raw(&mut pos, &[t], "i64"));
-                    }
-                    args.push(raw(&mut scores, &[t, s], "f32"));
-                    if simulated {
-                        let stats = run_simulated(&scores_k, &args, t * super::SCORE_PARTS);
-                        eprintln!(
-                            "{} (decode {decode}): {} instructions simulated",
-                            scores_k.kernel_name(),
-                            stats.instructions
-                        );
+                    let r = c.seen(i);
+                    let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
+                    if r.len() <= top_k {
+                        // Every key it sees is selected: no score computed.
+                        assert!(scores[i * s..(i + 1) * s].iter().all(|v| v.is_nan()), "decode {decode} query {i}");
+                    } else if simulated {
+                        let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                        assert!(worst <= 1e-5, "decode {decode} query {i}: {worst}");
                     } else {
-                        run_cpu(&scores_k, &args);
+                        assert_eq!(got, want, "decode {decode} query {i}");
                     }
-                    for i in 0..t {
-                        let r = seen(i);
-                        let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
-                        if r.len() <= top_k {
-                            // Every key it sees is selected: no score computed.
-                            assert!(scores[i * s..(i + 1) * s].iter().all(|v| v.is_nan()), "decode {decode} query {i}");
-                        } else if simulated {
-                            let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                            assert!(worst <= 1e-5, "decode {decode} query {i}: {worst}");
-                        } else {
-                            assert_eq!(got, want, "decode {decode} query {i}");
-                        }
-                    }
-                    // The selection from the reference's scores, and from the kernel's (the queries
-                    // it computed none for still select every key they see).
-                    for mut scores in [want_scores.clone(), scores] {
-                        let mut sel = vec![7i32; t * top_k];
-                        let mut pos = positions.clone();
-                        let mut args = vec![raw(&mut scores, &[t, s], "f32")];
-                        if decode {
-                            args.push(raw(&mut pos, &[t], "i64"));
-                        }
-                        args.push(raw(&mut sel, &[t, top_k], "i32"));
-                        run(&top, &args, t, simulated);
-                        assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
-                    }
+                }
+                // The selection from the reference's scores, and from the kernel's (the queries
+                // it computed none for still select every key they see).
+                for scores in [want_scores.clone(), scores] {
+                    let sel = c.select(&top, scores, simulated);
+                    assert_eq!(sel, want_sel, "decode {decode} simulated {simulated}");
                 }
             }
         }
@@ -1010,92 +1053,51 @@ mod tests {
             .collect()
     }
 
-    /// The indexer's scores on the tensor cores, prefill and decode, the shapes of
-    /// [`indexer_scores_and_selection_match_the_reference`] (heads padded to 8, keys of 10 columns
-    /// padded to a 16-column step): the CPU lowering's are [`split_scores`]' bits, the PTX
-    /// simulated within rounding of them, both within 2^-16-ish of the f32 reference's; the
+    /// The indexer's scores on the tensor cores ([`IndexerCase::all`]: heads padded to 8, keys of
+    /// 10 columns padded to a 16-column step): the CPU lowering's are [`split_scores`]' bits, the
+    /// PTX simulated within rounding of them, both within 2^-16-ish of the f32 reference's; the
     /// selection from the kernel's scores equals the reference's.
     #[test]
     fn indexer_scores_on_the_tensor_cores_keep_f32_accuracy() {
-        let both = [false, true].as_slice();
-        let cases = [
-            ((4, 16, 24, 8), (5, 2200), both),
-            ((64, 128, 704, 16), (2, 512), &[false]),
-            ((3, 10, 17, 5), (4, 600), both),
-        ];
-        for ((heads, di, width, top_k), (t, s), modes) in cases {
-            for &decode in modes {
-                let rows = if decode { t * s } else { s };
-                let (q, w, keys) = indexer_inputs(t, heads, di, rows, width);
-                let positions: Vec<i64> = [2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1][..t].to_vec();
-                let seen = |i: usize| -> std::ops::Range<usize> {
-                    match (decode, positions[i]) {
-                        (false, _) => 0..s - t + i + 1,
-                        (true, p) if p < 0 => 0..0,
-                        (true, p) => 0..(p as usize + 1).min(s),
+        for c in IndexerCase::all() {
+            let (t, s, top_k, decode) = (c.t, c.s, c.top_k, c.decode);
+            let k = kernel(SparseRow::IndexScores { heads: c.heads, decode, top_k, mma: true }, c.di, "f32");
+            assert_eq!(k.threads, 128, "{}", k.kernel_name());
+            for simulated in [false, true] {
+                let scores = c.scores(&k, simulated);
+                let mut worst = 0f32;
+                for i in 0..t {
+                    let r = c.seen(i);
+                    if r.len() <= top_k {
+                        assert!(scores[i * s..(i + 1) * s].iter().all(|v| v.is_nan()), "decode {decode} query {i}");
+                        continue;
                     }
-                };
-                let k = kernel(SparseRow::IndexScores { heads, decode, top_k, mma: true }, di, "f32");
-                assert_eq!(k.threads, 128, "{}", k.kernel_name());
-                let key_shape: Vec<usize> = if decode { vec![t, s, width] } else { vec![s, width] };
-                for simulated in [false, true] {
-                    let (mut qb, mut wb, mut kb, mut pos) = (q.clone(), w.clone(), keys.clone(), positions.clone());
-                    let mut scores = vec![f32::NAN; t * s];
-                    let mut args = vec![
-                        raw(&mut qb, &[t, heads, di], "f32"),
-                        raw(&mut wb, &[t, heads], "f32"),
-                        raw(&mut kb, &key_shape, "f32"),
-                    ];
-                    if decode {
-                        args.push(raw(&mut pos, &[t], "i64"));
-                    }
-                    args.push(raw(&mut scores, &[t, s], "f32"));
+                    let (qi, wi, cache) = c.query(i);
+                    let model = split_scores(qi, wi, cache, c.width, c.di);
+                    let reference = kernels::index_scores(qi, wi, cache, c.width, c.di);
+                    let got = &scores[i * s..i * s + r.len()];
+                    assert!(scores[i * s + r.len()..(i + 1) * s].iter().all(|v| v.is_nan()), "past the keys");
+                    let largest = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
                     if simulated {
-                        let stats = run_simulated(&k, &args, t * k.blocks_per_row());
-                        eprintln!(
-                            "{} (decode {decode}): {} instructions simulated",
-                            k.kernel_name(),
-                            stats.instructions
-                        );
+                        let d = diff(got, &model);
+                        assert!(d <= 1e-6 * largest, "decode {decode} query {i}: {d} of {largest}");
                     } else {
-                        run_cpu(&k, &args);
+                        assert_eq!(got, &model[..], "decode {decode} query {i}");
                     }
-                    let mut worst = (0f32, 0f32);
-                    for i in 0..t {
-                        let r = seen(i);
-                        if r.len() <= top_k {
-                            assert!(scores[i * s..(i + 1) * s].iter().all(|v| v.is_nan()), "decode {decode} query {i}");
-                            continue;
-                        }
-                        let base = if decode { i * s * width } else { 0 };
-                        let cache = &keys[base + r.start * width..base + r.end * width];
-                        let (qi, wi) = (&q[i * heads * di..(i + 1) * heads * di], &w[i * heads..(i + 1) * heads]);
-                        let model = split_scores(qi, wi, cache, width, di);
-                        let reference = kernels::index_scores(qi, wi, cache, width, di);
-                        let got = &scores[i * s..i * s + r.len()];
-                        assert!(scores[i * s + r.len()..(i + 1) * s].iter().all(|v| v.is_nan()), "past the keys");
-                        let largest = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                        if simulated {
-                            let d = diff(got, &model);
-                            assert!(d <= 1e-6 * largest, "decode {decode} query {i}: {d} of {largest}");
-                        } else {
-                            assert_eq!(got, &model[..], "decode {decode} query {i}");
-                        }
-                        let d = diff(&model, &reference);
-                        assert!(d <= 1e-4 * largest, "decode {decode} query {i}: {d} of {largest} from the reference");
-                        worst = (worst.0.max(d / largest), worst.1.max(largest));
-                        assert_eq!(
-                            kernels::select_top_keys(got, top_k),
-                            kernels::select_top_keys(&reference, top_k),
-                            "decode {decode} query {i}"
-                        );
-                    }
-                    eprintln!(
-                        "heads {heads} d {di} decode {decode}: split vs f32 reference {:.2e} of the largest",
-                        worst.0
+                    let d = diff(&model, &reference);
+                    assert!(d <= 1e-4 * largest, "decode {decode} query {i}: {d} of {largest} from the reference");
+                    worst = worst.max(d / largest);
+                    assert_eq!(
+                        kernels::select_top_keys(got, top_k),
+                        kernels::select_top_keys(&reference, top_k),
+                        "decode {decode} query {i}"
                     );
                 }
+                eprintln!(
+                    "heads {} d {} decode {decode}: split vs f32 reference {worst:.2e} of the largest",
+                    c.heads, c.di
+                );
             }
         }
     }
