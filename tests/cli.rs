@@ -1400,8 +1400,8 @@ fn deepseek_v32_runs_on_the_cpu_lowers_for_sm90a_and_refuses_training() {
     assert!(r.status.success(), "{said}");
     assert!(said.contains("all 32 kernels lower for sm_90a"), "{said}");
     for kernel in [
-        "sparse_index_1 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_decode_mma [cost model: 17.0 us est., \
-         262144 pairs, tensor-bound] -> rows_topkeys_d2048_t256_decode",
+        "sparse_index_1 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_decode_mma [cost model: 32.0 us est., \
+         262144 pairs, memory-bound] -> rows_topkeys_d2048_t256_decode",
         // Prefill's at 4096 queries (the CUDA-core scores', `--prefill-attention rows`: 4390.5 us est.).
         "sparse_index_0 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_prefill_mma [cost model: 319.9 us est., \
          6292480 pairs, tensor-bound]",

@@ -650,7 +650,7 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
   # by one, the attention gathering each query's selected rows (prefill's `_sel16` from a bf16 copy
   # of the rows: the cost model's 3.9 ms a layer; decode's `_sel`, 106.5 us; on an H200) and the
   # indexer's scores (on the tensor cores: `_mma`, the cost model's 319.9 us a layer for prefill,
-  # 17.0 us for decode) and top keys.
+  # 32.0 us for decode) and top keys.
   left=$((570 - SECONDS))
   if [ -d "$root/.device/slice32/sm90" ] && [ "$left" -ge 240 ]; then
     if timeout 60 "$v3r" bench-kernels "$root/.device/slice32/sm90" --random-weights 1 --reps 5 \

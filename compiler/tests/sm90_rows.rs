@@ -351,11 +351,12 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                         assert_eq!(kernel.ptx.matches("shfl.sync.bfly").count(), if mma { 4 } else { 0 }, "{name}");
                         assert_eq!(kernel.ptx.contains("fence.proxy.async"), mma, "{name}");
                     }
-                    // The pass loop: a count, a tree, the decision (each iteration ending in a
-                    // barrier); the first phase, the chunks' counts, the scan, the writes.
+                    // The radix pass loop: the bins cleared, counted (shared-memory atomics), summed
+                    // in groups, walked (each iteration ending in a barrier); the first phase, the
+                    // chunks' counts, the scan, the writes.
                     SparseRow::TopKeys { .. } => {
-                        let tree = k.threads.trailing_zeros() as usize;
-                        assert_eq!(barriers, 2 + tree + 3, "{name}");
+                        assert_eq!(barriers, 1 + 4 + 2, "{name}");
+                        assert!(kernel.ptx.contains("atom.shared.add.u32"), "{name}: the bins' counts");
                     }
                     SparseRow::GatherRows { .. } | SparseRow::CacheWrite => assert_eq!(barriers, 0, "{name}"),
                 }

@@ -4432,7 +4432,17 @@ fn loop_phases(var: &str, count: &str, body: Vec<String>) -> Vec<String> {
 fn shared_element(name: &str) -> &'static str {
     if matches!(
         name,
-        "sh_count" | "sh_off" | "sh_cc" | "sh_key" | "sh_idx" | "sh_hit" | "sh_cnt" | "sh_aux" | "sh_bmax"
+        "sh_count"
+            | "sh_off"
+            | "sh_cc"
+            | "sh_key"
+            | "sh_idx"
+            | "sh_hit"
+            | "sh_cnt"
+            | "sh_aux"
+            | "sh_bmax"
+            | "sh_hist"
+            | "sh_grp"
     ) {
         "i32"
     } else if matches!(name, "sh_bsum" | "sh_r" | "sh_mass") {

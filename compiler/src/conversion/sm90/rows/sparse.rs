@@ -11,10 +11,11 @@
 //!   the same scores on the tensor cores at f32's accuracy ([`super::index_mma`]);
 //! - [`SparseRow::TopKeys`]: the `top_k` best of those scores, ascending, ties to the earlier key,
 //!   padded with -1 ([`v3c_models::interp::kernels::select_top_keys`]): the threshold is the
-//!   `top_k`-th largest score's total-order key, found bit by bit (32 counting passes over the
-//!   scores, a tree over the threads each), then every key above it and the earliest keys equal to
-//!   it are written in key order (each thread a contiguous chunk, its place from a scan of the
-//!   threads' counts);
+//!   `top_k`-th largest score's total-order key, found a byte at a time (4 radix passes over the
+//!   scores: the keys that match the bytes found so far counted into 256 bins of the next byte by
+//!   shared-memory atomics, the bins summed in 16 groups, one thread walking the groups then the
+//!   bins from the top), then every key above it and the earliest keys equal to it are written in
+//!   key order (each thread a contiguous chunk, its place from a scan of the threads' counts);
 //! - [`SparseRow::GatherRows`]: each query's selected latent rows (the first `d` columns of the
 //!   cache rows), zeros past its selection, and its last valid row's index;
 //! - [`SparseRow::CacheWrite`]: decode's new cache rows written in place at their positions.
@@ -26,7 +27,7 @@
 use std::fmt::Write;
 
 use super::index_mma::IndexMma;
-use super::{loop_phases, sqrt, tree_phases, Lowering, RowKernel};
+use super::{loop_phases, sqrt, Lowering, RowKernel};
 
 /// Blocks a query's scores take ([`SparseRow::IndexScores`]; on the tensor cores, decode's: each
 /// block stages its query's heads once, and prefill's many queries fill the SMs with 2).
@@ -173,7 +174,9 @@ impl SparseRow {
             SparseRow::IndexScores { heads, .. } => vec![("sh_q", heads * d), ("sh_w", heads)],
             SparseRow::TopKeys { .. } => {
                 vec![
-                    ("sh_aux", 2),
+                    ("sh_aux", 3),
+                    ("sh_hist", RADIX_BINS),
+                    ("sh_grp", RADIX_GROUPS),
                     ("sh_cnt", threads),
                     ("sh_hit", threads),
                     ("sh_count", threads),
@@ -242,7 +245,9 @@ impl SparseRow {
                 let _ = writeln!(s, "%w_scale = arith.constant 0x{:08X} : f32", w.to_bits());
             }
             SparseRow::TopKeys { .. } => {
-                let _ = writeln!(s, "%c32 = arith.constant 32 : index");
+                let _ = writeln!(s, "%cRadixPasses = arith.constant {} : index", 32 / RADIX_BITS);
+                let _ = writeln!(s, "%false = arith.constant false");
+                let _ = writeln!(s, "%c32_i32 = arith.constant 32 : i32");
                 let _ = writeln!(s, "%cK_i32 = arith.constant {d} : i32");
             }
             SparseRow::GatherRows { .. } | SparseRow::CacheWrite => {}
@@ -318,7 +323,7 @@ impl SparseRow {
                 ));
                 s.push_str(
                     "%few = arith.cmpi ule, %nkeys, %cD : index
-%passes = arith.select %few, %c0, %c32 : index
+%passes = arith.select %few, %c0, %cRadixPasses : index
 %chunk0 = arith.addi %nkeys, %cT_m1b : index
 %chunk = arith.divui %chunk0, %cT : index
 ",
@@ -456,7 +461,7 @@ scf.for %s = %s0 to %nscored step %key_stride {{
                     },
                 ]
             }
-            SparseRow::TopKeys { .. } => top_keys_phases(kernel.threads, &sh),
+            SparseRow::TopKeys { .. } => top_keys_phases(&sh),
             SparseRow::GatherRows { decode } => {
                 let load = if decode {
                     "%v = memref.load %keys[%row, %j_idx, %col] : memref<?x?x?xf32>\n"
@@ -656,9 +661,38 @@ const SCORE_KEY: &str = "%bits = arith.bitcast %v : f32 to i32
 %u = arith.xori %k, %min_i32 : i32
 ";
 
-/// [`SparseRow::TopKeys`]' phases: the threshold bit by bit, the threads' counts above and at
-/// it, their scan, then the selection in key order and the padding.
-fn top_keys_phases(threads: usize, sh: &dyn Fn(&str) -> String) -> Vec<String> {
+/// Bits of the threshold [`SparseRow::TopKeys`] finds a pass, its bins a pass and their groups.
+const RADIX_BITS: usize = 8;
+const RADIX_BINS: usize = 1 << RADIX_BITS;
+const RADIX_GROUPS: usize = 16;
+
+/// One thread's walk down `count` counts (`load` reads the one at `%at`, from `last` down) from
+/// `start` counted above them: `{found}` the first whose count takes the total to `%rank`, and
+/// `{above}` the total above it.
+fn walk_down(count: &str, last: &str, start: &str, load: &str, found: &str, above: &str) -> String {
+    format!(
+        "{found}_w:3 = scf.for %i = %c0 to {count} step %c1 iter_args(%cum = {start}, %got = %false, %pick = %c0) -> (i32, i1, index) {{
+  %at = arith.subi {last}, %i : index
+  %n = memref.load {load}
+  %cum2 = arith.addi %cum, %n : i32
+  %reach = arith.cmpi sge, %cum2, %rank : i32
+  %nogot = arith.xori %got, %true : i1
+  %take = arith.andi %reach, %nogot : i1
+  %pick2 = arith.select %take, %at, %pick : index
+  %cum3 = arith.select %got, %cum, %cum2 : i32
+  %cum4 = arith.select %take, %cum, %cum3 : i32
+  %got2 = arith.ori %got, %take : i1
+  scf.yield %cum4, %got2, %pick2 : i32, i1, index
+}}
+{found} = arith.addi {found}_w#2, %c0 : index
+{above} = arith.addi {found}_w#0, %c0_i32 : i32
+"
+    )
+}
+
+/// [`SparseRow::TopKeys`]' phases: the threshold a byte at a time, the threads' counts above and
+/// at it, their scan, then the selection in key order and the padding.
+fn top_keys_phases(sh: &dyn Fn(&str) -> String) -> Vec<String> {
     let (aux, cnt, hit, count, off) = (sh("sh_aux"), sh("sh_cnt"), sh("sh_hit"), sh("sh_count"), sh("sh_off"));
     // This thread's chunk of keys `%lo..%hi`.
     let chunk = "%lo0 = arith.muli %tid, %chunk : index
@@ -669,54 +703,111 @@ fn top_keys_phases(threads: usize, sh: &dyn Fn(&str) -> String) -> Vec<String> {
     let key = |indent_by: &str| {
         indent(&format!("%v = memref.load %scores[%row, %s] : memref<?x?xf32>\n{SCORE_KEY}"), indent_by)
     };
+    let (hist, grp) = (sh("sh_hist"), sh("sh_grp"));
+    // The threshold's bytes found so far (`sh_aux[0]`), and the rank of the key sought among the
+    // keys that match them (`sh_aux[2]`: top_k at first).
     let mut phases = vec![format!(
         "%first = arith.cmpi eq, %tid, %c0 : index
 scf.if %first {{
+  %c2_aux = arith.constant 2 : index
   memref.store %c0_i32, %sh_aux[%c0] : {aux}
+  memref.store %cK_i32, %sh_aux[%c2_aux] : {aux}
 }}
 "
     )];
-    // This pass's candidate threshold: the threshold so far with bit `31 - %bi` set.
-    let candidate = format!(
+    // Pass `%bi`'s byte: bits `%shift ..` of the key; the bytes above it (found) under `%above_mask`.
+    let byte = format!(
         "%prefix = memref.load %sh_aux[%c0] : {aux}
 %bi_i = arith.index_cast %bi : index to i32
-%shift = arith.subi %c31_i32, %bi_i : i32
-%bit = arith.shli %c1_i32, %shift : i32
-%cand = arith.ori %prefix, %bit : i32
-"
-    );
-    let mut pass = vec![format!(
-        "{candidate}{chunk}%n = scf.for %s = %lo to %hi step %c1 iter_args(%c = %c0_i32) -> (i32) {{
-{key}  %ge = arith.cmpi uge, %u, %cand : i32
-  %inc = arith.extui %ge : i1 to i32
-  %c2n = arith.addi %c, %inc : i32
-  scf.yield %c2n : i32
-}}
-memref.store %n, %sh_cnt[%tid] : {cnt}
+%c8_i32 = arith.constant {RADIX_BITS} : i32
+%c24_i32 = arith.constant {top} : i32
+%bi8 = arith.muli %bi_i, %c8_i32 : i32
+%shift = arith.subi %c24_i32, %bi8 : i32
+%above_bits = arith.addi %shift, %c8_i32 : i32
+%all_free = arith.cmpi eq, %above_bits, %c32_i32 : i32
+%above_sh = arith.minui %above_bits, %c31_i32 : i32
+%above_m = arith.shli %neg1_i32, %above_sh : i32
+%above_mask = arith.select %all_free, %c0_i32, %above_m : i32
+%want = arith.andi %prefix, %above_mask : i32
 ",
-        key = key("  ")
-    )];
-    pass.extend(tree_phases(
-        threads,
-        &format!(
-            "%a = memref.load %sh_cnt[%tid] : {cnt}
-%b = memref.load %sh_cnt[%other] : {cnt}
-%ab = arith.addi %a, %b : i32
-memref.store %ab, %sh_cnt[%tid] : {cnt}"
+        top = 32 - RADIX_BITS,
+    );
+    let pass = vec![
+        // The bins cleared.
+        format!(
+            "%c_bins = arith.constant {RADIX_BINS} : index
+scf.for %i = %tid to %c_bins step %cT {{
+  memref.store %c0_i32, %sh_hist[%i] : {hist}
+}}
+"
         ),
-    ));
-    pass.push(format!(
-        "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %total = memref.load %sh_cnt[%c0] : {cnt}
-  %enough = arith.cmpi sge, %total, %cK_i32 : i32
-  scf.if %enough {{
-{candidate_in}    memref.store %cand, %sh_aux[%c0] : {aux}
+        // Each key that matches the bytes found: its next byte's bin counted.
+        format!(
+            "{byte}%c255_i32 = arith.constant 255 : i32
+%one_i32 = arith.constant 1 : i32
+{chunk}scf.for %s = %lo to %hi step %c1 {{
+{key}  %has = arith.andi %u, %above_mask : i32
+  %match = arith.cmpi eq, %has, %want : i32
+  scf.if %match {{
+    %digit0 = arith.shrui %u, %shift : i32
+    %digit = arith.andi %digit0, %c255_i32 : i32
+    %bin = arith.index_cast %digit : i32 to index
+    %old = memref.atomic_rmw addi %one_i32, %sh_hist[%bin] : (i32, {hist}) -> i32
   }}
 }}
 ",
-        candidate_in = indent(&candidate, "    ")
-    ));
+            key = key("  ")
+        ),
+        // The bins summed in groups of 16.
+        format!(
+            "%c_groups = arith.constant {RADIX_GROUPS} : index
+%c_per_group = arith.constant {per} : index
+scf.for %g = %tid to %c_groups step %cT {{
+  %b0 = arith.muli %g, %c_per_group : index
+  %sum = scf.for %j = %c0 to %c_per_group step %c1 iter_args(%a = %c0_i32) -> (i32) {{
+    %b = arith.addi %b0, %j : index
+    %n = memref.load %sh_hist[%b] : {hist}
+    %a2 = arith.addi %a, %n : i32
+    scf.yield %a2 : i32
+  }}
+  memref.store %sum, %sh_grp[%g] : {grp}
+}}
+",
+            per = RADIX_BINS / RADIX_GROUPS
+        ),
+        // One thread: the group, then the bin, holding the rank sought (counts from the top).
+        format!(
+            "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+{byte}  %c2_aux = arith.constant 2 : index
+  %rank = memref.load %sh_aux[%c2_aux] : {aux}
+  %c_groups = arith.constant {RADIX_GROUPS} : index
+  %c_per_group = arith.constant {per} : index
+  %last_group = arith.constant {last_group} : index
+{walk_groups}  %b_top = arith.muli %group, %c_per_group : index
+  %last_in = arith.subi %c_per_group, %c1 : index
+  %b_last = arith.addi %b_top, %last_in : index
+{walk_bins}  %rank2 = arith.subi %rank, %above2 : i32
+  %digit = arith.index_cast %bin : index to i32
+  %placed = arith.shli %digit, %shift : i32
+  %prefix2 = arith.ori %prefix, %placed : i32
+  memref.store %prefix2, %sh_aux[%c0] : {aux}
+  memref.store %rank2, %sh_aux[%c2_aux] : {aux}
+}}
+",
+            byte = indent(&byte, "  "),
+            per = RADIX_BINS / RADIX_GROUPS,
+            last_group = RADIX_GROUPS - 1,
+            walk_groups = indent(
+                &walk_down("%c_groups", "%last_group", "%c0_i32", &format!("%sh_grp[%at] : {grp}"), "%group", "%above"),
+                "  "
+            ),
+            walk_bins = indent(
+                &walk_down("%c_per_group", "%b_last", "%above", &format!("%sh_hist[%at] : {hist}"), "%bin", "%above2"),
+                "  "
+            ),
+        ),
+    ];
     phases.extend(loop_phases("bi", "passes", pass));
     // The thread's keys above the threshold and at it (with few keys: every key counts as above).
     phases.push(format!(
@@ -1104,10 +1195,12 @@ mod tests {
 
     /// Scores with many equal values, NaN-free extremes, -0 and +0: the selection follows the
     /// reference's total order with ties to the earlier key, for several top_k and widths of the
-    /// scores (fewer keys than threads, more than one chunk a thread).
+    /// scores (fewer keys than threads, more than one chunk a thread, DeepSeek-V3.2's 2048 of 4096
+    /// keys), through the CPU lowering and the PTX simulated.
     #[test]
     fn top_keys_follow_the_total_order_with_ties_to_the_earlier_key() {
-        for (s, top_k, seed) in [(7, 3, 1), (300, 17, 2), (600, 256, 3), (1000, 999, 4), (9, 9, 5)] {
+        let cases = [(7, 3, 1), (300, 17, 2), (600, 256, 3), (1000, 999, 4), (9, 9, 5), (4096, 2048, 6)];
+        for (s, top_k, seed) in cases {
             let t = 3;
             let mut scores: Vec<f32> = values(t * s, seed, 8.0).iter().map(|v| (v * 2.0).round() / 2.0).collect();
             scores[0] = -0.0;
@@ -1121,10 +1214,18 @@ mod tests {
                 want.extend(kernels::select_top_keys(&scores[i * s..i * s + n], top_k));
             }
             let top = kernel(SparseRow::TopKeys { decode: false }, top_k, "f32");
-            let mut sel = vec![7i32; t * top_k];
-            let mut sc = scores.clone();
-            run_cpu(&top, &[raw(&mut sc, &[t, s], "f32"), raw(&mut sel, &[t, top_k], "i32")]);
-            assert_eq!(sel, want, "s {s} top_k {top_k}");
+            for simulated in [false, true] {
+                let mut sel = vec![7i32; t * top_k];
+                let mut sc = scores.clone();
+                let args = [raw(&mut sc, &[t, s], "f32"), raw(&mut sel, &[t, top_k], "i32")];
+                if simulated {
+                    let stats = run_simulated(&top, &args, t);
+                    eprintln!("{}: {} keys, {} instructions simulated", top.kernel_name(), s, stats.instructions);
+                } else {
+                    run_cpu(&top, &args);
+                }
+                assert_eq!(sel, want, "s {s} top_k {top_k} simulated {simulated}");
+            }
         }
     }
 
