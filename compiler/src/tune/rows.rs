@@ -248,14 +248,14 @@ pub fn index_scores_estimate(
     let lanes = f64::from(device.sm_count) * 128.0 * clock;
     let key_rows = if decode { pairs } else { prefill_queries };
     let memory = (key_rows * kernel.d * 4) as f64 / (device.dram_tbps * 1e12);
-    let finish = |tiles: usize, bounds: [(f64, &'static str); 2]| {
-        let (seconds, bound) =
-            bounds.into_iter().chain([(memory, "memory")]).fold((0.0, "issue"), |m, b| if b.0 > m.0 { b } else { m });
-        Some(IndexEstimate { pairs, tiles, micros: seconds * 1e6 + LAUNCH_US, bound })
+    // The longest of the bounds (seconds, what).
+    let finish = |tiles: usize, bounds: &[(f64, &'static str)]| {
+        let longest = bounds.iter().copied().chain([(memory, "memory")]).max_by(|a, b| a.0.total_cmp(&b.0));
+        longest.map(|(seconds, bound)| IndexEstimate { pairs, tiles, micros: seconds * 1e6 + LAUNCH_US, bound })
     };
     if !mma {
         let instructions = (pairs * heads * kernel.d) as f64 * CUDA_CORE_INSTRUCTIONS_PER_MAC;
-        return finish(0, [(instructions / lanes, "issue"), (0.0, "issue")]);
+        return finish(0, &[(instructions / lanes, "issue")]);
     }
     let shape = IndexMma { heads, d: kernel.d };
     let tiles: usize = scored.iter().map(|n| n.div_ceil(64)).sum();
@@ -264,7 +264,7 @@ pub fn index_scores_estimate(
     let threads = kernel.threads as f64;
     let per_block = shape.stage_iterations() as f64 * MMA_STAGE_INSTRUCTIONS;
     let issue = (tiles as f64 * MMA_TILE_INSTRUCTIONS + blocks as f64 * per_block) * threads / lanes;
-    finish(tiles, [(tensor, "tensor"), (issue, "issue")])
+    finish(tiles, &[(tensor, "tensor"), (issue, "issue")])
 }
 
 /// The candidate set's checksum (see [`super::candidates_sha256`]).

@@ -34,7 +34,7 @@ mod scores;
 mod sparse;
 mod train;
 pub use sample::NUCLEUS_CAP;
-pub use sparse::{SparseRow, SCORE_PARTS};
+pub use sparse::SparseRow;
 pub use train::{Mla, TrainRow};
 
 /// Columns per fp8 quantization group (the 1x128 activation scales).

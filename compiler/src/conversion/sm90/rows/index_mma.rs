@@ -468,7 +468,8 @@ scf.if %lower_half {{
 }
 
 /// The rest of the f32 values `v0`, `v1` after their bf16 pair `word` (v0 in the low half):
-/// `{out}0`, `{out}1` (exact: a bf16 keeps the top of the value's bits).
+/// `{out}0`, `{out}1` (exact: a bf16 keeps the top of the value's bits). Uses `%c16_i32s` and
+/// `%hi_mask` (-65536).
 fn split_word(word: &str, v0: &str, v1: &str, out: &str) -> String {
     format!(
         "{out}_w0 = arith.shli {word}, %c16_i32s : i32

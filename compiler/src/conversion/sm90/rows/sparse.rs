@@ -667,11 +667,11 @@ const RADIX_BINS: usize = 1 << RADIX_BITS;
 const RADIX_GROUPS: usize = 16;
 
 /// One thread's walk down `count` counts (`load` reads the one at `%at`, from `last` down) from
-/// `start` counted above them: `{found}` the first whose count takes the total to `%rank`, and
-/// `{above}` the total above it.
-fn walk_down(count: &str, last: &str, start: &str, load: &str, found: &str, above: &str) -> String {
+/// `start` counted above them, into `{out}:3`: `{out}#2` the first whose count takes the total to
+/// `%rank`, `{out}#0` the total above it.
+fn walk_down(count: &str, last: &str, start: &str, load: &str, out: &str) -> String {
     format!(
-        "{found}_w:3 = scf.for %i = %c0 to {count} step %c1 iter_args(%cum = {start}, %got = %false, %pick = %c0) -> (i32, i1, index) {{
+        "{out}:3 = scf.for %i = %c0 to {count} step %c1 iter_args(%cum = {start}, %got = %false, %pick = %c0) -> (i32, i1, index) {{
   %at = arith.subi {last}, %i : index
   %n = memref.load {load}
   %cum2 = arith.addi %cum, %n : i32
@@ -684,8 +684,6 @@ fn walk_down(count: &str, last: &str, start: &str, load: &str, found: &str, abov
   %got2 = arith.ori %got, %take : i1
   scf.yield %cum4, %got2, %pick2 : i32, i1, index
 }}
-{found} = arith.addi {found}_w#2, %c0 : index
-{above} = arith.addi {found}_w#0, %c0_i32 : i32
 "
     )
 }
@@ -784,11 +782,11 @@ scf.if %first {{
   %c_groups = arith.constant {RADIX_GROUPS} : index
   %c_per_group = arith.constant {per} : index
   %last_group = arith.constant {last_group} : index
-{walk_groups}  %b_top = arith.muli %group, %c_per_group : index
+{walk_groups}  %b_top = arith.muli %group#2, %c_per_group : index
   %last_in = arith.subi %c_per_group, %c1 : index
   %b_last = arith.addi %b_top, %last_in : index
-{walk_bins}  %rank2 = arith.subi %rank, %above2 : i32
-  %digit = arith.index_cast %bin : index to i32
+{walk_bins}  %rank2 = arith.subi %rank, %bin#0 : i32
+  %digit = arith.index_cast %bin#2 : index to i32
   %placed = arith.shli %digit, %shift : i32
   %prefix2 = arith.ori %prefix, %placed : i32
   memref.store %prefix2, %sh_aux[%c0] : {aux}
@@ -799,11 +797,11 @@ scf.if %first {{
             per = RADIX_BINS / RADIX_GROUPS,
             last_group = RADIX_GROUPS - 1,
             walk_groups = indent(
-                &walk_down("%c_groups", "%last_group", "%c0_i32", &format!("%sh_grp[%at] : {grp}"), "%group", "%above"),
+                &walk_down("%c_groups", "%last_group", "%c0_i32", &format!("%sh_grp[%at] : {grp}"), "%group"),
                 "  "
             ),
             walk_bins = indent(
-                &walk_down("%c_per_group", "%b_last", "%above", &format!("%sh_hist[%at] : {hist}"), "%bin", "%above2"),
+                &walk_down("%c_per_group", "%b_last", "%group#0", &format!("%sh_hist[%at] : {hist}"), "%bin"),
                 "  "
             ),
         ),
