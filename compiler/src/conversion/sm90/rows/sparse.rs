@@ -1191,6 +1191,21 @@ mod tests {
         }
     }
 
+    /// The tensor cores' split arithmetic ([`split_scores`], the kernel's bits on the CPU
+    /// lowering) selects the f32 reference's keys where the cut is densest: top 1024 of 2048 keys
+    /// (the cut at the median score), 16 heads of 64, 12 random queries.
+    #[test]
+    fn split_scores_select_the_references_keys_at_the_median() {
+        let (heads, di, keys_n, top_k) = (16, 64, 2048, 1024);
+        for seed in 0..12u64 {
+            let q = values(heads * di, 100 + seed, 2.0);
+            let w = values(heads, 200 + seed, 2.0);
+            let keys = values(keys_n * di, 300 + seed, 2.0);
+            let split = kernels::select_top_keys(&split_scores(&q, &w, &keys, di, di), top_k);
+            assert_eq!(split, kernels::select_top_keys(&kernels::index_scores(&q, &w, &keys, di, di), top_k), "{seed}");
+        }
+    }
+
     /// Scores with many equal values, NaN-free extremes, -0 and +0: the selection follows the
     /// reference's total order with ties to the earlier key, for several top_k and widths of the
     /// scores (fewer keys than threads, more than one chunk a thread, DeepSeek-V3.2's 2048 of 4096
