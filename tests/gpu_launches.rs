@@ -1526,9 +1526,12 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         for kernel in [
             // The indexer's scores on the tensor cores with the attention.
             "launches: rows_indexscores_d128_h4_k4_t128_prefill_mma [cost model: ",
+            // Decode's over the caches' bf16 rows.
+            "launches: rows_indexscores_d128_h4_k4_t128_decode_mma_bf16 [cost model: ",
             "rows_topkeys_d4_t256_decode",
-            "-> mla_decode_kv128_r64_p64_s2_sel (2 heads, split K, tensor cores) -> rows_mlacombine_d128_",
-            // Prefill's from a bf16 copy of its key rows.
+            "-> rows_cachewrite_d320_t64_bf16 [row kernel",
+            "caches: prefill f32, decode bf16\n",
+            // Prefill's from a bf16 copy of its key rows; decode's from the caches' rows.
             "-> rows_slice_bf16_d192_o0_t",
             "-> mla_decode_kv128_r64_p64_s2_sel16 (2 heads, split K, tensor cores) -> rows_mlacombine_d128_",
         ] {
@@ -1543,6 +1546,7 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         assert!(rows_err.contains("sparse_attention_0 -> rows_mlaprefillsel_h2_"), "{rows_err}");
         // And the indexer's on the CUDA cores, in the reference's order.
         assert!(rows_err.contains("launches: rows_indexscores_d128_h4_k4_t256_prefill [cost model: "), "{rows_err}");
+        assert!(rows_err.contains("caches: prefill f32, decode f32\n"), "{rows_err}");
         let precision = if fp8 { "fp8" } else { "f32" };
         let logits = ["logits", "--model-dir", model, "--tokens", tokens, "--backend", "cpu", "--precision", precision];
         let ran = run_binary("v3c", &[&logits[..], &["--out", &cpu]].concat());
@@ -1582,25 +1586,25 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         eprintln!("fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest}");
         assert!(w <= 1e-5 * largest, "fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest}");
         // Decode: 8 greedy steps through the tensor cores' attention gathering each query's
-        // selected rows (the default), and through the CUDA-core row reading them in place: the
-        // CPU backend's tokens.
-        assert!(err.contains("sparse_attention_1 (2 heads) decode -> mla_decode_kv128_r64_p64_s2_sel"), "{err}");
+        // selected rows from the bf16 caches (the default; again with its kernels' PTX simulated,
+        // 3 steps), and through the CUDA-core row reading the f32 caches' in place: the CPU
+        // backend's tokens.
+        assert!(err.contains("sparse_attention_1 (2 heads) decode -> mla_decode_kv128_r64_p64_s2_sel16"), "{err}");
         let args =
             ["run", "--model-dir", model, "--prompt-tokens", tokens, "--max-new-tokens", "8", "--backend", "cpu"];
         let ran = run_binary("v3c", &[&args[..], &["--precision", precision, "--ignore-eos"]].concat());
         assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
         let want_tokens = String::from_utf8_lossy(&ran.stdout).trim().to_string();
-        for art in [&art, &rows_art] {
+        for (art, ptx) in [(&art, false), (&art, true), (&rows_art, false)] {
+            let steps = if ptx { "3" } else { "8" };
             let args =
-                ["emulate", art, "--weights", model, "--tokens", tokens, "--decode-steps", "8", "--out", &emulated];
-            let ran = run_binary("v3c", &args);
+                ["emulate", art, "--weights", model, "--tokens", tokens, "--decode-steps", steps, "--out", &emulated];
+            let ran = run_binary("v3c", &[&args[..], if ptx { &["--ptx", "--races"][..] } else { &[] }].concat());
             let said = String::from_utf8_lossy(&ran.stderr).to_string();
             assert!(ran.status.success(), "{said}");
-            let got: Vec<&str> = said
-                .lines()
-                .filter_map(|l| l.strip_prefix("emulated decode step ")?.split_once(": token ")?.1.split(' ').next())
-                .collect();
-            assert_eq!(got.join(" "), want_tokens, "fp8 {fp8}, {art}");
+            let got = emulated_tokens(&said);
+            let want: Vec<&str> = want_tokens.split(' ').take(got.len()).collect();
+            assert_eq!((got.len(), got.join(" ")), (steps.parse().unwrap(), want.join(" ")), "fp8 {fp8}, {art}");
         }
         // Every key kept (top 16 of at most 9): other logits.
         std::fs::remove_dir_all(&ckpt).unwrap();

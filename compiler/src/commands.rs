@@ -698,8 +698,8 @@ pub fn compile(o: &CompileGpuOptions) -> Result<(), String> {
     choose.prefill_rows = v3c_compiler::tune::prefill_rows(o.sizes.rows);
     if o.attention.fp8_cache && sm90::lower_sparse::has_sparse_attention(&module) {
         return Err(
-            "--kv-cache fp8: DeepSeek-V3.2's sparse attention reads f32 cache rows (the indexer's keys beside \
-                    the latent); compile it without --kv-cache"
+            "--kv-cache fp8: DeepSeek-V3.2's sparse attention reads f32 or bf16 cache rows (the indexer's keys \
+                    beside the latent); compile it without --kv-cache"
                 .into(),
         );
     }
@@ -1325,6 +1325,10 @@ fn write_gpu_artifact(
         .filter_map(|(name, l)| match l.kernel.op {
             RowOp::Latent { cache: CacheRows::Bf16, .. } => Some((name.as_str(), "bf16")),
             RowOp::Latent { cache: CacheRows::Fp8, .. } => Some((name.as_str(), fp8)),
+            // DeepSeek-V3.2's decode rows (the indexer and the attention read them as they are).
+            RowOp::Sparse(v3c_compiler::conversion::sm90::rows::SparseRow::CacheWrite { bf16: true }) => {
+                Some((name.as_str(), "bf16"))
+            }
             _ => None,
         })
         .chain(lowered.compound.iter().filter_map(|(name, steps, _)| {

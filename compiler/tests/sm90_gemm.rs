@@ -374,21 +374,27 @@ fn assert_attention_tensor_core_code(
 
 /// DeepSeek-V3.2's indexer scores on the tensor cores (64 heads of 128, prefill and decode): the 24
 /// wgmmas of a 64-key tile (8 steps of hi.hi, hi.lo, lo.hi; A the keys from registers, B the
-/// query's heads K-major) as 24 HGMMA.64x64x16 in the SASS, not serialized, no local memory.
+/// query's heads K-major) as 24 HGMMA.64x64x16 in the SASS, not serialized, no local memory; over
+/// bf16 key rows 16 (no lo.hi), a thread's 64 values of a tile as 32 loads of two.
 #[test]
 fn indexer_scores_compile_to_hgmma_without_spills() {
     use sm90::rows::{RowKernel, RowOp, SparseRow};
     let context = v3c_compiler::mlir::new_context();
     let ptxas = toolchain::find(toolchain::Tool::Ptxas).ok();
-    for decode in [false, true] {
-        let k = RowKernel::new(
-            RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma: true }),
-            128,
-            "f32",
-        );
+    let mut f32_loads = [0; 2];
+    for (decode, bf16_keys) in [(false, false), (true, false), (false, true), (true, true)] {
+        let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma: true, bf16_keys };
+        let k = RowKernel::new(RowOp::Sparse(op), 128, "f32");
         let kernel = sm90::compile_rows(&context, &k, &target::SM90A).unwrap_or_else(|e| panic!("{e}"));
+        let wgmmas = if bf16_keys { 16 } else { 24 };
         // A from registers, B K-major (no transpose).
-        assert_eq!(kernel.ptx.matches("p, 1, 1, 0;").count(), 24, "{}", kernel.name);
+        assert_eq!(kernel.ptx.matches("p, 1, 1, 0;").count(), wgmmas, "{}", kernel.name);
+        // A tile's 64 key values a thread as 32-bit loads (f32), or its 32 words (bf16 pairs).
+        let loads = kernel.ptx.matches("ld.global.b32").count();
+        match bf16_keys {
+            false => f32_loads[usize::from(decode)] = loads,
+            true => assert_eq!(loads + 32, f32_loads[usize::from(decode)], "{}", kernel.name),
+        }
         let Some(ptxas) = &ptxas else {
             eprintln!("{}: PTX only (no ptxas: run scripts/bootstrap.sh)", kernel.name);
             continue;
@@ -405,7 +411,7 @@ fn indexer_scores_compile_to_hgmma_without_spills() {
         if let Some(sass) = sass(&cubin.cubin) {
             let hgmma = sass.matches("HGMMA.64x64x16.F32.BF16").count();
             eprintln!("  SASS: {hgmma} x HGMMA.64x64x16.F32.BF16");
-            assert_eq!(hgmma, 24, "{}", kernel.name);
+            assert_eq!(hgmma, wgmmas, "{}", kernel.name);
             assert!(!sass.contains("LDL") && !sass.contains("STL"), "{}: local memory traffic", kernel.name);
         }
     }
@@ -825,7 +831,7 @@ fn every_gemm_kernel_of_the_full_model_assembles_without_spills() {
     // Decode's latent row stores the bf16 pages the tensor-core decode attention reads in place.
     assert_eq!(row("mla_latent_1").as_deref(), Some("rows_latent_bf16_d512_r64_t64_eps1em6_il_writebf16"));
     use sm90::rows::CacheRows;
-    assert_eq!(lowered.caches, sm90::CacheFormats { prefill: CacheRows::Bf16, decode: CacheRows::Bf16 });
+    assert_eq!(lowered.caches, sm90::CacheFormats { prefill: CacheRows::Bf16, decode: CacheRows::Bf16, sparse: false });
     let (_, latent) = lowered.rows.iter().find(|(k, _)| k == "mla_latent_1").unwrap();
     let table = latent.rope_table.as_ref().expect("the latent row reads a RoPE table");
     assert_eq!((table.dim, table.inv_freq.len(), table.inv_freq[0]), (64, 32, 1.0));

@@ -240,21 +240,24 @@ fn v3_attention(prefill: bool, selected: bool) -> RowOp {
 }
 
 /// DeepSeek-V3.2's at the full model's sizes: the indexer key's LayerNorm, the scores and the top
-/// keys (64 heads of 128, 2048 keys), decode's cache write (704-wide rows), the selected rows'
-/// gather, the attention reading them in place, and decode's pages of them for the tensor cores.
+/// keys (64 heads of 128, 2048 keys; on the tensor cores over f32 and bf16 rows), decode's cache
+/// write (704-wide rows, f32 and bf16), the selected rows' gather, the attention reading them in
+/// place, and decode's pages of them for the tensor cores.
 fn sparse_attention_kernels() -> Vec<RowKernel> {
     use sm90::rows::SparseRow;
     let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
     for decode in [false, true] {
-        for mma in [false, true] {
-            let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma };
+        for (mma, bf16_keys) in [(false, false), (true, false), (true, true)] {
+            let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma, bf16_keys };
             kernels.push(RowKernel::new(RowOp::Sparse(op), 128, "f32"));
         }
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), 2048, "f32"));
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::GatherRows { decode }), 576, "f32"));
         kernels.push(RowKernel::new(v3_attention(!decode, true), 512, "f8E4M3FN"));
     }
-    kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), 704, "f32"));
+    for bf16 in [false, true] {
+        kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite { bf16 }), 704, "f32"));
+    }
     // Prefill's key rows in bf16 for the tensor cores' gathers (`_sel16`).
     kernels.push(RowKernel::new(RowOp::Train(TrainRow::Slice { start: 0 }), 576, "bf16"));
     kernels
@@ -358,7 +361,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                         assert_eq!(barriers, 1 + 4 + 2, "{name}");
                         assert!(kernel.ptx.contains("atom.shared.add.u32"), "{name}: the bins' counts");
                     }
-                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite => assert_eq!(barriers, 0, "{name}"),
+                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } => assert_eq!(barriers, 0, "{name}"),
                 }
             }
             RowOp::MlaDecode { .. } => {

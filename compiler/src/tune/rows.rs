@@ -235,7 +235,7 @@ pub fn index_scores_estimate(
     device: &DeviceModel,
 ) -> Option<IndexEstimate> {
     use crate::conversion::sm90::rows::{IndexMma, SparseRow};
-    let RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k, mma }) = kernel.op else {
+    let RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k, mma, bf16_keys }) = kernel.op else {
         return None;
     };
     let seen: Vec<usize> = match decode {
@@ -247,7 +247,8 @@ pub fn index_scores_estimate(
     let clock = device.bf16_tflops * 1e12 / (f64::from(device.sm_count) * 4096.0);
     let lanes = f64::from(device.sm_count) * 128.0 * clock;
     let key_rows = if decode { pairs } else { prefill_queries };
-    let memory = (key_rows * kernel.d * 4) as f64 / (device.dram_tbps * 1e12);
+    let key_bytes = if bf16_keys { 2 } else { 4 };
+    let memory = (key_rows * kernel.d * key_bytes) as f64 / (device.dram_tbps * 1e12);
     // The longest of the bounds (seconds, what).
     let finish = |tiles: usize, bounds: &[(f64, &'static str)]| {
         let longest = bounds.iter().copied().chain([(memory, "memory")]).max_by(|a, b| a.0.total_cmp(&b.0));
@@ -257,7 +258,7 @@ pub fn index_scores_estimate(
         let instructions = (pairs * heads * kernel.d) as f64 * CUDA_CORE_INSTRUCTIONS_PER_MAC;
         return finish(0, &[(instructions / lanes, "issue")]);
     }
-    let shape = IndexMma { heads, d: kernel.d };
+    let shape = IndexMma { heads, d: kernel.d, bf16_keys };
     let tiles: usize = scored.iter().map(|n| n.div_ceil(64)).sum();
     let blocks = scored.len() * kernel.blocks_per_row();
     let tensor = (tiles * shape.tile_macs()) as f64 / (device.bf16_tflops * 1e12 / 2.0);
@@ -307,7 +308,8 @@ mod tests {
         use crate::conversion::sm90::rows::SparseRow;
         let h200 = DeviceModel::by_name("H200").unwrap();
         let kernel = |decode, mma| {
-            RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma }), 128, "f32")
+            let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma, bf16_keys: false };
+            RowKernel::new(RowOp::Sparse(op), 128, "f32")
         };
         for decode in [false, true] {
             let cores = index_scores_estimate(&kernel(decode, false), 4096, &h200).unwrap();

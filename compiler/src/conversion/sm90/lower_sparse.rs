@@ -12,8 +12,10 @@
 //!
 //! The attention over each query's selected rows is the CUDA-core MLA row reading them in place
 //! ([`super::rows::RowOp::MlaDecode`], a query its own sequence of selected rows), or on the tensor
-//! cores ([`sparse_attention_steps`]): a model with sparse attention keeps its caches in f32 rows,
-//! as the indexer, the gathers and the attention read them ([`has_sparse_attention`]).
+//! cores ([`sparse_attention_steps`]). A model with sparse attention keeps its caches in f32 rows,
+//! as the indexer, the gathers and the attention read them, except decode's where every kernel
+//! reading them runs on the tensor cores ([`cache_formats`]): bf16 rows there (the cache write
+//! rounds the new rows; the indexer and the attention read them as they are).
 
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
@@ -33,6 +35,46 @@ pub fn has_sparse_attention(module: &Module) -> bool {
         }
     }
     false
+}
+
+/// The caches of a module with sparse attention ([`has_sparse_attention`]): decode's bf16 rows
+/// where its attention runs on the tensor cores and every decode kernel reading the caches takes
+/// bf16 rows there (the attention over the selected rows, the indexer's scores on the tensor
+/// cores); f32 rows otherwise, and prefill's f32 (its attention gathers from a bf16 copy of the
+/// rows it selects from, [`sparse_attention_steps`]). Never paged: the rows hold the indexer's key
+/// beside the latent.
+pub fn cache_formats(module: &Module, attention: super::AttentionKernels) -> super::CacheFormats {
+    use super::rows::CacheRows::{Bf16, F32};
+    let bf16 = super::CacheFormats { prefill: F32, decode: Bf16, sparse: true };
+    let f32_rows = super::CacheFormats { decode: F32, ..bf16 };
+    if attention.decode != super::AttentionKernel::TensorCores {
+        return f32_rows;
+    }
+    let (mut readers, mut taken) = (0, 0);
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
+            continue;
+        }
+        let Some(body) = Body::of(&f) else { continue };
+        let decode = match body.names.first().map(String::as_str) {
+            Some("sparse_index") => body.ops[0].operand_count() == 4,
+            Some("gather_rows") => operand_shape(&body.ops[0], 0).is_ok_and(|s| s.dims.len() == 3),
+            _ => continue,
+        };
+        if decode {
+            readers += 1;
+            let takes = sparse_attention_steps(&f, false, true, bf16).is_ok()
+                || tensor_core_index_steps(&f, false, true, bf16).is_some();
+            taken += usize::from(takes);
+        }
+    }
+    if readers > 0 && taken == readers {
+        bf16
+    } else {
+        f32_rows
+    }
 }
 
 fn eps_of(o: &OperationRef) -> Result<f32, String> {
@@ -87,7 +129,8 @@ pub fn row_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, S
                     return Err(format!("cache_write of {new} into {cache} (f32 rows into [B, S, C])"));
                 }
                 // The cache is updated in place: its result is its argument.
-                let k = RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite), width(&cache)?, "f32");
+                // (bf16 rows where the caches are: [`super::row_launch`].)
+                let k = RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite { bf16: false }), width(&cache)?, "f32");
                 Ok(launch(k, (0..3).map(Operand::Arg).collect()))
             }
             _ => Err(name.clone()),
@@ -159,11 +202,16 @@ fn selected_attention(body: &Body) -> Result<RowLaunch, String> {
 /// `[4096, 2048, 576]` bf16, 9.7 GB) — from their first `kv + rope` columns copied to bf16 first
 /// (`rows_slice_bf16`, then `_sel16`: each row is gathered by many queries, so the gathers read
 /// half the bytes for one conversion) —, decode's from its sequence's cache rows (f32: read once,
-/// where pages gathered first would write and read them again in bf16). Asked for by kind:
-/// `prefill`, `decode`.
+/// where pages gathered first would write and read them again in bf16; bf16 caches' rows as they
+/// are, `_sel16`). Asked for by kind: `prefill`, `decode`; `caches`: the rows' formats.
 ///
 /// `Err`: not this kernel, not a kind asked for, or shapes the templates do not take.
-pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool) -> Result<Steps, String> {
+pub fn sparse_attention_steps(
+    kernel: &OperationRef,
+    prefill: bool,
+    decode: bool,
+    caches: super::CacheFormats,
+) -> Result<Steps, String> {
     use Operand::{Arg, Temp as T};
     let body = Body::of(kernel).ok_or("a kernel without a body")?;
     if !matches!(body.names.first().map(String::as_str), Some("gather_rows")) {
@@ -184,8 +232,10 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
     let fp8 = weight == "f8E4M3FN";
     let kv = launch.kernel.d;
     // Prefill's queries select from the same rows: a bf16 copy of them (written once, gathered by
-    // every query) halves what the gathers read. Decode's read their caches' f32 rows.
-    let bf16_rows = is_prefill;
+    // every query) halves what the gathers read. Decode's read their caches' rows (f32 or bf16).
+    let cache16 = if is_prefill { caches.prefill } else { caches.decode } == super::rows::CacheRows::Bf16;
+    let copy = is_prefill && !cache16;
+    let bf16_rows = copy || cache16;
     let config =
         super::mla::MlaDecodeConfig { kv, rope, bf16_rows, ..super::mla::MlaDecodeConfig::DEEPSEEK_V32_SELECTED };
     config.validate(&crate::target::SM90A)?;
@@ -208,8 +258,9 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
     let attention = StepKernel::MlaDecode(super::lower::MlaDecodeLaunch { config, heads, scale, selection });
     // The key rows are read 16 bytes at a time.
     let cols = width_of(&operand_shape(&body.ops[0], 0)?)?;
-    if !cols.is_multiple_of(4) {
-        return Err(format!("selected rows of {cols} columns (a multiple of 4)"));
+    let per_16_bytes = if cache16 { 8 } else { 4 };
+    if !cols.is_multiple_of(per_16_bytes) {
+        return Err(format!("selected rows of {cols} columns (a multiple of {per_16_bytes})"));
     }
     let mut temps = vec![
         Temp::per_row(heads, width, "bf16"),
@@ -218,7 +269,7 @@ pub fn sparse_attention_steps(kernel: &OperationRef, prefill: bool, decode: bool
         Temp::per_row(heads, kv, "f32"),
     ];
     let mut steps = vec![step(absorb, [vec![q_nope, q_pe], weights.clone(), vec![T(0)]].concat())];
-    let keys = match (bf16_rows, keys) {
+    let keys = match (copy, keys) {
         (false, keys) => keys,
         (true, Arg(arg)) => {
             // The rows' first kv + rope columns (the latent and the rope key) in bf16.
@@ -245,7 +296,7 @@ pub fn steps_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<Steps, Str
     let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
     match names[..] {
         ["layer_norm", "split"] => Some(layer_norm_split(&body)),
-        ["sparse_index"] => Some(sparse_index(&body, false)),
+        ["sparse_index"] => Some(sparse_index(&body, false, false)),
         ["rms_norm", "rope", "concat", "concat"] => Some(latent_with_key(&body)),
         _ => None,
     }
@@ -288,19 +339,28 @@ fn layer_norm_split(body: &Body) -> Result<Steps, String> {
 /// `sparse_index` with its scores on the tensor cores ([`SparseRow::IndexScores`] `mma`) where the
 /// attention of its mode is (`prefill`, `decode`: the tensor-core attention's); None for another
 /// kernel, a mode whose attention is on the CUDA cores (the reference's arithmetic throughout),
-/// or a shape the tensor-core kernel does not take (then the CUDA-core kernel scores it).
-pub fn tensor_core_index_steps(kernel: &OperationRef, prefill: bool, decode: bool) -> Option<Steps> {
+/// or a shape the tensor-core kernel does not take (then the CUDA-core kernel scores it; never
+/// over bf16 rows: [`cache_formats`] keeps f32 caches then). `caches`: the key rows' formats.
+pub fn tensor_core_index_steps(
+    kernel: &OperationRef,
+    prefill: bool,
+    decode: bool,
+    caches: super::CacheFormats,
+) -> Option<Steps> {
     let body = Body::of(kernel)?;
     if body.names != ["sparse_index"] {
         return None;
     }
     let decode_kernel = body.ops[0].operand_count() == 4;
     let tensor_cores = if decode_kernel { decode } else { prefill };
-    tensor_cores.then(|| sparse_index(&body, true).ok()).flatten()
+    let cache = if decode_kernel { caches.decode } else { caches.prefill };
+    let bf16_keys = cache == super::rows::CacheRows::Bf16;
+    tensor_cores.then(|| sparse_index(&body, true, bf16_keys).ok()).flatten()
 }
 
-/// `sparse_index`: the scores (on the tensor cores: `mma`), then the selection.
-fn sparse_index(body: &Body, mma: bool) -> Result<Steps, String> {
+/// `sparse_index`: the scores (on the tensor cores: `mma`; over bf16 key rows: `bf16_keys`), then
+/// the selection.
+fn sparse_index(body: &Body, mma: bool, bf16_keys: bool) -> Result<Steps, String> {
     let o = &body.ops[0];
     if !body.operands_are_args(o) || !body.returns_results_of(o) {
         return Err("sparse_index with its operands or results in another order".into());
@@ -317,7 +377,11 @@ fn sparse_index(body: &Body, mma: bool) -> Result<Steps, String> {
     {
         return Err(format!("sparse_index of {q} over {keys}"));
     }
-    let scores = RowKernel::new(RowOp::Sparse(SparseRow::IndexScores { heads, decode, top_k, mma }), di, "f32");
+    if bf16_keys && !width(&keys)?.is_multiple_of(2) {
+        return Err(format!("sparse_index over bf16 rows of {keys} (an even width: keys read in pairs)"));
+    }
+    let op = SparseRow::IndexScores { heads, decode, top_k, mma, bf16_keys };
+    let scores = RowKernel::new(RowOp::Sparse(op), di, "f32");
     scores.validate(&crate::target::SM90A)?;
     let top = RowKernel::new(RowOp::Sparse(SparseRow::TopKeys { decode }), top_k, "f32");
     let mut score_ops = vec![Operand::Arg(0), Operand::Arg(1), Operand::Arg(2)];

@@ -361,11 +361,14 @@ pub struct AttentionKernels {
 pub struct CacheFormats {
     pub prefill: rows::CacheRows,
     pub decode: rows::CacheRows,
+    /// DeepSeek-V3.2's rows (the indexer's key beside the latent,
+    /// [`lower_sparse::cache_formats`]): never pages.
+    pub sparse: bool,
 }
 
 impl Default for CacheFormats {
     fn default() -> CacheFormats {
-        CacheFormats { prefill: rows::CacheRows::F32, decode: rows::CacheRows::F32 }
+        CacheFormats { prefill: rows::CacheRows::F32, decode: rows::CacheRows::F32, sparse: false }
     }
 }
 
@@ -373,9 +376,9 @@ impl CacheFormats {
     /// The caches `module`'s attention kernels take with `attention`'s choices.
     pub fn of(module: &Module, attention: AttentionKernels) -> CacheFormats {
         use rows::CacheRows::{Bf16, Fp8, F32};
-        // DeepSeek-V3.2: the indexer and the row gather read f32 rows, the key beside the latent.
+        // DeepSeek-V3.2: rows with the indexer's key beside the latent.
         if lower_sparse::has_sparse_attention(module) {
-            return CacheFormats::default();
+            return lower_sparse::cache_formats(module, attention);
         }
         // Per kind (prefill, decode): attention kernels, those the tensor cores take over bf16
         // caches, and over fp8 rows.
@@ -400,12 +403,16 @@ impl CacheFormats {
             true if n > 0 && bf16 == n => Bf16,
             _ => F32,
         };
-        CacheFormats { prefill: format(counts[0], attention.prefill), decode: format(counts[1], attention.decode) }
+        CacheFormats {
+            prefill: format(counts[0], attention.prefill),
+            decode: format(counts[1], attention.decode),
+            sparse: false,
+        }
     }
 
     /// Decode's caches are pages the tensor-core attention reads in place.
     pub fn paged_decode(&self) -> bool {
-        self.decode != rows::CacheRows::F32
+        self.decode != rows::CacheRows::F32 && !self.sparse
     }
 }
 
@@ -413,8 +420,11 @@ impl CacheFormats {
 /// do ([`CacheFormats`]).
 pub fn row_launch(f: &OperationRef, caches: CacheFormats) -> Result<lower::RowLaunch, String> {
     let mut launch = lower::row_of_kernel(f)?;
-    if launch.kernel.op == rows::RowOp::Sparse(rows::SparseRow::CacheWrite) && caches.paged_decode() {
-        return Err("cache_write into paged cache rows".into());
+    if let rows::RowOp::Sparse(rows::SparseRow::CacheWrite { ref mut bf16 }) = launch.kernel.op {
+        if caches.paged_decode() {
+            return Err("cache_write into paged cache rows".into());
+        }
+        *bf16 = caches.decode == rows::CacheRows::Bf16;
     }
     if let rows::RowOp::Latent { append, ref mut cache, .. } = launch.kernel.op {
         *cache = if append { caches.prefill } else { caches.decode };
@@ -446,12 +456,12 @@ pub fn tensor_core_attention(
         // DeepSeek-V3.2's: the attention over each query's selected rows.
         .or_else(|| {
             let decode = attention.decode == AttentionKernel::TensorCores;
-            lower_sparse::sparse_attention_steps(f, prefill, decode).ok()
+            lower_sparse::sparse_attention_steps(f, prefill, decode, caches).ok()
         })
         // And its indexer's scores, on the tensor cores with the attention of their mode.
         .or_else(|| {
             let decode = attention.decode == AttentionKernel::TensorCores;
-            lower_sparse::tensor_core_index_steps(f, prefill, decode)
+            lower_sparse::tensor_core_index_steps(f, prefill, decode, caches)
         })
 }
 

@@ -28,6 +28,11 @@
 //! that: its scores are this kernel's (not the reference's, whose every product is of the f32
 //! values); the GPU's accumulation order within a wgmma and its fused multiply-adds differ by
 //! rounding.
+//!
+//! bf16 keys (`bf16_keys`: the caches' rows in bf16): a key is its own hi (its lo is zero), so a
+//! step is two wgmmas (hi.hi, hi.lo: the query's both halves against the key) and a thread reads
+//! each of its words as one 4-byte load of two adjacent columns — half the bytes and loads, no
+//! conversion.
 
 use std::fmt::Write;
 
@@ -47,6 +52,8 @@ const STATIC_SHARED: usize = 48 * 1024;
 pub struct IndexMma {
     pub heads: usize,
     pub d: usize,
+    /// The keys are bf16 rows: two products a step, the keys' words loaded as they are.
+    pub bf16_keys: bool,
 }
 
 impl IndexMma {
@@ -60,10 +67,28 @@ impl IndexMma {
         self.d.div_ceil(16)
     }
 
-    /// Multiply-adds the tensor cores run for a tile of keys: 3 products (hi.hi, hi.lo, lo.hi) of
-    /// 64 keys x `n` heads x the steps' columns.
+    /// Products a 16-column step: hi.hi, hi.lo, lo.hi (bf16 keys: no lo.hi).
+    pub fn products(&self) -> usize {
+        if self.bf16_keys {
+            2
+        } else {
+            3
+        }
+    }
+
+    /// Multiply-adds the tensor cores run for a tile of keys: [`Self::products`] of 64 keys x `n`
+    /// heads x the steps' columns.
     pub fn tile_macs(&self) -> usize {
-        3 * TILE * self.n() * 16 * self.steps()
+        self.products() * TILE * self.n() * 16 * self.steps()
+    }
+
+    /// Bytes of a key's value in the rows.
+    pub fn key_bytes(&self) -> usize {
+        if self.bf16_keys {
+            2
+        } else {
+            4
+        }
     }
 
     /// Iterations of a thread's staging loop (one pair of columns of a head each).
@@ -114,15 +139,34 @@ impl IndexMma {
 %busy = arith.cmpi ult, %part_first, %nscored : index
 "
         );
-        let key = |r: &str, col: &str, out: &str| match decode {
-            true => format!("{out} = memref.load %keys[%qrow, {r}, {col}] : memref<?x?x?xf32>\n"),
-            false => format!("{out} = memref.load %keys[{r}, {col}] : memref<?x?xf32>\n"),
+        let elem = if self.bf16_keys { "bf16" } else { "f32" };
+        // The element's place in the keys, and the keys' type.
+        let at = |r: &str, col: &str| match decode {
+            true => (format!("%keys[%qrow, {r}, {col}]"), format!("memref<?x?x?x{elem}>")),
+            false => (format!("%keys[{r}, {col}]"), format!("memref<?x?x{elem}>")),
+        };
+        // A key's value as f32 (bf16 widened exactly).
+        let key = |r: &str, col: &str, out: &str| {
+            let (place, ty) = at(r, col);
+            match self.bf16_keys {
+                true => format!("{out}_b = memref.load {place} : {ty}\n{out} = arith.extf {out}_b : bf16 to f32\n"),
+                false => format!("{out} = memref.load {place} : {ty}\n"),
+            }
+        };
+        // bf16 keys: columns `col`, `col + 1` as one word (`col` even), the lower in the low half.
+        let pair = |r: &str, col: &str, out: &str| {
+            let (place, ty) = at(r, col);
+            format!(
+                "{out}_v = vector.load {place} {{alignment = 4 : i64}} : {ty}, vector<2xbf16>
+{out} = llvm.bitcast {out}_v : vector<2xbf16> to i32
+"
+            )
         };
         match lowering {
             Lowering::Cpu => vec![format!("{busy}{}", self.cpu_scores(&key))],
             Lowering::Gpu => vec![
                 format!("{busy}scf.if %busy {{\n{}}}\n", indent(&self.stage(sh_mma), 2)),
-                format!("{busy}scf.if %busy {{\n{}}}\n", indent(&self.scores(&key, sh_mma), 2)),
+                format!("{busy}scf.if %busy {{\n{}}}\n", indent(&self.scores(&key, &pair, sh_mma), 2)),
             ],
         }
     }
@@ -196,9 +240,15 @@ impl IndexMma {
         )
     }
 
-    /// The tiles of the block's part: keys as A from registers, 3 wgmmas a step, the heads' terms
-    /// summed per lane, the quad's sums joined, the scores stored.
-    fn scores(&self, key: &dyn Fn(&str, &str, &str) -> String, sh_mma: &str) -> String {
+    /// The tiles of the block's part: keys as A from registers, [`Self::products`] wgmmas a step,
+    /// the heads' terms summed per lane, the quad's sums joined, the scores stored. `key` loads an
+    /// f32 key value, `pair` (bf16 keys) a word of two.
+    fn scores(
+        &self,
+        key: &dyn Fn(&str, &str, &str) -> String,
+        pair: &dyn Fn(&str, &str, &str) -> String,
+        sh_mma: &str,
+    ) -> String {
         let (n, steps) = (self.n(), self.steps());
         let frag = format!("!llvm.struct<({})>", vec!["f32"; n / 2].join(", "));
         let mut t = aligned(sh_mma);
@@ -271,6 +321,25 @@ impl IndexMma {
                     body,
                     "{p}_c = arith.constant {first} : index\n{p}_col = arith.addi %col_l, {p}_c : index"
                 );
+                if self.bf16_keys {
+                    // The word as it is (hi), no lo: both columns are inside the key or neither
+                    // (`first` and the key's width even).
+                    if first + 8 > self.d {
+                        let _ = write!(
+                            body,
+                            "{p}_lc0 = arith.addi %lcol, {p}_c : index
+{p}_in = arith.cmpi ult, {p}_lc0, %cD : index
+{p}_at = arith.select {p}_in, {p}_col, %koff : index
+{load}{p}_h = arith.select {p}_in, {p}_raw, %c0_i32 : i32
+",
+                            load = pair(&format!("%r{row}"), &format!("{p}_at"), &format!("{p}_raw")),
+                        );
+                    } else {
+                        body.push_str(&pair(&format!("%r{row}"), &format!("{p}_col"), &format!("{p}_h")));
+                    }
+                    words.push(p);
+                    continue;
+                }
                 let mut vals = Vec::new();
                 for e in 0..2 {
                     let v = format!("{p}_v{e}");
@@ -312,9 +381,8 @@ impl IndexMma {
             let w = &words[4 * s..4 * s + 4];
             let hi: Vec<String> = w.iter().map(|p| format!("{p}_h")).collect();
             let lo: Vec<String> = w.iter().map(|p| format!("{p}_l")).collect();
-            for (i, (a, b)) in
-                [(&hi, format!("%dh{s}")), (&hi, format!("%dl{s}")), (&lo, format!("%dh{s}"))].into_iter().enumerate()
-            {
+            let products = [(&hi, format!("%dh{s}")), (&hi, format!("%dl{s}")), (&lo, format!("%dh{s}"))];
+            for (i, (a, b)) in products.into_iter().take(self.products()).enumerate() {
                 let out = format!("%mma{s}_{i}");
                 body.push_str(&wgmma_registers_a(&out, a, &b, &acc, n, false));
                 acc = out;
@@ -394,15 +462,20 @@ scf.if %{name}_put {{
                 qlround = round_bf16("%ql_x", "%ql"),
             )
         };
+        // (bf16 keys: no lo.hi, the keys' lo being zero.)
         let dot = format!(
             "%dot = scf.for %s = %c0 to %c_steps step %c1 iter_args(%a = %zero) -> (f32) {{
   %s16 = arith.muli %s, %c16 : index
-{hh}{hl}{lh}  scf.yield %a3 : f32
+{hh}{hl}{lh}  scf.yield {last} : f32
 }}
 ",
             hh = indent(&product("hi.hi", "%a", "%a1", "%kh_f", "%qh_f"), 2),
             hl = indent(&product("hi.lo", "%a1", "%a2", "%kh_f", "%ql_f"), 2),
-            lh = indent(&product("lo.hi", "%a2", "%a3", "%kl_f", "%qh_f"), 2),
+            lh = match self.bf16_keys {
+                true => String::new(),
+                false => indent(&product("lo.hi", "%a2", "%a3", "%kl_f", "%qh_f"), 2),
+            },
+            last = if self.bf16_keys { "%a2" } else { "%a3" },
         );
         // Lane q's sum over its heads 8 j + 2 q + e, j then e ascending.
         let mut lanes = String::new();

@@ -43,13 +43,15 @@ pub enum SparseRow {
     /// for the selection of `top_k` ([`SparseRow::TopKeys`]): a query that sees at most `top_k`
     /// keys takes all of them whatever their scores, and none of its scores is computed. `mma`: on
     /// the tensor cores ([`super::index_mma`]), else the CUDA cores in the reference's order.
-    IndexScores { heads: usize, decode: bool, top_k: usize, mma: bool },
+    /// `bf16_keys`: the key rows are bf16 (the caches' rows; on the tensor cores only).
+    IndexScores { heads: usize, decode: bool, top_k: usize, mma: bool, bf16_keys: bool },
     /// The best `d` keys of each row of scores (scores `[T, S]`, (positions), selected `[T, d]` i32).
     TopKeys { decode: bool },
     /// Selected rows' first `d` columns (keys, selected `[T, K]` i32, rows `[T K, d]`, last `[T]` i64).
     GatherRows { decode: bool },
-    /// `cache[b, position_b] = row[b]`, rows of `d` (cache `[B, S, d]`, new `[B, d]`, positions).
-    CacheWrite,
+    /// `cache[b, position_b] = row[b]`, rows of `d` (cache `[B, S, d]`, new `[B, d]`, positions);
+    /// `bf16`: the cache's rows are bf16, the new rows rounded to nearest even.
+    CacheWrite { bf16: bool },
 }
 
 impl SparseRow {
@@ -61,13 +63,14 @@ impl SparseRow {
                 let eps = format!("{eps:e}").replace('-', "m").replace('.', "p");
                 format!("rows_layernorm_{weight}_d{d}_t{t}_eps{eps}")
             }
-            SparseRow::IndexScores { heads, decode, top_k, mma } => {
+            SparseRow::IndexScores { heads, decode, top_k, mma, bf16_keys } => {
                 let mma = if mma { "_mma" } else { "" };
-                format!("rows_indexscores_d{d}_h{heads}_k{top_k}_t{t}_{}{mma}", mode(decode))
+                let keys = if bf16_keys { "_bf16" } else { "" };
+                format!("rows_indexscores_d{d}_h{heads}_k{top_k}_t{t}_{}{mma}{keys}", mode(decode))
             }
             SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
             SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
-            SparseRow::CacheWrite => format!("rows_cachewrite_d{d}_t{t}"),
+            SparseRow::CacheWrite { bf16 } => format!("rows_cachewrite_d{d}_t{t}{}", if bf16 { "_bf16" } else { "" }),
         }
     }
 
@@ -93,14 +96,22 @@ impl SparseRow {
                 let eps = eps.strip_prefix("eps")?.replace('m', "-").replace('p', ".").parse().ok()?;
                 kernel(SparseRow::LayerNorm { eps }, d, w, t)
             }
-            ["indexscores", d, h, k, t, m, ref mma @ ..] if mma.is_empty() || mma == ["mma"] => {
+            ["indexscores", d, h, k, t, m, ref rest @ ..] => {
                 let (heads, top_k) = (number(h, "h")?, number(k, "k")?);
-                let op = SparseRow::IndexScores { heads, decode: decode(m)?, top_k, mma: !mma.is_empty() };
+                let (mma, bf16_keys) = match rest {
+                    [] => (false, false),
+                    ["mma"] => (true, false),
+                    ["mma", "bf16"] => (true, true),
+                    _ => return None,
+                };
+                let op = SparseRow::IndexScores { heads, decode: decode(m)?, top_k, mma, bf16_keys };
                 kernel(op, d, "f32", t)
             }
             ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
             ["gatherrows", d, t, m] => kernel(SparseRow::GatherRows { decode: decode(m)? }, d, "f32", t),
-            ["cachewrite", d, t] => kernel(SparseRow::CacheWrite, d, "f32", t),
+            ["cachewrite", d, t, ref rest @ ..] if rest.is_empty() || rest == ["bf16"] => {
+                kernel(SparseRow::CacheWrite { bf16: !rest.is_empty() }, d, "f32", t)
+            }
             _ => None,
         }
     }
@@ -109,6 +120,7 @@ impl SparseRow {
     pub(super) fn arguments(&self, weight: &str) -> Vec<(&'static str, String)> {
         let rows = || "memref<?x?xf32>".to_string();
         let keys = |decode: bool| if decode { "memref<?x?x?xf32>".to_string() } else { rows() };
+        let keys_of = |decode: bool, bf16: bool| keys(decode).replace("f32", if bf16 { "bf16" } else { "f32" });
         let positions = ("positions", "memref<?xi64>".to_string());
         match *self {
             SparseRow::LayerNorm { .. } => {
@@ -119,8 +131,9 @@ impl SparseRow {
                     ("y", rows()),
                 ]
             }
-            SparseRow::IndexScores { decode, .. } => {
-                let mut args = vec![("q", "memref<?x?x?xf32>".to_string()), ("w", rows()), ("keys", keys(decode))];
+            SparseRow::IndexScores { decode, bf16_keys, .. } => {
+                let mut args =
+                    vec![("q", "memref<?x?x?xf32>".to_string()), ("w", rows()), ("keys", keys_of(decode, bf16_keys))];
                 if decode {
                     args.push(positions);
                 }
@@ -141,7 +154,7 @@ impl SparseRow {
                 ("out", rows()),
                 ("last", "memref<?xi64>".into()),
             ],
-            SparseRow::CacheWrite => vec![("cache", keys(true)), ("new", rows()), positions],
+            SparseRow::CacheWrite { bf16 } => vec![("cache", keys_of(true, bf16)), ("new", rows()), positions],
         }
     }
 
@@ -153,7 +166,7 @@ impl SparseRow {
             // Its rows (the MTP module's queries may be fewer than the scores' rows).
             SparseRow::TopKeys { .. } => "selected",
             SparseRow::GatherRows { .. } => "selected",
-            SparseRow::CacheWrite => "new",
+            SparseRow::CacheWrite { .. } => "new",
         }
     }
 
@@ -170,7 +183,7 @@ impl SparseRow {
     pub(super) fn shared(&self, d: usize, threads: usize) -> Vec<(&'static str, usize)> {
         match *self {
             SparseRow::LayerNorm { .. } => vec![("sh_red", 2)],
-            SparseRow::IndexScores { heads, mma: true, .. } => IndexMma { heads, d }.shared(),
+            SparseRow::IndexScores { heads, mma: true, bf16_keys, .. } => IndexMma { heads, d, bf16_keys }.shared(),
             SparseRow::IndexScores { heads, .. } => vec![("sh_q", heads * d), ("sh_w", heads)],
             SparseRow::TopKeys { .. } => {
                 vec![
@@ -183,7 +196,7 @@ impl SparseRow {
                     ("sh_off", threads),
                 ]
             }
-            SparseRow::GatherRows { .. } | SparseRow::CacheWrite => Vec::new(),
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } => Vec::new(),
         }
     }
 
@@ -200,12 +213,18 @@ impl SparseRow {
 
     /// Why the kernel cannot be generated, if it cannot.
     pub(super) fn check(&self, name: &str, d: usize) -> Result<(), String> {
-        if let SparseRow::IndexScores { heads, mma, .. } = *self {
+        if let SparseRow::IndexScores { heads, mma, bf16_keys, .. } = *self {
             if heads == 0 {
                 return Err(format!("{name}: 0 heads"));
             }
+            if bf16_keys && !mma {
+                return Err(format!("{name}: bf16 keys on the CUDA cores (only the tensor cores' kernel reads them)"));
+            }
+            if bf16_keys && d % 2 != 0 {
+                return Err(format!("{name}: bf16 keys of {d} columns (read in pairs: an even number)"));
+            }
             if mma {
-                IndexMma { heads, d }.check().map_err(|e| format!("{name}: {e}"))?;
+                IndexMma { heads, d, bf16_keys }.check().map_err(|e| format!("{name}: {e}"))?;
             }
         }
         if let SparseRow::TopKeys { .. } = self {
@@ -250,7 +269,7 @@ impl SparseRow {
                 let _ = writeln!(s, "%c32_i32 = arith.constant 32 : i32");
                 let _ = writeln!(s, "%cK_i32 = arith.constant {d} : i32");
             }
-            SparseRow::GatherRows { .. } | SparseRow::CacheWrite => {}
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } => {}
         }
         s
     }
@@ -288,8 +307,13 @@ impl SparseRow {
     pub(super) fn prologue(&self, threads: usize) -> String {
         let mut s = format!("%cT_m1b = arith.constant {} : index\n", threads - 1);
         match *self {
-            SparseRow::IndexScores { decode, .. } => {
-                let keys_ty = if decode { "memref<?x?x?xf32>" } else { "memref<?x?xf32>" };
+            SparseRow::IndexScores { decode, bf16_keys, .. } => {
+                let keys_ty = match (decode, bf16_keys) {
+                    (true, false) => "memref<?x?x?xf32>",
+                    (false, false) => "memref<?x?xf32>",
+                    (true, true) => "memref<?x?x?xbf16>",
+                    (false, true) => "memref<?x?xbf16>",
+                };
                 // Block `%row`: query `%qrow`, part `%part` of its keys.
                 let _ = write!(
                     s,
@@ -339,7 +363,7 @@ impl SparseRow {
 "
                 );
             }
-            SparseRow::LayerNorm { .. } | SparseRow::CacheWrite => {}
+            SparseRow::LayerNorm { .. } | SparseRow::CacheWrite { .. } => {}
         }
         s
     }
@@ -402,8 +426,8 @@ scf.for %i = %tid to %cD step %cT {{
                     ),
                 ]
             }
-            SparseRow::IndexScores { heads, decode, mma: true, .. } => {
-                IndexMma { heads, d: kernel.d }.phases(decode, lowering, &sh("sh_mma"))
+            SparseRow::IndexScores { heads, decode, mma: true, bf16_keys, .. } => {
+                IndexMma { heads, d: kernel.d, bf16_keys }.phases(decode, lowering, &sh("sh_mma"))
             }
             SparseRow::IndexScores { heads, decode, .. } => {
                 let (q_sh, w_sh) = (sh("sh_q"), sh("sh_w"));
@@ -480,20 +504,36 @@ scf.if %first {{
                     selected_rows("%nsel", pick, load)
                 )]
             }
-            SparseRow::CacheWrite => vec!["%p64 = memref.load %positions[%row] : memref<?xi64>
+            SparseRow::CacheWrite { bf16 } => {
+                // bf16 rows: each value rounded to nearest even by its bits (both lowerings).
+                let (consts, store, ty) = match bf16 {
+                    true => (
+                        "%c16_i32 = arith.constant 16 : i32\n%c7fff_i32 = arith.constant 32767 : i32\n",
+                        format!(
+                            "{}    memref.store %vb, %cache[%row, %p_idx, %i] : memref<?x?x?xbf16>\n",
+                            indent(&super::round_bf16("%v", "%vb"), "  ")
+                        ),
+                        "bf16",
+                    ),
+                    false => {
+                        ("", "    memref.store %v, %cache[%row, %p_idx, %i] : memref<?x?x?xf32>\n".to_string(), "f32")
+                    }
+                };
+                vec![format!(
+                    "{consts}%p64 = memref.load %positions[%row] : memref<?xi64>
 %p_pos = arith.cmpi sge, %p64, %zero_i64 : i64
 %p_idx = arith.index_cast %p64 : i64 to index
-%slots = memref.dim %cache, %c1 : memref<?x?x?xf32>
+%slots = memref.dim %cache, %c1 : memref<?x?x?x{ty}>
 %inside = arith.cmpi ult, %p_idx, %slots : index
 %ok = arith.andi %p_pos, %inside : i1
-scf.if %ok {
-  scf.for %i = %tid to %cD step %cT {
+scf.if %ok {{
+  scf.for %i = %tid to %cD step %cT {{
     %v = memref.load %new[%row, %i] : memref<?x?xf32>
-    memref.store %v, %cache[%row, %p_idx, %i] : memref<?x?x?xf32>
-  }
-}
+{store}  }}
+}}
 "
-            .to_string()],
+                )]
+            }
         }
     }
 }
@@ -980,6 +1020,11 @@ mod tests {
         /// 10 columns (not whole steps of the two-key loop, nor of a 16-column wgmma step) of 3
         /// heads (not a multiple of 8).
         fn all() -> Vec<IndexerCase> {
+            Self::all_widths(|w| w)
+        }
+
+        /// [`Self::all`] with each row width `width(w)`.
+        fn all_widths(width_of: impl Fn(usize) -> usize) -> Vec<IndexerCase> {
             let both = [false, true].as_slice();
             let cases = [
                 ((4, 16, 24, 8), (5, 2200), both),
@@ -988,6 +1033,7 @@ mod tests {
             ];
             let mut all = Vec::new();
             for ((heads, di, width, top_k), (t, s), modes) in cases {
+                let width = width_of(width);
                 for &decode in modes {
                     let (q, w, keys) = indexer_inputs(t, heads, di, if decode { t * s } else { s }, width);
                     let positions = [2, top_k as i64, (s - 1) as i64, s as i64 + 5, -1][..t].to_vec();
@@ -1014,18 +1060,29 @@ mod tests {
             (&self.q[i * heads * di..(i + 1) * heads * di], &self.w[i * heads..(i + 1) * heads], cache)
         }
 
+        /// The case with its key rows rounded to bf16 (as bf16 caches hold them).
+        fn rounded(mut self) -> IndexerCase {
+            self.keys.iter_mut().for_each(|v| *v = v3c_models::dtype::round_bf16(*v));
+            self
+        }
+
         /// The scores `[T, S]` (NaN where none is written) of `kernel` through its CPU lowering,
-        /// or its PTX simulated.
-        fn scores(&self, kernel: &RowKernel, simulated: bool) -> Vec<f32> {
+        /// or its PTX simulated; the key rows passed as bf16 (`bf16_keys`: exact only for a
+        /// [`Self::rounded`] case) or f32.
+        fn scores(&self, kernel: &RowKernel, simulated: bool, bf16_keys: bool) -> Vec<f32> {
             let (t, s) = (self.t, self.s);
             let (mut q, mut w, mut keys, mut pos) =
                 (self.q.clone(), self.w.clone(), self.keys.clone(), self.positions.clone());
+            let mut keys16: Vec<u16> = keys.iter().map(|&v| f32_to_bf16(v)).collect();
             let key_shape = if self.decode { vec![t, s, self.width] } else { vec![s, self.width] };
             let mut scores = vec![f32::NAN; t * s];
             let mut args = vec![
                 raw(&mut q, &[t, self.heads, self.di], "f32"),
                 raw(&mut w, &[t, self.heads], "f32"),
-                raw(&mut keys, &key_shape, "f32"),
+                match bf16_keys {
+                    true => raw(&mut keys16, &key_shape, "bf16"),
+                    false => raw(&mut keys, &key_shape, "f32"),
+                },
             ];
             if self.decode {
                 args.push(raw(&mut pos, &[t], "i64"));
@@ -1072,10 +1129,11 @@ mod tests {
                 want_scores[i * s..i * s + sc.len()].copy_from_slice(&sc);
                 want_sel.extend(kernels::select_top_keys(&sc, top_k));
             }
-            let scores_k = kernel(SparseRow::IndexScores { heads: c.heads, decode, top_k, mma: false }, c.di, "f32");
+            let op = SparseRow::IndexScores { heads: c.heads, decode, top_k, mma: false, bf16_keys: false };
+            let scores_k = kernel(op, c.di, "f32");
             let top = kernel(SparseRow::TopKeys { decode }, top_k, "f32");
             for simulated in [false, true] {
-                let scores = c.scores(&scores_k, simulated);
+                let scores = c.scores(&scores_k, simulated, false);
                 for i in 0..t {
                     let r = c.seen(i);
                     let (got, want) = (&scores[i * s..i * s + r.len()], &want_scores[i * s..i * s + r.len()]);
@@ -1149,11 +1207,30 @@ mod tests {
     #[test]
     fn indexer_scores_on_the_tensor_cores_keep_f32_accuracy() {
         for c in IndexerCase::all() {
+            check_tensor_core_scores(&c, false);
+        }
+    }
+
+    /// The same over bf16 key rows (the bf16 caches' `_bf16` kernel, two products a step, the
+    /// keys' words loaded as they are) of the cases' keys rounded to bf16: the split arithmetic
+    /// over those keys (their lo zero) bit for bit on the CPU lowering, within rounding in the
+    /// PTX simulated, the reference's selection over the same keys.
+    #[test]
+    fn indexer_scores_over_bf16_key_rows_keep_f32_accuracy() {
+        // (bf16 rows of an even width: the keys' words are 4-byte loads.)
+        for c in IndexerCase::all_widths(|w| w.next_multiple_of(2)) {
+            check_tensor_core_scores(&c.rounded(), true);
+        }
+    }
+
+    fn check_tensor_core_scores(c: &IndexerCase, bf16_keys: bool) {
+        {
             let (t, s, top_k, decode) = (c.t, c.s, c.top_k, c.decode);
-            let k = kernel(SparseRow::IndexScores { heads: c.heads, decode, top_k, mma: true }, c.di, "f32");
+            let op = SparseRow::IndexScores { heads: c.heads, decode, top_k, mma: true, bf16_keys };
+            let k = kernel(op, c.di, "f32");
             assert_eq!(k.threads, 128, "{}", k.kernel_name());
             for simulated in [false, true] {
-                let scores = c.scores(&k, simulated);
+                let scores = c.scores(&k, simulated, bf16_keys);
                 let mut worst = 0f32;
                 for i in 0..t {
                     let r = c.seen(i);
@@ -1184,7 +1261,7 @@ mod tests {
                     );
                 }
                 eprintln!(
-                    "heads {} d {} decode {decode}: split vs f32 reference {worst:.2e} of the largest",
+                    "heads {} d {} decode {decode} bf16 keys {bf16_keys}: split vs f32 reference {worst:.2e} of the largest",
                     c.heads, c.di
                 );
             }
@@ -1284,12 +1361,29 @@ mod tests {
         let positions = vec![4i64, s as i64, -2];
         let mut want = cache0.clone();
         want[4 * c..5 * c].copy_from_slice(&new[..c]);
-        let w = kernel(SparseRow::CacheWrite, c, "f32");
+        let w = kernel(SparseRow::CacheWrite { bf16: false }, c, "f32");
         for simulated in [false, true] {
             let (mut cache, mut new, mut pos) = (cache0.clone(), new.clone(), positions.clone());
             let args = [raw(&mut cache, &[b, s, c], "f32"), raw(&mut new, &[b, c], "f32"), raw(&mut pos, &[b], "i64")];
             run(&w, &args, b, simulated);
             assert_eq!(cache, want, "simulated {simulated}");
+        }
+        // bf16 rows: the new row rounded to nearest even (a tie, a value rounding up into the
+        // next binade, a NaN-free largest), the rest of the cache untouched.
+        let mut new16 = new.clone();
+        new16[..3].copy_from_slice(&[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 2.0 - 2f32.powi(-10)]);
+        let cache16: Vec<u16> = cache0.iter().map(|&v| f32_to_bf16(v)).collect();
+        let mut want16 = cache16.clone();
+        for (to, &v) in want16[4 * c..5 * c].iter_mut().zip(&new16[..c]) {
+            *to = f32_to_bf16(v);
+        }
+        assert_eq!(want16[4 * c..4 * c + 3], [0x3F80, 0x3F82, 0x4000]);
+        let w16 = kernel(SparseRow::CacheWrite { bf16: true }, c, "f32");
+        for simulated in [false, true] {
+            let (mut cache, mut new, mut pos) = (cache16.clone(), new16.clone(), positions.clone());
+            let args = [raw(&mut cache, &[b, s, c], "bf16"), raw(&mut new, &[b, c], "f32"), raw(&mut pos, &[b], "i64")];
+            run(&w16, &args, b, simulated);
+            assert_eq!(cache, want16, "bf16 rows, simulated {simulated}");
         }
     }
 
