@@ -1403,20 +1403,21 @@ fn deepseek_v32_runs_on_the_cpu_lowers_for_sm90a_and_refuses_training() {
         // Decode's over the caches' bf16 rows (f32 rows: 32.0 us est.).
         "sparse_index_1 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_decode_mma_bf16 [cost model: 18.0 us \
          est., 262144 pairs, memory-bound] -> rows_topkeys_d2048_t256_decode",
-        // Prefill's at 4096 queries (the CUDA-core scores', `--prefill-attention rows`: 4390.5 us est.).
-        "sparse_index_0 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_prefill_mma [cost model: 319.9 us est., \
-         6292480 pairs, tensor-bound]",
-        // The attention gathers each query's selected rows itself, prefill's and decode's.
-        // Prefill's from a bf16 copy of the rows every query selects from (`_sel16`), decode's
-        // from its caches' bf16 rows (f32 rows, `_sel`: 106.5 us est.).
+        // Prefill's at 4096 queries (over f32 rows 319.9 us est.; the CUDA-core scores',
+        // `--prefill-attention rows`: 4390.5 us est.).
+        "sparse_index_0 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_prefill_mma_bf16 [cost model: 214.6 us \
+         est., 6292480 pairs, tensor-bound]",
+        // The attention gathers each query's selected rows itself from the caches' bf16 rows,
+        // prefill's and decode's (`_sel16`; decode's over f32 rows, `_sel`: 106.5 us est.).
         "sparse_attention_0 (128 heads) prefill -> mla_decode_kv512_r64_p64_s2_sel16 [cost model:",
         "sparse_attention_1 (128 heads) decode -> mla_decode_kv512_r64_p64_s2_sel16 [cost model: 65.2 us est.",
-        "rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> rows_slice_bf16_d576_o0_t128 -> \
+        "sparse_attention_0 -> 4 launches: rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> \
          mla_decode_kv512_r64_p64_s2_sel16 (128 heads, split K",
         "sparse_attention_1 -> 4 launches: rows_mlaabsorbmma_h128_n128_r64_v128_kv512_t128 -> \
          mla_decode_kv512_r64_p64_s2_sel16 (128 heads, split K",
+        // The caches' new rows: decode's written in place, prefill's after the old rows.
         "cache_write_0 -> rows_cachewrite_d704_t128_bf16",
-        "\ncaches: prefill f32, decode bf16\n",
+        "launches: rows_appendbf16_d704_t128_old -> rows_appendbf16_d704_t128_new",
     ] {
         assert!(said.contains(kernel), "{kernel}: {said}");
     }

@@ -1525,18 +1525,20 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         assert!(compiled.status.success(), "{err}");
         for kernel in [
             // The indexer's scores on the tensor cores with the attention.
-            "launches: rows_indexscores_d128_h4_k4_t128_prefill_mma [cost model: ",
-            // Decode's over the caches' bf16 rows.
+            // Over the caches' bf16 rows: decode's written in place, prefill's new rows after
+            // the old.
+            "launches: rows_indexscores_d128_h4_k4_t128_prefill_mma_bf16 [cost model: ",
             "launches: rows_indexscores_d128_h4_k4_t128_decode_mma_bf16 [cost model: ",
             "rows_topkeys_d4_t256_decode",
             "-> rows_cachewrite_d320_t64_bf16 [row kernel",
-            "caches: prefill f32, decode bf16\n",
-            // Prefill's from a bf16 copy of its key rows; decode's from the caches' rows.
-            "-> rows_slice_bf16_d192_o0_t",
+            "launches: rows_appendbf16_d320_t64_old -> rows_appendbf16_d320_t64_new\n",
+            "caches: prefill bf16, decode bf16\n",
+            // The attention gathers from the caches' rows.
             "-> mla_decode_kv128_r64_p64_s2_sel16 (2 heads, split K, tensor cores) -> rows_mlacombine_d128_",
         ] {
             assert!(err.contains(kernel), "{kernel}: {err}");
         }
+        assert!(!err.contains("rows_slice_bf16"), "{err}");
         // Prefill and decode attention on the CUDA-core rows (f32, the reference's arithmetic).
         let rows_art = p(&format!("rows{fp8}"));
         let attention_rows = ["--prefill-attention", "rows", "--decode-attention", "rows"];

@@ -647,10 +647,10 @@ elif [ -d "$slice/sm90" ] && [ -n "$v3r" ] && [ "$left" -ge 150 ] && grep -q '"c
     fi
   fi
   # DeepSeek-V3.2's slice (prepare.sh): its prefill (4096 tokens) and decode (64 x 4096) kernels one
-  # by one, the attention gathering each query's selected rows (prefill's `_sel16` from a bf16 copy
-  # of the rows: the cost model's 3.9 ms a layer; decode's `_sel`, 106.5 us; on an H200) and the
-  # indexer's scores (on the tensor cores: `_mma`, the cost model's 319.9 us a layer for prefill,
-  # 32.0 us for decode) and top keys.
+  # by one over bf16 cache rows, the attention gathering each query's selected rows (`_sel16`: the
+  # cost model's 3.9 ms a layer for prefill, 65.2 us for decode; on an H200) and the indexer's
+  # scores (on the tensor cores: `_mma_bf16`, the cost model's 214.6 us a layer for prefill, 18.0 us
+  # for decode) and top keys.
   left=$((570 - SECONDS))
   if [ -d "$root/.device/slice32/sm90" ] && [ "$left" -ge 240 ]; then
     if timeout 60 "$v3r" bench-kernels "$root/.device/slice32/sm90" --random-weights 1 --reps 5 \

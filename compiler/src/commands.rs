@@ -1347,6 +1347,10 @@ fn write_gpu_artifact(
                 StepKernel::MlaDecode(_) => None,
                 StepKernel::Row(k) => match k.op {
                     RowOp::MlaKeys { cache: CacheRows::Bf16, .. } => Some((name.as_str(), "bf16")),
+                    // DeepSeek-V3.2's prefill rows.
+                    RowOp::Sparse(v3c_compiler::conversion::sm90::rows::SparseRow::AppendBf16 { .. }) => {
+                        Some((name.as_str(), "bf16"))
+                    }
                     RowOp::MlaKeys { cache: CacheRows::Fp8, .. } => Some((name.as_str(), fp8)),
                     _ => None,
                 },

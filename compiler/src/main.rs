@@ -260,8 +260,9 @@ struct CompileArgs {
     /// compare logits tightly). Heads whose widths the kernel does not take stay on the row. The
     /// fp8 graph's prefill caches are then bf16. DeepSeek-V3.2's attention over each query's
     /// selected rows: `tensor-cores` — the absorbed form (as decode's), the kernel gathering the
-    /// rows it reads (bf16 keys, queries and P), and its indexer's scores (bf16 operands split in
-    /// hi and lo parts: f32's accuracy). With --train, the training step's attention and
+    /// rows it reads (bf16 keys, queries and P), and its indexer's scores (the queries split in bf16
+    /// hi and lo parts: f32's accuracy over the keys), its caches bf16 rows (the indexer's keys
+    /// rounded too). With --train, the training step's attention and
     /// its gradient: `tensor-cores` — flash attention forward and FlashAttention-2's backward (dQ,
     /// dK, dV kernels; q, k, v, P and dS in bf16, as DeepSeek-V3's recipe runs attention), or
     /// `rows`: CUDA-core rows in f32, the reference's bits (slow at full width). Default:
@@ -273,7 +274,8 @@ struct CompileArgs {
     /// artifact's decode caches are bf16, their rows a multiple of 64: --max-context rounds up),
     /// the absorbed queries and P in bf16 (kv_b e4m3, or bf16 in the f32 graph) — or `rows`: the
     /// CUDA-core row kernel over f32 caches, f32 as the reference computes it. DeepSeek-V3.2's
-    /// indexer scores go with it. Heads whose widths the kernel does not take stay on the row.
+    /// indexer scores go with it (its decode caches bf16 rows, not pages, with `tensor-cores`).
+    /// Heads whose widths the kernel does not take stay on the row.
     /// Default: tensor-cores (GPU targets only).
     #[arg(long, value_enum, value_name = "WHERE")]
     decode_attention: Option<AttentionKernel>,

@@ -257,6 +257,8 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
     }
     for bf16 in [false, true] {
         kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::CacheWrite { bf16 }), 704, "f32"));
+        // Prefill's bf16 cache rows: the old copied, the new rounded after them.
+        kernels.push(RowKernel::new(RowOp::Sparse(SparseRow::AppendBf16 { new: bf16 }), 704, "f32"));
     }
     // Prefill's key rows in bf16 for the tensor cores' gathers (`_sel16`).
     kernels.push(RowKernel::new(RowOp::Train(TrainRow::Slice { start: 0 }), 576, "bf16"));
@@ -345,12 +347,13 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                     // One thread's sums, then the columns.
                     SparseRow::LayerNorm { .. } => assert_eq!(barriers, 1, "{name}"),
                     // The query into shared memory, then a thread a key (on the tensor cores: 64
-                    // keys a warpgroup, 3 wgmmas a 16-column step, a key's heads joined by two
-                    // shuffles in its quad).
-                    SparseRow::IndexScores { mma, .. } => {
+                    // keys a warpgroup, 3 wgmmas a 16-column step — 2 over bf16 keys —, a key's
+                    // heads joined by two shuffles in its quad).
+                    SparseRow::IndexScores { mma, bf16_keys, .. } => {
                         assert_eq!(barriers, 1, "{name}");
                         let wgmmas = kernel.ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16").count();
-                        assert_eq!(wgmmas, if mma { 3 * k.d / 16 } else { 0 }, "{name}");
+                        let products = if bf16_keys { 2 } else { 3 };
+                        assert_eq!(wgmmas, if mma { products * k.d / 16 } else { 0 }, "{name}");
                         assert_eq!(kernel.ptx.matches("shfl.sync.bfly").count(), if mma { 4 } else { 0 }, "{name}");
                         assert_eq!(kernel.ptx.contains("fence.proxy.async"), mma, "{name}");
                     }
@@ -361,7 +364,9 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                         assert_eq!(barriers, 1 + 4 + 2, "{name}");
                         assert!(kernel.ptx.contains("atom.shared.add.u32"), "{name}: the bins' counts");
                     }
-                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } => assert_eq!(barriers, 0, "{name}"),
+                    SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } | SparseRow::AppendBf16 { .. } => {
+                        assert_eq!(barriers, 0, "{name}")
+                    }
                 }
             }
             RowOp::MlaDecode { .. } => {

@@ -216,8 +216,10 @@ pub struct IndexEstimate {
 const CUDA_CORE_INSTRUCTIONS_PER_MAC: f64 = 2.63;
 /// A thread's instructions for a 64-key tile on the tensor cores (the loads, the hi/lo splits, the
 /// heads' terms and shuffles: the PTX simulator's count per added tile at 64 heads x 128 columns,
-/// 498) and per iteration of the query's staging (about 45).
+/// 498; over bf16 key rows, loaded in pairs and not split, 258) and per iteration of the query's
+/// staging (about 45).
 const MMA_TILE_INSTRUCTIONS: f64 = 500.0;
+const MMA_TILE_INSTRUCTIONS_BF16_KEYS: f64 = 260.0;
 const MMA_STAGE_INSTRUCTIONS: f64 = 45.0;
 
 /// The indexer's scores for `prefill_queries` prefill queries over their own keys (query t sees
@@ -264,7 +266,8 @@ pub fn index_scores_estimate(
     let tensor = (tiles * shape.tile_macs()) as f64 / (device.bf16_tflops * 1e12 / 2.0);
     let threads = kernel.threads as f64;
     let per_block = shape.stage_iterations() as f64 * MMA_STAGE_INSTRUCTIONS;
-    let issue = (tiles as f64 * MMA_TILE_INSTRUCTIONS + blocks as f64 * per_block) * threads / lanes;
+    let per_tile = if bf16_keys { MMA_TILE_INSTRUCTIONS_BF16_KEYS } else { MMA_TILE_INSTRUCTIONS };
+    let issue = (tiles as f64 * per_tile + blocks as f64 * per_block) * threads / lanes;
     finish(tiles, &[(tensor, "tensor"), (issue, "issue")])
 }
 
@@ -302,15 +305,17 @@ mod tests {
     /// DeepSeek-V3.2's indexer (64 heads of 128, top 2048) at 4096 prefill queries: 6.29 M pairs
     /// (queries 2048.. score), 99,328 tiles; on the tensor cores bound by them and an order of
     /// magnitude below the CUDA cores' issue; decode's 64 x 4096 bound by its keys from DRAM and
-    /// 5.8x below. A prompt of at most top_k tokens scores nothing; other kernels have no estimate.
+    /// 5.8x below. Over bf16 key rows: two products a tile of three, decode's keys half the bytes.
+    /// A prompt of at most top_k tokens scores nothing; other kernels have no estimate.
     #[test]
     fn the_indexer_on_the_tensor_cores_is_bound_by_them() {
         use crate::conversion::sm90::rows::SparseRow;
         let h200 = DeviceModel::by_name("H200").unwrap();
-        let kernel = |decode, mma| {
-            let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma, bf16_keys: false };
+        let scores = |decode, mma, bf16_keys| {
+            let op = SparseRow::IndexScores { heads: 64, decode, top_k: 2048, mma, bf16_keys };
             RowKernel::new(RowOp::Sparse(op), 128, "f32")
         };
+        let kernel = |decode, mma| scores(decode, mma, false);
         for decode in [false, true] {
             let cores = index_scores_estimate(&kernel(decode, false), 4096, &h200).unwrap();
             let tensor = index_scores_estimate(&kernel(decode, true), 4096, &h200).unwrap();
@@ -322,6 +327,15 @@ mod tests {
             assert!(cores.micros > 5.0 * tensor.micros, "{cores:?} vs {tensor:?}");
             let short = index_scores_estimate(&kernel(decode, true), 2048, &h200).unwrap();
             assert_eq!(short.pairs, if decode { tensor.pairs } else { 0 });
+            let bf16 = index_scores_estimate(&scores(decode, true, true), 4096, &h200).unwrap();
+            eprintln!("decode {decode}: tensor cores over bf16 keys {bf16:?}");
+            assert_eq!((bf16.pairs, bf16.tiles, bf16.bound), (tensor.pairs, tensor.tiles, tensor.bound));
+            if decode {
+                let keys_time = |e: &IndexEstimate| e.micros - LAUNCH_US;
+                assert!((keys_time(&bf16) * 2.0 - keys_time(&tensor)).abs() < 1e-6, "{bf16:?} vs {tensor:?}");
+            } else {
+                assert!(bf16.micros < 0.7 * tensor.micros, "{bf16:?} vs {tensor:?}");
+            }
         }
         assert!(index_scores_estimate(&norm(7168, true, 64).kernel, 4096, &h200).is_none());
     }

@@ -20,6 +20,7 @@
 use melior::ir::block::BlockLike;
 use melior::ir::operation::{OperationLike, OperationRef};
 use melior::ir::Module;
+use melior::ir::RegionLike;
 
 use super::lower::{float_attr, rope_table_of, Operand, RowLaunch, Step, StepKernel, Steps, Temp, TempDim};
 use super::lower_train::{int_attr, operand_shape, raw, result_shape, returned_as, width, width as width_of, Body};
@@ -37,20 +38,18 @@ pub fn has_sparse_attention(module: &Module) -> bool {
     false
 }
 
-/// The caches of a module with sparse attention ([`has_sparse_attention`]): decode's bf16 rows
-/// where its attention runs on the tensor cores and every decode kernel reading the caches takes
-/// bf16 rows there (the attention over the selected rows, the indexer's scores on the tensor
-/// cores); f32 rows otherwise, and prefill's f32 (its attention gathers from a bf16 copy of the
-/// rows it selects from, [`sparse_attention_steps`]). Never paged: the rows hold the indexer's key
-/// beside the latent.
+/// The caches of a module with sparse attention ([`has_sparse_attention`]), per kind of entry:
+/// bf16 rows where that kind's attention runs on the tensor cores and every kernel of that kind
+/// reading the caches takes bf16 rows there (the attention over the selected rows, the indexer's
+/// scores on the tensor cores) — and, for prefill, where the caches are only extended by kernels
+/// appending their new rows ([`cache_appends`]); f32 rows otherwise. Never paged: the rows hold
+/// the indexer's key beside the latent.
 pub fn cache_formats(module: &Module, attention: super::AttentionKernels) -> super::CacheFormats {
     use super::rows::CacheRows::{Bf16, F32};
-    let bf16 = super::CacheFormats { prefill: F32, decode: Bf16, sparse: true };
-    let f32_rows = super::CacheFormats { decode: F32, ..bf16 };
-    if attention.decode != super::AttentionKernel::TensorCores {
-        return f32_rows;
-    }
-    let (mut readers, mut taken) = (0, 0);
+    use super::AttentionKernel::TensorCores;
+    let bf16 = super::CacheFormats { prefill: Bf16, decode: Bf16, sparse: true };
+    // Per kind (prefill, decode): the kernels reading the caches, and those taking bf16 rows.
+    let mut counts = [(0, 0); 2];
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
@@ -63,18 +62,111 @@ pub fn cache_formats(module: &Module, attention: super::AttentionKernels) -> sup
             Some("gather_rows") => operand_shape(&body.ops[0], 0).is_ok_and(|s| s.dims.len() == 3),
             _ => continue,
         };
-        if decode {
-            readers += 1;
-            let takes = sparse_attention_steps(&f, false, true, bf16).is_ok()
-                || tensor_core_index_steps(&f, false, true, bf16).is_some();
-            taken += usize::from(takes);
+        let (prefill, decode) = (!decode, decode);
+        let takes = sparse_attention_steps(&f, prefill, decode, bf16).is_ok()
+            || tensor_core_index_steps(&f, prefill, decode, bf16).is_some();
+        let count = &mut counts[usize::from(decode)];
+        *count = (count.0 + 1, count.1 + usize::from(takes));
+    }
+    let format =
+        |(readers, taken): (usize, usize), kernel| match kernel == TensorCores && readers > 0 && taken == readers {
+            true => Bf16,
+            false => F32,
+        };
+    let appended = cache_appends(module).is_some_and(|a| !a.is_empty());
+    super::CacheFormats {
+        prefill: if appended { format(counts[0], attention.prefill) } else { F32 },
+        decode: format(counts[1], attention.decode),
+        sparse: true,
+    }
+}
+
+/// The kernels appending an entry's new cache rows to its cache: a `concat` along the rows whose
+/// first operand is, at every call, an entry's `kv_cache.*` input. `None` where such a kernel is
+/// also called for other rows, or where a kernel other than the sparse attention's (the indexer's
+/// scores, the attention over the selected rows) reads what one returns (then the caches stay
+/// f32 rows, as those readers take them).
+pub fn cache_appends(module: &Module) -> Option<std::collections::HashSet<String>> {
+    use std::collections::{HashMap, HashSet};
+    // Kernels by name: whether a concat along rows, whether a sparse kernel reading the caches.
+    let mut kinds: HashMap<String, (bool, bool)> = HashMap::new();
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
+            continue;
+        }
+        let Some(body) = Body::of(&f) else { continue };
+        let concat = body.names == ["concat"] && int_attr(&body.ops[0], "axis") == Some(0);
+        let reader = matches!(body.names.first().map(String::as_str), Some("sparse_index" | "gather_rows"));
+        kinds.insert(body.name.clone(), (concat, reader));
+    }
+    let (mut appends, mut others) = (HashSet::new(), HashSet::new());
+    let mut op = module.body().first_operation();
+    while let Some(f) = op {
+        op = f.next_in_block();
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+            continue;
+        }
+        let Some(block) = f.region(0).ok().and_then(|r| r.first_block()) else { continue };
+        let attrs = f.attribute("arg_attrs").map(|a| a.to_string()).unwrap_or_default();
+        let caches: HashSet<usize> = attrs
+            .split("}, {")
+            .enumerate()
+            .filter(|(_, a)| a.contains(&format!("{} = \"kv_cache.", v3c_dialects::INPUT_ATTR)))
+            .filter_map(|(i, _)| block.argument(i).ok().map(|a| raw(a.into())))
+            .collect();
+        let mut appended: HashSet<usize> = HashSet::new();
+        let mut call = block.first_operation();
+        while let Some(c) = call {
+            call = c.next_in_block();
+            let callee = c.attribute("callee").ok().map(|a| a.to_string().trim_start_matches('@').to_string());
+            let (concat, reader) = callee.as_ref().and_then(|n| kinds.get(n)).copied().unwrap_or_default();
+            // An appended cache read by a kernel other than the sparse attention's.
+            let reads = (0..c.operand_count()).filter_map(|i| c.operand(i).ok()).any(|v| appended.contains(&raw(v)));
+            if reads && !reader && c.name().as_string_ref().as_str() != Ok("func.return") {
+                return None;
+            }
+            if !concat {
+                continue;
+            }
+            let name = callee.unwrap_or_default();
+            match c.operand(0).is_ok_and(|v| caches.contains(&raw(v))) {
+                true => {
+                    appended.extend((0..c.result_count()).filter_map(|i| c.result(i).ok()).map(|r| raw(r.into())));
+                    appends.insert(name)
+                }
+                false => others.insert(name),
+            };
         }
     }
-    if readers > 0 && taken == readers {
-        bf16
-    } else {
-        f32_rows
+    appends.is_disjoint(&others).then_some(appends)
+}
+
+/// A cache append ([`cache_appends`]) into bf16 rows: the old rows copied, the new rounded after
+/// them.
+pub fn bf16_append_steps(kernel: &OperationRef) -> Result<Steps, String> {
+    let body = Body::of(kernel).ok_or("a kernel without a body")?;
+    let o = body.ops.first().ok_or("an empty kernel")?;
+    let (old, new, out) = (operand_shape(o, 0)?, operand_shape(o, 1)?, result_shape(o, 0)?);
+    let d = width(&out)?;
+    let wired = body.names == ["concat"] && body.operands_are_args(o) && body.returns_results_of(o);
+    if !wired || [&old, &new, &out].iter().any(|s| s.element != "f32" || s.dims.len() != 2) {
+        return Err(format!("a cache append of {new} after {old} (a concat of f32 rows)"));
     }
+    let step = |new: bool, operands: Vec<Operand>| Step {
+        only: None,
+        kernel: StepKernel::Row(RowKernel::new(RowOp::Sparse(SparseRow::AppendBf16 { new }), d, "f32")),
+        operands,
+    };
+    Ok(Steps {
+        steps: vec![
+            step(false, vec![Operand::Arg(0), Operand::Result(0)]),
+            step(true, vec![Operand::Arg(1), Operand::Arg(0), Operand::Result(0)]),
+        ],
+        temps: Vec::new(),
+        rope_table: None,
+    })
 }
 
 fn eps_of(o: &OperationRef) -> Result<f32, String> {

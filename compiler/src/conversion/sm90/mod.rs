@@ -1118,6 +1118,11 @@ fn walk(
     // A training step with its attention in bf16 has its f32 matmuls on the tensor cores too.
     let bf16_step = attention.prefill == AttentionKernel::TensorCores && lower_train::has_flash_attention(module);
     out.caches = caches;
+    // DeepSeek-V3.2's prefill caches in bf16 rows: the kernels appending to them.
+    let bf16_appends = match caches.sparse && caches.prefill == rows::CacheRows::Bf16 {
+        true => lower_sparse::cache_appends(module).unwrap_or_default(),
+        false => Default::default(),
+    };
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
@@ -1125,7 +1130,18 @@ fn walk(
             continue;
         }
         let fused = f.attribute("sym_name").map(crate::mlir::attribute_text).unwrap_or_default();
-        let tensor_core_attention = tensor_core_attention(&f, attention, caches)
+        let append = match bf16_appends.contains(&fused) {
+            true => match lower_sparse::bf16_append_steps(&f) {
+                Ok(steps) => Some(steps),
+                Err(why) => {
+                    out.unsupported.push((fused, why));
+                    continue;
+                }
+            },
+            false => None,
+        };
+        let tensor_core_attention = append
+            .or_else(|| tensor_core_attention(&f, attention, caches))
             .or_else(|| bf16_step.then(|| lower_train::bf16_matmul_steps(&f).and_then(Result::ok)).flatten());
         let row = row_launch(&f, caches);
         let runs = regimes.get(&fused).copied().unwrap_or_default();

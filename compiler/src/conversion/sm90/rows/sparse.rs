@@ -18,7 +18,8 @@
 //!   key order (each thread a contiguous chunk, its place from a scan of the threads' counts);
 //! - [`SparseRow::GatherRows`]: each query's selected latent rows (the first `d` columns of the
 //!   cache rows), zeros past its selection, and its last valid row's index;
-//! - [`SparseRow::CacheWrite`]: decode's new cache rows written in place at their positions.
+//! - [`SparseRow::CacheWrite`]: decode's new cache rows written in place at their positions;
+//! - [`SparseRow::AppendBf16`]: prefill's bf16 cache rows, the new ones (rounded) after the old.
 //!
 //! `decode`: the keys are the sessions' caches `[B, S, C]` with a position per query (query b sees
 //! rows `0..=position_b` of sequence b); otherwise (prefill) one sequence's rows `[S, C]` whose last
@@ -52,6 +53,10 @@ pub enum SparseRow {
     /// `cache[b, position_b] = row[b]`, rows of `d` (cache `[B, S, d]`, new `[B, d]`, positions);
     /// `bf16`: the cache's rows are bf16, the new rows rounded to nearest even.
     CacheWrite { bf16: bool },
+    /// Rows of `d` into bf16 cache rows after a prefill (y `[P + T, d]` bf16): the cache's `P` old
+    /// rows copied (x `[P, d]` bf16, y), or (`new`) the `T` new rows rounded to nearest even after
+    /// them (x `[T, d]` f32, the old rows `[P, d]` for `P`, y).
+    AppendBf16 { new: bool },
 }
 
 impl SparseRow {
@@ -71,6 +76,7 @@ impl SparseRow {
             SparseRow::TopKeys { decode } => format!("rows_topkeys_d{d}_t{t}_{}", mode(decode)),
             SparseRow::GatherRows { decode } => format!("rows_gatherrows_d{d}_t{t}_{}", mode(decode)),
             SparseRow::CacheWrite { bf16 } => format!("rows_cachewrite_d{d}_t{t}{}", if bf16 { "_bf16" } else { "" }),
+            SparseRow::AppendBf16 { new } => format!("rows_appendbf16_d{d}_t{t}_{}", if new { "new" } else { "old" }),
         }
     }
 
@@ -109,6 +115,7 @@ impl SparseRow {
             }
             ["topkeys", d, t, m] => kernel(SparseRow::TopKeys { decode: decode(m)? }, d, "f32", t),
             ["gatherrows", d, t, m] => kernel(SparseRow::GatherRows { decode: decode(m)? }, d, "f32", t),
+            ["appendbf16", d, t, w @ ("old" | "new")] => kernel(SparseRow::AppendBf16 { new: w == "new" }, d, "f32", t),
             ["cachewrite", d, t, ref rest @ ..] if rest.is_empty() || rest == ["bf16"] => {
                 kernel(SparseRow::CacheWrite { bf16: !rest.is_empty() }, d, "f32", t)
             }
@@ -155,6 +162,10 @@ impl SparseRow {
                 ("last", "memref<?xi64>".into()),
             ],
             SparseRow::CacheWrite { bf16 } => vec![("cache", keys_of(true, bf16)), ("new", rows()), positions],
+            SparseRow::AppendBf16 { new: false } => vec![("x", keys_of(false, true)), ("y", keys_of(false, true))],
+            SparseRow::AppendBf16 { new: true } => {
+                vec![("x", rows()), ("off", keys_of(false, true)), ("y", keys_of(false, true))]
+            }
         }
     }
 
@@ -167,6 +178,7 @@ impl SparseRow {
             SparseRow::TopKeys { .. } => "selected",
             SparseRow::GatherRows { .. } => "selected",
             SparseRow::CacheWrite { .. } => "new",
+            SparseRow::AppendBf16 { .. } => "x",
         }
     }
 
@@ -196,7 +208,7 @@ impl SparseRow {
                     ("sh_off", threads),
                 ]
             }
-            SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } => Vec::new(),
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } | SparseRow::AppendBf16 { .. } => Vec::new(),
         }
     }
 
@@ -269,7 +281,7 @@ impl SparseRow {
                 let _ = writeln!(s, "%c32_i32 = arith.constant 32 : i32");
                 let _ = writeln!(s, "%cK_i32 = arith.constant {d} : i32");
             }
-            SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } => {}
+            SparseRow::GatherRows { .. } | SparseRow::CacheWrite { .. } | SparseRow::AppendBf16 { .. } => {}
         }
         s
     }
@@ -363,7 +375,7 @@ impl SparseRow {
 "
                 );
             }
-            SparseRow::LayerNorm { .. } | SparseRow::CacheWrite { .. } => {}
+            SparseRow::LayerNorm { .. } | SparseRow::CacheWrite { .. } | SparseRow::AppendBf16 { .. } => {}
         }
         s
     }
@@ -504,6 +516,24 @@ scf.if %first {{
                     selected_rows("%nsel", pick, load)
                 )]
             }
+            SparseRow::AppendBf16 { new: false } => vec!["scf.for %i = %tid to %cD step %cT {
+  %v = memref.load %x[%row, %i] : memref<?x?xbf16>
+  memref.store %v, %y[%row, %i] : memref<?x?xbf16>
+}
+"
+            .to_string()],
+            SparseRow::AppendBf16 { new: true } => vec![format!(
+                "%c16_i32 = arith.constant 16 : i32
+%c7fff_i32 = arith.constant 32767 : i32
+%shift = memref.dim %off, %c0 : memref<?x?xbf16>
+%moved = arith.addi %row, %shift : index
+scf.for %i = %tid to %cD step %cT {{
+  %v = memref.load %x[%row, %i] : memref<?x?xf32>
+{}  memref.store %vb, %y[%moved, %i] : memref<?x?xbf16>
+}}
+",
+                super::round_bf16("%v", "%vb")
+            )],
             SparseRow::CacheWrite { bf16 } => {
                 // bf16 rows: each value rounded to nearest even by its bits (both lowerings).
                 let (consts, store, ty) = match bf16 {
@@ -1384,6 +1414,35 @@ mod tests {
             let args = [raw(&mut cache, &[b, s, c], "bf16"), raw(&mut new, &[b, c], "f32"), raw(&mut pos, &[b], "i64")];
             run(&w16, &args, b, simulated);
             assert_eq!(cache, want16, "bf16 rows, simulated {simulated}");
+        }
+    }
+
+    /// Prefill's bf16 cache rows: the old rows copied as they are, the new rows rounded to nearest
+    /// even after them (a tie, a value rounding up into the next binade); an empty cache (the
+    /// first chunk: no old row, the new ones first).
+    #[test]
+    fn prefill_cache_rows_append_in_bf16() {
+        let (t, c) = (3, 9);
+        let mut new = values(t * c, 24, 2.0);
+        new[..2].copy_from_slice(&[1.0 + 3.0 * 2f32.powi(-8), 2.0 - 2f32.powi(-10)]);
+        let (old_k, new_k) = (
+            kernel(SparseRow::AppendBf16 { new: false }, c, "f32"),
+            kernel(SparseRow::AppendBf16 { new: true }, c, "f32"),
+        );
+        for p in [4, 0] {
+            let old: Vec<u16> = values(p * c, 25, 2.0).iter().map(|&v| f32_to_bf16(v)).collect();
+            let mut want = old.clone();
+            want.extend(new.iter().map(|&v| f32_to_bf16(v)));
+            assert_eq!(want[p * c..p * c + 2], [0x3F82, 0x4000]);
+            for simulated in [false, true] {
+                let (mut old, mut new) = (old.clone(), new.clone());
+                let mut out = vec![0x7FC0u16; (p + t) * c];
+                run(&old_k, &[raw(&mut old, &[p, c], "bf16"), raw(&mut out, &[p + t, c], "bf16")], p, simulated);
+                let args =
+                    [raw(&mut new, &[t, c], "f32"), raw(&mut old, &[p, c], "bf16"), raw(&mut out, &[p + t, c], "bf16")];
+                run(&new_k, &args, t, simulated);
+                assert_eq!(out, want, "{p} cached rows, simulated {simulated}");
+            }
         }
     }
 
