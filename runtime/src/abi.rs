@@ -657,6 +657,18 @@ pub struct GemmOperands<'a> {
     pub counters: Option<u64>,
 }
 
+/// K splits of a split-K GEMM of `tiles` output tiles and `k_tiles` K tiles on `sms` SMs: enough
+/// units to cover the SMs, but at most one per K tile and at most `ceil(sqrt(k_tiles))` — a tile's
+/// last unit sums the splits' partial tiles in turn, so past about that many the serial sum costs
+/// more than the K tiles the splits take off each unit (a skinny problem, DeepSeek-V3.2's indexer
+/// projections of 64 and 128 columns over 7168, took 56 to 112 splits for its 1 or 2 tiles). The
+/// rule the cost model assumes (`compiler/src/tune`).
+pub fn split_count(tiles: usize, k_tiles: usize, sms: usize) -> usize {
+    let k_tiles = k_tiles.max(1);
+    let root = (1..=k_tiles).find(|s| s * s >= k_tiles).unwrap_or(k_tiles);
+    sms.div_ceil(tiles.max(1)).min(root).clamp(1, k_tiles)
+}
+
 /// Problem sizes of a GEMM launch: `m` rows of A (grouped: sorted rows), `n` columns of B per
 /// group, `k`, and the groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -672,14 +684,13 @@ impl GemmAbi {
         self.grouping != "dense"
     }
 
-    /// K splits on `sms` SMs: enough units to cover the SMs, at most one per K tile (the rule the
-    /// cost model assumes, `compiler/src/tune`).
+    /// K splits on `sms` SMs ([`split_count`]).
     pub fn splits(&self, p: GemmProblem, sms: usize) -> usize {
         if !self.split_k {
             return 1;
         }
         let tiles = p.m.div_ceil(self.block_m) * p.n.div_ceil(self.block_n);
-        sms.div_ceil(tiles.max(1)).clamp(1, p.k.div_ceil(self.block_k).max(1))
+        split_count(tiles, p.k.div_ceil(self.block_k), sms)
     }
 
     /// Blocks to launch (the compiler's `GemmConfig::grid` / `grouped_grid`).
@@ -1047,6 +1058,11 @@ mod tests {
         assert_eq!(l.params.len(), 2 + 7 * 4 + 9 + 5 + 2);
         // 1 x 5 tiles; 132 SMs want 27 splits, K has 2 tiles.
         assert_eq!(g.splits(GemmProblem { m: 3, n: 320, k: 256, groups: 1 }, 132), 2);
+        // 1 x 2 tiles over 56 K tiles: 66 splits would cover the SMs, 8 (the root) are taken;
+        // 33 tiles (DeepSeek-V3's decode q_a/kv_a) take the 4 that cover them.
+        assert_eq!(g.splits(GemmProblem { m: 64, n: 128, k: 7168, groups: 1 }, 132), 8);
+        assert_eq!(g.splits(GemmProblem { m: 64, n: 2112, k: 7168, groups: 1 }, 132), 4);
+        assert_eq!((split_count(1, 1, 132), split_count(1, 0, 132), split_count(200, 9, 132)), (1, 1, 1));
         assert_eq!(l.grid, 10);
         assert_eq!(*l.params.last().unwrap(), Param::Value(256));
         assert_eq!(l.tensor_maps[1].rows, 320);

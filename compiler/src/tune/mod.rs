@@ -377,7 +377,7 @@ pub fn estimate(shape: &GemmShape, config: &GemmConfig, device: &DeviceModel) ->
     let (tiles_m, tiles_n) = (shape.m.div_ceil(c.block_m), shape.n.div_ceil(c.block_n));
     let k_tiles = shape.k.div_ceil(c.block_k());
     let tiles = tiles_m * tiles_n;
-    let splits = if c.split_k { sms.div_ceil(tiles).clamp(1, k_tiles) } else { 1 };
+    let splits = if c.split_k { v3c_runtime::abi::split_count(tiles, k_tiles, sms) } else { 1 };
     let units = tiles * splits;
     let per_sm = blocks_per_sm(c, &device.target);
     let slots = sms * per_sm;
