@@ -28,14 +28,20 @@ use super::rows::{RowKernel, RowOp, SparseRow, TrainRow};
 
 /// Whether `module` has a kernel with DeepSeek-V3.2's key selection.
 pub fn has_sparse_attention(module: &Module) -> bool {
+    kernel_bodies(module).iter().any(|(_, b)| b.names == ["sparse_index"])
+}
+
+/// `module`'s fused kernels (the functions with the kernel attribute) and their bodies.
+fn kernel_bodies<'c, 'a>(module: &'a Module<'c>) -> Vec<(OperationRef<'c, 'a>, Body<'c, 'a>)> {
+    let mut kernels = Vec::new();
     let mut op = module.body().first_operation();
     while let Some(f) = op {
         op = f.next_in_block();
-        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() && Body::of(&f).is_some_and(|b| b.names == ["sparse_index"]) {
-            return true;
+        if f.attribute(v3c_dialects::KERNEL_ATTR).is_ok() {
+            kernels.extend(Body::of(&f).map(|b| (f, b)));
         }
     }
-    false
+    kernels
 }
 
 /// The caches of a module with sparse attention ([`has_sparse_attention`]), per kind of entry:
@@ -50,13 +56,7 @@ pub fn cache_formats(module: &Module, attention: super::AttentionKernels) -> sup
     let bf16 = super::CacheFormats { prefill: Bf16, decode: Bf16, sparse: true };
     // Per kind (prefill, decode): the kernels reading the caches, and those taking bf16 rows.
     let mut counts = [(0, 0); 2];
-    let mut op = module.body().first_operation();
-    while let Some(f) = op {
-        op = f.next_in_block();
-        if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
-            continue;
-        }
-        let Some(body) = Body::of(&f) else { continue };
+    for (f, body) in kernel_bodies(module) {
         let decode = match body.names.first().map(String::as_str) {
             Some("sparse_index") => body.ops[0].operand_count() == 4,
             Some("gather_rows") => operand_shape(&body.ops[0], 0).is_ok_and(|s| s.dims.len() == 3),
@@ -90,13 +90,7 @@ pub fn cache_appends(module: &Module) -> Option<std::collections::HashSet<String
     use std::collections::{HashMap, HashSet};
     // Kernels by name: whether a concat along rows, whether a sparse kernel reading the caches.
     let mut kinds: HashMap<String, (bool, bool)> = HashMap::new();
-    let mut op = module.body().first_operation();
-    while let Some(f) = op {
-        op = f.next_in_block();
-        if f.attribute(v3c_dialects::KERNEL_ATTR).is_err() {
-            continue;
-        }
-        let Some(body) = Body::of(&f) else { continue };
+    for (_, body) in kernel_bodies(module) {
         let concat = body.names == ["concat"] && int_attr(&body.ops[0], "axis") == Some(0);
         let reader = matches!(body.names.first().map(String::as_str), Some("sparse_index" | "gather_rows"));
         kinds.insert(body.name.clone(), (concat, reader));
