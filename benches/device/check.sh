@@ -186,7 +186,7 @@ elif [ -d "$e2e/sm90" ] && [ -n "$v3r" ] && grep -q '"compute_capability":\[9,0\
   # selected rows): the small model's logits with the attention on the CUDA-core rows against the
   # CPU backend's (fp8: 5e-2 and argmax, as the V3 model's; the f32 graph of its bf16 checkpoint:
   # 1e-3 — the host emulation of both: 6e-6 of the largest) and on the tensor cores (the default:
-  # bf16 keys, queries and P) against the host emulation's of that artifact; 16 greedy tokens
+  # bf16 cache rows, keys, queries and P) against the host emulation's of that artifact; 16 greedy tokens
   # (decode's indexer over the growing cache) from each artifact, against the CPU backend's and the
   # emulation's (fp8: 13 of 16 equal to the CPU backend's).
   for v in fp8 bf16; do
