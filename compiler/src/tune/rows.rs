@@ -249,8 +249,8 @@ pub fn index_scores_estimate(
     let clock = device.bf16_tflops * 1e12 / (f64::from(device.sm_count) * 4096.0);
     let lanes = f64::from(device.sm_count) * 128.0 * clock;
     let key_rows = if decode { pairs } else { prefill_queries };
-    let key_bytes = if bf16_keys { 2 } else { 4 };
-    let memory = (key_rows * kernel.d * key_bytes) as f64 / (device.dram_tbps * 1e12);
+    let shape = IndexMma { heads, d: kernel.d, bf16_keys };
+    let memory = (key_rows * kernel.d * shape.key_bytes()) as f64 / (device.dram_tbps * 1e12);
     // The longest of the bounds (seconds, what).
     let finish = |tiles: usize, bounds: &[(f64, &'static str)]| {
         let longest = bounds.iter().copied().chain([(memory, "memory")]).max_by(|a, b| a.0.total_cmp(&b.0));
@@ -260,7 +260,6 @@ pub fn index_scores_estimate(
         let instructions = (pairs * heads * kernel.d) as f64 * CUDA_CORE_INSTRUCTIONS_PER_MAC;
         return finish(0, &[(instructions / lanes, "issue")]);
     }
-    let shape = IndexMma { heads, d: kernel.d, bf16_keys };
     let tiles: usize = scored.iter().map(|n| n.div_ceil(64)).sum();
     let blocks = scored.len() * kernel.blocks_per_row();
     let tensor = (tiles * shape.tile_macs()) as f64 / (device.bf16_tflops * 1e12 / 2.0);

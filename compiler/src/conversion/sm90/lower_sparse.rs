@@ -537,3 +537,68 @@ fn latent_with_key(body: &Body) -> Result<Steps, String> {
         rope_table: Some(table),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    /// A module of a cache append (`concat_0`: an entry's `kv_cache.0` input, then the new rows),
+    /// what reads its result (`reader`: a kernel of one `v3.<reader>` op over it), and (`other`) a
+    /// second call of the append kernel over rows that are not a cache.
+    fn module_text(reader: &str, other: bool) -> String {
+        let rows = "tensor<?x8xf32>";
+        let (reader_fn, read) = match reader {
+            "gather_rows" => (
+                format!(
+                    "func.func private @reader_0(%arg0: {rows}, %arg1: tensor<?x2xi32>) -> (tensor<?x2x8xf32>, tensor<?xi64>) \
+                     attributes {{v3.kernel = \"gather_rows\"}} {{
+    %0:2 = \"v3.gather_rows\"(%arg0, %arg1) {{width = 8 : i64}} : ({rows}, tensor<?x2xi32>) -> (tensor<?x2x8xf32>, tensor<?xi64>)
+    return %0#0, %0#1 : tensor<?x2x8xf32>, tensor<?xi64>
+  }}"
+                ),
+                format!("%r:2 = call @reader_0(%c, %sel) : ({rows}, tensor<?x2xi32>) -> (tensor<?x2x8xf32>, tensor<?xi64>)"),
+            ),
+            _ => (
+                format!(
+                    "func.func private @reader_0(%arg0: {rows}, %arg1: tensor<8xbf16>) -> {rows} attributes {{v3.kernel = \"rms_norm\"}} {{
+    %0 = \"v3.rms_norm\"(%arg0, %arg1) {{eps = 1.0E-6 : f32}} : ({rows}, tensor<8xbf16>) -> {rows}
+    return %0 : {rows}
+  }}"
+                ),
+                format!("%r = call @reader_0(%c, %w) : ({rows}, tensor<8xbf16>) -> {rows}"),
+            ),
+        };
+        let again =
+            if other { format!("%o = call @concat_0(%new, %new) : ({rows}, {rows}) -> {rows}") } else { String::new() };
+        format!(
+            "module {{
+  func.func private @concat_0(%arg0: {rows}, %arg1: {rows}) -> {rows} attributes {{v3.kernel = \"concat\"}} {{
+    %0 = \"v3.concat\"(%arg0, %arg1) {{axis = 0 : i64}} : ({rows}, {rows}) -> {rows}
+    return %0 : {rows}
+  }}
+  {reader_fn}
+  func.func @prefill(%cache: {rows} {{v3.input = \"kv_cache.0\"}}, %new: {rows} {{v3.input = \"rows\"}}, \
+%sel: tensor<?x2xi32> {{v3.input = \"selected\"}}, %w: tensor<8xbf16> {{v3.param = \"w\"}}) -> {rows} {{
+    %c = call @concat_0(%cache, %new) : ({rows}, {rows}) -> {rows}
+    {read}
+    {again}
+    return %c : {rows}
+  }}
+}}"
+        )
+    }
+
+    /// The append is found where only the sparse attention's kernels read its result; not where
+    /// another kernel does, nor where its kernel also joins rows that are not a cache.
+    #[test]
+    fn cache_appends_are_the_caches_concats_only_the_sparse_kernels_read() {
+        let context = crate::mlir::new_context();
+        v3c_dialects::load(&context).unwrap();
+        let appends = |reader: &str, other: bool| {
+            let module = crate::mlir::parse_module(&context, &module_text(reader, other), "appends.mlir")
+                .unwrap_or_else(|e| panic!("{e}"));
+            super::cache_appends(&module).map(|a| a.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(appends("gather_rows", false), Some(vec!["concat_0".to_string()]));
+        assert_eq!(appends("rms_norm", false), None);
+        assert_eq!(appends("gather_rows", true), None);
+    }
+}
