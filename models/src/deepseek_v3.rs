@@ -244,6 +244,11 @@ impl<'a> ModelBuilder<'a> {
     /// `x @ W^T` for projection `name`, with fp8 activations when asked and the weight is fp8.
     fn linear(&mut self, x: ValueId, name: &str, out: usize, inp: usize) -> Result<ValueId, GraphError> {
         let w = self.proj(name, out, inp)?;
+        self.linear_of(x, w)
+    }
+
+    /// `x @ W^T` for a declared projection weight `w` (see [`Self::linear`]).
+    fn linear_of(&mut self, x: ValueId, w: ValueId) -> Result<ValueId, GraphError> {
         if self.fp8_training {
             return self.b.fp8_linear(x, w);
         }
@@ -388,14 +393,20 @@ impl<'a> ModelBuilder<'a> {
         let q = self.b.reshape(q, vec![rows.clone(), h.into(), (dn + dr).into()])?;
         let qs = self.b.split(q, 2, &[dn, dr])?;
         let q_pe = self.b.rope(qs[1], t.positions, &c.rope)?;
-        let kva = self.linear(x, &format!("{p}.kv_a_proj_with_mqa"), kv + dr, c.hidden_size)?;
-        let kvs = self.b.split(kva, 1, &[kv, dr])?;
-        let ckv = self.norm(kvs[0], &format!("{p}.kv_a_layernorm"), kv)?;
-        let k_pe = self.b.rope(kvs[1], t.positions, &c.rope)?;
+        // The indexer's key projected before kv_a: the projections of `x` in this order are q_a,
+        // wk, kv_a, the order the fused GEMM concatenates them in (kv_a's 576 columns, not a whole
+        // number of fp8 weights' 128-row scale blocks, last). kv_a's weights are declared first
+        // all the same: the parameters keep their order (a seeded random checkpoint its values).
+        let kva_w = self.proj(&format!("{p}.kv_a_proj_with_mqa"), kv + dr, c.hidden_size)?;
+        let kv_norm_w = self.plain(&format!("{p}.kv_a_layernorm.weight"), &[kv])?;
         let index_key = match c.indexer {
             Some(i) => Some(self.index_key(x, t, i, &format!("{p}.indexer"))?),
             None => None,
         };
+        let kva = self.linear_of(x, kva_w)?;
+        let kvs = self.b.split(kva, 1, &[kv, dr])?;
+        let ckv = self.b.rms_norm(kvs[0], kv_norm_w, c.rms_norm_eps)?;
+        let k_pe = self.b.rope(kvs[1], t.positions, &c.rope)?;
         let row: Vec<ValueId> = [ckv, k_pe].into_iter().chain(index_key).collect();
         let entry = self.b.concat(&row, 1)?;
         // kv_b_proj feeds the attention core, which runs in f32 (an fp8 weight is dequantized there).

@@ -721,29 +721,36 @@ pub fn physical(mut shape: Vec<usize>, dtype: &str) -> Result<(Vec<usize>, &'sta
 }
 
 /// Places buffers with live ranges `[first, last]` (launch indices) and sizes in one arena,
-/// first fit by offset, reusing bytes whose buffers are dead. Returns offsets and the arena size.
+/// reusing bytes whose buffers are dead. Returns offsets and the arena size. Largest first, each
+/// at the lowest offset free over its whole range (buffers live at the same launch never share
+/// bytes): the big, long-lived buffers (a prefill's logits) are not stranded above gaps the small
+/// ones left, as placing in launch order strands them. Ties by first launch, then by index: the
+/// same ranges give the same offsets.
 pub fn place(ranges: &[(usize, usize, u64)]) -> (Vec<u64>, u64) {
     let align = |b: u64| b.div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
     let mut order: Vec<usize> = (0..ranges.len()).collect();
-    order.sort_by_key(|&i| (ranges[i].0, std::cmp::Reverse(ranges[i].2)));
+    order.sort_by_key(|&i| (std::cmp::Reverse(align(ranges[i].2.max(1))), ranges[i].0, i));
     let mut offsets = vec![0u64; ranges.len()];
-    // Live placements: (offset, size, last use).
-    let mut live: Vec<(u64, u64, usize)> = Vec::new();
+    // Placed so far: (offset, size, first use, last use).
+    let mut placed: Vec<(u64, u64, usize, usize)> = Vec::with_capacity(ranges.len());
     let mut peak = 0u64;
+    let mut overlapping: Vec<(u64, u64)> = Vec::new();
     for i in order {
         let (first, last, bytes) = ranges[i];
-        live.retain(|&(_, _, end)| end >= first);
-        live.sort();
         let size = align(bytes.max(1));
+        overlapping.clear();
+        overlapping
+            .extend(placed.iter().filter(|&&(_, _, f, l)| f <= last && first <= l).map(|&(off, sz, _, _)| (off, sz)));
+        overlapping.sort_unstable();
         let mut at = 0u64;
-        for &(off, sz, _) in &live {
+        for &(off, sz) in &overlapping {
             if at + size <= off {
                 break;
             }
             at = at.max(off + sz);
         }
         offsets[i] = at;
-        live.push((at, size, last));
+        placed.push((at, size, first, last));
         peak = peak.max(at + size);
     }
     (offsets, peak)
@@ -998,6 +1005,30 @@ mod tests {
         let (offsets, peak) = place(&[(0, 1, 100), (1, 2, 100), (2, 3, 100)]);
         assert_eq!(offsets, vec![0, 256, 0]);
         assert_eq!(peak, 512);
+    }
+
+    /// The arena peaks at the most bytes live at one launch where placing in launch order does not:
+    /// a (launch 0, 2 KiB) and b (0..2, 1 KiB) placed first put b above a, and c (launch 2, 4 KiB)
+    /// then goes above b, though at launch 2 only b and c live. Largest first: c at 0, a at 0 too
+    /// (never live with c), b above both.
+    #[test]
+    fn the_largest_buffers_are_placed_first() {
+        let kib = 1024;
+        let ranges = [(0, 0, 2 * kib), (0, 2, kib), (2, 2, 4 * kib)];
+        let (offsets, peak) = place(&ranges);
+        let live_most =
+            (0..3).map(|t| ranges.iter().filter(|r| r.0 <= t && t <= r.1).map(|r| r.2).sum::<u64>()).max().unwrap();
+        assert_eq!(live_most, 5 * kib);
+        assert_eq!((offsets.clone(), peak), (vec![0, 4 * kib, 0], live_most));
+        // No two buffers live at one launch share a byte.
+        for (i, a) in ranges.iter().enumerate() {
+            for (j, b) in ranges.iter().enumerate().skip(i + 1) {
+                let (ai, bj) = (offsets[i]..offsets[i] + a.2, offsets[j]..offsets[j] + b.2);
+                let disjoint = ai.end <= bj.start || bj.end <= ai.start;
+                assert!(disjoint || a.1 < b.0 || b.1 < a.0, "{i} and {j}: {offsets:?}");
+            }
+        }
+        assert_eq!(place(&ranges), (offsets, peak), "deterministic");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Level: `v3` ops of an entry, before `form-kernels`. Matches, by dataflow (not by weight names):
 //! 1. the two projections that read the same normed activations, `q_a_proj` (result -> RMSNorm) and
 //!    `kv_a_proj_with_mqa` (result -> split [latent | rope]): one GEMM with N = q_lora + kv_lora + rope;
+//!    with DeepSeek-V3.2's indexer, its key projection `wk` (result -> LayerNorm) too, between them
+//!    (N = q_lora + index_head_dim + kv_lora + rope);
 //! 2. the small "latent" kernel: RMSNorm of the kv latent, RoPE of k_pe, the (ckv, k_pe) row and its
 //!    write into the latent cache;
 //! 3. `q_b_proj` with the query latent's RMSNorm as prologue, and its head split and RoPE of q_pe as
@@ -89,7 +91,15 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
                     groups.try_new(g, "mla_q_rope", &members);
                 }
             }
-            let mut gemm = vec![q_a, kv_a, split];
+            // DeepSeek-V3.2's indexer key projection (`wk`): another linear on the same activations,
+            // its result LayerNorm'ed. It joins the GEMM where it comes before kv_a (whose latent +
+            // rope columns, 576 in V3.2, are not a whole number of the fp8 weights' 128-row scale
+            // blocks: they stay the GEMM's last).
+            let key = linears[&activations(g, kv_a)]
+                .iter()
+                .copied()
+                .find(|&o| o != q_a && o < kv_a && matches!(g.all_users(o)[..], [u] if g.ops[u].name == "layer_norm"));
+            let mut gemm: Vec<usize> = [q_a, kv_a, split].into_iter().chain(key).collect();
             gemm.sort();
             groups.try_new(g, "mla_projections", &gemm);
         }
