@@ -242,7 +242,7 @@ fn v3_attention(prefill: bool, selected: bool) -> RowOp {
 /// DeepSeek-V3.2's at the full model's sizes: the indexer key's LayerNorm, the scores and the top
 /// keys (64 heads of 128, 2048 keys; on the tensor cores over f32 and bf16 rows), decode's cache
 /// write (704-wide rows, f32 and bf16), the selected rows' gather, the attention reading them in
-/// place, and decode's pages of them for the tensor cores.
+/// place, decode's pages of them for the tensor cores, and the cache row with the key.
 fn sparse_attention_kernels() -> Vec<RowKernel> {
     use sm90::rows::SparseRow;
     let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
@@ -262,6 +262,9 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
     }
     // Prefill's key rows in bf16 for the tensor cores' gathers (`_sel16`).
     kernels.push(RowKernel::new(RowOp::Train(TrainRow::Slice { start: 0 }), 576, "bf16"));
+    // The cache row: the latent's norm and RoPE, the key's LayerNorm and RoPE in halves.
+    let op = RowOp::LatentKey { eps: 1e-6, rope: 64, interleave: true, key: 128, key_eps: 1e-6 };
+    kernels.push(RowKernel::new(op, 512, "bf16"));
     kernels
 }
 
@@ -444,6 +447,14 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
                 assert_eq!(kernel.ptx.contains("cvt.rn.satfinite.e4m3x2.f32"), fp8, "{name}");
                 assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: the latent row 16 bytes a load");
+            }
+            RowOp::LatentKey { .. } => {
+                // The key's mean and deviation (one thread), then the norm's phases.
+                let phases = 3 + k.threads.trailing_zeros() as usize;
+                assert_eq!(kernel.ptx.matches("bar.sync").count(), phases - 1, "{name}: barriers");
+                assert!(kernel.ptx.contains("sqrt.rn.f32"), "{name}: sqrt");
+                assert!(kernel.ptx.contains("ld.global.v4.b32"), "{name}: the latent row 16 bytes a load");
+                assert!(kernel.ptx.contains("st.global.v4.b32"), "{name}: its norm 16 bytes a store");
             }
             RowOp::Train(op) => {
                 let tree = k.threads.trailing_zeros() as usize;

@@ -6,7 +6,8 @@
 //!    with DeepSeek-V3.2's indexer, its key projection `wk` (result -> LayerNorm) too, between them
 //!    (N = q_lora + index_head_dim + kv_lora + rope);
 //! 2. the small "latent" kernel: RMSNorm of the kv latent, RoPE of k_pe, the (ckv, k_pe) row and its
-//!    write into the latent cache;
+//!    write into the latent cache; with DeepSeek-V3.2's indexer, the row is followed by the indexer's
+//!    key (its LayerNorm and RoPE in the kernel too) and stored by a kernel of its own;
 //! 3. `q_b_proj` with the query latent's RMSNorm as prologue, and its head split and RoPE of q_pe as
 //!    epilogue.
 //! Each match is tagged as a fusion group; a match that cannot be scheduled as one launch is left
@@ -38,6 +39,24 @@ fn through_views(g: &OpGraph, op: usize) -> (Vec<usize>, Vec<usize>) {
 /// Activation operands of a linear: everything that is not a parameter argument.
 fn activations(g: &OpGraph, op: usize) -> Vec<Source> {
     (0..g.ops[op].operands.len()).filter(|&k| g.param(op, k).is_none()).map(|k| g.ops[op].operands[k]).collect()
+}
+
+/// DeepSeek-V3.2's indexer key as `join`, the row `concat(latent row, key)`, reads it: the ops
+/// `layer_norm -> split -> (rope of the head, the tail) -> concat`, when nothing else reads them.
+fn index_key_ops(g: &OpGraph, join: usize) -> Option<Vec<usize>> {
+    let Source::Op(key, 0) = *g.ops[join].operands.get(1)? else { return None };
+    let [Source::Op(rope, 0), Source::Op(split, 1)] = g.ops[key].operands[..] else { return None };
+    let Source::Op(norm, 0) = *g.ops[split].operands.first()? else { return None };
+    let wired = g.ops[key].name == "concat"
+        && g.ops[rope].name == "rope"
+        && g.ops[split].name == "split"
+        && g.ops[norm].name == "layer_norm"
+        && g.ops[rope].operands.first() == Some(&Source::Op(split, 0))
+        && g.all_users(key) == [join]
+        && g.all_users(rope) == [key]
+        && g.ops[split].users.iter().map(Vec::as_slice).eq([&[rope][..], &[key][..]])
+        && g.all_users(norm) == [split];
+    wired.then(|| vec![norm, split, rope, key])
 }
 
 pub fn plan(g: &OpGraph, groups: &mut Groups) {
@@ -103,7 +122,13 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
             gemm.sort();
             groups.try_new(g, "mla_projections", &gemm);
         }
-        groups.try_new(g, "mla_latent", &[kv_norm, k_rope, row, cache]);
+        // DeepSeek-V3.2: the row is the latent row and the indexer's key (`cache` is their concat,
+        // stored by a kernel of its own): the key's LayerNorm and RoPE join the latent's kernel.
+        let mut latent = vec![kv_norm, k_rope, row, cache];
+        if g.ops[cache].name == "concat" && g.ops[cache].operands.first() == Some(&Source::Op(row, 0)) {
+            latent.extend(index_key_ops(g, cache).unwrap_or_default());
+        }
+        groups.try_new(g, "mla_latent", &latent);
         // q_b: the linear reading the q latent norm (which it takes as prologue), its head views,
         // and RoPE of q_pe as epilogue.
         if let Some(q_norm) = q_norm {

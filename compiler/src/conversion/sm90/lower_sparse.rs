@@ -8,7 +8,9 @@
 //! - `gather_rows`: each query's selected latent rows, the attention's keys and values;
 //! - `cache_write` (decode's new cache rows: the latent row and the indexer key side by side);
 //! - the latent row with the indexer key: `rms_norm(latent)`, `rope(k_pe)`, their concatenation
-//!   and the key after them -> the norm row, the RoPE row, two joins.
+//!   and the key after them -> the norm row, the RoPE row, two joins; with the key's `layer_norm`,
+//!   split and RoPE in the kernel too (`fuse-mla-projections` puts them there) one
+//!   [`RowOp::LatentKey`] launch.
 //!
 //! The attention over each query's selected rows is the CUDA-core MLA row reading them in place
 //! ([`super::rows::RowOp::MlaDecode`], a query its own sequence of selected rows), or on the tensor
@@ -186,6 +188,9 @@ pub fn row_of_sparse_kernel(kernel: &OperationRef) -> Option<Result<RowLaunch, S
     let names: Vec<&str> = body.names.iter().map(String::as_str).collect();
     if let ["gather_rows", "attention_decode", "reshape", rest @ ..] = &names[..] {
         return matches!(rest, [] | ["quantize_fp8"]).then(|| selected_attention(&body));
+    }
+    if names == ["layer_norm", "split", "rope", "concat", "rms_norm", "rope", "concat", "concat"] {
+        return Some(latent_key_row(&body));
     }
     let [name] = &body.names[..] else { return None };
     let o = &body.ops[0];
@@ -487,6 +492,80 @@ fn sparse_index(body: &Body, mma: bool, bf16_keys: bool) -> Result<Steps, String
         ],
         temps: vec![Temp::shaped(vec![TempDim::Rows(1), key_rows], "f32")],
         rope_table: None,
+    })
+}
+
+/// V3.2's cache row with its indexer key normalized and rotated in the kernel (`fuse-mla-projections`
+/// puts them together): `concat(concat(rms_norm(latent, w), rope(k_pe, p)), concat(rope(k.0, p),
+/// k.1))`, `k = split(layer_norm(key, kw, kb))`, as one [`RowOp::LatentKey`] launch.
+fn latent_key_row(body: &Body) -> Result<RowLaunch, String> {
+    let o = &body.ops;
+    let (ln, split, rope_k, key, norm, rope, join, row) = (&o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7]);
+    let arg = |o: &OperationRef, i: usize| o.operand(i).ok().and_then(|v| body.arg(v));
+    let from = |o: &OperationRef, i: usize, p: &OperationRef, r: usize| {
+        o.operand(i).is_ok_and(|v| p.result(r).is_ok_and(|x| raw(x.into()) == raw(v)))
+    };
+    let positions = arg(rope, 1);
+    let args = |o: &OperationRef| (0..o.operand_count()).all(|i| arg(o, i).is_some());
+    let wired = ln.operand_count() == 3
+        && args(ln)
+        && from(split, 0, ln, 0)
+        && split.result_count() == 2
+        && from(rope_k, 0, split, 0)
+        && positions.is_some()
+        && arg(rope_k, 1) == positions
+        && from(key, 0, rope_k, 0)
+        && from(key, 1, split, 1)
+        && norm.operand_count() == 2
+        && args(norm)
+        && arg(rope, 0).is_some()
+        && from(join, 0, norm, 0)
+        && from(join, 1, rope, 0)
+        && from(row, 0, join, 0)
+        && from(row, 1, key, 0)
+        && body.returns_results_of(row)
+        && [split, key, join, row].iter().all(|o| int_attr(o, "axis") == Some(1));
+    if !wired {
+        return Err("layer_norm + rope of the indexer key and rms_norm + rope of the latent not in the cache \
+                    row's order"
+            .into());
+    }
+    let (latent, w, k_pe, k, kw) = (
+        operand_shape(norm, 0)?,
+        operand_shape(norm, 1)?,
+        operand_shape(rope, 0)?,
+        operand_shape(ln, 0)?,
+        operand_shape(ln, 1)?,
+    );
+    if [&latent, &k_pe, &k].iter().any(|s| s.element != "f32" || s.dims.len() != 2) {
+        return Err("a latent row of non-f32 values".into());
+    }
+    if kw.element != w.element || operand_shape(ln, 2)?.element != w.element {
+        return Err(format!("norm weights of {} and {} in one row", w.element, kw.element));
+    }
+    let (d, r, kd) = (width(&w)?, width(&k_pe)?, width(&kw)?);
+    let (table, interleave) = rope_table_of(rope)?;
+    let (key_table, key_interleave) = rope_table_of(rope_k)?;
+    if table.dim != r || key_table != table || key_interleave || width(&result_shape(split, 0)?)? != r {
+        return Err(format!("the indexer key's rope (width {}) not the latent's rope of {r}", key_table.dim));
+    }
+    let op = RowOp::LatentKey { eps: eps_of(norm)?, rope: r, interleave, key: kd, key_eps: eps_of(ln)? };
+    let kernel = RowKernel::new(op, d, &w.element);
+    let a = |o: &OperationRef, i: usize| Operand::Arg(arg(o, i).expect("wired: an argument"));
+    Ok(RowLaunch {
+        kernel,
+        rope_table: Some(table),
+        operands: vec![
+            a(norm, 0),
+            a(norm, 1),
+            a(rope, 0),
+            a(rope, 1),
+            a(ln, 0),
+            a(ln, 1),
+            a(ln, 2),
+            Operand::RopeTable,
+            Operand::Result(0),
+        ],
     })
 }
 

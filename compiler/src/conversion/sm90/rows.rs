@@ -110,6 +110,14 @@ pub enum RowOp {
     /// fp8: the row's bytes as [`v3c_runtime::plan::Fp8LatentRow`] lays them out, the normalized
     /// latent quantized per 128 columns with power-of-two scales (prefill's old rows copied as bytes).
     Latent { eps: f32, rope: usize, interleave: bool, append: bool, cache: CacheRows },
+    /// DeepSeek-V3.2's cache row, the latent row and the indexer's key in one launch:
+    /// [`RowOp::Latent`]'s `concat(rms_norm(latent) * w, rope(k_pe))`, then `layer_norm(key) * kw +
+    /// kb` (`key` columns; its mean and variance summed in column order by one thread, the
+    /// reference's order, as [`SparseRow::LayerNorm`]'s) with its first `rope` columns rotated in
+    /// halves (`rotate_half`), into `out [rows, d + rope + key]` (f32: the cache store is a kernel
+    /// of its own). Both rotations read one table at the row's position; a position outside it
+    /// leaves the row's rotated columns unwritten (the runtime rejects it before launching).
+    LatentKey { eps: f32, rope: usize, interleave: bool, key: usize, key_eps: f32 },
     /// MLA's query heads out of the q_b GEMM: `y [rows, heads * (nope + rope)]` split per head into
     /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
     /// row's position from the same table as [`RowOp::Latent`]. `d` is `heads * (nope + rope)`.
@@ -416,6 +424,11 @@ impl RowKernel {
                 let mode = if append { "append" } else { "write" };
                 format!("rows_latent_{w}_d{d}_r{rope}_t{t}_eps{eps}{layout}_{mode}{}", cache.suffix())
             }
+            RowOp::LatentKey { eps, rope, interleave, key, key_eps } => {
+                let spell = |e: f32| format!("{e:e}").replace('-', "m").replace('.', "p");
+                let layout = if interleave { "_il" } else { "" };
+                format!("rows_latentkey_{w}_d{d}_r{rope}_k{key}_t{t}_eps{}_keps{}{layout}", spell(eps), spell(key_eps))
+            }
         }
     }
 
@@ -642,6 +655,24 @@ impl RowKernel {
         if let Some(kernel) = kernel {
             return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
         }
+        if op == "latentkey" {
+            // rows_latentkey_<w>_d<D>_r<R>_k<K>_t<T>_eps<E>_keps<E>[_il]
+            let [weight, d, r, k, t, eps, keps, rest @ ..] = &parts[..] else { return None };
+            let interleave = match rest {
+                ["il"] => true,
+                [] => false,
+                _ => return None,
+            };
+            let op = RowOp::LatentKey {
+                eps: eps_of(eps)?,
+                rope: number(r, 'r')?,
+                interleave,
+                key: number(k, 'k')?,
+                key_eps: eps_of(keps.strip_prefix('k')?)?,
+            };
+            let kernel = RowKernel { op, d: number(d, 'd')?, weight: weight.to_string(), threads: number(t, 't')? };
+            return (kernel.check().is_ok() && kernel.kernel_name() == name).then_some(kernel);
+        }
         if op == "latent" {
             // rows_latent_<w>_d<D>_r<R>_t<T>_eps<E>[_il]_(append|write)[bf16]
             let [weight, d, r, t, eps, rest @ ..] = &parts[..] else { return None };
@@ -855,6 +886,17 @@ impl RowKernel {
                 }
                 args
             }
+            RowOp::LatentKey { .. } => vec![
+                ("latent", "memref<?x?xf32>".to_string()),
+                ("w", format!("memref<?x{w}>")),
+                ("k_pe", "memref<?x?xf32>".into()),
+                ("positions", "memref<?xi64>".into()),
+                ("key", "memref<?x?xf32>".into()),
+                ("kw", format!("memref<?x{w}>")),
+                ("kb", format!("memref<?x{w}>")),
+                ("rope", "memref<?x?xf32>".into()),
+                ("out", "memref<?x?xf32>".into()),
+            ],
             RowOp::Latent { append, cache, .. } => {
                 let mut args = vec![
                     ("latent", "memref<?x?xf32>".to_string()),
@@ -908,7 +950,7 @@ impl RowKernel {
             RowOp::RmsNorm { .. } => "x",
             // Prefill: one block per output row (the cached ones copied); decode: per sequence.
             RowOp::Latent { append: true, .. } => "out",
-            RowOp::Latent { append: false, .. } => "latent",
+            RowOp::Latent { append: false, .. } | RowOp::LatentKey { .. } => "latent",
             RowOp::SplitRope { .. } => "y",
             RowOp::SiluMul { .. } | RowOp::Copy | RowOp::RouteLogits { .. } | RowOp::SplitBf16 | RowOp::SplitBf16T => {
                 "x"
@@ -975,6 +1017,7 @@ impl RowKernel {
                 }
                 s
             }
+            RowOp::LatentKey { .. } => vec![("sh_row", self.d), ("sh_sum", self.threads), ("sh_red", 2)],
             RowOp::Latent { cache, .. } => {
                 let mut s = vec![("sh_row", self.d), ("sh_sum", self.threads)];
                 if cache == CacheRows::Fp8 {
@@ -1078,9 +1121,14 @@ impl RowKernel {
         if self.op == RowOp::Scores {
             scores::check(self.threads).map_err(|e| format!("{name}: {e}"))?;
         }
-        if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } = self.op {
+        if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } | RowOp::LatentKey { rope, .. } = self.op {
             if rope == 0 || rope % 2 != 0 {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
+            }
+        }
+        if let RowOp::LatentKey { rope, key, .. } = self.op {
+            if key < rope {
+                return Err(format!("{name}: a key of {key} columns rotated on {rope}"));
             }
         }
         let fp8_rows = match self.op {
@@ -1198,6 +1246,19 @@ impl RowKernel {
             let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
         }
+        if let RowOp::LatentKey { eps, rope, key, key_eps, .. } = self.op {
+            let _ = writeln!(s, "%one = arith.constant 1.0 : f32");
+            let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (self.d as f32).to_bits());
+            let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
+            let _ = writeln!(s, "%fK = arith.constant 0x{:08X} : f32", (key as f32).to_bits());
+            let _ = writeln!(s, "%keps = arith.constant 0x{:08X} : f32", key_eps.to_bits());
+            let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
+            let _ = writeln!(s, "%cR = arith.constant {rope} : index");
+            let _ = writeln!(s, "%cKey = arith.constant {key} : index");
+            let _ = writeln!(s, "%cRopeBase = arith.constant {} : index", self.d);
+            let _ = writeln!(s, "%cKeyBase = arith.constant {} : index", self.d + rope);
+            let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+        }
         if let RowOp::SplitRope { heads, nope, rope, .. } = self.op {
             let _ = writeln!(s, "%cVecR = arith.constant {VEC} : index");
             let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
@@ -1260,6 +1321,7 @@ impl RowKernel {
         }
         if let RowOp::RmsNorm { .. }
         | RowOp::Latent { .. }
+        | RowOp::LatentKey { .. }
         | RowOp::SiluMul { quantize: true }
         | RowOp::MlaHeadsOut { quantize: true, .. } = self.op
         {
@@ -3117,6 +3179,7 @@ vector.store %y4_{u}, %y[%row, %i{u}] {{alignment = 16 : i64}} : {ty}, vector<4x
                     vec![self.wide_map(lowering, "vec", &map)]
                 }
             }
+            RowOp::LatentKey { interleave, .. } => self.latent_key_phases(lowering, interleave),
             RowOp::Latent { interleave, append, cache, .. } => {
                 let d = self.d;
                 let element = cache.element();
@@ -3437,6 +3500,103 @@ scf.for %i = %tid to %cHalf step %cT {{
             encode = encode_e4m3(lowering, "%qv", "%byte"),
             store = out.byte,
         ));
+        phases
+    }
+
+    /// [`RowOp::LatentKey`]'s phases: the key's mean and inverse deviation by thread 0 (column
+    /// order, as [`SparseRow::LayerNorm`]), then the latent's RMSNorm ([`Self::norm_phases`]) into
+    /// `out`, its last phase rotating k_pe (`interleave`: neighbours paired) and the key (halves
+    /// paired) after it and copying the key's other columns normalized.
+    fn latent_key_phases(&self, lowering: Lowering, interleave: bool) -> Vec<String> {
+        let red = self.shared_type("sh_red", lowering);
+        let w = &self.weight;
+        let param = |name: &str, col: &str, out: &str| {
+            if w == "f32" {
+                format!("  {out} = memref.load %{name}[{col}] : memref<?xf32>\n")
+            } else {
+                format!("  {out}_raw = memref.load %{name}[{col}] : memref<?x{w}>\n  {out} = arith.extf {out}_raw : {w} to f32\n")
+            }
+        };
+        // The key's column `col` normalized, as the LayerNorm row computes it.
+        let normed = |col: &str, out: &str| {
+            let t = out.trim_start_matches('%');
+            format!(
+                "  %{t}_x = memref.load %key[%row, {col}] : memref<?x?xf32>
+{w}{b}  %{t}_d = arith.subf %{t}_x, %kmean : f32
+  %{t}_n = arith.mulf %{t}_d, %kinv : f32
+  %{t}_nw = arith.mulf %{t}_n, %{t}_w : f32
+  {out} = arith.addf %{t}_nw, %{t}_b : f32
+",
+                w = param("kw", col, &format!("%{t}_w")),
+                b = param("kb", col, &format!("%{t}_b")),
+            )
+        };
+        let stats = format!(
+            "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %sum = scf.for %i = %c0 to %cKey step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %key[%row, %i] : memref<?x?xf32>
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  %mean = arith.divf %sum, %fK : f32
+  %sq = scf.for %i = %c0 to %cKey step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load %key[%row, %i] : memref<?x?xf32>
+    %dv = arith.subf %v, %mean : f32
+    %d2 = arith.mulf %dv, %dv : f32
+    %a2 = arith.addf %a, %d2 : f32
+    scf.yield %a2 : f32
+  }}
+  %var = arith.divf %sq, %fK : f32
+  %ve = arith.addf %var, %keps : f32
+{sqrt}  %kinv0 = arith.divf %one, %root : f32
+  memref.store %mean, %sh_red[%c0] : {red}
+  memref.store %kinv0, %sh_red[%c1] : {red}
+}}
+",
+            sqrt = indent2(&sqrt(lowering, "%ve", "%root")),
+        );
+        let out_at = |base: &'static str| {
+            move |v: &str, col: &str, tag: &str| {
+                format!("  %{base}_{tag} = arith.addi %c{base}, {col} : index\n  memref.store {v}, %out[%row, %{base}_{tag}] : memref<?x?xf32>\n")
+            }
+        };
+        let k_pe = rope_rotation(
+            interleave,
+            false,
+            |col, out| format!("  {out} = memref.load %k_pe[%row, {col}] : memref<?x?xf32>\n"),
+            out_at("RopeBase"),
+        );
+        let key = rope_rotation(false, false, normed, out_at("KeyBase"));
+        let after = format!(
+            "%kmean = memref.load %sh_red[%c0] : {red}
+%kinv = memref.load %sh_red[%c1] : {red}
+scf.if %ok {{
+  scf.for %i = %tid to %cHalf step %cT {{
+{k_pe}  }}
+  scf.for %i = %tid to %cHalf step %cT {{
+{key}  }}
+}}
+%plain0 = arith.addi %tid, %cR : index
+scf.for %i = %plain0 to %cKey step %cT {{
+{plain}  %kcol = arith.addi %cKeyBase, %i : index
+  memref.store %kv, %out[%row, %kcol] : memref<?x?xf32>
+}}
+",
+            k_pe = indent2(&k_pe),
+            key = indent2(&key),
+            plain = normed("%i", "%kv"),
+        );
+        let store = NormStore {
+            scalar: "  memref.store %y_v, %out[%row, %i] : memref<?x?xf32>\n".into(),
+            vector: Some((
+                "    vector.store %y4, %out[%row, %i0] {alignment = 16 : i64} : memref<?x?xf32>, vector<4xf32>\n"
+                    .into(),
+                vec![("%latent", "memref<?x?xf32>", 4), ("%out", "memref<?x?xf32>", 4)],
+            )),
+        };
+        let mut phases = vec![stats];
+        phases.extend(self.norm_phases(lowering, ("%latent", "%row"), None, &store, &after));
         phases
     }
 
@@ -3991,7 +4151,7 @@ memref.store %s, %sh_sum[%tid] : {sum}",
                 chunk = route_chunk(self.d),
             );
         }
-        if let RowOp::SplitRope { .. } = self.op {
+        if let RowOp::SplitRope { .. } | RowOp::LatentKey { .. } = self.op {
             return "%p64 = memref.load %positions[%row] : memref<?xi64>
 %p = arith.index_cast %p64 : i64 to index
 %npos = memref.dim %rope, %c0 : memref<?x?xf32>
@@ -5661,6 +5821,90 @@ mod tests {
             for c in 0..d {
                 let want = if (0..vocab as i64).contains(&id) { bf16_to_f32(table[id as usize * d + c]) } else { 0.0 };
                 assert_eq!(out[r * d + c], want, "row {r} (id {id}) column {c}");
+            }
+        }
+    }
+
+    /// DeepSeek-V3.2's cache rows ([`RowOp::LatentKey`]) through the CPU lowering against the
+    /// reference: the latent's norm (a tree sum: within 1e-5), its rope and the indexer key's
+    /// LayerNorm and rope in halves bit for bit; and the sm_90a PTX simulated, the CPU lowering's bits.
+    /// A position outside the table leaves the row's rotated columns unwritten. The full model's
+    /// widths (512, 64, 128: the vector path) and ragged ones (the scalar path, a plain key tail).
+    #[test]
+    fn latent_rows_with_the_indexer_key_match_the_reference() {
+        let eps = 1e-6;
+        let key_eps = 1e-5;
+        for (d, r, kd, interleave) in [(512, 64, 128, true), (200, 16, 40, false)] {
+            let c = d + r + kd;
+            let inv: Vec<f32> = (0..r / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / r as f32)).collect();
+            let npos = 12;
+            let mut table = vec![0.0f32; npos * r];
+            for p in 0..npos {
+                let (cos, sin) = v3c_models::rope::cos_sin(&inv, 0.7, p as i64);
+                table[p * r..p * r + r / 2].copy_from_slice(&cos);
+                table[p * r + r / 2..(p + 1) * r].copy_from_slice(&sin);
+            }
+            let bf16s = |v: Vec<f32>| -> (Vec<u16>, Vec<f32>) {
+                let b: Vec<u16> = v.iter().map(|&x| f32_to_bf16(x)).collect();
+                let f = b.iter().map(|&x| bf16_to_f32(x)).collect();
+                (b, f)
+            };
+            let (mut w, w_ref) = bf16s(values(d, 4, 0.5).iter().map(|v| v + 1.0).collect());
+            let (mut kw, kw_ref) = bf16s(values(kd, 8, 0.5).iter().map(|v| v + 1.0).collect());
+            let (mut kb, kb_ref) = bf16s(values(kd, 9, 0.2));
+            let t = 4;
+            let mut latent = values(t * d, 5, 4.0);
+            let mut k_pe = values(t * r, 6, 2.0);
+            // Keys off zero mean, so that the mean matters.
+            let mut key: Vec<f32> = values(t * kd, 7, 3.0).iter().map(|v| v + 0.4).collect();
+            let mut positions: Vec<i64> = vec![5, 0, npos as i64, 11];
+            let kernel = RowKernel::new(RowOp::LatentKey { eps, rope: r, interleave, key: kd, key_eps }, d, "bf16");
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()), "{}", kernel.kernel_name());
+            let mut runs = Vec::new();
+            for simulated in [false, true] {
+                let mut rope = table.clone();
+                let mut out = vec![f32::NAN; t * c];
+                let buffers = [
+                    raw(&mut latent, &[t, d], "f32"),
+                    raw(&mut w, &[d], "bf16"),
+                    raw(&mut k_pe, &[t, r], "f32"),
+                    raw(&mut positions, &[t], "i64"),
+                    raw(&mut key, &[t, kd], "f32"),
+                    raw(&mut kw, &[kd], "bf16"),
+                    raw(&mut kb, &[kd], "bf16"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut out, &[t, c], "f32"),
+                ];
+                match simulated {
+                    false => run_cpu(&kernel, &buffers),
+                    true => {
+                        run_simulated(&kernel, &buffers, t);
+                    }
+                }
+                runs.push(out);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&runs[1]), bits(&runs[0]), "simulated vs CPU lowering ({d}, {r}, {kd})");
+            let out = &runs[0];
+            for row in 0..t {
+                let normed = kernels::rms_norm(&latent[row * d..(row + 1) * d], &w_ref, eps);
+                let mut k = kernels::layer_norm(&key[row * kd..(row + 1) * kd], &kw_ref, &kb_ref, key_eps);
+                let mut pe = k_pe[row * r..(row + 1) * r].to_vec();
+                let got = &out[row * c..(row + 1) * c];
+                for (i, (a, b)) in got[..d].iter().zip(&normed).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * b.abs(), "row {row} latent column {i}: {a} vs {b}");
+                }
+                if positions[row] >= npos as i64 {
+                    assert!(got[d..d + r].iter().all(|v| v.is_nan()), "row {row}: rope columns written");
+                    assert!(got[d + r..d + r + r].iter().all(|v| v.is_nan()), "row {row}: key rope written");
+                    assert_eq!(bits(&got[d + r + r..]), bits(&k[r..]), "row {row}: the key's plain columns");
+                    continue;
+                }
+                let (cos, sin) = v3c_models::rope::cos_sin(&inv, 0.7, positions[row]);
+                kernels::rotate(&mut pe, &cos, &sin, interleave);
+                kernels::rotate(&mut k[..r], &cos, &sin, false);
+                assert_eq!(bits(&got[d..d + r]), bits(&pe), "row {row}: k_pe");
+                assert_eq!(bits(&got[d + r..]), bits(&k), "row {row}: the indexer key");
             }
         }
     }
