@@ -1398,12 +1398,15 @@ fn deepseek_v32_runs_on_the_cpu_lowers_for_sm90a_and_refuses_training() {
     let r = run_binary("v3c", &["compile", "--model", "deepseek-v3.2", "--target", "sm_90a"]);
     let said = text(&r.stderr);
     assert!(r.status.success(), "{said}");
-    assert!(said.contains("all 28 kernels lower for sm_90a"), "{said}");
+    assert!(said.contains("all 25 kernels lower for sm_90a"), "{said}");
     for kernel in [
         // The indexer's key projection (wk, 128 columns) between q_a's and kv_a's in one GEMM.
         "mla_projections_0 (N 2240 K 7168) decode -> ",
         // The cache row: the latent's norm and rope and the key's LayerNorm and rope, one launch.
         "mla_latent_0 -> rows_latentkey_bf16_d512_r64_k128_t64_eps1em6_keps1em6_il [row kernel",
+        // The query latent's two GEMMs (q_b, the indexer's wq_b), each with its heads' RoPE row.
+        "-> rows_splitrope_h128_n128_r64_t256_il, + a RoPE table",
+        "-> rows_headsrope_h64_d8192_r64_t256, + a RoPE table",
         // Decode's over the caches' bf16 rows (f32 rows: 32.0 us est.).
         "sparse_index_1 -> 2 launches: rows_indexscores_d128_h64_k2048_t128_decode_mma_bf16 [cost model: 18.0 us \
          est., 262144 pairs, memory-bound] -> rows_topkeys_d2048_t256_decode",
@@ -1992,7 +1995,8 @@ fn compile_for_sm90a_writes_an_artifact_v3r_validates() {
     );
     assert!(stdout.contains("device memory: 17.60 GiB weights + 623.68 GiB re-laid out"), "{stdout}");
     // Planned by default for prompts in 4096-token chunks and decode steps of 64 sequences.
-    assert!(stdout.contains("entry prefill: 627 launches, 1721 weights, arena 4723.0 MiB for 4096 tokens"), "{stdout}");
+    // (4710 MiB: the most bytes live at one launch, where the arena places its largest buffers first.)
+    assert!(stdout.contains("entry prefill: 627 launches, 1721 weights, arena 4710.0 MiB for 4096 tokens"), "{stdout}");
     assert!(stdout.contains("arena 64.9 MiB for 64 sequences and 4096 cache rows"), "{stdout}");
     // Tensor-core attention's temporaries: prefill's up-projected keys and values and their bf16
     // heads over 4096 + 4096 rows, decode's pages and splits (587.1 MiB when prompts were planned

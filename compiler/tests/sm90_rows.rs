@@ -242,7 +242,8 @@ fn v3_attention(prefill: bool, selected: bool) -> RowOp {
 /// DeepSeek-V3.2's at the full model's sizes: the indexer key's LayerNorm, the scores and the top
 /// keys (64 heads of 128, 2048 keys; on the tensor cores over f32 and bf16 rows), decode's cache
 /// write (704-wide rows, f32 and bf16), the selected rows' gather, the attention reading them in
-/// place, decode's pages of them for the tensor cores, and the cache row with the key.
+/// place, decode's pages of them for the tensor cores, the cache row with the key, and the indexer's
+/// query heads.
 fn sparse_attention_kernels() -> Vec<RowKernel> {
     use sm90::rows::SparseRow;
     let mut kernels = vec![RowKernel::new(RowOp::Sparse(SparseRow::LayerNorm { eps: 1e-6 }), 128, "bf16")];
@@ -265,6 +266,8 @@ fn sparse_attention_kernels() -> Vec<RowKernel> {
     // The cache row: the latent's norm and RoPE, the key's LayerNorm and RoPE in halves.
     let op = RowOp::LatentKey { eps: 1e-6, rope: 64, interleave: true, key: 128, key_eps: 1e-6 };
     kernels.push(RowKernel::new(op, 512, "bf16"));
+    // The indexer's 64 query heads of 128, their first 64 columns rotated in halves.
+    kernels.push(RowKernel::new(RowOp::HeadsRope { heads: 64, rope: 64, interleave: false }, 64 * 128, "f32"));
     kernels
 }
 
@@ -288,6 +291,7 @@ fn row_kernels_compile_to_sm90a_without_spills() {
                 assert!(kernel.ptx.contains("st.global.v4.b32"), "{name}: 16-byte stores");
             }
             RowOp::SplitRope { .. }
+            | RowOp::HeadsRope { .. }
             | RowOp::Copy
             | RowOp::SplitBf16
             | RowOp::SplitBf16T

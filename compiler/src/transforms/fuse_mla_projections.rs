@@ -10,6 +10,8 @@
 //!    key (its LayerNorm and RoPE in the kernel too) and stored by a kernel of its own;
 //! 3. `q_b_proj` with the query latent's RMSNorm as prologue, and its head split and RoPE of q_pe as
 //!    epilogue.
+//! With DeepSeek-V3.2's indexer the query latent is also the indexer's input: the norm is a kernel
+//! of its own, and q_b and the indexer's `wq_b` each take their heads' split and RoPE as epilogue.
 //! Each match is tagged as a fusion group; a match that cannot be scheduled as one launch is left
 //! alone (the pass never fails on a graph it does not recognise). MLA without q LoRA (one q_proj):
 //! group 1 is q_proj and kv_a_proj_with_mqa, and q_proj's head split and the RoPE of q_pe are a
@@ -39,6 +41,27 @@ fn through_views(g: &OpGraph, op: usize) -> (Vec<usize>, Vec<usize>) {
 /// Activation operands of a linear: everything that is not a parameter argument.
 fn activations(g: &OpGraph, op: usize) -> Vec<Source> {
     (0..g.ops[op].operands.len()).filter(|&k| g.param(op, k).is_none()).map(|k| g.ops[op].operands[k]).collect()
+}
+
+/// A linear's rows split into heads with RoPE: `reshape -> split ->` RoPE of the second piece (MLA's
+/// query: q_nope returned as it is, q_pe rotated), or of the first joined back to the second by a
+/// `concat` (the indexer's query, its heads' first columns rotated). The kernel's ops, if so.
+fn heads_epilogue(g: &OpGraph, linear: usize) -> Option<Vec<usize>> {
+    let [reshape] = g.all_users(linear)[..] else { return None };
+    let [split] = g.all_users(reshape)[..] else { return None };
+    if g.ops[reshape].name != "reshape" || g.ops[split].name != "split" || g.ops[split].users.len() != 2 {
+        return None;
+    }
+    let is = |o: usize, name: &str| g.ops[o].name == name;
+    match (&g.ops[split].users[0][..], &g.ops[split].users[1][..]) {
+        (first, &[rope]) if is(rope, "rope") && !first.contains(&rope) => Some(vec![linear, reshape, split, rope]),
+        (&[rope], &[join]) if is(rope, "rope") && is(join, "concat") => {
+            let wired =
+                g.all_users(rope) == [join] && g.ops[join].operands[..] == [Source::Op(rope, 0), Source::Op(split, 1)];
+            wired.then(|| vec![linear, reshape, split, rope, join])
+        }
+        _ => None,
+    }
 }
 
 /// DeepSeek-V3.2's indexer key as `join`, the row `concat(latent row, key)`, reads it: the ops
@@ -139,6 +162,16 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
                 if g.ops[q].name == "quantize_fp8" {
                     prologue.push(q);
                     next = g.all_users(q);
+                }
+            }
+            if next.len() > 1 {
+                // DeepSeek-V3.2: the query latent is read by q_b and by the indexer's wq_b. The norm
+                // (and quantization) is a launch of its own; each GEMM takes its heads' split and
+                // RoPE as epilogue.
+                for &linear in next.iter().filter(|&&u| g.ops[u].name == "linear") {
+                    if let Some(members) = heads_epilogue(g, linear) {
+                        groups.try_new(g, "mla_q_up", &members);
+                    }
                 }
             }
             if let [q_b] = next[..] {

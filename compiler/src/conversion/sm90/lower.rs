@@ -931,6 +931,91 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 rope_table: Some(table),
             })
         }
+        ["linear", "reshape", "split", "rope", "func.return"]
+        | ["linear", "reshape", "split", "rope", "concat", "func.return"] => {
+            // A query up-projection whose input other kernels read too (DeepSeek-V3.2's query
+            // latent, normed and quantized once for q_b and the indexer's wq_b): the GEMM, then its
+            // rows split into heads with RoPE — q_nope and q_pe ([`RowOp::SplitRope`]), or the
+            // indexer's heads with their first columns rotated ([`RowOp::HeadsRope`]).
+            let joined = ops.len() == 6;
+            let (linear, reshape, split, rope, ret) = (&ops[0], &ops[1], &ops[2], &ops[3], &ops[ops.len() - 1]);
+            let fp8 = linear.operand_count() == 4;
+            let mut wired = match fp8 {
+                true => (0..4).all(|i| operand(linear, i).is_ok_and(|v| is_arg(v, i))),
+                false => {
+                    linear.operand_count() == 2 && is_arg(operand(linear, 0)?, 0) && is_arg(operand(linear, 1)?, 1)
+                }
+            };
+            let (weight, positions) = if fp8 { (2, 4) } else { (1, 2) };
+            // The rotated piece: the second (q_pe), or the first (the indexer's).
+            let piece = usize::from(!joined);
+            wired = wired
+                && raw(operand(reshape, 0)?) == result(linear, 0)?
+                && raw(operand(split, 0)?) == result(reshape, 0)?
+                && split.result_count() == 2
+                && raw(operand(rope, 0)?) == result(split, piece)?
+                && is_arg(operand(rope, 1)?, positions);
+            wired = wired
+                && if joined {
+                    let join = &ops[4];
+                    raw(operand(join, 0)?) == result(rope, 0)?
+                        && raw(operand(join, 1)?) == result(split, 1)?
+                        && ret.operand_count() == 1
+                        && raw(operand(ret, 0)?) == result(join, 0)?
+                        && join.attribute("axis").is_ok_and(|a| a.to_string().starts_with("2 "))
+                } else {
+                    ret.operand_count() == 2
+                        && raw(operand(ret, 0)?) == result(split, 0)?
+                        && raw(operand(ret, 1)?) == result(rope, 0)?
+                };
+            if !wired {
+                return Err("the query heads' GEMM, split and RoPE in another order".into());
+            }
+            let (x, wq) = (arg_shape(0)?, arg_shape(weight)?);
+            let (x_el, w_el) = if fp8 { ("f8E4M3FN", "f8E4M3FN") } else { ("f32", "bf16") };
+            if x.element != x_el || wq.element != w_el {
+                return Err(format!("query heads of {} activations on {} weights", x.element, wq.element));
+            }
+            let (n, k) = (fixed(&wq, 0)?, fixed(&wq, 1)?);
+            let (heads, first, second) =
+                (fixed(&shape_of(reshape, 0)?, 1)?, fixed(&shape_of(split, 0)?, 2)?, fixed(&shape_of(split, 1)?, 2)?);
+            if heads * (first + second) != n {
+                return Err(format!("{heads} heads of {first} + {second} from {n} columns"));
+            }
+            let (table, interleave) = rope_table_of(rope)?;
+            let (row, mut operands) = if joined {
+                let op = RowOp::HeadsRope { heads, rope: first, interleave };
+                (RowKernel::new(op, n, "f32"), vec![Operand::Result(0)])
+            } else {
+                let op = RowOp::SplitRope { heads, nope: first, rope: second, interleave };
+                (RowKernel::new(op, n, "f32"), vec![Operand::Result(0), Operand::Result(1)])
+            };
+            let heads_step = |rows: Operand, operands: Vec<Operand>| Step {
+                only: None,
+                kernel: StepKernel::Row(row.clone()),
+                operands: [rows, Operand::Arg(positions), Operand::RopeTable].into_iter().chain(operands).collect(),
+            };
+            if !fp8 {
+                let g = bf16_gemm(format!("{fused}.gemm"), n, k, vec![(1, None)]);
+                let mut steps = split_bf16_steps(&g, &fused, Vec::new(), Some(Operand::Temp(2)));
+                steps.temps.push(Temp::per_row(1, n, "f32"));
+                steps.steps.push(heads_step(Operand::Temp(2), operands));
+                steps.rope_table = Some(table);
+                return Ok(steps);
+            }
+            let gemm = Step {
+                only: None,
+                kernel: StepKernel::Gemm(fp8_gemm(format!("{fused}.gemm"), n, k, vec![(2, Some(3))])),
+                operands: (0..4).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
+            };
+            operands = [Operand::Temp(0)].into_iter().chain(operands).collect();
+            let rows = operands.remove(0);
+            Ok(Steps {
+                temps: vec![Temp::per_row(1, n, "f32")],
+                steps: vec![gemm, heads_step(rows, operands)],
+                rope_table: Some(table),
+            })
+        }
         ["reshape", "split", "rope", "func.return"] => {
             // MLA without q LoRA (`mla_q_rope`): q_proj's rows split into heads, RoPE on q_pe —
             // the q_b GEMM's epilogue row of the LoRA form, alone.

@@ -122,6 +122,11 @@ pub enum RowOp {
     /// `q_nope [rows, heads, nope]` and `q_pe [rows, heads, rope]`, RoPE applied to q_pe at the
     /// row's position from the same table as [`RowOp::Latent`]. `d` is `heads * (nope + rope)`.
     SplitRope { heads: usize, nope: usize, rope: usize, interleave: bool },
+    /// DeepSeek-V3.2's indexer queries out of the wq_b GEMM: `y [rows, heads * dim]` as `out
+    /// [rows, heads, dim]` with each head's first `rope` columns rotated at the row's position
+    /// (`interleave`: neighbours paired, else halves) from [`RowOp::SplitRope`]'s table, the rest
+    /// copied. `d` is `heads * dim`. A position outside the table leaves the row unwritten.
+    HeadsRope { heads: usize, rope: usize, interleave: bool },
     /// SwiGLU of a gate|up GEMM output: `x [rows, 2d]` -> `silu(x[:, :d]) * x[:, d:]`, as f32 `y`
     /// or (`quantize`) its 1x128 e4m3 bytes and scales.
     SiluMul { quantize: bool },
@@ -350,6 +355,10 @@ impl RowKernel {
                 let layout = if interleave { "_il" } else { "" };
                 format!("rows_splitrope_h{heads}_n{nope}_r{rope}_t{t}{layout}")
             }
+            RowOp::HeadsRope { heads, rope, interleave } => {
+                let layout = if interleave { "_il" } else { "" };
+                format!("rows_headsrope_h{heads}_d{d}_r{rope}_t{t}{layout}")
+            }
             RowOp::SiluMul { quantize } => format!("rows_silumul_d{d}_t{t}{}", if quantize { "_q" } else { "_y" }),
             RowOp::Copy => format!("rows_copy_d{d}_t{t}"),
             RowOp::GatherFp8 => format!("rows_gatherfp8_d{d}_t{t}"),
@@ -459,6 +468,15 @@ impl RowKernel {
             })
         };
         let kernel = match (op, &parts[..]) {
+            ("headsrope", [h, d, r, t, rest @ ..]) => {
+                let interleave = match rest {
+                    ["il"] => true,
+                    [] => false,
+                    _ => return None,
+                };
+                let op = RowOp::HeadsRope { heads: number(h, 'h')?, rope: number(r, 'r')?, interleave };
+                Some(RowKernel { op, d: number(d, 'd')?, weight: "f32".into(), threads: number(t, 't')? })
+            }
             ("splitrope", [h, n, r, t, rest @ ..]) => {
                 let interleave = match rest {
                     ["il"] => true,
@@ -869,6 +887,12 @@ impl RowKernel {
                 ("sorted", "memref<?x?xi32>".into()),
                 ("rw", "memref<?x?xf32>".into()),
             ],
+            RowOp::HeadsRope { .. } => vec![
+                ("y", "memref<?x?xf32>".to_string()),
+                ("positions", "memref<?xi64>".into()),
+                ("rope", "memref<?x?xf32>".into()),
+                ("out", "memref<?x?x?xf32>".into()),
+            ],
             RowOp::SplitRope { .. } => vec![
                 ("y", "memref<?x?xf32>".to_string()),
                 ("positions", "memref<?xi64>".into()),
@@ -951,7 +975,7 @@ impl RowKernel {
             // Prefill: one block per output row (the cached ones copied); decode: per sequence.
             RowOp::Latent { append: true, .. } => "out",
             RowOp::Latent { append: false, .. } | RowOp::LatentKey { .. } => "latent",
-            RowOp::SplitRope { .. } => "y",
+            RowOp::SplitRope { .. } | RowOp::HeadsRope { .. } => "y",
             RowOp::SiluMul { .. } | RowOp::Copy | RowOp::RouteLogits { .. } | RowOp::SplitBf16 | RowOp::SplitBf16T => {
                 "x"
             }
@@ -1040,6 +1064,7 @@ impl RowKernel {
             | RowOp::MlaQueries { .. }
             | RowOp::MlaLengths
             | RowOp::Fp8Latent
+            | RowOp::HeadsRope { .. }
             | RowOp::MlaCombine => Vec::new(),
             RowOp::MlaAbsorb { nope, tokens, .. } => vec![("sh_qn", tokens * nope)],
             RowOp::MlaAbsorbMma { .. } => self.absorb().map_or(Vec::new(), |a| a.shared()),
@@ -1121,9 +1146,18 @@ impl RowKernel {
         if self.op == RowOp::Scores {
             scores::check(self.threads).map_err(|e| format!("{name}: {e}"))?;
         }
-        if let RowOp::Latent { rope, .. } | RowOp::SplitRope { rope, .. } | RowOp::LatentKey { rope, .. } = self.op {
+        if let RowOp::Latent { rope, .. }
+        | RowOp::SplitRope { rope, .. }
+        | RowOp::LatentKey { rope, .. }
+        | RowOp::HeadsRope { rope, .. } = self.op
+        {
             if rope == 0 || rope % 2 != 0 {
                 return Err(format!("{name}: a rope width of {rope} (a positive even number)"));
+            }
+        }
+        if let RowOp::HeadsRope { heads, rope, .. } = self.op {
+            if heads == 0 || !self.d.is_multiple_of(heads) || rope > self.d / heads {
+                return Err(format!("{name}: {heads} heads of {} columns rotated on {rope}", self.d / heads.max(1)));
             }
         }
         if let RowOp::LatentKey { rope, key, .. } = self.op {
@@ -1244,6 +1278,16 @@ impl RowKernel {
             let _ = writeln!(s, "%fD = arith.constant 0x{:08X} : f32", (self.d as f32).to_bits());
             let _ = writeln!(s, "%eps = arith.constant 0x{:08X} : f32", eps.to_bits());
             let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
+            let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
+        }
+        if let RowOp::HeadsRope { heads, rope, .. } = self.op {
+            let dim = self.d / heads.max(1);
+            let _ = writeln!(s, "%cHalf = arith.constant {} : index", rope / 2);
+            let _ = writeln!(s, "%cR = arith.constant {rope} : index");
+            let _ = writeln!(s, "%cHead = arith.constant {dim} : index");
+            let _ = writeln!(s, "%cPlain = arith.constant {} : index", dim - rope.min(dim));
+            let _ = writeln!(s, "%cPlainAll = arith.constant {} : index", heads * (dim - rope.min(dim)));
+            let _ = writeln!(s, "%cHalfAll = arith.constant {} : index", heads * rope / 2);
             let _ = writeln!(s, "%zero_i64 = arith.constant 0 : i64");
         }
         if let RowOp::LatentKey { eps, rope, key, key_eps, .. } = self.op {
@@ -1760,6 +1804,39 @@ vector.store %v4_{u}, %out[%row, %i{u}] {{alignment = 16 : i64}} : memref<?x?xf3
                     phases.extend(quant);
                 }
                 phases
+            }
+            RowOp::HeadsRope { interleave, .. } => {
+                // Per row: every head's columns past its rope copied, its rope columns rotated.
+                let rotate = rope_rotation(
+                    interleave,
+                    false,
+                    |c, out| {
+                        format!(
+                            "  {out}_col = arith.addi %head, {c} : index\n  {out} = memref.load %y[%row, {out}_col] : \
+                             memref<?x?xf32>\n"
+                        )
+                    },
+                    |v, c, _| format!("  memref.store {v}, %out[%row, %h, {c}] : memref<?x?x?xf32>\n"),
+                );
+                vec![format!(
+                    "scf.if %ok {{
+scf.for %j = %tid to %cPlainAll step %cT {{
+  %h = arith.divui %j, %cPlain : index
+  %c0p = arith.remui %j, %cPlain : index
+  %c = arith.addi %c0p, %cR : index
+  %base = arith.muli %h, %cHead : index
+  %col = arith.addi %base, %c : index
+  %v = memref.load %y[%row, %col] : memref<?x?xf32>
+  memref.store %v, %out[%row, %h, %c] : memref<?x?x?xf32>
+}}
+scf.for %j = %tid to %cHalfAll step %cT {{
+  %h = arith.divui %j, %cHalf : index
+  %i = arith.remui %j, %cHalf : index
+  %head = arith.muli %h, %cHead : index
+{rotate}}}
+}}
+"
+                )]
             }
             RowOp::SplitRope { heads, nope, rope, interleave } => {
                 // Per row: every head's nope columns copied, its rope columns rotated.
@@ -4151,7 +4228,7 @@ memref.store %s, %sh_sum[%tid] : {sum}",
                 chunk = route_chunk(self.d),
             );
         }
-        if let RowOp::SplitRope { .. } | RowOp::LatentKey { .. } = self.op {
+        if let RowOp::SplitRope { .. } | RowOp::LatentKey { .. } | RowOp::HeadsRope { .. } = self.op {
             return "%p64 = memref.load %positions[%row] : memref<?xi64>
 %p = arith.index_cast %p64 : i64 to index
 %npos = memref.dim %rope, %c0 : memref<?x?xf32>
@@ -5821,6 +5898,60 @@ mod tests {
             for c in 0..d {
                 let want = if (0..vocab as i64).contains(&id) { bf16_to_f32(table[id as usize * d + c]) } else { 0.0 };
                 assert_eq!(out[r * d + c], want, "row {r} (id {id}) column {c}");
+            }
+        }
+    }
+
+    /// DeepSeek-V3.2's indexer queries ([`RowOp::HeadsRope`]): every head's first `rope` columns
+    /// rotated (halves, and neighbours) bit for bit as the reference rotates them, the rest copied,
+    /// through the CPU lowering and the simulated PTX; a position outside the table writes nothing.
+    #[test]
+    fn heads_with_their_first_columns_rotated_match_the_reference() {
+        for (heads, dim, r, interleave) in [(64, 128, 64, false), (3, 12, 8, false), (2, 10, 4, true)] {
+            let inv: Vec<f32> = (0..r / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / r as f32)).collect();
+            let npos = 9;
+            let mut table = vec![0.0f32; npos * r];
+            for p in 0..npos {
+                let (cos, sin) = v3c_models::rope::cos_sin(&inv, 1.3, p as i64);
+                table[p * r..p * r + r / 2].copy_from_slice(&cos);
+                table[p * r + r / 2..(p + 1) * r].copy_from_slice(&sin);
+            }
+            let (t, d) = (3, heads * dim);
+            let mut y = values(t * d, 11, 3.0);
+            let mut positions: Vec<i64> = vec![4, npos as i64, 0];
+            let kernel = RowKernel::new(RowOp::HeadsRope { heads, rope: r, interleave }, d, "f32");
+            assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()), "{}", kernel.kernel_name());
+            let mut runs = Vec::new();
+            for simulated in [false, true] {
+                let (mut rope, mut out) = (table.clone(), vec![f32::NAN; t * d]);
+                let buffers = [
+                    raw(&mut y, &[t, d], "f32"),
+                    raw(&mut positions, &[t], "i64"),
+                    raw(&mut rope, &[npos, r], "f32"),
+                    raw(&mut out, &[t, heads, dim], "f32"),
+                ];
+                match simulated {
+                    false => run_cpu(&kernel, &buffers),
+                    true => {
+                        run_simulated(&kernel, &buffers, t);
+                    }
+                }
+                runs.push(out);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&runs[1]), bits(&runs[0]), "simulated vs CPU lowering ({heads} x {dim}, rope {r})");
+            for row in 0..t {
+                let got = &runs[0][row * d..(row + 1) * d];
+                if positions[row] >= npos as i64 {
+                    assert!(got.iter().all(|v| v.is_nan()), "row {row} written");
+                    continue;
+                }
+                let (cos, sin) = v3c_models::rope::cos_sin(&inv, 1.3, positions[row]);
+                let mut want = y[row * d..(row + 1) * d].to_vec();
+                for h in 0..heads {
+                    kernels::rotate(&mut want[h * dim..h * dim + r], &cos, &sin, interleave);
+                }
+                assert_eq!(bits(got), bits(&want), "row {row} ({heads} x {dim}, rope {r}, interleave {interleave})");
             }
         }
     }
