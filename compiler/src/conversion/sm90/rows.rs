@@ -1819,43 +1819,17 @@ vector.store %v4_{u}, %out[%row, %i{u}] {{alignment = 16 : i64}} : memref<?x?xf3
                     |v, c, _| format!("  memref.store {v}, %out[%row, %h, {c}] : memref<?x?x?xf32>\n"),
                 );
                 vec![format!(
-                    "scf.if %ok {{
-scf.for %j = %tid to %cPlainAll step %cT {{
-  %h = arith.divui %j, %cPlain : index
-  %c0p = arith.remui %j, %cPlain : index
-  %c = arith.addi %c0p, %cR : index
-  %base = arith.muli %h, %cHead : index
-  %col = arith.addi %base, %c : index
-  %v = memref.load %y[%row, %col] : memref<?x?xf32>
-  memref.store %v, %out[%row, %h, %c] : memref<?x?x?xf32>
-}}
-scf.for %j = %tid to %cHalfAll step %cT {{
-  %h = arith.divui %j, %cHalf : index
-  %i = arith.remui %j, %cHalf : index
-  %head = arith.muli %h, %cHead : index
-{rotate}}}
-}}
-"
+                    "scf.if %ok {{\n{}{}}}\n}}\n",
+                    head_columns(("%cPlainAll", "%cPlain", Some("%cR")), "%out"),
+                    head_pairs(&rotate)
                 )]
             }
             RowOp::SplitRope { heads, nope, rope, interleave } => {
                 // Per row: every head's nope columns copied, its rope columns rotated.
                 let columns = format!(
-                    "scf.for %j = %tid to %cNopeAll step %cT {{
-  %h = arith.divui %j, %cNope : index
-  %c = arith.remui %j, %cNope : index
-  %base = arith.muli %h, %cHead : index
-  %col = arith.addi %base, %c : index
-  %v = memref.load %y[%row, %col] : memref<?x?xf32>
-  memref.store %v, %q_nope[%row, %h, %c] : memref<?x?x?xf32>
-}}
-scf.for %j = %tid to %cHalfAll step %cT {{
-  %h = arith.divui %j, %cHalf : index
-  %i = arith.remui %j, %cHalf : index
-  %head = arith.muli %h, %cHead : index
-  %rope_base = arith.addi %head, %cNope : index
-{}}}
-",
+                    "{}{}{}}}\n",
+                    head_columns(("%cNopeAll", "%cNope", None), "%q_nope"),
+                    head_pairs("  %rope_base = arith.addi %head, %cNope : index\n"),
                     rope_rotation(
                         interleave,
                         false,
@@ -3608,31 +3582,7 @@ scf.for %i = %tid to %cHalf step %cT {{
                 b = param("kb", col, &format!("%{t}_b")),
             )
         };
-        let stats = format!(
-            "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %sum = scf.for %i = %c0 to %cKey step %c1 iter_args(%a = %zero) -> (f32) {{
-    %v = memref.load %key[%row, %i] : memref<?x?xf32>
-    %a2 = arith.addf %a, %v : f32
-    scf.yield %a2 : f32
-  }}
-  %mean = arith.divf %sum, %fK : f32
-  %sq = scf.for %i = %c0 to %cKey step %c1 iter_args(%a = %zero) -> (f32) {{
-    %v = memref.load %key[%row, %i] : memref<?x?xf32>
-    %dv = arith.subf %v, %mean : f32
-    %d2 = arith.mulf %dv, %dv : f32
-    %a2 = arith.addf %a, %d2 : f32
-    scf.yield %a2 : f32
-  }}
-  %var = arith.divf %sq, %fK : f32
-  %ve = arith.addf %var, %keps : f32
-{sqrt}  %kinv0 = arith.divf %one, %root : f32
-  memref.store %mean, %sh_red[%c0] : {red}
-  memref.store %kinv0, %sh_red[%c1] : {red}
-}}
-",
-            sqrt = indent2(&sqrt(lowering, "%ve", "%root")),
-        );
+        let stats = sparse::layer_norm_stats(lowering, ("%key", "%cKey", "%fK"), "%keps", &red);
         let out_at = |base: &'static str| {
             move |v: &str, col: &str, tag: &str| {
                 format!("  %{base}_{tag} = arith.addi %c{base}, {col} : index\n  memref.store {v}, %out[%row, %{base}_{tag}] : memref<?x?xf32>\n")
@@ -5548,6 +5498,38 @@ fn rope_rotation(
     )
 }
 
+/// Per row of `%y [rows, heads * %cHead]`: each head's `per` columns (from its column `first`, or
+/// 0) copied into `to [rows, heads, %cHead or fewer]` at the same column, a thread a column
+/// (`all` = heads x per of them).
+fn head_columns((all, per, first): (&str, &str, Option<&str>), to: &str) -> String {
+    let at = match first {
+        Some(first) => format!("  %c0p = arith.remui %j, {per} : index\n  %c = arith.addi %c0p, {first} : index\n"),
+        None => format!("  %c = arith.remui %j, {per} : index\n"),
+    };
+    format!(
+        "scf.for %j = %tid to {all} step %cT {{
+  %h = arith.divui %j, {per} : index
+{at}  %base = arith.muli %h, %cHead : index
+  %col = arith.addi %base, %c : index
+  %v = memref.load %y[%row, %col] : memref<?x?xf32>
+  memref.store %v, {to}[%row, %h, %c] : memref<?x?x?xf32>
+}}
+"
+    )
+}
+
+/// The head of a loop over every head's rope pairs (`%cHalfAll`, a thread a pair): pair `%i` of head
+/// `%h`, whose first column in `%y` is `%head`; then `body` (left open: the caller closes the loop).
+fn head_pairs(body: &str) -> String {
+    format!(
+        "scf.for %j = %tid to %cHalfAll step %cT {{
+  %h = arith.divui %j, %cHalf : index
+  %i = arith.remui %j, %cHalf : index
+  %head = arith.muli %h, %cHead : index
+{body}"
+    )
+}
+
 /// `{out} = sqrt(value)`, correctly rounded (as the reference's f32 sqrt): on sm_90a the PTX
 /// instruction itself (`math.sqrt` would become a libdevice call, and no libdevice is linked).
 fn sqrt(lowering: Lowering, value: &str, out: &str) -> String {
@@ -5706,6 +5688,24 @@ mod tests {
         // SAFETY: the parameters are the buffers' (live, of their shapes); every access is checked
         // against them.
         unsafe { v3c_ptxsim::run(&module.kernels[0], &launch) }.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `kernel` over `buffers(out)` (its last the f32 output, `len` NaNs each time) through the CPU
+    /// lowering, then as its sm_90a PTX simulated over `rows` blocks: the output, which both give bit
+    /// for bit.
+    pub(super) fn cpu_and_simulated(
+        kernel: &RowKernel,
+        rows: usize,
+        len: usize,
+        mut buffers: impl FnMut(&mut [f32]) -> Vec<RawBuffer>,
+    ) -> Vec<f32> {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut cpu = vec![f32::NAN; len];
+        run_cpu(kernel, &buffers(&mut cpu));
+        let mut simulated = vec![f32::NAN; len];
+        run_simulated(kernel, &buffers(&mut simulated), rows);
+        assert_eq!(bits(&simulated), bits(&cpu), "{}: simulated vs the CPU lowering", kernel.kernel_name());
+        cpu
     }
 
     pub(super) fn raw<T>(data: &mut [T], shape: &[usize], element: &str) -> RawBuffer {
@@ -5921,27 +5921,18 @@ mod tests {
             let mut positions: Vec<i64> = vec![4, npos as i64, 0];
             let kernel = RowKernel::new(RowOp::HeadsRope { heads, rope: r, interleave }, d, "f32");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()), "{}", kernel.kernel_name());
-            let mut runs = Vec::new();
-            for simulated in [false, true] {
-                let (mut rope, mut out) = (table.clone(), vec![f32::NAN; t * d]);
-                let buffers = [
+            let mut rope = table.clone();
+            let out = cpu_and_simulated(&kernel, t, t * d, |out| {
+                vec![
                     raw(&mut y, &[t, d], "f32"),
                     raw(&mut positions, &[t], "i64"),
                     raw(&mut rope, &[npos, r], "f32"),
-                    raw(&mut out, &[t, heads, dim], "f32"),
-                ];
-                match simulated {
-                    false => run_cpu(&kernel, &buffers),
-                    true => {
-                        run_simulated(&kernel, &buffers, t);
-                    }
-                }
-                runs.push(out);
-            }
+                    raw(out, &[t, heads, dim], "f32"),
+                ]
+            });
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&runs[1]), bits(&runs[0]), "simulated vs CPU lowering ({heads} x {dim}, rope {r})");
             for row in 0..t {
-                let got = &runs[0][row * d..(row + 1) * d];
+                let got = &out[row * d..(row + 1) * d];
                 if positions[row] >= npos as i64 {
                     assert!(got.iter().all(|v| v.is_nan()), "row {row} written");
                     continue;
@@ -5991,11 +5982,9 @@ mod tests {
             let mut positions: Vec<i64> = vec![5, 0, npos as i64, 11];
             let kernel = RowKernel::new(RowOp::LatentKey { eps, rope: r, interleave, key: kd, key_eps }, d, "bf16");
             assert_eq!(RowKernel::from_name(&kernel.kernel_name()), Some(kernel.clone()), "{}", kernel.kernel_name());
-            let mut runs = Vec::new();
-            for simulated in [false, true] {
-                let mut rope = table.clone();
-                let mut out = vec![f32::NAN; t * c];
-                let buffers = [
+            let mut rope = table.clone();
+            let out = cpu_and_simulated(&kernel, t, t * c, |out| {
+                vec![
                     raw(&mut latent, &[t, d], "f32"),
                     raw(&mut w, &[d], "bf16"),
                     raw(&mut k_pe, &[t, r], "f32"),
@@ -6004,19 +5993,10 @@ mod tests {
                     raw(&mut kw, &[kd], "bf16"),
                     raw(&mut kb, &[kd], "bf16"),
                     raw(&mut rope, &[npos, r], "f32"),
-                    raw(&mut out, &[t, c], "f32"),
-                ];
-                match simulated {
-                    false => run_cpu(&kernel, &buffers),
-                    true => {
-                        run_simulated(&kernel, &buffers, t);
-                    }
-                }
-                runs.push(out);
-            }
+                    raw(out, &[t, c], "f32"),
+                ]
+            });
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&runs[1]), bits(&runs[0]), "simulated vs CPU lowering ({d}, {r}, {kd})");
-            let out = &runs[0];
             for row in 0..t {
                 let normed = kernels::rms_norm(&latent[row * d..(row + 1) * d], &w_ref, eps);
                 let mut k = kernels::layer_norm(&key[row * kd..(row + 1) * kd], &kw_ref, &kb_ref, key_eps);

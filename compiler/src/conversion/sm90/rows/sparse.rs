@@ -59,6 +59,43 @@ pub enum SparseRow {
     AppendBf16 { new: bool },
 }
 
+/// One thread's LayerNorm statistics of row `%row` of `x` (`x.0`, `memref<?x?xf32>`; `x.1` its
+/// width as an index constant, `x.2` as f32): the mean, then the biased variance, each a sum in
+/// column order (the reference's), and `1 / sqrt(var + eps)` stored as `sh_red[0]`, `sh_red[1]`
+/// (`red`: its memref type). Thread 0's phase; the others wait at the barrier after it.
+pub(super) fn layer_norm_stats(
+    lowering: Lowering,
+    (x, cols, fcols): (&str, &str, &str),
+    eps: &str,
+    red: &str,
+) -> String {
+    format!(
+        "%first = arith.cmpi eq, %tid, %c0 : index
+scf.if %first {{
+  %sum = scf.for %i = %c0 to {cols} step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load {x}[%row, %i] : memref<?x?xf32>
+    %a2 = arith.addf %a, %v : f32
+    scf.yield %a2 : f32
+  }}
+  %mean = arith.divf %sum, {fcols} : f32
+  %sq = scf.for %i = %c0 to {cols} step %c1 iter_args(%a = %zero) -> (f32) {{
+    %v = memref.load {x}[%row, %i] : memref<?x?xf32>
+    %dv = arith.subf %v, %mean : f32
+    %d2 = arith.mulf %dv, %dv : f32
+    %a2 = arith.addf %a, %d2 : f32
+    scf.yield %a2 : f32
+  }}
+  %var = arith.divf %sq, {fcols} : f32
+  %ve = arith.addf %var, {eps} : f32
+{sqrt}  %inv = arith.divf %one, %root : f32
+  memref.store %mean, %sh_red[%c0] : {red}
+  memref.store %inv, %sh_red[%c1] : {red}
+}}
+",
+        sqrt = indent(&sqrt(lowering, "%ve", "%root"), "  ")
+    )
+}
+
 impl SparseRow {
     pub(super) fn kernel_name(&self, d: usize, weight: &str, threads: usize) -> String {
         let t = threads;
@@ -396,32 +433,7 @@ impl SparseRow {
                 };
                 let params = format!("{}{}", widen("wv"), widen("bv")).replace("%wv_m", "%w").replace("%bv_m", "%b");
                 vec![
-                    // One thread: the mean, then the biased variance, each a sum in column order.
-                    format!(
-                        "%first = arith.cmpi eq, %tid, %c0 : index
-scf.if %first {{
-  %sum = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
-    %v = memref.load %x[%row, %i] : memref<?x?xf32>
-    %a2 = arith.addf %a, %v : f32
-    scf.yield %a2 : f32
-  }}
-  %mean = arith.divf %sum, %fD : f32
-  %sq = scf.for %i = %c0 to %cD step %c1 iter_args(%a = %zero) -> (f32) {{
-    %v = memref.load %x[%row, %i] : memref<?x?xf32>
-    %dv = arith.subf %v, %mean : f32
-    %d2 = arith.mulf %dv, %dv : f32
-    %a2 = arith.addf %a, %d2 : f32
-    scf.yield %a2 : f32
-  }}
-  %var = arith.divf %sq, %fD : f32
-  %ve = arith.addf %var, %eps : f32
-{sqrt}  %inv = arith.divf %one, %root : f32
-  memref.store %mean, %sh_red[%c0] : {red}
-  memref.store %inv, %sh_red[%c1] : {red}
-}}
-",
-                        sqrt = indent(&sqrt(lowering, "%ve", "%root"), "  ")
-                    ),
+                    layer_norm_stats(lowering, ("%x", "%cD", "%fD"), "%eps", &red),
                     format!(
                         "%mean = memref.load %sh_red[%c0] : {red}
 %inv = memref.load %sh_red[%c1] : {red}
