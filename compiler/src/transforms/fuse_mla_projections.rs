@@ -54,7 +54,10 @@ fn heads_epilogue(g: &OpGraph, linear: usize) -> Option<Vec<usize>> {
     }
     let is = |o: usize, name: &str| g.ops[o].name == name;
     match (&g.ops[split].users[0][..], &g.ops[split].users[1][..]) {
-        (first, &[rope]) if is(rope, "rope") && !first.contains(&rope) => Some(vec![linear, reshape, split, rope]),
+        // (q_nope read elsewhere: the kernel returns it and q_pe, as its lowering takes them.)
+        (first, &[rope]) if is(rope, "rope") && !first.is_empty() && !first.contains(&rope) => {
+            Some(vec![linear, reshape, split, rope])
+        }
         (&[rope], &[join]) if is(rope, "rope") && is(join, "concat") => {
             let wired =
                 g.all_users(rope) == [join] && g.ops[join].operands[..] == [Source::Op(rope, 0), Source::Op(split, 1)];
