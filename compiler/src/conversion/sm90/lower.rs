@@ -983,7 +983,7 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 return Err(format!("{heads} heads of {first} + {second} from {n} columns"));
             }
             let (table, interleave) = rope_table_of(rope)?;
-            let (row, mut operands) = if joined {
+            let (row, operands) = if joined {
                 let op = RowOp::HeadsRope { heads, rope: first, interleave };
                 (RowKernel::new(op, n, "f32"), vec![Operand::Result(0)])
             } else {
@@ -1008,11 +1008,9 @@ pub fn steps_of_kernel(kernel: &OperationRef) -> Result<Steps, String> {
                 kernel: StepKernel::Gemm(fp8_gemm(format!("{fused}.gemm"), n, k, vec![(2, Some(3))])),
                 operands: (0..4).map(Operand::Arg).chain([Operand::Temp(0)]).collect(),
             };
-            operands = [Operand::Temp(0)].into_iter().chain(operands).collect();
-            let rows = operands.remove(0);
             Ok(Steps {
                 temps: vec![Temp::per_row(1, n, "f32")],
-                steps: vec![gemm, heads_step(rows, operands)],
+                steps: vec![gemm, heads_step(Operand::Temp(0), operands)],
                 rope_table: Some(table),
             })
         }
