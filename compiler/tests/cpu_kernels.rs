@@ -213,6 +213,11 @@ fn reference(kernel: &OperationRef, inputs: &[HostBuffer]) -> Vec<(Vec<f32>, Vec
                     o.attribute("eps").unwrap().to_string().split(':').next().unwrap().trim().parse().unwrap();
                 vec![(kernels::rms_norm(&args[0].0, &args[1].0, eps), args[0].1.clone())]
             }
+            "v3.layer_norm" => {
+                let eps: f32 =
+                    o.attribute("eps").unwrap().to_string().split(':').next().unwrap().trim().parse().unwrap();
+                vec![(kernels::layer_norm(&args[0].0, &args[1].0, &args[2].0, eps), args[0].1.clone())]
+            }
             "v3.embed" => {
                 let d = args[0].1[1];
                 let rows: Vec<f32> = args[1]
@@ -1423,7 +1428,8 @@ fn max_or_nan(m: f32, d: f32) -> f32 {
 /// An expected output: its values (ids as floats) and shape.
 type Expected = (Vec<f32>, Vec<usize>);
 
-/// DeepSeek-V3.2's sparse-attention kernels (the indexer key's `layer_norm`, `sparse_index` in
+/// DeepSeek-V3.2's sparse-attention kernels (the cache row with the indexer key's `layer_norm` and
+/// RoPE, which `fuse-mla-projections` puts in the latent's kernel, `sparse_index` in
 /// prefill and decode, the attention over each query's selected rows of a shared and of
 /// per-sequence latents: `gather_rows` fused into it) equal the reference interpreter's functions
 /// bit for bit: the sums run in its order, and equal scores (a repeated key;
@@ -1445,7 +1451,7 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
         op = f.next_in_block();
         let Ok(name) = f.attribute("sym_name") else { continue };
         let name = name.to_string().trim_matches('"').to_string();
-        let kind = ["layer_norm", "sparse_index", "sparse_attention"].into_iter().find(|k| name.starts_with(k));
+        let kind = ["mla_latent", "sparse_index", "sparse_attention"].into_iter().find(|k| name.starts_with(k));
         let (Some(kind), true) = (kind, f.attribute(v3c_dialects::KERNEL_ATTR).is_ok()) else { continue };
         let kernel = CpuKernel::compile(&context, &f).unwrap();
         let sig = &kernel.signature;
@@ -1454,30 +1460,27 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
         seen.push((kind, decode));
         let (t, s) = (5usize, 9usize);
         let (mut inputs, want): (Vec<HostBuffer>, Vec<Expected>) = match kind {
-            "layer_norm" => {
-                let (x, w, b) = (rand(t * width), rand(width), rand(width));
-                let widen = |v: &[f32]| v.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect::<Vec<f32>>();
-                let weight = |v: &[f32]| match sig.inputs[1].element.as_str() {
-                    "bf16" => HostBuffer {
-                        shape: vec![width],
-                        data: HostData::Bf16(v.iter().map(|&x| f32_to_bf16(x)).collect()),
-                    },
-                    _ => f32s(vec![width], v.to_vec()),
-                };
-                let (wf, bf) =
-                    if sig.inputs[1].element == "bf16" { (widen(&w), widen(&b)) } else { (w.clone(), b.clone()) };
-                let want = kernels::layer_norm(&x, &wf, &bf, v3c_models::deepseek_v3::INDEXER_NORM_EPS);
-                // The split of the key into its rotated and plain dims joins the norm's kernel.
-                let mut pieces = Vec::new();
-                let mut at = 0;
-                for out in &sig.outputs {
-                    let n = out.dims[1].unwrap();
-                    let piece = want.chunks(width).flat_map(|row| row[at..at + n].to_vec()).collect();
-                    pieces.push((piece, vec![t, n]));
-                    at += n;
-                }
-                assert_eq!(at, width, "{name}: the norm's outputs are its columns");
-                (vec![f32s(vec![t, width], x), weight(&w), weight(&b)], pieces)
+            "mla_latent" => {
+                // The latent's norm and RoPE, the key's LayerNorm and RoPE in halves, at positions
+                // anywhere; the weights in their checkpoint types.
+                let inputs: Vec<HostBuffer> = sig
+                    .inputs
+                    .iter()
+                    .map(|input| {
+                        let shape: Vec<usize> = input.dims.iter().map(|d| d.unwrap_or(t)).collect();
+                        let values = rand(shape.iter().product());
+                        match input.element.as_str() {
+                            "i64" => HostBuffer { shape, data: HostData::I64(vec![0, 3, 7, 1, 12]) },
+                            "bf16" => HostBuffer {
+                                shape,
+                                data: HostData::Bf16(values.iter().map(|&x| f32_to_bf16(x)).collect()),
+                            },
+                            _ => f32s(shape, values),
+                        }
+                    })
+                    .collect();
+                assert!(sig.inputs.len() == 7 && sig.outputs[0].dims[1] == Some(config.cache_dim()), "{name}");
+                (inputs.clone(), reference(&f, &inputs))
             }
             "sparse_index" => {
                 let (mut q, mut w) = (rand(t * heads * width), rand(t * heads));
@@ -1579,7 +1582,7 @@ fn sparse_attention_kernels_match_the_reference_bit_for_bit() {
     seen.sort();
     seen.dedup();
     let expected = [
-        ("layer_norm", false),
+        ("mla_latent", false),
         ("sparse_attention", false),
         ("sparse_attention", true),
         ("sparse_index", false),
