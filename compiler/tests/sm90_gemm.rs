@@ -420,7 +420,8 @@ fn indexer_scores_compile_to_hgmma_without_spills() {
 /// DeepSeek-V3.2 (fp8, decode): the indexer's key projection (`wk`, 128 columns of the same normed
 /// activations) joins the MLA down-projections' GEMM between q_a and kv_a — kv_a's 576 columns
 /// last, so that every weight before them starts on a 128-row fp8 scale block — and no GEMM of its
-/// own is left: one GEMM of N 2240 whose results are q_a's, wk's, and kv_a's latent and rope.
+/// own is left: one GEMM of N 2240 whose results are q_a's, wk's, and kv_a's latent and rope. A key
+/// of 96 columns (not a whole block) stays a GEMM of its own, and q_a / kv_a one of 2112.
 #[test]
 fn the_indexer_key_projection_joins_the_mla_projections_gemm() {
     use melior::ir::block::BlockLike;
@@ -428,22 +429,31 @@ fn the_indexer_key_projection_joins_the_mla_projections_gemm() {
     use v3c_compiler::pipeline::Driver;
     use v3c_models::{config::ModelConfig, BuildOptions, Entry, Precision};
     let context = v3c_compiler::mlir::new_context();
-    let config = ModelConfig::resolve("deepseek-v3.2").unwrap();
-    let options = BuildOptions { precision: Precision::Fp8, ..Default::default() };
-    let module = Driver::quiet().run_model(&context, &config, &[Entry::Decode], &options, "fused").unwrap();
-    let mut gemms = Vec::new();
-    let mut op = module.body().first_operation();
-    while let Some(f) = op {
-        op = f.next_in_block();
-        if let Ok(g) = sm90::lower::gemm_of_kernel(&f) {
-            gemms.push(g);
+    let gemms = |key: usize| {
+        let mut config = ModelConfig::resolve("deepseek-v3.2").unwrap();
+        config.indexer.as_mut().unwrap().head_dim = key;
+        let options = BuildOptions { precision: Precision::Fp8, ..Default::default() };
+        let module = Driver::quiet().run_model(&context, &config, &[Entry::Decode], &options, "fused").unwrap();
+        let mut gemms = Vec::new();
+        let mut op = module.body().first_operation();
+        while let Some(f) = op {
+            op = f.next_in_block();
+            if let Ok(g) = sm90::lower::gemm_of_kernel(&f) {
+                gemms.push(g);
+            }
         }
-    }
-    let proj = gemms.iter().find(|g| g.kernel == "mla_projections_0").expect("mla_projections_0 is a GEMM");
+        gemms
+    };
+    let full = gemms(128);
+    let proj = full.iter().find(|g| g.kernel == "mla_projections_0").expect("mla_projections_0 is a GEMM");
     assert_eq!((proj.n, proj.k, proj.weights.len(), proj.input), (2240, 7168, 3, GemmInput::Fp8));
     assert_eq!(proj.results, vec![(0, 1536), (1536, 1664), (1664, 2176), (2176, 2240)]);
-    let skinny: Vec<_> = gemms.iter().filter(|g| g.n == 128 && g.k == 7168).map(|g| &g.kernel).collect();
+    let skinny: Vec<_> = full.iter().filter(|g| g.n == 128 && g.k == 7168).map(|g| &g.kernel).collect();
     assert!(skinny.is_empty(), "wk as a GEMM of its own: {skinny:?}");
+    let ragged = gemms(96);
+    let proj = ragged.iter().find(|g| g.kernel == "mla_projections_0").expect("mla_projections_0 is a GEMM");
+    assert_eq!((proj.n, proj.weights.len()), (2112, 2));
+    assert_eq!(ragged.iter().filter(|g| g.n == 96 && g.k == 7168).count(), 1, "wk of 96 columns alone");
 }
 
 /// A flash kernel's tile loop takes its interior tiles (every key visible to every row of the

@@ -4,7 +4,8 @@
 //! 1. the two projections that read the same normed activations, `q_a_proj` (result -> RMSNorm) and
 //!    `kv_a_proj_with_mqa` (result -> split [latent | rope]): one GEMM with N = q_lora + kv_lora + rope;
 //!    with DeepSeek-V3.2's indexer, its key projection `wk` (result -> LayerNorm) too, between them
-//!    (N = q_lora + index_head_dim + kv_lora + rope);
+//!    (N = q_lora + index_head_dim + kv_lora + rope) where q_lora and index_head_dim are whole
+//!    128-row blocks of the fp8 weights' scales;
 //! 2. the small "latent" kernel: RMSNorm of the kv latent, RoPE of k_pe, the (ckv, k_pe) row and its
 //!    write into the latent cache; with DeepSeek-V3.2's indexer, the row is followed by the indexer's
 //!    key (its LayerNorm and RoPE in the kernel too) and stored by a kernel of its own;
@@ -36,6 +37,16 @@ fn through_views(g: &OpGraph, op: usize) -> (Vec<usize>, Vec<usize>) {
         }
     }
     (views, ends)
+}
+
+/// Rows of an fp8 weight's scale block: weights concatenated along N start on one.
+const FP8_BLOCK: usize = 128;
+
+/// The static last dimension of op `o`'s first result (a linear's output columns).
+fn width(g: &OpGraph, o: usize) -> Option<usize> {
+    // SAFETY: `raw` is a live op of the entry the graph reads; its result 0 exists (a linear's).
+    let result = unsafe { melior::ir::Value::from_raw(mlir_sys::mlirOperationGetResult(g.ops[o].raw, 0)) };
+    crate::verify::Shape::of(melior::ir::ValueLike::r#type(&result))?.dims.last().copied().flatten()
 }
 
 /// Activation operands of a linear: everything that is not a parameter argument.
@@ -140,10 +151,16 @@ pub fn plan(g: &OpGraph, groups: &mut Groups) {
             // its result LayerNorm'ed. It joins the GEMM where it comes before kv_a (whose latent +
             // rope columns, 576 in V3.2, are not a whole number of the fp8 weights' 128-row scale
             // blocks: they stay the GEMM's last).
-            let key = linears[&activations(g, kv_a)]
-                .iter()
-                .copied()
-                .find(|&o| o != q_a && o < kv_a && matches!(g.all_users(o)[..], [u] if g.ops[u].name == "layer_norm"));
+            // Every weight before kv_a starts on such a block (q_a's and wk's widths whole blocks:
+            // the full model's 1536 and 128), or wk stays a GEMM of its own.
+            let blocks = |o: usize| width(g, o).is_some_and(|w| w % FP8_BLOCK == 0);
+            let key = linears[&activations(g, kv_a)].iter().copied().find(|&o| {
+                o != q_a
+                    && o < kv_a
+                    && blocks(o)
+                    && blocks(q_a)
+                    && matches!(g.all_users(o)[..], [u] if g.ops[u].name == "layer_norm")
+            });
             let mut gemm: Vec<usize> = [q_a, kv_a, split].into_iter().chain(key).collect();
             gemm.sort();
             groups.try_new(g, "mla_projections", &gemm);
